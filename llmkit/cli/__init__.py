@@ -1,0 +1,49 @@
+"""The ``llmkit`` command: one thin module per subcommand that parses flags and calls a function.
+
+Start-up stays under 0.3 s because nothing here imports torch, transformers, datasets or
+accelerate; each command imports them when it runs (``tests/test_cli.py`` checks this).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from llmkit import __version__
+from llmkit.cli import evaluate as _evaluate
+from llmkit.cli import generate as _generate
+from llmkit.cli import prepare as _prepare
+from llmkit.cli import train as _train
+
+app = typer.Typer(
+    name="llmkit",
+    help="Raw text to a trained causal language model, generated text and measured quality.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Raw text to a trained causal language model, generated text and measured quality."""
+
+
+_prepare.register(app)
+_train.register(app)
+_generate.register(app)
+_evaluate.register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,52 @@
+"""What every subcommand shares: one-line errors with exit status 2, and the stderr console.
+
+No heavy imports here: this module is loaded for ``llmkit --help``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+from llmkit.errors import UserError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def debug() -> bool:
+    """True when ``LLMKIT_DEBUG`` is set to a non-empty value other than ``0``."""
+    return os.environ.get("LLMKIT_DEBUG", "") not in ("", "0")
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``error: message`` as one line on stderr and return the Exit to raise."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    return typer.Exit(code)
+
+
+def user_errors(func: F) -> F:
+    """Turn a :class:`UserError` into one line on stderr and exit status 2 (SPEC §6).
+
+    Ctrl-C ends with status 130 and one line. With ``LLMKIT_DEBUG=1`` the traceback is shown.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except UserError as err:
+            if debug():
+                raise
+            raise fail(str(err)) from None
+        except KeyboardInterrupt:
+            if debug():
+                raise
+            raise fail("interrupted", code=130) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,9 @@
+"""`llmkit prepare` (placeholder until implemented)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `prepare` command to ``app``."""
