@@ -1,9 +1,41 @@
-"""`llmkit train` (placeholder until implemented)."""
+"""``llmkit train --config recipe.yaml [section.key=value ...]``."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
+
+from llmkit.cli._common import user_errors
+
+
+@user_errors
+def train_command(
+    overrides: list[str] = typer.Argument(
+        None,
+        help="Overrides of recipe values, e.g. train.learning_rate=3e-4 model.n_layer=2.",
+        show_default=False,
+    ),
+    config: Path = typer.Option(
+        None, "--config", "-c", help="A YAML recipe (see recipes/); defaults apply without one."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run dir."),
+    json_out: bool = typer.Option(False, "--json", help="Print the final metrics as JSON."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+) -> None:
+    """Train a causal LM on data from `llmkit prepare`; the run goes to runs/NAME.
+
+    Precedence: defaults < recipe < overrides. The resolved config is printed and saved as
+    runs/NAME/llmkit_config.yaml; metrics go to runs/NAME/metrics.jsonl.
+    """
+    from llmkit.training.loop import train
+
+    final = train(config, overrides or [], overwrite=overwrite, progress=not no_progress)
+    if json_out:
+        typer.echo(json.dumps(final))
 
 
 def register(app: typer.Typer) -> None:
-    """Add the `train` command to ``app``."""
+    """Add the ``train`` command to ``app``."""
+    app.command("train")(train_command)

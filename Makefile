@@ -1,0 +1,55 @@
+# llmkit — `make install`, `make test`, `make demo` are all a fresh clone needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LLMKIT := $(VENV)/bin/llmkit
+# torch is installed first and only when missing: 2.13.0 is the CPU wheel on these machines'
+# disk; from PyPI on a Linux GPU machine the same pin is a CUDA build. Install your own torch
+# first (or set TORCH_SPEC) to keep it.
+TORCH_SPEC ?= torch==2.13.0
+SHAKESPEARE_URL := https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
+DATA ?= $(firstword $(wildcard ../shared/data/tinyshakespeare/input.txt) data/tinyshakespeare/input.txt)
+
+.PHONY: install test test-slow test-all lint format demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+test-all: install
+	$(PY) -m pytest -q -m ""
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+data/tinyshakespeare/input.txt:
+	@mkdir -p $(dir $@)
+	@curl -fsSL $(SHAKESPEARE_URL) -o $@.part && mv $@.part $@ || { rm -f $@.part; \
+	  echo "error: cannot download tiny Shakespeare from $(SHAKESPEARE_URL) (offline?) — pass DATA=path/to/text.txt" >&2; exit 2; }
+
+demo: install $(DATA)
+	$(LLMKIT) prepare $(DATA) --output data/shakespeare --vocab-size 1024 --block-size 128 --overwrite
+	$(LLMKIT) train --config recipes/shakespeare-tiny.yaml --overwrite
+	$(LLMKIT) generate "ROMEO:" --model runs/shakespeare-tiny --max-new-tokens 120 --seed 1337
+	$(LLMKIT) eval --model runs/shakespeare-tiny --data data/shakespeare
+
+bench: install
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit $$?; done
+
+clean:
+	rm -rf runs data/shakespeare .pytest_cache .ruff_cache

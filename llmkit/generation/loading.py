@@ -1,0 +1,249 @@
+"""Find and load a causal language model and its tokenizer (SPEC §4 "Models").
+
+A model is named by one string, tried in this order of kinds:
+
+- a local directory holding ``config.json`` (``save_pretrained`` output, a run of ``llmkit train``);
+- a ``.gguf`` file (loaded and de-quantized by transformers; needs the ``gguf`` package);
+- otherwise a Hugging Face Hub id (works when online or already in the local cache).
+
+Without a name, :func:`load_model_and_tokenizer` tries ``$LLMKIT_MODEL``, then the newest finished
+run under ``./runs/``, then ``gpt2`` from the Hub, and when none loads raises one
+:class:`~llmkit.errors.UserError` that lists what was tried and why each failed.
+
+Remote code is never executed: ``trust_remote_code`` is never passed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmkit.errors import UserError
+
+ENV_MODEL = "LLMKIT_MODEL"
+DEFAULT_HUB_MODEL = "gpt2"
+FIX_HINT = (
+    "pass --model DIR (a save_pretrained directory or a .gguf file), set LLMKIT_MODEL, "
+    "or train one with `llmkit train`"
+)
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class Candidate:
+    """One place a model may come from: ``name`` as given, ``origin`` says why it was chosen."""
+
+    name: str
+    origin: str  # "--model", "LLMKIT_MODEL", "newest finished run", "default"
+
+    def describe(self) -> str:
+        if self.origin == "--model":
+            return self.name
+        if self.origin == "default":
+            return f"{self.name} from the Hub"
+        if self.origin == "LLMKIT_MODEL":
+            return f"LLMKIT_MODEL={self.name}"
+        return f"{self.origin} {self.name}"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device for ``device``: ``auto`` is cuda if available, else mps, else cpu.
+
+    Raises:
+        UserError: an unknown device string, or cuda / mps asked for but not available.
+    """
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise UserError(
+            f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N or mps"
+        ) from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here", "use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available here", "use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for ``dtype``: ``auto`` is bfloat16 on a CUDA device that supports it,
+    else float32. Names: float32/fp32, bfloat16/bf16, float16/fp16.
+
+    Raises:
+        UserError: an unknown dtype name.
+    """
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise UserError(
+            f"unknown dtype {dtype!r}", "use auto, float32, bfloat16 or float16"
+        ) from None
+
+
+def model_max_positions(model: Any) -> int | None:
+    """The number of positions (tokens of context) the model was built for, or None when its
+    config does not say (``max_position_embeddings``, or GPT-2's ``n_positions``)."""
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _candidates(model: str | None) -> list[Candidate]:
+    if model is not None:
+        return [Candidate(str(model), "--model")]
+    from llmkit.runs import newest_finished_run
+
+    found: list[Candidate] = []
+    env = os.environ.get(ENV_MODEL, "").strip()
+    if env:
+        found.append(Candidate(env, "LLMKIT_MODEL"))
+    run = newest_finished_run("runs")
+    if run is not None:
+        found.append(Candidate(str(run), "newest finished run"))
+    found.append(Candidate(DEFAULT_HUB_MODEL, "default"))
+    return found
+
+
+def _looks_like_path(name: str) -> bool:
+    """True when ``name`` is meant as a local path rather than a Hub id ``org/name``."""
+    if name.startswith(("/", ".", "~")) or name.endswith(".gguf") or "\\" in name:
+        return True
+    first = Path(name).parts[0] if Path(name).parts else ""
+    return "/" in name and Path(first).is_dir()
+
+
+def _short(err: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, shortened, for a one-line error."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, UserError):
+        text = err.message
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _load_one(name: str, device: torch.device, dtype: torch.dtype):
+    """Load the model and tokenizer named ``name``; see the module docstring for the kinds.
+
+    Raises:
+        UserError: a local path that is not a model; or anything transformers raised while
+            loading, turned into one line.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.data.tokenizer import load_tokenizer
+
+    path = Path(name).expanduser()
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device.type == "cuda":
+        kwargs["device_map"] = str(device)  # load the weights straight onto the GPU
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"{name} is not a model directory (no config.json)",
+                "point --model at a save_pretrained directory, a run of `llmkit train` "
+                "or a .gguf file",
+            )
+        where, tok_kwargs = str(path), {}
+    elif path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UserError(
+                f"{name} is a file but not a .gguf model",
+                "point --model at a save_pretrained directory or a .gguf file",
+            )
+        if importlib.util.find_spec("gguf") is None:
+            raise UserError(
+                f"{name} is a GGUF file and the gguf package is not installed",
+                "pip install 'llmkit[gguf]' (or pip install gguf)",
+            )
+        where, tok_kwargs = str(path.parent), {"gguf_file": path.name}
+        kwargs["gguf_file"] = path.name
+    elif _looks_like_path(name):
+        raise UserError(f"{name} does not exist", "check the path")
+    else:
+        where, tok_kwargs = name, {}  # a Hub id
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except UserError:
+        raise
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError, ImportError...
+        raise UserError(f"cannot load {name}: {_short(err)}") from err
+    if device.type != "cuda":
+        model.to(device)
+    model.eval()
+    tokenizer = load_tokenizer(where, **tok_kwargs)
+    return model, tokenizer
+
+
+def load_model_and_tokenizer(
+    model: str | None = None, *, device: str = "auto", dtype: str = "auto"
+) -> tuple[Any, Any, str]:
+    """Load a causal LM and its tokenizer, ready for inference (``model.eval()``).
+
+    Args:
+        model: a local ``save_pretrained`` directory, a ``.gguf`` file or a Hub id. None tries
+            ``$LLMKIT_MODEL``, the newest finished run under ``./runs/``, then ``gpt2`` from the
+            Hub, in that order, taking the first that loads (a warning on stderr names any that
+            failed before it).
+        device: ``auto`` (cuda, else mps, else cpu) or a torch device string.
+        dtype: ``auto`` (bfloat16 on CUDA when supported, else float32), ``float32``,
+            ``bfloat16`` or ``float16``.
+
+    Returns:
+        ``(model, tokenizer, source)``: the model on ``device``, the tokenizer (its pad token
+        set to EOS when it had none) and the name it was loaded from.
+
+    Raises:
+        UserError: a bad device or dtype; an explicit ``model`` that is not a model or fails
+            to load; without ``model``, no candidate loads (the one line lists each candidate
+            and why it failed, and how to fix it).
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    candidates = _candidates(model)
+    failures: list[str] = []
+    for cand in candidates:
+        try:
+            mdl, tok = _load_one(cand.name, dev, dt)
+        except UserError as err:
+            if cand.origin == "--model":
+                raise
+            reason = _short(err).removeprefix(f"cannot load {cand.name}: ")
+            failures.append(f"{cand.describe()} ({reason})")
+            continue
+        for failed in failures:
+            sys.stderr.write(f"warning: could not load {failed}; using {cand.name}\n")
+        return mdl, tok, cand.name
+    tried = list(failures)
+    if not os.environ.get(ENV_MODEL, "").strip():
+        tried.insert(0, "LLMKIT_MODEL (not set)")
+    if not any(c.origin == "newest finished run" for c in candidates):
+        tried.insert(1, "./runs (no finished run)")
+    raise UserError("no model could be loaded; tried " + "; ".join(tried), FIX_HINT)

@@ -1,0 +1,214 @@
+"""Training: loss normalisation under gradient accumulation, optimizer groups, schedule, recipe
+validation, and a short real run on packed blocks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+from llmkit.errors import UserError
+from llmkit.training.config import Recipe, load_recipe
+from llmkit.training.loop import (
+    count_targets,
+    make_scheduler,
+    micro_batch_loss,
+    param_groups,
+    split_batch,
+    summed_loss,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _logits_for_losses(losses: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, n, 2) logits and (1, n) targets (all 0) whose per-token cross-entropy is ``losses``.
+
+    With logits [a, 0] and target 0, CE = ln(1 + e^-a), so a = -ln(e^L - 1).
+    """
+    a = torch.tensor([-math.log(math.expm1(x)) for x in losses], dtype=torch.float64)
+    logits = torch.stack([a, torch.zeros_like(a)], dim=-1).unsqueeze(0)
+    return logits, torch.zeros(1, len(losses), dtype=torch.long)
+
+
+def test_accumulated_loss_is_mean_over_all_target_tokens():
+    # 4 micro-batches with 3, 10, 1 and 2 targets; per-token losses 1.0, 2.0, 4.0, 0.5.
+    spec = [(3, 1.0), (10, 2.0), (1, 4.0), (2, 0.5)]
+    n = sum(k for k, _ in spec)
+    total = 0.0
+    for k, value in spec:
+        logits, targets = _logits_for_losses([value] * k)
+        total += float(micro_batch_loss(logits, targets, num_targets=n))
+    assert total == pytest.approx(28 / 16, abs=1e-6)
+    # The mean of micro-batch means would be (1 + 2 + 4 + 0.5) / 4 = 1.875: not what we do.
+    assert total != pytest.approx(1.875)
+
+
+def test_accumulation_matches_one_big_batch_loss_and_gradients():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2,
+                                       n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    T = 12
+    micro = []
+    for k in (3, 10, 1, 2):  # target tokens per micro-batch
+        ids = torch.randint(0, 50, (1, T))
+        labels = torch.full_like(ids, -100)
+        labels[0, T - k :] = ids[0, T - k :]  # the last k tokens are targets
+        micro.append({"input_ids": ids, "labels": labels})
+    n = count_targets(micro)
+    assert n == 16
+
+    model.zero_grad()
+    accumulated = 0.0
+    for mb in micro:
+        inputs, targets = split_batch(mb)
+        loss = micro_batch_loss(model(input_ids=inputs).logits, targets, n)
+        loss.backward()
+        accumulated += float(loss.detach())
+    grads_acc = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    big = {key: torch.cat([mb[key] for mb in micro]) for key in ("input_ids", "labels")}
+    inputs, targets = split_batch(big)
+    logits = model(input_ids=inputs).logits
+    loss = summed_loss(logits, targets) / n
+    loss.backward()
+    assert accumulated == pytest.approx(float(loss), abs=1e-6)
+    for g_acc, p in zip(grads_acc, model.parameters(), strict=True):
+        torch.testing.assert_close(g_acc, p.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1,
+                                       n_head=2))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "transformer.h.0.ln_1.weight" in no_decay_names
+    assert "transformer.h.0.attn.c_attn.bias" in no_decay_names
+    assert "transformer.h.0.attn.c_attn.weight" not in no_decay_names
+    assert all(names[id(p)].endswith(("weight",)) for p in decay["params"])
+
+
+def test_cosine_schedule_warms_up_and_decays_to_floor():
+    cfg = Recipe().train.model_copy(
+        update={"learning_rate": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "max_steps": 110}
+    )
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    sched = make_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(cfg.max_steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0
+    assert lrs[5] == pytest.approx(5e-4)
+    assert lrs[10] == pytest.approx(1e-3)
+    # halfway through the decay: floor + (peak - floor) / 2
+    assert lrs[60] == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-6)
+    assert min(lrs[10:]) >= 1e-4 - 1e-12
+
+
+def test_recipe_typo_names_the_closest_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  learning_rat: 1.0e-3\n")
+    with pytest.raises(UserError, match="train.learning_rate"):
+        load_recipe(recipe)
+    result = CliRunner().invoke(app, ["train", "--config", str(recipe)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    assert "learning_rate" in lines[0] and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.learning_rate=fast", "train.learning_rate"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("model.n_embd=30", "divisible"),
+        ("trian.max_steps=3", "train.max_steps"),
+        ("train.lr_schedule=exp", "train.lr_schedule"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(override, needle):
+    result = CliRunner().invoke(app, ["train", override])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0]
+
+
+def test_every_recipe_loads():
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.name == path.stem
+
+
+def _write_prepared(root: Path, tokenizer, block_size: int, n_train: int, n_val: int) -> Path:
+    """A prepared directory of random blocks, in the layout llmkit prepare writes."""
+    from datasets import Dataset
+
+    rng = np.random.default_rng(0)
+    vocab = len(tokenizer)
+    for name, n in (("train", n_train), ("validation", n_val)):
+        blocks = rng.integers(0, vocab, size=(n, block_size), dtype=np.int32)
+        Dataset.from_dict({"input_ids": blocks.tolist()}).save_to_disk(str(root / name))
+    tokenizer.save_pretrained(root)
+    (root / "manifest.json").write_text(json.dumps({"settings": {"block_size": block_size}}))
+    return root
+
+
+def test_block_size_above_model_positions_fails_before_building(tmp_path, tiny_tokenizer):
+    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 32, 8, 2)
+    result = CliRunner().invoke(
+        app, ["train", f"data.path={data}", "model.block_size=16", f"out_dir={tmp_path / 'r'}"]
+    )
+    assert result.exit_code == 2
+    assert "block_size" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_short_run_writes_a_loadable_model(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 40, 6)
+    run = tmp_path / "run"
+    overrides = [
+        f"data.path={data}", f"out_dir={run}", "model.n_layer=1", "model.n_embd=16",
+        "model.n_head=2", "train.micro_batch_size=4", "train.gradient_accumulation_steps=2",
+        "train.max_steps=6", "train.warmup_steps=2", "eval.interval=3", "train.log_interval=2",
+    ]
+    from llmkit.training.loop import train
+
+    final = train(None, overrides, progress=False)
+    assert final["steps"] == 6
+    assert final["tokens"] == 6 * 4 * 2 * 15  # steps x micro x accumulation x (T - 1) targets
+    # random tokens: validation loss near ln(vocab) after 6 tiny steps
+    assert abs(final["val_loss"] - math.log(len(tiny_tokenizer))) < 1.0
+    info = json.loads((run / "llmkit_run.json").read_text())
+    assert info["status"] == "finished"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    saved = load_recipe(run / "llmkit_config.yaml")
+    assert saved.train.max_steps == 6 and saved.model.n_embd == 16
+    model = AutoModelForCausalLM.from_pretrained(run)
+    assert model.config.vocab_size == len(tiny_tokenizer)
+    assert AutoTokenizer.from_pretrained(run).eos_token_id == tiny_tokenizer.eos_token_id
+    # a second run into the same directory is refused, the first one intact
+    result = CliRunner().invoke(app, ["train", *overrides])
+    assert result.exit_code == 2 and "--overwrite" in result.stderr
+    assert json.loads((run / "llmkit_run.json").read_text())["status"] == "finished"
