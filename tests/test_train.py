@@ -81,7 +81,7 @@ def test_accumulation_matches_one_big_batch_loss_and_gradients():
     logits = model(input_ids=inputs).logits
     loss = summed_loss(logits, targets) / n
     loss.backward()
-    assert accumulated == pytest.approx(float(loss), abs=1e-6)
+    assert accumulated == pytest.approx(float(loss.detach()), abs=1e-6)
     for g_acc, p in zip(grads_acc, model.parameters(), strict=True):
         torch.testing.assert_close(g_acc, p.grad, atol=1e-6, rtol=1e-5)
 

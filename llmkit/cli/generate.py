@@ -1,4 +1,4 @@
-"""``llmkit generate [PROMPT ...]``: continue prompts with a causal LM, streamed or as JSON lines."""
+"""``llmkit generate [PROMPT ...]``: continue prompts with a causal LM, streamed or as JSON."""
 
 from __future__ import annotations
 
@@ -53,11 +53,14 @@ def _lines(text: str) -> list[str]:
 @user_errors
 def generate_command(
     prompts: list[str] = typer.Argument(
-        None, help="Prompts to continue (\"\" starts from the beginning of a document).",
+        None,
+        help='Prompts to continue ("" starts from the beginning of a document).',
         show_default=False,
     ),
     model: str = typer.Option(
-        None, "--model", "-m",
+        None,
+        "--model",
+        "-m",
         help="Model directory, .gguf file or Hub id. Default: $LLMKIT_MODEL, else the newest "
         "finished run under ./runs, else gpt2.",
         show_default=False,
@@ -73,7 +76,10 @@ def generate_command(
         False, "--json", help="One JSON object per prompt on stdout, no streaming."
     ),
     prompts_file: Path = typer.Option(
-        None, "--prompts-file", "-f", help="A file with one prompt per line ('-': stdin).",
+        None,
+        "--prompts-file",
+        "-f",
+        help="A file with one prompt per line ('-': stdin).",
         show_default=False,
     ),
 ) -> None:
@@ -93,12 +99,19 @@ def generate_command(
         top_p=top_p,
         seed=seed,
     )
-    results = generate_completions(
-        texts, model=model, settings=settings, stream=not json_out, device=device, dtype=dtype
+
+    def print_json(result) -> None:
+        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+
+    generate_completions(
+        texts,
+        model=model,
+        settings=settings,
+        stream=not json_out,
+        device=device,
+        dtype=dtype,
+        on_result=print_json if json_out else None,
     )
-    if json_out:
-        for result in results:
-            typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
 
 
 def register(app: typer.Typer) -> None:

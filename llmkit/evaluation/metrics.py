@@ -23,7 +23,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class NLLSums:
-    """Running sums: ``nats`` (float), ``tokens`` (scored targets), ``bytes`` (their UTF-8 bytes)."""
+    """Running sums: ``nats``, ``tokens`` (scored targets), ``bytes`` (their UTF-8 bytes)."""
 
     nats: float = 0.0
     tokens: int = 0

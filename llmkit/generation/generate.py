@@ -1,4 +1,4 @@
-"""Text generation: prompts in, completions out, streamed to the terminal as tokens arrive (SPEC §4).
+"""Text generation: prompts in, completions out, streamed to the terminal as they come (SPEC §4).
 
 The pieces, from the outside in:
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
@@ -216,8 +217,9 @@ def check_fits(model: Any, n_prompt: int, max_new_tokens: int, label: str = "the
         if room > 0
         else f"shorten the prompt to under {positions} tokens"
     )
+    tokens = "token" if n_prompt == 1 else "tokens"
     raise UserError(
-        f"{label} is {n_prompt} tokens; with --max-new-tokens {max_new_tokens} that is "
+        f"{label} is {n_prompt} {tokens}; with --max-new-tokens {max_new_tokens} that is "
         f"{n_prompt + max_new_tokens}, more than the model's {positions} positions",
         hint,
     )
@@ -304,6 +306,7 @@ def generate_completions(
     dtype: str = "auto",
     out: TextIO | None = None,
     err: TextIO | None = None,
+    on_result: Callable[[Completion], None] | None = None,
 ) -> list[Completion]:
     """Load a model once and complete each prompt in turn.
 
@@ -316,6 +319,7 @@ def generate_completions(
             newline after each, and ``N tokens, X tokens/s`` to ``err``.
         device, dtype: see ``load_model_and_tokenizer``.
         out, err: where streamed text and the statistics go (default stdout, stderr).
+        on_result: called with each completion as soon as it is done (``--json`` prints it).
 
     Raises:
         UserError: no prompt; the model does not load; a prompt does not fit in the context.
@@ -344,6 +348,8 @@ def generate_completions(
                 f"{result.tokens_per_sec:.1f} tokens/s, stopped by {result.finish_reason}]\n"
             )
             err.flush()
+        if on_result is not None:
+            on_result(result)
         results.append(result)
     return results
 

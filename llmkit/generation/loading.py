@@ -75,9 +75,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as err:
-        raise UserError(
-            f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N or mps"
-        ) from err
+        raise UserError(f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N or mps") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available here", "use --device cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():
@@ -125,7 +123,7 @@ def _candidates(model: str | None) -> list[Candidate]:
     found: list[Candidate] = []
     env = os.environ.get(ENV_MODEL, "").strip()
     if env:
-        found.append(Candidate(env, "LLMKIT_MODEL"))
+        return [Candidate(env, ENV_MODEL)]
     run = newest_finished_run("runs")
     if run is not None:
         found.append(Candidate(str(run), "newest finished run"))
@@ -157,9 +155,11 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype):
             loading, turned into one line.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from llmkit.data.tokenizer import load_tokenizer
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise on stderr for a CLI
     path = Path(name).expanduser()
     kwargs: dict[str, Any] = {"dtype": dtype}
     if device.type == "cuda":
@@ -209,9 +209,9 @@ def load_model_and_tokenizer(
 
     Args:
         model: a local ``save_pretrained`` directory, a ``.gguf`` file or a Hub id. None tries
-            ``$LLMKIT_MODEL``, the newest finished run under ``./runs/``, then ``gpt2`` from the
-            Hub, in that order, taking the first that loads (a warning on stderr names any that
-            failed before it).
+            ``$LLMKIT_MODEL`` (when set, it is the only candidate, like ``model``), else the newest
+            finished run under ``./runs/``, then ``gpt2`` from the Hub, taking the first that
+            loads (a warning on stderr names any that failed before it).
         device: ``auto`` (cuda, else mps, else cpu) or a torch device string.
         dtype: ``auto`` (bfloat16 on CUDA when supported, else float32), ``float32``,
             ``bfloat16`` or ``float16``.
@@ -233,8 +233,8 @@ def load_model_and_tokenizer(
         try:
             mdl, tok = _load_one(cand.name, dev, dt)
         except UserError as err:
-            if cand.origin == "--model":
-                raise
+            if cand.origin in ("--model", ENV_MODEL):
+                raise  # the user named this model: say why it failed, do not guess another
             reason = _short(err).removeprefix(f"cannot load {cand.name}: ")
             failures.append(f"{cand.describe()} ({reason})")
             continue

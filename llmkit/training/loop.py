@@ -12,8 +12,8 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -228,12 +228,11 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from rich.console import Console
+    from transformers.utils import logging as hf_logging
 
     from llmkit.data.prepared import load_prepared, read_manifest
     from llmkit.data.tokenizer import token_byte_lengths
     from llmkit.training.model import build_config, build_model
-
-    from transformers.utils import logging as hf_logging
 
     recipe = config if isinstance(config, Recipe) else load_recipe(config, list(overrides))
     # Blocks are packed: EOS (= padding id) inside a block is real text, not padding, so the

@@ -1,0 +1,86 @@
+"""Tokenizers: exact round trips, byte counts, and one BOS / one EOS per document."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmkit.data.pipeline import encode_batch, tokenizer_appends_eos
+from llmkit.data.tokenizer import load_tokenizer, token_byte_lengths, train_bpe_tokenizer
+from llmkit.errors import UserError
+
+ROUND_TRIP = [
+    "",
+    "   ",
+    "\n\n",
+    "e\u0301",  # e + combining acute (NFD): must come back decomposed, not as é
+    "caf\u00e9",
+    *("hello" + " " * k + "world" for k in range(1, 9)),
+    "\tTabs\tand\r\nCRLF\r\n",
+    "天地玄黄，宇宙洪荒。日月盈昃，辰宿列张。",
+    "emoji 👍🏽 and a family 👨‍👩‍👧 and flags 🇫🇷",
+    "<|endoftext|> is text here? no: a special token",
+]
+
+
+@pytest.fixture(scope="module")
+def reloaded_tokenizer(tiny_tokenizer, tmp_path_factory):
+    """The tiny tokenizer after save_pretrained and load_tokenizer (what train/eval use)."""
+    out = tmp_path_factory.mktemp("tok")
+    tiny_tokenizer.save_pretrained(out)
+    return load_tokenizer(out)
+
+
+@pytest.mark.parametrize("which", ["trained", "reloaded"])
+@pytest.mark.parametrize("text", ROUND_TRIP[:-1])
+def test_round_trip_is_exact(tiny_tokenizer, reloaded_tokenizer, which, text):
+    tok = tiny_tokenizer if which == "trained" else reloaded_tokenizer
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    # byte-level BPE: the bytes of the tokens add up to the UTF-8 bytes of the text
+    assert int(token_byte_lengths(tok)[ids].sum()) == len(text.encode("utf-8"))
+
+
+def test_trained_tokenizer_adds_no_special_token_and_parses_eos(tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    ids = tiny_tokenizer.encode("hello", add_special_tokens=True)
+    assert eos not in ids
+    assert not tokenizer_appends_eos(tiny_tokenizer)
+    # A literal "<|endoftext|>" in raw text becomes the EOS token (GPT-2 behaviour).
+    assert tiny_tokenizer.encode(ROUND_TRIP[-1], add_special_tokens=False)[0] == eos
+
+
+def test_vocab_size_is_respected_and_checked():
+    docs = ["the quick brown fox jumps over the lazy dog"] * 50
+    tok = train_bpe_tokenizer(iter(docs), vocab_size=280)
+    assert 257 <= len(tok) <= 280
+    with pytest.raises(UserError, match="at least 257"):
+        train_bpe_tokenizer(iter(docs), vocab_size=100)
+
+
+def _template_tokenizer(single: str):
+    """A word-level tokenizer over a..e with BOS <s> and EOS </s> added by ``single``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i for i, c in enumerate("abcde", start=3)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.mark.parametrize("single", ["<s> $A", "<s> $A </s>"])
+def test_one_bos_and_one_eos_per_document(single):
+    tok = _template_tokenizer(single)
+    appends = tokenizer_appends_eos(tok)
+    assert appends == single.endswith("</s>")
+    texts = ["a b", "c", "d e a"]
+    ids = encode_batch(texts, tok, eos_token_id=tok.eos_token_id, append_eos=not appends)
+    assert ids == [[1, 3, 4, 2], [1, 5, 2], [1, 6, 7, 3, 2]]
+    # the fast path gives what the tokenizer's own __call__ gives
+    plain = tok(texts, add_special_tokens=True)["input_ids"]
+    assert [row[: len(p)] for row, p in zip(ids, plain, strict=True)] == plain
