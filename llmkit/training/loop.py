@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from llmkit import __version__
 from llmkit.errors import UserError
-from llmkit.evaluation.metrics import IGNORE_INDEX, NLLSums, nll_sums
+from llmkit.evaluation.evaluate import score_blocks
+from llmkit.evaluation.metrics import IGNORE_INDEX, NLLSums
 from llmkit.runs import RUN_MARKER, is_finished_run
 from llmkit.training.config import Recipe, load_recipe
 
@@ -124,42 +125,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg):
     name = "linear" if cfg.lr_schedule == "linear" else "constant_with_warmup"
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
                          num_training_steps=cfg.max_steps)
-
-
-# --------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate_blocks(model, dataset, token_bytes: torch.Tensor, *, batch_size: int,
-                    max_batches: int | None = None, rank: int = 0, world_size: int = 1,
-                    device: torch.device | str = "cpu") -> NLLSums:
-    """Summed nats, targets and bytes of ``model`` over blocks of ``dataset`` (this rank's share).
-
-    Rank r scores blocks r, r+W, r+2W, ... so that W processes together score each block
-    exactly once (no padded duplicates); sum the returned NLLSums over ranks.
-
-    Args:
-        dataset: a datasets.Dataset with ``input_ids`` rows of T tokens; each gives T-1 targets.
-        token_bytes: (vocab_size,) UTF-8 bytes per token id.
-        max_batches: score only the first ``max_batches * batch_size`` blocks.
-    """
-    was_training = model.training
-    model.eval()
-    total = NLLSums()
-    n = len(dataset)
-    if max_batches is not None:
-        n = min(n, max_batches * batch_size)
-    indices = list(range(rank, n, world_size))
-    token_bytes = token_bytes.to(device)
-    for start in range(0, len(indices), batch_size):
-        rows = dataset[indices[start : start + batch_size]]
-        ids = torch.as_tensor(rows["input_ids"], dtype=torch.long, device=device)
-        batch = {"input_ids": ids}
-        if "labels" in rows:
-            batch["labels"] = torch.as_tensor(rows["labels"], dtype=torch.long, device=device)
-        inputs, targets = split_batch(batch)
-        logits = model(input_ids=inputs).logits
-        total.add(nll_sums(logits, targets, token_bytes))
-    model.train(was_training)
-    return total
 
 
 # --------------------------------------------------------------------------- data
@@ -310,12 +275,15 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
 
+    n_val = len(data.validation)
+    if ecfg.max_batches is not None:
+        n_val = min(n_val, ecfg.max_batches * ecfg.batch_size)
+    # Rank r scores blocks r, r+W, ...: together the ranks score each block exactly once.
+    val_shard = data.validation.select(range(accelerator.process_index, n_val, world))
+
     def validate(step: int) -> dict[str, float]:
-        sums = evaluate_blocks(
-            accelerator.unwrap_model(model), data.validation, token_bytes,
-            batch_size=ecfg.batch_size, max_batches=ecfg.max_batches,
-            rank=accelerator.process_index, world_size=world, device=accelerator.device,
-        )
+        sums = score_blocks(accelerator.unwrap_model(model), val_shard, token_bytes,
+                            ecfg.batch_size, accelerator.device)
         if world > 1:
             t = torch.tensor([sums.nats, sums.tokens, sums.bytes], dtype=torch.float64,
                              device=accelerator.device)
