@@ -86,7 +86,9 @@ def prepare_command(
 ) -> None:
     """Clean, deduplicate, tokenize and pack raw text into training blocks.
 
-    Progress and the summary go to stderr; with --json the manifest goes to stdout.
+    INPUT: files, directories (searched recursively) or globs of .txt, .md, .jsonl or .json
+    (JSON lines), each optionally .gz, .bz2 or .xz. Progress and the summary go to stderr;
+    with --json the manifest goes to stdout.
     """
     from llmkit.data.pipeline import prepare
 

@@ -26,7 +26,8 @@ def train_command(
 ) -> None:
     """Train a causal LM on data from `llmkit prepare`; the run goes to runs/NAME.
 
-    Precedence: defaults < recipe < overrides. The resolved config is printed and saved as
+    OVERRIDES: recipe values as section.key=value, e.g. train.learning_rate=3e-4
+    model.n_layer=2 name=my-run. Precedence: defaults < recipe < overrides. The resolved config is printed and saved as
     runs/NAME/llmkit_config.yaml; metrics go to runs/NAME/metrics.jsonl.
     """
     from llmkit.training.loop import train

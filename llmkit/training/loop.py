@@ -305,6 +305,7 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
         disable=not (progress and main),
         transient=False,
     )
+    text_every = tcfg.log_interval * max(1, tcfg.max_steps // (10 * tcfg.log_interval))
     batches = _infinite_batches(loader)
     model.train()
     start = time.perf_counter()
@@ -348,6 +349,10 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
                 window_start, window_tokens = now, 0
                 lr = scheduler.get_last_lr()[0]
                 bar.update(task, completed=step, loss=local_loss, lr=lr, tps=tps)
+                if main and progress and not console.is_terminal and step % text_every == 0:
+                    # No live bar off a terminal (CI, a pipe): a plain line now and then.
+                    console.print(f"step {step}/{tcfg.max_steps} | loss {local_loss:.4f} | "
+                                  f"lr {lr:.2e} | {tps:,.0f} tok/s", highlight=False)
                 log({"step": step, "loss": local_loss, "lr": lr, "tokens_per_sec": tps,
                      "elapsed_sec": now - start})
             else:
