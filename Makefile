@@ -45,7 +45,7 @@ data/tinyshakespeare/input.txt:
 demo: install $(DATA)
 	$(LLMKIT) prepare $(DATA) --output data/shakespeare --vocab-size 1024 --block-size 128 --overwrite
 	$(LLMKIT) train --config recipes/shakespeare-tiny.yaml --overwrite
-	$(LLMKIT) generate "ROMEO:" --model runs/shakespeare-tiny --max-new-tokens 120 --seed 1337
+	$(LLMKIT) generate "ROMEO:" --model runs/shakespeare-tiny --max-new-tokens 100 --seed 2
 	$(LLMKIT) eval --model runs/shakespeare-tiny --data data/shakespeare
 
 bench: install
