@@ -24,7 +24,7 @@ print(",".join(heavy))
 @pytest.mark.parametrize(
     "args",
     [["--help"], ["prepare", "--help"], ["train", "--help"], ["generate", "--help"],
-     ["eval", "--help"], ["--version"]],
+     ["eval", "--help"], ["chat", "--help"], ["--version"]],
 )
 def test_help_loads_no_heavy_library(args):
     out = subprocess.run(
@@ -40,4 +40,4 @@ def test_every_subcommand_is_registered():
     from llmkit.cli import app
 
     names = set(get_command(app).commands)
-    assert {"prepare", "train", "generate", "eval"} <= names
+    assert {"prepare", "train", "generate", "eval", "chat"} <= names

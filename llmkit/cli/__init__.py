@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from llmkit import __version__
+from llmkit.cli import chat as _chat
 from llmkit.cli import evaluate as _evaluate
 from llmkit.cli import generate as _generate
 from llmkit.cli import prepare as _prepare
@@ -44,6 +45,7 @@ _prepare.register(app)
 _train.register(app)
 _generate.register(app)
 _evaluate.register(app)
+_chat.register(app)
 
 
 def main() -> None:

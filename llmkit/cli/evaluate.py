@@ -1,4 +1,5 @@
-"""``llmkit eval --model MODEL --data DIR_OR_FILE``: loss, perplexity and bits per byte."""
+"""``llmkit eval --model MODEL [--model ...] --data DIR_OR_FILE``: loss, perplexity and bits per
+byte of one or more models side by side; ``--tokens TEXT``: the probability of each token."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from contextlib import contextmanager
 import typer
 
 from llmkit.cli._common import user_errors
+from llmkit.errors import UserError
 
 
 @contextmanager
-def _progress_bar(enabled: bool) -> Iterator:
+def _progress_bar(enabled: bool, label: str = "scoring") -> Iterator:
     """A ``progress(done, total)`` callback drawing a transient bar on stderr, or None."""
     if not enabled:
         yield None
@@ -22,50 +24,125 @@ def _progress_bar(enabled: bool) -> Iterator:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     bar = Progress(
-        "scoring",
+        label,
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=True,
     )
-    task = bar.add_task("scoring", total=None)
+    task = bar.add_task(label, total=None)
     with bar:
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def results_table(result: dict):
-    """A rich table of one evaluation: model, data, tokens, loss, perplexity, bits per byte."""
+def results_table(results: dict | list[dict]):
+    """A rich table of evaluations, one row per model: data, tokens, loss, perplexity, bits per
+    byte. The best (lowest) bits per byte is marked when there are several rows."""
     from rich.table import Table
 
+    rows = [results] if isinstance(results, dict) else list(results)
+    best = min(r["bits_per_byte"] for r in rows) if len(rows) > 1 else None
     table = Table(title="llmkit eval")
     table.add_column("model", overflow="fold")
     table.add_column("data", overflow="fold")
     for name in ("tokens", "loss (nats/token)", "perplexity", "bits per byte"):
         table.add_column(name, justify="right", no_wrap=True)
-    table.add_row(
-        result["model"],
-        result["data"],
-        f"{result['tokens']:,}",
-        f"{result['loss']:.4f}",
-        f"{result['perplexity']:.2f}",
-        f"{result['bits_per_byte']:.4f}",
-    )
+    for result in rows:
+        mark = " *" if best is not None and result["bits_per_byte"] == best else ""
+        table.add_row(
+            result["model"],
+            result["data"],
+            f"{result['tokens']:,}",
+            f"{result['loss']:.4f}",
+            f"{result['perplexity']:.2f}",
+            f"{result['bits_per_byte']:.4f}{mark}",
+        )
+    if best is not None:
+        table.caption = "* lowest bits per byte (comparable across tokenizers)"
     return table
+
+
+def probability_style(prob: float) -> str:
+    """The colour of a token of probability ``prob``: green ≥ 0.5, yellow ≥ 0.1, orange ≥ 0.01,
+    red below."""
+    if prob >= 0.5:
+        return "black on green"
+    if prob >= 0.1:
+        return "black on yellow"
+    if prob >= 0.01:
+        return "black on dark_orange"
+    return "white on red"
+
+
+def render_tokens(view: dict):
+    """The rich renderables of a :func:`~llmkit.evaluation.evaluate.token_probabilities` view:
+    the text coloured token by token, the chain-rule total, and a table with the top
+    alternatives when they were asked for."""
+    from rich.table import Table
+    from rich.text import Text
+
+    out = []
+    text = Text()
+    for tok in view["tokens"]:
+        text.append(tok["token"] or "·", style=probability_style(tok["prob"]))
+    out.append(Text(f"{view['model']}", style="bold"))
+    out.append(text)
+    legend = Text("p ≥ 0.5 ", style=probability_style(0.5))
+    legend.append("p ≥ 0.1 ", style=probability_style(0.1))
+    legend.append("p ≥ 0.01 ", style=probability_style(0.01))
+    legend.append("p < 0.01", style=probability_style(0.0))
+    out.append(legend)
+    out.append(
+        Text(
+            f"log P(text) = Σ log P(x_i | x_<i) = {view['logprob']:.4f} nats over "
+            f"{view['n_tokens']} tokens; perplexity {view['perplexity']:.2f}, "
+            f"{view['bits_per_byte']:.4f} bits per byte"
+        )
+    )
+    if view["tokens"] and "top" in view["tokens"][0]:
+        table = Table()
+        table.add_column("#", justify="right")
+        table.add_column("token")
+        table.add_column("P", justify="right")
+        table.add_column("log P (nats)", justify="right")
+        table.add_column("most likely instead")
+        for i, tok in enumerate(view["tokens"], start=1):
+            alts = ", ".join(f"{a['token']!r} {a['prob']:.3f}" for a in tok["top"])
+            table.add_row(
+                str(i),
+                Text(repr(tok["token"]), style=probability_style(tok["prob"])),
+                f"{tok['prob']:.4f}",
+                f"{tok['logprob']:.3f}",
+                alts,
+            )
+        out.append(table)
+    return out
 
 
 @user_errors
 def eval_command(
-    model: str = typer.Option(
-        ..., "--model", "-m", help="Model directory, .gguf file or Hub id.", show_default=False
+    model: list[str] = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="Model directory, .gguf file or Hub id (repeatable).",
+        show_default=False,
     ),
     data: str = typer.Option(
-        ...,
+        None,
         "--data",
         "-d",
         help="A prepared directory (scored block by block), a text file or a directory of .txt.",
         show_default=False,
     ),
+    tokens: str = typer.Option(
+        None,
+        "--tokens",
+        help="Show the probability of each token of this text.",
+        show_default=False,
+    ),
+    top: int = typer.Option(0, "--top", help="With --tokens: the N likeliest alternatives."),
     split: str = typer.Option("validation", "--split", help="Split of prepared data."),
     max_length: int = typer.Option(
         None,
@@ -84,31 +161,62 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
 ) -> None:
-    """Measure loss (nats/token), perplexity and bits per UTF-8 byte of a model.
+    """Measure loss (nats/token), perplexity and bits per UTF-8 byte of one or more models.
 
-    Every token is scored exactly once: prepared blocks like validation in training, text with
-    sliding windows of --max-length tokens advancing by --stride.
+    --model M (repeatable): a model directory, .gguf file or Hub id; several are scored on the
+    same data and shown side by side, one row each.
+    --data D: a directory from llmkit prepare (its --split scored block by block, like
+    validation in training), a text file or a directory of .txt files (sliding windows of
+    --max-length tokens advancing by --stride; every token after the first scored exactly once;
+    the loss is total nats over total tokens). --batch-size: windows or blocks per forward pass
+    (does not change the result).
+    --tokens TEXT: instead of --data, show the probability of each token of TEXT given the ones
+    before it, coloured by probability, and log P(text) as the sum of their logs (the chain
+    rule); --top N adds the N likeliest tokens at each position.
+    --json: one JSON object per model, one per line.
+    --device auto|cpu|cuda|mps, --dtype auto|float32|bfloat16|float16.
     """
-    from llmkit.evaluation.evaluate import evaluate
+    from llmkit.evaluation.evaluate import evaluate, token_view
 
-    with _progress_bar(sys.stderr.isatty()) as progress:
-        result = evaluate(
-            model,
-            data,
-            split=split,
-            max_length=max_length,
-            stride=stride,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            progress=progress,
-        )
-    if json_out:
-        typer.echo(json.dumps(result))
-    else:
+    if tokens is None and data is None:
+        raise UserError("nothing to score", "pass --data DIR_OR_FILE, or --tokens 'some text'")
+    if tokens is not None and data is not None:
+        raise UserError("--tokens and --data are exclusive", "run them as two commands")
+    if tokens is not None:
+        for name in model:
+            view = token_view(
+                name, tokens, top=top, max_length=max_length, device=device, dtype=dtype
+            )
+            if json_out:
+                typer.echo(json.dumps(view, ensure_ascii=False))
+            else:
+                from rich.console import Console
+
+                console = Console()
+                for part in render_tokens(view):
+                    console.print(part)
+        return
+    results = []
+    for name in model:
+        with _progress_bar(sys.stderr.isatty(), f"scoring {name}") as progress:
+            result = evaluate(
+                name,
+                data,
+                split=split,
+                max_length=max_length,
+                stride=stride,
+                batch_size=batch_size,
+                device=device,
+                dtype=dtype,
+                progress=progress,
+            )
+        results.append(result)
+        if json_out:
+            typer.echo(json.dumps(result))
+    if not json_out:
         from rich.console import Console
 
-        Console().print(results_table(result))
+        Console().print(results_table(results))
 
 
 def register(app: typer.Typer) -> None:

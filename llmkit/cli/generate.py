@@ -13,20 +13,24 @@ from llmkit.errors import UserError
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
-    """The prompts to run: the arguments, then each non-empty line of ``--prompts-file``
-    (``-`` for standard input); with neither, the non-empty lines of standard input when it is
-    not a terminal.
+    """The prompts to run: the arguments, then those of ``--prompts-file`` (``-`` for standard
+    input); with neither, those of standard input when it is not a terminal.
+
+    A file holds one prompt per non-empty line, or JSON Lines with a ``prompt`` field per object
+    (recognised when its first non-empty line starts with ``{``).
 
     Raises:
-        UserError: the prompts file is unreadable or not UTF-8, or there is no prompt at all.
+        UserError: the prompts file is unreadable, not UTF-8, malformed JSON Lines (file and
+            line named) or holds no prompt; there is no prompt at all.
     """
     found = list(prompts or [])
     if prompts_file is not None:
+        name = "standard input" if str(prompts_file) == "-" else str(prompts_file)
         if str(prompts_file) == "-":
-            found += _lines(sys.stdin.read())
+            text = sys.stdin.read()
         else:
             try:
-                found += _lines(prompts_file.read_text(encoding="utf-8"))
+                text = prompts_file.read_text(encoding="utf-8")
             except FileNotFoundError:
                 raise UserError(f"{prompts_file} does not exist", "check --prompts-file") from None
             except UnicodeDecodeError as err:
@@ -36,6 +40,13 @@ def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[s
                 ) from None
             except OSError as err:
                 raise UserError(f"cannot read {prompts_file}: {err.strerror}") from None
+        from_file = _parse_prompts(text, name)
+        if not from_file:
+            raise UserError(
+                f"{name} holds no prompt (it is empty or blank)",
+                "write one prompt per line, or JSON Lines with a prompt field",
+            )
+        found += from_file
     elif not found and not sys.stdin.isatty():
         found += _lines(sys.stdin.read())
     if not found:
@@ -48,6 +59,32 @@ def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[s
 
 def _lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
+
+
+def _parse_prompts(text: str, name: str) -> list[str]:
+    """Prompts of a prompts file: JSON Lines (``{"prompt": ...}``) or plain lines."""
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    if not first.lstrip().startswith("{"):
+        return _lines(text)
+    found = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"{name}, line {number}: not valid JSON ({err.msg})",
+                'write one object per line, e.g. {"prompt": "Once upon a time"}',
+            ) from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UserError(
+                f'{name}, line {number}: no "prompt" string field',
+                'write one object per line, e.g. {"prompt": "Once upon a time"}',
+            )
+        found.append(record["prompt"])
+    return found
 
 
 @user_errors
@@ -69,36 +106,72 @@ def generate_command(
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
     top_k: int = typer.Option(200, "--top-k", help="Sample among the k likeliest; 0 = all."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold; 1 = off."),
+    repetition_penalty: float = typer.Option(
+        1.0, "--repetition-penalty", help="Penalty on tokens already present; 1 = off."
+    ),
+    num_return_sequences: int = typer.Option(
+        1, "--num-return-sequences", "-n", help="Completions per prompt (sampling only)."
+    ),
+    stop: list[str] = typer.Option(
+        None, "--stop", help="Stop string (repeatable).", show_default=False
+    ),
     seed: int = typer.Option(None, "--seed", help="Same seed, same text.", show_default=False),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", help="Prompts per forward pass."),
+    chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template."),
+    system: str = typer.Option(
+        None, "--system", help="System message (implies --chat).", show_default=False
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     json_out: bool = typer.Option(
-        False, "--json", help="One JSON object per prompt on stdout, no streaming."
+        False, "--json", help="One JSON object per output on stdout, no streaming."
     ),
     prompts_file: Path = typer.Option(
         None,
         "--prompts-file",
         "-f",
-        help="A file with one prompt per line ('-': stdin).",
+        help="A file with one prompt per line, or JSONL with a prompt field ('-': stdin).",
         show_default=False,
     ),
 ) -> None:
     """Continue prompts with a causal language model.
 
-    Text streams to stdout as it is generated (prompt, then continuation); token counts and
-    tokens/s go to stderr. With no prompt argument, prompts are read from standard input, one
-    per line.
+    PROMPTS: texts to continue ("" starts from the beginning of a document). With none, prompts
+    come from --prompts-file (one per line, or JSON Lines with a "prompt" field; '-' is standard
+    input) or, when piped, from standard input, one per line.
+
+    --model: a model directory (from llmkit train or save_pretrained), a .gguf file or a Hub id;
+    default $LLMKIT_MODEL, else the newest finished run under ./runs, else gpt2.
+    --max-new-tokens N: new tokens per completion (the prompt is not counted).
+    --temperature 0 is greedy; --top-k 0 and --top-p 1 are no limit; --repetition-penalty 1 is
+    off; --num-return-sequences N samples N completions per prompt; --seed S: same seed, same
+    text. --stop STR (repeatable): a completion ends just before the first stop string; every
+    EOS id of the tokenizer and the model's generation_config also ends it.
+    --batch-size B: prompts per forward pass, left-padded (greedy outputs do not depend on it).
+    --chat wraps each prompt in the model's chat template as a user message; --system TEXT adds
+    a system message (and implies --chat).
+    --device auto|cpu|cuda|mps, --dtype auto|float32|bfloat16|float16.
+
+    Text streams to stdout as it is generated (prompt, then continuation; batches of more than
+    one are printed as they finish); token counts and tokens/s go to stderr. --json prints one
+    object per completion instead: prompt, completion, prompt_tokens, new_tokens, finish_reason
+    (eos, stop or length), stop, index, seconds and tokens_per_sec.
     """
     from llmkit.generation.generate import GenerationSettings, generate_completions
 
-    texts = read_prompts(prompts, prompts_file)
     settings = GenerationSettings(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         seed=seed,
+        repetition_penalty=repetition_penalty,
+        num_return_sequences=num_return_sequences,
+        stop=list(stop or []),
     )
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be at least 1")
+    texts = read_prompts(prompts, prompts_file)
 
     def print_json(result) -> None:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
@@ -107,6 +180,9 @@ def generate_command(
         texts,
         model=model,
         settings=settings,
+        batch_size=batch_size,
+        chat=chat,
+        system=system,
         stream=not json_out,
         device=device,
         dtype=dtype,

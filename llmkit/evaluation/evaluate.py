@@ -20,6 +20,7 @@ All totals go through :class:`llmkit.evaluation.metrics.NLLSums`: ``loss`` is na
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -433,4 +434,137 @@ def evaluate(
         "bits_per_byte": metrics["bpb"],
         "tokens": sums.tokens,
         "bytes": sums.bytes,
+    }
+
+
+def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """The text each token adds, so that ``"".join(pieces)`` is the decoded text.
+
+    A token that ends inside a multi-byte UTF-8 character adds "" and the token that completes
+    the character carries it (decoding the prefix up to each token, held back at U+FFFD).
+    """
+    pieces: list[str] = []
+    shown = ""
+    for i in range(1, len(ids) + 1):
+        text = tokenizer.decode(list(ids[:i]), clean_up_tokenization_spaces=False)
+        ready = text if i == len(ids) else text.rstrip("\ufffd")
+        if not ready.startswith(shown):  # a decoder that rewrites earlier text: fall back
+            ready = shown + tokenizer.decode([ids[i - 1]], clean_up_tokenization_spaces=False)
+        pieces.append(ready[len(shown) :])
+        shown = ready
+    return pieces
+
+
+def token_probabilities(
+    model: Any,
+    tokenizer: Any,
+    text: str,
+    *,
+    top: int = 0,
+    max_length: int | None = None,
+) -> dict[str, Any]:
+    """The probability the model gives each token of ``text`` after the ones before it.
+
+    The chain rule made visible: ``log P(text) = Σ_i log P(x_i | x_<i)``. The text is tokenized
+    without special tokens and the BOS (else EOS) token put in front as context, as in
+    :func:`evaluate`, so the first token is scored too and the total equals ``-loss × tokens``
+    of ``evaluate`` on the same text. Texts longer than the context are scored with sliding
+    windows of ``max_length`` tokens (default: the model's positions), each token once.
+
+    Args:
+        model: a loaded causal LM (or any callable as for :func:`score_blocks`).
+        tokenizer: its tokenizer.
+        text: the text to score (not empty).
+        top: also list the ``top`` most likely tokens at each position (0: none).
+        max_length: tokens per window.
+
+    Returns:
+        ``{"text", "tokens": [{"id", "token" (the text it adds), "prob", "logprob" (nats),
+        "top": [{"id", "token", "prob"}]}], "logprob" (Σ, nats), "n_tokens", "loss"
+        (nats/token), "perplexity", "bytes" (UTF-8 of the text), "bits_per_byte"}``.
+
+    Raises:
+        UserError: empty text; ``top`` negative.
+    """
+    from llmkit.generation.loading import model_max_positions
+
+    if not text:
+        raise UserError("--tokens '' is empty", "give some text to score")
+    if top < 0:
+        raise UserError(f"--top {top} is negative", "use e.g. --top 5")
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = [start, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    max_length = max_length or model_max_positions(model) or len(ids)
+    max_length = min(max_length, max(len(ids), 2))
+    device = getattr(model, "device", torch.device("cpu"))
+    logprobs = torch.empty(len(ids) - 1)  # (N,) log P(x_i | x_<i), i = 1..N
+    tops: list[tuple[torch.Tensor, torch.Tensor]] = []  # per window: (n, top) values, indices
+    with _EvalMode(model):
+        for w in plan_windows(len(ids), max_length, max_length):
+            window = torch.tensor([ids[w.begin : w.end]], dtype=torch.long, device=device)  # (1, T)
+            logits = _logits(model, window, torch.ones_like(window))[0].float()  # (T, vocab_size)
+            T = w.end - w.begin
+            # logits[t] predicts window token t+1: the scored tokens are the last n_scored
+            lp = torch.log_softmax(logits[T - 1 - w.n_scored : T - 1], dim=-1)  # (n, vocab_size)
+            targets = window[0, T - w.n_scored :]  # (n,)
+            logprobs[w.end - w.n_scored - 1 : w.end - 1] = lp.gather(1, targets[:, None])[
+                :, 0
+            ].cpu()
+            if top:
+                values, indices = lp.topk(min(top, lp.shape[-1]), dim=-1)  # (n, top)
+                tops.append((values.cpu(), indices.cpu()))
+    pieces = token_pieces(tokenizer, ids[1:])
+    top_values = torch.cat([v for v, _ in tops]) if tops else None
+    top_ids = torch.cat([i for _, i in tops]) if tops else None
+    tokens = []
+    for i, (tid, piece) in enumerate(zip(ids[1:], pieces, strict=True)):
+        entry: dict[str, Any] = {
+            "id": tid,
+            "token": piece,
+            "prob": math.exp(float(logprobs[i])),
+            "logprob": float(logprobs[i]),
+        }
+        if top_values is not None:
+            entry["top"] = [
+                {
+                    "id": int(j),
+                    "token": tokenizer.decode([int(j)], clean_up_tokenization_spaces=False),
+                    "prob": math.exp(float(v)),
+                }
+                for v, j in zip(top_values[i], top_ids[i], strict=True)
+            ]
+        tokens.append(entry)
+    total = float(logprobs.double().sum())
+    n_bytes = len(text.encode("utf-8"))
+    n = len(tokens)
+    return {
+        "text": text,
+        "tokens": tokens,
+        "logprob": total,
+        "n_tokens": n,
+        "loss": -total / n,
+        "perplexity": math.exp(-total / n) if -total / n < 700 else float("inf"),
+        "bytes": n_bytes,
+        "bits_per_byte": -total / (math.log(2) * n_bytes),
+    }
+
+
+def token_view(
+    model: str,
+    text: str,
+    *,
+    top: int = 0,
+    max_length: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> dict[str, Any]:
+    """Load ``model`` and return :func:`token_probabilities` of ``text``, with ``"model"``."""
+    from llmkit.generation.loading import load_model_and_tokenizer
+
+    if not text:
+        raise UserError("--tokens '' is empty", "give some text to score")
+    lm, tokenizer, source = load_model_and_tokenizer(model, device=device, dtype=dtype)
+    return {
+        "model": source,
+        **token_probabilities(lm, tokenizer, text, top=top, max_length=max_length),
     }

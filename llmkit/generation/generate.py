@@ -5,15 +5,19 @@ The pieces, from the outside in:
 - :func:`generate` — the library call (``llmkit.generate``): prompts in, completion strings out.
 - :func:`generate_completions` — loads the model once and returns :class:`Completion` records
   (text, new tokens, tokens/s); the CLI uses it.
-- :func:`complete` — one prompt on an already loaded model: encode, check the context, run
-  ``model.generate``, decode.
+- :func:`complete_batch` — a batch of prompts on an already loaded model: encode, check the
+  context, left-pad, run ``model.generate`` once, cut each row at its own end, decode.
+  :func:`complete` is the batch of one, streamed.
 - :class:`GenerationSettings` — the decoding settings, validated on construction, turned into
   ``model.generate`` keyword arguments by :meth:`GenerationSettings.generate_kwargs`.
 - :class:`TextStream` — a transformers streamer that writes the decoded continuation to a file.
 
-One prompt is one ``model.generate`` call (batch of 1): no padding, so each output is exactly what
-that prompt gives alone. Batching (left padding), stop strings, chat templates and the per-token
-view extend :func:`complete` and :class:`GenerationSettings`.
+Batches are padded on the left with an attention mask, so the last real token of every row sits
+at the same place and each row's positions count from its own first token (transformers derives
+``position_ids`` from the mask): each output equals that prompt's output alone. A batched sequence
+ends at the first of its own EOS ids (all of the tokenizer's and of ``generation_config``'s, which
+may be a list), its first stop string, or ``max_new_tokens`` new tokens; after it ends
+``model.generate`` fills its row with padding, which is cut off here.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from llmkit.errors import UserError
@@ -48,7 +53,14 @@ class GenerationSettings:
     top_p: float = 1.0
     """Nucleus sampling: the smallest set of tokens whose probability adds up to p; 1 = all."""
     seed: int | None = None
-    """Seeds torch before each prompt: the same seed gives the same text."""
+    """Seeds torch before each batch of prompts: the same seed gives the same text."""
+    repetition_penalty: float = 1.0
+    """Divides positive (multiplies negative) logits of tokens already in the sequence, prompt
+    included (Keskar et al. 2019, "CTRL", §4.1); 1 = off, 1.1-1.3 usual."""
+    num_return_sequences: int = 1
+    """Completions sampled per prompt (needs sampling: temperature > 0)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: a completion ends just before the first one it produces."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -63,6 +75,24 @@ class GenerationSettings:
             raise UserError(f"--top-k {self.top_k} is negative", "use 0 for no limit, or e.g. 200")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p {self.top_p} is outside (0, 1]", "use 1 for no limit")
+        if not self.repetition_penalty > 0:
+            raise UserError(
+                f"--repetition-penalty {self.repetition_penalty} must be positive",
+                "use 1 for none, or e.g. 1.2",
+            )
+        if self.num_return_sequences < 1:
+            raise UserError(
+                f"--num-return-sequences {self.num_return_sequences} must be at least 1"
+            )
+        if self.num_return_sequences > 1 and self.greedy:
+            raise UserError(
+                f"--num-return-sequences {self.num_return_sequences} with --temperature 0 would "
+                "give the same text each time",
+                "sample with --temperature > 0",
+            )
+        self.stop = [str(x) for x in self.stop]
+        if any(x == "" for x in self.stop):
+            raise UserError("--stop '' is empty", "give a non-empty stop string, e.g. --stop '\\n'")
 
     @property
     def greedy(self) -> bool:
@@ -86,6 +116,10 @@ class GenerationSettings:
                 top_k=int(self.top_k or 0),
                 top_p=float(self.top_p),
             )
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = float(self.repetition_penalty)
+        if self.num_return_sequences > 1:
+            kwargs["num_return_sequences"] = int(self.num_return_sequences)
         return kwargs
 
 
@@ -97,17 +131,25 @@ class Completion:
     completion: str
     """The generated text, without the prompt and without special tokens."""
     new_tokens: int
-    """Tokens generated, an EOS included."""
+    """Tokens generated, an EOS included, padding after the end not."""
     seconds: float
-    """Wall time of ``model.generate`` (prompt processing included)."""
+    """Wall time of the ``model.generate`` call that made it (its whole batch; prompt
+    processing included)."""
     finish_reason: str
-    """``eos`` (the model ended the text) or ``length`` (``max_new_tokens`` reached)."""
+    """``eos`` (the model ended the text), ``stop`` (a stop string; the completion ends before
+    it) or ``length`` (``max_new_tokens`` reached)."""
     token_ids: list[int] = field(default_factory=list, repr=False)
-    """The new token ids."""
+    """The new token ids, up to the end of this sequence."""
+    prompt_tokens: int = 0
+    """Tokens of the prompt as fed to the model (chat template included)."""
+    index: int = 0
+    """Which of the ``num_return_sequences`` completions of this prompt (0-based)."""
+    stop: str | None = None
+    """The stop string that ended it, when ``finish_reason`` is ``stop``."""
 
     @property
     def tokens_per_sec(self) -> float:
-        """New tokens per second of generation."""
+        """New tokens of this completion per second of its batch's generation."""
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,47 +179,84 @@ def decode_continuation(tokenizer: Any, context_ids: list[int], new_ids: list[in
     return tokenizer.decode(list(new_ids), **_DECODE)
 
 
+def find_stop(text: str, stops: list[str]) -> tuple[int, str] | None:
+    """The earliest stop string in ``text``: ``(index, stop)``, or None. At equal index the
+    longest stop string wins."""
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        i = text.find(stop)
+        if i >= 0 and (best is None or i < best[0] or (i == best[0] and len(stop) > len(best[1]))):
+            best = (i, stop)
+    return best
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters of ``text`` could be the start of a stop string."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
+
+
 class TextStream(BaseStreamer):
     """A ``model.generate`` streamer that writes the continuation to ``out`` as tokens arrive.
 
     The first ``put`` (the prompt, shape (1, T)) is skipped: the caller writes the prompt.
     Text that may still change is held back: a trailing U+FFFD (the first bytes of a UTF-8
-    character split across tokens). After a newline the decoding restarts from the last token,
-    so the cost per token stays flat.
+    character split across tokens), and with ``stop`` strings any ending that may be the start
+    of one; once a stop string appears, nothing from it on is written. Without stop strings the
+    decoding restarts from the last token after a newline, so the cost per token stays flat.
 
     Args:
         tokenizer: decodes ids.
         out: a text file (``sys.stdout``); flushed after each write.
         context_ids: the prompt's ids (the last one is kept as decoding context).
+        stop: stop strings (see :class:`GenerationSettings`).
     """
 
-    def __init__(self, tokenizer: Any, out: TextIO, context_ids: list[int]):
+    def __init__(
+        self, tokenizer: Any, out: TextIO, context_ids: list[int], stop: list[str] | None = None
+    ):
         self.tokenizer = tokenizer
         self.out = out
         self.context = list(context_ids[-1:])
+        self.stops = list(stop or [])
         self.pending: list[int] = []
         self.written = 0  # characters of decode_continuation(context, pending) already written
         self.prompt_seen = False
+        self.stopped = False
 
     def put(self, value: torch.Tensor) -> None:
         """Receive token ids: (1, T) for the prompt, then (1,) per generated token."""
         if not self.prompt_seen:
             self.prompt_seen = True
             return
+        if self.stopped:
+            return
         self.pending.extend(value.reshape(-1).tolist())
         text = decode_continuation(self.tokenizer, self.context, self.pending)
+        found = find_stop(text, self.stops)
+        if found is not None:
+            self._write(text[self.written : found[0]])
+            self.written, self.stopped = found[0], True
+            return
         ready = text.rstrip("\ufffd")
+        ready = ready[: len(ready) - _held_back(ready, self.stops)]
         self._write(ready[self.written :])
         self.written = len(ready)
-        if ready.endswith("\n") and len(ready) == len(text):
+        if not self.stops and ready.endswith("\n") and len(ready) == len(text):
             self.context, self.pending, self.written = self.pending[-1:], [], 0
 
     def end(self) -> None:
-        """Write whatever was held back."""
-        text = decode_continuation(self.tokenizer, self.context, self.pending)
-        self._write(text[self.written :])
+        """Write whatever was held back (up to a stop string)."""
+        if not self.stopped:
+            text = decode_continuation(self.tokenizer, self.context, self.pending)
+            self._write(text[self.written :])
         self.context, self.pending, self.written = [], [], 0
-        self.prompt_seen = False
+        self.prompt_seen = self.stopped = False
 
     def _write(self, text: str) -> None:
         if text:
@@ -196,6 +275,33 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
         bos = tokenizer.bos_token_id
         ids = [bos if bos is not None else tokenizer.eos_token_id]
     return ids
+
+
+def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The conversation ``messages`` (``{"role", "content"}`` dicts) rendered with the
+    tokenizer's chat template, ending with the prompt for the assistant's turn.
+
+    Raises:
+        UserError: the tokenizer has no chat template (a base model, not an instruct one).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "the model's tokenizer has no chat template (it is not a chat/instruct model)",
+            "drop --chat/--system, or use an instruct model such as SmolLM2-135M-Instruct",
+        )
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of :func:`chat_text`; the template writes its own special tokens (BOS...), so
+    the tokenizer adds none."""
+    return list(tokenizer(chat_text(tokenizer, messages), add_special_tokens=False)["input_ids"])
+
+
+def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    """``[system?, user]`` messages for one prompt."""
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": prompt}]
 
 
 def check_fits(model: Any, n_prompt: int, max_new_tokens: int, label: str = "the prompt") -> None:
@@ -225,13 +331,182 @@ def check_fits(model: Any, n_prompt: int, max_new_tokens: int, label: str = "the
     )
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends a sequence: ``generation_config.eos_token_id`` (an int or a list, as
+    in Llama 3's ``[128001, 128008, 128009]``) and the tokenizer's ``eos_token_id``, in that
+    order, without repeats."""
+    found: list[int] = []
+    for eos in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if eos is None:
+            continue
+        for e in eos if isinstance(eos, (list, tuple)) else [eos]:
+            if int(e) not in found:
+                found.append(int(e))
+    return found
+
+
+_eos_ids = eos_ids  # the name used before
+
+
+class StopOnStrings(StoppingCriteria):
+    """Ends each row of a batch as soon as its new text contains one of ``stops``.
+
+    ``model.generate`` calls it after every step with ``input_ids`` of shape (B, T0 + t): the
+    ``prompt_width`` prompt columns (left-padded), then t new tokens. Only rows not yet done are
+    decoded; a done row stays done and ``generate`` pads it from then on.
+    """
+
+    def __init__(self, tokenizer: Any, stops: list[str], prompt_width: int, eos: list[int]):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.width = prompt_width
+        self.eos = set(eos)
+        self.done: torch.Tensor | None = None  # (B,) bool
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        B = input_ids.shape[0]
+        if self.done is None:
+            self.done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        new = input_ids[:, self.width :]  # (B, t)
+        for row in range(B):
+            if self.done[row]:
+                continue
+            ids = new[row].tolist()
+            if ids and ids[-1] in self.eos:
+                self.done[row] = True  # EOS: generate ends the row itself; no more decoding
+                continue
+            context = [int(input_ids[row, self.width - 1])]  # the prompt's last token
+            text = decode_continuation(self.tokenizer, context, ids)
+            if find_stop(text, self.stops) is not None:
+                self.done[row] = True
+        return self.done.clone()
+
+
+def _finish(
+    tokenizer: Any, prompt_ids: list[int], row: list[int], eos: set[int], stops: list[str]
+) -> tuple[list[int], str, str, str | None]:
+    """Cut one generated row at its end: ``(kept ids, text, finish_reason, stop string)``.
+
+    The row ends at its first EOS (kept, and counted as a new token); a stop string inside the
+    text before it ends it earlier, at the token that completed the stop string, and the text is
+    cut just before the stop string. Whatever ``generate`` padded after the end is dropped.
+    """
+    end = next((i for i, t in enumerate(row) if t in eos), None)
+    body = row if end is None else row[:end]
+    if stops:
+        text = decode_continuation(tokenizer, prompt_ids, body)
+        found = find_stop(text, stops)
+        if found is not None:
+            # the fewest tokens whose text already holds a stop string (containment only grows)
+            lo, hi = 1, len(body)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if find_stop(decode_continuation(tokenizer, prompt_ids, body[:mid]), stops):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return body[:lo], text[: found[0]], "stop", found[1]
+    if end is None:
+        return row, decode_continuation(tokenizer, prompt_ids, row), "length", None
+    kept = row[: end + 1]
+    return kept, decode_continuation(tokenizer, prompt_ids, body), "eos", None
+
+
+def _labels(n: int) -> list[str]:
+    """How errors name each of ``n`` prompts."""
+    return ["the prompt"] if n == 1 else [f"prompt {i + 1}" for i in range(n)]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, each (B, T) with T the longest row: each row padded on
+    the left with ``pad_id``, the mask 0 on padding and 1 on tokens."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        attention_mask[i, width - len(r) :] = 1
+    return input_ids, attention_mask
+
+
+def complete_batch(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    settings: GenerationSettings,
+    *,
+    prompt_ids: list[list[int]] | None = None,
+    streamer: BaseStreamer | None = None,
+    labels: list[str] | None = None,
+) -> list[Completion]:
+    """Generate completions of a batch of prompts in one ``model.generate`` call.
+
+    Args:
+        model: a causal LM (``model.generate``), in eval mode.
+        tokenizer: its tokenizer (a pad token set).
+        prompts: the texts to continue (B of them); "" starts from BOS/EOS.
+        settings: decoding settings.
+        prompt_ids: the token ids to feed instead of encoding ``prompts`` (a chat template
+            already applied); ``prompts`` is then what the records show.
+        streamer: passed to ``model.generate`` (batch of one only).
+        labels: how errors name each prompt ("prompt 3").
+
+    Returns:
+        B × ``num_return_sequences`` completions, grouped by prompt in order. Each stops at its
+        first EOS id, its first stop string, or ``max_new_tokens`` new tokens.
+
+    Raises:
+        UserError: a prompt and ``max_new_tokens`` exceed the model's positions.
+    """
+    ids = prompt_ids if prompt_ids is not None else [encode_prompt(tokenizer, p) for p in prompts]
+    labels = labels or _labels(len(ids))
+    for row, label in zip(ids, labels, strict=True):
+        check_fits(model, len(row), settings.max_new_tokens, label)
+    eos = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+    input_ids, attention_mask = left_pad(ids, pad)  # (B, T0)
+    device = model.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    width = input_ids.shape[1]
+    extra: dict[str, Any] = {}
+    if settings.stop:
+        extra["stopping_criteria"] = StoppingCriteriaList(
+            [StopOnStrings(tokenizer, settings.stop, width, eos)]
+        )
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)  # seeds every device, cuda included
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pad_token_id=pad,
+            eos_token_id=eos or None,
+            streamer=streamer,
+            **extra,
+            **settings.generate_kwargs(),
+        )  # (B × num_return_sequences, T0 + new)
+    seconds = time.perf_counter() - start
+    n = settings.num_return_sequences
+    results = []
+    eos_set = set(eos)
+    for r, row in enumerate(out[:, width:].tolist()):
+        p = r // n
+        kept, text, reason, stop = _finish(tokenizer, ids[p], row, eos_set, settings.stop)
+        results.append(
+            Completion(
+                prompt=prompts[p],
+                completion=text,
+                new_tokens=len(kept),
+                seconds=seconds,
+                finish_reason=reason,
+                token_ids=kept,
+                prompt_tokens=len(ids[p]),
+                index=r % n,
+                stop=stop,
+            )
+        )
+    return results
 
 
 def complete(
@@ -242,58 +517,133 @@ def complete(
     *,
     stream_to: TextIO | None = None,
     label: str = "the prompt",
+    prompt_ids: list[int] | None = None,
 ) -> Completion:
-    """Generate one completion of ``prompt`` with a loaded model.
+    """Generate one completion of ``prompt`` with a loaded model (a batch of one).
 
     Args:
         model: a causal LM (``model.generate``), in eval mode.
         tokenizer: its tokenizer (a pad token set).
         prompt: the text to continue; "" starts from BOS/EOS.
-        settings: decoding settings.
+        settings: decoding settings (``num_return_sequences`` must be 1).
         stream_to: when given, the prompt then the continuation are written there as the tokens
             arrive (no newline at the end).
         label: how errors name this prompt ("prompt 3").
+        prompt_ids: ids to feed instead of encoding ``prompt`` (a chat template applied).
 
     Returns:
-        The :class:`Completion`; generation stops at EOS or after ``max_new_tokens``.
+        The :class:`Completion`; generation stops at EOS, a stop string or after
+        ``max_new_tokens``.
 
     Raises:
         UserError: the prompt and ``max_new_tokens`` exceed the model's positions.
     """
-    ids = encode_prompt(tokenizer, prompt)
+    ids = prompt_ids if prompt_ids is not None else encode_prompt(tokenizer, prompt)
     check_fits(model, len(ids), settings.max_new_tokens, label)
-    device = model.device
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    attention_mask = torch.ones_like(input_ids)  # (1, T)
-    eos = _eos_ids(model, tokenizer)
     streamer = None
     if stream_to is not None:
         stream_to.write(prompt)
         stream_to.flush()
-        streamer = TextStream(tokenizer, stream_to, ids)
-    if settings.seed is not None:
-        torch.manual_seed(settings.seed)  # seeds every device, cuda included
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos or None,
-            streamer=streamer,
-            **settings.generate_kwargs(),
-        )  # (1, T + new)
-    seconds = time.perf_counter() - start
-    new_ids = out[0, len(ids) :].tolist()  # batch of one: nothing padded after EOS
-    finish = "eos" if new_ids and new_ids[-1] in eos else "length"
-    return Completion(
-        prompt=prompt,
-        completion=decode_continuation(tokenizer, ids, new_ids),
-        new_tokens=len(new_ids),
-        seconds=seconds,
-        finish_reason=finish,
-        token_ids=new_ids,
+        streamer = TextStream(tokenizer, stream_to, ids, stop=settings.stop)
+    (result,) = complete_batch(
+        model, tokenizer, [prompt], settings, prompt_ids=[ids], streamer=streamer, labels=[label]
     )
+    return result
+
+
+def _stats_line(results: list[Completion]) -> str:
+    """``[N tokens in S s, X tokens/s, stopped by R]`` for one batch (its new tokens summed)."""
+    tokens = sum(r.new_tokens for r in results)
+    seconds = results[0].seconds
+    rate = tokens / seconds if seconds > 0 else float("inf")
+    reasons = sorted({r.finish_reason for r in results})
+    unit = "token" if tokens == 1 else "tokens"
+    rows = f", batch of {len(results)}" if len(results) > 1 else ""
+    return (
+        f"[{tokens} {unit} in {seconds:.2f} s, {rate:.1f} tokens/s{rows}, "
+        f"stopped by {'/'.join(reasons)}]\n"
+    )
+
+
+def run_prompts(
+    lm: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    settings: GenerationSettings,
+    *,
+    batch_size: int = 1,
+    chat: bool = False,
+    system: str | None = None,
+    stream: bool = False,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    on_result: Callable[[Completion], None] | None = None,
+) -> list[Completion]:
+    """Complete ``prompts`` with a loaded model, ``batch_size`` prompts per ``generate`` call.
+
+    Every prompt is encoded and checked against the context before any is generated. With
+    ``stream``, a batch of one prompt and one sequence is written token by token; larger batches
+    are written when they finish (each completion after its prompt, a blank line between).
+
+    Args:
+        chat: wrap each prompt as a user message (after ``system``, when given) in the model's
+            chat template; ``system`` alone implies it.
+        Others: as for :func:`generate_completions`.
+
+    Raises:
+        UserError: ``batch_size`` < 1; no chat template; a prompt does not fit in the context.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be at least 1")
+    out = out or sys.stdout
+    err = err or sys.stderr
+    chat = chat or system is not None
+    ids = [
+        encode_chat(tokenizer, chat_messages(p, system)) if chat else encode_prompt(tokenizer, p)
+        for p in prompts
+    ]
+    labels = _labels(len(ids))
+    for row, label in zip(ids, labels, strict=True):
+        check_fits(lm, len(row), settings.max_new_tokens, label)
+    token_stream = stream and batch_size == 1 and settings.num_return_sequences == 1
+    results: list[Completion] = []
+    for start in range(0, len(prompts), batch_size):
+        end = min(start + batch_size, len(prompts))
+        if stream and start > 0:
+            out.write("\n")
+        if token_stream:
+            batch = [
+                complete(
+                    lm,
+                    tokenizer,
+                    prompts[start],
+                    settings,
+                    stream_to=out,
+                    label=labels[start],
+                    prompt_ids=ids[start],
+                )
+            ]
+            out.write("\n")
+        else:
+            batch = complete_batch(
+                lm,
+                tokenizer,
+                prompts[start:end],
+                settings,
+                prompt_ids=ids[start:end],
+                labels=labels[start:end],
+            )
+            if stream:
+                out.write("\n".join(r.prompt + r.completion + "\n" for r in batch))
+        if stream:
+            out.flush()
+            err.write(_stats_line(batch))
+            err.flush()
+        for result in batch:
+            if on_result is not None:
+                on_result(result)
+        results.extend(batch)
+    return results
 
 
 def generate_completions(
@@ -301,6 +651,9 @@ def generate_completions(
     *,
     model: str | None = None,
     settings: GenerationSettings | None = None,
+    batch_size: int = 1,
+    chat: bool = False,
+    system: str | None = None,
     stream: bool = False,
     device: str = "auto",
     dtype: str = "auto",
@@ -308,50 +661,47 @@ def generate_completions(
     err: TextIO | None = None,
     on_result: Callable[[Completion], None] | None = None,
 ) -> list[Completion]:
-    """Load a model once and complete each prompt in turn.
+    """Load a model once and complete the prompts, ``batch_size`` at a time.
 
     Args:
         prompts: one prompt or a list.
         model: see :func:`llmkit.generation.loading.load_model_and_tokenizer` (None: the
             default search).
         settings: decoding settings (defaults: :class:`GenerationSettings`).
+        batch_size: prompts per ``model.generate`` call (left-padded; the outputs do not
+            depend on it under greedy decoding).
+        chat: apply the model's chat template to each prompt (a user message).
+        system: a system message for the chat template (implies ``chat``).
         stream: write each prompt and its continuation to ``out`` as it is generated, a
-            newline after each, and ``N tokens, X tokens/s`` to ``err``.
+            newline after each, and ``N tokens, X tokens/s`` per batch to ``err``.
         device, dtype: see ``load_model_and_tokenizer``.
         out, err: where streamed text and the statistics go (default stdout, stderr).
-        on_result: called with each completion as soon as it is done (``--json`` prints it).
+        on_result: called with each completion as soon as its batch is done (``--json``).
 
     Raises:
-        UserError: no prompt; the model does not load; a prompt does not fit in the context.
+        UserError: no prompt; bad ``batch_size``; the model does not load; no chat template;
+            a prompt does not fit in the context.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise UserError("no prompt given", 'pass one, e.g. llmkit generate "Once upon a time"')
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be at least 1")
     settings = settings or GenerationSettings()
-    out = out or sys.stdout
-    err = err or sys.stderr
     lm, tokenizer, _source = load_model_and_tokenizer(model, device=device, dtype=dtype)
-    results = []
-    for i, prompt in enumerate(prompts):
-        label = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
-        if stream and i > 0:
-            out.write("\n")
-        result = complete(
-            lm, tokenizer, prompt, settings, stream_to=out if stream else None, label=label
-        )
-        if stream:
-            out.write("\n")
-            out.flush()
-            unit = "token" if result.new_tokens == 1 else "tokens"
-            err.write(
-                f"[{result.new_tokens} {unit} in {result.seconds:.2f} s, "
-                f"{result.tokens_per_sec:.1f} tokens/s, stopped by {result.finish_reason}]\n"
-            )
-            err.flush()
-        if on_result is not None:
-            on_result(result)
-        results.append(result)
-    return results
+    return run_prompts(
+        lm,
+        tokenizer,
+        prompts,
+        settings,
+        batch_size=batch_size,
+        chat=chat,
+        system=system,
+        stream=stream,
+        out=out,
+        err=err,
+        on_result=on_result,
+    )
 
 
 def generate(
@@ -363,6 +713,12 @@ def generate(
     top_k: int | None = 200,
     top_p: float = 1.0,
     seed: int | None = None,
+    repetition_penalty: float = 1.0,
+    num_return_sequences: int = 1,
+    stop: list[str] | None = None,
+    batch_size: int = 1,
+    chat: bool = False,
+    system: str | None = None,
     stream: bool = False,
     device: str = "auto",
     dtype: str = "auto",
@@ -377,22 +733,44 @@ def generate(
         temperature: 0 for greedy decoding, else the sampling temperature.
         top_k: sample among the k most likely tokens (None or 0: all).
         top_p: nucleus sampling threshold in (0, 1].
-        seed: seed set before each prompt; the same seed gives the same text.
+        seed: seed set before each batch; the same seed gives the same text.
+        repetition_penalty: CTRL's penalty on tokens already present (1 = off).
+        num_return_sequences: completions per prompt (sampling only).
+        stop: stop strings; each completion ends just before the first one it produces.
+        batch_size: prompts per ``model.generate`` call (left padding + attention mask).
+        chat: apply the model's chat template (each prompt a user message).
+        system: system message for the chat template (implies ``chat``).
         stream: print each prompt and its continuation to stdout as tokens arrive, and
             the token count and tokens/s to stderr.
         device: ``auto``, ``cpu``, ``cuda``, ``mps``...
         dtype: ``auto``, ``float32``, ``bfloat16``, ``float16``.
 
     Returns:
-        The completions, without their prompts, one per prompt.
+        The completions, without their prompts: ``num_return_sequences`` per prompt, in order.
 
     Raises:
-        UserError: bad settings, a model that does not load, a prompt longer than the context.
+        UserError: bad settings, a model that does not load, a prompt longer than the context,
+            no chat template.
     """
     settings = GenerationSettings(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        repetition_penalty=repetition_penalty,
+        num_return_sequences=num_return_sequences,
+        stop=list(stop or []),
     )
     results = generate_completions(
-        prompts, model=model, settings=settings, stream=stream, device=device, dtype=dtype
+        prompts,
+        model=model,
+        settings=settings,
+        batch_size=batch_size,
+        chat=chat,
+        system=system,
+        stream=stream,
+        device=device,
+        dtype=dtype,
     )
     return [r.completion for r in results]

@@ -1,0 +1,62 @@
+"""``llmkit chat``: an interactive session with an instruct model, history, /reset and /exit."""
+
+from __future__ import annotations
+
+import typer
+
+from llmkit.cli._common import user_errors
+
+
+@user_errors
+def chat_command(
+    model: str = typer.Option(
+        None, "--model", "-m", help="Model directory, .gguf file or Hub id.", show_default=False
+    ),
+    system: str = typer.Option(None, "--system", help="System message.", show_default=False),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Tokens per reply."),
+    temperature: float = typer.Option(0.7, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(50, "--top-k", help="Sample among the k likeliest; 0 = all."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold; 1 = off."),
+    repetition_penalty: float = typer.Option(
+        1.0, "--repetition-penalty", help="Penalty on tokens already present; 1 = off."
+    ),
+    stop: list[str] = typer.Option(
+        None, "--stop", help="Stop string (repeatable).", show_default=False
+    ),
+    seed: int = typer.Option(None, "--seed", help="Same seed, same replies.", show_default=False),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+) -> None:
+    """Chat with an instruct model through its chat template, keeping the history.
+
+    Type a message and press Enter; the reply streams to stdout. /reset clears the history (the
+    --system message stays), /exit or end of input (Ctrl-D) ends the session. From a script,
+    pipe one message per line into standard input: replies go to stdout, one per message.
+
+    --model: a model directory, .gguf file or Hub id whose tokenizer has a chat template
+    (default $LLMKIT_MODEL, else the newest finished run, else gpt2). --system TEXT: the system
+    message. --max-new-tokens N per reply; --temperature 0 is greedy; --top-k, --top-p,
+    --repetition-penalty, --stop (repeatable) and --seed as for llmkit generate. When the
+    conversation outgrows the model's context, the oldest exchanges are dropped.
+    --device auto|cpu|cuda|mps, --dtype auto|float32|bfloat16|float16.
+    """
+    from llmkit.generation.chat import ChatSession, chat_loop
+    from llmkit.generation.generate import GenerationSettings
+    from llmkit.generation.loading import load_model_and_tokenizer
+
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        repetition_penalty=repetition_penalty,
+        stop=list(stop or []),
+    )
+    lm, tokenizer, _source = load_model_and_tokenizer(model, device=device, dtype=dtype)
+    chat_loop(ChatSession(lm, tokenizer, settings, system=system))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``chat`` command to ``app``."""
+    app.command("chat")(chat_command)

@@ -1,0 +1,31 @@
+"""The real GGUF (SmolLM2-135M-Instruct Q4_1): convert once, cache as safetensors, load the
+cache; the same greedy text from both; its chat template. Slow (20-80 s): `make test-slow`."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import MODELS
+
+GGUF = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not GGUF.exists(), reason=f"{GGUF} is absent"),
+]
+
+
+def test_gguf_converted_once_then_loaded_from_cache(tmp_path, monkeypatch):
+    from llmkit.generation.generate import GenerationSettings, complete, run_prompts
+    from llmkit.generation.loading import gguf_cache_dir, load_model_and_tokenizer
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path))
+    settings = GenerationSettings(max_new_tokens=8, temperature=0)
+    model, tok, _ = load_model_and_tokenizer(str(GGUF), device="cpu")
+    cache = gguf_cache_dir(GGUF)
+    assert (cache / "config.json").is_file() and (cache / "model.safetensors").is_file()
+    first = complete(model, tok, "The capital of France is", settings)
+    assert first.completion.startswith(" Paris")
+    cached, tok2, _ = load_model_and_tokenizer(str(GGUF), device="cpu")
+    assert complete(cached, tok2, "The capital of France is", settings).token_ids == first.token_ids
+    (reply,) = run_prompts(cached, tok2, ["What is 2+2?"], settings, chat=True, system="Be brief.")
+    assert reply.prompt_tokens > 10 and "<|im_start|>" in tok2.chat_template
