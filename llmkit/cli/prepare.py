@@ -25,6 +25,76 @@ class SplitOn(str, Enum):
     none = "none"
 
 
+class OnError(str, Enum):
+    """What to do with a binary file, invalid UTF-8, a malformed line or a missing field."""
+
+    fail = "fail"
+    skip = "skip"
+
+
+class Pii(str, Enum):
+    """PII redaction."""
+
+    redact = "redact"
+    keep = "keep"
+
+
+class Form(str, Enum):
+    """Unicode normalization form."""
+
+    NFC = "NFC"
+    NFKC = "NFKC"
+
+
+def clean_overrides(
+    *,
+    filters: list[str],
+    no_filters: list[str],
+    languages: str | None,
+    pii: str | None,
+    normalization: str | None,
+    html: bool | None,
+    near_dedup: bool | None,
+    gutenberg: bool | None,
+    minhash: dict,
+) -> dict:
+    """The cleaning settings the flags set (those left at None are not set)."""
+    from llmkit.data.config import WEB_FILTERS
+    from llmkit.errors import UserError
+
+    out: dict = {}
+    flt: dict = {}
+    for names, enabled in ((filters, True), (no_filters, False)):
+        for item in names:
+            for name in (n.strip() for n in item.split(",") if n.strip()):
+                for one in WEB_FILTERS if name == "web" else (name,):
+                    flt.setdefault(one, {})["enabled"] = enabled
+    if languages is not None:
+        langs = [code.strip() for code in languages.split(",") if code.strip()]
+        if not langs:
+            raise UserError("--languages is empty", "give codes such as en,zh")
+        flt.setdefault("language", {}).update({"enabled": True, "languages": langs})
+    if flt:
+        out["filters"] = flt
+    if pii is not None:
+        out["pii"] = pii
+    norm: dict = {}
+    if normalization is not None:
+        norm["form"] = normalization
+    if html is not None:
+        norm["html"] = html
+    if norm:
+        out["normalize"] = norm
+    dedup = {k: v for k, v in minhash.items() if v is not None}
+    if near_dedup is not None:
+        dedup["near"] = near_dedup
+    if dedup:
+        out["dedup"] = dedup
+    if gutenberg is not None:
+        out["gutenberg"] = gutenberg
+    return out
+
+
 @contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM (``kill``) into KeyboardInterrupt, so the temporary output is removed."""
@@ -48,8 +118,8 @@ def prepare_command(
     inputs: list[str] = typer.Argument(
         ...,
         metavar="INPUT...",
-        help="Files (.txt, .md, .jsonl, .json; optionally .gz/.bz2/.xz), directories "
-        "(searched recursively) or glob patterns.",
+        help="Files (.txt, .md, .jsonl, .json, .csv, .tsv, .parquet; optionally "
+        ".gz/.bz2/.xz/.zst), directories (searched recursively) or glob patterns.",
     ),
     output: Path = typer.Option(
         ..., "--output", "-o", help="Directory to write (datasets, tokenizer, manifest.json)."
@@ -71,7 +141,59 @@ def prepare_command(
         help="Cut text files into documents on runs of blank lines, or keep each file whole.",
     ),
     text_field: str = typer.Option(
-        "text", "--text-field", help="Field of a JSON line that holds the document."
+        "text",
+        "--text-field",
+        help="Field of a JSON record (a.b for nested fields) or column of a CSV/TSV/parquet "
+        "file that holds the document.",
+    ),
+    on_error: OnError = typer.Option(
+        OnError.fail,
+        "--on-error",
+        help="Binary file, invalid UTF-8, malformed JSON line, missing field: stop (fail) or "
+        "skip it and count it in the manifest (skip).",
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="prepare.yaml: normalization, filters and thresholds, dedup, PII."
+    ),
+    filters: list[str] = typer.Option(
+        [],
+        "--filter",
+        help="Turn on a filter by name (length, language, gopher_quality, gopher_repetition, "
+        "c4, fineweb; 'web' = the four web rule sets). Repeat or comma-separate.",
+    ),
+    no_filters: list[str] = typer.Option([], "--no-filter", help="Turn off a filter by name."),
+    languages: str | None = typer.Option(
+        None, "--languages", help="Keep only these languages, e.g. en,zh (turns on 'language')."
+    ),
+    pii: Pii | None = typer.Option(
+        None, "--pii", help="Replace e-mails, IPs and phone numbers (redact, default) or keep."
+    ),
+    normalization: Form | None = typer.Option(
+        None, "--normalization", help="Unicode normalization form (default NFC)."
+    ),
+    html: bool | None = typer.Option(
+        None, "--html/--no-html", help="Extract the main text of HTML documents (trafilatura)."
+    ),
+    near_dedup: bool | None = typer.Option(
+        None, "--near-dedup/--no-near-dedup", help="MinHash LSH near-duplicate removal (on)."
+    ),
+    minhash_ngram: int | None = typer.Option(None, "--minhash-ngram", help="Words per n-gram (5)."),
+    minhash_perm: int | None = typer.Option(None, "--minhash-perm", help="Permutations (112)."),
+    minhash_bands: int | None = typer.Option(None, "--minhash-bands", help="LSH bands (14)."),
+    minhash_rows: int | None = typer.Option(None, "--minhash-rows", help="Rows per band (8)."),
+    minhash_threshold: float | None = typer.Option(
+        None, "--minhash-threshold", help="Also require this estimated Jaccard similarity."
+    ),
+    gutenberg: bool | None = typer.Option(
+        None,
+        "--strip-gutenberg/--keep-gutenberg",
+        help="Remove Project Gutenberg headers and license footers (on).",
+    ),
+    keep_dropped: bool = typer.Option(
+        False, "--keep-dropped", help="Write dropped.jsonl: each dropped document and why."
+    ),
+    plot: bool = typer.Option(
+        True, "--plot/--no-plot", help="Write lengths.png (document lengths before/after)."
     ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace OUTPUT if it already holds prepared data."
@@ -86,12 +208,31 @@ def prepare_command(
 ) -> None:
     """Clean, deduplicate, tokenize and pack raw text into training blocks.
 
-    INPUT: files, directories (searched recursively) or globs of .txt, .md, .jsonl or .json
-    (JSON lines), each optionally .gz, .bz2 or .xz. Progress and the summary go to stderr;
-    with --json the manifest goes to stdout.
+    INPUT: files, directories (searched recursively) or globs of .txt, .md, .jsonl, .json,
+    .csv, .tsv or .parquet, each optionally .gz, .bz2, .xz or .zst. Stages: normalize (NFC,
+    ftfy, control characters, whitespace), filters, exact and MinHash deduplication, PII
+    redaction, tokenize, pack. Progress and the summary go to stderr; with --json the
+    manifest goes to stdout.
     """
     from llmkit.data.pipeline import prepare
 
+    clean = clean_overrides(
+        filters=filters,
+        no_filters=no_filters,
+        languages=languages,
+        pii=pii.value if pii else None,
+        normalization=normalization.value if normalization else None,
+        html=html,
+        near_dedup=near_dedup,
+        gutenberg=gutenberg,
+        minhash={
+            "ngram_size": minhash_ngram,
+            "num_perm": minhash_perm,
+            "bands": minhash_bands,
+            "rows": minhash_rows,
+            "threshold": minhash_threshold,
+        },
+    )
     with _terminate_as_interrupt():
         manifest = prepare(
             inputs,
@@ -105,6 +246,11 @@ def prepare_command(
             text_field=text_field,
             overwrite=overwrite,
             num_proc=num_proc,
+            on_error=on_error.value,
+            config=config,
+            clean=clean,
+            keep_dropped=keep_dropped,
+            plot=plot,
         )
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))

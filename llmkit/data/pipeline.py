@@ -4,8 +4,11 @@ The pipeline, each step a function over documents or batches that could run unde
 executor (SPEC §8):
 
 1. read (:mod:`llmkit.data.readers`): files, directories and globs to a stream of documents;
-2. normalize, deduplicate (:mod:`llmkit.data.clean`): a chain of document stages, counted;
-   the kept documents go into an arrow-backed ``datasets.Dataset`` (never a Python list);
+2. clean: a chain of document stages, counted — normalize (:mod:`llmkit.data.clean`), the
+   named filters (:mod:`llmkit.data.filters`), exact and near-duplicate removal
+   (:mod:`llmkit.data.dedup`), PII redaction (:mod:`llmkit.data.pii`), configured by
+   :mod:`llmkit.data.config`; the kept documents go into an arrow-backed ``datasets.Dataset``
+   (never a Python list);
 3. split: whole documents to train / validation, from ``seed`` (:func:`split_indices`);
 4. tokenizer: a byte-level BPE trained on the train documents, or a pretrained one;
 5. encode (:func:`encode_batch`): batched, one EOS after every document;
@@ -30,10 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from llmkit.data.clean import ExactDedup, Normalize, StageStats, run_stages
+from llmkit.data.clean import StageStats, run_stages
 from llmkit.data.pack import Packer
 from llmkit.data.prepared import MANIFEST, SPLITS, is_prepared
-from llmkit.data.readers import SPLIT_MODES, InputFile, discover_inputs, read_documents
+from llmkit.data.readers import (
+    ON_ERROR,
+    SPLIT_MODES,
+    InputFile,
+    discover_inputs,
+    read_documents,
+)
 from llmkit.errors import UserError
 
 #: Documents per batch in the encode and pack steps (memory holds one batch of documents).
@@ -294,7 +303,10 @@ def _validate_settings(
     split_on: str,
     text_field: str,
     num_proc: int | None,
+    on_error: str = "fail",
 ) -> None:
+    if on_error not in ON_ERROR:
+        raise UserError(f"--on-error {on_error!r} is not one of: {', '.join(ON_ERROR)}")
     if tokenizer is None and vocab_size < MIN_VOCAB_SIZE:
         raise UserError(
             f"--vocab-size {vocab_size} is too small",
@@ -319,29 +331,59 @@ def _validate_settings(
         raise UserError(f"--num-proc {num_proc} must be at least 1")
 
 
+#: Document-length histogram: bin edges in UTF-8 bytes, powers of 2 from 1 B to 1 GiB.
+LENGTH_BINS = np.array([0] + [2**k for k in range(31)], dtype=np.int64)
+
+
+class LengthHistogram:
+    """Counts of document lengths (UTF-8 bytes) in :data:`LENGTH_BINS`; constant memory."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(len(LENGTH_BINS), dtype=np.int64)
+
+    def add(self, n_bytes: int) -> None:
+        self.counts[int(np.searchsorted(LENGTH_BINS, n_bytes, side="right")) - 1] += 1
+
+    def as_list(self) -> list[int]:
+        return self.counts.tolist()
+
+
 def _document_rows(
     files: Sequence[InputFile],
     *,
     split_on: str,
     text_field: str,
+    on_error: str,
+    line_filter: Callable | None,
     read_stats: dict,
     stages: list,
     stage_stats: list[StageStats],
     advance: Callable,
+    histograms: dict[str, LengthHistogram],
+    on_drop: Callable | None,
 ) -> Iterator[dict]:
     """Rows ``{"text", "n_bytes"}`` of the kept documents of all files, in order."""
 
     def read_all() -> Iterator[str]:
         for source in files:
-            for text in read_documents(source, split_on=split_on, text_field=text_field):
+            for text in read_documents(
+                source,
+                split_on=split_on,
+                text_field=text_field,
+                on_error=on_error,
+                line_filter=line_filter,
+            ):
                 size = len(text.encode("utf-8"))
                 read_stats["documents_out"] += 1
                 read_stats["bytes_out"] += size
+                histograms["read"].add(size)
                 advance(size)
                 yield text
 
-    for text in run_stages(read_all(), stages, stage_stats):
-        yield {"text": text, "n_bytes": len(text.encode("utf-8"))}
+    for text in run_stages(read_all(), stages, stage_stats, on_drop):
+        size = len(text.encode("utf-8"))
+        histograms["kept"].add(size)
+        yield {"text": text, "n_bytes": size}
 
 
 def _block_rows(encoded, packer: Packer, advance: Callable) -> Iterator[dict]:
@@ -401,6 +443,11 @@ def prepare(
     text_field: str = "text",
     overwrite: bool = False,
     num_proc: int | None = None,
+    on_error: str = "fail",
+    config: str | Path | dict | None = None,
+    clean: dict | None = None,
+    keep_dropped: bool = False,
+    plot: bool = True,
     console=None,
 ) -> dict:
     """Clean, split, tokenize and pack raw text into a prepared data directory.
@@ -422,8 +469,19 @@ def prepare(
         seed: seed of the train/validation split.
         split_on: ``"blank-lines"`` (a text file is split on runs of blank lines) or ``"none"``
             (one document per text file).
-        text_field: the field of a JSON line that holds the document.
+        text_field: the field (a dotted path for nested ones) of a JSON record, or the column
+            of a CSV/TSV/parquet file, that holds the document.
         overwrite: replace ``output`` when it already holds a prepared directory.
+        on_error: ``"fail"`` (default) stops at a binary file, invalid UTF-8, a malformed JSON
+            line or a missing field, naming file and line; ``"skip"`` skips and counts them.
+        config: a ``prepare.yaml`` (path) or a dict of cleaning settings
+            (:mod:`llmkit.data.config`): normalization, Gutenberg stripping, filters,
+            deduplication, PII.
+        clean: cleaning settings that override ``config`` (what the CLI flags set).
+        keep_dropped: also write ``dropped.jsonl``: each dropped document with its stage and
+            reason, for audit.
+        plot: write ``lengths.png``, the document-length distributions before and after
+            cleaning (matplotlib).
         num_proc: worker processes for encoding (None: one process; the Rust tokenizer then
             uses every core by itself). The output is the same for any value.
         console: a ``rich.console.Console`` for progress and the summary (default: stderr).
@@ -451,7 +509,18 @@ def prepare(
         split_on=split_on,
         text_field=text_field,
         num_proc=num_proc,
+        on_error=on_error,
     )
+    from llmkit.data.config import load_config, merge
+
+    if isinstance(config, dict):
+        from llmkit.data.config import default_config, validate
+
+        cfg = merge(default_config(), config)
+        cfg = merge(cfg, clean or {})
+        validate(cfg)
+    else:
+        cfg = load_config(config, clean)
     output = Path(os.path.abspath(output))
     _check_output(output, overwrite)
     if isinstance(inputs, (str, Path)):
@@ -484,13 +553,21 @@ def prepare(
                 split_on=split_on,
                 text_field=text_field,
                 num_proc=num_proc,
+                on_error=on_error,
+                cfg=cfg,
+                keep_dropped=keep_dropped,
             )
         manifest = {
             "llmkit_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **manifest,
         }
+        manifest = json.loads(json.dumps(manifest))  # what a reader gets back (str keys)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if plot:
+            from llmkit.data.report import plot_lengths
+
+            plot_lengths(manifest["length_histogram"], tmp / "lengths.png")
         _move_into_place(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -518,6 +595,9 @@ def _build(
     split_on: str,
     text_field: str,
     num_proc: int | None,
+    on_error: str,
+    cfg: dict,
+    keep_dropped: bool,
 ) -> dict:
     """Steps 1–6 into ``tmp``; returns the manifest without version and time."""
     from datasets import Features, List, Value
@@ -525,8 +605,11 @@ def _build(
     cache = tmp / ".cache"
     warnings: list[str] = []
 
-    # 1–2. read, normalize, deduplicate -> an arrow-backed dataset of documents.
-    stages = [Normalize("NFC"), ExactDedup()]
+    # 1–2. read and clean -> an arrow-backed dataset of documents.
+    from llmkit.data.boilerplate import strip_gutenberg
+    from llmkit.data.config import build_stages
+
+    stages = build_stages(cfg)
     stage_stats = [StageStats(s.name) for s in stages]
     read_stats = {
         "files": len(files),
@@ -534,35 +617,65 @@ def _build(
         "documents_out": 0,
         "bytes_out": 0,
     }
+    histograms = {"read": LengthHistogram(), "kept": LengthHistogram()}
+    dropped_file = open(tmp / "dropped.jsonl", "w", encoding="utf-8") if keep_dropped else None
+
+    def on_drop(text: str, stage: str, reason: str) -> None:
+        if dropped_file is not None:
+            record = {"stage": stage, "reason": reason, "text": text}
+            dropped_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
     total_bytes = read_stats["bytes_in"]
-    with report.task("read and clean (bytes)", total=total_bytes) as advance:
-        docs = _from_generator(
-            lambda: _document_rows(
-                files,
-                split_on=split_on,
-                text_field=text_field,
-                read_stats=read_stats,
-                stages=stages,
-                stage_stats=stage_stats,
-                advance=advance,
-            ),
-            Features({"text": Value("string"), "n_bytes": Value("int64")}),
-            cache,
-            "documents",
-        )
+    try:
+        with report.task("read and clean (bytes)", total=total_bytes) as advance:
+            docs = _from_generator(
+                lambda: _document_rows(
+                    files,
+                    split_on=split_on,
+                    text_field=text_field,
+                    on_error=on_error,
+                    line_filter=strip_gutenberg if cfg["gutenberg"] else None,
+                    read_stats=read_stats,
+                    stages=stages,
+                    stage_stats=stage_stats,
+                    advance=advance,
+                    histograms=histograms,
+                    on_drop=on_drop,
+                ),
+                Features({"text": Value("string"), "n_bytes": Value("int64")}),
+                cache,
+                "documents",
+            )
+    finally:
+        if dropped_file is not None:
+            dropped_file.close()
+    for stage, st in zip(stages, stage_stats, strict=True):
+        if hasattr(stage, "extra"):
+            st.extra = stage.extra()
+    skipped: dict = {}
+    for f in files:
+        for reason, n in f.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    read_stats["skipped"] = dict(sorted(skipped.items()))
     if read_stats["documents_out"] == 0 or len(docs) == 0:
-        dropped = sum(sum(s.dropped.values()) for s in stage_stats)
         raise UserError(
-            f"no documents left after cleaning ({read_stats['documents_out']} read, "
-            f"{dropped} dropped as empty or duplicate)",
-            "give files that hold text (and the right --text-field for JSON lines)",
+            f"no documents left after cleaning ({read_stats['documents_out']} read; "
+            f"{_drops(stage_stats)}"
+            + (f"; skipped {_fmt_counts(skipped)}" if skipped else "")
+            + ")",
+            "give files that hold text (the right --text-field for structured files), or "
+            "loosen the filters",
         )
     kept = stage_stats[-1]
     report.log(
         f"read {len(files)} file(s), {read_stats['bytes_in']:,} bytes: "
         f"{read_stats['documents_out']:,} documents, {kept.documents_out:,} kept "
         f"({_drops(stage_stats)})"
+        + (f"; skipped input lines: {_fmt_counts(skipped)}" if skipped else "")
     )
+    for f in files:
+        if f.skipped:
+            warnings.append(f"{f.path}: skipped {_fmt_counts(f.skipped)} (first: {f.first_error})")
 
     # 3. split by document.
     n_bytes = docs.data.column("n_bytes").to_numpy()
@@ -667,10 +780,17 @@ def _build(
             "split_on": split_on,
             "text_field": text_field,
             "num_proc": num_proc,
-            "normalization": "NFC",
-            "deduplication": "exact",
+            "on_error": on_error,
+            "keep_dropped": keep_dropped,
+            "normalization": cfg["normalize"]["form"],
+            "cleaning": cfg,
         },
         "stages": {"read": read_stats, **{s.name: s.as_dict() for s in stage_stats}},
+        "length_histogram": {
+            "bin_edges_bytes": LENGTH_BINS.tolist(),
+            "read": histograms["read"].as_list(),
+            "kept": histograms["kept"].as_list(),
+        },
         "splits": splits,
         "tokenizer": {
             "trained": tokenizer_path is None,
@@ -684,6 +804,10 @@ def _build(
         },
         "warnings": warnings,
     }
+
+
+def _fmt_counts(counts: dict) -> str:
+    return ", ".join(f"{n:,} {reason}" for reason, n in sorted(counts.items()))
 
 
 def _drops(stage_stats: Sequence[StageStats]) -> str:

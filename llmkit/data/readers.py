@@ -1,19 +1,36 @@
 """Find the input files of ``llmkit prepare`` and read them as a stream of documents.
 
-Supported inputs (SPEC §2), each optionally compressed with ``.gz``, ``.bz2`` or ``.xz``:
+Supported inputs (SPEC §2), each optionally compressed with ``.gz``, ``.bz2``, ``.xz`` or
+``.zst``:
 
 - ``.txt``, ``.md``: plain UTF-8 text, split into documents on runs of blank lines (lines that
   hold only spaces and tabs) or kept whole (``split_on="none"``);
-- ``.jsonl``, ``.json``: JSON lines, one object per line, the document in ``text_field``.
+- ``.jsonl``: JSON lines, one object per line, the document in ``text_field``;
+- ``.json``: a JSON array of objects when the file starts with ``[`` (read whole, so one such
+  file must fit in memory), JSON lines otherwise (Dolma's ``.json.gz`` are JSON lines);
+- ``.csv``, ``.tsv``: a header row, then one document per row in the column ``text_field``;
+- ``.parquet``: the column ``text_field`` read in record batches (a compressed ``.parquet.gz``
+  is decompressed into memory first, since parquet needs random access).
 
-Files are read line by line in binary, so memory holds one document at a time (the whole file
-only with ``split_on="none"``), and the file's SHA-256 is computed on the bytes as they are read.
-Every problem is a :class:`~llmkit.errors.UserError` naming the file (and line).
+``text_field`` may be a dotted path into nested objects (``metadata.body``; parquet structs
+too). Other fields of a record are not kept with the document, but how many records carried
+each top-level field is counted per file (``InputFile.fields``, in the manifest).
+
+Text files are read line by line in binary, so memory holds one document at a time (the whole
+file only with ``split_on="none"``), and the file's SHA-256 is computed on the bytes as they
+are read. A UTF-8 byte-order mark at the start of a file is removed.
+
+Bad input — a binary file (a NUL byte), a line that is not valid UTF-8, a malformed JSON line,
+a record without the text field — is a :class:`~llmkit.errors.UserError` naming the file and
+line under ``on_error="fail"`` (the default). Under ``on_error="skip"`` the line (the rest of
+the file, for a binary file) is skipped and counted by reason in ``InputFile.skipped``; there is
+no silent fallback decoding.
 """
 
 from __future__ import annotations
 
 import bz2
+import csv
 import glob
 import gzip
 import hashlib
@@ -21,8 +38,9 @@ import io
 import json
 import lzma
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmkit.errors import UserError
@@ -30,13 +48,27 @@ from llmkit.errors import UserError
 #: File kind by extension.
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json")
+CSV_SUFFIXES = (".csv", ".tsv")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+def _zstd(f):
+    try:
+        import zstandard
+    except ImportError as err:  # pragma: no cover - zstandard is a dependency
+        raise UserError(".zst input needs the zstandard package", "pip install zstandard") from err
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f), 1 << 20)
+
+
 #: Compression by extension, each with the function that wraps a binary file object.
 COMPRESSIONS: dict[str, Callable[[io.BufferedIOBase], io.BufferedIOBase]] = {
     ".gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
     ".bz2": lambda f: bz2.BZ2File(f, mode="rb"),
     ".xz": lambda f: lzma.LZMAFile(f, mode="rb"),
+    ".zst": _zstd,
 }
 SPLIT_MODES = ("blank-lines", "none")
+ON_ERROR = ("fail", "skip")
 _GLOB_CHARS = set("*?[")
 _BOM = b"\xef\xbb\xbf"
 
@@ -50,20 +82,40 @@ class InputFile:
     """
 
     path: Path
-    kind: str  # "text" or "jsonl"
-    compression: str | None  # ".gz", ".bz2", ".xz" or None
+    kind: str  # "text", "jsonl", "csv" or "parquet"
+    compression: str | None  # ".gz", ".bz2", ".xz", ".zst" or None
     size_bytes: int  # size on disk, in bytes
     sha256: str | None = None  # of the bytes on disk
     documents: int = 0  # documents read from the file, before any cleaning
+    skipped: Counter = field(default_factory=Counter)  # lines skipped (on_error="skip"), by reason
+    fields: Counter = field(default_factory=Counter)  # records per top-level field (structured)
+    first_error: str | None = None  # the first skipped problem, "file:line: what"
+    removed_lines: Counter = field(default_factory=Counter)  # lines cut by a rule, by rule
 
     def as_dict(self) -> dict:
-        """The manifest entry: path, size in bytes, sha256, documents."""
-        return {
+        """The manifest entry: path, size, sha256, documents, skips and fields seen."""
+        entry = {
             "path": str(self.path),
             "size_bytes": self.size_bytes,
             "sha256": self.sha256,
             "documents": self.documents,
         }
+        if self.skipped:
+            entry["skipped"] = dict(sorted(self.skipped.items()))
+            entry["first_error"] = self.first_error
+        if self.fields:
+            entry["fields"] = dict(sorted(self.fields.items()))
+        for rule, n in sorted(self.removed_lines.items()):
+            entry[f"{rule}_lines_removed"] = n
+        return entry
+
+    def problem(self, err: UserError, reason: str, on_error: str) -> None:
+        """Raise ``err`` under ``on_error="fail"``; count it under ``"skip"``."""
+        if on_error != "skip":
+            raise err
+        self.skipped[reason] += 1
+        if self.first_error is None:
+            self.first_error = err.message
 
 
 def file_kind(path: Path) -> tuple[str, str | None] | None:
@@ -81,11 +133,15 @@ def file_kind(path: Path) -> tuple[str, str | None] | None:
         return "text", compression
     if suffixes[-1] in JSONL_SUFFIXES:
         return "jsonl", compression
+    if suffixes[-1] in CSV_SUFFIXES:
+        return "csv", compression
+    if suffixes[-1] in PARQUET_SUFFIXES:
+        return "parquet", compression
     return None
 
 
 def _supported_list() -> str:
-    kinds = ", ".join(TEXT_SUFFIXES + JSONL_SUFFIXES)
+    kinds = ", ".join(TEXT_SUFFIXES + JSONL_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES)
     return f"{kinds} (optionally {', '.join(COMPRESSIONS)})"
 
 
@@ -192,49 +248,85 @@ class _HashingReader(io.RawIOBase):
             self.digest.update(chunk)
 
 
-def iter_lines(source: InputFile) -> Iterator[tuple[int, str]]:
+def _open_binary(source: InputFile, digest) -> tuple[io.BufferedIOBase, _HashingReader, object]:
+    path = source.path
+    try:
+        raw_file = open(path, "rb")
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}", "check its permissions") from err
+    hashing = _HashingReader(raw_file, digest)
+    stream: io.BufferedIOBase = io.BufferedReader(hashing, 1 << 20)
+    if source.compression:
+        stream = COMPRESSIONS[source.compression](stream)
+    return stream, hashing, raw_file
+
+
+_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, lzma.LZMAError)
+
+
+def _zstd_error() -> tuple[type[BaseException], ...]:
+    try:
+        import zstandard
+
+        return (zstandard.ZstdError,)
+    except ImportError:  # pragma: no cover
+        return ()
+
+
+def iter_lines(source: InputFile, on_error: str = "fail") -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, line)`` of a file, decoded as UTF-8, line ends kept.
 
     A leading UTF-8 byte-order mark is removed and ``\\r\\n`` line ends become ``\\n``.
     ``source.sha256`` is set when the file has been read to its end.
 
+    Args:
+        source: the file.
+        on_error: ``"fail"`` raises on a binary file or a line that is not UTF-8; ``"skip"``
+            skips the line (the rest of the file for a binary one) and counts it in
+            ``source.skipped`` (``"invalid utf-8"``, ``"binary"``).
+
     Raises:
-        UserError: the file cannot be read or decompressed, holds a NUL byte (binary), or is
-            not valid UTF-8 (the line is named).
+        UserError: the file cannot be read or decompressed; under ``on_error="fail"`` also a
+            NUL byte (binary) or a line that is not valid UTF-8 (the line is named).
     """
     path = source.path
     digest = hashlib.sha256()
+    stream, hashing, raw_file = _open_binary(source, digest)
     try:
-        raw_file = open(path, "rb")
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}", "check its permissions") from err
-    try:
-        hashing = _HashingReader(raw_file, digest)
-        stream: io.BufferedIOBase = io.BufferedReader(hashing, 1 << 20)
-        if source.compression:
-            stream = COMPRESSIONS[source.compression](stream)
         lineno = 0
         try:
             for lineno, raw in enumerate(stream, 1):
                 if lineno == 1 and raw.startswith(_BOM):
                     raw = raw[len(_BOM) :]
                 if b"\x00" in raw:
-                    raise UserError(
-                        f"{path} looks like a binary file (NUL byte on line {lineno})",
-                        "give UTF-8 text files only (a UTF-16 file must be converted to UTF-8)",
+                    source.problem(
+                        UserError(
+                            f"{path}:{lineno}: looks like a binary file (NUL byte)",
+                            "give UTF-8 text files only (a UTF-16 file must be converted to "
+                            "UTF-8), or pass --on-error skip",
+                        ),
+                        "binary",
+                        on_error,
                     )
+                    break  # skip: the rest of a binary file is not text either
                 if raw.endswith(b"\r\n"):
                     raw = raw[:-2] + b"\n"
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    raise UserError(
-                        f"{path}:{lineno}: invalid UTF-8 (byte 0x{raw[err.start]:02x} at "
-                        f"column {err.start + 1})",
-                        "convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`",
-                    ) from None
+                    source.problem(
+                        UserError(
+                            f"{path}:{lineno}: invalid UTF-8 (byte 0x{raw[err.start]:02x} at "
+                            f"column {err.start + 1})",
+                            "convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`, or "
+                            "pass --on-error skip",
+                        ),
+                        "invalid utf-8",
+                        on_error,
+                    )
+                    continue
                 yield lineno, line
-        except (OSError, EOFError, lzma.LZMAError) as err:
+        except _READ_ERRORS + _zstd_error() as err:
             raise UserError(
                 f"cannot read {path} after line {lineno}: {err}",
                 "the file is truncated or not in the format its extension says",
@@ -273,12 +365,62 @@ def _join(lines: list[str]) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
-def _text_documents(source: InputFile, split_on: str) -> Iterator[str]:
-    lines = (line for _, line in iter_lines(source))
+def _text_documents(
+    source: InputFile, split_on: str, on_error: str, line_filter: Callable | None
+) -> Iterator[str]:
+    lines: Iterable[str] = (line for _, line in iter_lines(source, on_error))
+    if line_filter is not None:
+        lines = line_filter(lines, source)
     if split_on == "none":
         yield "".join(lines)
     else:
         yield from split_blank_lines(lines)
+
+
+def get_field(record: dict, text_field: str):
+    """``record[text_field]``, following a dotted path into nested objects.
+
+    A key that itself holds a dot (``{"a.b": ...}``) is found before the path is split.
+
+    Raises:
+        KeyError: the path does not lead to a value.
+    """
+    if text_field in record:
+        return record[text_field]
+    value = record
+    for part in text_field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(text_field)
+        value = value[part]
+    return value
+
+
+def record_text(record, *, where: str, text_field: str) -> str:
+    """The document in one record (a JSON object, a CSV row, a parquet row).
+
+    Raises:
+        UserError: the record is not an object, or has no string at ``text_field``; the
+            message names ``where`` (``file:line``).
+    """
+    if not isinstance(record, dict):
+        raise UserError(
+            f"{where}: expected a JSON object, found {type(record).__name__}",
+            "each line must be one JSON object",
+        )
+    try:
+        value = get_field(record, text_field)
+    except KeyError:
+        keys = ", ".join(sorted(record)[:8]) or "none"
+        raise UserError(
+            f"{where}: no field {text_field!r} (fields: {keys})",
+            "choose the field holding the text with --text-field (a.b for nested fields)",
+        ) from None
+    if not isinstance(value, str):
+        raise UserError(
+            f"{where}: field {text_field!r} is {type(value).__name__}, not a string",
+            "choose the field holding the text with --text-field",
+        )
+    return value
 
 
 def parse_jsonl_line(line: str, *, path: Path, lineno: int, text_field: str) -> str | None:
@@ -292,41 +434,199 @@ def parse_jsonl_line(line: str, *, path: Path, lineno: int, text_field: str) -> 
         return None
     where = f"{path}:{lineno}"
     try:
-        record = json.loads(line)
+        record = json.loads(line.rstrip("\n"))
     except ValueError as err:
         raise UserError(
             f"{where}: malformed JSON ({err.msg} at column {err.colno})",
-            "each line must be one JSON object (.json files are read as JSON lines too)",
+            "each line must be one JSON object (or the file one JSON array); "
+            "--on-error skip skips such lines",
         ) from None
-    if not isinstance(record, dict):
-        raise UserError(
-            f"{where}: expected a JSON object, found {type(record).__name__}",
-            "each line must be one JSON object",
-        )
-    if text_field not in record:
-        keys = ", ".join(sorted(record)[:8]) or "none"
-        raise UserError(
-            f"{where}: no field {text_field!r} (fields: {keys})",
-            "choose the field holding the text with --text-field",
-        )
-    value = record[text_field]
-    if not isinstance(value, str):
-        raise UserError(
-            f"{where}: field {text_field!r} is {type(value).__name__}, not a string",
-            "choose the field holding the text with --text-field",
-        )
-    return value
+    return record_text(record, where=where, text_field=text_field)
 
 
-def _jsonl_documents(source: InputFile, text_field: str) -> Iterator[str]:
-    for lineno, line in iter_lines(source):
-        text = parse_jsonl_line(line, path=source.path, lineno=lineno, text_field=text_field)
-        if text is not None:
-            yield text
+def _reason(err: UserError) -> str:
+    msg = err.message
+    if "malformed JSON" in msg:
+        return "malformed json"
+    if "no field" in msg:
+        return "missing field"
+    if "not a string" in msg:
+        return "field not a string"
+    if "expected a JSON object" in msg:
+        return "not an object"
+    return "bad record"
+
+
+def _count_fields(source: InputFile, record) -> None:
+    if isinstance(record, dict):
+        source.fields.update(record.keys())
+
+
+def _jsonl_documents(source: InputFile, text_field: str, on_error: str) -> Iterator[str]:
+    lines = iter_lines(source, on_error)
+    for lineno, line in lines:
+        if lineno == 1 and line.lstrip().startswith("["):
+            yield from _json_array_documents(source, line, lines, text_field, on_error)
+            return
+        if not line.strip():
+            continue
+        where = f"{source.path}:{lineno}"
+        try:
+            record = json.loads(line.rstrip("\n"))
+        except ValueError as err:
+            source.problem(
+                UserError(
+                    f"{where}: malformed JSON ({err.msg} at column {err.colno})",
+                    "each line must be one JSON object (or the file one JSON array); "
+                    "--on-error skip skips such lines",
+                ),
+                "malformed json",
+                on_error,
+            )
+            continue
+        _count_fields(source, record)
+        try:
+            yield record_text(record, where=where, text_field=text_field)
+        except UserError as err:
+            source.problem(err, _reason(err), on_error)
+
+
+def _json_array_documents(
+    source: InputFile, first: str, rest: Iterator[tuple[int, str]], text_field: str, on_error: str
+) -> Iterator[str]:
+    """A ``.json`` file holding one array of objects (read whole)."""
+    text = first + "".join(line for _, line in rest)
+    try:
+        records = json.loads(text)
+    except ValueError as err:
+        raise UserError(
+            f"{source.path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})",
+            "a .json file must hold one JSON array of objects, or JSON lines",
+        ) from None
+    if not isinstance(records, list):  # pragma: no cover - starts with "[" so it is a list
+        raise UserError(f"{source.path}: expected a JSON array")
+    for i, record in enumerate(records):
+        _count_fields(source, record)
+        try:
+            yield record_text(record, where=f"{source.path}: item {i}", text_field=text_field)
+        except UserError as err:
+            source.problem(err, _reason(err), on_error)
+
+
+def _csv_documents(source: InputFile, text_field: str, on_error: str) -> Iterator[str]:
+    """Rows of a CSV (comma) or TSV (tab) file with a header; the column ``text_field``."""
+    delimiter = "\t" if ".tsv" in [s.lower() for s in source.path.suffixes] else ","
+    csv.field_size_limit(1 << 30)
+    lines = (line for _, line in iter_lines(source, on_error))
+    reader = csv.reader(lines, delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as err:
+        raise UserError(f"{source.path}:1: malformed header ({err})") from None
+    column = text_field.split(".")[0] if text_field not in header else text_field
+    if column not in header:
+        raise UserError(
+            f"{source.path}:1: no column {text_field!r} (columns: {', '.join(header[:8])})",
+            "choose the column holding the text with --text-field",
+        )
+    index = header.index(column)
+    source.fields.update(header)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            source.problem(
+                UserError(f"{source.path}:{reader.line_num}: malformed CSV row ({err})"),
+                "malformed csv",
+                on_error,
+            )
+            continue
+        if not row:
+            continue
+        if index >= len(row):
+            source.problem(
+                UserError(
+                    f"{source.path}:{reader.line_num}: row has {len(row)} fields, no "
+                    f"{text_field!r}",
+                    "every row needs the text column",
+                ),
+                "missing field",
+                on_error,
+            )
+            continue
+        yield row[index]
+
+
+def _parquet_documents(source: InputFile, text_field: str, on_error: str) -> Iterator[str]:
+    """The column ``text_field`` of a parquet file, one record batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    digest = hashlib.sha256()
+    stream, hashing, raw_file = _open_binary(source, digest)
+    try:
+        if source.compression:
+            data: object = pa.BufferReader(stream.read())
+        else:
+            data = raw_file
+        try:
+            pf = pq.ParquetFile(data)
+        except (pa.ArrowException, OSError) as err:
+            raise UserError(
+                f"cannot read {source.path} as parquet: {err}",
+                "the file is truncated or not in the format its extension says",
+            ) from err
+        names = pf.schema_arrow.names
+        column = text_field if text_field in names else text_field.split(".")[0]
+        if column not in names:
+            raise UserError(
+                f"{source.path}: no column {text_field!r} (columns: {', '.join(names[:8])})",
+                "choose the column holding the text with --text-field",
+            )
+        source.fields.update({n: pf.metadata.num_rows for n in names})
+        row = 0
+        for batch in pf.iter_batches(batch_size=1000, columns=[column]):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                if column != text_field:
+                    try:
+                        value = get_field({column: value}, text_field)
+                    except KeyError:
+                        value = None
+                if not isinstance(value, str):
+                    source.problem(
+                        UserError(
+                            f"{source.path}: row {row}: field {text_field!r} is "
+                            f"{type(value).__name__}, not a string",
+                            "choose the column holding the text with --text-field",
+                        ),
+                        "missing field" if value is None else "field not a string",
+                        on_error,
+                    )
+                    continue
+                yield value
+        if source.compression:
+            hashing.drain()
+        else:
+            raw_file.seek(0)
+            while chunk := raw_file.read(1 << 20):
+                digest.update(chunk)
+        source.sha256 = digest.hexdigest()
+    finally:
+        raw_file.close()
 
 
 def read_documents(
-    source: InputFile, *, split_on: str = "blank-lines", text_field: str = "text"
+    source: InputFile,
+    *,
+    split_on: str = "blank-lines",
+    text_field: str = "text",
+    on_error: str = "fail",
+    line_filter: Callable[[Iterable[str], InputFile], Iterable[str]] | None = None,
 ) -> Iterator[str]:
     """Yield the documents of one input file, as read (not yet normalized).
 
@@ -335,17 +635,27 @@ def read_documents(
     Args:
         source: a file from :func:`discover_inputs`.
         split_on: ``"blank-lines"`` or ``"none"`` (one document per file); text files only.
-        text_field: the JSON field holding the document; JSON-lines files only.
+        text_field: the field (dotted path for nested ones) or column holding the document;
+            structured files only.
+        on_error: ``"fail"`` or ``"skip"`` (see the module docstring).
+        line_filter: a function over the lines of a text file (and the file) applied before
+            the split into documents, e.g. :func:`llmkit.data.boilerplate.strip_gutenberg`.
 
     Raises:
         UserError: see :func:`iter_lines` and :func:`parse_jsonl_line`.
     """
     if split_on not in SPLIT_MODES:
         raise UserError(f"--split-on {split_on!r} is not one of {', '.join(SPLIT_MODES)}")
+    if on_error not in ON_ERROR:
+        raise UserError(f"--on-error {on_error!r} is not one of {', '.join(ON_ERROR)}")
     if source.kind == "jsonl":
-        docs = _jsonl_documents(source, text_field)
+        docs = _jsonl_documents(source, text_field, on_error)
+    elif source.kind == "csv":
+        docs = _csv_documents(source, text_field, on_error)
+    elif source.kind == "parquet":
+        docs = _parquet_documents(source, text_field, on_error)
     else:
-        docs = _text_documents(source, split_on)
+        docs = _text_documents(source, split_on, on_error, line_filter)
     count = 0
     for doc in docs:
         count += 1

@@ -1,0 +1,195 @@
+"""Settings of the cleaning stages of ``llmkit prepare``, from defaults, ``--config prepare.yaml``
+and flags (in that order of precedence).
+
+A ``prepare.yaml``::
+
+    normalize: {form: NFC, fix_mojibake: true, whitespace: true, html: false}
+    gutenberg: true            # strip Project Gutenberg headers and license footers
+    filters:                   # each by name: enabled, and any threshold of its class
+      length: {min_chars: 200}
+      language: {enabled: true, languages: [en, zh]}
+      gopher_quality: {enabled: true, min_words: 30}
+      gopher_repetition: {enabled: true}
+      c4: {enabled: false}
+      fineweb: {enabled: true}
+    dedup: {exact: true, near: true, ngram_size: 5, num_perm: 112, bands: 14, rows: 8}
+    pii: redact                # or keep
+
+The thresholds and their sources are documented on the filter classes
+(:mod:`llmkit.data.filters`). Only ``length`` is on by default: the other rule sets were written
+for web pages and drop most of a play or a collection of short stories (tinyshakespeare's
+speeches are mostly under Gopher's 50 words); ``--filter web`` turns on the four web rule sets.
+An unknown key is an error naming the closest valid one; a value of the wrong type is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import fields
+from pathlib import Path
+
+from llmkit.errors import UserError
+
+#: Rule sets turned on by the name ``web``.
+WEB_FILTERS = ("gopher_quality", "gopher_repetition", "c4", "fineweb")
+DEFAULT_ENABLED = ("length",)
+
+
+def _filter_defaults() -> dict:
+    from llmkit.data.filters import FILTERS
+
+    out = {}
+    for name, cls in FILTERS.items():
+        entry = {"enabled": name in DEFAULT_ENABLED}
+        inst = cls()
+        for f in fields(cls):
+            entry[f.name] = copy.deepcopy(getattr(inst, f.name))
+        out[name] = entry
+    return out
+
+
+def default_config() -> dict:
+    """Every cleaning setting with its default value."""
+    return {
+        "normalize": {"form": "NFC", "fix_mojibake": True, "whitespace": True, "html": False},
+        "gutenberg": True,
+        "filters": _filter_defaults(),
+        "dedup": {
+            "exact": True,
+            "near": True,
+            "ngram_size": 5,
+            "num_perm": 112,
+            "bands": 14,
+            "rows": 8,
+            "threshold": None,
+            "seed": 1,
+        },
+        "pii": "redact",
+    }
+
+
+#: Keys whose default is None and the types they accept.
+_NULLABLE = {
+    "max_chars": int,
+    "min_words": int,
+    "max_words": int,
+    "threshold": float,
+    "bands": int,
+    "rows": int,
+}
+
+
+def _check_type(where: str, key: str, default, value):
+    if value is None and (default is None or key in _NULLABLE):
+        return None
+    expected = _NULLABLE.get(key) if default is None else type(default)
+    if expected is None:
+        return value
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise UserError(
+            f"{where}{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}",
+            "fix the value in the prepare config",
+        )
+    return value
+
+
+def merge(base: dict, override: dict, where: str = "") -> dict:
+    """``base`` updated by ``override``, recursively; unknown keys and wrong types are errors."""
+    if not isinstance(override, dict):
+        raise UserError(f"{where or 'prepare config'}: expected a mapping, got {override!r}")
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if key not in base:
+            close = difflib.get_close_matches(str(key), list(base), n=1)
+            hint = f"did you mean {where}{close[0]}?" if close else f"valid: {', '.join(base)}"
+            raise UserError(f"unknown prepare setting {where}{key}", hint)
+        if (
+            isinstance(base[key], dict)
+            and key not in ("max_top_ngram_chars_ratio",)
+            and not (key.startswith("max_duplicate_ngram"))
+        ):
+            out[key] = merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = _check_type(where, key, base[key], value)
+    return out
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> dict:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (from flags)."""
+    cfg = default_config()
+    if path is not None:
+        import yaml
+
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except OSError as err:
+            raise UserError(f"cannot read {p}: {err.strerror}", "check the --config path") from err
+        except yaml.YAMLError as err:
+            raise UserError(f"{p} is not valid YAML: {err}".replace("\n", " ")) from err
+        cfg = merge(cfg, data)
+    if overrides:
+        cfg = merge(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    """Values that are of the right type but out of range."""
+    form = cfg["normalize"]["form"]
+    if form not in ("NFC", "NFKC"):
+        raise UserError(f"normalize.form {form!r} is not NFC or NFKC")
+    if cfg["pii"] not in ("redact", "keep"):
+        raise UserError(f"pii {cfg['pii']!r} is not redact or keep")
+    d = cfg["dedup"]
+    if d["near"]:
+        if d["ngram_size"] < 1:
+            raise UserError(f"dedup.ngram_size {d['ngram_size']} must be at least 1")
+        if (d["bands"] is None) != (d["rows"] is None):
+            raise UserError("dedup.bands and dedup.rows go together", "give both, or neither")
+        if d["bands"] is not None and d["bands"] * d["rows"] > d["num_perm"]:
+            raise UserError(
+                f"dedup.bands x rows = {d['bands'] * d['rows']} exceeds num_perm {d['num_perm']}",
+                "raise --minhash-perm or lower bands/rows",
+            )
+        if d["bands"] is None and d["threshold"] is None:
+            raise UserError("without dedup.bands and rows, give dedup.threshold")
+        if d["threshold"] is not None and not 0 < d["threshold"] <= 1:
+            raise UserError(f"dedup.threshold {d['threshold']} is outside (0, 1]")
+    lang = cfg["filters"]["language"]
+    if lang["enabled"] and not lang["languages"]:
+        raise UserError("filters.language.languages is empty", "list the languages to keep")
+
+
+def build_stages(cfg: dict) -> list:
+    """The document stages of ``cfg``, in order: normalize, filters, dedup, PII."""
+    from llmkit.data.clean import ExactDedup, Normalize
+    from llmkit.data.dedup import MinHashDedup
+    from llmkit.data.filters import FILTERS
+    from llmkit.data.pii import RedactPII
+
+    stages: list = [Normalize(**cfg["normalize"])]
+    for name, cls in FILTERS.items():
+        entry = dict(cfg["filters"][name])
+        if entry.pop("enabled"):
+            stages.append(cls(**entry))
+    d = cfg["dedup"]
+    if d["exact"]:
+        stages.append(ExactDedup())
+    if d["near"]:
+        stages.append(
+            MinHashDedup(
+                ngram_size=d["ngram_size"],
+                num_perm=d["num_perm"],
+                bands=d["bands"],
+                rows=d["rows"],
+                threshold=d["threshold"],
+                seed=d["seed"],
+            )
+        )
+    if cfg["pii"] == "redact":
+        stages.append(RedactPII())
+    return stages

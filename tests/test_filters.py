@@ -1,0 +1,186 @@
+"""The named filters, their thresholds, language handling, and the prepare config."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+from conftest import shared_file
+from rich.console import Console
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+from llmkit.data.config import build_stages, load_config
+from llmkit.data.filters import (
+    C4Filter,
+    FineWebFilter,
+    GopherQuality,
+    GopherRepetition,
+    LanguageFilter,
+    LengthFilter,
+    detect_language,
+)
+from llmkit.data.pipeline import prepare
+from llmkit.errors import UserError
+
+GOOD = (
+    "The committee met on Tuesday to discuss the budget for the coming year. Members agreed "
+    "that the library should have longer opening hours, and that the park needs new benches. "
+    "A vote on the proposal to repair the bridge was postponed until the engineers have "
+    "finished their report. The chair thanked everyone for coming and closed the meeting "
+    "with a reminder that the next session will be held in the town hall."
+)
+
+
+def test_published_defaults():
+    g = GopherQuality()
+    assert (g.min_words, g.max_words, g.min_mean_word_length, g.max_mean_word_length) == (
+        50,
+        100_000,
+        3.0,
+        10.0,
+    )
+    assert (g.max_symbol_word_ratio, g.max_bullet_lines_ratio, g.min_alpha_words_ratio) == (
+        0.1,
+        0.9,
+        0.8,
+    )
+    r = GopherRepetition()
+    assert r.max_duplicate_ngram_chars_ratio[5] == 0.15 and r.max_top_ngram_chars_ratio[2] == 0.2
+    f = FineWebFilter()
+    assert (f.line_punct_thr, f.short_line_thr, f.char_duplicates_ratio, f.new_line_ratio) == (
+        0.12,
+        0.67,
+        0.01,
+        0.3,
+    )
+    assert (C4Filter().min_words_per_line, C4Filter().min_sentences) == (5, 3)
+
+
+def test_good_prose_passes_every_rule_set():
+    for flt in (GopherQuality(), GopherRepetition(), C4Filter(), FineWebFilter()):
+        assert flt(GOOD) == (GOOD, None), flt.name
+    assert LanguageFilter(languages=["en"])(GOOD) == (GOOD, None)
+
+
+@pytest.mark.parametrize(
+    ("flt", "text", "reason"),
+    [
+        (GopherQuality(), "too short to count", "gopher_min_words"),
+        (GopherQuality(), " ".join(["#tag"] * 60), "gopher_hash_ratio"),
+        (GopherQuality(), " ".join(["xy the and"] * 30), "gopher_short_mean_word_length"),
+        (GopherRepetition(), "\n".join(["same line here"] * 10 + [GOOD]), "gopher_duplicate_lines"),
+        (C4Filter(), GOOD + "\nlorem ipsum dolor sit amet.", "c4_lorem_ipsum"),
+        (C4Filter(), GOOD + " function() { return 1; }", "c4_curly_bracket"),
+        (FineWebFilter(), "\n".join(["menu item"] * 3 + ["home", "about", GOOD]), None),
+        (LengthFilter(min_chars=500), GOOD, "too_short"),
+        (LanguageFilter(languages=["de"]), GOOD, "language:en"),
+    ],
+)
+def test_rules_drop_with_their_reason(flt, text, reason):
+    out, why = flt(text)
+    if reason is None:
+        assert why is not None and why.startswith("fineweb_")
+    else:
+        assert (out, why) == (None, reason)
+
+
+def test_c4_removes_lines_and_keeps_the_document():
+    text = GOOD + "\nPlease enable JavaScript to view this page properly today.\nHome\nMenu"
+    out, why = C4Filter()(text)
+    assert why is None and out == GOOD
+    f = C4Filter()
+    f(text)
+    assert f.lines_removed == {"javascript": 1, "no_terminal_punct": 2}
+
+
+def test_chinese_is_skipped_by_word_rules_and_says_so():
+    zh = "\u3000\u3000話說天下大勢，分久必合，合久必分：周末七國分爭，并入於秦。"
+    zh += "及秦滅之後，楚漢分爭。"
+    assert detect_language(zh)[0] == "zh"
+    for flt in (GopherQuality(), GopherRepetition(), C4Filter(), FineWebFilter()):
+        assert flt(zh) == (zh, None)
+        assert flt.skipped_by_language == {"zh": 1}
+
+
+def _zh_survives(book, tmp_path) -> None:
+    m = prepare(
+        [str(book)],
+        tmp_path / "out",
+        vocab_size=400,
+        block_size=128,
+        clean={
+            "filters": {
+                "language": {"enabled": True, "languages": ["zh"]},
+                **{
+                    n: {"enabled": True}
+                    for n in ("gopher_quality", "gopher_repetition", "c4", "fineweb")
+                },
+            },
+            "dedup": {"near": False},
+        },
+        console=Console(file=io.StringIO()),
+    )
+    text = book.read_text(encoding="utf-8-sig")
+    paragraphs = [p for p in re.split(r"\n(?:[ \t]*\n)+", text) if p.strip()]
+    read = m["stages"]["read"]["documents_out"]
+    assert read == len(paragraphs) - 1  # the leftover PG line is cut by the gutenberg rule
+    st = m["stages"]
+    assert st["language"]["dropped"] == {}
+    assert st["language"]["languages_kept"] == {"zh": read}
+    for name in ("gopher_quality", "gopher_repetition", "c4", "fineweb"):
+        assert st[name]["dropped"] == {} and st[name]["skipped_by_language"] == {"zh": read}
+    assert st["deduplicate"]["documents_out"] >= read - 5
+    assert m["inputs"][0]["gutenberg_lines_removed"] == 2  # the PG line and the blank after
+
+
+def test_gutenberg_zh_first_150k_survive_every_filter_with_zh_kept(tmp_path):
+    text = shared_file("gutenberg_zh/23950-0.txt").read_text(encoding="utf-8")
+    cut = text.index("\n\n", 150_000)
+    tail = text[text.index("End of Project Gutenberg's") - 5 :]
+    book = tmp_path / "zh_head.txt"
+    book.write_text(text[:cut] + "\n\n" + tail, encoding="utf-8")
+    _zh_survives(book, tmp_path)
+
+
+@pytest.mark.slow
+def test_gutenberg_zh_whole_book_survives_every_filter_with_zh_kept(tmp_path):
+    _zh_survives(shared_file("gutenberg_zh/23950-0.txt"), tmp_path)
+
+
+def test_config_file_and_flags(tmp_path):
+    cfg_file = tmp_path / "prepare.yaml"
+    cfg_file.write_text(
+        "filters:\n  gopher_quality: {enabled: true, min_words: 30}\n"
+        "dedup: {ngram_size: 3, bands: 20, rows: 5, num_perm: 100}\npii: keep\n"
+    )
+    cfg = load_config(cfg_file, {"filters": {"c4": {"enabled": True}}})
+    names = [s.name for s in build_stages(cfg)]
+    assert names == ["normalize", "length", "gopher_quality", "c4", "deduplicate", "near_dedup"]
+    gq = build_stages(cfg)[2]
+    assert gq.min_words == 30 and gq.min_stop_words == 2
+    cfg_file.write_text("filters:\n  gopher_qualty: {enabled: true}\n")
+    with pytest.raises(UserError, match="did you mean filters.gopher_quality"):
+        load_config(cfg_file)
+    cfg_file.write_text("dedup: {bands: 20, rows: 8}\n")
+    with pytest.raises(UserError, match="exceeds num_perm 112"):
+        load_config(cfg_file)
+    cfg_file.write_text("filters: {length: {min_chars: ten}}\n")
+    with pytest.raises(UserError, match="min_chars: expected int"):
+        load_config(cfg_file)
+
+
+def test_cli_config_error_is_one_line(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("some text\n")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("pii: maybe\n")
+    r = CliRunner().invoke(
+        app, ["prepare", str(f), "-o", str(tmp_path / "o"), "--config", str(cfg)]
+    )
+    assert r.exit_code == 2 and r.stderr.splitlines() == [
+        "error: pii 'maybe' is not redact or keep"
+    ]
+    r = CliRunner().invoke(app, ["prepare", str(f), "-o", str(tmp_path / "o"), "--filter", "gophr"])
+    assert r.exit_code == 2 and "unknown prepare setting filters.gophr" in r.stderr
