@@ -3,6 +3,7 @@ validation, and a short real run on packed blocks."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -205,6 +206,16 @@ def test_short_run_writes_a_loadable_model(tmp_path, tiny_tokenizer):
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
     saved = load_recipe(run / "llmkit_config.yaml")
     assert saved.train.max_steps == 6 and saved.model.n_embd == 16
+    # outputs: TensorBoard events, a loss-curve PNG, a model card; MFU in (0, 1]
+    if importlib.util.find_spec("tensorboard"):
+        assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    if importlib.util.find_spec("matplotlib"):
+        assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (run / "README.md").read_text()
+    assert "## Final metrics" in card and f"| val_loss | {final['val_loss']:.4g} |" in card
+    assert "micro_batch_size: 4" in card and '"block_size": 16' in card
+    mfus = [r["mfu"] for r in records if "mfu" in r]
+    assert len(mfus) == 3 and all(0 < m <= 1 for m in mfus)
     model = AutoModelForCausalLM.from_pretrained(run)
     assert model.config.vocab_size == len(tiny_tokenizer)
     assert AutoTokenizer.from_pretrained(run).eos_token_id == tiny_tokenizer.eos_token_id
@@ -212,3 +223,68 @@ def test_short_run_writes_a_loadable_model(tmp_path, tiny_tokenizer):
     result = CliRunner().invoke(app, ["train", *overrides])
     assert result.exit_code == 2 and "--overwrite" in result.stderr
     assert json.loads((run / "llmkit_run.json").read_text())["status"] == "finished"
+
+
+def test_flops_per_token_is_palm_appendix_b():
+    from llmkit.training.flops import flops_per_token, measure_peak_flops
+
+    # nanoGPT quick-run shape: 4 layers, 4 heads of 32, T = 64; N = 1M parameters
+    assert flops_per_token(1_000_000, 4, 4, 32, 64) == 6_000_000 + 12 * 4 * 4 * 32 * 64
+    # LoRA with 1% trainable: (4 + 2 x 0.01) N + attention
+    assert flops_per_token(1_000_000, 4, 4, 32, 64, trainable_fraction=0.01) == pytest.approx(
+        4_020_000 + 393_216)
+    peak = measure_peak_flops("cpu", "float32", 256, 0.05)
+    assert 1e8 < peak < 1e14  # a measured rate, FLOP/s
+
+
+def test_vocabulary_mismatch_with_a_pretrained_model_fails_before_building(
+        tmp_path, tiny_tokenizer, tiny_model_dir):
+    import json as _json
+
+    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
+    cfg = _json.loads((tiny_model_dir / "config.json").read_text())
+    small = tmp_path / "small-model"
+    small.mkdir()
+    cfg["vocab_size"] = len(tiny_tokenizer) - 10
+    (small / "config.json").write_text(_json.dumps(cfg))  # no weights: never loaded
+    result = CliRunner().invoke(app, ["train", f"data.path={data}",
+                                      f"model.name_or_path={small}", f"out_dir={tmp_path / 'r'}"])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert "vocabulary mismatch" in line and str(len(tiny_tokenizer)) in line
+    assert len(line.splitlines()) == 1 and not (tmp_path / "r").exists()
+    # positions: the data's blocks of 80 tokens do not fit the model's 64 positions
+    data80 = _write_prepared(tmp_path / "data80", tiny_tokenizer, 80, 8, 2)
+    result = CliRunner().invoke(app, ["train", f"data.path={data80}",
+                                      f"model.name_or_path={tiny_model_dir}",
+                                      f"out_dir={tmp_path / 'r'}"])
+    assert result.exit_code == 2 and "64 positions" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_lora_on_a_pretrained_model_exports_merged_weights(tmp_path, tiny_tokenizer,
+                                                           tiny_model_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.training.loop import train
+
+    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 16, 2)
+    run = tmp_path / "lora"
+    final = train(None, [
+        f"data.path={data}", f"out_dir={run}", f"model.name_or_path={tiny_model_dir}",
+        "lora.r=4", "lora.target_modules=[c_attn]", "model.gradient_checkpointing=true",
+        "train.micro_batch_size=4", "train.max_steps=3", "train.warmup_steps=0",
+        "train.learning_rate=1e-2", "train.min_lr=0", "train.trackers=[]",
+        "train.peak_flops=1e11", "eval.interval=3",
+    ], progress=False)
+    # 2 layers x c_attn (32 -> 96): A (4 x 32) + B (96 x 4) each
+    assert final["trainable_parameters"] == 2 * (4 * 32 + 96 * 4)
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    base = load_file(tiny_model_dir / "model.safetensors")
+    merged = load_file(run / "model.safetensors")
+    assert set(merged) == set(base)  # a plain model: no lora_A / lora_B keys
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed == {"transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"}
+    model = AutoModelForCausalLM.from_pretrained(run)
+    assert type(model).__name__ == "GPT2LMHeadModel"

@@ -23,16 +23,29 @@ def train_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run dir."),
     json_out: bool = typer.Option(False, "--json", help="Print the final metrics as JSON."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    resume: str = typer.Option(
+        None, "--resume", metavar="latest|PATH",
+        help="Continue from a checkpoint: `latest` (the newest of this run), a checkpoint "
+        "directory or a run directory. Model, optimizer, scheduler, RNGs and data position "
+        "are restored.",
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run",
+        help="Print parameters, estimated memory, tokens per step and steps; train nothing.",
+    ),
 ) -> None:
     """Train a causal LM on data from `llmkit prepare`; the run goes to runs/NAME.
 
     OVERRIDES: recipe values as section.key=value, e.g. train.learning_rate=3e-4
-    model.n_layer=2 name=my-run. Precedence: defaults < recipe < overrides. The resolved config is printed and saved as
-    runs/NAME/llmkit_config.yaml; metrics go to runs/NAME/metrics.jsonl.
+    model.n_layer=2 name=my-run. Precedence: defaults < recipe < overrides. The resolved config
+    is printed and saved as runs/NAME/llmkit_config.yaml; metrics go to runs/NAME/metrics.jsonl,
+    checkpoints to runs/NAME/checkpoints. Several processes: `torchrun --nproc_per_node N -m
+    llmkit train ...` or `accelerate launch -m llmkit train ...`.
     """
     from llmkit.training.loop import train
 
-    final = train(config, overrides or [], overwrite=overwrite, progress=not no_progress)
+    final = train(config, overrides or [], overwrite=overwrite, progress=not no_progress,
+                  resume=resume, dry_run=dry_run)
     if json_out:
         typer.echo(json.dumps(final))
 

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from llmkit.errors import UserError
 
@@ -28,8 +35,14 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The model: built from scratch from ``type`` and sizes."""
+    """The model: built from scratch from ``type`` and sizes, or loaded from ``name_or_path``."""
 
+    name_or_path: str | None = Field(
+        None,
+        description="A pretrained model to start from: a save_pretrained directory, a .gguf file "
+        "(de-quantized by transformers) or a Hub id (online only). When set, type and sizes are "
+        "ignored and the data must have been prepared with this model's tokenizer.",
+    )
     type: str = Field(
         "gpt2", description="A transformers model_type (gpt2, llama, ...) built from scratch."
     )
@@ -42,7 +55,17 @@ class ModelConfig(_Section):
         description="Positions the model can attend over, in tokens; default: the data's "
         "block_size. Must be at least the data's block_size.",
     )
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability everywhere.")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Dropout probability everywhere (also set on a pretrained model's config).",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~30% "
+        "more compute (transformers' gradient_checkpointing_enable).",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model (slow first steps, faster later ones)."
+    )
     extra: dict[str, Any] = Field(
         default_factory=dict,
         description="Other keyword arguments for the transformers config (e.g. "
@@ -63,7 +86,22 @@ class TrainConfig(_Section):
     gradient_accumulation_steps: int = Field(
         1, ge=1, description="Micro-batches summed into one optimizer step."
     )
-    max_steps: int = Field(1000, ge=1, description="Optimizer steps to run.")
+    global_batch_size: int | None = Field(
+        None, ge=1,
+        description="Blocks per optimizer step over all processes; when set, "
+        "gradient_accumulation_steps is derived as global / (micro_batch_size x processes).",
+    )
+    max_steps: int | None = Field(
+        1000, ge=1,
+        description="Optimizer steps to run. With max_tokens or epochs also set, the first "
+        "limit reached stops the run (and sets the schedule's length); null: those decide.",
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Stop after this many target tokens (rounded up to whole steps)."
+    )
+    epochs: float | None = Field(
+        None, gt=0, description="Stop after this many passes over the training blocks."
+    )
     learning_rate: float = Field(2e-3, gt=0, description="Peak learning rate.")
     min_lr: float = Field(
         2e-4, ge=0, description="Floor of the schedule (cosine decays to it), absolute."
@@ -83,6 +121,32 @@ class TrainConfig(_Section):
     )
     seed: int = Field(1337, description="Seed for weights, dropout and data order.")
     log_interval: int = Field(10, ge=1, description="Steps between metric lines.")
+    save_interval: int = Field(
+        500, ge=0, description="Optimizer steps between checkpoints (run_dir/checkpoints); "
+        "0: none.",
+    )
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept (the newest); best is extra.")
+    max_bad_steps: int = Field(
+        5, ge=1,
+        description="Consecutive steps with a non-finite loss or gradient norm (each skipped "
+        "with a warning) after which training stops.",
+    )
+    trackers: list[str] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="accelerate trackers (tensorboard, wandb, mlflow, ...); skipped with a "
+        "warning when not installed. [] for none.",
+    )
+    peak_flops: float | None = Field(
+        None, gt=0,
+        description="Peak FLOP/s of one device for MFU; default: measured at start by a "
+        "matmul benchmark in the training dtype.",
+    )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` (recipe or `train.mixed_precision=no`) as False.
+        return "no" if value is False else value
 
     @model_validator(mode="after")
     def _floor_below_peak(self) -> TrainConfig:
@@ -90,6 +154,8 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})"
             )
+        if self.max_steps is None and self.max_tokens is None and self.epochs is None:
+            raise ValueError("set at least one of max_steps, max_tokens, epochs")
         return self
 
 
@@ -101,6 +167,30 @@ class EvalConfig(_Section):
         None, ge=1, description="Cap on validation batches per evaluation; default all."
     )
     batch_size: int = Field(32, ge=1, description="Blocks per validation forward pass.")
+    patience: int | None = Field(
+        None, ge=1,
+        description="Early stopping: stop after this many validations in a row without an "
+        "improvement of val_loss by more than min_delta; default never.",
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="Smallest drop of val_loss (nats/token) that counts as better."
+    )
+
+
+class LoraConfig(_Section):
+    """LoRA adapters through peft (Hu et al. 2021, "LoRA", §4): W + (alpha / r) B A."""
+
+    r: int = Field(0, ge=0, description="Rank of the adapters; 0 trains the full model.")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: updates are (alpha / r) B A.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt, or peft's `all-linear`."
+    )
+    merge: bool = Field(
+        True,
+        description="Export the adapters merged into the weights (a plain model directory); "
+        "the adapter alone is also saved under run_dir/adapter.",
+    )
 
 
 class Recipe(_Section):
@@ -112,6 +202,7 @@ class Recipe(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -11,8 +11,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,15 @@ from llmkit.errors import UserError
 from llmkit.evaluation.evaluate import score_blocks
 from llmkit.evaluation.metrics import IGNORE_INDEX, NLLSums
 from llmkit.runs import RUN_MARKER, is_finished_run
+from llmkit.training import checkpoint as ckpt
+from llmkit.training.batches import micro_batch_samples, step_samples, steps_per_epoch
 from llmkit.training.config import Recipe, load_recipe
+from llmkit.training.flops import (
+    estimate_memory,
+    flops_per_token,
+    measure_peak_flops,
+    model_shape,
+)
 
 
 # --------------------------------------------------------------------------- loss
@@ -109,48 +118,46 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg):
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int | None = None):
     """Linear warmup, then cosine to ``min_lr``, linear to 0, or constant, per optimizer step.
 
     Built with ``transformers.get_scheduler`` (``cosine_with_min_lr``, ``linear``,
-    ``constant_with_warmup``).
+    ``constant_with_warmup``). Step s (1-based) trains at the schedule's value for index s-1,
+    so the first warmup step has learning rate 0 (the HF Trainer's convention).
+
+    Args:
+        total_steps: the schedule's length; default ``cfg.max_steps``.
     """
     from transformers import get_scheduler
+
+    total_steps = total_steps or cfg.max_steps
 
     if cfg.lr_schedule == "cosine":
         return get_scheduler(
             "cosine_with_min_lr", optimizer, num_warmup_steps=cfg.warmup_steps,
-            num_training_steps=cfg.max_steps, scheduler_specific_kwargs={"min_lr": cfg.min_lr},
+            num_training_steps=total_steps, scheduler_specific_kwargs={"min_lr": cfg.min_lr},
         )
     name = "linear" if cfg.lr_schedule == "linear" else "constant_with_warmup"
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
-                         num_training_steps=cfg.max_steps)
-
-
-# --------------------------------------------------------------------------- data
-def _infinite_batches(loader) -> Iterator[dict[str, torch.Tensor]]:
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:
-            return
-        epoch += 1
+                         num_training_steps=total_steps)
 
 
 # --------------------------------------------------------------------------- run dir
-def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
+def _prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         if not overwrite:
             what = "a finished run" if is_finished_run(run_dir) else "files"
             raise UserError(
                 f"{run_dir} already holds {what}",
                 "pass --overwrite to replace it, or set name=... / out_dir=... for a new run",
             )
+        # A fresh run: no stale checkpoints, logs or marker from the one it replaces.
+        for name in (ckpt.CHECKPOINTS, "tensorboard", "metrics.jsonl", RUN_MARKER):
+            child = run_dir / name
+            if child.is_dir():
+                shutil.rmtree(child)
+            elif child.exists():
+                child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -171,9 +178,98 @@ def _save_final(model, tokenizer, run_dir: Path) -> None:
     tmp.rmdir()
 
 
+
+class EarlyStopping:
+    """Stop when validation loss has not improved for ``patience`` evaluations in a row.
+
+    An evaluation improves when ``val_loss < best - min_delta`` (the rule of Keras' and the HF
+    Trainer's ``EarlyStoppingCallback``; Prechelt 1998, "Early Stopping — But When?", motivates
+    patience over stopping at the first rise).
+
+    Args:
+        patience: evaluations without improvement that stop the run; None never stops.
+        min_delta: the smallest drop, in nats/token, that counts as an improvement.
+    """
+
+    def __init__(self, patience: int | None, min_delta: float = 0.0):
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+
+    def update(self, step: int, val_loss: float) -> bool:
+        """Record an evaluation; True when it is a new best."""
+        if self.best is None or val_loss < self.best - self.min_delta:
+            self.best, self.best_step, self.bad_evals = val_loss, step, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_evals >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_val_loss": self.best, "best_step": self.best_step,
+                "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best_val_loss")
+        self.best_step = state.get("best_step")
+        self.bad_evals = int(state.get("bad_evals", 0))
+
+
+def plan_steps(tcfg, *, n_train: int, global_batch: int, tokens_per_step: int) -> int:
+    """The run's length in optimizer steps: the first limit of ``max_steps``, ``max_tokens``
+    (rounded up to whole steps) and ``epochs`` (of ``n_train // global_batch`` steps each)."""
+    limits = []
+    if tcfg.max_steps is not None:
+        limits.append(tcfg.max_steps)
+    if tcfg.max_tokens is not None:
+        limits.append(math.ceil(tcfg.max_tokens / tokens_per_step))
+    if tcfg.epochs is not None:
+        limits.append(max(1, math.ceil(tcfg.epochs * steps_per_epoch(n_train, global_batch))))
+    return min(limits)
+
+
+def _tracker_names(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(trackers to use, trackers skipped because their package is missing)."""
+    import importlib.util
+
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
+                "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "aim": ("aim",),
+                "clearml": ("clearml",), "dvclive": ("dvclive",), "swanlab": ("swanlab",),
+                "trackio": ("trackio",)}
+    use, skipped = [], []
+    for name in wanted:
+        mods = packages.get(name, (name,))
+        (use if any(importlib.util.find_spec(m) for m in mods) else skipped).append(name)
+    return use, skipped
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"train.learning_rate": 0.004, ...}`` with scalar values only."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif v is None or isinstance(v, (list, tuple)):
+            out[f"{prefix}{k}"] = str(v)
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _warn(console, message: str) -> None:
+    console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
 # --------------------------------------------------------------------------- train
 def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = (), *,
-          overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+          overwrite: bool = False, progress: bool = True, resume: str | None = None,
+          dry_run: bool = False,
+          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train a causal LM on prepared blocks; write the model, tokenizer, config and metrics.
 
     Args:
@@ -181,14 +277,25 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
         overrides: ``section.key=value`` strings applied over the recipe.
         overwrite: replace an existing run directory.
         progress: show the live progress bar (stderr).
+        resume: ``latest`` (the newest checkpoint of this run), a checkpoint directory or a run
+            directory: restore model, optimizer, scheduler, RNGs and data position, continue.
+        dry_run: print parameters, estimated memory, tokens per step and steps; train nothing,
+            write nothing.
+        on_step: called on every process after each step with ``(step, record)``; the record
+            holds ``loss`` (nats/token over all processes), ``lr`` (used by the step),
+            ``samples`` (the global indices of the blocks the step read over all processes),
+            ``rank_samples`` (those this process read) and ``skipped``.
 
     Returns:
         The final metrics: ``val_loss`` (nats/token), ``val_ppl``, ``val_bpb`` (bits/byte),
-        ``steps``, ``tokens`` (targets trained on), ``train_seconds``, ``tokens_per_sec``.
+        ``steps``, ``tokens`` (targets trained on), ``train_seconds``, ``tokens_per_sec``,
+        ``mfu``, ``best_val_loss`` and ``best_step``, ``stopped`` (why training ended).
+        With ``dry_run``: the plan (parameters, memory in bytes, tokens per step, steps).
 
     Raises:
-        UserError: bad recipe, data not prepared, model positions below the data's block_size,
-            an existing run without ``overwrite``, a non-finite loss.
+        UserError: bad recipe, data not prepared, vocabulary or positions that do not fit the
+            data, an existing run without ``overwrite``, nothing to resume, too many non-finite
+            steps in a row. All but the last are raised before a model is built.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -197,89 +304,198 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
 
     from llmkit.data.prepared import load_prepared, read_manifest
     from llmkit.data.tokenizer import token_byte_lengths
-    from llmkit.training.model import build_config, build_model
+    from llmkit.training.model import (
+        add_lora,
+        build_config,
+        build_model,
+        enable_gradient_checkpointing,
+        load_pretrained,
+        load_pretrained_config,
+        positions_of,
+        set_dropout,
+    )
 
     recipe = config if isinstance(config, Recipe) else load_recipe(config, list(overrides))
     # Blocks are packed: EOS (= padding id) inside a block is real text, not padding, so the
     # "pass an attention_mask" warning does not apply; shard-writing bars add nothing here.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    tcfg, ecfg = recipe.train, recipe.eval
+    tcfg, ecfg, mcfg, lcfg = recipe.train, recipe.eval, recipe.model, recipe.lora
     console = Console(stderr=True)
 
-    # Everything checkable is checked before a model is built.
+    # ---- Everything checkable is checked before a model is built.
     manifest = read_manifest(recipe.data.path)
     data_block = int(manifest["settings"]["block_size"])
-    model_block = recipe.model.block_size or data_block
-    if model_block < data_block:
-        raise UserError(
-            f"model.block_size {model_block} is below the data's block_size {data_block}",
-            f"set model.block_size={data_block} or prepare the data with --block-size "
-            f"{model_block}",
-        )
     run_dir = recipe.run_dir
-
-    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision)
-    main = accelerator.is_main_process
-    if main:
-        _prepare_run_dir(run_dir, overwrite)
-    accelerator.wait_for_everyone()
-
+    resume_from = ckpt.resolve_resume(resume, run_dir) if resume else None
     data = load_prepared(recipe.data.path)
     tokenizer = data.tokenizer
     vocab_size = len(tokenizer)
-    if len(data.train) < tcfg.micro_batch_size * accelerator.num_processes:
-        raise UserError(
-            f"{recipe.data.path} has {len(data.train)} training blocks, fewer than one batch "
-            f"({tcfg.micro_batch_size} x {accelerator.num_processes} processes)",
-            "lower train.micro_batch_size or prepare more text / a smaller --block-size",
+    if mcfg.name_or_path:
+        model_config = load_pretrained_config(mcfg.name_or_path)
+        set_dropout(model_config, mcfg.dropout)
+        positions = positions_of(model_config)
+        if positions is not None and data_block > positions:
+            raise UserError(
+                f"the data's block_size {data_block} is above the {positions} positions of "
+                f"{mcfg.name_or_path}",
+                f"prepare the data with --block-size {positions} or less",
+            )
+        if mcfg.block_size is not None and positions is not None and mcfg.block_size > positions:
+            raise UserError(f"model.block_size {mcfg.block_size} is above the {positions} "
+                            f"positions of {mcfg.name_or_path}", "remove model.block_size")
+        model_vocab = int(getattr(model_config, "vocab_size", 0) or 0)
+        if model_vocab and vocab_size > model_vocab:
+            raise UserError(
+                f"vocabulary mismatch: {recipe.data.path} was tokenized with {vocab_size} "
+                f"tokens but {mcfg.name_or_path} has {model_vocab} embeddings",
+                "prepare the data with --tokenizer pointing at the model's tokenizer",
+            )
+    else:
+        model_block = mcfg.block_size or data_block
+        if model_block < data_block:
+            raise UserError(
+                f"model.block_size {model_block} is below the data's block_size {data_block}",
+                f"set model.block_size={data_block} or prepare the data with --block-size "
+                f"{model_block}",
+            )
+        model_config = build_config(
+            mcfg, vocab_size=vocab_size, block_size=model_block,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
 
-    set_seed(tcfg.seed)
-    model_config = build_config(
-        recipe.model, vocab_size=vocab_size, block_size=model_block,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    trackers, missing = ([], []) if dry_run else _tracker_names(tcfg.trackers)
+    # Several processes (torchrun / accelerate launch) and no GPU: accelerate joins them over
+    # gloo only when told cpu=True (without it each process trains alone, unaware of the rest).
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=multi_cpu, mixed_precision=tcfg.mixed_precision, log_with=trackers or None,
+        project_dir=str(run_dir), dynamo_backend="inductor" if mcfg.compile else None,
     )
-    model = build_model(model_config)
-    n_params = sum(p.numel() for p in model.parameters())
-    optimizer = make_optimizer(model, tcfg)
-    scheduler = make_scheduler(optimizer, tcfg)
-
-    from torch.utils.data import DataLoader
-
-    generator = torch.Generator().manual_seed(tcfg.seed)
-    train_ds = data.train.with_format("torch")
-    loader = DataLoader(train_ds, batch_size=tcfg.micro_batch_size, shuffle=True,
-                        drop_last=True, generator=generator)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    token_bytes = torch.as_tensor(token_byte_lengths(tokenizer))
+    main = accelerator.is_main_process
     world = accelerator.num_processes
-    tokens_per_step = (tcfg.micro_batch_size * tcfg.gradient_accumulation_steps * world
-                       * (data_block - 1))
+    rank = accelerator.process_index
+    b = tcfg.micro_batch_size
+    accum = tcfg.gradient_accumulation_steps
+    if tcfg.global_batch_size is not None:
+        if tcfg.global_batch_size % (b * world):
+            raise UserError(
+                f"train.global_batch_size {tcfg.global_batch_size} is not a multiple of "
+                f"micro_batch_size x processes = {b} x {world}",
+                f"use a multiple of {b * world}",
+            )
+        accum = tcfg.global_batch_size // (b * world)
+    global_batch = b * accum * world
+    n_train = len(data.train)
+    if n_train < global_batch:
+        raise UserError(
+            f"{recipe.data.path} has {n_train} training blocks, fewer than one step's "
+            f"{global_batch} ({b} x {accum} accumulation x {world} processes)",
+            "lower train.micro_batch_size or prepare more text / a smaller --block-size",
+        )
+    tokens_per_step = global_batch * (data_block - 1)
+    total_steps = plan_steps(tcfg, n_train=n_train, global_batch=global_batch,
+                             tokens_per_step=tokens_per_step)
+    if resume_from is not None:
+        saved = ckpt.read_state(resume_from)
+        if saved.get("global_batch") != global_batch or saved.get("world_size") != world:
+            raise UserError(
+                f"{resume_from} was written with a global batch of {saved.get('global_batch')} "
+                f"blocks on {saved.get('world_size')} process(es); this run has {global_batch} "
+                f"on {world}",
+                "resume with the same batch settings and number of processes",
+            )
+
+    if dry_run:
+        return _dry_run(console, recipe, model_config, lcfg, accum=accum, world=world,
+                        data_block=data_block, n_train=n_train,
+                        tokens_per_step=tokens_per_step, total_steps=total_steps)
+
+    if main:
+        _prepare_run_dir(run_dir, overwrite, resume=resume_from is not None)
+        ckpt.clean_temporaries(run_dir)
+    accelerator.wait_for_everyone()
+
+    # ---- Model, optimizer, schedule.
+    set_seed(tcfg.seed)
+    if mcfg.name_or_path:
+        model = load_pretrained(mcfg.name_or_path, model_config)
+    else:
+        model = build_model(model_config)
+    if lcfg.r > 0:
+        model = add_lora(model, lcfg)
+    if mcfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = make_optimizer(model, tcfg)
+    scheduler = make_scheduler(optimizer, tcfg, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is stepped once per optimizer step by this loop (accelerate's wrapper
+    # would step it once per process); registered so that save_state / load_state carry it.
+    accelerator.register_for_checkpointing(scheduler)
+    early = EarlyStopping(ecfg.patience, ecfg.min_delta)
+    start_step, trained_tokens = 0, 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        saved = ckpt.read_state(resume_from)
+        start_step, trained_tokens = int(saved["step"]), int(saved["tokens"])
+        early.load_state_dict(saved.get("early_stopping", {}))
+
+    train_ds = data.train.with_format("torch", columns=["input_ids"])
+    token_bytes = torch.as_tensor(token_byte_lengths(tokenizer))
+    n_layer, n_head, head_dim = model_shape(model_config)
+    flops_tok = flops_per_token(n_params, n_layer, n_head, head_dim, data_block - 1,
+                                trainable_fraction=n_trainable / max(n_params, 1))
+    peak_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(tcfg.mixed_precision, "float32")
+    if tcfg.peak_flops is not None:
+        peak, peak_src = tcfg.peak_flops, "train.peak_flops"
+    else:
+        dev = accelerator.device
+        size = 4096 if dev.type == "cuda" else 1024
+        peak = measure_peak_flops(str(dev), peak_dtype, size)
+        peak_src = f"measured {size}x{size} {peak_dtype} matmul on {dev}"
 
     resolved = recipe.to_yaml()
+    metrics_path = run_dir / "metrics.jsonl"
     if main:
         _atomic_write_text(run_dir / "llmkit_config.yaml", resolved)
         console.print(f"[bold]llmkit train[/] {recipe.name} -> {run_dir}")
         console.print(resolved.rstrip(), highlight=False)
+        what = mcfg.name_or_path or f"{mcfg.type} from scratch"
+        lora = f" | LoRA r={lcfg.r}: {n_trainable / 1e6:.2f}M trainable" if lcfg.r else ""
         console.print(
-            f"model {recipe.model.type}: {n_params / 1e6:.2f}M parameters | "
-            f"{len(data.train)} train blocks of {data_block} tokens | "
-            f"{tokens_per_step} tokens per step | {tcfg.max_steps} steps | "
-            f"{world} process(es) on {accelerator.device}"
+            f"model {what}: {n_params / 1e6:.2f}M parameters{lora} | "
+            f"{n_train} train blocks of {data_block} tokens | {tokens_per_step} tokens per step "
+            f"({b} x {accum} accumulation x {world} processes) | {total_steps} steps | "
+            f"{flops_tok / 1e6:.1f} MFLOP/token | peak {peak / 1e9:.1f} GFLOP/s per process "
+            f"({peak_src}) | {world} process(es) on {accelerator.device}", highlight=False,
         )
-    metrics_file = (run_dir / "metrics.jsonl").open("w", encoding="utf-8") if main else None
+        for name in missing:
+            _warn(console, f"tracker `{name}` is not installed; skipped "
+                           f"(pip install {name}, or set train.trackers=[])")
+        if resume_from is not None:
+            console.print(f"resuming from {resume_from} at step {start_step}")
+            kept = [r for r in _read_jsonl(metrics_path) if r.get("step", 0) <= start_step]
+            _atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    metrics_file = metrics_path.open("a" if resume_from else "w", encoding="utf-8") \
+        if main else None
+    if trackers:
+        accelerator.init_trackers("tensorboard", config=_flat(recipe.model_dump(mode="json")))
 
     def log(record: dict[str, Any]) -> None:
         if metrics_file is not None:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+        if trackers:
+            accelerator.log({k: v for k, v in record.items() if k != "step"},
+                            step=record["step"])
 
     n_val = len(data.validation)
     if ecfg.max_batches is not None:
         n_val = min(n_val, ecfg.max_batches * ecfg.batch_size)
     # Rank r scores blocks r, r+W, ...: together the ranks score each block exactly once.
-    val_shard = data.validation.select(range(accelerator.process_index, n_val, world))
+    val_shard = data.validation.select(range(rank, n_val, world))
 
     def validate(step: int) -> dict[str, float]:
         sums = score_blocks(accelerator.unwrap_model(model), val_shard, token_bytes,
@@ -290,8 +506,19 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
             t = accelerator.reduce(t, reduction="sum")
             sums = NLLSums(float(t[0]), int(t[1]), int(t[2]))
         result = sums.metrics("val_")
-        log({"step": step, **result})
+        log({"step": step, **result, "val_tokens": sums.tokens})
         return result
+
+    def trainer_state(step: int) -> dict[str, Any]:
+        return {"step": step, "tokens": trained_tokens, "total_steps": total_steps,
+                "global_batch": global_batch, "world_size": world,
+                "early_stopping": early.state_dict(), "llmkit_version": __version__}
+
+    unwrapped_config = accelerator.unwrap_model(model).config
+
+    def rows(indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        ids = train_ds[indices.tolist()]["input_ids"].long()  # (b, T)
+        return {"input_ids": ids.to(accelerator.device)}
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -299,100 +526,254 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
         TextColumn("step {task.completed}/{task.total}"),
         BarColumn(),
         TextColumn("loss {task.fields[loss]:.4f} | lr {task.fields[lr]:.2e} | "
-                   "{task.fields[tps]:,.0f} tok/s"),
+                   "{task.fields[tps]:,.0f} tok/s | MFU {task.fields[mfu]:.1%}"),
         TimeRemainingColumn(),
         console=console,
         disable=not (progress and main),
         transient=False,
     )
-    text_every = tcfg.log_interval * max(1, tcfg.max_steps // (10 * tcfg.log_interval))
-    batches = _infinite_batches(loader)
+    text_every = tcfg.log_interval * max(1, total_steps // (10 * tcfg.log_interval))
     model.train()
     start = time.perf_counter()
     window_start, window_tokens = start, 0
-    trained_tokens = 0
     last_val: dict[str, float] = {}
-    with bar:
-        task = bar.add_task("train", total=tcfg.max_steps, loss=float("nan"), lr=0.0, tps=0.0)
-        for step in range(1, tcfg.max_steps + 1):
-            micro = [next(batches) for _ in range(tcfg.gradient_accumulation_steps)]
-            local_targets = torch.tensor(count_targets(micro), device=accelerator.device)
-            num_targets = int(accelerator.reduce(local_targets, reduction="sum"))
-            step_nats = 0.0
-            for i, mb in enumerate(micro):
-                inputs, targets = split_batch(mb)
-                sync = i == len(micro) - 1
-                ctx = accelerator.no_sync(model) if not sync else nullcontext()
-                with ctx:
-                    logits = model(input_ids=inputs).logits
-                    loss = micro_batch_loss(logits, targets, num_targets, world)
-                    accelerator.backward(loss)
-                step_nats += float(loss.detach()) * num_targets / world
-            if tcfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    last_val_step = None
+    bad_in_row = 0
+    stopped = "max_steps"
+    mfu = 0.0
+    step = start_step
+    check_grad_norm = tcfg.mixed_precision != "fp16"  # fp16: the grad scaler skips overflows
+    try:
+        with bar:
+            task = bar.add_task("train", total=total_steps, completed=start_step,
+                                loss=float("nan"), lr=0.0, tps=0.0, mfu=0.0)
+            for step in range(start_step + 1, total_steps + 1):
+                samples = step_samples(step - 1, n_train, global_batch, tcfg.seed)
+                micro = [rows(micro_batch_samples(samples, i, rank, world, b))
+                         for i in range(accum)]
+                local_targets = torch.tensor(count_targets(micro), device=accelerator.device)
+                num_targets = int(accelerator.reduce(local_targets, reduction="sum"))
+                lr = optimizer.param_groups[0]["lr"]
+                step_nats = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+                for i, mb in enumerate(micro):
+                    inputs, targets = split_batch(mb)
+                    sync = i == len(micro) - 1
+                    ctx = accelerator.no_sync(model) if not sync else nullcontext()
+                    with ctx:
+                        logits = model(input_ids=inputs).logits  # (b, T-1, vocab_size)
+                        loss = micro_batch_loss(logits, targets, num_targets, world)
+                        accelerator.backward(loss)
+                    step_nats += loss.detach().double() * (num_targets / world)
+                if world > 1:  # the loss over every process's targets, not this rank's
+                    step_nats = accelerator.reduce(step_nats, reduction="sum")
+                step_loss = float(step_nats) / max(num_targets, 1)
+                grad_norm = None
+                if tcfg.grad_clip > 0:
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(),
+                                                                  tcfg.grad_clip))
+                finite = math.isfinite(step_loss) and (
+                    grad_norm is None or not check_grad_norm or math.isfinite(grad_norm))
+                if finite:
+                    optimizer.step()
+                    bad_in_row = 0
+                else:
+                    bad_in_row += 1
+                    if main:
+                        bar.console.print(
+                            f"[yellow]warning:[/] step {step}: non-finite loss {step_loss} / "
+                            f"grad norm {grad_norm}; step skipped ({bad_in_row} in a row, "
+                            f"stop at {tcfg.max_bad_steps})", highlight=False)
+                    log({"step": step, "skipped": True, "loss": None, "lr": lr})
+                    if bad_in_row >= tcfg.max_bad_steps:
+                        last = ckpt.list_checkpoints(run_dir)
+                        where = f"last good checkpoint {last[-1]}" if last else "no checkpoint"
+                        raise UserError(
+                            f"the training loss was non-finite for {bad_in_row} steps in a row "
+                            f"(steps {step - bad_in_row + 1}-{step}); {where}",
+                            "lower train.learning_rate, set train.grad_clip, or use bf16 "
+                            "instead of fp16; then --resume latest",
+                        )
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
 
-            local_loss = step_nats / max(num_targets / world, 1)
-            if not math.isfinite(local_loss):
-                raise UserError(
-                    f"the training loss became {local_loss} at step {step}",
-                    "lower train.learning_rate or set train.grad_clip (the run dir keeps the "
-                    "config and metrics so far)",
-                )
-            trained_tokens += num_targets
-            window_tokens += num_targets
-            if step % tcfg.log_interval == 0 or step == tcfg.max_steps:
-                now = time.perf_counter()
-                tps = window_tokens / max(now - window_start, 1e-9)
-                window_start, window_tokens = now, 0
-                lr = scheduler.get_last_lr()[0]
-                bar.update(task, completed=step, loss=local_loss, lr=lr, tps=tps)
-                if main and progress and not console.is_terminal and step % text_every == 0:
-                    # No live bar off a terminal (CI, a pipe): a plain line now and then.
-                    console.print(f"step {step}/{tcfg.max_steps} | loss {local_loss:.4f} | "
-                                  f"lr {lr:.2e} | {tps:,.0f} tok/s", highlight=False)
-                log({"step": step, "loss": local_loss, "lr": lr, "tokens_per_sec": tps,
-                     "elapsed_sec": now - start})
+                trained_tokens += num_targets
+                window_tokens += num_targets
+                if on_step is not None:
+                    mine = torch.cat([micro_batch_samples(samples, i, rank, world, b)
+                                      for i in range(accum)])
+                    on_step(step, {"loss": step_loss, "lr": lr, "samples": samples.tolist(),
+                                   "rank_samples": mine.tolist(), "skipped": not finite})
+                if finite and (step % tcfg.log_interval == 0 or step == total_steps):
+                    now = time.perf_counter()
+                    tps = window_tokens / max(now - window_start, 1e-9)
+                    # tokens/s over all processes / (peak per process x processes)
+                    mfu = tps * flops_tok / (peak * world)
+                    window_start, window_tokens = now, 0
+                    bar.update(task, completed=step, loss=step_loss, lr=lr, tps=tps, mfu=mfu)
+                    if main and progress and not console.is_terminal and step % text_every == 0:
+                        # No live bar off a terminal (CI, a pipe): a plain line now and then.
+                        console.print(f"step {step}/{total_steps} | loss {step_loss:.4f} | "
+                                      f"lr {lr:.2e} | {tps:,.0f} tok/s | MFU {mfu:.1%}",
+                                      highlight=False)
+                    log({"step": step, "loss": step_loss, "lr": lr, "tokens_per_sec": tps,
+                         "mfu": mfu, "grad_norm": grad_norm, "elapsed_sec": now - start})
+                else:
+                    bar.update(task, completed=step)
+
+                evaluate_now = (step % ecfg.interval == 0 or step == total_steps)
+                if evaluate_now and len(data.validation):
+                    last_val, last_val_step = validate(step), step
+                    improved = early.update(step, last_val["val_loss"])
+                    if main:
+                        bar.console.print(
+                            f"step {step}: val_loss {last_val['val_loss']:.4f} | "
+                            f"val_ppl {last_val['val_ppl']:.2f} | "
+                            f"val_bpb {last_val['val_bpb']:.4f}"
+                            + (" (best)" if improved else ""), highlight=False)
+                    if improved and tcfg.save_interval:
+                        ckpt.save_checkpoint(accelerator, run_dir, ckpt.BEST,
+                                             trainer_state(step), unwrapped_config)
+                if tcfg.save_interval and step % tcfg.save_interval == 0:
+                    ckpt.save_checkpoint(accelerator, run_dir, ckpt.step_dir_name(step),
+                                         trainer_state(step), unwrapped_config)
+                    if main:
+                        ckpt.prune_checkpoints(run_dir, tcfg.keep_last)
+                    accelerator.wait_for_everyone()
+                if early.should_stop:
+                    stopped = "early_stopping"
+                    if main:
+                        bar.console.print(
+                            f"early stopping at step {step}: val_loss has not improved by more "
+                            f"than {ecfg.min_delta} for {early.bad_evals} evaluations; best "
+                            f"{early.best:.4f} at step {early.best_step}", highlight=False)
+                    break
             else:
-                bar.update(task, completed=step)
-            if step % ecfg.interval == 0 and step != tcfg.max_steps and len(data.validation):
-                last_val = validate(step)
-                if main:
-                    bar.console.print(
-                        f"step {step}: val_loss {last_val['val_loss']:.4f} | "
-                        f"val_ppl {last_val['val_ppl']:.2f} | val_bpb {last_val['val_bpb']:.4f}"
-                    )
+                if tcfg.max_tokens is not None and total_steps < (tcfg.max_steps or 10**18):
+                    stopped = "max_tokens"
+                if tcfg.epochs is not None and total_steps == math.ceil(
+                        tcfg.epochs * steps_per_epoch(n_train, global_batch)):
+                    stopped = "epochs"
+    except KeyboardInterrupt:
+        if metrics_file is not None:
+            metrics_file.close()
+        if main:
+            last = ckpt.list_checkpoints(run_dir)
+            where = (f"the last checkpoint {last[-1]} is intact; continue with --resume latest"
+                     if last else "no checkpoint was written yet")
+            sys.stderr.write(f"\ninterrupted at step {step}: {where}\n")
+        raise
     train_seconds = time.perf_counter() - start
-    if len(data.validation):
-        last_val = validate(tcfg.max_steps)
+    if len(data.validation) and last_val_step != step:
+        last_val = validate(step)
+    steps_run = step - start_step
     final = {
         **last_val,
-        "steps": tcfg.max_steps,
+        "steps": step,
         "tokens": trained_tokens,
         "train_seconds": round(train_seconds, 2),
-        "tokens_per_sec": trained_tokens / max(train_seconds, 1e-9),
+        "tokens_per_sec": steps_run * tokens_per_step / max(train_seconds, 1e-9),
+        "mfu": mfu,
         "parameters": n_params,
+        "trainable_parameters": n_trainable,
+        "best_val_loss": early.best,
+        "best_step": early.best_step,
+        "stopped": stopped,
     }
     if main:
         if metrics_file is not None:
             metrics_file.close()
-        _save_final(accelerator.unwrap_model(model), tokenizer, run_dir)
-        _atomic_write_text(run_dir / RUN_MARKER, json.dumps({
-            "status": "finished",
-            "llmkit_version": __version__,
-            "data": str(recipe.data.path),
-            "final_metrics": final,
-        }, indent=2))
-        summary = " | ".join(
-            f"{k} {v:.4f}" for k, v in last_val.items()
-        )
+        _finish(accelerator.unwrap_model(model), tokenizer, run_dir, recipe, data.manifest,
+                resolved, final)
+        summary = " | ".join(f"{k} {v:.4f}" for k, v in last_val.items())
         console.print(
-            f"done: {tcfg.max_steps} steps in {train_seconds:.1f} s "
-            f"({final['tokens_per_sec']:,.0f} tok/s) | {summary}\nsaved {run_dir}"
+            f"done: {step} steps in {train_seconds:.1f} s "
+            f"({final['tokens_per_sec']:,.0f} tok/s, MFU {mfu:.1%}) | {summary}\n"
+            f"saved {run_dir}", highlight=False,
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
 
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    from llmkit.training.report import read_metrics
+
+    return read_metrics(path)
+
+
+def _finish(model, tokenizer, run_dir: Path, recipe: Recipe, manifest: dict, resolved: str,
+            final: dict[str, Any]) -> None:
+    """The final directory: the model (LoRA merged, adapter kept), tokenizer, loss curve,
+    model card, and last the finished marker."""
+    from llmkit.training.report import model_card, plot_loss_curve, read_metrics
+
+    if recipe.lora.r > 0:
+        model.save_pretrained(run_dir / "adapter")
+        if recipe.lora.merge:
+            model = model.merge_and_unload()
+    _save_final(model, tokenizer, run_dir)
+    plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss_curve.png")
+    base = recipe.model.name_or_path or f"{recipe.model.type} from scratch"
+    if recipe.lora.r > 0:
+        base += f", LoRA r={recipe.lora.r}" + (" merged" if recipe.lora.merge else "")
+    _atomic_write_text(run_dir / "README.md", model_card(
+        name=recipe.name, base=base, manifest=manifest, config_yaml=resolved, final=final,
+        version=__version__))
+    _atomic_write_text(run_dir / RUN_MARKER, json.dumps({
+        "status": "finished",
+        "llmkit_version": __version__,
+        "data": str(recipe.data.path),
+        "final_metrics": final,
+    }, indent=2))
+
+
+def _dry_run(console, recipe: Recipe, model_config, lcfg, *, accum: int, world: int,
+             data_block: int, n_train: int, tokens_per_step: int, total_steps: int
+             ) -> dict[str, Any]:
+    """Count parameters on the meta device (no memory), estimate memory, print the plan."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = n_params
+    if lcfg.r > 0:
+        from llmkit.training.model import add_lora
+
+        model = add_lora(model, lcfg)
+        n_params = sum(p.numel() for p in model.parameters())
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tcfg = recipe.train
+    memory = estimate_memory(
+        n_params=n_params, n_trainable=n_trainable, config=model_config,
+        micro_batch_size=tcfg.micro_batch_size, seq_len=data_block - 1,
+        mixed_precision=tcfg.mixed_precision,
+        gradient_checkpointing=recipe.model.gradient_checkpointing,
+    )
+    plan = {
+        "parameters": n_params,
+        "trainable_parameters": n_trainable,
+        "memory_bytes": memory,
+        "micro_batch_size": tcfg.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "processes": world,
+        "tokens_per_step": tokens_per_step,
+        "steps": total_steps,
+        "tokens": tokens_per_step * total_steps,
+        "epochs": total_steps * tokens_per_step / max(n_train * (data_block - 1), 1),
+    }
+    gib = 2**30
+    console.print(
+        f"dry run: {recipe.name}\n"
+        f"  parameters          {n_params:,} ({n_trainable:,} trainable)\n"
+        f"  memory per process  {memory['total'] / gib:.3f} GiB = weights "
+        f"{memory['weights'] / gib:.3f} + gradients {memory['gradients'] / gib:.3f} + "
+        f"optimizer {memory['optimizer'] / gib:.3f} + activations "
+        f"{memory['activations'] / gib:.3f}\n"
+        f"  tokens per step     {tokens_per_step:,} ({tcfg.micro_batch_size} x {accum} "
+        f"accumulation x {world} processes x {data_block - 1} targets)\n"
+        f"  steps               {total_steps:,} ({plan['tokens']:,} tokens, "
+        f"{plan['epochs']:.2f} epochs)\n"
+        "nothing trained, nothing written", highlight=False,
+    )
+    return plan

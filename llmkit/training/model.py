@@ -1,6 +1,10 @@
-"""Build a causal LM from scratch from a recipe's ``model`` section."""
+"""The model of a run: built from scratch from a recipe's ``model`` section, or loaded
+pretrained (a directory, a .gguf file, a Hub id), optionally with LoRA adapters (peft)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 from llmkit.errors import UserError
 from llmkit.training.config import ModelConfig
@@ -59,9 +63,7 @@ def build_config(cfg: ModelConfig, *, vocab_size: int, block_size: int, eos_toke
         # GPT-2's tanh-approximated GELU, same formula (Hendrycks & Gimpel 2016, §2) as one
         # fused PyTorch kernel instead of six element-wise ops: 1.5x faster steps on CPU.
         config.activation_function = "gelu_pytorch_tanh"
-    for key in _DROPOUT_KEYS:
-        if hasattr(config, key) and isinstance(getattr(config, key), float):
-            setattr(config, key, cfg.dropout)
+    set_dropout(config, cfg.dropout)
     for key, value in cfg.extra.items():
         setattr(config, key, value)
     return config
@@ -81,3 +83,91 @@ def positions_of(config) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+def set_dropout(config, p: float) -> None:
+    """Set every dropout probability a transformers config has (:data:`_DROPOUT_KEYS`) to p."""
+    for key in _DROPOUT_KEYS:
+        if hasattr(config, key) and isinstance(getattr(config, key), float):
+            setattr(config, key, p)
+
+
+def _source(name: str) -> tuple[str, dict[str, Any]]:
+    """``(where, kwargs)`` for ``from_pretrained``: a directory, a .gguf file or a Hub id.
+
+    Raises:
+        UserError: a path that does not exist or is not a model.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name_or_path {name} is not a model directory "
+                            "(no config.json)", "point it at a save_pretrained directory")
+        return str(path), {}
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UserError(f"model.name_or_path {name} is a file but not a .gguf model")
+        return str(path.parent), {"gguf_file": path.name}
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf"):
+        raise UserError(f"model.name_or_path {name} does not exist", "check the path")
+    return name, {}
+
+
+def load_pretrained_config(name: str):
+    """The transformers config of a pretrained model, without loading its weights.
+
+    Raises:
+        UserError: not found, not a model, or offline for a Hub id.
+    """
+    from transformers import AutoConfig
+
+    where, kwargs = _source(name)
+    try:
+        return AutoConfig.from_pretrained(where, **kwargs)
+    except Exception as err:  # OSError, ValueError, ImportError (gguf missing) ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load the config of {name}: {first[:160]}") from err
+
+
+def load_pretrained(name: str, config):
+    """``AutoModelForCausalLM.from_pretrained`` in float32 with SDPA and ``config``'s dropout.
+
+    A .gguf file is de-quantized by transformers to float32 (its ``gguf`` loader).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    where, kwargs = _source(name)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            where, config=config, dtype=torch.float32, attn_implementation="sdpa", **kwargs
+        )
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load {name}: {first[:160]}") from err
+
+
+def add_lora(model, lcfg):
+    """Wrap ``model`` with peft LoRA adapters of rank ``lcfg.r`` (only they train).
+
+    Raises:
+        UserError: peft is not installed.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise UserError("lora.r > 0 needs peft", "pip install peft") from err
+    config = LoraConfig(
+        r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+        target_modules=lcfg.target_modules, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward pass (transformers' switch)."""
+    fn = getattr(model, "activation_checkpointing_enable", None)
+    fn = fn or model.gradient_checkpointing_enable
+    fn()
+    if hasattr(model, "config"):
+        model.config.use_cache = False
