@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

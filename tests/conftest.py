@@ -12,9 +12,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# The shared corpora and models: ../shared next to the project, or $LLMKIT_SHARED.
+SHARED = Path(
+    os.environ.get("LLMKIT_SHARED") or Path(__file__).resolve().parents[1].parent / "shared"
+)
 DATA = SHARED / "data"
 MODELS = SHARED / "models"
+
+
+def pytest_report_header(config) -> str:
+    if DATA.is_dir():
+        return f"llmkit shared corpora: {DATA}"
+    return (
+        f"llmkit shared corpora: {DATA} is ABSENT - tests on real text will be skipped; "
+        "set LLMKIT_SHARED=/path/to/shared"
+    )
 
 
 def shared_file(rel: str) -> Path:
