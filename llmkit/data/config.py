@@ -137,6 +137,11 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> dict:
     return cfg
 
 
+#: Upper bounds of the MinHash settings (larger values only exhaust memory).
+MAX_NGRAM_SIZE = 4096
+MAX_NUM_PERM = 4096
+
+
 def validate(cfg: dict) -> None:
     """Values that are of the right type but out of range."""
     form = cfg["normalize"]["form"]
@@ -146,8 +151,19 @@ def validate(cfg: dict) -> None:
         raise UserError(f"pii {cfg['pii']!r} is not redact or keep")
     d = cfg["dedup"]
     if d["near"]:
-        if d["ngram_size"] < 1:
-            raise UserError(f"dedup.ngram_size {d['ngram_size']} must be at least 1")
+        if not 1 <= d["ngram_size"] <= MAX_NGRAM_SIZE:
+            raise UserError(
+                f"dedup.ngram_size {d['ngram_size']} is outside [1, {MAX_NGRAM_SIZE}]",
+                "give the words per n-gram, e.g. 5",
+            )
+        if not 1 <= d["num_perm"] <= MAX_NUM_PERM:
+            raise UserError(
+                f"dedup.num_perm {d['num_perm']} is outside [1, {MAX_NUM_PERM}]",
+                "give the MinHash permutations, e.g. 112",
+            )
+        for key in ("bands", "rows"):
+            if d[key] is not None and d[key] < 1:
+                raise UserError(f"dedup.{key} {d[key]} must be at least 1")
         if (d["bands"] is None) != (d["rows"] is None):
             raise UserError("dedup.bands and dedup.rows go together", "give both, or neither")
         if d["bands"] is not None and d["bands"] * d["rows"] > d["num_perm"]:

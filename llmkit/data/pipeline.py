@@ -35,12 +35,15 @@ import numpy as np
 
 from llmkit.data.clean import StageStats, run_stages
 from llmkit.data.pack import Packer
-from llmkit.data.prepared import MANIFEST, SPLITS, is_prepared
+from llmkit.data.prepared import DATASET_DICT, MANIFEST, SPLITS, is_prepared
 from llmkit.data.readers import (
+    _GLOB_CHARS,
     ON_ERROR,
     SPLIT_MODES,
     InputFile,
+    _walk,
     discover_inputs,
+    file_kind,
     read_documents,
 )
 from llmkit.errors import UserError
@@ -49,6 +52,26 @@ from llmkit.errors import UserError
 BATCH_DOCUMENTS = 1000
 #: The smallest byte-level BPE vocabulary: 256 byte symbols and <|endoftext|>.
 MIN_VOCAB_SIZE = 257
+#: Upper bounds of --vocab-size and --block-size (larger values are mistakes that would only
+#: fail deep inside the tokenizer trainer or ``datasets``).
+MAX_VOCAB_SIZE = 2**24
+MAX_BLOCK_SIZE = 2**20
+#: What ``llmkit prepare`` writes at the top of OUTPUT besides the splits (the tokenizer files
+#: vary with the tokenizer; see :func:`_written_by_prepare`).
+_OWN_NAMES = frozenset(
+    {
+        MANIFEST,
+        DATASET_DICT,
+        "lengths.png",
+        "dropped.jsonl",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "chat_template.jinja",
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +152,12 @@ def _encode_for_map(batch: dict, tokenizer, eos_token_id: int, append_eos: bool)
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
+    for parent in output.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(
+                f"cannot create {output}: {parent} is a file, not a directory",
+                "choose another --output",
+            )
     if output.exists() and not output.is_dir():
         raise UserError(f"{output} exists and is not a directory", "choose another --output")
     if output.is_dir() and any(output.iterdir()):
@@ -142,6 +171,147 @@ def _check_output(output: Path, overwrite: bool) -> None:
                 f"{output} is not a directory written by llmkit prepare; refusing to replace it",
                 "choose another --output, or empty or remove it yourself",
             )
+
+
+def _written_by_prepare(output: Path) -> set[Path]:
+    """Files (resolved) under ``output`` that an earlier ``llmkit prepare`` wrote there.
+
+    The manifest lists them (``files``); a manifest from before that list is judged by name:
+    the splits, the manifest and plot, and the tokenizer files.
+    """
+    if not is_prepared(output):
+        return set()
+    try:
+        listed = json.loads((output / MANIFEST).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if isinstance(listed, list) and all(isinstance(x, str) for x in listed):
+        return {(output / x).resolve() for x in listed}
+    own = set()
+    for path in output.rglob("*"):
+        rel = path.relative_to(output)
+        top = rel.parts[0]
+        if top in SPLITS or (
+            len(rel.parts) == 1 and (top in _OWN_NAMES or top.startswith("tokenizer"))
+        ):
+            own.add(path.resolve())
+    return own
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def _check_inputs_outside_output(inputs: Sequence[str | Path], output: Path) -> None:
+    """Refuse inputs that lie inside ``output`` (which --overwrite would delete).
+
+    A file or directory named as an input may not be ``output`` or lie inside it. A file that
+    a glob or a directory search finds inside ``output`` is refused too, unless an earlier
+    ``llmkit prepare`` wrote it there (those are skipped, as before).
+    """
+    out = output.resolve()
+    own: set[Path] | None = None
+
+    def refuse(what: str) -> UserError:
+        return UserError(
+            f"input {what} lies inside --output {output}, which llmkit prepare replaces",
+            "move the input out of the output directory, or choose another --output",
+        )
+
+    def check_found(path: Path, what: str) -> None:
+        nonlocal own
+        resolved = path.resolve()
+        if not _inside(resolved, out):
+            return
+        if own is None:
+            own = _written_by_prepare(out)
+        if resolved not in own:
+            raise refuse(what)
+
+    for item in inputs:
+        path = Path(item)
+        if not path.exists() and _GLOB_CHARS & set(str(item)):
+            for match in glob.glob(str(item), recursive=True):
+                m = Path(match)
+                if m.is_file() and file_kind(m) is not None:
+                    check_found(m, f"{m} (matched by {item})")
+            continue
+        if not path.exists():
+            continue  # discover_inputs names it
+        resolved = path.resolve()
+        if _inside(resolved, out):
+            raise refuse(str(path))
+        if path.is_dir() and _inside(out, resolved) and out.is_dir():
+            # OUTPUT inside an input directory: its own files are skipped, anyone else's
+            # would be read and then deleted.
+            for f in _walk(out):
+                if file_kind(f) is not None:
+                    check_found(f, f"{f} (in directory {path})")
+
+
+def _remove_dirs(created: list[Path]) -> None:
+    """Remove the (empty) directories this run created, innermost first."""
+    for parent in created:
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """``err`` if it is an OSError, or the OSError a library wrapped into it."""
+    seen = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _concerns_output(err: OSError, output: Path, tmp: Path | None) -> bool:
+    """True when ``err`` names no file, or one at the output (not an input being read)."""
+    names = [n for n in (err.filename, err.filename2) if n is not None]
+    if not names:
+        return True
+    for n in names:
+        path = Path(os.path.abspath(n))
+        if _inside(path, output) or _inside(output, path):  # OUTPUT, inside it, or a parent
+            return True
+        if tmp is not None and _inside(path, tmp):
+            return True
+        if path.parent == output.parent and path.name.startswith(f".{output.name}."):
+            return True  # the temporary or the old OUTPUT renamed aside
+    return False
+
+
+def _output_error(
+    err: OSError, output: Path, tmp: Path | None, verb: str = "cannot write"
+) -> UserError:
+    """A one-line UserError for an OSError creating, writing or renaming ``output``."""
+    import errno
+
+    reason = err.strerror or str(err) or type(err).__name__
+    where = ""
+    if err.filename is not None:
+        name = str(err.filename)
+        if tmp is not None and name.startswith(str(tmp)):
+            name = str(output) + name[len(str(tmp)) :]
+        if Path(name) != output:
+            where = f" ({name})"
+    hints = {
+        errno.EACCES: "check the permissions, or choose another --output",
+        errno.EPERM: "check the permissions, or choose another --output",
+        errno.EROFS: "the file system is read-only: choose another --output",
+        errno.ENOSPC: "the disk is full: free space or choose another --output",
+        errno.EDQUOT: "the disk quota is exceeded: free space or choose another --output",
+        errno.ENOTDIR: "a parent of --output is a file: choose another --output",
+        errno.EEXIST: "a parent of --output is a file: choose another --output",
+    }
+    hints[errno.ENOENT] = f"is {output.parent} a writable directory? or choose another --output"
+    hint = hints.get(err.errno, "choose another --output")
+    return UserError(f"{verb} {output}: {reason}{where}", hint)
 
 
 def _missing_parents(path: Path) -> list[Path]:
@@ -304,6 +474,7 @@ def _validate_settings(
     text_field: str,
     num_proc: int | None,
     on_error: str = "fail",
+    seed: int = 0,
 ) -> None:
     if on_error not in ON_ERROR:
         raise UserError(f"--on-error {on_error!r} is not one of: {', '.join(ON_ERROR)}")
@@ -313,10 +484,20 @@ def _validate_settings(
             f"a byte-level BPE needs 256 byte symbols plus <|endoftext|>: use at least "
             f"{MIN_VOCAB_SIZE}",
         )
+    if tokenizer is None and vocab_size > MAX_VOCAB_SIZE:
+        raise UserError(
+            f"--vocab-size {vocab_size} is too large",
+            f"use at most {MAX_VOCAB_SIZE:,} (2**24); 1024-65536 is usual",
+        )
     if block_size < 2:
         raise UserError(
             f"--block-size {block_size} is too small",
             "a block needs at least 2 tokens (one input and its next-token target)",
+        )
+    if block_size > MAX_BLOCK_SIZE:
+        raise UserError(
+            f"--block-size {block_size} is too large",
+            f"use at most {MAX_BLOCK_SIZE:,} (2**20) tokens per block",
         )
     if not 0 <= val_fraction < 1:
         raise UserError(
@@ -329,6 +510,8 @@ def _validate_settings(
         raise UserError("--text-field is empty", "name the JSON field holding the text")
     if num_proc is not None and num_proc < 1:
         raise UserError(f"--num-proc {num_proc} must be at least 1")
+    if seed < 0:
+        raise UserError(f"--seed {seed} is negative", "give a seed of 0 or more")
 
 
 #: Document-length histogram: bin edges in UTF-8 bytes, powers of 2 from 1 B to 1 GiB.
@@ -510,6 +693,7 @@ def prepare(
         text_field=text_field,
         num_proc=num_proc,
         on_error=on_error,
+        seed=seed,
     )
     from llmkit.data.config import load_config, merge
 
@@ -522,9 +706,13 @@ def prepare(
     else:
         cfg = load_config(config, clean)
     output = Path(os.path.abspath(output))
-    _check_output(output, overwrite)
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
+    try:
+        _check_inputs_outside_output(inputs, output)
+        _check_output(output, overwrite)
+    except OSError as err:
+        raise _output_error(err, output, None, "cannot read") from None
     files = discover_inputs(inputs, exclude=[output])
     tok = None
     if tokenizer is not None:  # fail before reading the corpus
@@ -533,10 +721,14 @@ def prepare(
         tok = load_tokenizer(tokenizer)
 
     created_parents = _missing_parents(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(output)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(output)
+        tmp.mkdir()
+    except OSError as err:
+        _remove_dirs(created_parents)
+        raise _output_error(err, output, tmp, "cannot create") from None
     report = _Report(console)
     try:
         with _quiet_datasets(), report.progress:
@@ -562,20 +754,24 @@ def prepare(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **manifest,
         }
-        manifest = json.loads(json.dumps(manifest))  # what a reader gets back (str keys)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        # So that datasets.load_from_disk(OUTPUT) gives a DatasetDict (DatasetDict's format).
+        (tmp / DATASET_DICT).write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
         if plot:
             from llmkit.data.report import plot_lengths
 
             plot_lengths(manifest["length_histogram"], tmp / "lengths.png")
+        written = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
+        manifest["files"] = sorted([*written, MANIFEST])
+        manifest = json.loads(json.dumps(manifest))  # what a reader gets back (str keys)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _move_into_place(tmp, output)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        for parent in created_parents:  # innermost first
-            try:
-                parent.rmdir()
-            except OSError:
-                break
+        _remove_dirs(created_parents)
+        if not isinstance(err, (UserError, KeyboardInterrupt)):
+            os_err = _os_error_in(err)
+            if os_err is not None and _concerns_output(os_err, output, tmp):
+                raise _output_error(os_err, output, tmp) from None
         raise
     _print_summary(console, manifest, output, time.perf_counter() - started)
     return manifest

@@ -7,6 +7,8 @@
       tokenizer.json ...       the tokenizer (``AutoTokenizer.from_pretrained(DIR)`` loads it)
       train/                   ``datasets.Dataset.save_to_disk``: one column ``input_ids``,
       validation/              each row exactly ``block_size`` token ids (int32)
+      dataset_dict.json        {"splits": [...]}: ``datasets.load_from_disk(DIR)`` gives a
+                               DatasetDict of both splits
 
 The two splits hold whole documents (a document is never split between them); within a split,
 documents are concatenated with one EOS after each and cut into blocks.
@@ -22,6 +24,8 @@ from typing import Any
 from llmkit.errors import UserError
 
 MANIFEST = "manifest.json"
+#: ``DatasetDict.save_to_disk``'s index of the splits.
+DATASET_DICT = "dataset_dict.json"
 SPLITS = ("train", "validation")
 
 

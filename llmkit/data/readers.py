@@ -438,7 +438,7 @@ def parse_jsonl_line(line: str, *, path: Path, lineno: int, text_field: str) -> 
     except ValueError as err:
         raise UserError(
             f"{where}: malformed JSON ({err.msg} at column {err.colno})",
-            "each line must be one JSON object (or the file one JSON array); "
+            "expected JSON lines (one object per line) or one JSON array of objects; "
             "--on-error skip skips such lines",
         ) from None
     return record_text(record, where=where, text_field=text_field)
@@ -477,7 +477,7 @@ def _jsonl_documents(source: InputFile, text_field: str, on_error: str) -> Itera
             source.problem(
                 UserError(
                     f"{where}: malformed JSON ({err.msg} at column {err.colno})",
-                    "each line must be one JSON object (or the file one JSON array); "
+                    "expected JSON lines (one object per line) or one JSON array of objects; "
                     "--on-error skip skips such lines",
                 ),
                 "malformed json",
@@ -501,13 +501,20 @@ def _json_array_documents(
     except ValueError as err:
         raise UserError(
             f"{source.path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})",
-            "a .json file must hold one JSON array of objects, or JSON lines",
+            "expected JSON lines (one object per line) or one JSON array of objects",
         ) from None
     if not isinstance(records, list):  # pragma: no cover - starts with "[" so it is a list
         raise UserError(f"{source.path}: expected a JSON array")
     for i, record in enumerate(records):
         _count_fields(source, record)
         try:
+            if not isinstance(record, dict):
+                raise UserError(
+                    f"{source.path}: item {i}: expected a JSON object, found "
+                    f"{type(record).__name__}",
+                    "a .json file must hold JSON lines or one JSON array of objects, each "
+                    f"with the text in field {text_field!r}",
+                )
             yield record_text(record, where=f"{source.path}: item {i}", text_field=text_field)
         except UserError as err:
             source.problem(err, _reason(err), on_error)
