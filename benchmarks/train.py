@@ -31,8 +31,11 @@ def _prepared(root: Path, n_blocks: int) -> Path:
     from llmkit.data.tokenizer import train_bpe_tokenizer
 
     shakespeare = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
-    text = (shakespeare.read_text(encoding="utf-8") if shakespeare.exists()
-            else "to be or not to be\n\n" * 5000)
+    text = (
+        shakespeare.read_text(encoding="utf-8")
+        if shakespeare.exists()
+        else "to be or not to be\n\n" * 5000
+    )
     tok = train_bpe_tokenizer(iter(text.split("\n\n")), vocab_size=SHAPE["vocab"])
     rng = np.random.default_rng(0)
     for name, n in (("train", n_blocks), ("validation", 12)):
@@ -46,11 +49,19 @@ def _prepared(root: Path, n_blocks: int) -> Path:
 
 def _overrides(data: Path, run: Path, steps: int, precision: str) -> list[str]:
     return [
-        f"data.path={data}", f"out_dir={run}", "model.type=gpt2",
-        f"model.n_layer={SHAPE['n_layer']}", f"model.n_head={SHAPE['n_head']}",
-        f"model.n_embd={SHAPE['n_embd']}", f"train.micro_batch_size={SHAPE['batch']}",
-        f"train.max_steps={steps}", "train.warmup_steps=5", f"train.log_interval={steps}",
-        "train.save_interval=0", "train.trackers=[]", f"eval.interval={10 * steps}",
+        f"data.path={data}",
+        f"out_dir={run}",
+        "model.type=gpt2",
+        f"model.n_layer={SHAPE['n_layer']}",
+        f"model.n_head={SHAPE['n_head']}",
+        f"model.n_embd={SHAPE['n_embd']}",
+        f"train.micro_batch_size={SHAPE['batch']}",
+        f"train.max_steps={steps}",
+        "train.warmup_steps=5",
+        f"train.log_interval={steps}",
+        "train.save_interval=0",
+        "train.trackers=[]",
+        f"eval.interval={10 * steps}",
         f"train.mixed_precision={precision}",
     ]
 
@@ -66,24 +77,31 @@ def bare_loop(data: Path, steps: int, warmup: int, precision: str) -> float:
     recipe = load_recipe(None, _overrides(data, data / "unused", steps, precision))
     tok = load_tokenizer(data)
     torch.manual_seed(0)
-    model = build_model(build_config(recipe.model, vocab_size=len(tok),
-                                     block_size=SHAPE["block"] + 1,
-                                     eos_token_id=tok.eos_token_id))
+    model = build_model(
+        build_config(
+            recipe.model,
+            vocab_size=len(tok),
+            block_size=SHAPE["block"] + 1,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     blocks = torch.tensor(load_from_disk(str(data / "train"))["input_ids"], dtype=torch.long)
     b = SHAPE["batch"]
-    ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
-           else torch.autocast("cpu", enabled=False))
+    ctx = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if precision == "bf16"
+        else torch.autocast("cpu", enabled=False)
+    )
     model.train()
     t0 = 0.0
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
-        x = blocks[(i * b) % (len(blocks) - b):][:b]  # (B, T+1)
+        x = blocks[(i * b) % (len(blocks) - b) :][:b]  # (B, T+1)
         with ctx:
             logits = model(input_ids=x[:, :-1]).logits  # (B, T, vocab)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
-                                                 x[:, 1:].flatten())
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -97,8 +115,12 @@ def llmkit_loop(data: Path, steps: int, warmup: int, precision: str) -> float:
 
     times: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        train(None, _overrides(data, Path(tmp) / "run", warmup + steps, precision),
-              progress=False, on_step=lambda s, r: times.__setitem__(s, time.perf_counter()))
+        train(
+            None,
+            _overrides(data, Path(tmp) / "run", warmup + steps, precision),
+            progress=False,
+            on_step=lambda s, r: times.__setitem__(s, time.perf_counter()),
+        )
     return steps * SHAPE["batch"] * SHAPE["block"] / (times[warmup + steps] - times[warmup])
 
 
@@ -114,8 +136,9 @@ def main() -> None:
         import sys
 
         for dtype in ("fp32", "bf16"):
-            subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
-                            "--dtype", dtype], check=True)
+            subprocess.run(
+                [sys.executable, __file__, "--steps", str(args.steps), "--dtype", dtype], check=True
+            )
         return
     precisions = ["no" if args.dtype == "fp32" else "bf16"]
     n_params = None
@@ -130,25 +153,46 @@ def main() -> None:
             if n_params is None:
                 from transformers import GPT2Config, GPT2LMHeadModel
 
-                n_params = sum(p.numel() for p in GPT2LMHeadModel(GPT2Config(
-                    vocab_size=SHAPE["vocab"], n_positions=SHAPE["block"] + 1,
-                    n_embd=SHAPE["n_embd"], n_layer=SHAPE["n_layer"],
-                    n_head=SHAPE["n_head"])).parameters())
-            fpt = flops_per_token(n_params, SHAPE["n_layer"], SHAPE["n_head"],
-                                  SHAPE["n_embd"] // SHAPE["n_head"], SHAPE["block"])
+                n_params = sum(
+                    p.numel()
+                    for p in GPT2LMHeadModel(
+                        GPT2Config(
+                            vocab_size=SHAPE["vocab"],
+                            n_positions=SHAPE["block"] + 1,
+                            n_embd=SHAPE["n_embd"],
+                            n_layer=SHAPE["n_layer"],
+                            n_head=SHAPE["n_head"],
+                        )
+                    ).parameters()
+                )
+            fpt = flops_per_token(
+                n_params,
+                SHAPE["n_layer"],
+                SHAPE["n_head"],
+                SHAPE["n_embd"] // SHAPE["n_head"],
+                SHAPE["block"],
+            )
             for name, tps in (("bare PyTorch loop", bare), ("llmkit train", ours)):
-                rows.append((precision, name, tps, 1e3 * SHAPE["batch"] * SHAPE["block"] / tps,
-                             tps * fpt / peak, peak))
+                rows.append(
+                    (
+                        precision,
+                        name,
+                        tps,
+                        1e3 * SHAPE["batch"] * SHAPE["block"] / tps,
+                        tps * fpt / peak,
+                        peak,
+                    )
+                )
             rows.append((precision, "ratio llmkit / bare", ours / bare, None, None, None))
     print(f"threads {torch.get_num_threads()} | shape {SHAPE} | {n_params / 1e6:.2f}M params")
-    print(f"{'dtype':6} {'loop':22} {'tokens/s':>10} {'ms/iter':>8} {'MFU':>6} "
-          f"{'peak GFLOP/s':>12}")
+    print(
+        f"{'dtype':6} {'loop':22} {'tokens/s':>10} {'ms/iter':>8} {'MFU':>6} {'peak GFLOP/s':>12}"
+    )
     for precision, name, tps, ms, mfu, peak in rows:
         if ms is None:
             print(f"{precision:6} {name:22} {tps:10.3f}")
         else:
-            print(f"{precision:6} {name:22} {tps:10,.0f} {ms:8.1f} {mfu:6.1%} "
-                  f"{peak / 1e9:12.1f}")
+            print(f"{precision:6} {name:22} {tps:10,.0f} {ms:8.1f} {mfu:6.1%} {peak / 1e9:12.1f}")
 
 
 if __name__ == "__main__":

@@ -23,13 +23,22 @@ print(",".join(heavy))
 
 @pytest.mark.parametrize(
     "args",
-    [["--help"], ["prepare", "--help"], ["train", "--help"], ["generate", "--help"],
-     ["eval", "--help"], ["chat", "--help"], ["--version"]],
+    [
+        ["--help"],
+        ["prepare", "--help"],
+        ["train", "--help"],
+        ["generate", "--help"],
+        ["eval", "--help"],
+        ["chat", "--help"],
+        ["--version"],
+    ],
 )
 def test_help_loads_no_heavy_library(args):
     out = subprocess.run(
         [sys.executable, "-c", PROBE.format(heavy=HEAVY), *args],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() == "", f"`llmkit {' '.join(args)}` imported {out.stdout.strip()}"
 

@@ -21,30 +21,55 @@ def run(*args: str) -> str:
 def test_prepare_train_generate_eval(tmp_path, shakespeare_slice, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("LLMKIT_MODEL", raising=False)
-    manifest = json.loads(run(
-        "prepare", str(shakespeare_slice), "--output", "data/shk", "--vocab-size", "384",
-        "--block-size", "64", "--json",
-    ))
+    manifest = json.loads(
+        run(
+            "prepare",
+            str(shakespeare_slice),
+            "--output",
+            "data/shk",
+            "--vocab-size",
+            "384",
+            "--block-size",
+            "64",
+            "--json",
+        )
+    )
     train_split = manifest["splits"]["train"]
     assert train_split["tokens"] == train_split["blocks"] * 64 + train_split["tail_tokens"]
     assert manifest["splits"]["validation"]["blocks"] >= 4
 
-    final = json.loads(run(
-        "train", "data.path=data/shk", "name=smoke", "model.n_layer=2", "model.n_embd=64",
-        "model.n_head=2", "train.micro_batch_size=8", "train.max_steps=30",
-        "train.warmup_steps=5", "eval.interval=15", "--no-progress", "--json",
-    ))
+    final = json.loads(
+        run(
+            "train",
+            "data.path=data/shk",
+            "name=smoke",
+            "model.n_layer=2",
+            "model.n_embd=64",
+            "model.n_head=2",
+            "train.micro_batch_size=8",
+            "train.max_steps=30",
+            "train.warmup_steps=5",
+            "eval.interval=15",
+            "--no-progress",
+            "--json",
+        )
+    )
     assert final["steps"] == 30
     # 30 steps move the model well below the uniform guess ln(384) = 5.95 nats per token.
     assert final["val_loss"] < math.log(384) - 0.5
     assert final["val_bpb"] == pytest.approx(
-        final["val_loss"] * manifest["splits"]["validation"]["tokens"]
-        / manifest["splits"]["validation"]["bytes"] / math.log(2), rel=0.05,
+        final["val_loss"]
+        * manifest["splits"]["validation"]["tokens"]
+        / manifest["splits"]["validation"]["bytes"]
+        / math.log(2),
+        rel=0.05,
     )
 
     # No --model: the newest finished run under ./runs is used; same seed, same text.
-    outs = [json.loads(run("generate", "ROMEO:", "--max-new-tokens", "12", "--seed", "7",
-                           "--json")) for _ in range(2)]
+    outs = [
+        json.loads(run("generate", "ROMEO:", "--max-new-tokens", "12", "--seed", "7", "--json"))
+        for _ in range(2)
+    ]
     assert outs[0]["completion"] == outs[1]["completion"]
     assert outs[0]["new_tokens"] == 12 or outs[0].get("finish_reason") == "eos"
 

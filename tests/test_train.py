@@ -55,8 +55,18 @@ def test_accumulation_matches_one_big_batch_loss_and_gradients():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2,
-                                       n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=50,
+            n_positions=16,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            resid_pdrop=0,
+            embd_pdrop=0,
+            attn_pdrop=0,
+        )
+    )
     T = 12
     micro = []
     for k in (3, 10, 1, 2):  # target tokens per micro-batch
@@ -90,8 +100,9 @@ def test_accumulation_matches_one_big_batch_loss_and_gradients():
 def test_no_weight_decay_on_biases_and_norms():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1,
-                                       n_head=2))
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    )
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
@@ -188,9 +199,17 @@ def test_short_run_writes_a_loadable_model(tmp_path, tiny_tokenizer):
     data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 40, 6)
     run = tmp_path / "run"
     overrides = [
-        f"data.path={data}", f"out_dir={run}", "model.n_layer=1", "model.n_embd=16",
-        "model.n_head=2", "train.micro_batch_size=4", "train.gradient_accumulation_steps=2",
-        "train.max_steps=6", "train.warmup_steps=2", "eval.interval=3", "train.log_interval=2",
+        f"data.path={data}",
+        f"out_dir={run}",
+        "model.n_layer=1",
+        "model.n_embd=16",
+        "model.n_head=2",
+        "train.micro_batch_size=4",
+        "train.gradient_accumulation_steps=2",
+        "train.max_steps=6",
+        "train.warmup_steps=2",
+        "eval.interval=3",
+        "train.log_interval=2",
     ]
     from llmkit.training.loop import train
 
@@ -232,13 +251,15 @@ def test_flops_per_token_is_palm_appendix_b():
     assert flops_per_token(1_000_000, 4, 4, 32, 64) == 6_000_000 + 12 * 4 * 4 * 32 * 64
     # LoRA with 1% trainable: (4 + 2 x 0.01) N + attention
     assert flops_per_token(1_000_000, 4, 4, 32, 64, trainable_fraction=0.01) == pytest.approx(
-        4_020_000 + 393_216)
+        4_020_000 + 393_216
+    )
     peak = measure_peak_flops("cpu", "float32", 256, 0.05)
     assert 1e8 < peak < 1e14  # a measured rate, FLOP/s
 
 
 def test_vocabulary_mismatch_with_a_pretrained_model_fails_before_building(
-        tmp_path, tiny_tokenizer, tiny_model_dir):
+    tmp_path, tiny_tokenizer, tiny_model_dir
+):
     import json as _json
 
     data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
@@ -247,23 +268,32 @@ def test_vocabulary_mismatch_with_a_pretrained_model_fails_before_building(
     small.mkdir()
     cfg["vocab_size"] = len(tiny_tokenizer) - 10
     (small / "config.json").write_text(_json.dumps(cfg))  # no weights: never loaded
-    result = CliRunner().invoke(app, ["train", f"data.path={data}",
-                                      f"model.name_or_path={small}", f"out_dir={tmp_path / 'r'}"])
+    result = CliRunner().invoke(
+        app,
+        ["train", f"data.path={data}", f"model.name_or_path={small}", f"out_dir={tmp_path / 'r'}"],
+    )
     assert result.exit_code == 2, result.output
     line = result.stderr.strip()
     assert "vocabulary mismatch" in line and str(len(tiny_tokenizer)) in line
     assert len(line.splitlines()) == 1 and not (tmp_path / "r").exists()
     # positions: the data's blocks of 80 tokens do not fit the model's 64 positions
     data80 = _write_prepared(tmp_path / "data80", tiny_tokenizer, 80, 8, 2)
-    result = CliRunner().invoke(app, ["train", f"data.path={data80}",
-                                      f"model.name_or_path={tiny_model_dir}",
-                                      f"out_dir={tmp_path / 'r'}"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            f"data.path={data80}",
+            f"model.name_or_path={tiny_model_dir}",
+            f"out_dir={tmp_path / 'r'}",
+        ],
+    )
     assert result.exit_code == 2 and "64 positions" in result.stderr
     assert not (tmp_path / "r").exists()
 
 
-def test_lora_on_a_pretrained_model_exports_merged_weights(tmp_path, tiny_tokenizer,
-                                                           tiny_model_dir):
+def test_lora_on_a_pretrained_model_exports_merged_weights(
+    tmp_path, tiny_tokenizer, tiny_model_dir
+):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -271,13 +301,26 @@ def test_lora_on_a_pretrained_model_exports_merged_weights(tmp_path, tiny_tokeni
 
     data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 16, 2)
     run = tmp_path / "lora"
-    final = train(None, [
-        f"data.path={data}", f"out_dir={run}", f"model.name_or_path={tiny_model_dir}",
-        "lora.r=4", "lora.target_modules=[c_attn]", "model.gradient_checkpointing=true",
-        "train.micro_batch_size=4", "train.max_steps=3", "train.warmup_steps=0",
-        "train.learning_rate=1e-2", "train.min_lr=0", "train.trackers=[]",
-        "train.peak_flops=1e11", "eval.interval=3",
-    ], progress=False)
+    final = train(
+        None,
+        [
+            f"data.path={data}",
+            f"out_dir={run}",
+            f"model.name_or_path={tiny_model_dir}",
+            "lora.r=4",
+            "lora.target_modules=[c_attn]",
+            "model.gradient_checkpointing=true",
+            "train.micro_batch_size=4",
+            "train.max_steps=3",
+            "train.warmup_steps=0",
+            "train.learning_rate=1e-2",
+            "train.min_lr=0",
+            "train.trackers=[]",
+            "train.peak_flops=1e11",
+            "eval.interval=3",
+        ],
+        progress=False,
+    )
     # 2 layers x c_attn (32 -> 96): A (4 x 32) + B (96 x 4) each
     assert final["trainable_parameters"] == 2 * (4 * 32 + 96 * 4)
     assert (run / "adapter" / "adapter_config.json").is_file()

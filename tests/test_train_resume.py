@@ -36,10 +36,19 @@ def _losses(run: Path) -> dict[int, float]:
 
 def _overrides(data: Path, run: Path, **extra) -> list[str]:
     base = {
-        "data.path": data, "out_dir": run, "model.n_layer": 1, "model.n_embd": 16,
-        "model.n_head": 2, "model.dropout": 0.1, "train.micro_batch_size": 4,
-        "train.max_steps": 10, "train.warmup_steps": 3, "train.log_interval": 1,
-        "train.save_interval": 5, "train.trackers": "[]", "eval.interval": 5,
+        "data.path": data,
+        "out_dir": run,
+        "model.n_layer": 1,
+        "model.n_embd": 16,
+        "model.n_head": 2,
+        "model.dropout": 0.1,
+        "train.micro_batch_size": 4,
+        "train.max_steps": 10,
+        "train.warmup_steps": 3,
+        "train.log_interval": 1,
+        "train.save_interval": 5,
+        "train.trackers": "[]",
+        "eval.interval": 5,
         "train.peak_flops": 1e11,
     }
     base.update(extra)
@@ -59,7 +68,8 @@ def test_every_epoch_visits_every_block_once_and_steps_split_the_same_on_any_wor
 
 
 @pytest.mark.parametrize(
-    "fresh_process", [False, pytest.param(True, marks=pytest.mark.slow)],
+    "fresh_process",
+    [False, pytest.param(True, marks=pytest.mark.slow)],
     ids=["same-process", "fresh-process"],
 )
 def test_resume_continues_the_same_curve(tmp_path, tiny_tokenizer, fresh_process):
@@ -70,8 +80,12 @@ def test_resume_continues_the_same_curve(tmp_path, tiny_tokenizer, fresh_process
     data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 9)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     seen: dict[int, list[int]] = {}
-    train(None, _overrides(data, straight), progress=False,
-          on_step=lambda s, r: seen.__setitem__(s, r["samples"]))
+    train(
+        None,
+        _overrides(data, straight),
+        progress=False,
+        on_step=lambda s, r: seen.__setitem__(s, r["samples"]),
+    )
     # every block exactly once in epoch 1 (steps 1-6); epoch 2 starts afresh
     epoch1 = sorted(i for s in range(1, 7) for i in seen[s])
     assert epoch1 == list(range(24))
@@ -91,9 +105,21 @@ def test_resume_continues_the_same_curve(tmp_path, tiny_tokenizer, fresh_process
     if fresh_process:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         proc = subprocess.run(
-            [sys.executable, "-m", "llmkit", "train", *_overrides(data, broken), "--resume",
-             "latest", "--no-progress"],
-            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "llmkit",
+                "train",
+                *_overrides(data, broken),
+                "--resume",
+                "latest",
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
     else:
@@ -124,7 +150,8 @@ def test_resume_continues_the_same_curve(tmp_path, tiny_tokenizer, fresh_process
 def test_resume_without_checkpoint_is_a_one_line_error(tmp_path, tiny_tokenizer):
     data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 4)
     result = CliRunner().invoke(
-        app, ["train", *_overrides(data, tmp_path / "r"), "--resume", "latest"])
+        app, ["train", *_overrides(data, tmp_path / "r"), "--resume", "latest"]
+    )
     assert result.exit_code == 2
     assert "no checkpoint" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -141,14 +168,19 @@ def _nan_on(steps: set[int], monkeypatch):
     monkeypatch.setattr(loop, "micro_batch_loss", fake)
 
 
-def test_a_non_finite_step_is_skipped_and_training_goes_on(tmp_path, tiny_tokenizer,
-                                                          monkeypatch, capsys):
+def test_a_non_finite_step_is_skipped_and_training_goes_on(
+    tmp_path, tiny_tokenizer, monkeypatch, capsys
+):
     data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 4)
     _nan_on({3}, monkeypatch)
     run = tmp_path / "r"
     skipped = {}
-    final = train(None, _overrides(data, run, **{"train.max_steps": 6}), progress=False,
-                  on_step=lambda s, r: skipped.__setitem__(s, r["skipped"]))
+    final = train(
+        None,
+        _overrides(data, run, **{"train.max_steps": 6}),
+        progress=False,
+        on_step=lambda s, r: skipped.__setitem__(s, r["skipped"]),
+    )
     assert final["steps"] == 6 and math.isfinite(final["val_loss"])
     assert [s for s, flag in skipped.items() if flag] == [3]
     recs = _records(run)
@@ -156,16 +188,20 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(tmp_path, tiny_tokeni
     assert "step 3: non-finite loss" in capsys.readouterr().err
 
 
-def test_several_non_finite_steps_stop_with_the_last_checkpoint_intact(tmp_path,
-                                                                        tiny_tokenizer,
-                                                                        monkeypatch):
+def test_several_non_finite_steps_stop_with_the_last_checkpoint_intact(
+    tmp_path, tiny_tokenizer, monkeypatch
+):
     data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 4)
     _nan_on(set(range(4, 100)), monkeypatch)
     run = tmp_path / "r"
-    ov = _overrides(data, run, **{"train.save_interval": 2, "train.max_bad_steps": 3,
-                                  "train.keep_last": 5})
-    with pytest.raises(UserError, match=r"non-finite for 3 steps in a row \(steps 4-6\)"
-                       r".*last good checkpoint .*step-00000004"):
+    ov = _overrides(
+        data, run, **{"train.save_interval": 2, "train.max_bad_steps": 3, "train.keep_last": 5}
+    )
+    with pytest.raises(
+        UserError,
+        match=r"non-finite for 3 steps in a row \(steps 4-6\)"
+        r".*last good checkpoint .*step-00000004",
+    ):
         train(None, ov, progress=False)
     from safetensors.torch import load_file
 
@@ -192,8 +228,7 @@ def test_early_stopping_rule_on_a_scripted_curve():
     assert fired == 6 and stop.best == 3.5 and stop.best_step == 4
 
 
-def test_early_stopping_stops_training_and_keeps_the_best(tmp_path, tiny_tokenizer,
-                                                          monkeypatch):
+def test_early_stopping_stops_training_and_keeps_the_best(tmp_path, tiny_tokenizer, monkeypatch):
     data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 4)
     curve = iter([5.0, 4.0, 3.95, 3.99, 3.0, 2.0])  # val_loss at steps 2, 4, 6, 8, ...
 
@@ -203,9 +238,17 @@ def test_early_stopping_stops_training_and_keeps_the_best(tmp_path, tiny_tokeniz
 
     monkeypatch.setattr(loop, "score_blocks", scripted)
     run = tmp_path / "r"
-    ov = _overrides(data, run, **{"eval.interval": 2, "eval.patience": 2,
-                                  "eval.min_delta": 0.1, "train.save_interval": 2,
-                                  "train.max_steps": 20})
+    ov = _overrides(
+        data,
+        run,
+        **{
+            "eval.interval": 2,
+            "eval.patience": 2,
+            "eval.min_delta": 0.1,
+            "train.save_interval": 2,
+            "train.max_steps": 20,
+        },
+    )
     final = train(None, ov, progress=False)
     # best 4.0 at step 4; 3.95 (step 6) and 3.99 (step 8) do not beat it by 0.1: stop at 8
     assert final["steps"] == 8 and final["stopped"] == "early_stopping"
@@ -220,14 +263,28 @@ def test_dry_run_counts_parameters_and_writes_nothing(tmp_path, tiny_tokenizer):
 
     data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 40, 4)
     run = tmp_path / "r"
-    result = CliRunner().invoke(app, [
-        "train", *_overrides(data, run, **{"train.gradient_accumulation_steps": 2,
-                                           "train.max_steps": "null", "train.epochs": 2}),
-        "--dry-run", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            *_overrides(
+                data,
+                run,
+                **{
+                    "train.gradient_accumulation_steps": 2,
+                    "train.max_steps": "null",
+                    "train.epochs": 2,
+                },
+            ),
+            "--dry-run",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout.strip().splitlines()[-1])
-    ref = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=16,
-                                     n_embd=16, n_layer=1, n_head=2))
+    ref = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    )
     n = sum(p.numel() for p in ref.parameters())
     assert plan["parameters"] == n and plan["trainable_parameters"] == n
     mem = plan["memory_bytes"]

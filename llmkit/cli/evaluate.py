@@ -43,23 +43,30 @@ def results_table(results: dict | list[dict]):
 
     rows = [results] if isinstance(results, dict) else list(results)
     best = min(r["bits_per_byte"] for r in rows) if len(rows) > 1 else None
-    table = Table(title="llmkit eval")
-    table.add_column("model", overflow="fold")
-    table.add_column("data", overflow="fold")
-    for name in ("tokens", "loss (nats/token)", "perplexity", "bits per byte"):
+    datas = {r["data"] for r in rows}
+    # Fits 80 columns: one data set goes in the title; paths fold instead of wrapping at
+    # 8 characters, the numbers never wrap, and the units are in the caption.
+    one_data = len(datas) == 1
+    table = Table(title=f"llmkit eval on {rows[0]['data']}" if one_data else "llmkit eval")
+    table.add_column("model", overflow="fold", min_width=12)
+    if not one_data:
+        table.add_column("data", overflow="fold", min_width=12)
+    for name in ("tokens", "loss", "perplexity", "bits per byte"):
         table.add_column(name, justify="right", no_wrap=True)
     for result in rows:
         mark = " *" if best is not None and result["bits_per_byte"] == best else ""
         table.add_row(
             result["model"],
-            result["data"],
+            *([] if one_data else [result["data"]]),
             f"{result['tokens']:,}",
             f"{result['loss']:.4f}",
             f"{result['perplexity']:.2f}",
             f"{result['bits_per_byte']:.4f}{mark}",
         )
+    caption = "loss in nats/token"
     if best is not None:
-        table.caption = "* lowest bits per byte (comparable across tokenizers)"
+        caption += "; * lowest bits per byte (comparable across tokenizers)"
+    table.caption = caption
     return table
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
 
-from llmkit.cli._common import user_errors
+from llmkit.cli._common import debug, fail, sigterm_as_interrupt, user_errors
 
 
 @user_errors
@@ -24,13 +25,16 @@ def train_command(
     json_out: bool = typer.Option(False, "--json", help="Print the final metrics as JSON."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     resume: str = typer.Option(
-        None, "--resume", metavar="latest|PATH",
+        None,
+        "--resume",
+        metavar="latest|PATH",
         help="Continue from a checkpoint: `latest` (the newest of this run), a checkpoint "
         "directory or a run directory. Model, optimizer, scheduler, RNGs and data position "
         "are restored.",
     ),
     dry_run: bool = typer.Option(
-        False, "--dry-run",
+        False,
+        "--dry-run",
         help="Print parameters, estimated memory, tokens per step and steps; train nothing.",
     ),
 ) -> None:
@@ -42,10 +46,24 @@ def train_command(
     checkpoints to runs/NAME/checkpoints. Several processes: `torchrun --nproc_per_node N -m
     llmkit train ...` or `accelerate launch -m llmkit train ...`.
     """
-    from llmkit.training.loop import train
+    from llmkit.training.loop import TrainingInterrupted, train
 
-    final = train(config, overrides or [], overwrite=overwrite, progress=not no_progress,
-                  resume=resume, dry_run=dry_run)
+    try:
+        with sigterm_as_interrupt():
+            final = train(
+                config,
+                overrides or [],
+                overwrite=overwrite,
+                progress=not no_progress,
+                resume=resume,
+                dry_run=dry_run,
+            )
+    except TrainingInterrupted as err:
+        if debug():
+            raise
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")  # end a live progress bar's line
+        raise fail(str(err), code=130) from None
     if json_out:
         typer.echo(json.dumps(final))
 

@@ -68,7 +68,9 @@ class ChatSession:
                     f"the message is {len(ids)} tokens with the chat template; with "
                     f"--max-new-tokens {self.settings.max_new_tokens} that is more than the "
                     f"model's {positions} positions",
-                    "send a shorter message or lower --max-new-tokens",
+                    f"the message and the chat template must fit in {budget} tokens (the model's "
+                    f"{positions} positions minus --max-new-tokens "
+                    f"{self.settings.max_new_tokens}): shorten it, or lower --max-new-tokens",
                 )
             messages = messages[:first] + messages[first + 2 :]  # drop one user+assistant pair
             dropped += 1

@@ -304,6 +304,14 @@ def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]
     return [*messages, {"role": "user", "content": prompt}]
 
 
+def _silence_padding_warning(model: Any) -> None:
+    """Turn off transformers' "pass an attention_mask" warning on ``model`` (and the module it
+    wraps): llmkit always builds the mask itself (:func:`left_pad`)."""
+    for m in model.modules() if hasattr(model, "modules") else ():
+        if hasattr(m, "warn_if_padding_and_no_attention_mask"):
+            m.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
+
+
 def check_fits(model: Any, n_prompt: int, max_new_tokens: int, label: str = "the prompt") -> None:
     """Raise when the prompt and the new tokens do not fit in the model's positions.
 
@@ -318,11 +326,16 @@ def check_fits(model: Any, n_prompt: int, max_new_tokens: int, label: str = "the
     if positions is None or n_prompt + max_new_tokens <= positions:
         return
     room = positions - n_prompt
-    hint = (
-        f"use --max-new-tokens {room} or less, or a shorter prompt"
-        if room > 0
-        else f"shorten the prompt to under {positions} tokens"
-    )
+    limit = positions - max_new_tokens  # the longest prompt that fits with these new tokens
+    if room > 0:
+        hint = f"use --max-new-tokens {room} or less, or a shorter prompt"
+    elif limit > 0:
+        hint = (
+            f"shorten the prompt to {limit} tokens or fewer (the model's {positions} "
+            f"positions minus --max-new-tokens {max_new_tokens})"
+        )
+    else:
+        hint = f"use --max-new-tokens below {positions} and a shorter prompt"
     tokens = "token" if n_prompt == 1 else "tokens"
     raise UserError(
         f"{label} is {n_prompt} {tokens}; with --max-new-tokens {max_new_tokens} that is "
@@ -475,6 +488,9 @@ def complete_batch(
         )
     if settings.seed is not None:
         torch.manual_seed(settings.seed)  # seeds every device, cuda included
+    # The mask is always passed, but transformers' generate may drop an all-ones mask before the
+    # forward, which then warns when the prompt is the EOS (= pad) token alone (``generate ""``).
+    _silence_padding_warning(model)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(

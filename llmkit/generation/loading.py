@@ -54,6 +54,14 @@ class Candidate:
     name: str
     origin: str  # "--model", "LLMKIT_MODEL", "newest finished run", "default"
 
+    def chosen(self) -> str:
+        """How the model was picked, for ``using ...`` on stderr when not given explicitly."""
+        if self.origin == ENV_MODEL:
+            return f"${ENV_MODEL}={self.name}"
+        if self.origin == "default":
+            return f"{self.name} (default: no {ENV_MODEL} and no finished run under ./runs)"
+        return f"{self.name} ({self.origin})"
+
     def describe(self) -> str:
         if self.origin == "--model":
             return self.name
@@ -299,13 +307,20 @@ def load_model_and_tokenizer(
         try:
             mdl, tok = _load_one(cand.name, dev, dt)
         except UserError as err:
-            if cand.origin in ("--model", ENV_MODEL):
+            if cand.origin == ENV_MODEL:  # named by the environment: say so, guess no other
+                raise UserError(
+                    f"{ENV_MODEL}={cand.name}: {err.message}",
+                    f"fix or unset {ENV_MODEL}, or pass --model",
+                ) from None
+            if cand.origin == "--model":
                 raise  # the user named this model: say why it failed, do not guess another
             reason = _short(err).removeprefix(f"cannot load {cand.name}: ")
             failures.append(f"{cand.describe()} ({reason})")
             continue
         for failed in failures:
             sys.stderr.write(f"warning: could not load {failed}; using {cand.name}\n")
+        if cand.origin != "--model" and not failures:
+            sys.stderr.write(f"using {cand.chosen()}\n")
         return mdl, tok, cand.name
     tried = list(failures)
     if not os.environ.get(ENV_MODEL, "").strip():

@@ -38,11 +38,12 @@ def step_samples(step: int, n_samples: int, global_batch: int, seed: int) -> tor
     if per_epoch == 0:
         raise ValueError(f"{n_samples} blocks do not fill one step of {global_batch}")
     epoch, k = divmod(step, per_epoch)
-    return epoch_order(n_samples, seed, epoch)[k * global_batch:(k + 1) * global_batch]
+    return epoch_order(n_samples, seed, epoch)[k * global_batch : (k + 1) * global_batch]
 
 
-def micro_batch_samples(samples: torch.Tensor, micro: int, rank: int, world: int,
-                        micro_batch_size: int) -> torch.Tensor:
+def micro_batch_samples(
+    samples: torch.Tensor, micro: int, rank: int, world: int, micro_batch_size: int
+) -> torch.Tensor:
     """(micro_batch_size,) the blocks of micro-batch ``micro`` on process ``rank`` in a step."""
     start = (micro * world + rank) * micro_batch_size
-    return samples[start:start + micro_batch_size]
+    return samples[start : start + micro_batch_size]

@@ -46,8 +46,11 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -88,8 +91,10 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
     found = list_checkpoints(path)
     if found:
         return found[-1]
-    raise UserError(f"--resume {resume}: not a checkpoint or a run with checkpoints",
-                    "pass latest, a run directory or run_dir/checkpoints/step-N")
+    raise UserError(
+        f"--resume {resume}: not a checkpoint or a run with checkpoints",
+        "pass latest, a run directory or run_dir/checkpoints/step-N",
+    )
 
 
 def clean_temporaries(run_dir: Path) -> None:
@@ -101,8 +106,9 @@ def clean_temporaries(run_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, run_dir: Path, name: str, state: dict[str, Any],
-                    model_config: Any = None) -> Path:
+def save_checkpoint(
+    accelerator, run_dir: Path, name: str, state: dict[str, Any], model_config: Any = None
+) -> Path:
     """Write a checkpoint atomically; call on every process (each saves its RNG state).
 
     Args:

@@ -56,11 +56,14 @@ class ModelConfig(_Section):
         "block_size. Must be at least the data's block_size.",
     )
     dropout: float = Field(
-        0.0, ge=0.0, lt=1.0,
+        0.0,
+        ge=0.0,
+        lt=1.0,
         description="Dropout probability everywhere (also set on a pretrained model's config).",
     )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass: less memory, ~30% "
+        False,
+        description="Recompute activations in the backward pass: less memory, ~30% "
         "more compute (transformers' gradient_checkpointing_enable).",
     )
     compile: bool = Field(
@@ -87,12 +90,14 @@ class TrainConfig(_Section):
         1, ge=1, description="Micro-batches summed into one optimizer step."
     )
     global_batch_size: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Blocks per optimizer step over all processes; when set, "
         "gradient_accumulation_steps is derived as global / (micro_batch_size x processes).",
     )
     max_steps: int | None = Field(
-        1000, ge=1,
+        1000,
+        ge=1,
         description="Optimizer steps to run. With max_tokens or epochs also set, the first "
         "limit reached stops the run (and sets the schedule's length); null: those decide.",
     )
@@ -122,12 +127,14 @@ class TrainConfig(_Section):
     seed: int = Field(1337, description="Seed for weights, dropout and data order.")
     log_interval: int = Field(10, ge=1, description="Steps between metric lines.")
     save_interval: int = Field(
-        500, ge=0, description="Optimizer steps between checkpoints (run_dir/checkpoints); "
-        "0: none.",
+        500,
+        ge=0,
+        description="Optimizer steps between checkpoints (run_dir/checkpoints); 0: none.",
     )
     keep_last: int = Field(2, ge=1, description="Checkpoints kept (the newest); best is extra.")
     max_bad_steps: int = Field(
-        5, ge=1,
+        5,
+        ge=1,
         description="Consecutive steps with a non-finite loss or gradient norm (each skipped "
         "with a warning) after which training stops.",
     )
@@ -137,7 +144,8 @@ class TrainConfig(_Section):
         "warning when not installed. [] for none.",
     )
     peak_flops: float | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="Peak FLOP/s of one device for MFU; default: measured at start by a "
         "matmul benchmark in the training dtype.",
     )
@@ -168,7 +176,8 @@ class EvalConfig(_Section):
     )
     batch_size: int = Field(32, ge=1, description="Blocks per validation forward pass.")
     patience: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Early stopping: stop after this many validations in a row without an "
         "improvement of val_loss by more than min_delta; default never.",
     )
@@ -203,6 +212,16 @@ class Recipe(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value.strip() or value in (".", "..") or "/" in value or "\\" in value:
+            raise ValueError(
+                "name must be a plain directory name (not empty, no / or \\, not . or ..); "
+                "use out_dir=PATH to write the run elsewhere"
+            )
+        return value
 
     @property
     def run_dir(self) -> Path:
@@ -246,7 +265,18 @@ def _format_error(err: ValidationError, source: str) -> UserError:
             # A misspelt section: compare its keys whole (`trian.max_steps` ~ `train.max_steps`).
             loc = f"{loc}.{next(iter(first['input']))}"
         guess = closest_key(loc)
-        hint = f"did you mean `{guess}`?" if guess else "see `llmkit train --help` for the keys"
+        if guess:
+            hint = f"did you mean `{guess}`?"
+        elif "." in loc:
+            section = loc.split(".", 1)[0]
+            keys = [k.split(".", 1)[1] for k in valid_keys() if k.startswith(f"{section}.")]
+            hint = (
+                f"valid keys of {section}: {', '.join(keys)}"
+                if keys
+                else f"valid top-level keys: {', '.join(Recipe.model_fields)}"
+            )
+        else:
+            hint = f"valid top-level keys: {', '.join(Recipe.model_fields)}"
         return UserError(f"unknown key `{loc}` in {source}", hint)
     got = first.get("input")
     where = f"`{loc}`" if loc else "the recipe"
@@ -292,12 +322,24 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         source = str(p)
+        if p.is_dir():
+            raise UserError(
+                f"recipe {p} is a directory, not a YAML file",
+                "pass a .yaml file, e.g. one of recipes/",
+            )
         if not p.is_file():
             raise UserError(f"recipe {p} does not exist", "see recipes/ for examples")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-            raise UserError(f"cannot parse {p}: {str(err).splitlines()[0]}") from err
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise UserError(f"cannot parse {p}{where}: {problem}") from err
+        except UnicodeDecodeError as err:
+            raise UserError(f"cannot parse {p}: not UTF-8 text (byte {err.start})") from err
+        except OSError as err:
+            raise UserError(f"cannot read {p}: {err.strerror}") from err
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

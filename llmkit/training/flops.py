@@ -24,8 +24,15 @@ from typing import Any
 import torch
 
 
-def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int,
-                    *, trainable_fraction: float = 1.0) -> float:
+def flops_per_token(
+    n_params: int,
+    n_layer: int,
+    n_head: int,
+    head_dim: int,
+    seq_len: int,
+    *,
+    trainable_fraction: float = 1.0,
+) -> float:
     """Training FLOPs (forward + backward) per token: ``6 N + 12 L H Q T`` (PaLM, app. B).
 
     With frozen weights (LoRA) the backward still needs activation gradients through every
@@ -44,8 +51,9 @@ def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq
 
 
 @lru_cache(maxsize=8)
-def measure_peak_flops(device: str = "cpu", dtype: str = "float32", size: int = 1024,
-                       seconds: float = 0.3) -> float:
+def measure_peak_flops(
+    device: str = "cpu", dtype: str = "float32", size: int = 1024, seconds: float = 0.3
+) -> float:
     """FLOP/s of the best of repeated ``size`` x ``size`` matmuls on ``device`` in ``dtype``.
 
     Each matmul is 2 size^3 FLOPs. Runs for about ``seconds`` after one warm-up; the best
@@ -83,9 +91,16 @@ def model_shape(config: Any) -> tuple[int, int, int]:
     return n_layer, n_head, head_dim
 
 
-def estimate_memory(*, n_params: int, n_trainable: int, config: Any, micro_batch_size: int,
-                    seq_len: int, mixed_precision: str, gradient_checkpointing: bool
-                    ) -> dict[str, int]:
+def estimate_memory(
+    *,
+    n_params: int,
+    n_trainable: int,
+    config: Any,
+    micro_batch_size: int,
+    seq_len: int,
+    mixed_precision: str,
+    gradient_checkpointing: bool,
+) -> dict[str, int]:
     """Bytes per process for training: weights, gradients, optimizer, activations.
 
     Weights and gradients of trainable parameters are float32 (4 bytes), frozen weights too;

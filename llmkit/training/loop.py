@@ -7,11 +7,11 @@ functions tested on their own.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -67,13 +67,16 @@ def summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         targets: (B, T), -100 where not scored.
     """
     return F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+        logits.float().flatten(0, 1),
+        targets.flatten(),
+        ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
 
 
-def micro_batch_loss(logits: torch.Tensor, targets: torch.Tensor, num_targets: int,
-                     world_size: int = 1) -> torch.Tensor:
+def micro_batch_loss(
+    logits: torch.Tensor, targets: torch.Tensor, num_targets: int, world_size: int = 1
+) -> torch.Tensor:
     """The loss to backpropagate for one micro-batch of a gradient-accumulation step.
 
     The step's loss is the mean over *all* its target tokens — ``Σ nll / N`` where N counts the
@@ -134,31 +137,96 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int | Non
 
     if cfg.lr_schedule == "cosine":
         return get_scheduler(
-            "cosine_with_min_lr", optimizer, num_warmup_steps=cfg.warmup_steps,
-            num_training_steps=total_steps, scheduler_specific_kwargs={"min_lr": cfg.min_lr},
+            "cosine_with_min_lr",
+            optimizer,
+            num_warmup_steps=cfg.warmup_steps,
+            num_training_steps=total_steps,
+            scheduler_specific_kwargs={"min_lr": cfg.min_lr},
         )
     name = "linear" if cfg.lr_schedule == "linear" else "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
-                         num_training_steps=total_steps)
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps
+    )
 
 
 # --------------------------------------------------------------------------- run dir
+# What a run writes into its directory; ``--overwrite`` removes these (and only these) at the
+# start of the new run, the finished marker first, so the directory never mixes two runs.
+_RUN_FILES = (
+    RUN_MARKER,
+    ckpt.CHECKPOINTS,
+    "tensorboard",
+    "metrics.jsonl",
+    "llmkit_config.yaml",
+    "README.md",
+    "loss_curve.png",
+    "adapter",
+    ".final.tmp",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_RUN_FILE_PATTERNS = ("model-*.safetensors", "pytorch_model-*.bin", ".*.tmp")
+
+
+def _os_error(err: OSError, run_dir: Path) -> UserError:
+    """A one-line error for a failure to create or write the run directory."""
+    reason = err.strerror or type(err).__name__
+    if isinstance(err, (NotADirectoryError, FileExistsError)):
+        reason = f"a file is in the way ({reason})"
+    where = "" if err.filename in (None, str(run_dir)) else f" ({err.filename})"
+    return UserError(
+        f"cannot create or write the run directory {run_dir}{where}: {reason}",
+        "choose another out_dir=... / name=..., or fix the permissions",
+    )
+
+
 def _prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        if not overwrite:
-            what = "a finished run" if is_finished_run(run_dir) else "files"
-            raise UserError(
-                f"{run_dir} already holds {what}",
-                "pass --overwrite to replace it, or set name=... / out_dir=... for a new run",
-            )
-        # A fresh run: no stale checkpoints, logs or marker from the one it replaces.
-        for name in (ckpt.CHECKPOINTS, "tensorboard", "metrics.jsonl", RUN_MARKER):
-            child = run_dir / name
-            if child.is_dir():
-                shutil.rmtree(child)
-            elif child.exists():
-                child.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Make the run directory ready for a new (or resumed) run.
+
+    The finished marker is removed first: from here until the new run finishes, the directory
+    is not a finished run. With ``overwrite`` the previous run's files are removed too.
+
+    Raises:
+        UserError: the directory holds files and neither ``overwrite`` nor ``resume`` is set;
+            it cannot be created or written (a file in the way, no permission).
+    """
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(run_dir))
+        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+            if not overwrite:
+                what = "a finished run" if is_finished_run(run_dir) else "files"
+                raise UserError(
+                    f"{run_dir} already holds {what}",
+                    "pass --overwrite to replace it, or set name=... / out_dir=... for a new run",
+                )
+            doomed = [run_dir / name for name in _RUN_FILES]
+            for pattern in _RUN_FILE_PATTERNS:
+                doomed += sorted(run_dir.glob(pattern))
+            for child in doomed:  # RUN_MARKER first
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                elif child.exists() or child.is_symlink():
+                    child.unlink()
+        elif (run_dir / RUN_MARKER).exists():  # resuming: unfinished until it finishes again
+            (run_dir / RUN_MARKER).unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".llmkit-write-test"
+        probe.write_text("", encoding="utf-8")
+        probe.unlink()
+    except OSError as err:
+        raise _os_error(err, run_dir) from None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -176,7 +244,6 @@ def _save_final(model, tokenizer, run_dir: Path) -> None:
     for f in tmp.iterdir():
         os.replace(f, run_dir / f.name)
     tmp.rmdir()
-
 
 
 class EarlyStopping:
@@ -211,8 +278,11 @@ class EarlyStopping:
         return self.patience is not None and self.bad_evals >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_val_loss": self.best, "best_step": self.best_step,
-                "bad_evals": self.bad_evals}
+        return {
+            "best_val_loss": self.best,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state.get("best_val_loss")
@@ -237,10 +307,17 @@ def _tracker_names(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
     """(trackers to use, trackers skipped because their package is missing)."""
     import importlib.util
 
-    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
-                "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "aim": ("aim",),
-                "clearml": ("clearml",), "dvclive": ("dvclive",), "swanlab": ("swanlab",),
-                "trackio": ("trackio",)}
+    packages = {
+        "tensorboard": ("tensorboard", "tensorboardX"),
+        "wandb": ("wandb",),
+        "mlflow": ("mlflow",),
+        "comet_ml": ("comet_ml",),
+        "aim": ("aim",),
+        "clearml": ("clearml",),
+        "dvclive": ("dvclive",),
+        "swanlab": ("swanlab",),
+        "trackio": ("trackio",),
+    }
     use, skipped = [], []
     for name in wanted:
         mods = packages.get(name, (name,))
@@ -265,11 +342,75 @@ def _warn(console, message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, turned into Ctrl-C by the CLI) during a run; ``str()`` says what
+    the run directory holds and how to continue."""
+
+
+def _interrupted_message(run_dir: Path, step: int | None) -> str:
+    at = f" at step {step}" if step else ""
+    last = ckpt.list_checkpoints(run_dir)
+    if last:
+        return (
+            f"interrupted{at}; {run_dir} is not a finished run, its checkpoint {last[-1]} "
+            f"is intact: continue with --resume latest"
+        )
+    return f"interrupted{at}; {run_dir} is not a finished run and holds no checkpoint yet"
+
+
 # --------------------------------------------------------------------------- train
-def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = (), *,
-          overwrite: bool = False, progress: bool = True, resume: str | None = None,
-          dry_run: bool = False,
-          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def train(
+    config: str | Path | Recipe | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    resume: str | None = None,
+    dry_run: bool = False,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    try:
+        return _train(
+            config,
+            overrides,
+            overwrite=overwrite,
+            progress=progress,
+            resume=resume,
+            dry_run=dry_run,
+            on_step=on_step,
+            _state=state,
+        )
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:
+        if "run_dir" not in state:
+            raise  # nothing written yet
+        raise TrainingInterrupted(_interrupted_message(state["run_dir"], None)) from None
+    except OSError as err:
+        if err.filename is None and err.errno not in _DISK_ERRNOS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        raise UserError(
+            f"cannot write {where}{err.strerror or err}",
+            "check the disk space and permissions of the run directory",
+        ) from None
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
+
+
+def _train(
+    config: str | Path | Recipe | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    resume: str | None = None,
+    dry_run: bool = False,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    _state: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train a causal LM on prepared blocks; write the model, tokenizer, config and metrics.
 
     Args:
@@ -342,8 +483,11 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
                 f"prepare the data with --block-size {positions} or less",
             )
         if mcfg.block_size is not None and positions is not None and mcfg.block_size > positions:
-            raise UserError(f"model.block_size {mcfg.block_size} is above the {positions} "
-                            f"positions of {mcfg.name_or_path}", "remove model.block_size")
+            raise UserError(
+                f"model.block_size {mcfg.block_size} is above the {positions} "
+                f"positions of {mcfg.name_or_path}",
+                "remove model.block_size",
+            )
         model_vocab = int(getattr(model_config, "vocab_size", 0) or 0)
         if model_vocab and vocab_size > model_vocab:
             raise UserError(
@@ -360,17 +504,33 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
                 f"{model_block}",
             )
         model_config = build_config(
-            mcfg, vocab_size=vocab_size, block_size=model_block,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            mcfg,
+            vocab_size=vocab_size,
+            block_size=model_block,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
 
+    if (
+        tcfg.mixed_precision == "fp16"
+        and not torch.cuda.is_available()
+        and int(os.environ.get("RANK", "0")) == 0
+    ):
+        _warn(
+            console,
+            "train.mixed_precision=fp16 without a GPU is emulated and several times "
+            "slower than float32; use bf16 or no",
+        )
     trackers, missing = ([], []) if dry_run else _tracker_names(tcfg.trackers)
     # Several processes (torchrun / accelerate launch) and no GPU: accelerate joins them over
     # gloo only when told cpu=True (without it each process trains alone, unaware of the rest).
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        cpu=multi_cpu, mixed_precision=tcfg.mixed_precision, log_with=trackers or None,
-        project_dir=str(run_dir), dynamo_backend="inductor" if mcfg.compile else None,
+        cpu=multi_cpu,
+        mixed_precision=tcfg.mixed_precision,
+        log_with=trackers or None,
+        project_dir=str(run_dir),
+        dynamo_backend="inductor" if mcfg.compile else None,
     )
     main = accelerator.is_main_process
     world = accelerator.num_processes
@@ -394,8 +554,9 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
             "lower train.micro_batch_size or prepare more text / a smaller --block-size",
         )
     tokens_per_step = global_batch * (data_block - 1)
-    total_steps = plan_steps(tcfg, n_train=n_train, global_batch=global_batch,
-                             tokens_per_step=tokens_per_step)
+    total_steps = plan_steps(
+        tcfg, n_train=n_train, global_batch=global_batch, tokens_per_step=tokens_per_step
+    )
     if resume_from is not None:
         saved = ckpt.read_state(resume_from)
         if saved.get("global_batch") != global_batch or saved.get("world_size") != world:
@@ -407,14 +568,25 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
             )
 
     if dry_run:
-        return _dry_run(console, recipe, model_config, lcfg, accum=accum, world=world,
-                        data_block=data_block, n_train=n_train,
-                        tokens_per_step=tokens_per_step, total_steps=total_steps)
+        return _dry_run(
+            console,
+            recipe,
+            model_config,
+            lcfg,
+            accum=accum,
+            world=world,
+            data_block=data_block,
+            n_train=n_train,
+            tokens_per_step=tokens_per_step,
+            total_steps=total_steps,
+        )
 
     if main:
         _prepare_run_dir(run_dir, overwrite, resume=resume_from is not None)
         ckpt.clean_temporaries(run_dir)
     accelerator.wait_for_everyone()
+    if _state is not None:
+        _state["run_dir"] = run_dir
 
     # ---- Model, optimizer, schedule.
     set_seed(tcfg.seed)
@@ -445,8 +617,14 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
     train_ds = data.train.with_format("torch", columns=["input_ids"])
     token_bytes = torch.as_tensor(token_byte_lengths(tokenizer))
     n_layer, n_head, head_dim = model_shape(model_config)
-    flops_tok = flops_per_token(n_params, n_layer, n_head, head_dim, data_block - 1,
-                                trainable_fraction=n_trainable / max(n_params, 1))
+    flops_tok = flops_per_token(
+        n_params,
+        n_layer,
+        n_head,
+        head_dim,
+        data_block - 1,
+        trainable_fraction=n_trainable / max(n_params, 1),
+    )
     peak_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(tcfg.mixed_precision, "float32")
     if tcfg.peak_flops is not None:
         peak, peak_src = tcfg.peak_flops, "train.peak_flops"
@@ -469,17 +647,22 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
             f"{n_train} train blocks of {data_block} tokens | {tokens_per_step} tokens per step "
             f"({b} x {accum} accumulation x {world} processes) | {total_steps} steps | "
             f"{flops_tok / 1e6:.1f} MFLOP/token | peak {peak / 1e9:.1f} GFLOP/s per process "
-            f"({peak_src}) | {world} process(es) on {accelerator.device}", highlight=False,
+            f"({peak_src}) | {world} process(es) on {accelerator.device}",
+            highlight=False,
         )
         for name in missing:
-            _warn(console, f"tracker `{name}` is not installed; skipped "
-                           f"(pip install {name}, or set train.trackers=[])")
+            _warn(
+                console,
+                f"tracker `{name}` is not installed; skipped "
+                f"(pip install {name}, or set train.trackers=[])",
+            )
         if resume_from is not None:
             console.print(f"resuming from {resume_from} at step {start_step}")
             kept = [r for r in _read_jsonl(metrics_path) if r.get("step", 0) <= start_step]
             _atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-    metrics_file = metrics_path.open("a" if resume_from else "w", encoding="utf-8") \
-        if main else None
+    metrics_file = (
+        metrics_path.open("a" if resume_from else "w", encoding="utf-8") if main else None
+    )
     if trackers:
         accelerator.init_trackers("tensorboard", config=_flat(recipe.model_dump(mode="json")))
 
@@ -488,8 +671,7 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
         if trackers:
-            accelerator.log({k: v for k, v in record.items() if k != "step"},
-                            step=record["step"])
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     n_val = len(data.validation)
     if ecfg.max_batches is not None:
@@ -498,11 +680,17 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
     val_shard = data.validation.select(range(rank, n_val, world))
 
     def validate(step: int) -> dict[str, float]:
-        sums = score_blocks(accelerator.unwrap_model(model), val_shard, token_bytes,
-                            ecfg.batch_size, accelerator.device)
+        sums = score_blocks(
+            accelerator.unwrap_model(model),
+            val_shard,
+            token_bytes,
+            ecfg.batch_size,
+            accelerator.device,
+        )
         if world > 1:
-            t = torch.tensor([sums.nats, sums.tokens, sums.bytes], dtype=torch.float64,
-                             device=accelerator.device)
+            t = torch.tensor(
+                [sums.nats, sums.tokens, sums.bytes], dtype=torch.float64, device=accelerator.device
+            )
             t = accelerator.reduce(t, reduction="sum")
             sums = NLLSums(float(t[0]), int(t[1]), int(t[2]))
         result = sums.metrics("val_")
@@ -510,9 +698,15 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
         return result
 
     def trainer_state(step: int) -> dict[str, Any]:
-        return {"step": step, "tokens": trained_tokens, "total_steps": total_steps,
-                "global_batch": global_batch, "world_size": world,
-                "early_stopping": early.state_dict(), "llmkit_version": __version__}
+        return {
+            "step": step,
+            "tokens": trained_tokens,
+            "total_steps": total_steps,
+            "global_batch": global_batch,
+            "world_size": world,
+            "early_stopping": early.state_dict(),
+            "llmkit_version": __version__,
+        }
 
     unwrapped_config = accelerator.unwrap_model(model).config
 
@@ -525,8 +719,10 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
     bar = Progress(
         TextColumn("step {task.completed}/{task.total}"),
         BarColumn(),
-        TextColumn("loss {task.fields[loss]:.4f} | lr {task.fields[lr]:.2e} | "
-                   "{task.fields[tps]:,.0f} tok/s | MFU {task.fields[mfu]:.1%}"),
+        TextColumn(
+            "loss {task.fields[loss]:.4f} | lr {task.fields[lr]:.2e} | "
+            "{task.fields[tps]:,.0f} tok/s | MFU {task.fields[mfu]:.1%}"
+        ),
         TimeRemainingColumn(),
         console=console,
         disable=not (progress and main),
@@ -545,12 +741,20 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
     check_grad_norm = tcfg.mixed_precision != "fp16"  # fp16: the grad scaler skips overflows
     try:
         with bar:
-            task = bar.add_task("train", total=total_steps, completed=start_step,
-                                loss=float("nan"), lr=0.0, tps=0.0, mfu=0.0)
+            task = bar.add_task(
+                "train",
+                total=total_steps,
+                completed=start_step,
+                loss=float("nan"),
+                lr=0.0,
+                tps=0.0,
+                mfu=0.0,
+            )
             for step in range(start_step + 1, total_steps + 1):
                 samples = step_samples(step - 1, n_train, global_batch, tcfg.seed)
-                micro = [rows(micro_batch_samples(samples, i, rank, world, b))
-                         for i in range(accum)]
+                micro = [
+                    rows(micro_batch_samples(samples, i, rank, world, b)) for i in range(accum)
+                ]
                 local_targets = torch.tensor(count_targets(micro), device=accelerator.device)
                 num_targets = int(accelerator.reduce(local_targets, reduction="sum"))
                 lr = optimizer.param_groups[0]["lr"]
@@ -569,10 +773,12 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
                 step_loss = float(step_nats) / max(num_targets, 1)
                 grad_norm = None
                 if tcfg.grad_clip > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(),
-                                                                  tcfg.grad_clip))
+                    grad_norm = float(
+                        accelerator.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                    )
                 finite = math.isfinite(step_loss) and (
-                    grad_norm is None or not check_grad_norm or math.isfinite(grad_norm))
+                    grad_norm is None or not check_grad_norm or math.isfinite(grad_norm)
+                )
                 if finite:
                     optimizer.step()
                     bad_in_row = 0
@@ -582,16 +788,27 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
                         bar.console.print(
                             f"[yellow]warning:[/] step {step}: non-finite loss {step_loss} / "
                             f"grad norm {grad_norm}; step skipped ({bad_in_row} in a row, "
-                            f"stop at {tcfg.max_bad_steps})", highlight=False)
+                            f"stop at {tcfg.max_bad_steps})",
+                            highlight=False,
+                        )
                     log({"step": step, "skipped": True, "loss": None, "lr": lr})
                     if bad_in_row >= tcfg.max_bad_steps:
                         last = ckpt.list_checkpoints(run_dir)
                         where = f"last good checkpoint {last[-1]}" if last else "no checkpoint"
+                        fixes = ["lower train.learning_rate"]
+                        if tcfg.grad_clip == 0:
+                            fixes.append("set train.grad_clip (e.g. 1.0)")
+                        if tcfg.mixed_precision == "fp16":
+                            fixes.append("use bf16 instead of fp16")
+                        hint = ", or ".join(
+                            [", ".join(fixes[:-1]), fixes[-1]] if len(fixes) > 1 else fixes
+                        )
+                        hint += "; then --resume latest" if last else "; then start again"
                         raise UserError(
                             f"the training loss was non-finite for {bad_in_row} steps in a row "
-                            f"(steps {step - bad_in_row + 1}-{step}); {where}",
-                            "lower train.learning_rate, set train.grad_clip, or use bf16 "
-                            "instead of fp16; then --resume latest",
+                            f"(steps {step - bad_in_row + 1}-{step}); {where}; {run_dir} holds "
+                            "no finished run",
+                            hint,
                         )
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -599,10 +816,19 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
                 trained_tokens += num_targets
                 window_tokens += num_targets
                 if on_step is not None:
-                    mine = torch.cat([micro_batch_samples(samples, i, rank, world, b)
-                                      for i in range(accum)])
-                    on_step(step, {"loss": step_loss, "lr": lr, "samples": samples.tolist(),
-                                   "rank_samples": mine.tolist(), "skipped": not finite})
+                    mine = torch.cat(
+                        [micro_batch_samples(samples, i, rank, world, b) for i in range(accum)]
+                    )
+                    on_step(
+                        step,
+                        {
+                            "loss": step_loss,
+                            "lr": lr,
+                            "samples": samples.tolist(),
+                            "rank_samples": mine.tolist(),
+                            "skipped": not finite,
+                        },
+                    )
                 if finite and (step % tcfg.log_interval == 0 or step == total_steps):
                     now = time.perf_counter()
                     tps = window_tokens / max(now - window_start, 1e-9)
@@ -612,15 +838,26 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
                     bar.update(task, completed=step, loss=step_loss, lr=lr, tps=tps, mfu=mfu)
                     if main and progress and not console.is_terminal and step % text_every == 0:
                         # No live bar off a terminal (CI, a pipe): a plain line now and then.
-                        console.print(f"step {step}/{total_steps} | loss {step_loss:.4f} | "
-                                      f"lr {lr:.2e} | {tps:,.0f} tok/s | MFU {mfu:.1%}",
-                                      highlight=False)
-                    log({"step": step, "loss": step_loss, "lr": lr, "tokens_per_sec": tps,
-                         "mfu": mfu, "grad_norm": grad_norm, "elapsed_sec": now - start})
+                        console.print(
+                            f"step {step}/{total_steps} | loss {step_loss:.4f} | "
+                            f"lr {lr:.2e} | {tps:,.0f} tok/s | MFU {mfu:.1%}",
+                            highlight=False,
+                        )
+                    log(
+                        {
+                            "step": step,
+                            "loss": step_loss,
+                            "lr": lr,
+                            "tokens_per_sec": tps,
+                            "mfu": mfu,
+                            "grad_norm": grad_norm,
+                            "elapsed_sec": now - start,
+                        }
+                    )
                 else:
                     bar.update(task, completed=step)
 
-                evaluate_now = (step % ecfg.interval == 0 or step == total_steps)
+                evaluate_now = step % ecfg.interval == 0 or step == total_steps
                 if evaluate_now and len(data.validation):
                     last_val, last_val_step = validate(step), step
                     improved = early.update(step, last_val["val_loss"])
@@ -628,14 +865,21 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
                         bar.console.print(
                             f"step {step}: val_loss {last_val['val_loss']:.4f} | "
                             f"val_ppl {last_val['val_ppl']:.2f} | "
-                            f"val_bpb {last_val['val_bpb']:.4f}"
-                            + (" (best)" if improved else ""), highlight=False)
+                            f"val_bpb {last_val['val_bpb']:.4f}" + (" (best)" if improved else ""),
+                            highlight=False,
+                        )
                     if improved and tcfg.save_interval:
-                        ckpt.save_checkpoint(accelerator, run_dir, ckpt.BEST,
-                                             trainer_state(step), unwrapped_config)
+                        ckpt.save_checkpoint(
+                            accelerator, run_dir, ckpt.BEST, trainer_state(step), unwrapped_config
+                        )
                 if tcfg.save_interval and step % tcfg.save_interval == 0:
-                    ckpt.save_checkpoint(accelerator, run_dir, ckpt.step_dir_name(step),
-                                         trainer_state(step), unwrapped_config)
+                    ckpt.save_checkpoint(
+                        accelerator,
+                        run_dir,
+                        ckpt.step_dir_name(step),
+                        trainer_state(step),
+                        unwrapped_config,
+                    )
                     if main:
                         ckpt.prune_checkpoints(run_dir, tcfg.keep_last)
                     accelerator.wait_for_everyone()
@@ -645,23 +889,21 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
                         bar.console.print(
                             f"early stopping at step {step}: val_loss has not improved by more "
                             f"than {ecfg.min_delta} for {early.bad_evals} evaluations; best "
-                            f"{early.best:.4f} at step {early.best_step}", highlight=False)
+                            f"{early.best:.4f} at step {early.best_step}",
+                            highlight=False,
+                        )
                     break
             else:
                 if tcfg.max_tokens is not None and total_steps < (tcfg.max_steps or 10**18):
                     stopped = "max_tokens"
                 if tcfg.epochs is not None and total_steps == math.ceil(
-                        tcfg.epochs * steps_per_epoch(n_train, global_batch)):
+                    tcfg.epochs * steps_per_epoch(n_train, global_batch)
+                ):
                     stopped = "epochs"
     except KeyboardInterrupt:
         if metrics_file is not None:
             metrics_file.close()
-        if main:
-            last = ckpt.list_checkpoints(run_dir)
-            where = (f"the last checkpoint {last[-1]} is intact; continue with --resume latest"
-                     if last else "no checkpoint was written yet")
-            sys.stderr.write(f"\ninterrupted at step {step}: {where}\n")
-        raise
+        raise TrainingInterrupted(_interrupted_message(run_dir, step)) from None
     train_seconds = time.perf_counter() - start
     if len(data.validation) and last_val_step != step:
         last_val = validate(step)
@@ -682,17 +924,28 @@ def train(config: str | Path | Recipe | None = None, overrides: Sequence[str] = 
     if main:
         if metrics_file is not None:
             metrics_file.close()
-        _finish(accelerator.unwrap_model(model), tokenizer, run_dir, recipe, data.manifest,
-                resolved, final)
-        summary = " | ".join(f"{k} {v:.4f}" for k, v in last_val.items())
+        _finish(
+            accelerator.unwrap_model(model),
+            tokenizer,
+            run_dir,
+            recipe,
+            data.manifest,
+            resolved,
+            final,
+        )
+        summary = "".join(f" | {k} {v:.4f}" for k, v in last_val.items())
         console.print(
             f"done: {step} steps in {train_seconds:.1f} s "
-            f"({final['tokens_per_sec']:,.0f} tok/s, MFU {mfu:.1%}) | {summary}\n"
-            f"saved {run_dir}", highlight=False,
+            f"({final['tokens_per_sec']:,.0f} tok/s, MFU {mfu:.1%}){summary}\n"
+            f"saved {run_dir}",
+            highlight=False,
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+train.__doc__ = _train.__doc__
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -701,8 +954,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return read_metrics(path)
 
 
-def _finish(model, tokenizer, run_dir: Path, recipe: Recipe, manifest: dict, resolved: str,
-            final: dict[str, Any]) -> None:
+def _finish(
+    model,
+    tokenizer,
+    run_dir: Path,
+    recipe: Recipe,
+    manifest: dict,
+    resolved: str,
+    final: dict[str, Any],
+) -> None:
     """The final directory: the model (LoRA merged, adapter kept), tokenizer, loss curve,
     model card, and last the finished marker."""
     from llmkit.training.report import model_card, plot_loss_curve, read_metrics
@@ -716,20 +976,44 @@ def _finish(model, tokenizer, run_dir: Path, recipe: Recipe, manifest: dict, res
     base = recipe.model.name_or_path or f"{recipe.model.type} from scratch"
     if recipe.lora.r > 0:
         base += f", LoRA r={recipe.lora.r}" + (" merged" if recipe.lora.merge else "")
-    _atomic_write_text(run_dir / "README.md", model_card(
-        name=recipe.name, base=base, manifest=manifest, config_yaml=resolved, final=final,
-        version=__version__))
-    _atomic_write_text(run_dir / RUN_MARKER, json.dumps({
-        "status": "finished",
-        "llmkit_version": __version__,
-        "data": str(recipe.data.path),
-        "final_metrics": final,
-    }, indent=2))
+    _atomic_write_text(
+        run_dir / "README.md",
+        model_card(
+            name=recipe.name,
+            base=base,
+            manifest=manifest,
+            config_yaml=resolved,
+            final=final,
+            version=__version__,
+        ),
+    )
+    _atomic_write_text(
+        run_dir / RUN_MARKER,
+        json.dumps(
+            {
+                "status": "finished",
+                "llmkit_version": __version__,
+                "data": str(recipe.data.path),
+                "final_metrics": final,
+            },
+            indent=2,
+        ),
+    )
 
 
-def _dry_run(console, recipe: Recipe, model_config, lcfg, *, accum: int, world: int,
-             data_block: int, n_train: int, tokens_per_step: int, total_steps: int
-             ) -> dict[str, Any]:
+def _dry_run(
+    console,
+    recipe: Recipe,
+    model_config,
+    lcfg,
+    *,
+    accum: int,
+    world: int,
+    data_block: int,
+    n_train: int,
+    tokens_per_step: int,
+    total_steps: int,
+) -> dict[str, Any]:
     """Count parameters on the meta device (no memory), estimate memory, print the plan."""
     from transformers import AutoModelForCausalLM
 
@@ -745,8 +1029,11 @@ def _dry_run(console, recipe: Recipe, model_config, lcfg, *, accum: int, world: 
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tcfg = recipe.train
     memory = estimate_memory(
-        n_params=n_params, n_trainable=n_trainable, config=model_config,
-        micro_batch_size=tcfg.micro_batch_size, seq_len=data_block - 1,
+        n_params=n_params,
+        n_trainable=n_trainable,
+        config=model_config,
+        micro_batch_size=tcfg.micro_batch_size,
+        seq_len=data_block - 1,
         mixed_precision=tcfg.mixed_precision,
         gradient_checkpointing=recipe.model.gradient_checkpointing,
     )
@@ -774,6 +1061,7 @@ def _dry_run(console, recipe: Recipe, model_config, lcfg, *, accum: int, world: 
         f"accumulation x {world} processes x {data_block - 1} targets)\n"
         f"  steps               {total_steps:,} ({plan['tokens']:,} tokens, "
         f"{plan['epochs']:.2f} epochs)\n"
-        "nothing trained, nothing written", highlight=False,
+        "nothing trained, nothing written",
+        highlight=False,
     )
     return plan

@@ -22,8 +22,14 @@ _DROPOUT_KEYS = (
 )
 
 
-def build_config(cfg: ModelConfig, *, vocab_size: int, block_size: int, eos_token_id: int,
-                 pad_token_id: int | None = None):
+def build_config(
+    cfg: ModelConfig,
+    *,
+    vocab_size: int,
+    block_size: int,
+    eos_token_id: int,
+    pad_token_id: int | None = None,
+):
     """A transformers config of ``cfg.type`` at the recipe's sizes.
 
     Sizes use the generic names that every config maps (``hidden_size``, ``num_hidden_layers``,
@@ -101,8 +107,10 @@ def _source(name: str) -> tuple[str, dict[str, Any]]:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"model.name_or_path {name} is not a model directory "
-                            "(no config.json)", "point it at a save_pretrained directory")
+            raise UserError(
+                f"model.name_or_path {name} is not a model directory (no config.json)",
+                "point it at a save_pretrained directory",
+            )
         return str(path), {}
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -158,8 +166,11 @@ def add_lora(model, lcfg):
     except ImportError as err:
         raise UserError("lora.r > 0 needs peft", "pip install peft") from err
     config = LoraConfig(
-        r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-        target_modules=lcfg.target_modules, task_type="CAUSAL_LM",
+        r=lcfg.r,
+        lora_alpha=lcfg.alpha,
+        lora_dropout=lcfg.dropout,
+        target_modules=lcfg.target_modules,
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
 

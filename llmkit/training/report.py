@@ -59,8 +59,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def model_card(*, name: str, base: str, manifest: dict[str, Any], config_yaml: str,
-               final: dict[str, Any], version: str) -> str:
+def model_card(
+    *,
+    name: str,
+    base: str,
+    manifest: dict[str, Any],
+    config_yaml: str,
+    final: dict[str, Any],
+    version: str,
+) -> str:
     """README.md text for the final model directory: data manifest, config, final metrics."""
     settings = manifest.get("settings", {})
     lines = [
@@ -90,14 +97,32 @@ def model_card(*, name: str, base: str, manifest: dict[str, Any], config_yaml: s
     inputs = manifest.get("inputs")
     if inputs:
         shown = inputs if isinstance(inputs, list) else [inputs]
-        lines.append("Inputs: " + ", ".join(
-            str(i.get("path", i)) if isinstance(i, dict) else str(i) for i in shown[:10]))
+        lines.append(
+            "Inputs: "
+            + ", ".join(
+                str(i.get("path", i)) if isinstance(i, dict) else str(i) for i in shown[:10]
+            )
+        )
     if settings:
         lines.append("Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     for key in ("tokens", "splits", "counts"):
         if key in manifest:
             lines.append(f"{key.capitalize()}: `{json.dumps(manifest[key])}`")
-    lines += ["", "<details><summary>Full data manifest</summary>", "", "```json",
-              json.dumps(manifest, indent=2)[:20000], "```", "", "</details>", "",
-              "## Training config (resolved)", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    lines += [
+        "",
+        "<details><summary>Full data manifest</summary>",
+        "",
+        "```json",
+        json.dumps(manifest, indent=2)[:20000],
+        "```",
+        "",
+        "</details>",
+        "",
+        "## Training config (resolved)",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)

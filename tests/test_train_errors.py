@@ -1,0 +1,241 @@
+"""Tester-found bugs of `llmkit train` / `generate` / `eval`: a failed --overwrite never leaves a
+"finished" run, run-dir OS errors and bad names are one-line errors, hints name the real fix,
+the picked model is announced, SIGTERM behaves like Ctrl-C, and small output fixes."""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+from llmkit.errors import UserError
+from llmkit.runs import is_finished_run, newest_finished_run
+from llmkit.training.config import load_recipe
+from tests.test_train import _write_prepared as _write_with_validation
+
+
+def _write_prepared(root, tokenizer, block_size: int, n_train: int, n_val: int):
+    """test_train's prepared directory; n_val=0: no validation split (as prepare may write)."""
+    import shutil
+
+    out = _write_with_validation(root, tokenizer, block_size, n_train, max(n_val, 1))
+    if not n_val:
+        shutil.rmtree(out / "validation")
+    return out
+
+
+TINY = [
+    "model.n_layer=1",
+    "model.n_embd=16",
+    "model.n_head=2",
+    "train.micro_batch_size=4",
+    "train.max_steps=4",
+    "train.warmup_steps=0",
+    "train.trackers=[]",
+    "eval.interval=2",
+]
+
+
+def _one_error_line(result, code: int = 2) -> str:
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr  # progress lines may precede
+    assert "Traceback" not in result.stderr
+    return errors[0]
+
+
+def test_failed_overwrite_leaves_no_finished_run(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+    from llmkit.generation.loading import _candidates, load_model_and_tokenizer
+    from llmkit.training.loop import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLMKIT_MODEL", raising=False)
+    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 0)  # no validation
+    base = [f"data.path={data}", "name=r", *TINY]
+    train(None, base, progress=False)
+    run = tmp_path / "runs" / "r"
+    assert is_finished_run(run)
+    err = capsys.readouterr().err
+    done = next(line for line in err.splitlines() if line.startswith("done:"))
+    assert done.rstrip().endswith(")")  # no validation: no stray " | " after MFU
+    # without --model the newest finished run is used, and stderr says so
+    load_model_and_tokenizer(None, device="cpu")
+    assert "using runs/r (newest finished run)" in capsys.readouterr().err
+
+    nan = ["train.learning_rate=1e30", "train.min_lr=0", "train.max_bad_steps=1"]
+    result = CliRunner().invoke(app, ["train", *base, *nan, "--overwrite", "--no-progress"])
+    line = _one_error_line(result)
+    assert "non-finite" in line and "grad_clip" not in line  # grad_clip is already 1.0
+    assert not is_finished_run(run) and newest_finished_run("runs") is None
+    assert all(c.origin != "newest finished run" for c in _candidates(None))
+    assert not (run / "model.safetensors").exists() and not (run / "README.md").exists()
+    # grad_clip=0: now the hint suggests it
+    result = CliRunner().invoke(app, ["train", *base, *nan, "train.grad_clip=0", "--overwrite"])
+    assert "set train.grad_clip" in _one_error_line(result)
+
+
+def test_run_dir_os_errors_and_bad_names_are_one_line(tmp_path, tiny_tokenizer):
+    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 0)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    for out in (blocker, blocker / "sub"):
+        result = CliRunner().invoke(app, ["train", f"data.path={data}", f"out_dir={out}", *TINY])
+        line = _one_error_line(result)
+        assert str(out) in line and "file is in the way" in line
+    assert blocker.read_text() == "keep me"
+    if os.geteuid() != 0:  # root ignores permissions
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        result = CliRunner().invoke(
+            app, ["train", f"data.path={data}", f"out_dir={locked / 'run'}", *TINY]
+        )
+        assert str(locked / "run") in _one_error_line(result)
+        locked.chmod(0o700)
+    # an unknown model type is found before the run dir is made
+    result = CliRunner().invoke(
+        app, ["train", f"data.path={data}", f"out_dir={tmp_path / 't3'}", "model.type=gpt5"]
+    )
+    assert "gpt5" in _one_error_line(result) and not (tmp_path / "t3").exists()
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", "a\\b", "' '", ".", ".."])
+def test_name_must_be_a_plain_directory_name(name):
+    with pytest.raises(UserError, match="name must be a plain directory name"):
+        load_recipe(None, [f"name={name}"])
+    assert load_recipe(None, ["out_dir=../elsewhere/x"]).run_dir.as_posix() == "../elsewhere/x"
+
+
+def test_recipe_hints_name_the_real_fix(tmp_path):
+    with pytest.raises(UserError) as err:
+        load_recipe(None, ["foo.bar=1"])
+    assert "data, model, train, eval" in str(err.value) and "--help" not in str(err.value)
+    with pytest.raises(UserError, match="is a directory"):
+        load_recipe(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: 3\n  x: [1\n")
+    with pytest.raises(UserError, match="line 4"):
+        load_recipe(bad)
+    result = CliRunner().invoke(app, ["train", "--config", str(tmp_path)])
+    assert "is a directory" in _one_error_line(result)
+
+
+def test_prompt_too_long_hint_gives_the_real_limit():
+    from llmkit.generation.generate import check_fits
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=128))
+    with pytest.raises(UserError) as err:
+        check_fits(model, 1197, 20)
+    assert "108 tokens or fewer" in str(err.value) and "under 128" not in str(err.value)
+    with pytest.raises(UserError, match="--max-new-tokens 28 or less"):
+        check_fits(model, 100, 40)
+
+
+def test_llmkit_model_is_named_and_announced(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from llmkit.generation.loading import load_model_and_tokenizer
+
+    monkeypatch.setenv("LLMKIT_MODEL", str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="LLMKIT_MODEL="):
+        load_model_and_tokenizer(None, device="cpu")
+    monkeypatch.setenv("LLMKIT_MODEL", str(tiny_model_dir))
+    load_model_and_tokenizer(None, device="cpu")
+    assert f"using $LLMKIT_MODEL={tiny_model_dir}" in capsys.readouterr().err
+    load_model_and_tokenizer(str(tiny_model_dir), device="cpu")  # explicit: nothing said
+    assert "using" not in capsys.readouterr().err
+
+
+def test_empty_prompt_does_not_trigger_the_attention_mask_warning(tiny_model_dir, monkeypatch):
+    from transformers import PreTrainedModel
+
+    from llmkit.generation.generate import generate
+
+    def fail(self, input_ids, attention_mask):
+        if attention_mask is None and self.config.pad_token_id in input_ids[:, [-1, 0]]:
+            raise AssertionError("transformers would warn about a missing attention_mask")
+
+    monkeypatch.setattr(PreTrainedModel, "warn_if_padding_and_no_attention_mask", fail)
+    assert len(generate("", model=str(tiny_model_dir), max_new_tokens=2, device="cpu")) == 1
+
+
+def test_sigterm_is_an_interrupt_with_a_useful_message(tmp_path, tiny_tokenizer, monkeypatch):
+    from llmkit.cli._common import sigterm_as_interrupt
+    from llmkit.training import loop
+
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 0)
+    run = tmp_path / "run"
+
+    def stop(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(loop.TrainingInterrupted) as err:
+        loop.train(
+            None,
+            [f"data.path={data}", f"out_dir={run}", *TINY, "train.save_interval=2"],
+            progress=False,
+            on_step=stop,
+        )
+    message = str(err.value)
+    assert "step 3" in message and str(run) in message and "--resume latest" in message
+    assert not is_finished_run(run)
+
+    def interrupted(*args, **kwargs):
+        raise loop.TrainingInterrupted(message)
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    result = CliRunner().invoke(app, ["train", f"data.path={data}"])
+    assert "--resume latest" in _one_error_line(result, code=130)
+
+
+def test_eval_table_fits_80_columns():
+    from rich.console import Console
+
+    from llmkit.cli.evaluate import results_table
+
+    row = {
+        "model": "runs/a-rather-long-run-name-for-a-model",
+        "tokens": 123456,
+        "loss": 3.2,
+        "perplexity": 24.5,
+        "bits_per_byte": 1.23,
+        "data": "/some/long/path/to/prepared/data/directory",
+    }
+    for rows in ([row], [row, {**row, "data": "/other/data", "bits_per_byte": 1.0}]):
+        console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        console.print(results_table(rows))
+        text = console.export_text()
+        assert max(len(line) for line in text.splitlines()) <= 80
+        assert ("llmkit eval on /some/long/path" in text) == (len(rows) == 1)
+        assert "bits per byte" in text and "1.2300" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 on CPU only")
+def test_fp16_on_cpu_warns(tmp_path, tiny_tokenizer, capsys, monkeypatch):
+    import accelerate
+
+    from llmkit.training.loop import train
+
+    class Stop(Exception):
+        pass
+
+    def no_accelerator(*args, **kwargs):  # accelerate's state is per process: stop here
+        raise Stop
+
+    monkeypatch.setattr(accelerate, "Accelerator", no_accelerator)
+
+    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 0)
+    with pytest.raises(Stop):
+        train(
+            None,
+            [f"data.path={data}", f"out_dir={tmp_path / 'r'}", *TINY, "train.mixed_precision=fp16"],
+            dry_run=True,
+        )
+    assert "fp16 without a GPU" in capsys.readouterr().err
