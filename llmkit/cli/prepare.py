@@ -7,15 +7,12 @@ inside the command so that ``llmkit --help`` stays fast.
 from __future__ import annotations
 
 import json
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
 import typer
 
-from llmkit.cli._common import user_errors
+from llmkit.cli._common import sigterm_as_interrupt, user_errors
 
 
 class SplitOn(str, Enum):
@@ -93,24 +90,6 @@ def clean_overrides(
     if gutenberg is not None:
         out["gutenberg"] = gutenberg
     return out
-
-
-@contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (``kill``) into KeyboardInterrupt, so the temporary output is removed."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @user_errors
@@ -233,7 +212,7 @@ def prepare_command(
             "threshold": minhash_threshold,
         },
     )
-    with _terminate_as_interrupt():
+    with sigterm_as_interrupt():
         manifest = prepare(
             inputs,
             output,

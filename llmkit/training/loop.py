@@ -369,6 +369,33 @@ def train(
     dry_run: bool = False,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """Train a causal LM on prepared blocks; write the model, tokenizer, config and metrics.
+
+    Args:
+        config: a recipe YAML path, a :class:`Recipe`, or None for the defaults.
+        overrides: ``section.key=value`` strings applied over the recipe.
+        overwrite: replace an existing run directory.
+        progress: show the live progress bar (stderr).
+        resume: ``latest`` (the newest checkpoint of this run), a checkpoint directory or a run
+            directory: restore model, optimizer, scheduler, RNGs and data position, continue.
+        dry_run: print parameters, estimated memory, tokens per step and steps; train nothing,
+            write nothing.
+        on_step: called on every process after each step with ``(step, record)``; the record
+            holds ``loss`` (nats/token over all processes), ``lr`` (used by the step),
+            ``samples`` (the global indices of the blocks the step read over all processes),
+            ``rank_samples`` (those this process read) and ``skipped``.
+
+    Returns:
+        The final metrics: ``val_loss`` (nats/token), ``val_ppl``, ``val_bpb`` (bits/byte),
+        ``steps``, ``tokens`` (targets trained on), ``train_seconds``, ``tokens_per_sec``,
+        ``mfu``, ``best_val_loss`` and ``best_step``, ``stopped`` (why training ended).
+        With ``dry_run``: the plan (parameters, memory in bytes, tokens per step, steps).
+
+    Raises:
+        UserError: bad recipe, data not prepared, vocabulary or positions that do not fit the
+            data, an existing run without ``overwrite``, nothing to resume, too many non-finite
+            steps in a row. All but the last are raised before a model is built.
+    """
     state: dict[str, Any] = {}
     try:
         return _train(
@@ -411,33 +438,7 @@ def _train(
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     _state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train a causal LM on prepared blocks; write the model, tokenizer, config and metrics.
-
-    Args:
-        config: a recipe YAML path, a :class:`Recipe`, or None for the defaults.
-        overrides: ``section.key=value`` strings applied over the recipe.
-        overwrite: replace an existing run directory.
-        progress: show the live progress bar (stderr).
-        resume: ``latest`` (the newest checkpoint of this run), a checkpoint directory or a run
-            directory: restore model, optimizer, scheduler, RNGs and data position, continue.
-        dry_run: print parameters, estimated memory, tokens per step and steps; train nothing,
-            write nothing.
-        on_step: called on every process after each step with ``(step, record)``; the record
-            holds ``loss`` (nats/token over all processes), ``lr`` (used by the step),
-            ``samples`` (the global indices of the blocks the step read over all processes),
-            ``rank_samples`` (those this process read) and ``skipped``.
-
-    Returns:
-        The final metrics: ``val_loss`` (nats/token), ``val_ppl``, ``val_bpb`` (bits/byte),
-        ``steps``, ``tokens`` (targets trained on), ``train_seconds``, ``tokens_per_sec``,
-        ``mfu``, ``best_val_loss`` and ``best_step``, ``stopped`` (why training ended).
-        With ``dry_run``: the plan (parameters, memory in bytes, tokens per step, steps).
-
-    Raises:
-        UserError: bad recipe, data not prepared, vocabulary or positions that do not fit the
-            data, an existing run without ``overwrite``, nothing to resume, too many non-finite
-            steps in a row. All but the last are raised before a model is built.
-    """
+    """The body of :func:`train` (which turns interrupts and disk errors into one line)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from rich.console import Console
@@ -943,9 +944,6 @@ def _train(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
-
-
-train.__doc__ = _train.__doc__
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
