@@ -39,7 +39,7 @@ format: install
 
 data/tinyshakespeare/input.txt:
 	@mkdir -p $(dir $@)
-	@curl -fsSL $(SHAKESPEARE_URL) -o $@.part && mv $@.part $@ || { rm -f $@.part; \
+	@curl -fsSL $(SHAKESPEARE_URL) -o $@.part && mv $@.part $@ || { rm -f $@.part; rmdir -p $(dir $@) 2>/dev/null; \
 	  echo "error: cannot download tiny Shakespeare from $(SHAKESPEARE_URL) (offline?) — pass DATA=path/to/text.txt" >&2; exit 2; }
 
 demo: install $(DATA)
