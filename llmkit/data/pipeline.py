@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -47,6 +48,8 @@ from llmkit.data.readers import (
     read_documents,
 )
 from llmkit.errors import UserError
+
+E = TypeVar("E", bound=BaseException)
 
 #: Documents per batch in the encode and pack steps (memory holds one batch of documents).
 BATCH_DOCUMENTS = 1000
@@ -258,16 +261,22 @@ def _remove_dirs(created: list[Path]) -> None:
             break
 
 
-def _os_error_in(err: BaseException) -> OSError | None:
-    """``err`` if it is an OSError, or the OSError a library wrapped into it."""
+def _wrapped(err: BaseException, kind: type[E]) -> E | None:
+    """``err`` if it is a ``kind``, or the ``kind`` a library wrapped into it (following
+    ``__cause__`` / ``__context__``, e.g. through ``datasets``' DatasetGenerationError)."""
     seen = set()
     cur: BaseException | None = err
     while cur is not None and id(cur) not in seen:
-        if isinstance(cur, OSError):
+        if isinstance(cur, kind):
             return cur
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
     return None
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """``err`` if it is an OSError, or the OSError a library wrapped into it."""
+    return _wrapped(err, OSError)
 
 
 def _concerns_output(err: OSError, output: Path, tmp: Path | None) -> bool:
@@ -419,14 +428,7 @@ def _quiet_datasets() -> Iterator[None]:
 
 def _user_error_in(err: BaseException) -> UserError | None:
     """The UserError that ``datasets`` wrapped (DatasetGenerationError), if any."""
-    seen = set()
-    cur: BaseException | None = err
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, UserError):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
+    return _wrapped(err, UserError)
 
 
 def _from_generator(generator: Callable[[], Iterator[dict]], features, cache: Path, name: str):
