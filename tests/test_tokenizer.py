@@ -84,3 +84,23 @@ def test_one_bos_and_one_eos_per_document(single):
     # the fast path gives what the tokenizer's own __call__ gives
     plain = tok(texts, add_special_tokens=True)["input_ids"]
     assert [row[: len(p)] for row, p in zip(ids, plain, strict=True)] == plain
+
+
+def test_extra_special_tokens_for_chat_markers(tmp_path):
+    """A tokenizer trained for chat data holds ChatML's markers from the start: ids 1 and 2,
+    never split or merged with text, 0 bytes each, kept through save and load."""
+    docs = ["<|im_start|>user\nhello world<|im_end|>\n"] * 30 + ["the quick brown fox"] * 30
+    markers = ("<|im_start|>", "<|im_end|>")
+    tok = train_bpe_tokenizer(iter(docs), vocab_size=300, extra_special_tokens=markers)
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", *markers]) == [0, 1, 2]
+    text = "<|im_start|>user\nhello<|im_end|>"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert (ids[0], ids[-1]) == (1, 2) and not {0, 1, 2} & set(ids[1:-1])
+    assert tok.decode(ids) == text
+    tok.save_pretrained(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again.encode(text, add_special_tokens=False) == ids
+    assert token_byte_lengths(again)[[0, 1, 2]].tolist() == [0, 0, 0]
+    assert int(token_byte_lengths(again)[ids].sum()) == len("user\nhello")
+    with pytest.raises(UserError, match="at least 259"):
+        train_bpe_tokenizer(iter(docs), vocab_size=258, extra_special_tokens=markers)

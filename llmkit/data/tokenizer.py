@@ -4,12 +4,14 @@ A trained tokenizer is GPT-2's scheme (Radford et al. 2019, "Language Models are
 Multitask Learners", §2.2): byte-level BPE over a 256-symbol base alphabet, so every string
 round-trips exactly, with ``<|endoftext|>`` as the one special token (EOS, BOS and padding).
 It is saved as a transformers tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) so that
-``AutoTokenizer.from_pretrained(DIR)`` loads it.
+``AutoTokenizer.from_pretrained(DIR)`` loads it. For chat data it can also hold the chat
+template's marker tokens (``extra_special_tokens``, e.g. ChatML's ``<|im_start|>`` and
+``<|im_end|>``, :data:`llmkit.data.sft.CHATML`), so that no token has to be added later.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +23,41 @@ EOS_TOKEN = "<|endoftext|>"
 
 
 def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int, *, length: int | None = None, min_frequency: int = 2
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    length: int | None = None,
+    min_frequency: int = 2,
+    extra_special_tokens: Sequence[str] = (),
 ):
     """Train a byte-level BPE tokenizer on ``texts``.
 
     Args:
         texts: the documents (an iterator is fine; it is consumed once).
         vocab_size: size of the vocabulary in tokens, the 256 byte symbols and the special
-            token included; must be at least 257.
+            tokens included; must be at least 257 plus the extra special tokens.
         length: number of documents, for the trainer's progress display only.
         min_frequency: a pair must occur this many times to be merged.
+        extra_special_tokens: more special tokens, ids 1, 2, ... after ``<|endoftext|>`` (0):
+            never split, never merged with text, 0 bytes in :func:`token_byte_lengths`.
 
     Returns:
         A ``transformers`` fast tokenizer whose EOS, BOS and PAD are ``<|endoftext|>``; no
         special token is added by ``encode`` (documents get their EOS during packing).
 
     Raises:
-        UserError: ``vocab_size`` below 257.
+        UserError: ``vocab_size`` below 257 plus the extra special tokens.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 257:
+    extra = [t for t in dict.fromkeys(extra_special_tokens) if t != EOS_TOKEN]
+    if vocab_size < 257 + len(extra):
+        specials = " and ".join([EOS_TOKEN, *extra])
         raise UserError(
             f"--vocab-size {vocab_size} is too small",
-            "a byte-level BPE needs 256 byte symbols plus <|endoftext|>: use at least 257",
+            f"a byte-level BPE needs 256 byte symbols plus {specials}: use at least "
+            f"{257 + len(extra)}",
         )
     tok = Tokenizer(models.BPE())
     # GPT-2's pre-tokenization regex splits words, numbers and whitespace runs before merging.
@@ -55,7 +67,7 @@ def train_bpe_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=[EOS_TOKEN, *extra],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -65,6 +77,7 @@ def train_bpe_tokenizer(
         eos_token=EOS_TOKEN,
         bos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
+        extra_special_tokens=extra,
         clean_up_tokenization_spaces=False,
     )
 
