@@ -20,6 +20,15 @@ DATA = SHARED / "data"
 MODELS = SHARED / "models"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _llmkit_cache_in_tmp(tmp_path_factory):
+    """Caches (cleaned documents, GGUF conversions) go to a temporary directory per test
+    module, never to the user's ~/.cache/llmkit, and no module sees another's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMKIT_CACHE", str(tmp_path_factory.mktemp("llmkit-cache")))
+        yield
+
+
 def pytest_report_header(config) -> str:
     if DATA.is_dir():
         return f"llmkit shared corpora: {DATA}"

@@ -102,6 +102,15 @@ def test_chinese_is_skipped_by_word_rules_and_says_so():
     for flt in (GopherQuality(), GopherRepetition(), C4Filter(), FineWebFilter()):
         assert flt(zh) == (zh, None)
         assert flt.skipped_by_language == {"zh": 1}
+        assert flt.extra()["skipped_by_language"] == {"zh": 1}
+    # Japanese too (Natsume Soseki, 1905, public domain): one sentence would fail Gopher's
+    # 50 words, C4's 5 words per line and FineWeb's rules if they counted spaces
+    ja = "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。"
+    ja += "何でも薄暗いじめじめした所でニャーニャー泣いていた事だけは記憶している。"
+    assert detect_language(ja)[0] == "ja"
+    for flt in (GopherQuality(), GopherRepetition(), C4Filter(), FineWebFilter()):
+        assert flt.apply(ja) == (ja, None, {"skipped_by_language/ja": 1})
+    assert GopherQuality().check(ja) == "gopher_min_words"  # what skipping avoids
 
 
 def _zh_survives(book, tmp_path) -> None:
@@ -160,6 +169,14 @@ def test_config_file_and_flags(tmp_path):
     assert names == ["normalize", "length", "gopher_quality", "c4", "deduplicate", "near_dedup"]
     gq = build_stages(cfg)[2]
     assert gq.min_words == 30 and gq.min_stop_words == 2
+    assert build_stages(cfg)[-1].settings() == {
+        "ngram_size": 3,
+        "num_perm": 100,
+        "bands": 20,
+        "rows": 5,
+        "threshold": None,
+        "seed": 1,
+    }
     cfg_file.write_text("filters:\n  gopher_qualty: {enabled: true}\n")
     with pytest.raises(UserError, match="did you mean filters.gopher_quality"):
         load_config(cfg_file)
@@ -184,3 +201,58 @@ def test_cli_config_error_is_one_line(tmp_path):
     ]
     r = CliRunner().invoke(app, ["prepare", str(f), "-o", str(tmp_path / "o"), "--filter", "gophr"])
     assert r.exit_code == 2 and "unknown prepare setting filters.gophr" in r.stderr
+
+
+def test_per_document_rows_then_in_order_admission_count_like_the_plain_loop():
+    """The pipeline's form (clean.process_document on every document, in any process, then
+    admit_document and count_document in order) gives the plain loop's documents, counts and
+    dropped texts, for every rule set with its own counts."""
+    import gzip
+    import json
+
+    from llmkit.data.clean import (
+        StageStats,
+        admit_document,
+        count_document,
+        process_document,
+        received_text,
+        run_stages,
+    )
+    from llmkit.data.config import default_config
+
+    path = shared_file("dolma_docs/000.json.gz")
+    docs = [json.loads(line)["text"] for line in gzip.open(path, "rt", encoding="utf-8")]
+    zh = shared_file("gutenberg_zh/23950-0.txt").read_text(encoding="utf-8")[5_000:9_000]
+    docs = docs + [GOOD, zh, docs[3], GOOD + "\nMenu", "   ", "x" * 40]
+    cfg = default_config()
+    for name in ("language", "gopher_quality", "gopher_repetition", "c4", "fineweb"):
+        cfg["filters"][name]["enabled"] = True
+    cfg["filters"]["language"]["languages"] = ["en", "zh"]
+
+    plain_stages = build_stages(cfg)
+    plain = [StageStats.of(s) for s in plain_stages]
+    plain_dropped = []
+    kept = list(
+        run_stages(docs, plain_stages, plain, lambda t, s, r: plain_dropped.append((s, r, t)))
+    )
+
+    stages = build_stages(cfg)
+    stats = [StageStats.of(s) for s in stages]
+    rows = [process_document(d, stages, keep_text=True) for d in docs]  # order-free part
+    kept2, dropped2 = [], []
+    for row in rows:
+        stop, reason, corpus_counts = admit_document(row, stages)
+        count_document(row, stop, reason, corpus_counts, stats)
+        if stop == len(stages):
+            kept2.append(row["text"])
+        else:
+            dropped2.append((stages[stop].name, reason, received_text(row, stop)))
+    assert kept2 == kept and dropped2 == plain_dropped
+    assert [s.as_dict() for s in stats] == [s.as_dict() for s in plain]
+    by_name = {s.name: s.as_dict() for s in stats}
+    # the comparison covers real work of each kind
+    assert by_name["c4"]["lines_removed"] and by_name["language"]["languages_kept"]["zh"] == 1
+    assert by_name["gopher_quality"]["skipped_by_language"] == {"zh": 1}
+    # docs[3] again, and GOOD + "\nMenu" once C4 has removed the line "Menu"
+    assert by_name["deduplicate"]["dropped"] == {"duplicate": 2}
+    assert by_name["normalize"]["dropped"] == {"empty": 1}

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+from conftest import shared_file
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -269,12 +270,19 @@ def test_tokenizer_with_bos_gives_one_bos_and_one_eos_per_document(tmp_path):
     assert len(stream) + m["splits"]["train"]["tail_tokens"] == m["splits"]["train"]["tokens"]
 
 
-def test_num_proc_does_not_change_the_output(shakespeare_slice, tmp_path, tiny_tokenizer):
+def test_num_proc_does_not_change_the_output(
+    shakespeare_slice, tmp_path, tiny_tokenizer, monkeypatch
+):
+    import llmkit.data.pipeline as pipeline
+
+    # clean and encode in 2 processes even on 60 kB (test_prepare_scale.py: on real corpora)
+    monkeypatch.setattr(pipeline, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(pipeline, "PARALLEL_MIN_BYTES_ENCODE", 1)
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
-    kw = dict(tokenizer=str(tmp_path / "tok"), block_size=32)
-    one = run_prepare([shakespeare_slice], tmp_path / "one", **kw)
+    kw = dict(tokenizer=str(tmp_path / "tok"), block_size=32, cache=False)
+    one = run_prepare([shakespeare_slice], tmp_path / "one", num_proc=1, **kw)
     two = run_prepare([shakespeare_slice], tmp_path / "two", num_proc=2, **kw)
-    assert one["splits"] == two["splits"]
+    assert one["splits"] == two["splits"] and one["stages"] == two["stages"]
     assert np.array_equal(train_ids(tmp_path / "one"), train_ids(tmp_path / "two"))
 
 
@@ -369,3 +377,95 @@ def test_existing_output_is_left_alone(tmp_path):
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
         assert (out / "keep.txt").read_text() == "precious"
     assert "--overwrite" in cli(str(f), "-o", str(out)).stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The report: PII counts, normalization and HTML options, the plot, every setting recorded.
+
+
+def test_pii_is_redacted_by_default_counted_and_kept_with_pii_keep(tmp_path):
+    docs = shared_file("dolma_docs/000.json.gz")
+    out = tmp_path / "out"
+    result = cli(str(docs), "-o", str(out), "--vocab-size", "300", "--no-plot", "--json")
+    assert result.exit_code == 0, result.output
+    pii = json.loads(result.stdout)["stages"]["pii"]
+    assert pii["replaced"]["email"] == 3 and pii["documents_changed"] >= 3
+    data = load_prepared(out)
+    text = data.tokenizer.decode(
+        pc.list_flatten(data.train.with_format("arrow")["input_ids"]).to_pylist()
+        + pc.list_flatten(data.validation.with_format("arrow")["input_ids"]).to_pylist()
+    )
+    assert "<EMAIL>" in text and "info@eun.org" not in text
+    kept = cli(
+        str(docs), "-o", str(tmp_path / "kept"), "--vocab-size", "300", "--no-plot", "--pii",
+        "keep", "--json",
+    )  # fmt: skip
+    assert kept.exit_code == 0, kept.output
+    m = json.loads(kept.stdout)
+    assert "pii" not in m["stages"] and m["settings"]["cleaning"]["pii"] == "keep"
+
+
+def test_nfkc_and_html_options_reach_the_documents(tmp_path):
+    page = (
+        "<html><head><title>t</title><script>var x = 1;</script></head><body>"
+        "<nav>Home | About | Contact</nav><article><h1>The river</h1>"
+        + "".join(
+            f"<p>Paragraph {i}: the river runs past the old mill and the \ufb01elds "
+            "beyond it, where the farmers bring their sheep down in autumn.</p>"
+            for i in range(6)
+        )
+        + "</article><footer>Copyright 2024</footer></body></html>"
+    )
+    f = tmp_path / "pages.jsonl"
+    f.write_text(json.dumps({"text": page}) + "\n" + json.dumps({"text": "<p></p>"}) + "\n")
+    m = run_prepare(
+        [f],
+        tmp_path / "out",
+        vocab_size=300,
+        block_size=16,
+        val_fraction=0.0,
+        keep_dropped=True,
+        plot=False,
+        clean={"normalize": {"html": True, "form": "NFKC", "fix_mojibake": False}},
+    )
+    assert m["settings"]["normalization"] == "NFKC"
+    assert m["stages"]["normalize"]["dropped"] == {"no main text": 1}
+    data = load_prepared(tmp_path / "out")
+    text = data.tokenizer.decode(train_ids(tmp_path / "out").ravel().tolist())
+    assert "Paragraph 0: the river" in text and "fields" in text  # NFKC: the fi ligature
+    assert "\ufb01" not in text and "<p>" not in text and "var x" not in text
+    [dropped] = [json.loads(x) for x in (tmp_path / "out" / "dropped.jsonl").open()]
+    assert dropped == {"stage": "normalize", "reason": "no main text", "text": "<p></p>"}
+
+
+def test_lengths_png_and_the_histogram_count_every_document(shk):
+    out, manifest = shk
+    png = (out / "lengths.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    hist = manifest["length_histogram"]
+    assert sum(hist["read"]) == manifest["stages"]["read"]["documents_out"]
+    kept = manifest["splits"]["train"]["documents"] + manifest["splits"]["validation"]["documents"]
+    assert sum(hist["kept"]) == kept
+    assert "lengths.png" in manifest["files"]
+
+
+def test_the_manifest_records_every_setting(shk):
+    import inspect
+
+    _, manifest = shk
+    params = set(inspect.signature(prepare).parameters)
+    # inputs are recorded with sizes and hashes; config and clean as the merged "cleaning"
+    not_settings = {"inputs", "output", "overwrite", "console", "config", "clean", "cache"}
+    assert params - not_settings <= set(manifest["settings"])
+    assert manifest["settings"]["cleaning"]["dedup"] == {
+        "exact": True,
+        "near": True,
+        "ngram_size": 5,
+        "num_perm": 112,
+        "bands": 14,
+        "rows": 8,
+        "threshold": None,
+        "seed": 1,
+    }
+    assert manifest["settings"]["cleaning"]["filters"]["gopher_quality"]["min_words"] == 50
+    assert manifest["llmkit_version"] and set(manifest["fingerprint"]) == {"cleaning", "full"}

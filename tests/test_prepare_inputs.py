@@ -258,3 +258,23 @@ def test_cli_empty_after_filtering_is_one_line(tmp_path):
         "error: no documents left after cleaning (3 read; dropped: 3 gopher_min_words"
     )
     assert not (tmp_path / "new").exists()
+
+
+def test_glob_of_real_files_and_metadata_field_counts_in_the_manifest(tmp_path):
+    folder = shared_file("dolma_cc_jsonl/cc_en_head-0091.jsonl").parent
+    m = prepare(
+        [str(folder / "*.jsonl")],  # the .jsonl.gz does not match
+        tmp_path / "out",
+        vocab_size=300,
+        block_size=64,
+        plot=False,
+        console=quiet(),
+    )
+    names = [Path(e["path"]).name for e in m["inputs"]]
+    assert names == ["cc_en_head-0091.jsonl", "cc_en_head-0174.jsonl"]
+    for entry in m["inputs"]:
+        assert entry["documents"] == 10
+        # every top-level field of the records, with the number of records holding it
+        assert entry["fields"]["text"] == 10 and entry["fields"]["metadata"] == 10
+        assert set(entry["fields"]) >= {"id", "metadata", "source", "text"}
+    assert m["stages"]["read"]["documents_out"] == 20

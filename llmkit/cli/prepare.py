@@ -98,7 +98,8 @@ def prepare_command(
         ...,
         metavar="INPUT...",
         help="Files (.txt, .md, .jsonl, .json, .csv, .tsv, .parquet; optionally "
-        ".gz/.bz2/.xz/.zst), directories (searched recursively) or glob patterns.",
+        ".gz/.bz2/.xz/.zst), directories (searched recursively), glob patterns, or Hub "
+        "dataset ids (owner/name[:config], when online).",
     ),
     output: Path = typer.Option(
         ..., "--output", "-o", help="Directory to write (datasets, tokenizer, manifest.json)."
@@ -180,18 +181,28 @@ def prepare_command(
     num_proc: int | None = typer.Option(
         None,
         "--num-proc",
-        help="Worker processes for tokenizing (default: one process, whose tokenizer uses "
-        "every core). The output does not depend on it.",
+        help="Worker processes for cleaning and tokenizing (default: every usable core; a "
+        "small corpus uses fewer). The output does not depend on it.",
+    ),
+    no_cache: bool = typer.Option(
+        False,
+        "--no-cache",
+        help="Read and clean again: do not reuse the cleaned documents cached in "
+        "$LLMKIT_CACHE (default ~/.cache/llmkit), nor skip a run whose OUTPUT is up to date.",
+    ),
+    split: str = typer.Option(
+        "train", "--split", help="Split read from a Hub dataset input (owner/name[:config])."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
 ) -> None:
     """Clean, deduplicate, tokenize and pack raw text into training blocks.
 
     INPUT: files, directories (searched recursively) or globs of .txt, .md, .jsonl, .json,
-    .csv, .tsv or .parquet, each optionally .gz, .bz2, .xz or .zst. Stages: normalize (NFC,
-    ftfy, control characters, whitespace), filters, exact and MinHash deduplication, PII
-    redaction, tokenize, pack. Progress and the summary go to stderr; with --json the
-    manifest goes to stdout.
+    .csv, .tsv or .parquet, each optionally .gz, .bz2, .xz or .zst; or Hub dataset ids.
+    Stages: normalize (NFC, ftfy, control characters, whitespace), filters, exact and MinHash
+    deduplication, PII redaction, tokenize, pack. A rerun with the same inputs and settings
+    does nothing; one that changes only the tokenizer, block size or split reuses the cleaned
+    documents. Progress and the summary go to stderr; with --json the manifest goes to stdout.
     """
     from llmkit.data.pipeline import prepare
 
@@ -230,6 +241,8 @@ def prepare_command(
             clean=clean,
             keep_dropped=keep_dropped,
             plot=plot,
+            cache=not no_cache,
+            hub_split=split,
         )
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))

@@ -1,5 +1,5 @@
 """Near-duplicate removal with MinHash LSH (Broder 1997; Leskovec et al., "Mining of Massive
-Datasets", ch. 3), on ``datasketch``.
+Datasets", ch. 3): MinHash signatures from ``datasketch``, banding here.
 
 Defaults are the FineWeb pipeline's (Penedo et al. 2024, §3.4; datatrove ``MinhashConfig``):
 word 5-grams, 112 hash permutations in 14 bands of 8 rows, so two documents become
@@ -14,11 +14,26 @@ count as one word each, so text without spaces still has n-grams.
 A document with fewer words than the n-gram size has no n-gram: it is never put in the index
 and never dropped here (exact duplicates of it are the exact stage's job), so short documents
 are never merged by accident (an empty shingle set would hash like every other empty one).
+
+The stage splits in two (:class:`~llmkit.data.clean.CorpusStage`): the signature and its band
+hashes are a pure function of one document (:meth:`MinHashDedup.key`, computed in parallel by
+the pipeline); the index lookups run in document order (:meth:`MinHashDedup.admit`). Each band
+of ``rows`` hash values is reduced to one 64-bit BLAKE2b hash, and the index is a set of those
+(as datatrove also bands signatures itself rather than keeping an LSH object): about 0.9 KB
+of memory per indexed document at 14 bands, against 4.6 KB for ``datasketch.MinHashLSH``
+(measured here with ``tracemalloc`` on 20,000 signatures). Two different bands collide by
+accident with probability about ``n**2 / 2**64`` for ``n`` band hashes, negligible below
+billions of documents.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+
+import numpy as np
+
+from llmkit.data.clean import CorpusStage
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _TOKENS = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
@@ -30,25 +45,27 @@ def shingles(text: str, n: int) -> set[bytes]:
     return {" ".join(words[i : i + n]).encode("utf-8") for i in range(len(words) - n + 1)}
 
 
-class MinHashDedup:
-    """Drop a document whose MinHash collides in one LSH band with a document kept earlier.
+class MinHashDedup(CorpusStage):
+    """Drop a document whose MinHash agrees in one LSH band with a document kept earlier.
 
     Args:
         ngram_size: words per shingle (5).
         num_perm: hash permutations (112 = bands x rows).
-        bands, rows: the LSH band structure (14 x 8). When both are None, datasketch chooses
-            them for ``threshold``.
+        bands, rows: the LSH band structure (14 x 8). When both are None, ``datasketch``
+            chooses them for ``threshold`` (``MinHashLSH``'s false positive/negative balance).
         threshold: when set, a candidate is a duplicate only if its estimated Jaccard
-            similarity is at least this (None: any band collision, as FineWeb).
+            similarity (the share of equal signature values) is at least this (None: any band
+            collision, as FineWeb).
         seed: seed of the permutations.
 
-    Stateful: it must see the whole corpus, in order (the first of a cluster is kept). Memory:
-    one key per band per document (plus the signatures when ``threshold`` is set).
-    Drop reason: ``"near_duplicate"``.
+    Memory of :meth:`admit`: one 64-bit band hash per band per kept document (plus, with
+    ``threshold``, each kept document's signature, 8 bytes per permutation). Drop reason:
+    ``"near_duplicate"``; the manifest counts the documents too short to index
+    (``not_indexed_too_short``).
     """
 
     name = "near_dedup"
-    stateless = False
+    count_template = {"not_indexed_too_short": 0}
 
     def __init__(
         self,
@@ -59,8 +76,6 @@ class MinHashDedup:
         threshold: float | None = None,
         seed: int = 1,
     ):
-        from datasketch import MinHashLSH
-
         if ngram_size < 1:
             raise ValueError("ngram_size must be at least 1")
         if (bands is None) != (rows is None):
@@ -76,14 +91,14 @@ class MinHashDedup:
         self.threshold = threshold
         self.seed = seed
         if bands is None:
-            self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-            bands, rows = self._lsh.b, self._lsh.r
-        else:
-            self._lsh = MinHashLSH(num_perm=num_perm, params=(bands, rows))
+            from datasketch import MinHashLSH
+
+            lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+            bands, rows = lsh.b, lsh.r
         self.bands, self.rows = bands, rows
-        self._signatures: dict[int, object] = {}
-        self._next = 0
-        self.too_short = 0
+        self._seen: set[int] = set()  # band hashes of the kept documents (threshold None)
+        self._buckets: dict[int, list[int]] = {}  # band hash -> kept documents (threshold)
+        self._signatures: list[np.ndarray] = []
         self._template = None
 
     def settings(self) -> dict:
@@ -96,11 +111,20 @@ class MinHashDedup:
             "seed": self.seed,
         }
 
-    def extra(self) -> dict:
-        return {"not_indexed_too_short": self.too_short}
+    @property
+    def too_short(self) -> int:
+        """Documents with no n-gram, never indexed (from ``counts``)."""
+        return self.counts["not_indexed_too_short"]
 
-    def minhash(self, text: str):
-        """The ``datasketch.MinHash`` of a text, or None when it has no n-gram."""
+    def __getstate__(self) -> dict:
+        # Sent to worker processes for key(): the permutations, not the index.
+        state = dict(self.__dict__)
+        state["_seen"], state["_buckets"], state["_signatures"] = set(), {}, []
+        return state
+
+    def signature(self, text: str) -> np.ndarray | None:
+        """The MinHash signature of a text (``num_perm`` values), or None when it has no
+        n-gram."""
         from datasketch import MinHash
 
         grams = shingles(text, self.ngram_size)
@@ -110,25 +134,58 @@ class MinHashDedup:
             self._template = MinHash(num_perm=self.num_perm, seed=self.seed)
         m = self._template.copy()
         m.update_batch(list(grams))
-        return m
+        return m.hashvalues
 
-    def __call__(self, text: str) -> tuple[str | None, str | None]:
-        m = self.minhash(text)
-        if m is None:
-            self.too_short += 1
-            return text, None
-        candidates = self._lsh.query(m)
-        if candidates:
-            if self.threshold is None:
-                return None, "near_duplicate"
-            if any(self._signatures[c].jaccard(m) >= self.threshold for c in candidates):
-                return None, "near_duplicate"
-        key = self._next
-        self._next += 1
-        self._lsh.insert(key, m, check_duplication=False)
+    def band_hashes(self, signature: np.ndarray) -> list[int]:
+        """One signed 64-bit hash per band: BLAKE2b of the band's index and its ``rows``
+        values."""
+        r = self.rows
+        return [
+            int.from_bytes(
+                hashlib.blake2b(
+                    b.to_bytes(4, "little") + signature[b * r : (b + 1) * r].tobytes(),
+                    digest_size=8,
+                ).digest(),
+                "little",
+                signed=True,  # int64 in arrow
+            )
+            for b in range(self.bands)
+        ]
+
+    def key(self, text: str) -> list[int] | None:
+        """The band hashes of the text (then, with ``threshold``, its signature), or None."""
+        sig = self.signature(text)
+        if sig is None:
+            return None
+        key = self.band_hashes(sig)
         if self.threshold is not None:
-            self._signatures[key] = m
-        return text, None
+            key += sig.tolist()
+        return key
+
+    def key_feature(self):
+        from datasets import List, Value
+
+        return List(Value("int64"))
+
+    def admit(self, key: list[int] | None) -> tuple[str | None, dict[str, int] | None]:
+        if key is None:
+            return None, {"not_indexed_too_short": 1}
+        hashes = key[: self.bands]
+        if self.threshold is None:
+            if any(h in self._seen for h in hashes):
+                return "near_duplicate", None
+            self._seen.update(hashes)
+            return None, None
+        sig = np.asarray(key[self.bands :], dtype=np.int64)
+        candidates = {c for h in hashes for c in self._buckets.get(h, ())}
+        for c in sorted(candidates):
+            if np.count_nonzero(self._signatures[c] == sig) / sig.size >= self.threshold:
+                return "near_duplicate", None
+        index = len(self._signatures)
+        self._signatures.append(sig)
+        for h in hashes:
+            self._buckets.setdefault(h, []).append(index)
+        return None, None
 
 
 def jaccard(a: str, b: str, n: int = 5) -> float:

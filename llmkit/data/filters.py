@@ -1,10 +1,10 @@
 """Document filters of ``llmkit prepare``, each a named rule set with its published thresholds.
 
-Every filter is a stage (see :mod:`llmkit.data.clean`): ``filter(text) -> (text, None)`` keeps
-the document (C4 also removes lines from it), ``(None, reason)`` drops it, the reason naming
-the rule. Thresholds are dataclass fields, so a ``prepare.yaml`` can override any of them
-(:mod:`llmkit.data.config`). The code is written here from the papers' descriptions; the
-constants are theirs.
+Every filter is a document stage (see :mod:`llmkit.data.clean`), a pure function of one text:
+``filter.apply(text) -> (text, None, counts)`` keeps the document (C4 also removes lines from
+it), ``(None, reason, counts)`` drops it, the reason naming the rule. Thresholds are
+dataclass fields, so a ``prepare.yaml`` can override any of them (:mod:`llmkit.data.config`).
+The code is written here from the papers' descriptions; the constants are theirs.
 
 Languages written without spaces between words (Chinese, Japanese, Thai, ...) would lose every
 document to rules that count space-separated words. The word-based rule sets (Gopher quality,
@@ -20,6 +20,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
+
+from llmkit.data.clean import DocumentStage, Outcome
 
 #: Languages whose words are not separated by spaces (ISO 639-1, as py3langid names them).
 NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "km", "my"})
@@ -64,31 +66,42 @@ def detect_language(text: str) -> tuple[str, float]:
     return lang, totals[lang]
 
 
-class _Filter:
-    """Common part of the filters: name, settings for the manifest, language skip counts."""
+class _Filter(DocumentStage):
+    """Common part of the filters: name, settings for the manifest, the language skip.
+
+    A word-based rule set (``word_based``) keeps a document identified as one of
+    :data:`NO_SPACE_LANGUAGES` without looking at it, counting it under
+    ``skipped_by_language/<code>``.
+    """
 
     name = "filter"
-    stateless = True
     #: True for rules that count space-separated words (skipped for NO_SPACE_LANGUAGES).
     word_based = False
 
     def __post_init__(self) -> None:
-        self.skipped_by_language: Counter = Counter()
+        self.count_template = {"skipped_by_language": {}} if self.word_based else {}
 
     def settings(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
 
-    def extra(self) -> dict:
-        return {"skipped_by_language": self.skipped_by_language} if self.word_based else {}
+    @property
+    def skipped_by_language(self) -> Counter:
+        """Documents kept unread because of their language, by language (from ``counts``)."""
+        return self.count_group("skipped_by_language")
 
-    def __call__(self, text: str) -> tuple[str | None, str | None]:
+    def _language_skip(self, text: str) -> Outcome | None:
         if self.word_based:
             lang, _ = detect_language(text)
             if lang in NO_SPACE_LANGUAGES:
-                self.skipped_by_language[lang] += 1
-                return text, None
+                return text, None, {f"skipped_by_language/{lang}": 1}
+        return None
+
+    def apply(self, text: str) -> Outcome:
+        skip = self._language_skip(text)
+        if skip is not None:
+            return skip
         reason = self.check(text)
-        return (text, None) if reason is None else (None, reason)
+        return (text, None, None) if reason is None else (None, reason, None)
 
     def check(self, text: str) -> str | None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -119,15 +132,15 @@ class LengthFilter(_Filter):
     name = "length"
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         self.word_based = self.min_words is not None or self.max_words is not None
+        super().__post_init__()
 
-    def __call__(self, text: str) -> tuple[str | None, str | None]:
+    def apply(self, text: str) -> Outcome:
         if len(text) < self.min_chars:
-            return None, "too_short"
+            return None, "too_short", None
         if self.max_chars is not None and len(text) > self.max_chars:
-            return None, "too_long"
-        return super().__call__(text) if self.word_based else (text, None)
+            return None, "too_long", None
+        return super().apply(text) if self.word_based else (text, None, None)
 
     def check(self, text: str) -> str | None:
         n = len(_words(text))
@@ -335,22 +348,23 @@ class C4Filter(_Filter):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.lines_removed: Counter = Counter()
+        self.count_template = {**self.count_template, "lines_removed": {}}
 
-    def extra(self) -> dict:
-        return {**super().extra(), "lines_removed": self.lines_removed}
+    @property
+    def lines_removed(self) -> Counter:
+        """Lines removed by rule (from ``counts``)."""
+        return self.count_group("lines_removed")
 
-    def __call__(self, text: str) -> tuple[str | None, str | None]:
-        if self.word_based:
-            lang, _ = detect_language(text)
-            if lang in NO_SPACE_LANGUAGES:
-                self.skipped_by_language[lang] += 1
-                return text, None
+    def apply(self, text: str) -> Outcome:
+        skip = self._language_skip(text)
+        if skip is not None:
+            return skip
         lowered = text.lower()
         if self.filter_lorem_ipsum and "lorem ipsum" in lowered:
-            return None, "c4_lorem_ipsum"
+            return None, "c4_lorem_ipsum", None
         if self.filter_curly_bracket and "{" in text:
-            return None, "c4_curly_bracket"
+            return None, "c4_curly_bracket", None
+        removed: Counter = Counter()
         kept = []
         for line in text.split("\n"):
             if self.remove_citations:
@@ -361,24 +375,28 @@ class C4Filter(_Filter):
             low = stripped.lower()
             words = stripped.split()
             if any(len(w) > self.max_word_length for w in words):
-                return None, "c4_long_word"
+                return None, "c4_long_word", _lines_counts(removed)
             if self.filter_no_terminal_punct and not stripped.endswith(TERMINAL_PUNCTUATION):
-                self.lines_removed["no_terminal_punct"] += 1
+                removed["no_terminal_punct"] += 1
             elif len(words) < self.min_words_per_line:
-                self.lines_removed["few_words"] += 1
+                removed["few_words"] += 1
             elif self.filter_javascript and "javascript" in low:
-                self.lines_removed["javascript"] += 1
+                removed["javascript"] += 1
             elif self.filter_policy and any(p in low for p in _C4_POLICY):
-                self.lines_removed["policy"] += 1
+                removed["policy"] += 1
             else:
                 kept.append(line)
         out = "\n".join(kept)
         if len(_SENTENCE_END.findall(out)) < self.min_sentences:
-            return None, "c4_few_sentences"
-        return out, None
+            return None, "c4_few_sentences", _lines_counts(removed)
+        return out, None, _lines_counts(removed)
 
-    def check(self, text: str) -> str | None:  # pragma: no cover - __call__ is overridden
+    def check(self, text: str) -> str | None:  # pragma: no cover - apply is overridden
         return None
+
+
+def _lines_counts(removed: Counter) -> dict[str, int] | None:
+    return {f"lines_removed/{k}": n for k, n in removed.items()} or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,18 +470,22 @@ class LanguageFilter(_Filter):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.kept_by_language: Counter = Counter()
+        self.count_template = {"languages_kept": {}}
 
-    def extra(self) -> dict:
-        return {"languages_kept": self.kept_by_language}
+    @property
+    def kept_by_language(self) -> Counter:
+        """Documents kept, by language (from ``counts``)."""
+        return self.count_group("languages_kept")
 
-    def check(self, text: str) -> str | None:
+    def apply(self, text: str) -> Outcome:
         lang, score = detect_language(text)
         if lang not in self.languages:
-            return f"language:{lang}"
+            return None, f"language:{lang}", None
         if score < self.min_score:
-            return "low_language_score"
-        self.kept_by_language[lang] += 1
+            return None, "low_language_score", None
+        return text, None, {f"languages_kept/{lang}": 1}
+
+    def check(self, text: str) -> str | None:  # pragma: no cover - apply is overridden
         return None
 
 

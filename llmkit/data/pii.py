@@ -14,6 +14,8 @@ import ipaddress
 import re
 from collections import Counter
 
+from llmkit.data.clean import DocumentStage, Outcome
+
 PLACEHOLDERS = {"email": "<EMAIL>", "ip": "<IP_ADDRESS>", "phone": "<PHONE>"}
 
 EMAIL = re.compile(
@@ -70,29 +72,34 @@ def redact(text: str, counts: Counter | None = None) -> str:
     return text
 
 
-class RedactPII:
+class RedactPII(DocumentStage):
     """Stage: replace PII by placeholders (see :func:`redact`); never drops a document.
 
-    The manifest counts the replacements by kind (``replaced``) and the documents touched.
+    The manifest counts the replacements by kind (``replaced``) and the documents touched
+    (``documents_changed``).
     """
 
     name = "pii"
-    stateless = True
-
-    def __init__(self) -> None:
-        self.replaced: Counter = Counter()
-        self.documents_changed = 0
+    count_template = {"replaced": {}, "documents_changed": 0}
 
     def settings(self) -> dict:
         return {"mode": "redact", "placeholders": PLACEHOLDERS}
 
-    def extra(self) -> dict:
-        return {"replaced": self.replaced, "documents_changed": self.documents_changed}
+    @property
+    def replaced(self) -> Counter:
+        """Replacements made, by kind (from ``counts``)."""
+        return self.count_group("replaced")
 
-    def __call__(self, text: str) -> tuple[str | None, str | None]:
-        before = sum(self.replaced.values())
-        out = redact(text, self.replaced)
-        if sum(self.replaced.values()) != before:
-            self.documents_changed += 1
-            return out, None
-        return text, None
+    @property
+    def documents_changed(self) -> int:
+        """Documents in which something was replaced (from ``counts``)."""
+        return self.counts["documents_changed"]
+
+    def apply(self, text: str) -> Outcome:
+        found: Counter = Counter()
+        out = redact(text, found)
+        if not found:
+            return text, None, None
+        counts = {f"replaced/{kind}": n for kind, n in found.items()}
+        counts["documents_changed"] = 1
+        return out, None, counts

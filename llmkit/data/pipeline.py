@@ -3,12 +3,19 @@
 The pipeline, each step a function over documents or batches that could run under another
 executor (SPEC §8):
 
-1. read (:mod:`llmkit.data.readers`): files, directories and globs to a stream of documents;
-2. clean: a chain of document stages, counted — normalize (:mod:`llmkit.data.clean`), the
-   named filters (:mod:`llmkit.data.filters`), exact and near-duplicate removal
-   (:mod:`llmkit.data.dedup`), PII redaction (:mod:`llmkit.data.pii`), configured by
-   :mod:`llmkit.data.config`; the kept documents go into an arrow-backed ``datasets.Dataset``
-   (never a Python list);
+1. read (:mod:`llmkit.data.readers`): files, directories, globs or Hub datasets to a stream of
+   documents, written as it comes to an arrow-backed ``datasets.Dataset`` (one process);
+2. clean: the chain of stages of :mod:`llmkit.data.clean` configured by
+   :mod:`llmkit.data.config` — normalize, the named filters (:mod:`llmkit.data.filters`),
+   exact and near-duplicate removal (:mod:`llmkit.data.dedup`), PII redaction
+   (:mod:`llmkit.data.pii`). The per-document work (every document stage, and the dedup
+   keys: hashes and MinHash signatures) runs under ``Dataset.map`` on ``num_proc``
+   processes (:func:`llmkit.data.clean.process_document`), each document becoming a row of
+   columns (its text, sizes, drop reason, counts, keys); then one pass in document order
+   admits or drops each document at the dedup stages and adds up the counts from the columns
+   (:func:`llmkit.data.clean.admit_document`). So the result does not depend on
+   ``num_proc``. The kept documents are saved as a dataset (never a Python list), and cached
+   (:mod:`llmkit.data.cache`);
 3. split: whole documents to train / validation, from ``seed`` (:func:`split_indices`);
 4. tokenizer: a byte-level BPE trained on the train documents, or a pretrained one;
 5. encode (:func:`encode_batch`): batched, one EOS after every document;
@@ -25,6 +32,7 @@ import json
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,7 +42,23 @@ from typing import TypeVar
 
 import numpy as np
 
-from llmkit.data.clean import StageStats, run_stages
+from llmkit.data.cache import (
+    CACHE_FORMAT,
+    DOCUMENTS,
+    DROPPED,
+    CleanCache,
+    cache_root,
+    file_sha256,
+    fingerprint,
+    tokenizer_identity,
+)
+from llmkit.data.clean import (
+    StageStats,
+    admit_document,
+    count_document,
+    process_document,
+    received_text,
+)
 from llmkit.data.pack import Packer
 from llmkit.data.prepared import DATASET_DICT, MANIFEST, SPLITS, is_prepared
 from llmkit.data.readers import (
@@ -53,6 +77,15 @@ E = TypeVar("E", bound=BaseException)
 
 #: Documents per batch in the encode and pack steps (memory holds one batch of documents).
 BATCH_DOCUMENTS = 1000
+#: Documents per batch in the clean step (a batch of whole books must fit in memory too).
+BATCH_CLEAN = 100
+#: Text (UTF-8 bytes) per worker process below which the clean step runs in fewer processes:
+#: starting a pool and concatenating its shards (about 0.5 s here) costs more than it saves on
+#: a small corpus (cleaning runs at 0.3-3 MB/s per core, depending on the filters).
+PARALLEL_MIN_BYTES = 2 << 20
+#: The same for the encode step, whose single process already encodes on every core (the
+#: ``tokenizers`` Rust encoder is multi-threaded); worker processes only add the Python part.
+PARALLEL_MIN_BYTES_ENCODE = 32 << 20
 #: The smallest byte-level BPE vocabulary: 256 byte symbols and <|endoftext|>.
 MIN_VOCAB_SIZE = 257
 #: Upper bounds of --vocab-size and --block-size (larger values are mistakes that would only
@@ -533,7 +566,23 @@ class LengthHistogram:
         return self.counts.tolist()
 
 
-def _document_rows(
+def default_num_proc() -> int:
+    """The CPU cores this process may use (``len(os.sched_getaffinity(0))``; ``os.cpu_count()``
+    where affinity is not available)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _procs_for(num_proc: int, n_bytes: int, n_rows: int, per_proc: int | None = None) -> int:
+    """Worker processes for a step over ``n_bytes`` of text in ``n_rows`` rows: ``num_proc``,
+    but no more than one per ``per_proc`` bytes (:data:`PARALLEL_MIN_BYTES`) and one per row."""
+    per_proc = PARALLEL_MIN_BYTES if per_proc is None else per_proc
+    return max(1, min(num_proc, n_bytes // max(1, per_proc), n_rows))
+
+
+def _read_rows(
     files: Sequence[InputFile],
     *,
     split_on: str,
@@ -541,34 +590,260 @@ def _document_rows(
     on_error: str,
     line_filter: Callable | None,
     read_stats: dict,
-    stages: list,
-    stage_stats: list[StageStats],
     advance: Callable,
-    histograms: dict[str, LengthHistogram],
-    on_drop: Callable | None,
 ) -> Iterator[dict]:
-    """Rows ``{"text", "n_bytes"}`` of the kept documents of all files, in order."""
+    """Rows ``{"text"}`` of the documents of all files, in order, as read."""
+    for source in files:
+        for text in read_documents(
+            source,
+            split_on=split_on,
+            text_field=text_field,
+            on_error=on_error,
+            line_filter=line_filter,
+        ):
+            size = len(text.encode("utf-8"))
+            read_stats["documents_out"] += 1
+            read_stats["bytes_out"] += size
+            advance(size if source.kind != "hub" else 1)
+            yield {"text": text}
 
-    def read_all() -> Iterator[str]:
-        for source in files:
-            for text in read_documents(
-                source,
+
+#: Documents done per worker rank of the running clean map, shared with forked workers (a
+#: ``multiprocessing`` RawArray, one slot per rank, so no lock is needed); None when none runs.
+#: Under a start method other than fork the workers do not see it, and the bar jumps at the end.
+_PROGRESS = None
+
+
+def _clean_columns(stages: Sequence, keep_text: bool) -> list[str]:
+    cols = ["text", "n_bytes", "sizes", "drop_stage", "drop_reason", "counts"]
+    corpus = [i for i, s in enumerate(stages) if not s.stateless]
+    cols += [f"key_{i}" for i in corpus]
+    if keep_text:
+        cols += ["dropped_text"] + [f"text_{i}" for i in corpus]
+    return cols
+
+
+def _clean_features(stages: Sequence, keep_text: bool):
+    from datasets import Features, List, Value
+
+    features = {
+        "text": Value("string"),
+        "n_bytes": Value("int64"),
+        "sizes": List(Value("int64")),
+        "drop_stage": Value("int32"),
+        "drop_reason": Value("string"),
+        "counts": Value("string"),
+    }
+    for i, stage in enumerate(stages):
+        if not stage.stateless:
+            features[f"key_{i}"] = stage.key_feature()
+    if keep_text:
+        features["dropped_text"] = Value("string")
+        for i, stage in enumerate(stages):
+            if not stage.stateless:
+                features[f"text_{i}"] = Value("string")
+    return Features(features)
+
+
+def _clean_batch(batch: dict, rank: int | None, *, stages, keep_text: bool, columns) -> dict:
+    """``datasets.map`` form of :func:`llmkit.data.clean.process_document` (top level, so
+    that it pickles by reference into the worker processes)."""
+    rows = [process_document(text, stages, keep_text=keep_text) for text in batch["text"]]
+    if _PROGRESS is not None:
+        _PROGRESS[rank or 0] += len(rows)
+    return {c: [row.get(c) for row in rows] for c in columns}
+
+
+@contextmanager
+def _worker_progress(advance: Callable, ranks: int) -> Iterator[None]:
+    """Advance a progress bar from the documents the map's workers report in
+    :data:`_PROGRESS` (polled by a thread every 0.2 s)."""
+    global _PROGRESS
+    from multiprocessing.sharedctypes import RawArray
+
+    _PROGRESS = RawArray("q", ranks)
+    slots = _PROGRESS
+    stop = threading.Event()
+    done = 0
+
+    def poll() -> None:
+        nonlocal done
+        while not stop.wait(0.2):
+            now = sum(slots)
+            if now > done:
+                advance(now - done)
+                done = now
+
+    thread = threading.Thread(target=poll, name="llmkit-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        if sum(slots) > done:
+            advance(sum(slots) - done)
+        _PROGRESS = None
+
+
+def _clean_map(raw, stages: list, *, keep_text: bool, procs: int, work: Path, advance):
+    """Every document through :func:`process_document`, on ``procs`` processes."""
+    columns = _clean_columns(stages, keep_text)
+    kwargs = dict(
+        batched=True,
+        batch_size=BATCH_CLEAN,
+        writer_batch_size=BATCH_CLEAN,
+        with_rank=True,
+        remove_columns=raw.column_names,
+        features=_clean_features(stages, keep_text),
+        fn_kwargs={"stages": stages, "keep_text": keep_text, "columns": columns},
+        cache_file_name=str(work / "cleaned.arrow"),
+        new_fingerprint="llmkit-cleaned",
+        num_proc=procs if procs > 1 else None,
+    )
+    with _worker_progress(advance, procs):
+        return raw.map(_clean_batch, **kwargs)
+
+
+def _read_and_clean(
+    files: list[InputFile],
+    *,
+    work: Path,
+    report: _Report,
+    split_on: str,
+    text_field: str,
+    on_error: str,
+    cfg: dict,
+    keep_dropped: bool,
+    dropped_path: Path | None,
+    num_proc: int,
+    documents_dir: Path,
+) -> tuple[object, dict]:
+    """Steps 1-2: read ``files``, clean the documents, save the kept ones at
+    ``documents_dir``; returns them (memory-mapped) and the counts of both steps.
+
+    ``work`` holds the intermediate arrow files. With ``keep_dropped`` each dropped document
+    is written to ``dropped_path`` (JSON lines: stage, reason, text as the stage received it),
+    in document order.
+    """
+    from datasets import Features, Value, load_from_disk
+
+    from llmkit.data.boilerplate import strip_gutenberg
+    from llmkit.data.config import build_stages
+
+    stages = build_stages(cfg)
+    read_stats = {
+        "files": len(files),
+        "bytes_in": sum(f.size_bytes for f in files),
+        "documents_out": 0,
+        "bytes_out": 0,
+    }
+    hub = any(f.kind == "hub" for f in files)
+    with report.task(
+        "read (documents)" if hub else "read (bytes)",
+        total=None if hub else read_stats["bytes_in"],
+    ) as advance:
+        raw = _from_generator(
+            lambda: _read_rows(
+                files,
                 split_on=split_on,
                 text_field=text_field,
                 on_error=on_error,
-                line_filter=line_filter,
-            ):
-                size = len(text.encode("utf-8"))
-                read_stats["documents_out"] += 1
-                read_stats["bytes_out"] += size
-                histograms["read"].add(size)
-                advance(size)
-                yield text
+                line_filter=strip_gutenberg if cfg["gutenberg"] else None,
+                read_stats=read_stats,
+                advance=advance,
+            ),
+            Features({"text": Value("string")}),
+            work,
+            "documents",
+        )
+    skipped: dict = {}
+    for f in files:
+        for reason, n in f.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    read_stats["skipped"] = dict(sorted(skipped.items()))
+    stats = [StageStats.of(s) for s in stages]
 
-    for text in run_stages(read_all(), stages, stage_stats, on_drop):
-        size = len(text.encode("utf-8"))
-        histograms["kept"].add(size)
-        yield {"text": text, "n_bytes": size}
+    def nothing_left() -> UserError:
+        return UserError(
+            f"no documents left after cleaning ({read_stats['documents_out']} read; "
+            f"{_drops(stats)}" + (f"; skipped {_fmt_counts(skipped)}" if skipped else "") + ")",
+            "give files that hold text (the right --text-field for structured files), or "
+            "loosen the filters",
+        )
+
+    if len(raw) == 0:
+        raise nothing_left()
+
+    procs = _procs_for(num_proc, read_stats["bytes_out"], len(raw))
+    names = ", ".join(s.name for s in stages)
+    with report.task(f"clean: {names} (documents)", total=len(raw)) as advance:
+        cleaned = _clean_map(
+            raw, stages, keep_text=keep_dropped, procs=procs, work=work, advance=advance
+        )
+
+    # In document order: admit at the dedup stages, add up the counts, write the dropped.
+    histograms = {"read": LengthHistogram(), "kept": LengthHistogram()}
+    kept = np.zeros(len(cleaned), dtype=bool)
+    columns = [c for c in cleaned.column_names if keep_dropped or c != "text"]
+    dropped_file = open(dropped_path, "w", encoding="utf-8") if keep_dropped else None
+    try:
+        with report.task("deduplicate and count (documents)", total=len(cleaned)) as advance:
+            start = 0
+            for batch in cleaned.select_columns(columns).iter(batch_size=BATCH_DOCUMENTS):
+                n = len(batch["sizes"])
+                for j in range(n):
+                    row = {c: batch[c][j] for c in columns}
+                    histograms["read"].add(row["sizes"][0])
+                    stop, reason, corpus_counts = admit_document(row, stages)
+                    count_document(row, stop, reason, corpus_counts, stats)
+                    if stop == len(stages):
+                        kept[start + j] = True
+                        histograms["kept"].add(row["n_bytes"])
+                    elif dropped_file is not None:
+                        record = {
+                            "stage": stages[stop].name,
+                            "reason": reason,
+                            "text": received_text(row, stop),
+                        }
+                        dropped_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                start += n
+                advance(n)
+    finally:
+        if dropped_file is not None:
+            dropped_file.close()
+    n_kept = int(kept.sum())
+    if n_kept == 0:
+        raise nothing_left()
+    with report.task("save the cleaned documents"):
+        docs = cleaned.select(
+            np.flatnonzero(kept), indices_cache_file_name=str(work / "kept-indices.arrow")
+        ).select_columns(["text", "n_bytes"])
+        docs.save_to_disk(str(documents_dir))
+    del raw, cleaned, docs
+    summary = (
+        f"read {len(files)} {'input(s)' if hub else 'file(s)'}, {read_stats['bytes_in']:,} "
+        f"bytes: {read_stats['documents_out']:,} documents, {n_kept:,} kept ({_drops(stats)})"
+        + (f"; skipped input lines: {_fmt_counts(skipped)}" if skipped else "")
+    )
+    report.log(f"{summary}; cleaned in {procs} process{'es' if procs > 1 else ''}")
+    info = {
+        "inputs": [f.as_dict() for f in files],
+        "stages": {"read": read_stats, **{st.name: st.as_dict() for st in stats}},
+        "length_histogram": {
+            "bin_edges_bytes": LENGTH_BINS.tolist(),
+            "read": histograms["read"].as_list(),
+            "kept": histograms["kept"].as_list(),
+        },
+        "warnings": [
+            f"{f.path}: skipped {_fmt_counts(f.skipped)} (first: {f.first_error})"
+            for f in files
+            if f.skipped
+        ],
+        "summary": summary,
+        "documents": n_kept,
+    }
+    return load_from_disk(str(documents_dir)), info
 
 
 def _block_rows(encoded, packer: Packer, advance: Callable) -> Iterator[dict]:
@@ -582,7 +857,9 @@ def _block_rows(encoded, packer: Packer, advance: Callable) -> Iterator[dict]:
         advance(table.num_rows)
 
 
-def _encode_split(docs, tokenizer, *, eos_token_id, append_eos, num_proc, name, advance):
+def _encode_split(
+    docs, tokenizer, *, eos_token_id, append_eos, num_proc, n_bytes, name, advance, cache
+):
     from datasets import Features, List, Value
 
     features = Features({"input_ids": List(Value("int32"))})
@@ -593,8 +870,11 @@ def _encode_split(docs, tokenizer, *, eos_token_id, append_eos, num_proc, name, 
         remove_columns=docs.column_names,
         features=features,
         new_fingerprint=f"llmkit-encoded-{name}",
+        cache_file_name=str(cache / f"encoded-{name}.arrow"),
     )
-    if num_proc is None or num_proc == 1 or len(docs) < 2:
+    procs = _procs_for(num_proc, n_bytes, len(docs), PARALLEL_MIN_BYTES_ENCODE)
+    if procs == 1:
+        # One process: the Rust encoder (encode_batch_fast) uses every core by itself.
 
         def encode_and_count(batch: dict) -> dict:
             out = _encode_for_map(batch, **kwargs)
@@ -607,12 +887,81 @@ def _encode_split(docs, tokenizer, *, eos_token_id, append_eos, num_proc, name, 
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        return docs.map(_encode_for_map, fn_kwargs=kwargs, num_proc=num_proc, **common)
+        encoded = docs.map(_encode_for_map, fn_kwargs=kwargs, num_proc=procs, **common)
+        advance(len(docs))
+        return encoded
     finally:
         if previous is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def _hash_inputs(files: Sequence[InputFile], report: _Report) -> list[str]:
+    """SHA-256 of every input file (for the fingerprints), with a progress bar."""
+    with report.task("hash inputs (bytes)", total=sum(f.size_bytes for f in files)) as advance:
+        try:
+            return [file_sha256(f.path, advance) for f in files]
+        except OSError as err:
+            raise UserError(
+                f"cannot read {err.filename}: {err.strerror}", "check its permissions"
+            ) from None
+
+
+def _cleaning_fingerprint(
+    files: Sequence[InputFile],
+    hashes: Sequence[str | None],
+    *,
+    version: str,
+    split_on: str,
+    text_field: str,
+    on_error: str,
+    cfg: dict,
+    keep_dropped: bool,
+) -> str:
+    """The fingerprint of what decides the cleaned documents (see :mod:`llmkit.data.cache`)."""
+    return fingerprint(
+        {
+            "format": CACHE_FORMAT,
+            "llmkit": version,
+            "inputs": [
+                {
+                    "path": str(f.path.resolve()),
+                    "kind": f.kind,
+                    "compression": f.compression,
+                    "sha256": h,
+                }
+                for f, h in zip(files, hashes, strict=True)
+            ],
+            "read": {"split_on": split_on, "text_field": text_field, "on_error": on_error},
+            "cleaning": cfg,
+            "keep_dropped": keep_dropped,
+        }
+    )
+
+
+def _full_fingerprint(cleaning: str, **settings) -> str:
+    """The fingerprint of the whole run: the cleaning one and the settings after cleaning."""
+    return fingerprint({"cleaning": cleaning, **settings})
+
+
+def _up_to_date(output: Path, full: str) -> dict | None:
+    """The manifest at ``output`` when it was written with fingerprint ``full`` and every file
+    it lists is still there; else None."""
+    if not is_prepared(output):
+        return None
+    try:
+        manifest = json.loads((output / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or (manifest.get("fingerprint") or {}).get("full") != full:
+        return None
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(
+        isinstance(f, str) and (output / f).is_file() for f in files
+    ):
+        return None
+    return manifest
 
 
 def prepare(
@@ -633,6 +982,8 @@ def prepare(
     clean: dict | None = None,
     keep_dropped: bool = False,
     plot: bool = True,
+    cache: bool = True,
+    hub_split: str = "train",
     console=None,
 ) -> dict:
     """Clean, split, tokenize and pack raw text into a prepared data directory.
@@ -642,9 +993,17 @@ def prepare(
     token ids. Everything is built in a hidden directory next to ``output`` and renamed into
     place at the end; on any error nothing at ``output`` changes.
 
+    With ``cache`` (the default), a run whose ``output`` already holds a manifest with the same
+    fingerprint (same input bytes, settings and llmkit version; :mod:`llmkit.data.cache`) does
+    nothing and returns that manifest; and the cleaned documents of an earlier run with the
+    same inputs and reading and cleaning settings are reused from ``$LLMKIT_CACHE``, so that a
+    change of tokenizer, block size, split or seed skips reading and cleaning.
+
     Args:
-        inputs: files (``.txt``, ``.md``, ``.jsonl``, ``.json``; optionally ``.gz``, ``.bz2``
-            or ``.xz``), directories (searched recursively) or glob patterns; a list, or one.
+        inputs: files (``.txt``, ``.md``, ``.jsonl``, ``.json``, ``.csv``, ``.tsv``,
+            ``.parquet``; optionally ``.gz``, ``.bz2``, ``.xz`` or ``.zst``), directories
+            (searched recursively), glob patterns, or Hub dataset ids (``owner/name``,
+            ``owner/name:config``; online only); a list, or one.
         output: the directory to write.
         vocab_size: vocabulary size, in tokens, of the byte-level BPE trained on the train
             documents (ignored with ``tokenizer``; the manifest then records None).
@@ -654,9 +1013,12 @@ def prepare(
         seed: seed of the train/validation split.
         split_on: ``"blank-lines"`` (a text file is split on runs of blank lines) or ``"none"``
             (one document per text file).
-        text_field: the field (a dotted path for nested ones) of a JSON record, or the column
-            of a CSV/TSV/parquet file, that holds the document.
+        text_field: the field (a dotted path for nested ones) of a JSON record or Hub dataset
+            row, or the column of a CSV/TSV/parquet file, that holds the document.
         overwrite: replace ``output`` when it already holds a prepared directory.
+        num_proc: worker processes for cleaning and encoding (None: every core this process
+            may use, :func:`default_num_proc`). A small corpus uses fewer (one per 2 MiB of
+            text). The output is the same for any value.
         on_error: ``"fail"`` (default) stops at a binary file, invalid UTF-8, a malformed JSON
             line or a missing field, naming file and line; ``"skip"`` skips and counts them.
         config: a ``prepare.yaml`` (path) or a dict of cleaning settings
@@ -667,8 +1029,9 @@ def prepare(
             reason, for audit.
         plot: write ``lengths.png``, the document-length distributions before and after
             cleaning (matplotlib).
-        num_proc: worker processes for encoding (None: one process; the Rust tokenizer then
-            uses every core by itself). The output is the same for any value.
+        cache: use the fingerprint and the cleaned-documents cache (False: read and clean
+            again, and refuse an existing ``output`` without ``overwrite``).
+        hub_split: the split read from Hub dataset inputs.
         console: a ``rich.console.Console`` for progress and the summary (default: stderr).
 
     Returns:
@@ -676,9 +1039,9 @@ def prepare(
 
     Raises:
         UserError: bad settings; an input missing, unreadable, binary, not UTF-8, or a
-            malformed JSON line (named with file and line); no documents left after cleaning;
-            fewer tokens than one training block; ``output`` exists and is not empty without
-            ``overwrite`` (or is not a prepared directory).
+            malformed JSON line (named with file and line); a Hub dataset while offline; no
+            documents left after cleaning; fewer tokens than one training block; ``output``
+            exists and is not empty without ``overwrite`` (or is not a prepared directory).
     """
     from rich.console import Console
 
@@ -697,6 +1060,8 @@ def prepare(
         on_error=on_error,
         seed=seed,
     )
+    if num_proc is None:
+        num_proc = default_num_proc()
     from llmkit.data.config import load_config, merge
 
     if isinstance(config, dict):
@@ -712,10 +1077,48 @@ def prepare(
         inputs = [inputs]
     try:
         _check_inputs_outside_output(inputs, output)
+    except OSError as err:
+        raise _output_error(err, output, None, "cannot read") from None
+    files = discover_inputs(inputs, exclude=[output], hub_split=hub_split)
+    report = _Report(console)
+    hub = any(f.kind == "hub" for f in files)
+    cleaning_settings = dict(
+        version=__version__,
+        split_on=split_on,
+        text_field=text_field,
+        on_error=on_error,
+        cfg=cfg,
+        keep_dropped=keep_dropped,
+    )
+    later_settings = dict(
+        vocab_size=vocab_size if tokenizer is None else None,
+        tokenizer=tokenizer_identity(tokenizer),
+        block_size=block_size,
+        val_fraction=val_fraction,
+        seed=seed,
+        plot=plot,
+    )
+    hashes: list[str] | None = None
+    clean_cache: CleanCache | None = None
+    if cache and not hub:
+        with report.progress:
+            hashes = _hash_inputs(files, report)
+        fp_clean = _cleaning_fingerprint(files, hashes, **cleaning_settings)
+        fp_full = _full_fingerprint(fp_clean, **later_settings)
+        done = _up_to_date(output, fp_full)
+        if done is not None:
+            report.log(
+                f"{output} is up to date (same input bytes, settings and llmkit version, "
+                f"fingerprint {fp_full[:12]}): nothing to do"
+            )
+            return done
+        root = cache_root()
+        if root is not None:
+            clean_cache = CleanCache(root, fp_clean)
+    try:
         _check_output(output, overwrite)
     except OSError as err:
         raise _output_error(err, output, None, "cannot read") from None
-    files = discover_inputs(inputs, exclude=[output])
     tok = None
     if tokenizer is not None:  # fail before reading the corpus
         from llmkit.data.tokenizer import load_tokenizer
@@ -731,7 +1134,6 @@ def prepare(
     except OSError as err:
         _remove_dirs(created_parents)
         raise _output_error(err, output, tmp, "cannot create") from None
-    report = _Report(console)
     try:
         with _quiet_datasets(), report.progress:
             manifest = _build(
@@ -750,10 +1152,25 @@ def prepare(
                 on_error=on_error,
                 cfg=cfg,
                 keep_dropped=keep_dropped,
+                clean_cache=clean_cache,
+                cache=cache,
+                hashes=hashes,
+                hub=hub,
+                hub_split=hub_split,
+                plot=plot,
             )
+        fingerprints = None
+        read_hashes = [entry.get("sha256") for entry in manifest["inputs"]]
+        if not hub and (hashes is None or read_hashes == hashes):
+            fp_clean = _cleaning_fingerprint(files, read_hashes, **cleaning_settings)
+            fingerprints = {
+                "cleaning": fp_clean,
+                "full": _full_fingerprint(fp_clean, **later_settings),
+            }
         manifest = {
             "llmkit_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "fingerprint": fingerprints,
             **manifest,
         }
         # So that datasets.load_from_disk(OUTPUT) gives a DatasetDict (DatasetDict's format).
@@ -779,6 +1196,86 @@ def prepare(
     return manifest
 
 
+def _cleaned_documents(
+    files: list[InputFile],
+    tmp: Path,
+    report: _Report,
+    *,
+    clean_cache: CleanCache | None,
+    cache: bool,
+    hashes: list[str] | None,
+    hub: bool,
+    keep_dropped: bool,
+    **read_and_clean,
+) -> tuple[object, dict, dict]:
+    """Steps 1-2, or their result from the cache: ``(documents, info, cache_entry)``.
+
+    ``cache_entry`` is the manifest's ``cache``: ``used`` (the cleaned documents came from
+    the cache), ``stored`` (they were stored there), ``path``, and ``note`` when neither.
+    """
+    dropped = tmp / DROPPED
+    if clean_cache is not None:
+        found = clean_cache.load()
+        if found is not None and keep_dropped and not (clean_cache.path / DROPPED).is_file():
+            found = None  # an entry damaged by hand: read and clean again
+        if found is not None:
+            docs, info = found
+            if keep_dropped:
+                shutil.copyfile(clean_cache.path / DROPPED, dropped)
+            for entry, f in zip(info["inputs"], files, strict=True):
+                entry["path"] = str(f.path)
+            report.log(f"{info['summary']}; reused from the cache {clean_cache.path}")
+            return docs, info, {"used": True, "stored": False, "path": str(clean_cache.path)}
+    work = tmp / ".cache"
+    entry: Path | None = None
+    note = None
+    if clean_cache is not None:
+        try:
+            entry = clean_cache.new_entry()
+        except OSError as err:
+            note = f"cannot write the cache {clean_cache.root}: {err.strerror or err}"
+    elif hub:
+        note = "Hub datasets are not cached"
+    elif not cache:
+        note = "off (--no-cache)"
+    else:
+        note = "off (LLMKIT_CACHE=off)"
+    try:
+        docs, info = _read_and_clean(
+            files,
+            work=work,
+            report=report,
+            keep_dropped=keep_dropped,
+            dropped_path=dropped if keep_dropped else None,
+            documents_dir=(entry / DOCUMENTS) if entry is not None else work / "kept",
+            **read_and_clean,
+        )
+    except BaseException:
+        if entry is not None:
+            CleanCache.discard([entry])
+        raise
+    if entry is None:
+        return docs, info, {"used": False, "stored": False, "path": None, "note": note}
+    read_hashes = [f.sha256 for f in files]
+    try:
+        if read_hashes != hashes:
+            raise OSError(0, "an input changed while it was read")
+        if keep_dropped:
+            shutil.copyfile(dropped, entry / DROPPED)
+        clean_cache.commit(entry, info)
+    except OSError as err:
+        # The documents were saved in the entry: save them in the work directory instead.
+        from datasets import load_from_disk
+
+        docs.save_to_disk(str(work / "kept"))
+        docs = load_from_disk(str(work / "kept"))
+        CleanCache.discard([entry])
+        reason = f"not stored: {err.strerror or err}"
+        return docs, info, {"used": False, "stored": False, "path": None, "note": reason}
+    docs = clean_cache.load()[0]
+    return docs, info, {"used": False, "stored": True, "path": str(clean_cache.path)}
+
+
 def _build(
     files: list[InputFile],
     tmp: Path,
@@ -792,93 +1289,47 @@ def _build(
     seed: int,
     split_on: str,
     text_field: str,
-    num_proc: int | None,
+    num_proc: int,
     on_error: str,
     cfg: dict,
     keep_dropped: bool,
+    clean_cache: CleanCache | None,
+    cache: bool,
+    hashes: list[str] | None,
+    hub: bool,
+    hub_split: str,
+    plot: bool,
 ) -> dict:
-    """Steps 1–6 into ``tmp``; returns the manifest without version and time."""
+    """Steps 1–6 into ``tmp``; returns the manifest without version, time and fingerprint."""
     from datasets import Features, List, Value
 
-    cache = tmp / ".cache"
-    warnings: list[str] = []
+    work = tmp / ".cache"
 
-    # 1–2. read and clean -> an arrow-backed dataset of documents.
-    from llmkit.data.boilerplate import strip_gutenberg
-    from llmkit.data.config import build_stages
-
-    stages = build_stages(cfg)
-    stage_stats = [StageStats(s.name) for s in stages]
-    read_stats = {
-        "files": len(files),
-        "bytes_in": sum(f.size_bytes for f in files),
-        "documents_out": 0,
-        "bytes_out": 0,
-    }
-    histograms = {"read": LengthHistogram(), "kept": LengthHistogram()}
-    dropped_file = open(tmp / "dropped.jsonl", "w", encoding="utf-8") if keep_dropped else None
-
-    def on_drop(text: str, stage: str, reason: str) -> None:
-        if dropped_file is not None:
-            record = {"stage": stage, "reason": reason, "text": text}
-            dropped_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    total_bytes = read_stats["bytes_in"]
-    try:
-        with report.task("read and clean (bytes)", total=total_bytes) as advance:
-            docs = _from_generator(
-                lambda: _document_rows(
-                    files,
-                    split_on=split_on,
-                    text_field=text_field,
-                    on_error=on_error,
-                    line_filter=strip_gutenberg if cfg["gutenberg"] else None,
-                    read_stats=read_stats,
-                    stages=stages,
-                    stage_stats=stage_stats,
-                    advance=advance,
-                    histograms=histograms,
-                    on_drop=on_drop,
-                ),
-                Features({"text": Value("string"), "n_bytes": Value("int64")}),
-                cache,
-                "documents",
-            )
-    finally:
-        if dropped_file is not None:
-            dropped_file.close()
-    for stage, st in zip(stages, stage_stats, strict=True):
-        if hasattr(stage, "extra"):
-            st.extra = stage.extra()
-    skipped: dict = {}
-    for f in files:
-        for reason, n in f.skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    read_stats["skipped"] = dict(sorted(skipped.items()))
-    if read_stats["documents_out"] == 0 or len(docs) == 0:
-        raise UserError(
-            f"no documents left after cleaning ({read_stats['documents_out']} read; "
-            f"{_drops(stage_stats)}"
-            + (f"; skipped {_fmt_counts(skipped)}" if skipped else "")
-            + ")",
-            "give files that hold text (the right --text-field for structured files), or "
-            "loosen the filters",
-        )
-    kept = stage_stats[-1]
-    report.log(
-        f"read {len(files)} file(s), {read_stats['bytes_in']:,} bytes: "
-        f"{read_stats['documents_out']:,} documents, {kept.documents_out:,} kept "
-        f"({_drops(stage_stats)})"
-        + (f"; skipped input lines: {_fmt_counts(skipped)}" if skipped else "")
+    # 1–2. read and clean (or reuse) -> an arrow-backed dataset of documents.
+    docs, info, cache_entry = _cleaned_documents(
+        files,
+        tmp,
+        report,
+        clean_cache=clean_cache,
+        cache=cache,
+        hashes=hashes,
+        hub=hub,
+        keep_dropped=keep_dropped,
+        split_on=split_on,
+        text_field=text_field,
+        on_error=on_error,
+        cfg=cfg,
+        num_proc=num_proc,
     )
-    for f in files:
-        if f.skipped:
-            warnings.append(f"{f.path}: skipped {_fmt_counts(f.skipped)} (first: {f.first_error})")
+    warnings: list[str] = list(info["warnings"])
 
     # 3. split by document.
     n_bytes = docs.data.column("n_bytes").to_numpy()
     train_idx, val_idx = split_indices(len(docs), val_fraction, seed)
-    split_docs = {"train": docs.select(train_idx), "validation": docs.select(val_idx)}
+    split_docs = {
+        name: docs.select(idx, indices_cache_file_name=str(work / f"indices-{name}.arrow"))
+        for name, idx in (("train", train_idx), ("validation", val_idx))
+    }
     split_bytes = {
         "train": int(n_bytes[train_idx].sum()),
         "validation": int(n_bytes[val_idx].sum()),
@@ -927,14 +1378,16 @@ def _build(
                 eos_token_id=eos_token_id,
                 append_eos=not appends_eos,
                 num_proc=num_proc,
+                n_bytes=split_bytes[name],
                 name=name,
                 advance=advance,
+                cache=work,
             )
         with report.task(f"pack {name} (documents)", total=len(sdocs)) as advance:
             blocks = _from_generator(
                 lambda enc=encoded, p=packer, adv=advance: _block_rows(enc, p, adv),
                 block_features,
-                cache,
+                work,
                 f"blocks-{name}",
             )
         splits[name] = {
@@ -966,9 +1419,9 @@ def _build(
         report.log(f"[yellow]warning:[/yellow] {warning}")
 
     del docs, split_docs, encoded, blocks  # release the memory-mapped cache files
-    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     return {
-        "inputs": [f.as_dict() for f in files],
+        "inputs": info["inputs"],
         "settings": {
             "vocab_size": vocab_size if tokenizer_path is None else None,
             "tokenizer": tokenizer_path,
@@ -980,15 +1433,14 @@ def _build(
             "num_proc": num_proc,
             "on_error": on_error,
             "keep_dropped": keep_dropped,
+            "plot": plot,
+            "hub_split": hub_split if hub else None,
             "normalization": cfg["normalize"]["form"],
             "cleaning": cfg,
         },
-        "stages": {"read": read_stats, **{s.name: s.as_dict() for s in stage_stats}},
-        "length_histogram": {
-            "bin_edges_bytes": LENGTH_BINS.tolist(),
-            "read": histograms["read"].as_list(),
-            "kept": histograms["kept"].as_list(),
-        },
+        "cache": cache_entry,
+        "stages": info["stages"],
+        "length_histogram": info["length_histogram"],
         "splits": splits,
         "tokenizer": {
             "trained": tokenizer_path is None,

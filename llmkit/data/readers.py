@@ -10,7 +10,13 @@ Supported inputs (SPEC §2), each optionally compressed with ``.gz``, ``.bz2``, 
   file must fit in memory), JSON lines otherwise (Dolma's ``.json.gz`` are JSON lines);
 - ``.csv``, ``.tsv``: a header row, then one document per row in the column ``text_field``;
 - ``.parquet``: the column ``text_field`` read in record batches (a compressed ``.parquet.gz``
-  is decompressed into memory first, since parquet needs random access).
+  is decompressed into memory first, since parquet needs random access);
+- a Hugging Face Hub dataset id, when online: an input that is not a local path and looks
+  like ``owner/name`` or ``owner/name:config`` (and has no supported file extension) is read
+  with ``datasets.load_dataset(..., split=..., streaming=True)``, record by record, the
+  document in ``text_field``. Offline (``HF_HUB_OFFLINE=1`` or ``HF_DATASETS_OFFLINE=1``, or
+  the Hub's host unreachable within :data:`HUB_TIMEOUT` seconds) it is a one-line
+  :class:`~llmkit.errors.UserError` before anything is read.
 
 ``text_field`` may be a dotted path into nested objects (``metadata.body``; parquet structs
 too). Other fields of a record are not kept with the document, but how many records carried
@@ -38,6 +44,8 @@ import io
 import json
 import lzma
 import os
+import re
+import socket
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -81,16 +89,18 @@ class InputFile:
     read to its end.
     """
 
-    path: Path
-    kind: str  # "text", "jsonl", "csv" or "parquet"
+    path: Path  # for a Hub dataset, its id (owner/name, without the config)
+    kind: str  # "text", "jsonl", "csv", "parquet" or "hub"
     compression: str | None  # ".gz", ".bz2", ".xz", ".zst" or None
-    size_bytes: int  # size on disk, in bytes
+    size_bytes: int  # size on disk, in bytes (0 for a Hub dataset)
     sha256: str | None = None  # of the bytes on disk
     documents: int = 0  # documents read from the file, before any cleaning
     skipped: Counter = field(default_factory=Counter)  # lines skipped (on_error="skip"), by reason
     fields: Counter = field(default_factory=Counter)  # records per top-level field (structured)
     first_error: str | None = None  # the first skipped problem, "file:line: what"
     removed_lines: Counter = field(default_factory=Counter)  # lines cut by a rule, by rule
+    hub_config: str | None = None  # a Hub dataset's configuration (subset)
+    hub_split: str | None = None  # a Hub dataset's split
 
     def as_dict(self) -> dict:
         """The manifest entry: path, size, sha256, documents, skips and fields seen."""
@@ -100,6 +110,8 @@ class InputFile:
             "sha256": self.sha256,
             "documents": self.documents,
         }
+        if self.kind == "hub":
+            entry.update(hub=True, config=self.hub_config, split=self.hub_split)
         if self.skipped:
             entry["skipped"] = dict(sorted(self.skipped.items()))
             entry["first_error"] = self.first_error
@@ -159,23 +171,83 @@ def _is_under(path: Path, parents: Sequence[Path]) -> bool:
     return any(resolved == p or p in resolved.parents for p in parents)
 
 
+#: A Hub dataset id: ``owner/name``, optionally ``:config``.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::[\w.-]+)?$")
+#: Seconds to wait for the Hub's host before calling it unreachable.
+HUB_TIMEOUT = 3.0
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def looks_like_hub_id(item: str) -> bool:
+    """True when ``item`` has the shape of a Hub dataset id (``owner/name[:config]``) and no
+    supported file extension (``data/corpus.txt`` is a missing file, not a dataset)."""
+    if not _HUB_ID.match(item):
+        return False
+    return file_kind(Path(item.split(":")[0])) is None
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be used now (offline mode, or its host not answering), or None.
+
+    The offline variables are ``HF_HUB_OFFLINE`` and ``HF_DATASETS_OFFLINE``. Otherwise a TCP
+    connection to the host of ``HF_ENDPOINT`` (default huggingface.co, port 443) is tried for
+    at most :data:`HUB_TIMEOUT` seconds, unless a proxy is configured (then the download itself
+    finds out).
+    """
+    from urllib.parse import urlparse
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        value = os.environ.get(var, "").strip()
+        if value.upper() in _TRUE:
+            return f"offline mode ({var}={value})"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_TIMEOUT).close()
+    except OSError as err:
+        return f"no network ({host}:{port}: {err.strerror or type(err).__name__})"
+    return None
+
+
+def _hub_input(item: str, split: str) -> InputFile:
+    name, _, config = item.partition(":")
+    why = hub_unreachable()
+    if why is not None:
+        raise UserError(
+            f"{item} is not a local path, and the Hub dataset {name} cannot be loaded: {why}",
+            "check the path if you meant a local file; for a Hub dataset go online "
+            "(unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)",
+        )
+    return InputFile(Path(name), "hub", None, 0, hub_config=config or None, hub_split=split)
+
+
 def discover_inputs(
-    inputs: Iterable[str | Path], *, exclude: Iterable[str | Path] = ()
+    inputs: Iterable[str | Path],
+    *,
+    exclude: Iterable[str | Path] = (),
+    hub_split: str = "train",
 ) -> list[InputFile]:
     """Expand files, directories (recursive) and globs into the list of files to read.
 
     Order is deterministic: inputs in the order given, directory and glob matches sorted by
     path. A file reached twice is read once. Inside a directory or a glob, files of other
-    types are skipped; a file named explicitly must be of a supported type.
+    types are skipped; a file named explicitly must be of a supported type. An input that is
+    not a local path but looks like a Hub dataset id (:func:`looks_like_hub_id`) is a Hub
+    dataset, read from its split ``hub_split``.
 
     Args:
-        inputs: paths of files or directories, or glob patterns (``data/**/*.txt``).
+        inputs: paths of files or directories, glob patterns (``data/**/*.txt``), or Hub
+            dataset ids (``owner/name``, ``owner/name:config``).
         exclude: paths whose files are never inputs (the output directory being replaced).
+        hub_split: the split read from Hub datasets.
 
     Raises:
         UserError: a path does not exist, a glob matches nothing, a directory holds no
-            supported file, a file named explicitly has an unsupported type, or ``inputs``
-            is empty.
+            supported file, a file named explicitly has an unsupported type, ``inputs``
+            is empty, or a Hub dataset is named while offline (:func:`hub_unreachable`).
     """
     excluded = [Path(p).resolve() for p in exclude]
     found: list[InputFile] = []
@@ -205,6 +277,8 @@ def discover_inputs(
                 raise UserError(
                     f"no supported file matches {item}", f"supported: {_supported_list()}"
                 )
+        elif not path.exists() and looks_like_hub_id(str(item)):
+            found.append(_hub_input(str(item), hub_split))
         elif not path.exists():
             raise UserError(f"{path} does not exist", "check the path")
         elif path.is_dir():
@@ -627,6 +701,46 @@ def _parquet_documents(source: InputFile, text_field: str, on_error: str) -> Ite
         raw_file.close()
 
 
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def _hub_documents(source: InputFile, text_field: str, on_error: str) -> Iterator[str]:
+    """The records of a Hub dataset's split, streamed (``datasets.load_dataset``)."""
+    import datasets
+
+    name = str(source.path)
+    try:
+        records = iter(
+            datasets.load_dataset(name, source.hub_config, split=source.hub_split, streaming=True)
+        )
+    except Exception as err:  # not found, gated, no such split or config, network
+        raise UserError(
+            f"cannot load the Hub dataset {name}"
+            + (f" ({source.hub_config})" if source.hub_config else "")
+            + f", split {source.hub_split!r}: {_short(err)}",
+            "check the dataset id, its configuration (owner/name:config) and --split",
+        ) from err
+    row = 0
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except Exception as err:
+            raise UserError(
+                f"cannot read the Hub dataset {name} after row {row}: {_short(err)}",
+                "check the network and retry",
+            ) from err
+        row += 1
+        _count_fields(source, record)
+        try:
+            yield record_text(record, where=f"{name}: row {row}", text_field=text_field)
+        except UserError as err:
+            source.problem(err, _reason(err), on_error)
+
+
 def read_documents(
     source: InputFile,
     *,
@@ -655,7 +769,9 @@ def read_documents(
         raise UserError(f"--split-on {split_on!r} is not one of {', '.join(SPLIT_MODES)}")
     if on_error not in ON_ERROR:
         raise UserError(f"--on-error {on_error!r} is not one of {', '.join(ON_ERROR)}")
-    if source.kind == "jsonl":
+    if source.kind == "hub":
+        docs = _hub_documents(source, text_field, on_error)
+    elif source.kind == "jsonl":
         docs = _jsonl_documents(source, text_field, on_error)
     elif source.kind == "csv":
         docs = _csv_documents(source, text_field, on_error)

@@ -1,0 +1,149 @@
+"""The cache of ``llmkit prepare``: fingerprints of a run and its cleaned documents on disk.
+
+Two fingerprints are taken of a run (SHA-256 of a canonical JSON of what they cover):
+
+- the *cleaning* fingerprint covers what decides the cleaned documents: the llmkit version,
+  the inputs (path, type and SHA-256 of the bytes of every file), the reading settings
+  (``split_on``, ``text_field``, ``on_error``), every cleaning setting (normalization, Gutenberg
+  rule, filters and their thresholds, deduplication, PII) and ``keep_dropped``;
+- the *full* fingerprint adds what comes after cleaning: vocabulary size or the pretrained
+  tokenizer (its path and the SHA-256 of its files), ``block_size``, ``val_fraction``, ``seed``
+  and ``plot``.
+
+Inputs are identified by content (SHA-256), not by size and modification time: a file that is
+only touched or copied does not invalidate the cache, an edit that keeps the size and the
+second does. The price is one read of every input per run (hashing runs at several hundred
+MB/s, cleaning at a few MB/s per core). ``num_proc`` is in neither fingerprint: the output does
+not depend on it.
+
+The cleaned documents (an arrow ``datasets.Dataset`` with ``text`` and ``n_bytes``) and the
+counts of the read and clean stages are kept under ``$LLMKIT_CACHE/prepare/<cleaning
+fingerprint>/`` (``$LLMKIT_CACHE`` defaults to ``~/.cache/llmkit``, the root that
+:mod:`llmkit.generation.loading` uses for converted GGUF models; ``LLMKIT_CACHE=off`` turns the
+cache off). A rerun that changes only the tokenizer, block size, split or seed reuses them and
+skips reading and cleaning. A run whose output directory already holds a manifest with the
+same full fingerprint does nothing at all. An entry is written to a temporary directory and
+renamed, so a crash leaves no half entry; entries are never deleted by llmkit (remove
+``$LLMKIT_CACHE/prepare`` to reclaim the space). Hub datasets are never cached: their content
+cannot be fingerprinted without downloading it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+#: The environment variable naming the cache root (shared with llmkit.generation.loading).
+ENV_CACHE = "LLMKIT_CACHE"
+#: Bump when the layout of a cache entry changes: older entries are then ignored.
+CACHE_FORMAT = 1
+#: The file of a cache entry holding the counts of the read and clean stages.
+INFO = "cleaned.json"
+#: The saved dataset of the cleaned documents inside a cache entry.
+DOCUMENTS = "documents"
+#: The dropped documents (``--keep-dropped``), in the output and in a cache entry.
+DROPPED = "dropped.jsonl"
+
+
+def cache_root() -> Path | None:
+    """``$LLMKIT_CACHE``, else ``~/.cache/llmkit``; None when ``LLMKIT_CACHE`` is ``off`` (or
+    ``0``, ``none``, ``false``). The same rule as :func:`llmkit.generation.loading.cache_root`,
+    repeated here so that prepare does not import torch."""
+    value = os.environ.get(ENV_CACHE, "").strip()
+    if value.lower() in ("off", "0", "none", "false"):
+        return None
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "llmkit"
+
+
+def fingerprint(obj) -> str:
+    """SHA-256 (hex) of ``obj`` as canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: Path, advance: Callable[[int], None] | None = None) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks; ``advance(n)`` per chunk."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            if advance is not None:
+                advance(len(chunk))
+    return digest.hexdigest()
+
+
+def tokenizer_identity(tokenizer: str | None) -> dict | None:
+    """What identifies a pretrained tokenizer for the full fingerprint: its path and the
+    SHA-256 of its files (a directory's top-level files, or the file), or its Hub id."""
+    if tokenizer is None:
+        return None
+    path = Path(tokenizer)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        return {"path": str(path.resolve()), "files": {p.name: file_sha256(p) for p in files}}
+    if path.is_file():
+        return {"path": str(path.resolve()), "sha256": file_sha256(path)}
+    return {"id": tokenizer}
+
+
+class CleanCache:
+    """One entry of the cleaned-documents cache: ``root/prepare/<key>/``.
+
+    Layout: ``cleaned.json`` (the counts of the read and clean stages, :data:`INFO`) and
+    ``documents/`` (``Dataset.save_to_disk``); ``dropped.jsonl`` when the run kept the dropped
+    documents.
+    """
+
+    def __init__(self, root: Path, key: str):
+        self.root = root / "prepare"
+        self.key = key
+        self.path = self.root / key
+
+    def load(self) -> tuple[object, dict] | None:
+        """``(documents, info)`` of the entry, or None when there is no complete entry."""
+        info_file = self.path / INFO
+        try:
+            info = json.loads(info_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if info.get("format") != CACHE_FORMAT or info.get("key") != self.key:
+            return None
+        from datasets import load_from_disk
+
+        try:
+            documents = load_from_disk(str(self.path / DOCUMENTS))
+        except (OSError, ValueError, FileNotFoundError):
+            return None
+        return documents, info
+
+    def new_entry(self) -> Path:
+        """A fresh temporary directory next to the entry, to fill and :meth:`commit`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{self.key}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        return tmp
+
+    def commit(self, tmp: Path, info: dict) -> None:
+        """Write ``info`` into ``tmp`` and rename it to the entry (a concurrent run that got
+        there first wins; ``tmp`` is then removed)."""
+        info = {"format": CACHE_FORMAT, "key": self.key, **info}
+        (tmp / INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        try:
+            os.rename(tmp, self.path)
+        except OSError:
+            if (self.path / INFO).is_file():  # another run stored the same entry first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            shutil.rmtree(self.path, ignore_errors=True)  # a broken entry: replace it
+            os.rename(tmp, self.path)
+
+    @staticmethod
+    def discard(paths: Iterable[Path]) -> None:
+        """Remove temporary entries (on failure)."""
+        for p in paths:
+            shutil.rmtree(p, ignore_errors=True)
