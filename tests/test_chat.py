@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from llmkit.cli import app
 from llmkit.generation.chat import ChatSession, chat_loop
-from llmkit.generation.generate import GenerationSettings, encode_chat
+from llmkit.generation.generate import GenerationSettings, complete_batch, encode_chat
 from llmkit.generation.loading import load_model_and_tokenizer
 
 runner = CliRunner()
@@ -94,3 +96,172 @@ def test_cli_chat_without_template(tiny_model_dir):
     assert res.exit_code == 2
     assert res.stderr.startswith("error: the model's tokenizer has no chat template")
     assert res.stderr.count("\n") == 1
+
+
+# --- a model trained on chat data: ChatML template, <|im_end|> ends the turn ----------------
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ANSWER = "Hello there"
+
+
+def chatml_tokenizer(texts: list[str]):
+    """A tiny byte-level BPE whose special tokens are <|endoftext|> (0, the EOS), <|im_start|>
+    (1) and <|im_end|> (2), with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory, shakespeare):
+    """A GPT-2 whose config EOS is <|endoftext|> (0) and whose weights are set by hand so that,
+    greedily, the ChatML generation prompt ("<|im_start|>assistant\\n") is followed by
+    "Hello", " there", then <|im_end|> (2): the answer of a model fine-tuned on chat data.
+
+    With one layer whose attention and MLP outputs are zero and no position embeddings, the
+    logits depend on the last token only: logits = lm_head(ln_f(wte[x])). Each row of lm_head
+    on the chain is set to the hidden state of the token before it (a dot product of 128 with
+    itself against about ±11 with the others)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    text = shakespeare.read_text(encoding="utf-8")[:20_000]
+    tok = chatml_tokenizer([*text.split("\n\n"), *[f"{ANSWER}!\n"] * 50])
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert (tok.eos_token_id, im_end) == (0, 2)
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=64,
+        n_embd=128,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        block = model.transformer.h[0]
+        for proj in (block.attn.c_proj, block.mlp.c_proj):
+            proj.weight.zero_()
+            proj.bias.zero_()
+        model.transformer.wpe.weight.zero_()
+        model.lm_head.weight.normal_(0, 0.01)
+        last = tok("\n", add_special_tokens=False)["input_ids"]
+        first, second = tok(ANSWER, add_special_tokens=False)["input_ids"]
+        assert len(last) == 1 and len({last[0], first, second, im_end}) == 4
+
+        def hidden(token: int) -> torch.Tensor:
+            return model.transformer(torch.tensor([[token]])).last_hidden_state[0, 0]
+
+        for before, after in ((last[0], first), (first, second), (second, im_end)):
+            model.lm_head.weight[after] = hidden(before)
+    out = tmp_path_factory.mktemp("chatml") / "chatml-run"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_end_of_turn_token_comes_from_the_template(chatml_dir):
+    from llmkit.generation.generate import end_of_turn_ids, eos_ids
+
+    model, tok, _ = load_model_and_tokenizer(str(chatml_dir), device="cpu")
+    assert tok.chat_template == CHATML  # the template saved in the model directory
+    assert model.generation_config.eos_token_id == 0
+    assert end_of_turn_ids(tok) == [2]
+    assert eos_ids(model, tok) == [0, 2]
+    tok.chat_template = TEMPLATE  # turns end with a plain newline: no end-of-turn token
+    assert end_of_turn_ids(tok) == []
+    tok.chat_template = None
+    assert eos_ids(model, tok) == [0]
+
+
+def test_generated_im_end_ends_the_turn(chatml_dir):
+    from llmkit.generation.generate import run_prompts
+
+    model, tok, _ = load_model_and_tokenizer(str(chatml_dir), device="cpu")
+    settings = GenerationSettings(max_new_tokens=10, temperature=0)
+    (r,) = run_prompts(model, tok, ["Hi"], settings, chat=True)
+    assert r.token_ids == [*tok(ANSWER)["input_ids"], 2]
+    assert (r.completion, r.new_tokens, r.finish_reason) == (ANSWER, 3, "eos")
+    # The same prompt ids with the end-of-turn token unknown (no template): only the config's
+    # EOS (0) ends the row, and it runs past <|im_end|> to max_new_tokens.
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tok(ids, add_special_tokens=False)["input_ids"]
+    tok.chat_template = None
+    (plain,) = complete_batch(model, tok, ["Hi"], settings, prompt_ids=[ids])
+    assert plain.token_ids[:3] == r.token_ids
+    assert (plain.new_tokens, plain.finish_reason) == (10, "length")
+
+
+def test_prompt_is_exactly_the_rendered_template(chatml_dir):
+    model, tok, _ = load_model_and_tokenizer(str(chatml_dir), device="cpu")
+    seen = []
+    generate = model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["input_ids"][0].tolist())
+        return generate(*args, **kwargs)
+
+    model.generate = spy
+    session = ChatSession(
+        model, tok, GenerationSettings(max_new_tokens=10, temperature=0), system="Be kind."
+    )
+    out = io.StringIO()
+    session.reply("Hi", out=out, err=io.StringIO())
+    session.reply("Thanks", out=out, err=io.StringIO())
+    assert out.getvalue() == f"{ANSWER}\n{ANSWER}\n"
+    messages = [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": ANSWER},
+        {"role": "user", "content": "Thanks"},
+    ]
+    for ids, convo in zip(seen, (messages[:2], messages), strict=True):
+        rendered = tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+        assert rendered.endswith("<|im_end|>\n<|im_start|>assistant\n")
+        assert tok.decode(ids, skip_special_tokens=False) == rendered
+        assert ids == tok(rendered, add_special_tokens=False)["input_ids"]
+
+
+def test_cli_chat_and_generate_chat_stop_at_im_end(chatml_dir):
+    res = runner.invoke(
+        app, ["chat", "-m", str(chatml_dir), "-t", "0", "--max-new-tokens", "20"], input="Hi\n"
+    )
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == f"{ANSWER}\n"
+    res = runner.invoke(
+        app,
+        ["generate", "Hi", "--chat", "-m", str(chatml_dir), "-t", "0", "--max-new-tokens", "20"]
+        + ["--json"],
+    )
+    assert res.exit_code == 0, res.stderr
+    record = json.loads(res.stdout)
+    assert (record["completion"], record["new_tokens"], record["finish_reason"]) == (
+        ANSWER,
+        3,
+        "eos",
+    )

@@ -150,6 +150,24 @@ def test_stream_holds_back_split_utf8_characters(tiny_tokenizer):
     assert decode_continuation(tiny_tokenizer, [tiny_tokenizer.eos_token_id], ids) == text
 
 
+def test_stream_of_a_long_line_equals_the_decoded_text(tiny_tokenizer):
+    """No newline for 200+ tokens, non-ASCII characters throughout: the streamer restarts its
+    decoding window every 16 tokens and still writes exactly the decoded text."""
+    text = " ".join(["Wherefore art thou, Roméo — naïve ☃ café?"] * 12)
+    ids = tiny_tokenizer(text)["input_ids"]
+    assert len(ids) > 200 and "\n" not in text
+    out = io.StringIO()
+    stream = TextStream(tiny_tokenizer, out, context_ids=[tiny_tokenizer.eos_token_id])
+    stream.put(torch.tensor([[tiny_tokenizer.eos_token_id]]))
+    lengths = []
+    for i in ids:
+        stream.put(torch.tensor([i]))
+        lengths.append(len(stream.pending))
+    stream.end()
+    assert out.getvalue() == text
+    assert max(lengths) < 24  # the window was restarted, not grown to the whole line
+
+
 def test_streamed_text_is_prompt_then_completion(tiny_model_dir):
     out, err = io.StringIO(), io.StringIO()
     settings = GenerationSettings(max_new_tokens=10, temperature=0)
@@ -158,6 +176,12 @@ def test_streamed_text_is_prompt_then_completion(tiny_model_dir):
     )
     assert out.getvalue() == "ROMEO:" + result.completion + "\n"
     assert "10 tokens" in err.getvalue() and "tokens/s" in err.getvalue()
+    # speed and memory go to stderr: the peak resident memory of this process, in MiB
+    import re
+    import resource
+
+    shown = int(re.search(r"peak memory ([\d,]+) MiB", err.getvalue())[1].replace(",", ""))
+    assert 100 < shown <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + 1
 
 
 # --- the command ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import pytest
 import torch
@@ -198,6 +199,72 @@ def test_num_return_sequences_gives_n_per_prompt_in_order(loaded):
     assert len({r.completion for r in results[:3]}) > 1  # sampled, not copies
     again = run_prompts(model, tok, ["ROMEO:", "JULIET:"], settings, batch_size=2)
     assert [r.completion for r in again] == [r.completion for r in results]  # same seed
+
+
+def two_token_model(model, tok, a: int, b: int):
+    """Make the model's next-token distribution P(a) = 3/4, P(b) = 1/4 (logits ln 3 and 0, the
+    rest -1e4) at every position, through a hook on its output layer."""
+    bias = torch.full((len(tok),), -1e4)
+    bias[a], bias[b] = math.log(3.0), 0.0
+    model.lm_head.register_forward_hook(lambda _m, _i, out: out * 0 + bias)
+
+
+def share_of_a(model, tok, a: int, n: int = 400, **kw) -> float:
+    """Share of ``n`` one-token samples that are ``a`` (seed 0: the same each run)."""
+    settings = GenerationSettings(max_new_tokens=1, num_return_sequences=n, seed=0, **kw)
+    results = complete_batch(model, tok, ["x"], settings, prompt_ids=[[5, 6]])
+    return sum(r.token_ids == [a] for r in results) / n
+
+
+@pytest.mark.parametrize(
+    "kw,expected",
+    [
+        # temperature T: P(a) = 3^(1/T) / (3^(1/T) + 1)
+        ({"temperature": 1.0, "top_k": None}, 0.75),
+        ({"temperature": 0.5, "top_k": None}, 0.9),
+        ({"temperature": 2.0, "top_k": None}, 3**0.5 / (3**0.5 + 1)),  # 0.634
+        # top-k 1 keeps a only; top-p 0.7 keeps the smallest set with mass >= 0.7: {a}
+        ({"temperature": 1.0, "top_k": 1}, 1.0),
+        ({"temperature": 1.0, "top_k": None, "top_p": 0.7}, 1.0),
+        # top-p 0.8 needs both tokens (0.75 < 0.8): the distribution is unchanged
+        ({"temperature": 1.0, "top_k": None, "top_p": 0.8}, 0.75),
+    ],
+)
+def test_temperature_top_k_top_p_shape_the_distribution(loaded, kw, expected):
+    model, tok = loaded
+    a, b = 40, 41
+    two_token_model(model, tok, a, b)
+    got = share_of_a(model, tok, a, **kw)
+    # 400 draws: standard error at most 0.025; the bound is 3 of them (and exact for 1.0)
+    assert got == pytest.approx(expected, abs=0.075)
+    tokens = {
+        t
+        for r in complete_batch(
+            model,
+            tok,
+            ["x"],
+            GenerationSettings(max_new_tokens=1, num_return_sequences=50, seed=1, **kw),
+            prompt_ids=[[5, 6]],
+        )
+        for t in r.token_ids
+    }
+    assert tokens <= {a, b}
+
+
+def test_dtype_override(tiny_model_dir):
+    model, tok, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    (r,) = run_prompts(model, tok, ["ROMEO:"], GenerationSettings(max_new_tokens=4, **GREEDY))
+    assert r.new_tokens == 4
+    res = runner.invoke(
+        app,
+        ["generate", "ROMEO:", "-m", str(tiny_model_dir), "--dtype", "bf16", "--device", "cpu"]
+        + ["-t", "0", "--max-new-tokens", "4", "--json"],
+    )
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["completion"] == r.completion
+    bad = runner.invoke(app, ["generate", "x", "-m", str(tiny_model_dir), "--dtype", "int3"])
+    one_line_error(bad, "unknown dtype")
 
 
 @pytest.mark.parametrize(

@@ -29,9 +29,11 @@ def chat_command(
 ) -> None:
     """Chat with an instruct model through its chat template, keeping the history.
 
-    Type a message and press Enter; the reply streams to stdout. /reset clears the history (the
-    --system message stays), /exit or end of input (Ctrl-D) ends the session. From a script,
-    pipe one message per line into standard input: replies go to stdout, one per message.
+    Type a message and press Enter; the reply streams to stdout and ends at the chat template's
+    end-of-turn token (e.g. <|im_end|>) or an EOS. The template is the one saved with the model
+    (a run of llmkit train on chat data carries the one it was trained with). /reset clears the
+    history (the --system message stays), /exit or end of input (Ctrl-D) ends the session. From
+    a script, pipe one message per line into standard input: replies go to stdout, one per message.
 
     --model: a model directory, .gguf file or Hub id whose tokenizer has a chat template
     (default $LLMKIT_MODEL, else the newest finished run, else gpt2). --system TEXT: the system

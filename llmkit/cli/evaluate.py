@@ -1,5 +1,6 @@
 """``llmkit eval --model MODEL [--model ...] --data DIR_OR_FILE``: loss, perplexity and bits per
-byte of one or more models side by side; ``--tokens TEXT``: the probability of each token."""
+byte of one or more models side by side; ``--tokens TEXT``: the probability of each token;
+``--tasks hellaswag,arc_easy``: lm-evaluation-harness benchmarks (the ``eval`` extra)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,47 @@ def results_table(results: dict | list[dict]):
     if best is not None:
         caption += "; * lowest bits per byte (comparable across tokenizers)"
     table.caption = caption
+    return table
+
+
+def tasks_table(results: dict | list[dict]):
+    """A rich table of lm-evaluation-harness results, one row per task and metric and one
+    column per model (value ± standard error), so that several models sit side by side."""
+    from rich.table import Table
+
+    runs = [results] if isinstance(results, dict) else list(results)
+    table = Table(title="llmkit eval: lm-evaluation-harness")
+    table.add_column("task", overflow="fold")
+    table.add_column("shots", justify="right", no_wrap=True)
+    table.add_column("docs", justify="right", no_wrap=True)
+    table.add_column("metric", no_wrap=True)
+    for run in runs:
+        table.add_column(run["model"], justify="right", overflow="fold")
+    first = runs[0]["tasks"]
+    for task, record in first.items():
+        for metric in record["metrics"]:
+            cells = []
+            for run in runs:
+                m = run["tasks"].get(task, {}).get("metrics", {}).get(metric)
+                if m is None or m["value"] is None:
+                    cells.append("-")
+                    continue
+                err = f" ± {m['stderr']:.4f}" if m["stderr"] is not None else ""
+                cells.append(f"{m['value']:.4f}{err}")
+            better = record["higher_is_better"].get(metric)
+            arrow = {True: " ↑", False: " ↓"}.get(better, "")
+            shots = record["num_fewshot"]
+            table.add_row(
+                task,
+                "" if shots is None else str(shots),
+                "" if record["samples"] is None else f"{record['samples']:,}",
+                metric + arrow,
+                *cells,
+            )
+    limit = runs[0].get("limit")
+    table.caption = "± standard error; ↑ higher is better" + (
+        f"; --limit {limit}: first documents only, for testing, not for reporting" if limit else ""
+    )
     return table
 
 
@@ -150,6 +192,33 @@ def eval_command(
         show_default=False,
     ),
     top: int = typer.Option(0, "--top", help="With --tokens: the N likeliest alternatives."),
+    tasks: list[str] = typer.Option(
+        None,
+        "--tasks",
+        help="lm-evaluation-harness tasks, comma-separated (needs pip install 'llmkit[eval]').",
+        show_default=False,
+    ),
+    include_path: list[str] = typer.Option(
+        None,
+        "--include-path",
+        help="With --tasks: a directory of task YAMLs to add (repeatable).",
+        show_default=False,
+    ),
+    limit: int = typer.Option(
+        None,
+        "--limit",
+        help="With --tasks: the first N documents of each task only (for testing).",
+        show_default=False,
+    ),
+    num_fewshot: int = typer.Option(
+        None,
+        "--num-fewshot",
+        help="With --tasks: examples per prompt (default: the task's, else 0).",
+        show_default=False,
+    ),
+    chat: bool = typer.Option(
+        False, "--chat", help="With --tasks: render requests with the model's chat template."
+    ),
     split: str = typer.Option("validation", "--split", help="Split of prepared data."),
     max_length: int = typer.Option(
         None,
@@ -180,15 +249,51 @@ def eval_command(
     --tokens TEXT: instead of --data, show the probability of each token of TEXT given the ones
     before it, coloured by probability, and log P(text) as the sum of their logs (the chain
     rule); --top N adds the N likeliest tokens at each position.
+    --tasks hellaswag,arc_easy: benchmarks from lm-evaluation-harness through its Python API
+    (pip install 'llmkit[eval]'), run on the model llmkit loaded; --include-path DIR adds task
+    YAMLs of your own (examples/eval_tasks has one on local data), --limit N scores the first N
+    documents of each task, --num-fewshot K sets the examples per prompt, --chat applies the
+    model's chat template; the results are a table with one column per model.
     --json: one JSON object per model, one per line.
     --device auto|cpu|cuda|mps, --dtype auto|float32|bfloat16|float16.
     """
+    modes = [m for m, on in (("--data", data), ("--tokens", tokens), ("--tasks", tasks)) if on]
+    if not modes:
+        raise UserError(
+            "nothing to score",
+            "pass --data DIR_OR_FILE, --tokens 'some text' or --tasks hellaswag,arc_easy",
+        )
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} are exclusive", "run them as separate commands")
+    if tasks:
+        _run_tasks(
+            model,
+            tasks,
+            include_path,
+            limit,
+            num_fewshot,
+            chat,
+            batch_size,
+            max_length,
+            json_out,
+            device,
+            dtype,
+        )
+        return
+    harness_only = [
+        name
+        for name, value in (
+            ("--include-path", include_path),
+            ("--limit", limit),
+            ("--num-fewshot", num_fewshot),
+            ("--chat", chat),
+        )
+        if value
+    ]
+    if harness_only:
+        raise UserError(f"{harness_only[0]} goes with --tasks", "add --tasks NAME[,NAME...]")
     from llmkit.evaluation.evaluate import evaluate, token_view
 
-    if tokens is None and data is None:
-        raise UserError("nothing to score", "pass --data DIR_OR_FILE, or --tokens 'some text'")
-    if tokens is not None and data is not None:
-        raise UserError("--tokens and --data are exclusive", "run them as two commands")
     if tokens is not None:
         for name in model:
             view = token_view(
@@ -224,6 +329,46 @@ def eval_command(
         from rich.console import Console
 
         Console().print(results_table(results))
+
+
+def _run_tasks(
+    models: list[str],
+    tasks: list[str],
+    include_path: list[str] | None,
+    limit: int | None,
+    num_fewshot: int | None,
+    chat: bool,
+    batch_size: int,
+    max_length: int | None,
+    json_out: bool,
+    device: str,
+    dtype: str,
+) -> None:
+    """``--tasks``: each model in turn through lm-evaluation-harness, then one table."""
+    from llmkit.evaluation.harness import evaluate_tasks, require_harness
+
+    require_harness()  # before anything else: one line naming the extra
+    results = []
+    for name in models:
+        result = evaluate_tasks(
+            name,
+            tasks,
+            include_path=include_path or None,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            max_length=max_length,
+            chat=chat,
+            device=device,
+            dtype=dtype,
+        )
+        results.append(result)
+        if json_out:
+            typer.echo(json.dumps(result))
+    if not json_out:
+        from rich.console import Console
+
+        Console().print(tasks_table(results))
 
 
 def register(app: typer.Typer) -> None:

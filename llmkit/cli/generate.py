@@ -146,10 +146,11 @@ def generate_command(
     --temperature 0 is greedy; --top-k 0 and --top-p 1 are no limit; --repetition-penalty 1 is
     off; --num-return-sequences N samples N completions per prompt; --seed S: same seed, same
     text. --stop STR (repeatable): a completion ends just before the first stop string; every
-    EOS id of the tokenizer and the model's generation_config also ends it.
+    EOS id of the tokenizer and the model's generation_config also ends it, and so does the
+    chat template's end-of-turn token (e.g. <|im_end|>) when the template has one.
     --batch-size B: prompts per forward pass, left-padded (greedy outputs do not depend on it).
-    --chat wraps each prompt in the model's chat template as a user message; --system TEXT adds
-    a system message (and implies --chat).
+    --chat wraps each prompt in the model's chat template (the one saved with the model or
+    run) as a user message; --system TEXT adds a system message (and implies --chat).
     --device auto|cpu|cuda|mps, --dtype auto|float32|bfloat16|float16.
 
     Text streams to stdout as it is generated (prompt, then continuation; batches of more than

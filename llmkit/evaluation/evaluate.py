@@ -4,6 +4,8 @@ Two ways to cut the tokens into model inputs, both scoring every target token ex
 
 - **blocks** (a directory from ``llmkit prepare``): each block of T tokens is one input and scores
   its T-1 next-token targets, exactly like validation during training (:func:`score_blocks`).
+  Prepared chat data carries ``labels`` (-100 where not scored) and ``position_ids`` (packed
+  conversations): only the answers are scored, each conversation seeing only itself.
 - **sliding windows** (a text file or a directory of ``.txt``): each document is tokenized whole,
   its BOS (or EOS) token put in front as context so that the first text token is scored too, and
   windows of ``max_length`` tokens move ``stride`` tokens at a time; in each window only the new
@@ -85,9 +87,23 @@ def plan_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
     return windows
 
 
-def _logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, vocab_size) logits of ``model``, any callable returning an object with ``.logits``."""
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+def _logits(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, T, vocab_size) logits of ``model``, any callable returning an object with ``.logits``.
+
+    ``position_ids`` (B, T) is passed only when given: packed rows, with ``attention_mask``
+    None (see :func:`score_blocks`).
+    """
+    kwargs: dict[str, Any] = {}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    return model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+    ).logits
 
 
 class _EvalMode:
@@ -113,6 +129,11 @@ def _token_bytes(token_bytes: Any, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(token_bytes, dtype=torch.long, device=device)
 
 
+BLOCK_COLUMNS = ("input_ids", "labels", "position_ids")
+"""The columns of a prepared split that :func:`score_blocks` reads (only ``input_ids`` is
+required)."""
+
+
 def score_blocks(
     model: Any,
     blocks_dataset: Any,
@@ -125,14 +146,30 @@ def score_blocks(
     """Summed next-token NLL over fixed-length blocks, each scoring its T-1 targets.
 
     The same computation as validation during training: block ``x`` of shape (T,) gives inputs
-    ``x`` and targets ``x[1:]`` (:func:`~llmkit.evaluation.metrics.shift_labels`).
+    ``x`` and targets ``x[1:]`` (:func:`~llmkit.evaluation.metrics.shift_labels`), as
+    ``llmkit.training.loop.split_batch`` does.
+
+    Prepared chat (SFT) data may carry two more columns of the same shape:
+
+    - ``labels`` (T,): ``labels[t]`` is the id of token t where it is scored and -100 where it
+      is not (system and user turns, template markers, padding). Position t-1 then predicts
+      ``labels[t]``: only targets not equal to -100 count, in the nats, the token count and the
+      bytes (so bits per byte is over the UTF-8 bytes of the scored tokens only).
+    - ``position_ids`` (T,): positions restarting at 0 at each conversation packed in the block.
+      They are passed to the model with ``attention_mask=None``, from which transformers builds
+      a block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``: a new
+      sequence starts wherever the position does not grow by one), so no conversation attends
+      to the one before it in the block; and the first token of each conversation is not
+      scored (nothing before it in its own conversation predicts it), whatever its label.
 
     Args:
         model: a causal LM, or any callable ``model(input_ids=, attention_mask=, use_cache=)``
-            returning an object whose ``.logits`` is (B, T, vocab_size). Put in eval mode for
-            the call (its training mode is restored after).
+            (and ``position_ids=`` for packed data) returning an object whose ``.logits`` is
+            (B, T, vocab_size). Put in eval mode for the call (its training mode is restored
+            after).
         blocks_dataset: a ``datasets.Dataset`` with an ``input_ids`` column of equal-length
-            rows, or a (N, T) tensor / sequence of equal-length id lists.
+            rows (and optionally ``labels`` and ``position_ids``), or a (N, T) tensor /
+            sequence of equal-length id lists.
         token_bytes: (vocab_size,) UTF-8 bytes per token id
             (:func:`llmkit.data.tokenizer.token_byte_lengths`).
         batch_size: blocks per forward pass.
@@ -140,23 +177,38 @@ def score_blocks(
         progress: called with (blocks done, total blocks) after each batch.
 
     Returns:
-        Total nats, scored tokens (N × (T-1)) and their bytes.
+        Total nats, scored tokens (N × (T-1) without labels; else the targets not -100) and
+        their bytes.
     """
     device = torch.device(device)
     if hasattr(blocks_dataset, "with_format"):
-        rows = blocks_dataset.with_format("torch", columns=["input_ids"])
-        get = lambda i, j: rows[i:j]["input_ids"]  # noqa: E731
+        columns = [c for c in BLOCK_COLUMNS if c in blocks_dataset.column_names]
+        rows = blocks_dataset.with_format("torch", columns=columns)
+        get = lambda i, j: rows[i:j]  # noqa: E731
     else:
-        get = lambda i, j: blocks_dataset[i:j]  # noqa: E731
+        get = lambda i, j: {"input_ids": blocks_dataset[i:j]}  # noqa: E731
     n = len(blocks_dataset)
     bytes_per_id = _token_bytes(token_bytes, device)
     sums = NLLSums()
     with _EvalMode(model):
         for start in range(0, n, batch_size):
-            ids = torch.as_tensor(get(start, min(start + batch_size, n)), dtype=torch.long)
-            ids = ids.to(device)  # (B, T)
-            logits = _logits(model, ids, torch.ones_like(ids))  # (B, T, vocab_size)
-            sums.add(nll_sums(logits, shift_labels(ids), bytes_per_id))
+            batch = get(start, min(start + batch_size, n))
+            ids = torch.as_tensor(batch["input_ids"], dtype=torch.long).to(device)  # (B, T)
+            labels = batch.get("labels")
+            labels = ids if labels is None else torch.as_tensor(labels).to(device, torch.long)
+            positions = batch.get("position_ids")
+            if positions is None:
+                logits = _logits(model, ids, torch.ones_like(ids))  # (B, T, vocab_size)
+            else:
+                positions = torch.as_tensor(positions).to(device, torch.long)  # (B, T)
+                logits = _logits(model, ids, None, positions)  # (B, T, vocab_size)
+            targets = shift_labels(labels)  # (B, T): targets[:, t] = labels[:, t+1]
+            if positions is not None:
+                # the first token of a packed conversation has no context of its own: the end
+                # of the previous conversation does not predict it
+                starts = positions[:, 1:] != positions[:, :-1] + 1  # (B, T-1)
+                targets[:, :-1][starts] = IGNORE_INDEX
+            sums.add(nll_sums(logits, targets, bytes_per_id))
             if progress is not None:
                 progress(min(start + batch_size, n), n)
     return sums

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
@@ -208,7 +209,8 @@ class TextStream(BaseStreamer):
     Text that may still change is held back: a trailing U+FFFD (the first bytes of a UTF-8
     character split across tokens), and with ``stop`` strings any ending that may be the start
     of one; once a stop string appears, nothing from it on is written. Without stop strings the
-    decoding restarts from the last token after a newline, so the cost per token stays flat.
+    decoding restarts from the last token after a newline or every 16 tokens (when nothing is
+    held back), so the cost per token stays flat however long the text.
 
     Args:
         tokenizer: decodes ids.
@@ -247,7 +249,8 @@ class TextStream(BaseStreamer):
         ready = ready[: len(ready) - _held_back(ready, self.stops)]
         self._write(ready[self.written :])
         self.written = len(ready)
-        if not self.stops and ready.endswith("\n") and len(ready) == len(text):
+        settled = len(ready) == len(text)  # nothing held back
+        if not self.stops and settled and (ready.endswith("\n") or len(self.pending) >= 16):
             self.context, self.pending, self.written = self.pending[-1:], [], 0
 
     def end(self) -> None:
@@ -304,12 +307,25 @@ def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]
     return [*messages, {"role": "user", "content": prompt}]
 
 
+_SILENCED: weakref.WeakSet = weakref.WeakSet()
+
+
 def _silence_padding_warning(model: Any) -> None:
     """Turn off transformers' "pass an attention_mask" warning on ``model`` (and the module it
-    wraps): llmkit always builds the mask itself (:func:`left_pad`)."""
+    wraps): llmkit always builds the mask itself (:func:`left_pad`). Once per model: walking
+    its modules costs several milliseconds, which every ``generate`` call would pay."""
+    try:
+        if model in _SILENCED:
+            return
+    except TypeError:  # not weak-referenceable: silence it each time
+        pass
     for m in model.modules() if hasattr(model, "modules") else ():
         if hasattr(m, "warn_if_padding_and_no_attention_mask"):
             m.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
+    try:
+        _SILENCED.add(model)
+    except TypeError:
+        pass
 
 
 def check_fits(model: Any, n_prompt: int, max_new_tokens: int, label: str = "the prompt") -> None:
@@ -344,12 +360,81 @@ def check_fits(model: Any, n_prompt: int, max_new_tokens: int, label: str = "the
     )
 
 
+_PROBE = "llmkit end-of-turn probe"
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens: the named ones (EOS, BOS, PAD...) and every added
+    token marked special (chat markers such as ``<|im_end|>`` are usually only the latter)."""
+    found = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+    for tid, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(token, "special", False):
+            found.add(int(tid))
+    return found
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The chat template's end-of-turn token, when the template uses one: ``[id]`` or ``[]``.
+
+    Found by rendering a user message and an assistant answer with the tokenizer's own
+    ``chat_template`` and reading the first token after the answer: when it is a special token
+    (ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``, Phi-3's
+    ``<|end|>``), a model trained on such conversations ends its answers with it, whatever
+    the config's ``eos_token_id`` says. No template, a template that fails on this
+    conversation, or plain text after the answer: ``[]``.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return []
+    try:
+        cached = _END_OF_TURN.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == template:
+        return list(cached[1])
+    found = _find_end_of_turn(tokenizer)
+    try:
+        _END_OF_TURN[tokenizer] = (template, found)
+    except TypeError:
+        pass
+    return list(found)
+
+
+# tokenizer -> (chat_template, end-of-turn ids): rendering the template costs ~1 ms a call
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _find_end_of_turn(tokenizer: Any) -> list[int]:
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": _PROBE},
+    ]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template with rules of its own (roles, alternation): no guess
+        return []
+    if not isinstance(text, str) or _PROBE not in text:
+        return []
+    after = text[text.index(_PROBE) + len(_PROBE) :]
+    ids = list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after else []
+    if ids and int(ids[0]) in _special_ids(tokenizer):
+        return [int(ids[0])]
+    return []
+
+
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every id that ends a sequence: ``generation_config.eos_token_id`` (an int or a list, as
-    in Llama 3's ``[128001, 128008, 128009]``) and the tokenizer's ``eos_token_id``, in that
-    order, without repeats."""
+    """Every id that ends a sequence, in this order, without repeats:
+    ``generation_config.eos_token_id`` (an int or a list, as in Llama 3's
+    ``[128001, 128008, 128009]``), the tokenizer's ``eos_token_id``, and the chat template's
+    end-of-turn token (:func:`end_of_turn_ids`; ChatML's ``<|im_end|>``), so that a model
+    fine-tuned on chat data stops at the end of its answer even when its config names another
+    EOS."""
     found: list[int] = []
-    for eos in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+    for eos in (
+        getattr(model.generation_config, "eos_token_id", None),
+        tokenizer.eos_token_id,
+        end_of_turn_ids(tokenizer),
+    ):
         if eos is None:
             continue
         for e in eos if isinstance(eos, (list, tuple)) else [eos]:
@@ -567,16 +652,35 @@ def complete(
     return result
 
 
-def _stats_line(results: list[Completion]) -> str:
-    """``[N tokens in S s, X tokens/s, stopped by R]`` for one batch (its new tokens summed)."""
+def peak_memory_mb(device: Any = None) -> float | None:
+    """Peak memory of this process so far, in MiB: on a CUDA device the most torch has had
+    allocated there (``torch.cuda.max_memory_allocated``), else the peak resident set size of
+    the process (``getrusage``'s ``ru_maxrss``: KiB on Linux, bytes on macOS). None when
+    neither can be read (e.g. Windows)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def _stats_line(results: list[Completion], device: Any = None) -> str:
+    """``[N tokens in S s, X tokens/s, peak memory M MiB, stopped by R]`` for one batch (its
+    new tokens summed)."""
     tokens = sum(r.new_tokens for r in results)
     seconds = results[0].seconds
     rate = tokens / seconds if seconds > 0 else float("inf")
     reasons = sorted({r.finish_reason for r in results})
     unit = "token" if tokens == 1 else "tokens"
     rows = f", batch of {len(results)}" if len(results) > 1 else ""
+    peak = peak_memory_mb(device)
+    memory = f", peak memory {peak:,.0f} MiB" if peak is not None else ""
     return (
-        f"[{tokens} {unit} in {seconds:.2f} s, {rate:.1f} tokens/s{rows}, "
+        f"[{tokens} {unit} in {seconds:.2f} s, {rate:.1f} tokens/s{rows}{memory}, "
         f"stopped by {'/'.join(reasons)}]\n"
     )
 
@@ -653,7 +757,7 @@ def run_prompts(
                 out.write("\n".join(r.prompt + r.completion + "\n" for r in batch))
         if stream:
             out.flush()
-            err.write(_stats_line(batch))
+            err.write(_stats_line(batch, getattr(lm, "device", None)))
             err.flush()
         for result in batch:
             if on_result is not None:

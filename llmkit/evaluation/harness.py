@@ -1,0 +1,382 @@
+"""Benchmarks from lm-evaluation-harness through its Python API (SPEC §5), the optional extra
+``pip install 'llmkit[eval]'``.
+
+The model is loaded once by llmkit (:func:`llmkit.generation.loading.load_model_and_tokenizer`:
+a run, a ``save_pretrained`` directory, a ``.gguf`` file or a Hub id) and handed, already
+loaded, to the harness's ``HFLM`` wrapper; ``lm_eval.simple_evaluate`` then runs the tasks.
+Nothing is loaded twice and no model code is fetched.
+
+Tasks are named as in the harness (``hellaswag``, ``arc_easy``, a group such as ``mmlu``) or
+defined by YAML files under ``include_path`` directories (the harness's own task format; see
+``examples/eval_tasks/`` for a local multiple-choice task). Names found in the include paths
+are looked up without indexing the harness's ~15,000 built-in tasks (which takes tens of
+seconds); other names need that index.
+
+One difference from the harness alone: in a task YAML under an include path, a relative local
+``dataset_kwargs.data_files`` (or ``dataset_path``) that exists next to the YAML is read from
+there, whatever the working directory (the harness resolves it against the working
+directory), so a task directory works from anywhere. Hub tasks need the Hub (or its local
+cache); offline, their data cannot be loaded and the error says so.
+
+Source: EleutherAI lm-evaluation-harness (Gao et al., "A framework for few-shot language
+model evaluation", Zenodo 10256836), ``lm_eval.evaluator.simple_evaluate`` and
+``lm_eval.models.huggingface.HFLM``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import UserError
+
+INSTALL_HINT = "pip install 'llmkit[eval]'"
+
+
+def require_harness() -> None:
+    """Raise when lm-evaluation-harness is not installed.
+
+    Raises:
+        UserError: ``lm_eval`` cannot be imported; the hint names the extra to install.
+    """
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError("--tasks needs lm-evaluation-harness, which is not installed", INSTALL_HINT)
+
+
+def parse_tasks(tasks: str | list[str]) -> list[str]:
+    """Task names from ``"hellaswag,arc_easy"`` or a list of such strings, in order, without
+    repeats or blanks.
+
+    Raises:
+        UserError: no task name at all.
+    """
+    items = [tasks] if isinstance(tasks, str) else list(tasks)
+    names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
+    if not names:
+        raise UserError("--tasks names no task", "e.g. --tasks hellaswag,arc_easy")
+    return list(dict.fromkeys(names))
+
+
+def _quiet_harness_logs() -> None:
+    """The harness logs at INFO/WARNING on every run (e.g. that a loaded model was passed in);
+    keep its errors only, unless ``LLMKIT_DEBUG`` is set."""
+    if os.environ.get("LLMKIT_DEBUG", "") in ("", "0"):
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+def _include_paths(include_path: str | Path | list | None) -> list[Path]:
+    if include_path is None:
+        return []
+    items = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+    paths = []
+    for item in items:
+        p = Path(item).expanduser()
+        if not p.exists():
+            raise UserError(
+                f"--include-path {item} does not exist",
+                "give a directory (or file) of lm-evaluation-harness task YAMLs",
+            )
+        paths.append(p.resolve())
+    return paths
+
+
+def task_manager(names: list[str], include_paths: list[Path]) -> Any:
+    """An ``lm_eval.tasks.TaskManager`` that knows every name in ``names``.
+
+    The include paths alone are indexed first; the harness's built-in tasks are indexed only
+    when a name is not found there (a YAML file path is accepted as a name too).
+
+    Raises:
+        UserError: a name that is neither a known task, group or tag nor a YAML file; the
+            message lists the closest known names.
+    """
+    from lm_eval.tasks import TaskManager
+
+    def missing(tm: Any) -> list[str]:
+        known = set(tm.all_tasks)
+        return [n for n in names if n not in known and not Path(n).is_file()]
+
+    if include_paths:
+        tm = TaskManager(include_path=[str(p) for p in include_paths], include_defaults=False)
+        if not missing(tm):
+            return tm
+    tm = TaskManager(include_path=[str(p) for p in include_paths] or None)
+    unknown = missing(tm)
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, tm.all_tasks, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UserError(
+            f"unknown lm-evaluation-harness task {name!r}",
+            hint + "`lm-eval ls tasks` lists them; --include-path DIR adds your own YAML tasks",
+        )
+    return tm
+
+
+def _local(value: Any, base: Path) -> Any:
+    """``value`` (a path string, a list or a dict of them) with each relative path that exists
+    under ``base`` made absolute; anything else unchanged."""
+    if isinstance(value, str):
+        if "://" in value or Path(value).is_absolute():
+            return value
+        candidate = base / value
+        return str(candidate) if candidate.exists() else value
+    if isinstance(value, list):
+        return [_local(v, base) for v in value]
+    if isinstance(value, dict):
+        return {k: _local(v, base) for k, v in value.items()}
+    return value
+
+
+def task_specs(tm: Any, names: list[str], include_paths: list[Path]) -> list[str | dict]:
+    """What to hand the harness for each name: the name itself, or, for a single task defined
+    by a YAML under an include path, its full config with local data paths resolved against
+    the YAML's directory (see the module docstring)."""
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml  # the harness's YAML reader (0.4.10+)
+    except ImportError:  # another layout: names only, data paths as the harness reads them
+        return list(names)
+    specs: list[str | dict] = []
+    for name in names:
+        entry = tm.task_index.get(name)
+        yaml_path = getattr(entry, "yaml_path", None)
+        kind = getattr(getattr(entry, "kind", None), "name", "")
+        inside = yaml_path is not None and any(
+            Path(yaml_path).resolve().is_relative_to(p) for p in include_paths
+        )
+        if not inside or kind not in ("TASK", "PY_TASK"):
+            specs.append(name)
+            continue
+        cfg = load_yaml(yaml_path, resolve_func=True)
+        base = Path(yaml_path).resolve().parent
+        if isinstance(cfg.get("dataset_kwargs"), dict) and "data_files" in cfg["dataset_kwargs"]:
+            cfg["dataset_kwargs"] = {
+                **cfg["dataset_kwargs"],
+                "data_files": _local(cfg["dataset_kwargs"]["data_files"], base),
+            }
+        if isinstance(cfg.get("dataset_path"), str):  # "json" stays: no such file there
+            cfg["dataset_path"] = _local(cfg["dataset_path"], base)
+        for key in ("tag", "group"):
+            cfg.pop(key, None)
+        specs.append(cfg)
+    return specs
+
+
+def load_tasks(tm: Any, names: list[str], specs: list[str | dict]) -> list[Any]:
+    """Build the harness's Task (and Group) objects, loading each task's data.
+
+    Raises:
+        UserError: a task whose data cannot be loaded (offline without a cached copy, a
+            missing local file, a malformed config); the message names the task.
+    """
+    objects: list[Any] = []
+    for name, spec in zip(names, specs, strict=True):
+        try:
+            loaded = tm.load([spec])
+        except Exception as err:  # datasets / hub / yaml errors of many types
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(
+                f"cannot load lm-evaluation-harness task {name!r}: {text[:200]}",
+                "Hub tasks need the network or a cached copy; for local data give "
+                "--include-path DIR with a task YAML reading local files "
+                "(see examples/eval_tasks)",
+            ) from err
+        if name in loaded["groups"]:
+            objects.append(loaded["groups"][name])
+        else:
+            objects.extend(loaded["tasks"].values())
+    return objects
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None  # the harness writes "N/A" for a stderr it did not compute
+
+
+def summarize(raw: dict[str, Any], *, samples: bool = False) -> dict[str, dict[str, Any]]:
+    """llmkit's view of ``simple_evaluate``'s result: per task (and group) name,
+    ``{"metrics": {name: {"value", "stderr"}}, "samples" (documents scored), "num_fewshot",
+    "version", "higher_is_better": {name: bool}}`` and, with ``samples``, ``"docs"``: the
+    harness's per-document records (its ``log_samples`` output).
+
+    Metric names are the harness's, without its default filter (``acc,none`` → ``acc``;
+    ``exact_match,strict-match`` stays as it is).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    sections = [("results", raw.get("results") or {}), ("groups", raw.get("groups") or {})]
+    for _section, table in sections:
+        for task, values in table.items():
+            metrics: dict[str, dict[str, float | None]] = {}
+            for key, value in values.items():
+                if "," not in key or "_stderr," in key:
+                    continue
+                metric, filt = key.split(",", 1)
+                name = metric if filt == "none" else key
+                stderr = values.get(f"{metric}_stderr,{filt}")
+                metrics[name] = {"value": _number(value), "stderr": _number(stderr)}
+            n = (raw.get("n-samples") or {}).get(task, {})
+            record: dict[str, Any] = {
+                "metrics": metrics,
+                "samples": n.get("effective", values.get("sample_len")),
+                "num_fewshot": (raw.get("n-shot") or {}).get(task),
+                "version": (raw.get("versions") or {}).get(task),
+                "higher_is_better": (raw.get("higher_is_better") or {}).get(task, {}),
+            }
+            if samples and task in (raw.get("samples") or {}):
+                record["docs"] = raw["samples"][task]
+            out.setdefault(task, record)
+    return out
+
+
+def run_tasks(
+    lm: Any,
+    tokenizer: Any,
+    tasks: str | list[str],
+    *,
+    include_path: str | Path | list | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    chat: bool = False,
+    log_samples: bool = False,
+    loaded_tasks: list[Any] | None = None,
+) -> dict[str, Any]:
+    """Run lm-evaluation-harness tasks on an already loaded model.
+
+    Args:
+        lm: a ``transformers`` causal LM (in eval mode), wrapped as the harness's ``HFLM``.
+        tokenizer: its tokenizer.
+        tasks: task, group or tag names (``"hellaswag,arc_easy"`` or a list).
+        include_path: directories (or files) of task YAMLs to add to the harness's.
+        limit: score only the first ``limit`` documents of each task (None: all). The
+            harness warns that such figures are for testing, not for reporting.
+        num_fewshot: examples in each prompt (None: the task's default, else 0).
+        batch_size: requests per forward pass.
+        max_length: context in tokens (None: the model's positions).
+        chat: render each request with the model's chat template (the harness's
+            ``apply_chat_template``), for instruct and chat-tuned models.
+        log_samples: keep the per-document records (``"docs"`` in each task's result).
+        loaded_tasks: Task objects from :func:`load_tasks` (else they are loaded here).
+
+    Returns:
+        ``{"tasks": summarize(...), "limit", "lm_eval_version"}``.
+
+    Raises:
+        UserError: the extra is not installed; an unknown task; task data that cannot be
+            loaded; ``limit`` < 1, ``num_fewshot`` < 0 or ``batch_size`` < 1.
+    """
+    require_harness()
+    _check_numbers(limit, num_fewshot, batch_size)
+    _quiet_harness_logs()
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if loaded_tasks is None:
+        names = parse_tasks(tasks)
+        paths = _include_paths(include_path)
+        tm = task_manager(names, paths)
+        loaded_tasks = load_tasks(tm, names, task_specs(tm, names, paths))
+    # The tasks are built already; without a manager of its own, simple_evaluate would index
+    # all ~15,000 built-in tasks again (tens of seconds) only to pass them through.
+    empty_manager = TaskManager(include_defaults=False)
+    kwargs: dict[str, Any] = {"batch_size": batch_size}
+    if max_length is not None:
+        kwargs["max_length"] = max_length
+    harness_lm = HFLM(pretrained=lm, tokenizer=tokenizer, **kwargs)
+    raw = lm_eval.simple_evaluate(
+        model=harness_lm,
+        tasks=loaded_tasks,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        log_samples=log_samples,
+        apply_chat_template=chat,
+        task_manager=empty_manager,
+    )
+    return {
+        "tasks": summarize(raw, samples=log_samples),
+        "limit": limit,
+        "lm_eval_version": getattr(lm_eval, "__version__", None),
+    }
+
+
+def _check_numbers(limit: int | None, num_fewshot: int | None, batch_size: int) -> None:
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit} must be at least 1", "or leave it out for all documents")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UserError(f"--num-fewshot {num_fewshot} is negative", "use 0 for zero-shot")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be at least 1")
+
+
+def evaluate_tasks(
+    model: str | None,
+    tasks: str | list[str],
+    *,
+    include_path: str | Path | list | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    chat: bool = False,
+    log_samples: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> dict[str, Any]:
+    """Load a model once and run lm-evaluation-harness tasks on it (``llmkit eval --tasks``).
+
+    The tasks (names checked, data loaded) are ready before the model loads, so a bad task
+    name or unreachable data fails fast.
+
+    Args:
+        model: a run, ``save_pretrained`` directory, ``.gguf`` file or Hub id (None: the
+            default search of :func:`llmkit.generation.loading.load_model_and_tokenizer`).
+        device, dtype: as for ``load_model_and_tokenizer``.
+        Others: as for :func:`run_tasks`.
+
+    Returns:
+        ``{"model": source, "tasks": {name: {"metrics": {metric: {"value", "stderr"}},
+        "samples", "num_fewshot", "version", "higher_is_better"}}, "limit",
+        "lm_eval_version"}``.
+
+    Raises:
+        UserError: the extra is not installed (one line naming ``pip install 'llmkit[eval]'``);
+            an unknown task or include path; task data that cannot be loaded; the model does
+            not load; bad numbers.
+    """
+    from llmkit.generation.loading import load_model_and_tokenizer, model_max_positions
+
+    require_harness()
+    _check_numbers(limit, num_fewshot, batch_size)
+    _quiet_harness_logs()
+    names = parse_tasks(tasks)
+    paths = _include_paths(include_path)
+    tm = task_manager(names, paths)
+    loaded = load_tasks(tm, names, task_specs(tm, names, paths))
+    lm, tokenizer, source = load_model_and_tokenizer(model, device=device, dtype=dtype)
+    positions = model_max_positions(lm)
+    if max_length is not None and positions is not None and max_length > positions:
+        raise UserError(
+            f"--max-length {max_length} is more than the model's {positions} positions",
+            f"use --max-length {positions} or less",
+        )
+    result = run_tasks(
+        lm,
+        tokenizer,
+        names,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        max_length=max_length,
+        chat=chat,
+        log_samples=log_samples,
+        loaded_tasks=loaded,
+    )
+    return {"model": source, **result}
