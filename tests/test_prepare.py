@@ -406,6 +406,9 @@ def test_pii_is_redacted_by_default_counted_and_kept_with_pii_keep(tmp_path):
 
 
 def test_nfkc_and_html_options_reach_the_documents(tmp_path):
+    pytest.importorskip(
+        "trafilatura", reason="--html needs the html extra: pip install 'llmkit[html]'"
+    )
     page = (
         "<html><head><title>t</title><script>var x = 1;</script></head><body>"
         "<nav>Home | About | Contact</nav><article><h1>The river</h1>"
