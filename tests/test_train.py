@@ -81,7 +81,7 @@ def test_accumulation_matches_one_big_batch_loss_and_gradients():
     accumulated = 0.0
     for mb in micro:
         inputs, targets = split_batch(mb)
-        loss = micro_batch_loss(model(input_ids=inputs).logits, targets, n)
+        loss = micro_batch_loss(model(**inputs).logits, targets, n)
         loss.backward()
         accumulated += float(loss.detach())
     grads_acc = [p.grad.clone() for p in model.parameters()]
@@ -89,7 +89,7 @@ def test_accumulation_matches_one_big_batch_loss_and_gradients():
     model.zero_grad()
     big = {key: torch.cat([mb[key] for mb in micro]) for key in ("input_ids", "labels")}
     inputs, targets = split_batch(big)
-    logits = model(input_ids=inputs).logits
+    logits = model(**inputs).logits
     loss = summed_loss(logits, targets) / n
     loss.backward()
     assert accumulated == pytest.approx(float(loss.detach()), abs=1e-6)

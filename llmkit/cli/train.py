@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import typer
 
 from llmkit.cli._common import debug, fail, sigterm_as_interrupt, user_errors
+from llmkit.errors import UserError
 
 
 @user_errors
@@ -43,9 +45,19 @@ def train_command(
     OVERRIDES: recipe values as section.key=value, e.g. train.learning_rate=3e-4
     model.n_layer=2 name=my-run. Precedence: defaults < recipe < overrides. The resolved config
     is printed and saved as runs/NAME/llmkit_config.yaml; metrics go to runs/NAME/metrics.jsonl,
-    checkpoints to runs/NAME/checkpoints. Several processes: `torchrun --nproc_per_node N -m
-    llmkit train ...` or `accelerate launch -m llmkit train ...`.
+    checkpoints to runs/NAME/checkpoints. On a machine with several GPUs it starts one
+    process per visible GPU by itself (choose them with CUDA_VISIBLE_DEVICES); several
+    machines or CPU processes: `torchrun --nproc_per_node N -m llmkit train ...` or
+    `accelerate launch -m llmkit train ...`. FSDP / DeepSpeed: distributed.strategy=...
     """
+    nproc = _gpus_to_launch()
+    if nproc:
+        sys.stderr.write(f"llmkit train: {nproc} GPUs visible, one process each (torchrun)\n")
+        args = _train_args(overrides, config, overwrite, json_out, no_progress, resume, dry_run)
+        from llmkit.training.distributed import relaunch
+
+        raise typer.Exit(relaunch(nproc, args))
+
     from llmkit.training.loop import TrainingInterrupted, train
 
     try:
@@ -61,11 +73,59 @@ def train_command(
     except TrainingInterrupted as err:
         if debug():
             raise
+        if not _main_process():
+            raise typer.Exit(130) from None
         if sys.stderr.isatty():
             sys.stderr.write("\n")  # end a live progress bar's line
         raise fail(str(err), code=130) from None
-    if json_out:
+    except UserError:
+        if _main_process() or debug():
+            raise
+        raise typer.Exit(2) from None  # the main process prints the one line
+    if json_out and _main_process():
         typer.echo(json.dumps(final))
+
+
+def _main_process() -> bool:
+    """True unless a launcher started this process with a rank other than 0."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _gpus_to_launch() -> int | None:
+    """GPUs to start one process each on, when ``llmkit train`` runs alone on a machine with
+    more than one; None otherwise (a CPU, one GPU, or already under torchrun / accelerate)."""
+    from llmkit.training.distributed import LAUNCHER_ENV, processes_to_launch
+
+    if any(key in os.environ for key in LAUNCHER_ENV):
+        return None  # no torch import: a launched worker goes straight to training
+    import torch
+
+    return processes_to_launch(os.environ, torch.cuda.device_count())
+
+
+def _train_args(
+    overrides: list[str] | None,
+    config: Path | None,
+    overwrite: bool,
+    json_out: bool,
+    no_progress: bool,
+    resume: str | None,
+    dry_run: bool,
+) -> list[str]:
+    """The ``llmkit train`` arguments that give these parameters (for each launched worker)."""
+    args = []
+    if config is not None:
+        args += ["--config", str(config)]
+    if resume is not None:
+        args += ["--resume", resume]
+    flags = {
+        "--overwrite": overwrite,
+        "--json": json_out,
+        "--no-progress": no_progress,
+        "--dry-run": dry_run,
+    }
+    args += [flag for flag, on in flags.items() if on]
+    return [*args, *(overrides or [])]
 
 
 def register(app: typer.Typer) -> None:

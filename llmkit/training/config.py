@@ -67,7 +67,9 @@ class ModelConfig(_Section):
         "more compute (transformers' gradient_checkpointing_enable).",
     )
     compile: bool = Field(
-        False, description="torch.compile the model (slow first steps, faster later ones)."
+        False,
+        description="torch.compile the model with the inductor backend (minutes of compiling "
+        "first; needs a C++ compiler on CPU), faster steps after.",
     )
     extra: dict[str, Any] = Field(
         default_factory=dict,
@@ -102,7 +104,10 @@ class TrainConfig(_Section):
         "limit reached stops the run (and sets the schedule's length); null: those decide.",
     )
     max_tokens: int | None = Field(
-        None, ge=1, description="Stop after this many target tokens (rounded up to whole steps)."
+        None,
+        ge=1,
+        description="Stop after this many tokens of input, (block_size - 1) per block, labelled "
+        "or not (rounded up to whole steps).",
     )
     epochs: float | None = Field(
         None, gt=0, description="Stop after this many passes over the training blocks."
@@ -122,7 +127,9 @@ class TrainConfig(_Section):
     beta2: float = Field(0.99, ge=0, lt=1, description="AdamW beta2.")
     grad_clip: float = Field(1.0, ge=0, description="Max global gradient L2 norm; 0 disables.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="Autocast dtype; weights and optimizer state stay float32."
+        "no",
+        description="Autocast dtype; weights, gradients and optimizer state stay float32. "
+        "fp16 adds a dynamic loss scaler (torch.amp.GradScaler) that skips overflowing steps.",
     )
     seed: int = Field(1337, description="Seed for weights, dropout and data order.")
     log_interval: int = Field(10, ge=1, description="Steps between metric lines.")
@@ -202,6 +209,40 @@ class LoraConfig(_Section):
     )
 
 
+class DistributedConfig(_Section):
+    """How several processes share the work, through accelerate: DDP (a full copy of the model
+    per process) or, for models too big for that, FSDP or DeepSpeed ZeRO (GPUs only)."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="ddp: replicate the model, average gradients (CPU or GPU); fsdp: PyTorch "
+        "FSDP2, shards parameters, gradients and optimizer state; deepspeed: DeepSpeed ZeRO "
+        "(pip install deepspeed).",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="fsdp: free each block's gathered parameters after its forward (least "
+        "memory, like ZeRO-3); false keeps them until the backward (like ZeRO-2, faster).",
+    )
+    zero_stage: int = Field(
+        2,
+        ge=0,
+        le=3,
+        description="deepspeed: ZeRO stage (1 optimizer state, 2 + gradients, 3 + parameters "
+        "sharded; Rajbhandari et al. 2020, 'ZeRO', §5).",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="fsdp / deepspeed: keep sharded parameters and optimizer state in CPU "
+        "memory (slower, fits larger models).",
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="deepspeed: a DeepSpeed JSON config file used as it is (zero_stage and "
+        "cpu_offload are then ignored); batch sizes and clipping are filled in from train.",
+    )
+
+
 class Recipe(_Section):
     """A whole training recipe."""
 
@@ -212,6 +253,7 @@ class Recipe(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("name")
     @classmethod
@@ -343,7 +385,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise UserError(f"{p} must be a YAML mapping of sections (data, model, train, eval)")
+            raise UserError(
+                f"{p} must be a YAML mapping of sections (data, model, train, eval, lora, "
+                "distributed)"
+            )
         data = loaded
     for text in overrides or []:
         keys, value = parse_override(text)

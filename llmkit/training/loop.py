@@ -7,6 +7,7 @@ functions tested on their own.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import math
@@ -23,7 +24,6 @@ import torch.nn.functional as F
 
 from llmkit import __version__
 from llmkit.errors import UserError
-from llmkit.evaluation.evaluate import score_blocks
 from llmkit.evaluation.metrics import IGNORE_INDEX, NLLSums
 from llmkit.runs import RUN_MARKER, is_finished_run
 from llmkit.training import checkpoint as ckpt
@@ -36,22 +36,44 @@ from llmkit.training.flops import (
     model_shape,
 )
 
-
 # --------------------------------------------------------------------------- loss
-def split_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets of a batch of blocks.
+#: The columns of a prepared split that the loop reads: ``input_ids`` always; ``labels`` and
+#: ``position_ids`` when ``llmkit prepare`` wrote them (chat / instruction data).
+BATCH_COLUMNS = ("input_ids", "labels", "position_ids")
+
+
+def split_batch(
+    batch: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Model inputs and next-token targets of a batch of blocks.
 
     Args:
-        batch: ``input_ids`` (B, T) and optionally ``labels`` (B, T) with -100 where no loss is
-            wanted (default: every token is a target).
+        batch: ``input_ids`` (B, T); optionally ``labels`` (B, T), the Hugging Face convention
+            (``labels[:, t]`` is the id of token t where it is a target, -100 where no loss is
+            wanted; default: every token is a target), and ``position_ids`` (B, T), restarting
+            at 0 where a packed conversation begins.
 
     Returns:
-        ``inputs`` (B, T-1) = ids[:, :-1] and ``targets`` (B, T-1) = labels[:, 1:]: position t
-        predicts token t+1, so a block of T tokens gives T-1 targets and no position is wasted.
+        ``inputs``: ``input_ids`` (B, T-1) = ids[:, :-1], plus ``position_ids`` (B, T-1) =
+        position_ids[:, :-1] when given (with no attention mask, transformers then attends only
+        within each packed sequence: ``masking_utils.find_packed_sequence_indices``), and
+        ``use_cache=False`` (a cache would turn that detection off, and costs memory);
+        ``targets`` (B, T-1) = labels[:, 1:]: position t predicts token t+1, so a block of T
+        tokens gives T-1 targets and no position is wasted; with ``position_ids``, -100 where
+        a conversation starts (as ``llmkit.evaluation.evaluate.score_blocks`` scores them).
     """
     ids = batch["input_ids"]
     labels = batch.get("labels", ids)
-    return ids[:, :-1], labels[:, 1:].long()
+    inputs: dict[str, Any] = {"input_ids": ids[:, :-1], "use_cache": False}
+    targets = labels[:, 1:].long()
+    positions = batch.get("position_ids")
+    if positions is not None:
+        inputs["position_ids"] = positions[:, :-1].long()
+        # the first token of a packed conversation has no context of its own (the end of the
+        # previous one cannot predict it): never a target, whatever its label says
+        starts = positions[:, 1:] != positions[:, :-1] + 1  # (B, T-1)
+        targets = targets.masked_fill(starts, IGNORE_INDEX)
+    return inputs, targets
 
 
 def count_targets(micro_batches: Sequence[dict[str, torch.Tensor]]) -> int:
@@ -92,6 +114,70 @@ def micro_batch_loss(
         world_size: number of processes averaging gradients.
     """
     return summed_loss(logits, targets) * (world_size / max(num_targets, 1))
+
+
+def batch_columns(dataset) -> list[str]:
+    """The :data:`BATCH_COLUMNS` that a prepared split has, in that order."""
+    return [c for c in BATCH_COLUMNS if c in dataset.column_names]
+
+
+@torch.no_grad()
+def score_rows(
+    model: torch.nn.Module,
+    dataset,
+    token_bytes: torch.Tensor,
+    batch_size: int,
+    device: torch.device | str,
+    *,
+    extra_forwards: int = 0,
+    filler=None,
+) -> NLLSums:
+    """Summed next-token NLL over the labelled targets of prepared blocks: validation.
+
+    The same inputs and targets as a training step (:func:`split_batch`): with a ``labels``
+    column only tokens whose label is not -100 are scored, and ``position_ids`` keep packed
+    conversations apart; without them every block of T tokens scores its T-1 next tokens.
+
+    Args:
+        model: a causal LM; put in eval mode for the call (its mode is restored after).
+        dataset: a ``datasets.Dataset`` with ``input_ids`` and optionally ``labels`` and
+            ``position_ids`` columns, each row T int ids.
+        token_bytes: (vocab_size,) UTF-8 bytes per token id
+            (:func:`llmkit.data.tokenizer.token_byte_lengths`).
+        batch_size: blocks per forward pass.
+        device: where the model is.
+        extra_forwards: forward passes to run on one row after the real ones, results
+            discarded, so that every process runs the same number (FSDP and ZeRO-3 gather
+            parameters in each forward: a process that stops early would hang the others).
+        filler: the dataset whose first row those passes read; default ``dataset``.
+
+    Returns:
+        Total nats, scored target tokens and their UTF-8 bytes (for loss, perplexity, bits per
+        byte: :class:`llmkit.evaluation.metrics.NLLSums`).
+    """
+    from llmkit.evaluation.metrics import nll_sums
+
+    columns = batch_columns(dataset)
+    rows = dataset.with_format("torch", columns=columns)
+    bytes_per_id = torch.as_tensor(token_bytes).to(device)
+    sums = NLLSums()
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(rows), batch_size):
+            got = rows[start : start + batch_size]
+            batch = {k: v.long().to(device) for k, v in got.items()}  # each (B, T)
+            inputs, targets = split_batch(batch)
+            logits = model(**inputs).logits  # (B, T-1, vocab_size)
+            sums.add(nll_sums(logits, targets, bytes_per_id))
+        if extra_forwards:
+            pad = rows if filler is None else filler.with_format("torch", columns=columns)
+            one = {k: v.long().to(device) for k, v in pad[0:1].items()}  # (1, T)
+            for _ in range(extra_forwards):
+                model(**split_batch(one)[0])
+    finally:
+        model.train(was_training)
+    return sums
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -235,11 +321,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _save_final(model, tokenizer, run_dir: Path) -> None:
-    """save_pretrained into a hidden directory, then move each file into the run directory."""
+def _save_final(model, tokenizer, run_dir: Path, state_dict=None) -> None:
+    """save_pretrained into a hidden directory, then move each file into the run directory.
+
+    ``state_dict``: the full weights when the model is sharded (FSDP, ZeRO-3), else None.
+    """
     tmp = run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     for f in tmp.iterdir():
         os.replace(f, run_dir / f.name)
@@ -381,20 +470,25 @@ def train(
         dry_run: print parameters, estimated memory, tokens per step and steps; train nothing,
             write nothing.
         on_step: called on every process after each step with ``(step, record)``; the record
-            holds ``loss`` (nats/token over all processes), ``lr`` (used by the step),
+            holds ``loss`` (nats per target token over all processes; with chat data only
+            labelled tokens are targets), ``lr`` (used by the step),
             ``samples`` (the global indices of the blocks the step read over all processes),
             ``rank_samples`` (those this process read) and ``skipped``.
 
     Returns:
-        The final metrics: ``val_loss`` (nats/token), ``val_ppl``, ``val_bpb`` (bits/byte),
-        ``steps``, ``tokens`` (targets trained on), ``train_seconds``, ``tokens_per_sec``,
-        ``mfu``, ``best_val_loss`` and ``best_step``, ``stopped`` (why training ended).
+        The final metrics: ``val_loss`` (nats per target token), ``val_ppl``, ``val_bpb``
+        (bits per UTF-8 byte of the targets; with chat data only the labelled ones),
+        ``steps``, ``tokens`` (targets trained on), ``train_seconds``, ``tokens_per_sec``
+        (input tokens processed, labelled or not), ``mfu``, ``best_val_loss`` and
+        ``best_step``, ``stopped`` (why training ended).
         With ``dry_run``: the plan (parameters, memory in bytes, tokens per step, steps).
 
     Raises:
         UserError: bad recipe, data not prepared, vocabulary or positions that do not fit the
-            data, an existing run without ``overwrite``, nothing to resume, too many non-finite
-            steps in a row. All but the last are raised before a model is built.
+            data (a tokenizer that only adds tokens to a pretrained model's grows its
+            embeddings instead), a ``distributed`` strategy this machine cannot run, an
+            existing run without ``overwrite``, nothing to resume, too many non-finite steps in
+            a row. All but the last are raised before a model is built.
     """
     state: dict[str, Any] = {}
     try:
@@ -424,6 +518,13 @@ def train(
         ) from None
 
 
+#: torch.compile backend for ``model.compile: true`` (tests swap in ``eager`` to skip the C++
+#: code generation that makes inductor take minutes on a small CPU).
+COMPILE_BACKEND = "inductor"
+
+#: Where launchers put the number of processes (accelerate's ``PartialState`` reads the same).
+_WORLD_SIZE_ENV = ["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"]
+
 _DISK_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
 
 
@@ -440,20 +541,23 @@ def _train(
 ) -> dict[str, Any]:
     """The body of :func:`train` (which turns interrupts and disk errors into one line)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, get_int_from_env, set_seed
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
     from llmkit.data.prepared import load_prepared, read_manifest
     from llmkit.data.tokenizer import token_byte_lengths
+    from llmkit.training.distributed import accelerator_plugins, check_strategy
     from llmkit.training.model import (
         add_lora,
+        added_token_rows,
         build_config,
         build_model,
         enable_gradient_checkpointing,
         load_pretrained,
         load_pretrained_config,
         positions_of,
+        resize_embeddings,
         set_dropout,
     )
 
@@ -473,6 +577,7 @@ def _train(
     data = load_prepared(recipe.data.path)
     tokenizer = data.tokenizer
     vocab_size = len(tokenizer)
+    new_tokens: list[int] = []  # ids of tokens the data adds to a pretrained vocabulary
     if mcfg.name_or_path:
         model_config = load_pretrained_config(mcfg.name_or_path)
         set_dropout(model_config, mcfg.dropout)
@@ -490,12 +595,7 @@ def _train(
                 "remove model.block_size",
             )
         model_vocab = int(getattr(model_config, "vocab_size", 0) or 0)
-        if model_vocab and vocab_size > model_vocab:
-            raise UserError(
-                f"vocabulary mismatch: {recipe.data.path} was tokenized with {vocab_size} "
-                f"tokens but {mcfg.name_or_path} has {model_vocab} embeddings",
-                "prepare the data with --tokenizer pointing at the model's tokenizer",
-            )
+        new_tokens = added_token_rows(tokenizer, model_vocab, mcfg.name_or_path, recipe.data.path)
     else:
         model_block = mcfg.block_size or data_block
         if model_block < data_block:
@@ -512,30 +612,18 @@ def _train(
             pad_token_id=tokenizer.pad_token_id,
         )
 
-    if (
-        tcfg.mixed_precision == "fp16"
-        and not torch.cuda.is_available()
-        and int(os.environ.get("RANK", "0")) == 0
-    ):
+    cuda = torch.cuda.is_available()
+    check_strategy(recipe.distributed, cuda=cuda, lora=lcfg.r > 0)
+    if tcfg.mixed_precision == "fp16" and not cuda and int(os.environ.get("RANK", "0")) == 0:
         _warn(
             console,
-            "train.mixed_precision=fp16 without a GPU is emulated and several times "
-            "slower than float32; use bf16 or no",
+            "train.mixed_precision=fp16 without a GPU: CPUs without AVX512-FP16 emulate "
+            "float16 matmuls, tens of times slower than float32; use bf16 or no",
         )
-    trackers, missing = ([], []) if dry_run else _tracker_names(tcfg.trackers)
-    # Several processes (torchrun / accelerate launch) and no GPU: accelerate joins them over
-    # gloo only when told cpu=True (without it each process trains alone, unaware of the rest).
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(
-        cpu=multi_cpu,
-        mixed_precision=tcfg.mixed_precision,
-        log_with=trackers or None,
-        project_dir=str(run_dir),
-        dynamo_backend="inductor" if mcfg.compile else None,
-    )
-    main = accelerator.is_main_process
-    world = accelerator.num_processes
-    rank = accelerator.process_index
+    # The batch arithmetic needs the number of processes before accelerate starts (a
+    # DeepSpeed plugin states the batch sizes): the launcher's, from the variables accelerate
+    # reads (torchrun / accelerate launch: WORLD_SIZE; MPI launchers: their own).
+    world = get_int_from_env(_WORLD_SIZE_ENV, 1)
     b = tcfg.micro_batch_size
     accum = tcfg.gradient_accumulation_steps
     if tcfg.global_batch_size is not None:
@@ -554,6 +642,43 @@ def _train(
             f"{global_batch} ({b} x {accum} accumulation x {world} processes)",
             "lower train.micro_batch_size or prepare more text / a smaller --block-size",
         )
+    plugins = accelerator_plugins(
+        recipe.distributed, tcfg, micro_batch_size=b, accum=accum, world=world
+    )
+    trackers, missing = ([], []) if dry_run else _tracker_names(tcfg.trackers)
+    if world == 1:
+        # accelerate keeps one state per process and silently keeps the first run's compile
+        # backend (or refuses another precision): a second train() in the same process (a
+        # notebook, the tests) starts from a fresh one. Not under a launcher: the process
+        # group belongs to the state there.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    # Several processes (torchrun / accelerate launch) and no GPU: accelerate joins them over
+    # gloo only when told cpu=True (without it each process trains alone, unaware of the rest).
+    accelerator = Accelerator(
+        cpu=world > 1 and not cuda,
+        mixed_precision=tcfg.mixed_precision,
+        log_with=trackers or None,
+        project_dir=str(run_dir),
+        dynamo_backend=COMPILE_BACKEND if mcfg.compile else None,
+        **plugins,
+    )
+    if accelerator.num_processes != world:
+        raise UserError(
+            f"accelerate joined {accelerator.num_processes} processes but the launcher "
+            f"started {world}",
+            "start several processes with torchrun or accelerate launch",
+        )
+    if tcfg.mixed_precision == "fp16" and accelerator.scaler is None and not plugins:
+        # accelerate has fp16 (autocast + dynamic loss scaling) on GPUs only; torch has both
+        # on the CPU too: give accelerate the CPU scaler, so that backward, clipping, the
+        # optimizer step and save_state / load_state handle it exactly as on a GPU.
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
+    main = accelerator.is_main_process
+    rank = accelerator.process_index
     tokens_per_step = global_batch * (data_block - 1)
     total_steps = plan_steps(
         tcfg, n_train=n_train, global_batch=global_batch, tokens_per_step=tokens_per_step
@@ -569,8 +694,11 @@ def _train(
             )
 
     if dry_run:
+        if new_tokens:  # the model as it will be trained: embeddings grown to the data's size
+            model_config = copy.deepcopy(model_config)
+            model_config.vocab_size = vocab_size
         return _dry_run(
-            console,
+            console if main else None,
             recipe,
             model_config,
             lcfg,
@@ -580,6 +708,7 @@ def _train(
             n_train=n_train,
             tokens_per_step=tokens_per_step,
             total_steps=total_steps,
+            new_tokens=new_tokens,
         )
 
     if main:
@@ -593,10 +722,20 @@ def _train(
     set_seed(tcfg.seed)
     if mcfg.name_or_path:
         model = load_pretrained(mcfg.name_or_path, model_config)
+        if new_tokens:
+            resize_embeddings(model, vocab_size)
+            if main:
+                console.print(
+                    f"embeddings of {mcfg.name_or_path} grown from {new_tokens[0]} to "
+                    f"{vocab_size} rows for the {len(new_tokens)} token(s) the data's tokenizer "
+                    "adds (new rows start at the mean of the others"
+                    + ("; LoRA trains them)" if lcfg.r > 0 else ")"),
+                    highlight=False,
+                )
     else:
         model = build_model(model_config)
     if lcfg.r > 0:
-        model = add_lora(model, lcfg)
+        model = add_lora(model, lcfg, new_tokens)
     if mcfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     n_params = sum(p.numel() for p in model.parameters())
@@ -615,7 +754,8 @@ def _train(
         start_step, trained_tokens = int(saved["step"]), int(saved["tokens"])
         early.load_state_dict(saved.get("early_stopping", {}))
 
-    train_ds = data.train.with_format("torch", columns=["input_ids"])
+    columns = batch_columns(data.train)
+    train_ds = data.train.with_format("torch", columns=columns)
     token_bytes = torch.as_tensor(token_byte_lengths(tokenizer))
     n_layer, n_head, head_dim = model_shape(model_config)
     flops_tok = flops_per_token(
@@ -679,14 +819,21 @@ def _train(
         n_val = min(n_val, ecfg.max_batches * ecfg.batch_size)
     # Rank r scores blocks r, r+W, ...: together the ranks score each block exactly once.
     val_shard = data.validation.select(range(rank, n_val, world))
+    sharded = recipe.distributed.strategy != "ddp"
+    # FSDP / ZeRO-3 gather parameters inside forward, a collective call: every rank must run
+    # as many forwards as the rank with the most blocks (the rest on a discarded filler row).
+    most = math.ceil(math.ceil(n_val / world) / ecfg.batch_size) if n_val else 0
+    extra = most - math.ceil(len(val_shard) / ecfg.batch_size) if sharded else 0
 
     def validate(step: int) -> dict[str, float]:
-        sums = score_blocks(
-            accelerator.unwrap_model(model),
+        sums = score_rows(
+            model if sharded else accelerator.unwrap_model(model),
             val_shard,
             token_bytes,
             ecfg.batch_size,
             accelerator.device,
+            extra_forwards=extra,
+            filler=data.validation,
         )
         if world > 1:
             t = torch.tensor(
@@ -712,8 +859,8 @@ def _train(
     unwrapped_config = accelerator.unwrap_model(model).config
 
     def rows(indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        ids = train_ds[indices.tolist()]["input_ids"].long()  # (b, T)
-        return {"input_ids": ids.to(accelerator.device)}
+        got = train_ds[indices.tolist()]  # each column (b, T)
+        return {k: got[k].long().to(accelerator.device) for k in columns}
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -740,6 +887,16 @@ def _train(
     mfu = 0.0
     step = start_step
     check_grad_norm = tcfg.mixed_precision != "fp16"  # fp16: the grad scaler skips overflows
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def scale_record() -> dict[str, float]:
+        """fp16: the loss scale after this step (halved after an overflow, doubled after
+        2000 clean steps: torch.amp.GradScaler's defaults, from Micikevicius et al. 2018,
+        "Mixed Precision Training", §3.2)."""
+        if accelerator.scaler is None:
+            return {}
+        return {"loss_scale": float(accelerator.scaler.get_scale())}
+
     try:
         with bar:
             task = bar.add_task(
@@ -763,27 +920,43 @@ def _train(
                 for i, mb in enumerate(micro):
                     inputs, targets = split_batch(mb)
                     sync = i == len(micro) - 1
-                    ctx = accelerator.no_sync(model) if not sync else nullcontext()
+                    if deepspeed:  # tells DeepSpeed's engine where the step's boundary is
+                        ctx = accelerator.accumulate(model)
+                    else:
+                        ctx = accelerator.no_sync(model) if not sync else nullcontext()
                     with ctx:
-                        logits = model(input_ids=inputs).logits  # (b, T-1, vocab_size)
+                        logits = model(**inputs).logits  # (b, T-1, vocab_size)
                         loss = micro_batch_loss(logits, targets, num_targets, world)
-                        accelerator.backward(loss)
+                        # DeepSpeed divides by its accumulation steps: undo, the loss is
+                        # already normalised by the step's target tokens.
+                        accelerator.backward(loss * accum if deepspeed else loss)
                     step_nats += loss.detach().double() * (num_targets / world)
                 if world > 1:  # the loss over every process's targets, not this rank's
                     step_nats = accelerator.reduce(step_nats, reduction="sum")
                 step_loss = float(step_nats) / max(num_targets, 1)
                 grad_norm = None
                 if tcfg.grad_clip > 0:
-                    grad_norm = float(
-                        accelerator.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-                    )
+                    norm = accelerator.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                    grad_norm = None if norm is None else float(norm)
                 finite = math.isfinite(step_loss) and (
                     grad_norm is None or not check_grad_norm or math.isfinite(grad_norm)
                 )
-                if finite:
-                    optimizer.step()
+                if finite and num_targets:
+                    optimizer.step()  # fp16: the scaler skips it if a gradient overflowed
                     bad_in_row = 0
                 else:
+                    if accelerator.scaler is not None:
+                        # no optimizer.step(): the scaler records the overflow (lowering its
+                        # scale) and is ready for the next step's unscale
+                        if tcfg.grad_clip == 0:
+                            accelerator.unscale_gradients()
+                        accelerator.scaler.update()
+                if not num_targets:
+                    # every label of the step is -100 (chat data): nothing to learn from, and
+                    # AdamW would still decay the weights, so no update at all
+                    if main:
+                        _warn(bar.console, f"step {step}: no labelled target tokens; skipped")
+                elif not finite:
                     bad_in_row += 1
                     if main:
                         bar.console.print(
@@ -792,7 +965,7 @@ def _train(
                             f"stop at {tcfg.max_bad_steps})",
                             highlight=False,
                         )
-                    log({"step": step, "skipped": True, "loss": None, "lr": lr})
+                    log({"step": step, "skipped": True, "loss": None, "lr": lr, **scale_record()})
                     if bad_in_row >= tcfg.max_bad_steps:
                         last = ckpt.list_checkpoints(run_dir)
                         where = f"last good checkpoint {last[-1]}" if last else "no checkpoint"
@@ -815,7 +988,7 @@ def _train(
                 optimizer.zero_grad(set_to_none=True)
 
                 trained_tokens += num_targets
-                window_tokens += num_targets
+                window_tokens += tokens_per_step  # processed, labelled or not: compute
                 if on_step is not None:
                     mine = torch.cat(
                         [micro_batch_samples(samples, i, rank, world, b) for i in range(accum)]
@@ -827,7 +1000,7 @@ def _train(
                             "lr": lr,
                             "samples": samples.tolist(),
                             "rank_samples": mine.tolist(),
-                            "skipped": not finite,
+                            "skipped": not (finite and num_targets),
                         },
                     )
                 if finite and (step % tcfg.log_interval == 0 or step == total_steps):
@@ -853,6 +1026,7 @@ def _train(
                             "mfu": mfu,
                             "grad_norm": grad_norm,
                             "elapsed_sec": now - start,
+                            **scale_record(),
                         }
                     )
                 else:
@@ -922,6 +1096,8 @@ def _train(
         "best_step": early.best_step,
         "stopped": stopped,
     }
+    # FSDP / ZeRO-3: every process takes part in gathering the full weights
+    full_state = accelerator.get_state_dict(model) if sharded else None
     if main:
         if metrics_file is not None:
             metrics_file.close()
@@ -933,6 +1109,8 @@ def _train(
             data.manifest,
             resolved,
             final,
+            state_dict=full_state,
+            embeddings_grown=bool(new_tokens),
         )
         summary = "".join(f" | {k} {v:.4f}" for k, v in last_val.items())
         console.print(
@@ -960,16 +1138,21 @@ def _finish(
     manifest: dict,
     resolved: str,
     final: dict[str, Any],
+    state_dict=None,
+    embeddings_grown: bool = False,
 ) -> None:
     """The final directory: the model (LoRA merged, adapter kept), tokenizer, loss curve,
-    model card, and last the finished marker."""
+    model card, and last the finished marker. ``state_dict``: see :func:`_save_final`;
+    ``embeddings_grown``: the embeddings were resized for tokens the data added."""
     from llmkit.training.report import model_card, plot_loss_curve, read_metrics
 
     if recipe.lora.r > 0:
-        model.save_pretrained(run_dir / "adapter")
+        # embedding layers go with the adapter only when they grew (peft otherwise looks for
+        # the base model's config.json to decide, which a .gguf file does not have)
+        model.save_pretrained(run_dir / "adapter", save_embedding_layers=embeddings_grown)
         if recipe.lora.merge:
             model = model.merge_and_unload()
-    _save_final(model, tokenizer, run_dir)
+    _save_final(model, tokenizer, run_dir, state_dict)
     plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss_curve.png")
     base = recipe.model.name_or_path or f"{recipe.model.type} from scratch"
     if recipe.lora.r > 0:
@@ -1011,8 +1194,14 @@ def _dry_run(
     n_train: int,
     tokens_per_step: int,
     total_steps: int,
+    new_tokens: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Count parameters on the meta device (no memory), estimate memory, print the plan."""
+    """Count parameters on the meta device (no memory), estimate memory, print the plan
+    (``console`` None: print nothing, on processes other than the main one).
+
+    Under FSDP or DeepSpeed the sharded parts are divided by the number of processes: ZeRO
+    stage 1 the optimizer state, 2 also the gradients, 3 (and FSDP) also the weights
+    (Rajbhandari et al. 2020, "ZeRO", §5, figure 1)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -1022,7 +1211,7 @@ def _dry_run(
     if lcfg.r > 0:
         from llmkit.training.model import add_lora
 
-        model = add_lora(model, lcfg)
+        model = add_lora(model, lcfg, new_tokens)
         n_params = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tcfg = recipe.train
@@ -1035,6 +1224,12 @@ def _dry_run(
         mixed_precision=tcfg.mixed_precision,
         gradient_checkpointing=recipe.model.gradient_checkpointing,
     )
+    dcfg = recipe.distributed
+    stage = {"ddp": 0, "fsdp": 3, "deepspeed": dcfg.zero_stage}[dcfg.strategy]
+    sharded = ["optimizer", "gradients", "weights"][:stage]
+    for part in sharded:
+        memory[part] = math.ceil(memory[part] / world)
+    memory["total"] = sum(v for k, v in memory.items() if k != "total")
     plan = {
         "parameters": n_params,
         "trainable_parameters": n_trainable,
@@ -1047,14 +1242,17 @@ def _dry_run(
         "tokens": tokens_per_step * total_steps,
         "epochs": total_steps * tokens_per_step / max(n_train * (data_block - 1), 1),
     }
+    if console is None:
+        return plan
     gib = 2**30
+    shard_note = f" ({', '.join(sharded)} sharded over {world})" if sharded else ""
     console.print(
         f"dry run: {recipe.name}\n"
         f"  parameters          {n_params:,} ({n_trainable:,} trainable)\n"
         f"  memory per process  {memory['total'] / gib:.3f} GiB = weights "
         f"{memory['weights'] / gib:.3f} + gradients {memory['gradients'] / gib:.3f} + "
         f"optimizer {memory['optimizer'] / gib:.3f} + activations "
-        f"{memory['activations'] / gib:.3f}\n"
+        f"{memory['activations'] / gib:.3f}{shard_note}\n"
         f"  tokens per step     {tokens_per_step:,} ({tcfg.micro_batch_size} x {accum} "
         f"accumulation x {world} processes x {data_block - 1} targets)\n"
         f"  steps               {total_steps:,} ({plan['tokens']:,} tokens, "

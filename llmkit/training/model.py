@@ -140,23 +140,94 @@ def load_pretrained_config(name: str):
 def load_pretrained(name: str, config):
     """``AutoModelForCausalLM.from_pretrained`` in float32 with SDPA and ``config``'s dropout.
 
-    A .gguf file is de-quantized by transformers to float32 (its ``gguf`` loader).
+    A .gguf file is de-quantized whole by transformers to float32 (``GgufConfig(dequantize=
+    True)``: without it, transformers 5 keeps the weights in packed GGUF blocks wherever a
+    GGUF matmul kernel is installed, and packed weights cannot train). The loaded model is
+    then a plain dense model, and its GGUF quantizer marker is removed
+    (``HfQuantizer.remove_quantization_config``) so that ``save_pretrained`` writes it
+    (transformers refuses to serialize a model that carries a GGUF quantizer).
+
+    Raises:
+        UserError: the model cannot be loaded (one line naming the cause).
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     where, kwargs = _source(name)
+    if "gguf_file" in kwargs:
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             where, config=config, dtype=torch.float32, attn_implementation="sdpa", **kwargs
         )
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load {name}: {first[:160]}") from err
+    quantizer = getattr(model, "hf_quantizer", None)
+    if "gguf_file" in kwargs and quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    return model
 
 
-def add_lora(model, lcfg):
+def added_token_rows(tokenizer, model_vocab: int, model_name: str, data_path) -> list[int]:
+    """The token ids the data's tokenizer adds beyond a pretrained model's embeddings.
+
+    Chat data is often prepared with special tokens (role markers, end of turn) added to the
+    model's tokenizer; such a vocabulary extends the model's, and the model can be trained on
+    it after :func:`resize_embeddings`. A different tokenizer cannot.
+
+    Args:
+        tokenizer: the data's tokenizer (``len()`` is its size, ``added_tokens_decoder`` maps
+            the ids of its added tokens).
+        model_vocab: rows of the model's embedding matrix (``config.vocab_size``); 0: unknown.
+        model_name, data_path: named in the error.
+
+    Returns:
+        ``[model_vocab, ..., len(tokenizer) - 1]`` when every one of those ids is an added
+        token of the data's tokenizer; ``[]`` when the tokenizer fits the model.
+
+    Raises:
+        UserError: the data's tokenizer is larger and its extra ids are ordinary vocabulary
+            (another tokenizer altogether): "vocabulary mismatch".
+    """
+    size = len(tokenizer)
+    if not model_vocab or size <= model_vocab:
+        return []
+    extra = list(range(model_vocab, size))
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    if all(i in added for i in extra):
+        return extra
+    raise UserError(
+        f"vocabulary mismatch: {data_path} was tokenized with {size} tokens but {model_name} "
+        f"has {model_vocab} embeddings",
+        "prepare the data with --tokenizer pointing at the model's tokenizer",
+    )
+
+
+def resize_embeddings(model, size: int) -> None:
+    """Grow the input (and tied or untied output) embeddings of ``model`` to ``size`` rows.
+
+    New rows start at the mean of the old ones with their covariance (transformers'
+    ``resize_token_embeddings(mean_resizing=True)``, after Hewitt 2021, "Initializing New
+    Word Embeddings for Pretrained Language Models"), so a new token's first logits are
+    those of an average token rather than random.
+    """
+    model.resize_token_embeddings(size, mean_resizing=True)
+
+
+def add_lora(model, lcfg, trainable_tokens: list[int] | None = None):
     """Wrap ``model`` with peft LoRA adapters of rank ``lcfg.r`` (only they train).
+
+    Args:
+        model: a transformers causal LM.
+        lcfg: the recipe's ``lora`` section.
+        trainable_tokens: ids of embedding rows that train too (tokens the data added, see
+            :func:`added_token_rows`), through peft's ``trainable_token_indices``: only those
+            rows of the input embedding (and of a tied output embedding; an untied output
+            embedding gets the same rows) receive updates, and ``merge_and_unload`` writes them
+            back into the plain model.
 
     Raises:
         UserError: peft is not installed.
@@ -165,14 +236,31 @@ def add_lora(model, lcfg):
         from peft import LoraConfig, get_peft_model
     except ImportError as err:
         raise UserError("lora.r > 0 needs peft", "pip install peft") from err
+    token_rows = None
+    if trainable_tokens:
+        inp = _module_name(model, model.get_input_embeddings())
+        token_rows = {inp: list(trainable_tokens)}
+        out = model.get_output_embeddings()
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        if out is not None and not tied:
+            token_rows[_module_name(model, out)] = list(trainable_tokens)
     config = LoraConfig(
         r=lcfg.r,
         lora_alpha=lcfg.alpha,
         lora_dropout=lcfg.dropout,
         target_modules=lcfg.target_modules,
         task_type="CAUSAL_LM",
+        trainable_token_indices=token_rows,
     )
     return get_peft_model(model, config)
+
+
+def _module_name(model, module) -> str:
+    """The last component of ``module``'s name inside ``model`` (``embed_tokens``, ``wte``)."""
+    for name, m in model.named_modules():
+        if m is module:
+            return name.rsplit(".", 1)[-1]
+    raise ValueError("module not found in model")
 
 
 def enable_gradient_checkpointing(model) -> None:

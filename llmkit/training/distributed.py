@@ -1,0 +1,194 @@
+"""Several processes: one per GPU when ``llmkit train`` runs alone on a multi-GPU machine, and
+the accelerate plugin (FSDP or DeepSpeed) that a recipe's ``distributed`` section selects.
+
+- Relaunch: a process not started by a launcher (none of :data:`LAUNCHER_ENV` in its
+  environment) that sees more than one CUDA device starts the same command
+  again through PyTorch's launcher (``torch.distributed.run``, the code behind ``torchrun``),
+  one process per visible GPU, and waits for them. On a CPU or a single GPU nothing changes.
+  ``CUDA_VISIBLE_DEVICES`` chooses the GPUs, as with any PyTorch program.
+- Plugins: ``strategy: fsdp`` builds accelerate's ``FullyShardedDataParallelPlugin`` (FSDP2,
+  each transformer block wrapped on its own, Zhao et al. 2023, "PyTorch FSDP"); ``strategy:
+  deepspeed`` builds ``DeepSpeedPlugin`` (ZeRO, Rajbhandari et al. 2020). Both need GPUs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import UserError
+
+#: Environment variables that say "a launcher started this process" (torchrun and accelerate
+#: launch set the first three; MPI launchers, which accelerate also joins, the others).
+LAUNCHER_ENV = (
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "RANK",
+    "PMI_SIZE",
+    "OMPI_COMM_WORLD_SIZE",
+    "MV2_COMM_WORLD_SIZE",
+)
+
+
+def processes_to_launch(env: Mapping[str, str], device_count: int) -> int | None:
+    """How many processes to relaunch with, or None to run in this process.
+
+    Args:
+        env: the process environment (``os.environ``).
+        device_count: visible CUDA devices (``torch.cuda.device_count()``).
+
+    Returns:
+        ``device_count`` when it is above 1 and no launcher variable is set; else None.
+    """
+    if any(key in env for key in LAUNCHER_ENV):
+        return None
+    return device_count if device_count > 1 else None
+
+
+def launcher_args(nproc: int, train_args: Sequence[str]) -> list[str]:
+    """The arguments of ``torchrun`` (``torch.distributed.run``) that run ``llmkit train``
+    with ``train_args`` in ``nproc`` processes on this machine.
+
+    ``--standalone`` starts a local rendezvous on a free port, so two runs on one machine do
+    not collide.
+    """
+    return ["--standalone", "--nproc_per_node", str(nproc), "-m", "llmkit", "train", *train_args]
+
+
+def relaunch(nproc: int, train_args: Sequence[str]) -> int:
+    """Run ``llmkit train train_args`` in ``nproc`` processes (torchrun) and wait.
+
+    A function call into ``torch.distributed.run`` (not a subprocess of a command string);
+    each worker prints its own output (only rank 0 prints and writes).
+
+    Returns:
+        0, or the exit status of the first worker that failed (2 for a user error).
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(launcher_args(nproc, train_args))
+    try:
+        run(args)
+    except ChildFailedError as err:
+        codes = [f.exitcode for f in err.failures.values()]
+        return next((c for c in codes if c not in (0, None)), 1)
+    return 0
+
+
+def deepspeed_installed() -> bool:
+    """True when the ``deepspeed`` package can be imported (it is not imported here)."""
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def check_strategy(dcfg, *, cuda: bool, lora: bool) -> None:
+    """Refuse a ``distributed`` section that cannot run here, before a model is built.
+
+    Raises:
+        UserError: fsdp or deepspeed without a CUDA GPU; deepspeed not installed or its
+            config file unreadable; LoRA with fsdp or deepspeed (merging sharded weights is
+            not supported: LoRA's trainable state is small, use ddp).
+    """
+    if dcfg.strategy == "ddp":
+        return
+    if not cuda:
+        raise UserError(
+            f"distributed.strategy={dcfg.strategy} needs CUDA GPUs; this machine has none",
+            "use distributed.strategy=ddp (several CPU processes run over gloo)",
+        )
+    if lora:
+        raise UserError(
+            f"LoRA with distributed.strategy={dcfg.strategy} is not supported",
+            "use distributed.strategy=ddp: the adapters and their optimizer state are small",
+        )
+    if dcfg.strategy == "deepspeed":
+        if not deepspeed_installed():
+            raise UserError(
+                "distributed.strategy=deepspeed needs the deepspeed package",
+                "pip install deepspeed",
+            )
+        if dcfg.deepspeed_config is not None:
+            _read_deepspeed_config(dcfg.deepspeed_config)
+
+
+def _read_deepspeed_config(path: str) -> dict[str, Any]:
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"cannot read distributed.deepspeed_config {path}: {err.strerror}") from err
+    except ValueError as err:
+        raise UserError(f"distributed.deepspeed_config {path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or "zero_optimization" not in config:
+        raise UserError(
+            f"distributed.deepspeed_config {path} has no zero_optimization section",
+            'add e.g. "zero_optimization": {"stage": 2}',
+        )
+    return config
+
+
+def accelerator_plugins(
+    dcfg, tcfg, *, micro_batch_size: int, accum: int, world: int
+) -> dict[str, Any]:
+    """Keyword arguments for ``accelerate.Accelerator`` that select the recipe's strategy.
+
+    Args:
+        dcfg: the recipe's ``distributed`` section.
+        tcfg: the recipe's ``train`` section (clipping, precision).
+        micro_batch_size: blocks per forward pass per process.
+        accum: micro-batches per optimizer step.
+        world: number of processes.
+
+    Returns:
+        ``{}`` for ddp (accelerate's default under a launcher), ``{"fsdp_plugin": ...}`` or
+        ``{"deepspeed_plugin": ...}``.
+
+    Raises:
+        UserError: see :func:`check_strategy` (deepspeed missing, bad config file).
+    """
+    if dcfg.strategy == "ddp":
+        return {}
+    if dcfg.strategy == "fsdp":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        return {
+            "fsdp_plugin": FullyShardedDataParallelPlugin(
+                fsdp_version=2,
+                reshard_after_forward=dcfg.reshard_after_forward,
+                # each block of the model's _no_split_modules (GPT2Block, LlamaDecoderLayer...)
+                auto_wrap_policy="transformer_based_wrap",
+                cpu_offload=dcfg.cpu_offload,
+                # checkpoints: each process writes its shard; the final model is gathered whole
+                state_dict_type="SHARDED_STATE_DICT",
+                cpu_ram_efficient_loading=False,
+            )
+        }
+    if not deepspeed_installed():
+        raise UserError(
+            "distributed.strategy=deepspeed needs the deepspeed package", "pip install deepspeed"
+        )
+    from accelerate.utils import DeepSpeedPlugin
+
+    if dcfg.deepspeed_config is not None:
+        config = _read_deepspeed_config(dcfg.deepspeed_config)
+    else:
+        offload = {"device": "cpu" if dcfg.cpu_offload else "none"}
+        zero: dict[str, Any] = {"stage": dcfg.zero_stage}
+        if dcfg.zero_stage >= 2:
+            zero["offload_optimizer"] = offload
+        if dcfg.zero_stage == 3:
+            zero["offload_param"] = offload
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        config = {"zero_optimization": zero}
+    # llmkit feeds no DataLoader to accelerate, so the batch sizes are stated here.
+    config.update(
+        train_micro_batch_size_per_gpu=micro_batch_size,
+        gradient_accumulation_steps=accum,
+        train_batch_size=micro_batch_size * accum * world,
+        gradient_clipping=tcfg.grad_clip,
+    )
+    config.setdefault("bf16", {"enabled": tcfg.mixed_precision == "bf16"})
+    config.setdefault("fp16", {"enabled": tcfg.mixed_precision == "fp16"})
+    return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=config)}

@@ -1,0 +1,255 @@
+"""Several GPUs and sharding, checked without a GPU: the decision to relaunch one process per
+GPU and the torchrun command it builds; the FSDP / DeepSpeed plugins a recipe selects."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+from llmkit.errors import UserError
+from llmkit.training import distributed
+from llmkit.training.config import load_recipe
+from llmkit.training.distributed import (
+    accelerator_plugins,
+    check_strategy,
+    launcher_args,
+    processes_to_launch,
+)
+
+
+def test_relaunch_only_when_alone_with_several_gpus():
+    assert processes_to_launch({}, 2) == 2
+    assert processes_to_launch({"PATH": "/bin"}, 8) == 8
+    assert processes_to_launch({}, 1) is None  # one GPU: this process
+    assert processes_to_launch({}, 0) is None  # CPU
+    for key in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):  # torchrun / accelerate launch started us
+        assert processes_to_launch({key: "0"}, 4) is None
+
+
+def test_launcher_args_are_what_torchrun_parses():
+    from torch.distributed.run import get_args_parser
+
+    train_args = ["--config", "recipes/x.yaml", "--overwrite", "train.max_steps=5"]
+    args = launcher_args(4, train_args)
+    parsed = get_args_parser().parse_args(args)
+    assert parsed.standalone and parsed.module
+    assert parsed.nproc_per_node == "4"
+    assert parsed.training_script == "llmkit"
+    assert parsed.training_script_args == ["train", *train_args]
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    for key in distributed.LAUNCHER_ENV:
+        monkeypatch.delenv(key, raising=False)
+
+
+def _fake_train(calls):
+    def fake(config, overrides, **kwargs):
+        calls.append((config, list(overrides), kwargs))
+        return {"steps": 1}
+
+    return fake
+
+
+def test_cli_relaunches_one_process_per_gpu(monkeypatch, no_launcher, tmp_path):
+    from llmkit.training import loop
+
+    launched, trained = [], []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(distributed, "relaunch", lambda n, a: launched.append((n, a)) or 0)
+    monkeypatch.setattr(loop, "train", _fake_train(trained))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\n")
+    args = ["train", "--config", str(recipe), "train.max_steps=5", "--overwrite", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert trained == []  # this process only waits for its workers
+    assert launched == [
+        (2, ["--config", str(recipe), "--overwrite", "--no-progress", "train.max_steps=5"])
+    ]
+    assert "2 GPUs visible" in result.stderr
+    # a worker's failure is the command's exit status (2: a user error, printed by rank 0)
+    monkeypatch.setattr(distributed, "relaunch", lambda n, a: 2)
+    assert CliRunner().invoke(app, args).exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "gpus, env", [(0, {}), (1, {}), (4, {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0"})]
+)
+def test_cli_trains_in_process_on_cpu_one_gpu_or_under_a_launcher(
+    monkeypatch, no_launcher, gpus, env
+):
+    from llmkit.training import loop
+
+    launched, trained = [], []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(distributed, "relaunch", lambda n, a: launched.append(n) or 0)
+    monkeypatch.setattr(loop, "train", _fake_train(trained))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(app, ["train", "train.max_steps=5", "--json"])
+    assert result.exit_code == 0, result.output
+    assert launched == [] and len(trained) == 1
+    assert trained[0][1] == ["train.max_steps=5"]
+    assert json.loads(result.stdout) == {"steps": 1}
+
+
+def test_only_rank_0_prints_errors_and_results(monkeypatch, no_launcher):
+    from llmkit.training import loop
+
+    def fails(*args, **kwargs):
+        raise UserError("bad data", "fix it")
+
+    monkeypatch.setattr(loop, "train", fails)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    result = CliRunner().invoke(app, ["train"])
+    assert result.exit_code == 2 and result.stderr == ""
+    monkeypatch.setenv("RANK", "0")
+    result = CliRunner().invoke(app, ["train"])
+    assert result.exit_code == 2 and result.stderr.strip() == "error: bad data — fix it"
+    monkeypatch.setattr(loop, "train", _fake_train([]))
+    monkeypatch.setenv("RANK", "1")
+    assert CliRunner().invoke(app, ["train", "--json"]).stdout == ""
+
+
+def _section(**kw):
+    return load_recipe(None, [f"distributed.{k}={v}" for k, v in kw.items()])
+
+
+def test_fsdp_plugin_from_the_recipe():
+    recipe = _section(strategy="fsdp", reshard_after_forward="false", cpu_offload="true")
+    plugins = accelerator_plugins(
+        recipe.distributed, recipe.train, micro_batch_size=4, accum=2, world=8
+    )
+    plugin = plugins["fsdp_plugin"]
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False
+    assert type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy"
+    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+    assert (
+        accelerator_plugins(
+            _section(strategy="ddp").distributed, recipe.train, micro_batch_size=4, accum=2, world=8
+        )
+        == {}
+    )
+
+
+def test_deepspeed_plugin_from_the_recipe(monkeypatch, tmp_path):
+    recipe = load_recipe(
+        None,
+        [
+            "distributed.strategy=deepspeed",
+            "distributed.zero_stage=3",
+            "train.mixed_precision=bf16",
+            "train.grad_clip=0.5",
+        ],
+    )
+    monkeypatch.setattr(distributed, "deepspeed_installed", lambda: False)
+    with pytest.raises(UserError) as err:
+        accelerator_plugins(recipe.distributed, recipe.train, micro_batch_size=4, accum=2, world=8)
+    assert "pip install deepspeed" in str(err.value)
+    with pytest.raises(UserError, match="pip install deepspeed"):
+        check_strategy(recipe.distributed, cuda=True, lora=False)
+
+    monkeypatch.setattr(distributed, "deepspeed_installed", lambda: True)
+    plugin = accelerator_plugins(
+        recipe.distributed, recipe.train, micro_batch_size=4, accum=2, world=8
+    )["deepspeed_plugin"]
+    config = plugin.deepspeed_config
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["gradient_accumulation_steps"] == 2
+    assert config["train_batch_size"] == 4 * 2 * 8
+    assert config["gradient_clipping"] == 0.5
+    assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
+    # a DeepSpeed JSON file: used as it is, batch sizes filled in
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    recipe = load_recipe(
+        None, ["distributed.strategy=deepspeed", f"distributed.deepspeed_config={ds}"]
+    )
+    plugin = accelerator_plugins(
+        recipe.distributed, recipe.train, micro_batch_size=2, accum=1, world=2
+    )["deepspeed_plugin"]
+    assert plugin.deepspeed_config["zero_optimization"]["stage"] == 1
+    assert plugin.deepspeed_config["train_batch_size"] == 4
+    ds.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        check_strategy(recipe.distributed, cuda=True, lora=False)
+
+
+def test_strategy_checks_before_any_model(tmp_path, tiny_tokenizer, monkeypatch):
+    from test_train import _write_prepared
+
+    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
+    base = ["train", f"data.path={data}", f"out_dir={tmp_path / 'r'}"]
+    result = CliRunner().invoke(app, [*base, "distributed.strategy=fsdp"])
+    assert result.exit_code == 2 and not (tmp_path / "r").exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs CUDA GPUs" in lines[0] and "strategy=ddp" in lines[0]
+    # with GPUs: LoRA and sharding are refused together, with the fix
+    recipe = _section(strategy="fsdp")
+    with pytest.raises(UserError, match="LoRA with distributed.strategy=fsdp"):
+        check_strategy(recipe.distributed, cuda=True, lora=True)
+    check_strategy(recipe.distributed, cuda=True, lora=False)  # fine
+    # ill-typed or unknown values: one line naming the key
+    for override, needle in (
+        ("distributed.strategy=zero", "distributed.strategy"),
+        ("distributed.zero_stage=4", "distributed.zero_stage"),
+        ("distributed.stratgy=fsdp", "distributed.strategy"),
+    ):
+        result = CliRunner().invoke(app, ["train", override])
+        assert result.exit_code == 2 and needle in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_dry_run_divides_the_sharded_memory(tiny_tokenizer):
+    from llmkit.training.loop import _dry_run
+    from llmkit.training.model import build_config
+
+    def plan(strategy: str, **kw):
+        recipe = load_recipe(
+            None,
+            [
+                "model.n_layer=1",
+                "model.n_embd=16",
+                "model.n_head=2",
+                f"distributed.strategy={strategy}",
+                *[f"distributed.{k}={v}" for k, v in kw.items()],
+            ],
+        )
+        config = build_config(recipe.model, vocab_size=300, block_size=16, eos_token_id=0)
+        return _dry_run(
+            None,
+            recipe,
+            config,
+            recipe.lora,
+            accum=1,
+            world=4,
+            data_block=16,
+            n_train=64,
+            tokens_per_step=4 * 16 * 15,
+            total_steps=10,
+        )["memory_bytes"]
+
+    ddp = plan("ddp")
+    for strategy, kw, sharded in (
+        ("deepspeed", {"zero_stage": 1}, {"optimizer"}),
+        ("deepspeed", {"zero_stage": 2}, {"optimizer", "gradients"}),
+        ("fsdp", {}, {"optimizer", "gradients", "weights"}),
+    ):
+        mem = plan(strategy, **kw)
+        for part in ("weights", "gradients", "optimizer"):
+            want = math.ceil(ddp[part] / 4) if part in sharded else ddp[part]
+            assert mem[part] == want, (strategy, part)
+        assert mem["activations"] == ddp["activations"]
+        assert (
+            mem["total"]
+            == sum(mem[p] for p in ("weights", "gradients", "optimizer")) + (ddp["activations"])
+        )
