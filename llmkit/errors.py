@@ -26,3 +26,27 @@ class UserError(Exception):
         if self.hint:
             return f"{self.message} — {self.hint}"
         return self.message
+
+
+def require(module: str, message: str, hint: str) -> None:
+    """Import an optional dependency, or raise a :class:`UserError` saying how to get it.
+
+    The module is really imported (not only looked up), so an installed but broken package —
+    e.g. trafilatura without ``lxml_html_clean`` — also ends in one line, not a traceback.
+
+    Args:
+        module: the module to import, e.g. ``"trafilatura"``.
+        message: what needs it, e.g. ``"--html needs the trafilatura package"``.
+        hint: how to install it.
+
+    Raises:
+        UserError: ``message`` plus "which is not installed" or the import's own error.
+    """
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        missing = isinstance(err, ModuleNotFoundError) and err.name == module.split(".")[0]
+        detail = "which is not installed" if missing else f"which cannot be imported ({err})"
+        raise UserError(f"{message}, {detail}", hint) from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,10 +59,7 @@ def hand_loglikelihoods(model, tok, doc) -> list[float]:
 
 
 def test_without_the_extra_one_line_naming_it(monkeypatch, tiny_model_dir):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a)
-    )
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
     res = runner.invoke(app, ["eval", "-m", str(tiny_model_dir), "--tasks", "hellaswag"])
     one_line_error(res, "lm-evaluation-harness", "pip install 'llmkit[eval]'")
 

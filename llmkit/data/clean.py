@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmkit.errors import UserError
+from llmkit.errors import require
 
 NORMALIZATION_FORMS = ("NFC", "NFKC")
 
@@ -279,13 +279,11 @@ class Normalize(DocumentStage):
         self.fix_mojibake = fix_mojibake
         self.whitespace = whitespace
         if html:
-            import importlib.util
-
-            if importlib.util.find_spec("trafilatura") is None:
-                raise UserError(
-                    "--html needs the trafilatura package, which is not installed",
-                    "pip install 'llmkit[html]' (or pip install trafilatura)",
-                )
+            require(
+                "trafilatura",
+                "--html needs the trafilatura package",
+                "pip install 'llmkit[html]'",
+            )
         self.html = html
 
     def settings(self) -> dict:

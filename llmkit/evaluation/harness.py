@@ -26,13 +26,12 @@ model evaluation", Zenodo 10256836), ``lm_eval.evaluator.simple_evaluate`` and
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from llmkit.errors import UserError
+from llmkit.errors import UserError, require
 
 INSTALL_HINT = "pip install 'llmkit[eval]'"
 
@@ -43,8 +42,7 @@ def require_harness() -> None:
     Raises:
         UserError: ``lm_eval`` cannot be imported; the hint names the extra to install.
     """
-    if importlib.util.find_spec("lm_eval") is None:
-        raise UserError("--tasks needs lm-evaluation-harness, which is not installed", INSTALL_HINT)
+    require("lm_eval", "--tasks needs lm-evaluation-harness", INSTALL_HINT)
 
 
 def parse_tasks(tasks: str | list[str]) -> list[str]:

@@ -19,7 +19,6 @@ Remote code is never executed: ``trust_remote_code`` is never passed.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from llmkit.errors import UserError
+from llmkit.errors import UserError, require
 
 ENV_MODEL = "LLMKIT_MODEL"
 ENV_CACHE = "LLMKIT_CACHE"
@@ -246,11 +245,11 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype):
                 f"{name} is a file but not a .gguf model",
                 "point --model at a save_pretrained directory or a .gguf file",
             )
-        if importlib.util.find_spec("gguf") is None:
-            raise UserError(
-                f"{name} is a GGUF file and the gguf package is not installed",
-                "pip install 'llmkit[gguf]' (or pip install gguf)",
-            )
+        require(
+            "gguf",
+            f"{name} is a GGUF file and reading it needs the gguf package",
+            "pip install 'llmkit[gguf]' (or pip install gguf)",
+        )
         cache = gguf_cache_dir(path)
         if cache is not None and _is_saved_model(cache):
             where, tok_kwargs = str(cache), {}

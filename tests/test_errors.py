@@ -1,0 +1,47 @@
+"""Optional dependencies: missing or broken, they end in one line (SPEC §6)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from llmkit.errors import UserError, require
+
+
+def test_require_names_a_missing_module():
+    with pytest.raises(UserError) as info:
+        require("no_such_module_llmkit", "--x needs no_such_module_llmkit", "pip install it")
+    assert str(info.value) == (
+        "--x needs no_such_module_llmkit, which is not installed — pip install it"
+    )
+
+
+def test_require_reports_an_installed_but_broken_module(tmp_path, monkeypatch):
+    # Like trafilatura installed without lxml_html_clean: the package is there, its import fails.
+    (tmp_path / "broken_llmkit_dep.py").write_text(
+        "raise ImportError('lxml.html.clean module is now a separate project')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError) as info:
+        require("broken_llmkit_dep", "--html needs broken_llmkit_dep", "pip install fix")
+    assert "cannot be imported (lxml.html.clean module is now a separate project)" in str(
+        info.value
+    )
+    assert "broken_llmkit_dep" not in sys.modules
+
+
+def test_require_reports_a_missing_dependency_of_an_installed_module(tmp_path, monkeypatch):
+    (tmp_path / "needs_missing_llmkit.py").write_text("import no_such_dependency_llmkit\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=r"cannot be imported \(No module named"):
+        require("needs_missing_llmkit", "--y needs needs_missing_llmkit", "pip install fix")
+
+
+def test_html_with_a_broken_trafilatura_is_one_line(monkeypatch):
+    from llmkit.data.clean import Normalize
+
+    monkeypatch.setitem(sys.modules, "trafilatura", None)  # import raises ImportError
+    with pytest.raises(UserError, match=r"^--html needs the trafilatura package, which") as info:
+        Normalize(html=True)
+    assert info.value.hint == "pip install 'llmkit[html]'"
