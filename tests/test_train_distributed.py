@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -150,14 +151,14 @@ def test_deepspeed_plugin_from_the_recipe(monkeypatch, tmp_path):
             "train.grad_clip=0.5",
         ],
     )
-    monkeypatch.setattr(distributed, "deepspeed_installed", lambda: False)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` fails
     with pytest.raises(UserError) as err:
         accelerator_plugins(recipe.distributed, recipe.train, micro_batch_size=4, accum=2, world=8)
     assert "pip install deepspeed" in str(err.value)
     with pytest.raises(UserError, match="pip install deepspeed"):
         check_strategy(recipe.distributed, cuda=True, lora=False)
 
-    monkeypatch.setattr(distributed, "deepspeed_installed", lambda: True)
+    monkeypatch.setattr(distributed, "require_deepspeed", lambda: None)
     plugin = accelerator_plugins(
         recipe.distributed, recipe.train, micro_batch_size=4, accum=2, world=8
     )["deepspeed_plugin"]

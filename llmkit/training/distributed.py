@@ -13,13 +13,12 @@ the accelerate plugin (FSDP or DeepSpeed) that a recipe's ``distributed`` sectio
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llmkit.errors import UserError
+from llmkit.errors import UserError, require
 
 #: Environment variables that say "a launcher started this process" (torchrun and accelerate
 #: launch set the first three; MPI launchers, which accelerate also joins, the others).
@@ -79,9 +78,13 @@ def relaunch(nproc: int, train_args: Sequence[str]) -> int:
     return 0
 
 
-def deepspeed_installed() -> bool:
-    """True when the ``deepspeed`` package can be imported (it is not imported here)."""
-    return importlib.util.find_spec("deepspeed") is not None
+def require_deepspeed() -> None:
+    """Import ``deepspeed`` or raise a one-line :class:`UserError` (missing or broken install)."""
+    require(
+        "deepspeed",
+        "distributed.strategy=deepspeed needs the deepspeed package",
+        "pip install deepspeed",
+    )
 
 
 def check_strategy(dcfg, *, cuda: bool, lora: bool) -> None:
@@ -105,11 +108,7 @@ def check_strategy(dcfg, *, cuda: bool, lora: bool) -> None:
             "use distributed.strategy=ddp: the adapters and their optimizer state are small",
         )
     if dcfg.strategy == "deepspeed":
-        if not deepspeed_installed():
-            raise UserError(
-                "distributed.strategy=deepspeed needs the deepspeed package",
-                "pip install deepspeed",
-            )
+        require_deepspeed()
         if dcfg.deepspeed_config is not None:
             _read_deepspeed_config(dcfg.deepspeed_config)
 
@@ -165,10 +164,7 @@ def accelerator_plugins(
                 cpu_ram_efficient_loading=False,
             )
         }
-    if not deepspeed_installed():
-        raise UserError(
-            "distributed.strategy=deepspeed needs the deepspeed package", "pip install deepspeed"
-        )
+    require_deepspeed()
     from accelerate.utils import DeepSpeedPlugin
 
     if dcfg.deepspeed_config is not None:
