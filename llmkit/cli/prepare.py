@@ -36,6 +36,36 @@ class Pii(str, Enum):
     keep = "keep"
 
 
+class Format(str, Enum):
+    """What the input records are."""
+
+    auto = "auto"
+    text = "text"
+    chat = "chat"
+
+
+class ChatTemplate(str, Enum):
+    """The chat template of chat data."""
+
+    auto = "auto"
+    tokenizer = "tokenizer"
+    chatml = "chatml"
+
+
+class TrainOn(str, Enum):
+    """Which tokens of chat data are training targets."""
+
+    assistant = "assistant"
+    all = "all"
+
+
+class Overlong(str, Enum):
+    """What happens to a conversation longer than the block size."""
+
+    truncate = "truncate"
+    drop = "drop"
+
+
 class Form(str, Enum):
     """Unicode normalization form."""
 
@@ -108,7 +138,10 @@ def prepare_command(
         1024, "--vocab-size", help="Vocabulary size of the trained byte-level BPE, in tokens."
     ),
     tokenizer: str | None = typer.Option(
-        None, "--tokenizer", help="Use this pretrained tokenizer (directory) instead of training."
+        None,
+        "--tokenizer",
+        help="Use this pretrained tokenizer instead of training one: a directory (e.g. a "
+        "model's) or a .gguf model file.",
     ),
     block_size: int = typer.Option(128, "--block-size", help="Tokens per training block."),
     val_fraction: float = typer.Option(
@@ -131,6 +164,31 @@ def prepare_command(
         "--on-error",
         help="Binary file, invalid UTF-8, malformed JSON line, missing field: stop (fail) or "
         "skip it and count it in the manifest (skip).",
+    ),
+    data_format: Format = typer.Option(
+        Format.auto,
+        "--format",
+        help="text: documents. chat: conversations, JSON records with messages "
+        "[{role, content}], prompt/response or instruction/input/output. auto: chat when every "
+        "JSON input's first record is one (and has no --text-field).",
+    ),
+    chat_template: ChatTemplate = typer.Option(
+        ChatTemplate.auto,
+        "--chat-template",
+        help="Chat data: the template rendering conversations. auto: the tokenizer's own, else "
+        "ChatML; tokenizer: its own (required); chatml: ChatML (adds its tokens if missing).",
+    ),
+    train_on: TrainOn = typer.Option(
+        TrainOn.assistant,
+        "--train-on",
+        help="Chat data: loss on the assistant's answers only (labels -100 elsewhere) or on "
+        "every token.",
+    ),
+    overlong: Overlong = typer.Option(
+        Overlong.truncate,
+        "--overlong",
+        help="Chat data: a conversation longer than --block-size is truncated or dropped "
+        "(counted in the manifest either way).",
     ),
     config: Path | None = typer.Option(
         None, "--config", help="prepare.yaml: normalization, filters and thresholds, dedup, PII."
@@ -195,14 +253,16 @@ def prepare_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
 ) -> None:
-    """Clean, deduplicate, tokenize and pack raw text into training blocks.
+    """Clean, deduplicate, tokenize and pack raw text (or conversations) into training blocks.
 
     INPUT: files, directories (searched recursively) or globs of .txt, .md, .jsonl, .json,
     .csv, .tsv or .parquet, each optionally .gz, .bz2, .xz or .zst; or Hub dataset ids.
     Stages: normalize (NFC, ftfy, control characters, whitespace), filters, exact and MinHash
-    deduplication, PII redaction, tokenize, pack. A rerun with the same inputs and settings
-    does nothing; one that changes only the tokenizer, block size or split reuses the cleaned
-    documents. Progress and the summary go to stderr; with --json the manifest goes to stdout.
+    deduplication, PII redaction, tokenize, pack. Chat data (--format chat, or detected) is
+    cleaned message by message, rendered with a chat template and packed whole, with labels
+    -100 off the assistant's answers. A rerun with the same inputs and settings does nothing;
+    one that changes only the tokenizer, block size or split reuses the cleaned documents.
+    Progress and the summary go to stderr; with --json the manifest goes to stdout.
     """
     from llmkit.data.pipeline import prepare
 
@@ -243,6 +303,10 @@ def prepare_command(
             plot=plot,
             cache=not no_cache,
             hub_split=split,
+            format=data_format.value,
+            chat_template=chat_template.value,
+            train_on=train_on.value,
+            overlong=overlong.value,
         )
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))

@@ -3,12 +3,16 @@
 Two fingerprints are taken of a run (SHA-256 of a canonical JSON of what they cover):
 
 - the *cleaning* fingerprint covers what decides the cleaned documents: the llmkit version,
-  the inputs (path, type and SHA-256 of the bytes of every file), the reading settings
-  (``split_on``, ``text_field``, ``on_error``), every cleaning setting (normalization, Gutenberg
-  rule, filters and their thresholds, deduplication, PII) and ``keep_dropped``;
+  the inputs (path, type and SHA-256 of the bytes of every file), the reading settings (the
+  format the records were read in, ``text`` or ``chat``, and for text ``split_on`` and
+  ``text_field``; ``on_error``), every cleaning setting (normalization, Gutenberg rule,
+  filters and their thresholds, deduplication, PII) and ``keep_dropped``. A chat run and a text
+  run on the same file therefore never share an entry (the entries hold documents in one case,
+  conversations with their ``file:line`` in the other);
 - the *full* fingerprint adds what comes after cleaning: vocabulary size or the pretrained
   tokenizer (its path and the SHA-256 of its files), ``block_size``, ``val_fraction``, ``seed``
-  and ``plot``.
+  and ``plot``, and for chat data the chat settings (``chat_template``, ``train_on``,
+  ``overlong``).
 
 Inputs are identified by content (SHA-256), not by size and modification time: a file that is
 only touched or copied does not invalidate the cache, an edit that keeps the size and the
@@ -89,6 +93,18 @@ def tokenizer_identity(tokenizer: str | None) -> dict | None:
     if path.is_file():
         return {"path": str(path.resolve()), "sha256": file_sha256(path)}
     return {"id": tokenizer}
+
+
+def gguf_cache_dir(path: Path) -> Path | None:
+    """Where :mod:`llmkit.generation.loading` caches the conversion of a ``.gguf`` model (a
+    ``save_pretrained`` directory with its tokenizer): ``<root>/gguf/<stem>-<size>-<mtime>``.
+    The same rule as :func:`llmkit.generation.loading.gguf_cache_dir`, repeated here so that
+    prepare does not import torch. None when the cache is off."""
+    root = cache_root()
+    if root is None:
+        return None
+    st = path.stat()
+    return root / "gguf" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
 
 
 class CleanCache:

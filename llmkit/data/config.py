@@ -20,20 +20,39 @@ The thresholds and their sources are documented on the filter classes
 for web pages and drop most of a play or a collection of short stories (tinyshakespeare's
 speeches are mostly under Gopher's 50 words); ``--filter web`` turns on the four web rule sets.
 An unknown key is an error naming the closest valid one; a value of the wrong type is an error.
+
+Chat data (``llmkit prepare --format chat``) goes through the same stages, adapted by
+:func:`build_stages` (``kind="chat"``): the stages that rewrite text (normalize, PII) run on
+each message's content (:class:`ContentStage`); the filters and both de-duplications judge the
+conversation as one text, :func:`llmkit.data.sft.conversation_text` (``role: content`` per
+message; :class:`ConversationTextStage`, :class:`ConversationCorpusStage`). Two defaults differ
+for chat (:func:`default_config`): near-duplicate removal is off — instruction sets hold the
+same answer to paraphrased questions on purpose (the support example set has three phrasings
+per answer), and the FineWeb MinHash settings, tuned on web pages, merge such short
+conversations (2 of its 81 at the defaults) — and exact de-duplication stays on. The web rule
+sets stay off as for text; named explicitly they judge the whole conversation and only drop it
+(C4's line removal cannot be mapped back onto the messages and is not applied).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import json
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
+from llmkit.data.clean import CorpusStage, DocumentStage, Outcome
 from llmkit.errors import UserError
 
 #: Rule sets turned on by the name ``web``.
 WEB_FILTERS = ("gopher_quality", "gopher_repetition", "c4", "fineweb")
 DEFAULT_ENABLED = ("length",)
+#: Kinds of data, each with its defaults (:func:`default_config`) and stages (:func:`build_stages`).
+KINDS = ("text", "chat")
+#: Settings whose default differs for chat data (see the module docstring).
+CHAT_DEFAULTS = {"dedup": {"near": False}}
 
 
 def _filter_defaults() -> dict:
@@ -49,9 +68,12 @@ def _filter_defaults() -> dict:
     return out
 
 
-def default_config() -> dict:
-    """Every cleaning setting with its default value."""
-    return {
+def default_config(kind: str = "text") -> dict:
+    """Every cleaning setting with its default value, for ``kind`` ``"text"`` or ``"chat"``
+    (:data:`CHAT_DEFAULTS`)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}: {kind!r}")
+    cfg = {
         "normalize": {"form": "NFC", "fix_mojibake": True, "whitespace": True, "html": False},
         "gutenberg": True,
         "filters": _filter_defaults(),
@@ -67,6 +89,7 @@ def default_config() -> dict:
         },
         "pii": "redact",
     }
+    return merge(cfg, CHAT_DEFAULTS) if kind == "chat" else cfg
 
 
 #: Keys whose default is None and the types they accept.
@@ -117,9 +140,10 @@ def merge(base: dict, override: dict, where: str = "") -> dict:
     return out
 
 
-def load_config(path: str | Path | None, overrides: dict | None = None) -> dict:
-    """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (from flags)."""
-    cfg = default_config()
+def load_config(path: str | Path | None, overrides: dict | None = None, kind: str = "text") -> dict:
+    """Defaults (of ``kind``, :func:`default_config`), then the YAML file at ``path`` (if any),
+    then ``overrides`` (from flags)."""
+    cfg = default_config(kind)
     if path is not None:
         import yaml
 
@@ -180,8 +204,16 @@ def validate(cfg: dict) -> None:
         raise UserError("filters.language.languages is empty", "list the languages to keep")
 
 
-def build_stages(cfg: dict) -> list:
-    """The document stages of ``cfg``, in order: normalize, filters, dedup, PII."""
+def build_stages(cfg: dict, kind: str = "text") -> list:
+    """The document stages of ``cfg``, in order: normalize, filters, dedup, PII.
+
+    For ``kind="chat"`` each stage is adapted to conversations carried as their JSON list of
+    messages (:func:`llmkit.data.readers.conversation_json`): normalize and PII by
+    :class:`ContentStage`, the filters by :class:`ConversationTextStage`, the de-duplications
+    by :class:`ConversationCorpusStage`.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}: {kind!r}")
     from llmkit.data.clean import ExactDedup, Normalize
     from llmkit.data.dedup import MinHashDedup
     from llmkit.data.filters import FILTERS
@@ -208,4 +240,125 @@ def build_stages(cfg: dict) -> list:
         )
     if cfg["pii"] == "redact":
         stages.append(RedactPII())
+    if kind == "chat":
+        stages = [chat_stage(stage) for stage in stages]
     return stages
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages on conversations.
+
+#: Stages that rewrite a text: on chat data they run on every message's content.
+CONTENT_STAGES = ("normalize", "pii")
+
+
+def _messages(text: str) -> list[dict[str, str]]:
+    return json.loads(text)
+
+
+def _conversation_text(text: str) -> str:
+    from llmkit.data.sft import conversation_text
+
+    return conversation_text(_messages(text))
+
+
+class ContentStage(DocumentStage):
+    """A text-rewriting document stage (normalize, PII) run on each message's content.
+
+    The conversation is kept with every content rewritten, or dropped when the stage drops one
+    message (``"empty"`` becomes ``"empty message"``: a turn with nothing left in it breaks the
+    conversation; any other reason ``"<reason> (a message)"``). Counts: grouped counts
+    (``replaced/email``) add up over the messages; a plain count (``documents_changed``) counts
+    the conversation once.
+    """
+
+    stateless = True
+
+    def __init__(self, inner: DocumentStage):
+        self.inner = inner
+        self.name = inner.name
+        self.count_template = dict(getattr(inner, "count_template", {}))
+
+    def settings(self) -> dict:
+        """The inner stage's settings (what the manifest records)."""
+        return self.inner.settings() if hasattr(self.inner, "settings") else {}
+
+    def apply(self, text: str) -> Outcome:
+        from llmkit.data.readers import conversation_json
+
+        messages = _messages(text)
+        out: list[dict[str, str]] = []
+        counts: dict[str, int] = {}
+        changed = False
+        for message in messages:
+            content, reason, c = self.inner.apply(message["content"])
+            if content is None:
+                why = "empty message" if reason == "empty" else f"{reason} (a message)"
+                return None, why, None
+            for key, n in (c or {}).items():
+                counts[key] = counts.get(key, 0) + n if "/" in key else max(counts.get(key, 0), n)
+            changed = changed or content != message["content"]
+            out.append({"role": message["role"], "content": content})
+        return (conversation_json(out) if changed else text), None, counts or None
+
+
+class ConversationTextStage(DocumentStage):
+    """A filter judging a conversation by its :func:`~llmkit.data.sft.conversation_text`.
+
+    Only the filter's verdict is used: the conversation is kept unchanged or dropped with the
+    filter's reason. A filter that would rewrite the text (C4's line removal) does not rewrite
+    the conversation. The filter's own counts are kept only for a conversation it passed
+    unchanged (e.g. ``skipped_by_language``), never counts of a rewriting that did not happen.
+    """
+
+    stateless = True
+
+    def __init__(self, inner: DocumentStage):
+        self.inner = inner
+        self.name = inner.name
+        self.count_template = dict(getattr(inner, "count_template", {}))
+
+    def settings(self) -> dict:
+        """The inner stage's settings (what the manifest records)."""
+        return self.inner.settings() if hasattr(self.inner, "settings") else {}
+
+    def apply(self, text: str) -> Outcome:
+        plain = _conversation_text(text)
+        out, reason, counts = self.inner.apply(plain)
+        if out is None:
+            return None, reason, None
+        return text, None, (counts if out == plain else None)
+
+
+class ConversationCorpusStage(CorpusStage):
+    """A de-duplication keyed on the conversation's :func:`~llmkit.data.sft.conversation_text`
+    (roles included: the same words said by another role are another conversation)."""
+
+    stateless = False
+
+    def __init__(self, inner: CorpusStage):
+        self.inner = inner
+        self.name = inner.name
+        self.count_template = dict(getattr(inner, "count_template", {}))
+
+    def settings(self) -> dict:
+        """The inner stage's settings (what the manifest records)."""
+        return self.inner.settings() if hasattr(self.inner, "settings") else {}
+
+    def key(self, text: str) -> Any:
+        return self.inner.key(_conversation_text(text))
+
+    def key_feature(self) -> Any:
+        return self.inner.key_feature()
+
+    def admit(self, key: Any) -> tuple[str | None, dict[str, int] | None]:
+        return self.inner.admit(key)
+
+
+def chat_stage(stage):
+    """``stage`` adapted to conversations (see :func:`build_stages`)."""
+    if not stage.stateless:
+        return ConversationCorpusStage(stage)
+    if stage.name in CONTENT_STAGES:
+        return ContentStage(stage)
+    return ConversationTextStage(stage)

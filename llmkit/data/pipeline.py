@@ -21,6 +21,15 @@ executor (SPEC §8):
 5. encode (:func:`encode_batch`): batched, one EOS after every document;
 6. pack (:class:`llmkit.data.pack.Packer`): each split concatenated and cut into blocks.
 
+Chat data (``format="chat"``, or detected: :func:`llmkit.data.readers.resolve_format`) takes
+the same road with conversations instead of documents: read as records (``messages``,
+``prompt``/``response``, Alpaca's ``instruction``/``output``) into their JSON list of messages
+with their ``file:line``; cleaned by the same stages adapted to conversations
+(:func:`llmkit.data.config.build_stages`); split by conversation; then rendered with a chat
+template and labelled (:func:`encode_chat_batch`) and packed whole with
+:class:`llmkit.data.pack.SFTPacker` (:func:`_build_chat`), so that each row carries
+``input_ids``, ``labels`` and ``position_ids``.
+
 The result is the layout of :mod:`llmkit.data.prepared`, built in a hidden temporary directory
 next to the output and renamed into place only when complete.
 """
@@ -59,18 +68,22 @@ from llmkit.data.clean import (
     process_document,
     received_text,
 )
-from llmkit.data.pack import Packer
+from llmkit.data.pack import OVERLONG_RULES, Packer, SFTPacker
 from llmkit.data.prepared import DATASET_DICT, MANIFEST, SPLITS, is_prepared
 from llmkit.data.readers import (
     _GLOB_CHARS,
+    FORMATS,
     ON_ERROR,
     SPLIT_MODES,
     InputFile,
     _walk,
     discover_inputs,
     file_kind,
+    read_conversations,
     read_documents,
+    resolve_format,
 )
+from llmkit.data.sft import TRAIN_ON
 from llmkit.errors import UserError
 
 E = TypeVar("E", bound=BaseException)
@@ -510,7 +523,22 @@ def _validate_settings(
     num_proc: int | None,
     on_error: str = "fail",
     seed: int = 0,
+    format: str = "auto",
+    chat_template: str = "auto",
+    train_on: str = "assistant",
+    overlong: str = "truncate",
 ) -> None:
+    from llmkit.data.sft import CHAT_TEMPLATES, OWN_TEMPLATE
+
+    if format not in FORMATS:
+        raise UserError(f"--format {format!r} is not one of: {', '.join(FORMATS)}")
+    templates = ("auto", OWN_TEMPLATE, *CHAT_TEMPLATES)
+    if chat_template not in templates:
+        raise UserError(f"--chat-template {chat_template!r} is not one of: {', '.join(templates)}")
+    if train_on not in TRAIN_ON:
+        raise UserError(f"--train-on {train_on!r} is not one of: {', '.join(TRAIN_ON)}")
+    if overlong not in OVERLONG_RULES:
+        raise UserError(f"--overlong {overlong!r} is not one of: {', '.join(OVERLONG_RULES)}")
     if on_error not in ON_ERROR:
         raise UserError(f"--on-error {on_error!r} is not one of: {', '.join(ON_ERROR)}")
     if tokenizer is None and vocab_size < MIN_VOCAB_SIZE:
@@ -585,6 +613,7 @@ def _procs_for(num_proc: int, n_bytes: int, n_rows: int, per_proc: int | None = 
 def _read_rows(
     files: Sequence[InputFile],
     *,
+    kind: str,
     split_on: str,
     text_field: str,
     on_error: str,
@@ -592,8 +621,17 @@ def _read_rows(
     read_stats: dict,
     advance: Callable,
 ) -> Iterator[dict]:
-    """Rows ``{"text"}`` of the documents of all files, in order, as read."""
+    """Rows ``{"text"}`` of the documents of all files, in order, as read; for chat data
+    ``{"text", "where"}``: the conversation's JSON list of messages and its ``file:line``."""
     for source in files:
+        if kind == "chat":
+            for where, text in read_conversations(source, on_error=on_error):
+                size = len(text.encode("utf-8"))
+                read_stats["documents_out"] += 1
+                read_stats["bytes_out"] += size
+                advance(size if source.kind != "hub" else 1)
+                yield {"text": text, "where": where}
+            continue
         for text in read_documents(
             source,
             split_on=split_on,
@@ -615,6 +653,7 @@ _PROGRESS = None
 
 
 def _clean_columns(stages: Sequence, keep_text: bool) -> list[str]:
+    """The columns :func:`_clean_batch` writes (a chat run's ``where`` passes through)."""
     cols = ["text", "n_bytes", "sizes", "drop_stage", "drop_reason", "counts"]
     corpus = [i for i, s in enumerate(stages) if not s.stateless]
     cols += [f"key_{i}" for i in corpus]
@@ -623,10 +662,11 @@ def _clean_columns(stages: Sequence, keep_text: bool) -> list[str]:
     return cols
 
 
-def _clean_features(stages: Sequence, keep_text: bool):
+def _clean_features(stages: Sequence, keep_text: bool, chat: bool = False):
     from datasets import Features, List, Value
 
     features = {
+        **({"where": Value("string")} if chat else {}),
         "text": Value("string"),
         "n_bytes": Value("int64"),
         "sizes": List(Value("int64")),
@@ -687,15 +727,17 @@ def _worker_progress(advance: Callable, ranks: int) -> Iterator[None]:
 
 
 def _clean_map(raw, stages: list, *, keep_text: bool, procs: int, work: Path, advance):
-    """Every document through :func:`process_document`, on ``procs`` processes."""
+    """Every document through :func:`process_document`, on ``procs`` processes (a chat run's
+    ``where`` column is kept as it is)."""
     columns = _clean_columns(stages, keep_text)
+    chat = "where" in raw.column_names
     kwargs = dict(
         batched=True,
         batch_size=BATCH_CLEAN,
         writer_batch_size=BATCH_CLEAN,
         with_rank=True,
-        remove_columns=raw.column_names,
-        features=_clean_features(stages, keep_text),
+        remove_columns=[c for c in raw.column_names if c != "where"],
+        features=_clean_features(stages, keep_text, chat),
         fn_kwargs={"stages": stages, "keep_text": keep_text, "columns": columns},
         cache_file_name=str(work / "cleaned.arrow"),
         new_fingerprint="llmkit-cleaned",
@@ -718,20 +760,23 @@ def _read_and_clean(
     dropped_path: Path | None,
     num_proc: int,
     documents_dir: Path,
+    kind: str = "text",
 ) -> tuple[object, dict]:
     """Steps 1-2: read ``files``, clean the documents, save the kept ones at
     ``documents_dir``; returns them (memory-mapped) and the counts of both steps.
 
     ``work`` holds the intermediate arrow files. With ``keep_dropped`` each dropped document
     is written to ``dropped_path`` (JSON lines: stage, reason, text as the stage received it),
-    in document order.
+    in document order; a dropped conversation (``kind="chat"``) as its ``where``
+    (``file:line``) and ``messages`` as the stage received them.
     """
     from datasets import Features, Value, load_from_disk
 
     from llmkit.data.boilerplate import strip_gutenberg
     from llmkit.data.config import build_stages
 
-    stages = build_stages(cfg)
+    chat = kind == "chat"
+    stages = build_stages(cfg, kind)
     read_stats = {
         "files": len(files),
         "bytes_in": sum(f.size_bytes for f in files),
@@ -746,6 +791,7 @@ def _read_and_clean(
         raw = _from_generator(
             lambda: _read_rows(
                 files,
+                kind=kind,
                 split_on=split_on,
                 text_field=text_field,
                 on_error=on_error,
@@ -753,7 +799,7 @@ def _read_and_clean(
                 read_stats=read_stats,
                 advance=advance,
             ),
-            Features({"text": Value("string")}),
+            Features({"text": Value("string"), **({"where": Value("string")} if chat else {})}),
             work,
             "documents",
         )
@@ -765,10 +811,14 @@ def _read_and_clean(
     stats = [StageStats.of(s) for s in stages]
 
     def nothing_left() -> UserError:
+        what = "conversations" if chat else "documents"
         return UserError(
-            f"no documents left after cleaning ({read_stats['documents_out']} read; "
+            f"no {what} left after cleaning ({read_stats['documents_out']} read; "
             f"{_drops(stats)}" + (f"; skipped {_fmt_counts(skipped)}" if skipped else "") + ")",
-            "give files that hold text (the right --text-field for structured files), or "
+            "give JSON records of conversations (messages, prompt/response or "
+            "instruction/output), or loosen the filters"
+            if chat
+            else "give files that hold text (the right --text-field for structured files), or "
             "loosen the filters",
         )
 
@@ -801,11 +851,12 @@ def _read_and_clean(
                         kept[start + j] = True
                         histograms["kept"].add(row["n_bytes"])
                     elif dropped_file is not None:
-                        record = {
-                            "stage": stages[stop].name,
-                            "reason": reason,
-                            "text": received_text(row, stop),
-                        }
+                        record = {"stage": stages[stop].name, "reason": reason}
+                        if chat:
+                            record["where"] = row["where"]
+                            record["messages"] = json.loads(received_text(row, stop))
+                        else:
+                            record["text"] = received_text(row, stop)
                         dropped_file.write(json.dumps(record, ensure_ascii=False) + "\n")
                 start += n
                 advance(n)
@@ -818,12 +869,13 @@ def _read_and_clean(
     with report.task("save the cleaned documents"):
         docs = cleaned.select(
             np.flatnonzero(kept), indices_cache_file_name=str(work / "kept-indices.arrow")
-        ).select_columns(["text", "n_bytes"])
+        ).select_columns(["text", "n_bytes", *(["where"] if chat else [])])
         docs.save_to_disk(str(documents_dir))
     del raw, cleaned, docs
     summary = (
         f"read {len(files)} {'input(s)' if hub else 'file(s)'}, {read_stats['bytes_in']:,} "
-        f"bytes: {read_stats['documents_out']:,} documents, {n_kept:,} kept ({_drops(stats)})"
+        f"bytes: {read_stats['documents_out']:,} {'conversations' if chat else 'documents'}, "
+        f"{n_kept:,} kept ({_drops(stats)})"
         + (f"; skipped input lines: {_fmt_counts(skipped)}" if skipped else "")
     )
     report.log(f"{summary}; cleaned in {procs} process{'es' if procs > 1 else ''}")
@@ -897,6 +949,397 @@ def _encode_split(
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
+# ---------------------------------------------------------------------------------------------
+# Chat data: tokenizer text, encode with labels, pack whole conversations.
+
+
+def chat_training_text(messages: Sequence[dict[str, str]]) -> str:
+    """What a byte-level BPE trained for chat data learns from one conversation: each message
+    as ``role\n content\n`` — the text ChatML writes between its marker tokens (which are
+    special tokens of the tokenizer, never merged with text)."""
+    return "".join(f"{m['role']}\n{m['content']}\n" for m in messages)
+
+
+def _render_reason(message: str) -> str:
+    """The manifest's reason for a conversation the chat template could not render."""
+    if "special token" in message:
+        return "special token in text"
+    if "refused" in message:
+        return "template refused"
+    if "consistently" in message or "cannot be located" in message:
+        return "template inconsistent"
+    if "starts with an assistant" in message:
+        return "assistant first"
+    return "render failed"
+
+
+def encode_chat_batch(
+    conversations: Sequence[str], wheres: Sequence[str], tokenizer, *, train_on: str
+) -> dict[str, list]:
+    """Render and tokenize a batch of conversations with their labels (the encode step).
+
+    Each conversation (its JSON list of messages) is rendered with the tokenizer's chat
+    template and its trained character spans found (:func:`llmkit.data.sft.answer_spans`, one
+    at a time, so that one bad conversation does not stop the others); the renderings are then
+    tokenized in one batched call (:func:`llmkit.data.sft.tokenize_with_labels`).
+
+    Args:
+        conversations: N conversations, each a JSON list of ``{"role", "content"}``.
+        wheres: their places (``file:line``) for error messages.
+        tokenizer: a fast tokenizer with a chat template.
+        train_on: ``"assistant"`` (labels on the answers and their end-of-turn token only) or
+            ``"all"``.
+
+    Returns:
+        Columns of N rows: ``input_ids`` and ``labels`` (lists of ints of equal length; empty
+        for a conversation that failed), ``error`` and ``hint`` (None, or the UserError's
+        message and hint of a conversation that failed to render).
+    """
+    from llmkit.data.sft import answer_spans, tokenize_with_labels
+
+    texts: list[str] = []
+    spans: list[list[tuple[int, int]]] = []
+    errors: list[str | None] = []
+    hints: list[str | None] = []
+    for conversation, where in zip(conversations, wheres, strict=True):
+        try:
+            text, found = answer_spans(
+                tokenizer, json.loads(conversation), train_on=train_on, where=where
+            )
+        except UserError as err:
+            errors.append(err.message)
+            hints.append(err.hint)
+            continue
+        texts.append(text)
+        spans.append(found)
+        errors.append(None)
+        hints.append(None)
+    ids, labels = tokenize_with_labels(tokenizer, texts, spans)
+    encoded = iter(zip(ids, labels, strict=True))
+    out_ids: list[list[int]] = []
+    out_labels: list[list[int]] = []
+    for error in errors:
+        row_ids, row_labels = ([], []) if error is not None else next(encoded)
+        out_ids.append(row_ids)
+        out_labels.append(row_labels)
+    return {"input_ids": out_ids, "labels": out_labels, "error": errors, "hint": hints}
+
+
+def _encode_chat_for_map(batch: dict, tokenizer, train_on: str) -> dict:
+    """``datasets.map`` form of :func:`encode_chat_batch` (top level, so that it pickles)."""
+    return encode_chat_batch(batch["text"], batch["where"], tokenizer, train_on=train_on)
+
+
+def _encode_chat_split(docs, tokenizer, *, train_on, num_proc, n_bytes, name, advance, cache):
+    """Every conversation of a split through :func:`encode_chat_batch`, in order, on up to
+    ``num_proc`` processes (rendering a template is Python work: one process per
+    :data:`PARALLEL_MIN_BYTES` of conversations)."""
+    from datasets import Features, List, Value
+
+    features = Features(
+        {
+            "input_ids": List(Value("int32")),
+            "labels": List(Value("int32")),
+            "error": Value("string"),
+            "hint": Value("string"),
+        }
+    )
+    common = dict(
+        batched=True,
+        batch_size=BATCH_CLEAN,
+        remove_columns=docs.column_names,
+        features=features,
+        fn_kwargs={"tokenizer": tokenizer, "train_on": train_on},
+        new_fingerprint=f"llmkit-chat-encoded-{name}",
+        cache_file_name=str(cache / f"chat-encoded-{name}.arrow"),
+    )
+    procs = _procs_for(num_proc, n_bytes, len(docs))
+    if procs == 1:
+        encoded = docs.map(_encode_chat_for_map, **common)
+        advance(len(docs))
+        return encoded
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        encoded = docs.map(_encode_chat_for_map, num_proc=procs, **common)
+        advance(len(docs))
+        return encoded
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def _sft_rows(
+    encoded, packer: SFTPacker, *, on_error: str, skipped: dict, first: list, advance
+) -> Iterator[dict]:
+    """Rows ``{"input_ids", "labels", "position_ids"}`` of the packed conversations of an
+    encoded split, in order. A conversation that failed to render stops the run
+    (``on_error="fail"``: the first one in order, so the error does not depend on
+    ``num_proc``) or is counted in ``skipped`` by reason (``"skip"``; its message in
+    ``first`` when it is the first)."""
+
+    def rows_of(block: dict) -> Iterator[dict]:
+        for i in range(len(block["input_ids"])):
+            yield {k: block[k][i] for k in ("input_ids", "labels", "position_ids")}
+
+    for batch in encoded.iter(batch_size=BATCH_DOCUMENTS):
+        conversations = []
+        for ids, labels, error, hint in zip(
+            batch["input_ids"], batch["labels"], batch["error"], batch["hint"], strict=True
+        ):
+            if error is not None:
+                if on_error != "skip":
+                    raise UserError(error, hint)
+                reason = _render_reason(error)
+                skipped[reason] = skipped.get(reason, 0) + 1
+                if not first:
+                    first.append(error)
+                continue
+            conversations.append((ids, labels))
+        yield from rows_of(packer.add(conversations))
+        advance(len(batch["error"]))
+    yield from rows_of(packer.flush())
+
+
+def _build_chat(
+    split_docs: dict,
+    split_bytes: dict,
+    tmp: Path,
+    report: _Report,
+    *,
+    tok,
+    vocab_size: int,
+    tokenizer_path: str | None,
+    block_size: int,
+    num_proc: int,
+    on_error: str,
+    cfg: dict,
+    warnings: list[str],
+    template: str,
+    train_on: str,
+    overlong: str,
+    resolved: str | None = None,
+    added_tokens: Sequence[str] = (),
+) -> dict:
+    """Steps 4–6 for chat data; returns the manifest's ``splits``, ``tokenizer``, ``chat`` and
+    ``warnings``.
+
+    4. tokenizer: a byte-level BPE trained on the train conversations
+       (:func:`chat_training_text`) holding ChatML's marker tokens, with the ChatML template;
+       or the pretrained ``tok``, whose template :func:`prepare` already chose (``resolved``,
+       and the marker tokens it had to add, ``added_tokens``). Saved with its template.
+    5. encode: :func:`encode_chat_batch`, labels on the answers (``train_on``).
+    6. pack: :class:`llmkit.data.pack.SFTPacker` per split, whole conversations per row,
+       ``overlong`` ones truncated or dropped.
+    """
+    from datasets import Features, List, Value
+
+    from llmkit.data.config import WEB_FILTERS
+    from llmkit.data.sft import CHATML, end_of_turn_token, ensure_chat_template
+
+    work = tmp / ".cache"
+    if tok is None:
+        from llmkit.data.tokenizer import train_bpe_tokenizer
+
+        train_docs = split_docs["train"]
+        with report.task("train tokenizer (conversations)", total=len(train_docs)) as advance:
+
+            def texts() -> Iterator[list[str]]:
+                for batch in train_docs.iter(batch_size=BATCH_DOCUMENTS):
+                    yield [chat_training_text(json.loads(c)) for c in batch["text"]]
+                    advance(len(batch["text"]))
+
+            tok = train_bpe_tokenizer(
+                texts(),
+                vocab_size,
+                length=len(train_docs),
+                extra_special_tokens=CHATML.special_tokens,
+            )
+        resolved = ensure_chat_template(tok, CHATML.name if template == "auto" else template)
+        report.log(
+            f"trained a byte-level BPE tokenizer: {len(tok):,} tokens (with "
+            f"{', '.join(CHATML.special_tokens)})"
+        )
+    else:
+        report.log(f"tokenizer {tokenizer_path}: {len(tok):,} tokens")
+        if added_tokens:
+            warnings.append(
+                f"the {resolved} template's tokens {', '.join(added_tokens)} were added to the "
+                f"vocabulary ({len(tok):,} tokens now): the model's embeddings grow by "
+                f"{len(added_tokens)} untrained rows (llmkit train resizes them)"
+            )
+    tok.save_pretrained(str(tmp))  # with its chat_template: train and chat use the same one
+    end_of_turn = end_of_turn_token(tok)
+    report.log(
+        f"chat template: {resolved}"
+        + (" (the tokenizer's own)" if resolved == "tokenizer" else "")
+        + f", end of turn {end_of_turn!r}, loss on "
+        + ("the assistant's answers" if train_on == "assistant" else "every token")
+    )
+    web = [name for name in WEB_FILTERS if cfg["filters"][name]["enabled"]]
+    if web:
+        warnings.append(
+            f"{', '.join(web)} (written for web pages) judged whole conversations and may drop "
+            "short chats; C4's line removal is not applied to conversations"
+        )
+
+    features = Features({k: List(Value("int32")) for k in ("input_ids", "labels", "position_ids")})
+    splits: dict[str, dict] = {}
+    for name in SPLITS:
+        sdocs = split_docs[name]
+        with report.task(f"render and tokenize {name} (conversations)", total=len(sdocs)) as adv:
+            encoded = _encode_chat_split(
+                sdocs,
+                tok,
+                train_on=train_on,
+                num_proc=num_proc,
+                n_bytes=split_bytes[name],
+                name=name,
+                advance=adv,
+                cache=work,
+            )
+        packer = SFTPacker(block_size, pad_token_id=tok.pad_token_id, overlong=overlong)
+        skipped: dict[str, int] = {}
+        first: list[str] = []
+        with report.task(f"pack {name} (conversations)", total=len(sdocs)) as adv:
+            rows = _from_generator(
+                lambda enc=encoded, p=packer, sk=skipped, fi=first, a=adv: _sft_rows(
+                    enc, p, on_error=on_error, skipped=sk, first=fi, advance=a
+                ),
+                features,
+                work,
+                f"chat-rows-{name}",
+            )
+        stats = packer.stats()
+        written = stats["conversations"] - stats["dropped"] - stats["no_answer"]
+        splits[name] = {
+            "documents": len(sdocs),
+            "conversations": len(sdocs),
+            "bytes": split_bytes[name],
+            "tokens": stats["tokens"],
+            "blocks": stats["rows"],
+            "answer_tokens": stats["answer_tokens"],
+            "conversations_written": written,
+            "skipped": dict(sorted(skipped.items())),
+            "packing": stats,
+        }
+        if skipped:
+            warnings.append(
+                f"{name}: skipped {_fmt_counts(skipped)} conversation(s) (first: {first[0]})"
+            )
+        if stats["truncated"] or stats["dropped"]:
+            what = "truncated" if overlong == "truncate" else "dropped"
+            warnings.append(
+                f"{name}: {stats['truncated'] + stats['dropped']:,} conversation(s) longer than "
+                f"--block-size {block_size} were {what}"
+            )
+        if stats["no_answer"]:
+            warnings.append(
+                f"{name}: {stats['no_answer']:,} conversation(s) left no answer token to train "
+                "on and were not written"
+            )
+        if name == "train" and stats["rows"] == 0:
+            raise UserError(
+                f"no training conversation left to write ({stats['conversations']:,} packed: "
+                f"{stats['dropped']:,} longer than --block-size {block_size}, "
+                f"{stats['no_answer']:,} without an answer token"
+                + (f"; skipped {_fmt_counts(skipped)}" if skipped else "")
+                + ")",
+                "raise --block-size, use --overlong truncate, or check the conversations",
+            )
+        rows.save_to_disk(str(tmp / name), num_shards=1 if len(rows) == 0 else None)
+        report.log(
+            f"{name}: {written:,} conversations, {stats['tokens']:,} tokens "
+            f"({stats['answer_tokens']:,} trained) -> {stats['rows']:,} rows of {block_size} "
+            f"({stats['pad_tokens']:,} padding)"
+        )
+        del encoded, rows
+    for warning in warnings:
+        report.log(f"[yellow]warning:[/yellow] {warning}")
+    return {
+        "splits": splits,
+        "tokenizer": {
+            "trained": tokenizer_path is None,
+            "path": tokenizer_path,
+            "type": "byte-level BPE" if tokenizer_path is None else type(tok).__name__,
+            "vocab_size": len(tok),
+            "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "chat_template": resolved,
+            "end_of_turn": end_of_turn,
+            "added_tokens": list(added_tokens),
+        },
+        "chat": {
+            "template": resolved,
+            "end_of_turn": end_of_turn,
+            "train_on": train_on,
+            "overlong": overlong,
+            "columns": ["input_ids", "labels", "position_ids"],
+            "cleaning": (
+                "normalize and pii on each message's content; filters and de-duplication on "
+                "the conversation as text ('role: content' per message); near-duplicate "
+                "removal off unless asked (dedup.near)"
+            ),
+        },
+        "warnings": warnings,
+    }
+
+
+def load_pretrained_tokenizer(name: str):
+    """A pretrained tokenizer: a directory (or Hub id, online) as
+    :func:`llmkit.data.tokenizer.load_tokenizer`, or a ``.gguf`` model file.
+
+    A ``.gguf`` file's tokenizer is taken from the directory where
+    :mod:`llmkit.generation.loading` cached its conversion (:func:`llmkit.data.cache.
+    gguf_cache_dir`) when there is one, else read from the GGUF's metadata by transformers
+    (``gguf_file=``; about 20 s for SmolLM2's 49k-token vocabulary here).
+
+    Raises:
+        UserError: nothing loadable at ``name``; a ``.gguf`` without the gguf package.
+    """
+    import importlib.util
+
+    from llmkit.data.cache import gguf_cache_dir
+    from llmkit.data.tokenizer import load_tokenizer
+
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        cached = gguf_cache_dir(path)
+        if cached is not None and (cached / "tokenizer.json").is_file():
+            return load_tokenizer(cached)
+        if importlib.util.find_spec("gguf") is None:
+            raise UserError(
+                f"{name} is a GGUF file and the gguf package is not installed",
+                "pip install 'llmkit[gguf]' (or pip install gguf)",
+            )
+        return load_tokenizer(path.parent, gguf_file=path.name)
+    return load_tokenizer(name)
+
+
+def _chat_tokenizer(tok, template: str, name: str) -> dict:
+    """Give a pretrained tokenizer its chat template (:func:`llmkit.data.sft.
+    ensure_chat_template`) before anything is read; returns ``{"resolved", "added_tokens"}``.
+
+    Raises:
+        UserError: a slow tokenizer (no character offsets to place the labels); the template
+            asked for cannot be had.
+    """
+    from llmkit.data.sft import ensure_chat_template
+
+    if not getattr(tok, "is_fast", False):
+        raise UserError(
+            f"the tokenizer at {name} is a slow (Python) tokenizer: chat data needs a fast one",
+            "use a tokenizer directory that holds tokenizer.json",
+        )
+    before = set(tok.get_vocab())
+    resolved = ensure_chat_template(tok, template)
+    added = sorted(set(tok.get_vocab()) - before)
+    return {"resolved": resolved, "added_tokens": added}
+
+
 def _hash_inputs(files: Sequence[InputFile], report: _Report) -> list[str]:
     """SHA-256 of every input file (for the fingerprints), with a progress bar."""
     with report.task("hash inputs (bytes)", total=sum(f.size_bytes for f in files)) as advance:
@@ -913,8 +1356,9 @@ def _cleaning_fingerprint(
     hashes: Sequence[str | None],
     *,
     version: str,
-    split_on: str,
-    text_field: str,
+    kind: str,
+    split_on: str | None,
+    text_field: str | None,
     on_error: str,
     cfg: dict,
     keep_dropped: bool,
@@ -933,7 +1377,12 @@ def _cleaning_fingerprint(
                 }
                 for f, h in zip(files, hashes, strict=True)
             ],
-            "read": {"split_on": split_on, "text_field": text_field, "on_error": on_error},
+            "read": {
+                "format": kind,
+                "split_on": split_on,
+                "text_field": text_field,
+                "on_error": on_error,
+            },
             "cleaning": cfg,
             "keep_dropped": keep_dropped,
         }
@@ -984,9 +1433,13 @@ def prepare(
     plot: bool = True,
     cache: bool = True,
     hub_split: str = "train",
+    format: str = "auto",
+    chat_template: str = "auto",
+    train_on: str = "assistant",
+    overlong: str = "truncate",
     console=None,
 ) -> dict:
-    """Clean, split, tokenize and pack raw text into a prepared data directory.
+    """Clean, split, tokenize and pack raw text (or conversations) into a prepared directory.
 
     Writes the layout of :mod:`llmkit.data.prepared` at ``output``: ``manifest.json``, the
     tokenizer, and ``train/`` and ``validation/`` datasets whose rows are ``block_size`` int32
@@ -1032,6 +1485,23 @@ def prepare(
         cache: use the fingerprint and the cleaned-documents cache (False: read and clean
             again, and refuse an existing ``output`` without ``overwrite``).
         hub_split: the split read from Hub dataset inputs.
+        format: ``"auto"`` (chat when the first record of every JSON-lines / JSON input is a
+            chat record without ``text_field``, :func:`llmkit.data.readers.resolve_format`),
+            ``"text"`` (documents) or ``"chat"`` (conversations: ``messages``,
+            ``prompt``/``response`` or Alpaca's ``instruction``/``input``/``output`` records,
+            :mod:`llmkit.data.sft`). Chat data is cleaned message by message (see
+            :mod:`llmkit.data.config`), split by conversation, rendered with a chat template
+            and packed whole into rows with ``labels`` and ``position_ids`` (see
+            :mod:`llmkit.data.prepared`).
+        chat_template: chat data only: ``"auto"`` (the pretrained tokenizer's own template,
+            else ChatML), ``"tokenizer"`` (the tokenizer's own; an error when it has none) or
+            ``"chatml"`` (:data:`llmkit.data.sft.CHATML`, its marker tokens added to a
+            pretrained vocabulary that lacks them: the model's embeddings then grow).
+        train_on: chat data only: ``"assistant"`` (loss on the answers and their end-of-turn
+            token, -100 elsewhere) or ``"all"`` (every token).
+        overlong: chat data only: a conversation longer than ``block_size`` tokens is cut to
+            its first ``block_size`` tokens (``"truncate"``) or left out (``"drop"``);
+            counted either way.
         console: a ``rich.console.Console`` for progress and the summary (default: stderr).
 
     Returns:
@@ -1042,6 +1512,11 @@ def prepare(
             malformed JSON line (named with file and line); a Hub dataset while offline; no
             documents left after cleaning; fewer tokens than one training block; ``output``
             exists and is not empty without ``overwrite`` (or is not a prepared directory).
+            Chat data: a record that is not a conversation (no messages, an unknown role, no
+            assistant answer...) or that the chat template cannot render, named with file
+            and line (or skipped and counted with ``on_error="skip"``); chat records mixed
+            with documents; ``chat_template="tokenizer"`` for a tokenizer without one; no
+            conversation left to write.
     """
     from rich.console import Console
 
@@ -1059,14 +1534,16 @@ def prepare(
         num_proc=num_proc,
         on_error=on_error,
         seed=seed,
+        format=format,
+        chat_template=chat_template,
+        train_on=train_on,
+        overlong=overlong,
     )
     if num_proc is None:
         num_proc = default_num_proc()
-    from llmkit.data.config import load_config, merge
+    from llmkit.data.config import default_config, load_config, merge, validate
 
     if isinstance(config, dict):
-        from llmkit.data.config import default_config, validate
-
         cfg = merge(default_config(), config)
         cfg = merge(cfg, clean or {})
         validate(cfg)
@@ -1080,12 +1557,27 @@ def prepare(
     except OSError as err:
         raise _output_error(err, output, None, "cannot read") from None
     files = discover_inputs(inputs, exclude=[output], hub_split=hub_split)
+    kind = resolve_format(files, format, text_field)
+    chat = None
+    if kind == "chat":
+        chat = {"template": chat_template, "train_on": train_on, "overlong": overlong}
+        if isinstance(config, dict):
+            cfg = merge(merge(default_config("chat"), config), clean or {})
+            validate(cfg)
+        else:
+            cfg = load_config(config, clean, kind="chat")
+        if tokenizer is None and chat_template == "tokenizer":
+            raise UserError(
+                "--chat-template tokenizer needs a pretrained tokenizer with its own template",
+                "pass --tokenizer PATH (an instruct model's), or use --chat-template chatml",
+            )
     report = _Report(console)
     hub = any(f.kind == "hub" for f in files)
     cleaning_settings = dict(
         version=__version__,
-        split_on=split_on,
-        text_field=text_field,
+        kind=kind,
+        split_on=split_on if chat is None else None,
+        text_field=text_field if chat is None else None,
         on_error=on_error,
         cfg=cfg,
         keep_dropped=keep_dropped,
@@ -1097,6 +1589,7 @@ def prepare(
         val_fraction=val_fraction,
         seed=seed,
         plot=plot,
+        chat=dict(chat) if chat is not None else None,  # the settings, not what is resolved
     )
     hashes: list[str] | None = None
     clean_cache: CleanCache | None = None
@@ -1121,9 +1614,9 @@ def prepare(
         raise _output_error(err, output, None, "cannot read") from None
     tok = None
     if tokenizer is not None:  # fail before reading the corpus
-        from llmkit.data.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(tokenizer)
+        tok = load_pretrained_tokenizer(tokenizer)
+        if chat is not None:
+            chat.update(_chat_tokenizer(tok, chat_template, tokenizer))
 
     created_parents = _missing_parents(output)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -1158,6 +1651,7 @@ def prepare(
                 hub=hub,
                 hub_split=hub_split,
                 plot=plot,
+                chat=chat,
             )
         fingerprints = None
         read_hashes = [entry.get("sha256") for entry in manifest["inputs"]]
@@ -1299,11 +1793,17 @@ def _build(
     hub: bool,
     hub_split: str,
     plot: bool,
+    chat: dict | None = None,
 ) -> dict:
-    """Steps 1–6 into ``tmp``; returns the manifest without version, time and fingerprint."""
+    """Steps 1–6 into ``tmp``; returns the manifest without version, time and fingerprint.
+
+    ``chat`` (chat data): ``{"template", "train_on", "overlong"}`` as :func:`prepare` takes
+    them; steps 4–6 are then :func:`_build_chat`'s.
+    """
     from datasets import Features, List, Value
 
     work = tmp / ".cache"
+    kind = "chat" if chat is not None else "text"
 
     # 1–2. read and clean (or reuse) -> an arrow-backed dataset of documents.
     docs, info, cache_entry = _cleaned_documents(
@@ -1320,6 +1820,7 @@ def _build(
         on_error=on_error,
         cfg=cfg,
         num_proc=num_proc,
+        kind=kind,
     )
     warnings: list[str] = list(info["warnings"])
 
@@ -1334,11 +1835,63 @@ def _build(
         "train": int(n_bytes[train_idx].sum()),
         "validation": int(n_bytes[val_idx].sum()),
     }
+    unit = "conversation" if chat is not None else "document"
     report.log(
-        f"split by document (seed {seed}): {len(train_idx):,} train, {len(val_idx):,} validation"
+        f"split by {unit} (seed {seed}): {len(train_idx):,} train, {len(val_idx):,} validation"
     )
     if val_fraction > 0 and len(val_idx) == 0:
-        warnings.append("only one document: the validation split is empty")
+        warnings.append(f"only one {unit}: the validation split is empty")
+    settings = {
+        "format": kind,
+        "vocab_size": vocab_size if tokenizer_path is None else None,
+        "tokenizer": tokenizer_path,
+        "block_size": block_size,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "split_on": split_on if chat is None else None,
+        "text_field": text_field if chat is None else None,
+        "chat_template": chat["template"] if chat is not None else None,
+        "train_on": chat["train_on"] if chat is not None else None,
+        "overlong": chat["overlong"] if chat is not None else None,
+        "num_proc": num_proc,
+        "on_error": on_error,
+        "keep_dropped": keep_dropped,
+        "plot": plot,
+        "hub_split": hub_split if hub else None,
+        "normalization": cfg["normalize"]["form"],
+        "cleaning": cfg,
+    }
+    common = {
+        "inputs": info["inputs"],
+        "settings": settings,
+        "cache": cache_entry,
+        "stages": info["stages"],
+        "length_histogram": info["length_histogram"],
+    }
+    if chat is not None:
+        manifest = _build_chat(
+            split_docs,
+            split_bytes,
+            tmp,
+            report,
+            tok=tok,
+            vocab_size=vocab_size,
+            tokenizer_path=tokenizer_path,
+            block_size=block_size,
+            num_proc=num_proc,
+            on_error=on_error,
+            cfg=cfg,
+            warnings=warnings,
+            **chat,
+        )
+        formats: dict[str, int] = {}
+        for entry in info["inputs"]:
+            for fmt, n in (entry.get("chat_formats") or {}).items():
+                formats[fmt] = formats.get(fmt, 0) + n
+        manifest["chat"]["record_formats"] = dict(sorted(formats.items()))
+        del docs, split_docs  # release the memory-mapped cache files
+        shutil.rmtree(work, ignore_errors=True)
+        return {**common, **manifest}
 
     # 4. tokenizer.
     if tok is None:
@@ -1421,26 +1974,7 @@ def _build(
     del docs, split_docs, encoded, blocks  # release the memory-mapped cache files
     shutil.rmtree(work, ignore_errors=True)
     return {
-        "inputs": info["inputs"],
-        "settings": {
-            "vocab_size": vocab_size if tokenizer_path is None else None,
-            "tokenizer": tokenizer_path,
-            "block_size": block_size,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "split_on": split_on,
-            "text_field": text_field,
-            "num_proc": num_proc,
-            "on_error": on_error,
-            "keep_dropped": keep_dropped,
-            "plot": plot,
-            "hub_split": hub_split if hub else None,
-            "normalization": cfg["normalize"]["form"],
-            "cleaning": cfg,
-        },
-        "cache": cache_entry,
-        "stages": info["stages"],
-        "length_histogram": info["length_histogram"],
+        **common,
         "splits": splits,
         "tokenizer": {
             "trained": tokenizer_path is None,
@@ -1490,21 +2024,38 @@ def _print_summary(console, manifest: dict, output: Path, seconds: float) -> Non
             dropped,
         )
     splits = Table(title_justify="left")
-    for col in ("split", "documents", "bytes", "tokens", "blocks", "tail tokens"):
+    chat = manifest["settings"].get("format") == "chat"
+    if chat:
+        columns = ("split", "conversations", "tokens", "trained tokens", "rows", "padding")
+    else:
+        columns = ("split", "documents", "bytes", "tokens", "blocks", "tail tokens")
+    for col in columns:
         splits.add_column(col, justify="left" if col == "split" else "right")
     for name, sp in manifest["splits"].items():
-        splits.add_row(
-            name,
-            f"{sp['documents']:,}",
-            f"{sp['bytes']:,}",
-            f"{sp['tokens']:,}",
-            f"{sp['blocks']:,}",
-            f"{sp['tail_tokens']:,}",
-        )
+        if chat:
+            cells = (
+                sp["conversations_written"],
+                sp["tokens"],
+                sp["answer_tokens"],
+                sp["blocks"],
+                sp["packing"]["pad_tokens"],
+            )
+        else:
+            cells = (sp["documents"], sp["bytes"], sp["tokens"], sp["blocks"], sp["tail_tokens"])
+        splits.add_row(name, *(f"{n:,}" for n in cells))
     tk = manifest["tokenizer"]
     train = manifest["splits"]["train"]
     console.print(stages)
     console.print(splits)
+    if chat:
+        console.print(
+            f"tokenizer: {tk['vocab_size']:,} tokens "
+            f"({'trained' if tk['trained'] else tk['path']}), chat template "
+            f"{tk['chat_template']}, loss on {manifest['settings']['train_on']} tokens, "
+            f"block_size {manifest['settings']['block_size']}",
+            highlight=False,
+        )
+        return
     console.print(
         f"tokenizer: {tk['vocab_size']:,} tokens ({'trained' if tk['trained'] else tk['path']}), "
         f"block_size {manifest['settings']['block_size']}, "

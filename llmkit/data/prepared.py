@@ -4,14 +4,39 @@
 
     DIR/
       manifest.json            inputs, settings, every stage's counts, tokens per split
-      tokenizer.json ...       the tokenizer (``AutoTokenizer.from_pretrained(DIR)`` loads it)
-      train/                   ``datasets.Dataset.save_to_disk``: one column ``input_ids``,
-      validation/              each row exactly ``block_size`` token ids (int32)
+      tokenizer.json ...       the tokenizer (``AutoTokenizer.from_pretrained(DIR)`` loads it;
+                               for chat data with its ``chat_template``)
+      train/                   ``datasets.Dataset.save_to_disk``, one row per block of
+      validation/              exactly ``block_size`` tokens, int32 columns (see below)
       dataset_dict.json        {"splits": [...]}: ``datasets.load_from_disk(DIR)`` gives a
                                DatasetDict of both splits
 
-The two splits hold whole documents (a document is never split between them); within a split,
-documents are concatenated with one EOS after each and cut into blocks.
+Two kinds of data, told apart by ``manifest["settings"]["format"]`` (:attr:`PreparedData.
+format`; a manifest without the key is text) and by the columns (:attr:`PreparedData.
+has_labels`):
+
+- **text** (documents): one column ``input_ids``. Within a split, documents are concatenated
+  with one EOS after each and cut into blocks; every token is a target.
+- **chat** (conversations, ``llmkit prepare --format chat``): three columns, each a row of
+  ``block_size`` int32 values —
+
+  - ``input_ids``: whole conversations rendered with the chat template, packed greedily in
+    order (a conversation is never split between rows; one longer than ``block_size`` is
+    truncated or dropped, ``settings.overlong``), then the tokenizer's pad token to the end;
+  - ``labels``: the token id where the token is a training target — the assistant's answers
+    and their end-of-turn token (``settings.train_on == "assistant"``) or every token of the
+    conversations (``"all"``) — and -100 elsewhere: system and user turns, role markers,
+    padding, and the first token of each conversation. Not shifted: ``labels[t]`` is the
+    target of the prediction made at position ``t - 1``;
+  - ``position_ids``: ``0, 1, ...`` restarting at each conversation (and for the padding),
+    so that a model given them and no attention mask attends within each conversation only
+    (:func:`llmkit.data.sft.packed_attention_mask`).
+
+  ``manifest["chat"]`` names the template (``template``: ``"tokenizer"`` for the tokenizer's
+  own, or ``"chatml"``), its ``end_of_turn`` token (the stop token when generating) and the
+  counts of the packing per split (``splits.<name>.packing``).
+
+The two splits hold whole documents or conversations (one is never split between them).
 """
 
 from __future__ import annotations
@@ -34,8 +59,8 @@ class PreparedData:
     """A prepared directory, loaded (datasets are memory-mapped arrow, not read into memory)."""
 
     path: Path
-    train: Any  # datasets.Dataset, rows of block_size int32 ids
-    validation: Any  # datasets.Dataset (may have 0 rows)
+    train: Any  # datasets.Dataset, rows of block_size int32 ids (+ labels, position_ids: chat)
+    validation: Any  # datasets.Dataset (may have 0 rows), the same columns
     tokenizer: Any
     manifest: dict
 
@@ -43,6 +68,23 @@ class PreparedData:
     def block_size(self) -> int:
         """Tokens per block."""
         return int(self.manifest["settings"]["block_size"])
+
+    @property
+    def format(self) -> str:
+        """``"text"`` or ``"chat"`` (see the module docstring)."""
+        return data_format(self.manifest)
+
+    @property
+    def has_labels(self) -> bool:
+        """True when the splits carry ``labels`` (-100 where no loss) and ``position_ids``
+        columns besides ``input_ids``: chat data. Without them every token is a target."""
+        return "labels" in self.train.column_names
+
+
+def data_format(manifest: dict) -> str:
+    """The kind of data a manifest describes: ``"chat"`` or ``"text"`` (also for manifests
+    written before chat data existed)."""
+    return (manifest.get("settings") or {}).get("format") or "text"
 
 
 def is_prepared(path: str | Path) -> bool:

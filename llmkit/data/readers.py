@@ -18,6 +18,11 @@ Supported inputs (SPEC §2), each optionally compressed with ``.gz``, ``.bz2``, 
   the Hub's host unreachable within :data:`HUB_TIMEOUT` seconds) it is a one-line
   :class:`~llmkit.errors.UserError` before anything is read.
 
+Chat data (``llmkit prepare --format chat``) is read from JSON lines, JSON arrays and Hub
+datasets by :func:`read_conversations`: each record becomes a conversation
+(:func:`llmkit.data.sft.conversation_from_record`) with its place, ``file:line``.
+:func:`resolve_format` tells chat records from documents for ``--format auto``.
+
 ``text_field`` may be a dotted path into nested objects (``metadata.body``; parquet structs
 too). Other fields of a record are not kept with the document, but how many records carried
 each top-level field is counted per file (``InputFile.fields``, in the manifest).
@@ -77,6 +82,13 @@ COMPRESSIONS: dict[str, Callable[[io.BufferedIOBase], io.BufferedIOBase]] = {
 }
 SPLIT_MODES = ("blank-lines", "none")
 ON_ERROR = ("fail", "skip")
+#: What the records of the inputs are: ``auto`` (detected, :func:`resolve_format`), ``text``
+#: (documents) or ``chat`` (conversations, :func:`read_conversations`).
+FORMATS = ("auto", "text", "chat")
+#: File kinds that can hold chat records.
+CHAT_KINDS = ("jsonl", "hub")
+#: Non-blank lines of a JSON-lines file looked at to detect its format.
+PEEK_LINES = 100
 _GLOB_CHARS = set("*?[")
 _BOM = b"\xef\xbb\xbf"
 
@@ -101,6 +113,7 @@ class InputFile:
     removed_lines: Counter = field(default_factory=Counter)  # lines cut by a rule, by rule
     hub_config: str | None = None  # a Hub dataset's configuration (subset)
     hub_split: str | None = None  # a Hub dataset's split
+    chat_formats: Counter = field(default_factory=Counter)  # chat records read, by format
 
     def as_dict(self) -> dict:
         """The manifest entry: path, size, sha256, documents, skips and fields seen."""
@@ -117,6 +130,8 @@ class InputFile:
             entry["first_error"] = self.first_error
         if self.fields:
             entry["fields"] = dict(sorted(self.fields.items()))
+        if self.chat_formats:
+            entry["chat_formats"] = dict(sorted(self.chat_formats.items()))
         for rule, n in sorted(self.removed_lines.items()):
             entry[f"{rule}_lines_removed"] = n
         return entry
@@ -536,11 +551,26 @@ def _count_fields(source: InputFile, record) -> None:
         source.fields.update(record.keys())
 
 
-def _jsonl_documents(source: InputFile, text_field: str, on_error: str) -> Iterator[str]:
+#: Turns one parsed record into the document string: ``convert(record, where)``; raises
+#: UserError naming ``where`` (``file:line``) for a bad record.
+Convert = Callable[[object, str], str]
+
+
+def _text_convert(text_field: str) -> Convert:
+    def convert(record, where: str) -> str:
+        return record_text(record, where=where, text_field=text_field)
+
+    return convert
+
+
+def _jsonl_records(
+    source: InputFile, on_error: str, convert: Convert, reason: Callable[[UserError], str]
+) -> Iterator[tuple[str, str]]:
+    """``(where, document)`` of each record of a JSON-lines file (or a JSON array file)."""
     lines = iter_lines(source, on_error)
     for lineno, line in lines:
         if lineno == 1 and line.lstrip().startswith("["):
-            yield from _json_array_documents(source, line, lines, text_field, on_error)
+            yield from _json_array_records(source, line, lines, on_error, convert, reason)
             return
         if not line.strip():
             continue
@@ -560,14 +590,19 @@ def _jsonl_documents(source: InputFile, text_field: str, on_error: str) -> Itera
             continue
         _count_fields(source, record)
         try:
-            yield record_text(record, where=where, text_field=text_field)
+            yield where, convert(record, where)
         except UserError as err:
-            source.problem(err, _reason(err), on_error)
+            source.problem(err, reason(err), on_error)
 
 
-def _json_array_documents(
-    source: InputFile, first: str, rest: Iterator[tuple[int, str]], text_field: str, on_error: str
-) -> Iterator[str]:
+def _json_array_records(
+    source: InputFile,
+    first: str,
+    rest: Iterator[tuple[int, str]],
+    on_error: str,
+    convert: Convert,
+    reason: Callable[[UserError], str],
+) -> Iterator[tuple[str, str]]:
     """A ``.json`` file holding one array of objects (read whole)."""
     text = first + "".join(line for _, line in rest)
     try:
@@ -581,17 +616,16 @@ def _json_array_documents(
         raise UserError(f"{source.path}: expected a JSON array")
     for i, record in enumerate(records):
         _count_fields(source, record)
+        where = f"{source.path}: item {i}"
         try:
             if not isinstance(record, dict):
                 raise UserError(
-                    f"{source.path}: item {i}: expected a JSON object, found "
-                    f"{type(record).__name__}",
-                    "a .json file must hold JSON lines or one JSON array of objects, each "
-                    f"with the text in field {text_field!r}",
+                    f"{where}: expected a JSON object, found {type(record).__name__}",
+                    "a .json file must hold JSON lines or one JSON array of objects",
                 )
-            yield record_text(record, where=f"{source.path}: item {i}", text_field=text_field)
+            yield where, convert(record, where)
         except UserError as err:
-            source.problem(err, _reason(err), on_error)
+            source.problem(err, reason(err), on_error)
 
 
 def _csv_documents(source: InputFile, text_field: str, on_error: str) -> Iterator[str]:
@@ -706,7 +740,9 @@ def _short(err: BaseException) -> str:
     return text if len(text) <= 200 else text[:199] + "…"
 
 
-def _hub_documents(source: InputFile, text_field: str, on_error: str) -> Iterator[str]:
+def _hub_records(
+    source: InputFile, on_error: str, convert: Convert, reason: Callable[[UserError], str]
+) -> Iterator[tuple[str, str]]:
     """The records of a Hub dataset's split, streamed (``datasets.load_dataset``)."""
     import datasets
 
@@ -735,10 +771,11 @@ def _hub_documents(source: InputFile, text_field: str, on_error: str) -> Iterato
             ) from err
         row += 1
         _count_fields(source, record)
+        where = f"{name}: row {row}"
         try:
-            yield record_text(record, where=f"{name}: row {row}", text_field=text_field)
+            yield where, convert(record, where)
         except UserError as err:
-            source.problem(err, _reason(err), on_error)
+            source.problem(err, reason(err), on_error)
 
 
 def read_documents(
@@ -769,10 +806,11 @@ def read_documents(
         raise UserError(f"--split-on {split_on!r} is not one of {', '.join(SPLIT_MODES)}")
     if on_error not in ON_ERROR:
         raise UserError(f"--on-error {on_error!r} is not one of {', '.join(ON_ERROR)}")
+    convert = _text_convert(text_field)
     if source.kind == "hub":
-        docs = _hub_documents(source, text_field, on_error)
+        docs = (doc for _, doc in _hub_records(source, on_error, convert, _reason))
     elif source.kind == "jsonl":
-        docs = _jsonl_documents(source, text_field, on_error)
+        docs = (doc for _, doc in _jsonl_records(source, on_error, convert, _reason))
     elif source.kind == "csv":
         docs = _csv_documents(source, text_field, on_error)
     elif source.kind == "parquet":
@@ -784,3 +822,167 @@ def read_documents(
         count += 1
         yield doc
     source.documents = count
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat records (``--format chat``).
+
+
+def _chat_reason(err: UserError) -> str:
+    """The manifest's reason for a skipped chat record (``InputFile.skipped``)."""
+    msg = err.message
+    for needle, reason in (
+        ("expected a JSON object", "not an object"),
+        ("not a chat record", "not a chat record"),
+        ("no field", "missing field"),
+        ("no assistant message", "no assistant message"),
+        ("role", "bad role"),
+        ("does not start with a user message", "bad turn order"),
+        ("system message after", "bad turn order"),
+        ("is empty", "empty text"),
+    ):
+        if needle in msg:
+            return reason
+    return "bad chat record"
+
+
+def conversation_json(messages: Sequence[dict[str, str]]) -> str:
+    """A conversation as the string the pipeline carries: its JSON list of messages (UTF-8
+    kept, ``{"role", "content"}`` per message). :func:`json.loads` gives it back."""
+    return json.dumps(list(messages), ensure_ascii=False)
+
+
+def read_conversations(source: InputFile, *, on_error: str = "fail") -> Iterator[tuple[str, str]]:
+    """Yield ``(where, conversation)`` for each chat record of a JSON-lines / JSON file or Hub
+    dataset: ``where`` is ``file:line`` (``file: item i`` in a JSON array, ``name: row i``
+    on the Hub), ``conversation`` the :func:`conversation_json` of
+    :func:`llmkit.data.sft.conversation_from_record` (formats ``messages``,
+    ``prompt``/``response`` and Alpaca's ``instruction``/``input``/``output``).
+
+    The records read are counted by format in ``source.chat_formats``; ``source.sha256`` and
+    ``source.documents`` are set when the file has been read to its end.
+
+    Raises:
+        UserError: the file is not JSON lines, JSON or a Hub dataset; and as
+            :func:`read_documents`. Under ``on_error="fail"`` also a record that is not a
+            conversation — no ``messages`` / ``prompt`` / ``instruction``, an unknown role,
+            no assistant message, an empty turn... — named with file and line; under
+            ``"skip"`` it is counted in ``source.skipped`` by reason.
+    """
+    from llmkit.data.sft import conversation_from_record, detect_chat_format
+
+    if on_error not in ON_ERROR:
+        raise UserError(f"--on-error {on_error!r} is not one of {', '.join(ON_ERROR)}")
+    if source.kind not in CHAT_KINDS:
+        raise UserError(
+            f"{source.path}: chat data must be JSON lines or a JSON array (.jsonl, .json)",
+            "give the conversations as JSON records, or use --format text for plain documents",
+        )
+
+    def convert(record, where: str) -> str:
+        messages = conversation_from_record(record, where=where)
+        source.chat_formats[detect_chat_format(record)] += 1
+        return conversation_json(messages)
+
+    if source.kind == "hub":
+        records = _hub_records(source, on_error, convert, _chat_reason)
+    else:
+        records = _jsonl_records(source, on_error, convert, _chat_reason)
+    count = 0
+    for where, conversation in records:
+        count += 1
+        yield where, conversation
+    source.documents = count
+
+
+def peek_record(source: InputFile) -> object | None:
+    """The first JSON object of a JSON-lines or JSON-array file, or None when none is found
+    among its first :data:`PEEK_LINES` non-blank lines (or the file cannot be read: reading
+    it later reports why). Reads only what it needs; counts nothing."""
+    if source.kind != "jsonl":
+        return None
+    try:
+        stream, _, raw_file = _open_binary(source, hashlib.sha256())
+    except UserError:
+        return None
+    try:
+        seen = 0
+        for lineno, raw in enumerate(stream, 1):
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]
+            line = raw.decode("utf-8", errors="replace")
+            if not line.strip():
+                continue
+            if seen == 0 and line.lstrip().startswith("["):  # one JSON array: read it whole
+                text = line + b"".join(stream).decode("utf-8", errors="replace")
+                try:
+                    records = json.loads(text)
+                except ValueError:
+                    return None
+                return next((r for r in records if isinstance(r, dict)), None)
+            seen += 1
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                return record
+            if seen >= PEEK_LINES:
+                return None
+    except _READ_ERRORS + _zstd_error():
+        return None
+    finally:
+        raw_file.close()
+    return None
+
+
+def is_chat_record(record: object, text_field: str = "text") -> bool:
+    """True when ``record`` has the keys of a chat format (``messages``, ``prompt``,
+    ``instruction``; :func:`llmkit.data.sft.detect_chat_format`) and not ``text_field``: a
+    record that holds the text field is a document, whatever else it holds."""
+    from llmkit.data.sft import detect_chat_format
+
+    if not isinstance(record, dict) or detect_chat_format(record) is None:
+        return False
+    try:
+        get_field(record, text_field)
+    except KeyError:
+        return True
+    return False
+
+
+def resolve_format(files: Sequence[InputFile], requested: str, text_field: str = "text") -> str:
+    """``"text"`` or ``"chat"``: what the inputs hold.
+
+    ``requested`` ``"text"`` or ``"chat"`` is taken as it is (``"chat"`` only for JSON lines,
+    JSON and Hub inputs). ``"auto"`` looks at the first record of each JSON-lines / JSON
+    file (:func:`peek_record`): chat when every file's first record is a chat record
+    (:func:`is_chat_record`), text when none is; text files, CSV/TSV and parquet are text,
+    and so is a Hub dataset (not looked at: pass ``--format chat``).
+
+    Raises:
+        UserError: an unknown ``requested``; ``"chat"`` with a file that cannot hold chat
+            records; under ``"auto"``, chat records in some inputs and documents in others.
+    """
+    if requested not in FORMATS:
+        raise UserError(f"--format {requested!r} is not one of: {', '.join(FORMATS)}")
+    if requested == "chat":
+        for f in files:
+            if f.kind not in CHAT_KINDS:
+                raise UserError(
+                    f"{f.path}: chat data must be JSON lines or a JSON array (.jsonl, .json)",
+                    "give only .jsonl/.json files with --format chat, or use --format text",
+                )
+        return "chat"
+    if requested == "text":
+        return "text"
+    chat = [f for f in files if f.kind == "jsonl" and is_chat_record(peek_record(f), text_field)]
+    if not chat:
+        return "text"
+    if len(chat) < len(files):
+        other = next(f for f in files if f not in chat)
+        raise UserError(
+            f"{chat[0].path} holds chat records but {other.path} holds documents",
+            "prepare them in separate runs, or force one reading with --format chat / text",
+        )
+    return "chat"
