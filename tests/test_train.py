@@ -331,3 +331,47 @@ def test_lora_on_a_pretrained_model_exports_merged_weights(
     assert changed == {"transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"}
     model = AutoModelForCausalLM.from_pretrained(run)
     assert type(model).__name__ == "GPT2LMHeadModel"
+
+
+def test_a_smaller_different_tokenizer_is_refused(
+    tmp_path, tiny_tokenizer, tiny_model_dir, shakespeare
+):
+    """A 200-token BPE fits into the model's embeddings but is another vocabulary: refused
+    (found by a fresh-eyes pass: it used to train silently and save a broken model)."""
+    from llmkit.data.tokenizer import train_bpe_tokenizer
+
+    text = shakespeare.read_text(encoding="utf-8")[60_000:120_000]
+    other = train_bpe_tokenizer(iter(text.split("\n\n")), vocab_size=280)
+    assert len(other) < len(tiny_tokenizer)
+    data = _write_prepared(tmp_path / "data", other, 16, 8, 2)
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            f"data.path={data}",
+            f"model.name_or_path={tiny_model_dir}",
+            f"out_dir={tmp_path / 'r'}",
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "vocabulary mismatch" in lines[0] and "tokens differ" in lines[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_same_tokenizer_passes_the_check(tiny_tokenizer, tiny_model_dir):
+    from llmkit.training.model import check_same_tokenizer
+
+    check_same_tokenizer(tiny_tokenizer, len(tiny_tokenizer), str(tiny_model_dir), "d", True)
+
+
+def test_a_trained_bpe_of_another_size_is_refused_when_the_model_has_no_tokenizer(
+    tmp_path, tiny_tokenizer
+):
+    from llmkit.training.model import check_same_tokenizer
+
+    with pytest.raises(
+        UserError, match=r"vocabulary mismatch: d was tokenized with a \d+-token BPE"
+    ):
+        check_same_tokenizer(tiny_tokenizer, 49_152, str(tmp_path), "d", True)
+    check_same_tokenizer(tiny_tokenizer, 49_152, str(tmp_path), "d", False)  # no evidence

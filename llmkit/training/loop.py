@@ -553,6 +553,7 @@ def _train(
         added_token_rows,
         build_config,
         build_model,
+        check_same_tokenizer,
         enable_gradient_checkpointing,
         load_pretrained,
         load_pretrained_config,
@@ -596,6 +597,13 @@ def _train(
             )
         model_vocab = int(getattr(model_config, "vocab_size", 0) or 0)
         new_tokens = added_token_rows(tokenizer, model_vocab, mcfg.name_or_path, recipe.data.path)
+        check_same_tokenizer(
+            tokenizer,
+            model_vocab,
+            mcfg.name_or_path,
+            recipe.data.path,
+            bool(manifest.get("tokenizer", {}).get("trained")),
+        )
     else:
         model_block = mcfg.block_size or data_block
         if model_block < data_block:

@@ -206,6 +206,64 @@ def added_token_rows(tokenizer, model_vocab: int, model_name: str, data_path) ->
     )
 
 
+def _model_tokenizer_file(name_or_path: str) -> Path | None:
+    """The ``tokenizer.json`` shipped with a pretrained model, when one is on disk: in its
+    directory, or in the cached conversion of a ``.gguf`` file. None otherwise (Hub ids)."""
+    path = Path(name_or_path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from llmkit.generation.loading import gguf_cache_dir
+
+        path = gguf_cache_dir(path) or path
+    candidate = path / "tokenizer.json"
+    return candidate if candidate.is_file() else None
+
+
+def check_same_tokenizer(
+    tokenizer, model_vocab: int, model_name: str, data_path, data_tokenizer_trained: bool
+) -> None:
+    """Refuse data tokenized with another tokenizer than the pretrained model's.
+
+    Equal or smaller sizes do not prove a match (a 512-token BPE fits into 49,152 embeddings
+    and trains silently on meaningless ids). When the model's own ``tokenizer.json`` is on
+    disk, every (token, id) of it must be in the data's tokenizer with the same id (the data's
+    may add tokens after it, e.g. chat markers); otherwise a BPE that ``llmkit prepare``
+    trained from scratch is refused unless its size equals the model's vocabulary.
+
+    Args:
+        tokenizer: the data's tokenizer.
+        model_vocab: rows of the model's embeddings (``config.vocab_size``; 0: unknown).
+        model_name: ``model.name_or_path``.
+        data_path: the prepared directory (named in the error).
+        data_tokenizer_trained: the manifest says prepare trained the tokenizer.
+
+    Raises:
+        UserError: "vocabulary mismatch", with the tokens or sizes that differ.
+    """
+    hint = "prepare the data with --tokenizer pointing at the model (or its tokenizer)"
+    file = _model_tokenizer_file(model_name)
+    if file is not None:
+        from tokenizers import Tokenizer
+
+        theirs = Tokenizer.from_file(str(file)).get_vocab(with_added_tokens=True)
+        ours = tokenizer.get_vocab()
+        differ = [t for t, i in theirs.items() if ours.get(t) != i]
+        if differ:
+            raise UserError(
+                f"vocabulary mismatch: {data_path} was tokenized with another tokenizer than "
+                f"{model_name} ({len(differ):,} of its {len(theirs):,} tokens differ, e.g. "
+                f"{differ[0]!r})",
+                hint,
+            )
+        return
+    if data_tokenizer_trained and model_vocab and len(tokenizer) != model_vocab:
+        raise UserError(
+            f"vocabulary mismatch: {data_path} was tokenized with a {len(tokenizer):,}-token BPE "
+            f"trained by llmkit prepare, not with the tokenizer of {model_name} "
+            f"({model_vocab:,} embeddings)",
+            hint,
+        )
+
+
 def resize_embeddings(model, size: int) -> None:
     """Grow the input (and tied or untied output) embeddings of ``model`` to ``size`` rows.
 
