@@ -207,3 +207,11 @@ def test_unknown_task_names_the_closest(tiny_model_dir):
         + ["--include-path", str(TASKS)],
     )
     one_line_error(res, "unknown lm-evaluation-harness task 'llmkit_oposites'", TASK)
+
+
+@needs_harness
+def test_chat_on_a_model_without_a_template_is_one_line(tiny_model_dir):
+    # Found by a fresh-eyes pass: the harness raised a 76-line ValueError traceback.
+    args = ["eval", "-m", str(tiny_model_dir), "--tasks", TASK, "--include-path", str(TASKS)]
+    res = runner.invoke(app, [*args, "--limit", "2", "--chat"])
+    one_line_error(res, "--chat needs a chat template", "drop --chat")

@@ -292,7 +292,7 @@ def ensure_chat_template(tokenizer: Any, name: str | None = None) -> str:
         if not own:
             raise UserError(
                 "the tokenizer has no chat template of its own",
-                f"name a default template: {', '.join(CHAT_TEMPLATES)}",
+                f"use --chat-template {' or '.join(CHAT_TEMPLATES)} (or auto)",
             )
         return OWN_TEMPLATE
     if name not in CHAT_TEMPLATES:

@@ -288,6 +288,11 @@ def run_tasks(
     kwargs: dict[str, Any] = {"batch_size": batch_size}
     if max_length is not None:
         kwargs["max_length"] = max_length
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "--chat needs a chat template and the model's tokenizer has none (not a chat model)",
+            "drop --chat, or evaluate an instruct model",
+        )
     harness_lm = HFLM(pretrained=lm, tokenizer=tokenizer, **kwargs)
     raw = lm_eval.simple_evaluate(
         model=harness_lm,

@@ -290,7 +290,8 @@ def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
             "the model's tokenizer has no chat template (it is not a chat/instruct model)",
-            "drop --chat/--system, or use an instruct model such as SmolLM2-135M-Instruct",
+            "use `llmkit generate` without --chat/--system, or an instruct model such as "
+            "SmolLM2-135M-Instruct",
         )
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
