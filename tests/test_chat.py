@@ -265,3 +265,13 @@ def test_cli_chat_and_generate_chat_stop_at_im_end(chatml_dir):
         3,
         "eos",
     )
+
+
+def test_cli_chat_from_a_script_stops_with_status_2_on_a_message_too_long(chat_model_dir):
+    # Found by a fresh-eyes pass: the error line was printed and the exit status was 0.
+    args = ["chat", "-m", str(chat_model_dir), "-t", "0", "--max-new-tokens", "3"]
+    res = runner.invoke(app, args, input="Hi\n" + "order " * 600 + "\nHi\n")
+    assert res.exit_code == 2, res.stderr
+    assert len(res.stdout.splitlines()) == 1  # the reply before the error is kept
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in res.output

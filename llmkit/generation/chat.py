@@ -112,8 +112,10 @@ def chat_loop(
     replies. ``/reset`` clears the history, ``/exit`` or the end of input ends the loop.
 
     A message that cannot fit in the context prints one ``error:`` line on ``err`` and the
-    session goes on. ``interactive`` (default: ``inp`` is a terminal) shows a ``you>`` prompt
-    and the per-reply speed on ``err``.
+    session goes on when interactive; from a script (not interactive) the
+    :class:`~llmkit.errors.UserError` is raised, so the command exits with status 2 after the
+    replies already written. ``interactive`` (default: ``inp`` is a terminal) shows a ``you>``
+    prompt and the per-reply speed on ``err``.
     """
     inp = inp or sys.stdin
     out = out or sys.stdout
@@ -146,6 +148,8 @@ def chat_loop(
         try:
             result = session.reply(message, out=out, err=err)
         except UserError as error:
+            if not interactive:  # a script: stop with status 2 (SPEC §6), replies so far kept
+                raise
             err.write(f"error: {error}\n")
             continue
         replies += 1
