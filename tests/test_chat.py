@@ -275,3 +275,20 @@ def test_cli_chat_from_a_script_stops_with_status_2_on_a_message_too_long(chat_m
     assert len(res.stdout.splitlines()) == 1  # the reply before the error is kept
     errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in res.output
+
+
+def test_generate_chat_streams_the_reply_only(chatml_dir):
+    # Found by a fresh-eyes pass: the user's message was echoed with the reply glued to it.
+    res = runner.invoke(
+        app,
+        ["generate", "Hi", "--chat", "-m", str(chatml_dir), "-t", "0", "--max-new-tokens", "20"],
+    )
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == f"{ANSWER}\n"
+    batched = runner.invoke(
+        app,
+        ["generate", "Hi", "Hi", "--chat", "-m", str(chatml_dir), "-t", "0"]
+        + ["--max-new-tokens", "20", "--batch-size", "2"],
+    )
+    assert batched.exit_code == 0, batched.stderr
+    assert batched.stdout == f"{ANSWER}\n\n{ANSWER}\n"

@@ -620,6 +620,7 @@ def complete(
     stream_to: TextIO | None = None,
     label: str = "the prompt",
     prompt_ids: list[int] | None = None,
+    echo_prompt: bool = True,
 ) -> Completion:
     """Generate one completion of ``prompt`` with a loaded model (a batch of one).
 
@@ -630,6 +631,8 @@ def complete(
         settings: decoding settings (``num_return_sequences`` must be 1).
         stream_to: when given, the prompt then the continuation are written there as the tokens
             arrive (no newline at the end).
+        echo_prompt: write the prompt before the continuation (False for a chat reply, which
+            does not continue the user's text).
         label: how errors name this prompt ("prompt 3").
         prompt_ids: ids to feed instead of encoding ``prompt`` (a chat template applied).
 
@@ -644,8 +647,9 @@ def complete(
     check_fits(model, len(ids), settings.max_new_tokens, label)
     streamer = None
     if stream_to is not None:
-        stream_to.write(prompt)
-        stream_to.flush()
+        if echo_prompt:
+            stream_to.write(prompt)
+            stream_to.flush()
         streamer = TextStream(tokenizer, stream_to, ids, stop=settings.stop)
     (result,) = complete_batch(
         model, tokenizer, [prompt], settings, prompt_ids=[ids], streamer=streamer, labels=[label]
@@ -704,7 +708,8 @@ def run_prompts(
 
     Every prompt is encoded and checked against the context before any is generated. With
     ``stream``, a batch of one prompt and one sequence is written token by token; larger batches
-    are written when they finish (each completion after its prompt, a blank line between).
+    are written when they finish (each completion after its prompt — with ``chat``, the reply
+    alone — a blank line between).
 
     Args:
         chat: wrap each prompt as a user message (after ``system``, when given) in the model's
@@ -742,6 +747,7 @@ def run_prompts(
                     stream_to=out,
                     label=labels[start],
                     prompt_ids=ids[start],
+                    echo_prompt=not chat,
                 )
             ]
             out.write("\n")
@@ -755,7 +761,10 @@ def run_prompts(
                 labels=labels[start:end],
             )
             if stream:
-                out.write("\n".join(r.prompt + r.completion + "\n" for r in batch))
+                # a chat reply stands alone; a completion continues its prompt
+                out.write(
+                    "\n".join(("" if chat else r.prompt) + r.completion + "\n" for r in batch)
+                )
         if stream:
             out.flush()
             err.write(_stats_line(batch, getattr(lm, "device", None)))
