@@ -455,3 +455,14 @@ def test_pretrained_tokenizer_keeps_its_own_template(tmp_path, own_template_toke
     assert manifest["tokenizer"]["added_tokens"] == ["<|im_end|>", "<|im_start|>"]
     assert manifest["tokenizer"]["vocab_size"] == 350 + 2
     assert load_prepared(tmp_path / "chatml").tokenizer.chat_template == CHATML.template
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_no_conversation_left_hint_names_only_what_helps(tmp_path, overlong):
+    # Found by a fresh-eyes pass: under --overlong truncate the hint said "use --overlong
+    # truncate". Rows of 4 tokens hold no answer token of any conversation.
+    with pytest.raises(UserError, match="no training conversation left") as info:
+        run(CONVERSATIONS, tmp_path / "o", block_size=4, val_fraction=0, overlong=overlong)
+    assert "raise --block-size" in info.value.hint
+    assert ("--overlong truncate" in info.value.hint) == (overlong == "drop")
+    assert not (tmp_path / "o").exists()

@@ -1247,7 +1247,9 @@ def _build_chat(
                 f"{stats['no_answer']:,} without an answer token"
                 + (f"; skipped {_fmt_counts(skipped)}" if skipped else "")
                 + ")",
-                "raise --block-size, use --overlong truncate, or check the conversations",
+                "raise --block-size"
+                + (", use --overlong truncate" if overlong == "drop" else "")
+                + ", or check the conversations",
             )
         rows.save_to_disk(str(tmp / name), num_shards=1 if len(rows) == 0 else None)
         report.log(
