@@ -195,3 +195,21 @@ def test_cli_json_on_sft_data(tiny_model_dir, sft_dir):
     assert res.exit_code == 0, res.stderr
     answer_tokens = sum(sum(1 for x in labels if x != IGNORE) for _, labels in convs)
     assert json.loads(res.stdout)["tokens"] == answer_tokens
+
+
+def test_scoring_packed_rows_does_not_ask_for_an_attention_mask(sft_dir, tiny_model_dir):
+    """Packed rows hold pad (= EOS) ids and no mask on purpose: transformers' "pass an
+    attention_mask" warning is turned off for the scored model (a fresh-eyes pass saw it on
+    every chat-data eval)."""
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    data, _ = sft_dir
+    ds = load_from_disk(str(data / "validation"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    called = []
+    for m in model.modules():
+        if hasattr(m, "warn_if_padding_and_no_attention_mask"):
+            m.warn_if_padding_and_no_attention_mask = lambda *a, **k: called.append(1)
+    score_blocks(model, ds, torch.ones(300), 2, "cpu")
+    assert called == []

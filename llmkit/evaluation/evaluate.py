@@ -180,6 +180,10 @@ def score_blocks(
         Total nats, scored tokens (N × (T-1) without labels; else the targets not -100) and
         their bytes.
     """
+    from llmkit.generation.generate import silence_padding_warning
+
+    # Packed blocks hold EOS (= pad) as real text and chat rows use no mask on purpose.
+    silence_padding_warning(model)
     device = torch.device(device)
     if hasattr(blocks_dataset, "with_format"):
         columns = [c for c in BLOCK_COLUMNS if c in blocks_dataset.column_names]

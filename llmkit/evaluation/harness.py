@@ -293,6 +293,10 @@ def run_tasks(
             "--chat needs a chat template and the model's tokenizer has none (not a chat model)",
             "drop --chat, or evaluate an instruct model",
         )
+    from llmkit.generation.generate import silence_padding_warning
+
+    # The harness pads on the right, after the scored continuation: the warning is noise.
+    silence_padding_warning(lm)
     harness_lm = HFLM(pretrained=lm, tokenizer=tokenizer, **kwargs)
     raw = lm_eval.simple_evaluate(
         model=harness_lm,

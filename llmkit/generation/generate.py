@@ -311,7 +311,7 @@ def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]
 _SILENCED: weakref.WeakSet = weakref.WeakSet()
 
 
-def _silence_padding_warning(model: Any) -> None:
+def silence_padding_warning(model: Any) -> None:
     """Turn off transformers' "pass an attention_mask" warning on ``model`` (and the module it
     wraps): llmkit always builds the mask itself (:func:`left_pad`). Once per model: walking
     its modules costs several milliseconds, which every ``generate`` call would pay."""
@@ -576,7 +576,7 @@ def complete_batch(
         torch.manual_seed(settings.seed)  # seeds every device, cuda included
     # The mask is always passed, but transformers' generate may drop an all-ones mask before the
     # forward, which then warns when the prompt is the EOS (= pad) token alone (``generate ""``).
-    _silence_padding_warning(model)
+    silence_padding_warning(model)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
