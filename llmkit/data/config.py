@@ -262,7 +262,21 @@ def _conversation_text(text: str) -> str:
     return conversation_text(_messages(text))
 
 
-class ContentStage(DocumentStage):
+class _Wrapping:
+    """A stage that runs another (``inner``) on a conversation: same name, counts and
+    settings as the inner stage."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name = inner.name
+        self.count_template = dict(getattr(inner, "count_template", {}))
+
+    def settings(self) -> dict:
+        """The inner stage's settings (what the manifest records)."""
+        return self.inner.settings() if hasattr(self.inner, "settings") else {}
+
+
+class ContentStage(_Wrapping, DocumentStage):
     """A text-rewriting document stage (normalize, PII) run on each message's content.
 
     The conversation is kept with every content rewritten, or dropped when the stage drops one
@@ -273,15 +287,6 @@ class ContentStage(DocumentStage):
     """
 
     stateless = True
-
-    def __init__(self, inner: DocumentStage):
-        self.inner = inner
-        self.name = inner.name
-        self.count_template = dict(getattr(inner, "count_template", {}))
-
-    def settings(self) -> dict:
-        """The inner stage's settings (what the manifest records)."""
-        return self.inner.settings() if hasattr(self.inner, "settings") else {}
 
     def apply(self, text: str) -> Outcome:
         from llmkit.data.readers import conversation_json
@@ -302,7 +307,7 @@ class ContentStage(DocumentStage):
         return (conversation_json(out) if changed else text), None, counts or None
 
 
-class ConversationTextStage(DocumentStage):
+class ConversationTextStage(_Wrapping, DocumentStage):
     """A filter judging a conversation by its :func:`~llmkit.data.sft.conversation_text`.
 
     Only the filter's verdict is used: the conversation is kept unchanged or dropped with the
@@ -313,15 +318,6 @@ class ConversationTextStage(DocumentStage):
 
     stateless = True
 
-    def __init__(self, inner: DocumentStage):
-        self.inner = inner
-        self.name = inner.name
-        self.count_template = dict(getattr(inner, "count_template", {}))
-
-    def settings(self) -> dict:
-        """The inner stage's settings (what the manifest records)."""
-        return self.inner.settings() if hasattr(self.inner, "settings") else {}
-
     def apply(self, text: str) -> Outcome:
         plain = _conversation_text(text)
         out, reason, counts = self.inner.apply(plain)
@@ -330,20 +326,11 @@ class ConversationTextStage(DocumentStage):
         return text, None, (counts if out == plain else None)
 
 
-class ConversationCorpusStage(CorpusStage):
+class ConversationCorpusStage(_Wrapping, CorpusStage):
     """A de-duplication keyed on the conversation's :func:`~llmkit.data.sft.conversation_text`
     (roles included: the same words said by another role are another conversation)."""
 
     stateless = False
-
-    def __init__(self, inner: CorpusStage):
-        self.inner = inner
-        self.name = inner.name
-        self.count_template = dict(getattr(inner, "count_template", {}))
-
-    def settings(self) -> dict:
-        """The inner stage's settings (what the manifest records)."""
-        return self.inner.settings() if hasattr(self.inner, "settings") else {}
 
     def key(self, text: str) -> Any:
         return self.inner.key(_conversation_text(text))

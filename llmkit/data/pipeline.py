@@ -909,6 +909,22 @@ def _block_rows(encoded, packer: Packer, advance: Callable) -> Iterator[dict]:
         advance(table.num_rows)
 
 
+@contextmanager
+def _tokenizers_single_threaded() -> Iterator[None]:
+    """``TOKENIZERS_PARALLELISM=false`` for the duration (restored after): set before forking
+    worker processes, each with a pickled tokenizer running one thread, so that `tokenizers`
+    does not warn about a fork after its thread pool started."""
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
 def _encode_split(
     docs, tokenizer, *, eos_token_id, append_eos, num_proc, n_bytes, name, advance, cache
 ):
@@ -936,17 +952,10 @@ def _encode_split(
         return docs.map(encode_and_count, **common)
     # Worker processes: each gets a pickled tokenizer. Their tokenizers run one thread each
     # (set before the fork, so that `tokenizers` does not warn about it).
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
+    with _tokenizers_single_threaded():
         encoded = docs.map(_encode_for_map, fn_kwargs=kwargs, num_proc=procs, **common)
-        advance(len(docs))
-        return encoded
-    finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    advance(len(docs))
+    return encoded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1058,17 +1067,10 @@ def _encode_chat_split(docs, tokenizer, *, train_on, num_proc, n_bytes, name, ad
         encoded = docs.map(_encode_chat_for_map, **common)
         advance(len(docs))
         return encoded
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
+    with _tokenizers_single_threaded():
         encoded = docs.map(_encode_chat_for_map, num_proc=procs, **common)
-        advance(len(docs))
-        return encoded
-    finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    advance(len(docs))
+    return encoded
 
 
 def _sft_rows(
