@@ -84,6 +84,7 @@ def clean_overrides(
     near_dedup: bool | None,
     gutenberg: bool | None,
     minhash: dict,
+    pii_region: str | None = None,
 ) -> dict:
     """The cleaning settings the flags set (those left at None are not set)."""
     from llmkit.data.config import WEB_FILTERS
@@ -105,6 +106,8 @@ def clean_overrides(
         out["filters"] = flt
     if pii is not None:
         out["pii"] = pii
+    if pii_region is not None:
+        out["pii_region"] = [r.strip() for r in pii_region.split(",") if r.strip()]
     norm: dict = {}
     if normalization is not None:
         norm["form"] = normalization
@@ -206,6 +209,12 @@ def prepare_command(
     pii: Pii | None = typer.Option(
         None, "--pii", help="Replace e-mails, IPs and phone numbers (redact, default) or keep."
     ),
+    pii_region: str | None = typer.Option(
+        None,
+        "--pii-region",
+        help="Regions whose national phone numbers are found, ISO 3166 codes, comma-separated "
+        "(default US,GB); international +... numbers are found in any.",
+    ),
     normalization: Form | None = typer.Option(
         None, "--normalization", help="Unicode normalization form (default NFC)."
     ),
@@ -220,7 +229,15 @@ def prepare_command(
     minhash_bands: int | None = typer.Option(None, "--minhash-bands", help="LSH bands (14)."),
     minhash_rows: int | None = typer.Option(None, "--minhash-rows", help="Rows per band (8)."),
     minhash_threshold: float | None = typer.Option(
-        None, "--minhash-threshold", help="Also require this estimated Jaccard similarity."
+        None,
+        "--minhash-threshold",
+        help="Verify LSH candidates: a near duplicate only at this estimated Jaccard "
+        "similarity or more (default: any band collision, as FineWeb).",
+    ),
+    minhash_normalize: bool | None = typer.Option(
+        None,
+        "--minhash-normalize/--no-minhash-normalize",
+        help="Numbers as 0 and accents removed before MinHash shingling, as datatrove (on).",
     ),
     gutenberg: bool | None = typer.Option(
         None,
@@ -281,7 +298,9 @@ def prepare_command(
             "bands": minhash_bands,
             "rows": minhash_rows,
             "threshold": minhash_threshold,
+            "normalize": minhash_normalize,
         },
+        pii_region=pii_region,
     )
     with sigterm_as_interrupt():
         manifest = prepare(
