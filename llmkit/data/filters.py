@@ -65,12 +65,15 @@ def no_space_script(text: str) -> bool:
 
 #: Sentence-terminal characters: the Unicode property Sentence_Terminal (UAX #29; ``. ! ?``,
 #: ``。 ！ ？``, the Devanagari danda, ...), as datatrove's ``TERMINAL_PUNCTUATION`` that
-#: FineWeb's line rule uses. No quotation marks.
-_STERM_END = regex.compile(r"\p{Sentence_Terminal}$")
+#: FineWeb's line rule uses. A quotation mark is not one: ``"Home"`` does not end in
+#: punctuation. Closing quotes and brackets *after* a terminal mark are looked through
+#: (``...itchy."`` ends a sentence), where datatrove looks at the last character only.
+_STERM_END = regex.compile(r"\p{Sentence_Terminal}[\p{Pf}\p{Pe}\"']*$")
 
 
 def ends_with_terminal_punctuation(line: str) -> bool:
-    """True when the last character of ``line`` is Unicode Sentence_Terminal (no quotes)."""
+    """True when ``line`` ends in a Unicode Sentence_Terminal character, possibly followed by
+    closing quotes or brackets (``."``, ``?)``, ``。」``); a quote alone does not count."""
     return _STERM_END.search(line) is not None
 
 
@@ -565,12 +568,15 @@ class FineWebFilter(_Filter):
 
     Over the non-blank lines: dropped when fewer than 12% end in a sentence-terminal
     character (:func:`ends_with_terminal_punctuation`: Unicode Sentence_Terminal, as
-    datatrove's ``TERMINAL_PUNCTUATION``; a line ending in a quote does not count), more than
+    datatrove's ``TERMINAL_PUNCTUATION``; a line ending in a quoted word does not count, one
+    ending in ``."`` does), more than
     67% are at most 30 characters long, the characters of lines repeating an earlier line exceed
     1% of the characters of the document (newlines not counted), or there are more than 0.3
     newlines per word. Lines are taken as they are, not stripped, as in datatrove.
 
-    Deviation from datatrove (README table): words for the newline ratio are space-separated
+    Deviations from datatrove (README table): a terminal mark followed by closing quotes or
+    brackets counts (datatrove looks at the last character, so a paragraph of dialogue ending
+    in ``."`` has no punctuated line there); words for the newline ratio are space-separated
     (datatrove: spaCy tokens, punctuation marks included, so it finds more words).
     For no-space scripts the newline-per-word rule is skipped; the others apply.
     """
