@@ -429,11 +429,12 @@ def count_sentences(line: str, no_space: bool = False) -> int:
     """Sentences in one line (0 for a blank line), for C4's 3-sentence rule.
 
     TFDS counts them with NLTK's English punkt model, which cannot be downloaded here; this
-    is a rule-based stand-in with punkt's main behaviours: a sentence ends at ``.``, ``!`` or
-    ``?`` (closing quotes and brackets may follow) when the next word starts with a capital
-    letter, a digit or an opening quote; not at an ellipsis (``...``), nor after an
-    abbreviation (:data:`ABBREVIATIONS`) or a single-letter initial. The end of the line
-    closes the last sentence. For no-space scripts each run of ``。！？`` ends a sentence.
+    is a rule-based stand-in with punkt's main behaviours: a sentence ends at ``!`` or ``?``
+    followed by a space, and at ``.`` (closing quotes and brackets may follow) when the next
+    word starts with a capital letter, a digit or an opening quote; not at an ellipsis
+    (``...``), nor after an abbreviation (:data:`ABBREVIATIONS`) or a single-letter initial.
+    The end of the line closes the last sentence. For no-space scripts each run of
+    ``。！？`` ends a sentence.
     """
     line = line.strip()
     if not line:
@@ -446,6 +447,9 @@ def count_sentences(line: str, no_space: bool = False) -> int:
         marks = m.group(0).rstrip("\"'\u201d\u2019)]")
         if ".." in marks:
             continue  # an ellipsis
+        if "!" in marks or "?" in marks:
+            breaks += 1  # as punkt: always a sentence end before a space
+            continue
         if not _NEXT_STARTS_SENTENCE.match(line, m.end()):
             continue
         if marks == ".":
