@@ -280,7 +280,7 @@ def test_config_file_and_flags(tmp_path):
         "rows": 5,
         "threshold": None,
         "seed": 1,
-        "normalize": True,
+        "normalize": False,
     }
     cfg_file.write_text("filters:\n  gopher_qualty: {enabled: true}\n")
     with pytest.raises(UserError, match="did you mean filters.gopher_quality"):

@@ -469,6 +469,8 @@ def test_the_manifest_records_every_setting(shk):
         "rows": 8,
         "threshold": None,
         "seed": 1,
+        "normalize": False,
     }
+    assert manifest["settings"]["cleaning"]["pii_region"] == ["US", "GB"]
     assert manifest["settings"]["cleaning"]["filters"]["gopher_quality"]["min_words"] == 50
     assert manifest["llmkit_version"] and set(manifest["fingerprint"]) == {"cleaning", "full"}

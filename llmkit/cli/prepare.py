@@ -237,7 +237,8 @@ def prepare_command(
     minhash_normalize: bool | None = typer.Option(
         None,
         "--minhash-normalize/--no-minhash-normalize",
-        help="Numbers as 0 and accents removed before MinHash shingling, as datatrove (on).",
+        help="Numbers as 0 and accents removed before MinHash shingling, as datatrove and "
+        "FineWeb (off: documents differing only in numbers stay apart).",
     ),
     gutenberg: bool | None = typer.Option(
         None,

@@ -14,7 +14,7 @@ A ``prepare.yaml``::
       fineweb: {enabled: true}
     dedup: {exact: true, near: true, ngram_size: 5, num_perm: 112, bands: 14, rows: 8,
             threshold: null,   # or e.g. 0.8: verify LSH candidates by estimated Jaccard
-            normalize: true}   # numbers as 0, accents removed before shingling (datatrove)
+            normalize: false}  # true: numbers as 0, no accents before shingling (FineWeb)
     pii: redact                # or keep
     pii_region: [US, GB]       # where national phone numbers are read (+... found anywhere)
 
@@ -95,7 +95,7 @@ def default_config(kind: str = "text") -> dict:
             "rows": 8,
             "threshold": None,
             "seed": 1,
-            "normalize": True,
+            "normalize": False,
         },
         "pii": "redact",
         "pii_region": list(_default_pii_regions()),
