@@ -334,7 +334,7 @@ class ConversationTextStage(_Wrapping, DocumentStage):
     Only the filter's verdict is used: the conversation is kept unchanged or dropped with the
     filter's reason. A filter that would rewrite the text (C4's line removal) does not rewrite
     the conversation. The filter's own counts are kept only for a conversation it passed
-    unchanged (e.g. ``skipped_by_language``), never counts of a rewriting that did not happen.
+    unchanged (e.g. ``rules_skipped``), never counts of a rewriting that did not happen.
     """
 
     stateless = True
