@@ -13,6 +13,7 @@ from llmkit.cli import chat as _chat
 from llmkit.cli import evaluate as _evaluate
 from llmkit.cli import generate as _generate
 from llmkit.cli import prepare as _prepare
+from llmkit.cli import serve as _serve
 from llmkit.cli import train as _train
 
 app = typer.Typer(
@@ -46,6 +47,7 @@ _train.register(app)
 _generate.register(app)
 _evaluate.register(app)
 _chat.register(app)
+_serve.register(app)
 
 
 def main() -> None:

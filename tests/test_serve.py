@@ -1,0 +1,284 @@
+"""``llmkit serve`` through the real ``openai`` client and raw HTTP, against a server started on
+127.0.0.1 by the test (a subprocess, stopped by its pid), serving a tiny random GPT-2 built from
+a config with a chat template (see ``serve_helpers.tiny_chat_model``: greedy never ends by EOS,
+so each answer's length is the ``max_tokens`` or stop string the test asks for)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("starlette", reason="llmkit serve needs the serve extra (starlette)")
+pytest.importorskip("uvicorn", reason="llmkit serve needs the serve extra (uvicorn)")
+openai = pytest.importorskip("openai", reason="the serve tests use the openai client (dev extra)")
+
+from serve_helpers import get, post, running_server, tiny_chat_model  # noqa: E402
+
+POSITIONS = 1024
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory, tiny_tokenizer):
+    return tiny_chat_model(tiny_tokenizer, tmp_path_factory.mktemp("serve-model"), POSITIONS)
+
+
+@pytest.fixture(scope="module")
+def server(chat_model_dir, tmp_path_factory):
+    with running_server(chat_model_dir, tmp_path_factory.mktemp("serve-log")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local(chat_model_dir):
+    """The same model loaded in this process, to compare with llmkit's own generation."""
+    from llmkit.generation.loading import load_model_and_tokenizer
+
+    model, tok, _ = load_model_and_tokenizer(str(chat_model_dir), device="cpu")
+    return model, tok
+
+
+def ask(max_tokens=12, text="Good morrow", **extra):
+    return dict(
+        model="tiny",
+        messages=[{"role": "user", "content": text}],
+        max_tokens=max_tokens,
+        temperature=0,
+        **extra,
+    )
+
+
+def raw_stream(url: str, body: dict) -> tuple[int, bytes]:
+    """POST ``body`` and read the whole raw response (status, bytes)."""
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    conn.request(
+        "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+    )
+    res = conn.getresponse()
+    data = res.read()
+    conn.close()
+    return res.status, data
+
+
+# --- the API through the openai client ------------------------------------------------------
+
+
+def test_models_and_health(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["serve-model0"]
+    assert models.data[0].model_extra["context_length"] == POSITIONS
+    status, body, _ = get(server.url + "/health")
+    assert (status, body["status"]) == (200, "ok")
+
+
+def test_chat_equals_llmkit_generation_and_streams_the_same_text(client, local):
+    from llmkit.generation.generate import GenerationSettings, complete_batch, encode_chat
+
+    model, tok = local
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hail"}]
+    res = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=14, temperature=0
+    )
+    ids = encode_chat(tok, messages)
+    (want,) = complete_batch(
+        model, tok, ["x"], GenerationSettings(max_new_tokens=14, temperature=0), prompt_ids=[ids]
+    )
+    choice = res.choices[0]
+    assert choice.message.content == want.completion
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason == "length"
+    assert res.usage.prompt_tokens == len(ids)  # the templated prompt's length
+    assert res.usage.completion_tokens == 14
+
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=14,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == len(ids)
+    assert chunks[-1].usage.completion_tokens == 14
+
+
+def test_raw_stream_ends_with_done(server):
+    status, data = raw_stream(server.url, ask(6, stream=True))
+    assert status == 200
+    assert data.endswith(b"data: [DONE]\n\n")
+    events = [e for e in data.decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    last_chunk = json.loads(events[-2].removeprefix("data: "))
+    assert last_chunk["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_string_ends_the_answer_before_it(client):
+    full = client.chat.completions.create(**ask(20)).choices[0].message.content
+    stop = next(full[i : i + 2] for i in range(3, len(full) - 2) if full.find(full[i : i + 2]) >= 3)
+    res = client.chat.completions.create(**ask(20, stop=[stop]))
+    assert res.choices[0].message.content == full[: full.find(stop)]
+    assert res.choices[0].finish_reason == "stop"
+    assert res.usage.completion_tokens < 20
+
+
+def test_completions_endpoint_equals_llmkit_generate(client, local):
+    from llmkit.generation.generate import GenerationSettings, complete_batch
+
+    model, tok = local
+    res = client.completions.create(
+        model="tiny", prompt=["ROMEO:", "Wherefore art"], max_tokens=9, temperature=0
+    )
+    want = complete_batch(
+        model, tok, ["ROMEO:", "Wherefore art"], GenerationSettings(max_new_tokens=9, temperature=0)
+    )
+    assert [c.text for c in res.choices] == [w.completion for w in want]
+    assert [c.index for c in res.choices] == [0, 1]
+    assert res.usage.prompt_tokens == sum(w.prompt_tokens for w in want)
+
+
+def test_n_choices_and_seed(client):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    a = client.chat.completions.create(**kw, temperature=1.0, seed=7, n=3)
+    b = client.chat.completions.create(**kw, temperature=1.0, seed=7, n=3)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in b.choices]  # same seed, same answers
+    assert len(set(texts)) > 1  # three samples, not one repeated
+    assert a.usage.completion_tokens == 24
+
+
+# --- batching ------------------------------------------------------------------------------
+
+
+def test_eight_concurrent_greedy_requests_equal_the_same_one_by_one(client, server):
+    prompts = [
+        "Good morrow",
+        "What say you",
+        "O",
+        "Speak, my lord, speak",
+        "Alas",
+        "Now",
+        "Is it so",
+        "Go",
+    ]
+    limits = [5, 17, 9, 12, 3, 20, 8, 14]
+
+    def one(i):
+        res = client.chat.completions.create(
+            **ask(limits[i], prompts[i]), extra_body={"return_token_ids": True}
+        )
+        return res.choices[0].model_extra["token_ids"], res.choices[0].message.content
+
+    alone = [one(i) for i in range(8)]
+    before = len(server.requests_logged())
+    start = threading.Barrier(8)
+
+    def together(i):
+        start.wait()
+        return one(i)
+
+    with ThreadPoolExecutor(8) as pool:
+        batched = list(pool.map(together, range(8)))
+    assert batched == alone
+    assert [len(ids) for ids, _ in batched] == limits
+    # they really ran together: fewer generate calls than requests
+    logged = server.requests_logged(before)
+    assert len(logged) == 8
+    assert len({r["batch"] for r in logged}) < 8, logged
+    assert max(r["rows"] for r in logged) > 1
+
+
+# --- bad requests: OpenAI's envelope with the field at fault -------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": "m"}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, "max_tokens"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
+            "max_completion_tokens",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": -0.5}, "temperature"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", ""]}, "stop"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+    ],
+)
+def test_bad_requests_are_400_naming_the_field(client, body, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.post("/chat/completions", body=body, cast_to=object)
+    assert info.value.status_code == 400
+    assert info.value.param == param
+    assert info.value.type == "invalid_request_error"
+
+
+def test_malformed_json_is_400(server):
+    status, body, _ = post(server.url + "/v1/chat/completions", b'{"messages": [')
+    assert status == 400
+    assert body["error"]["type"] == "invalid_request_error"
+    assert "not valid JSON" in body["error"]["message"]
+    status, body, _ = post(server.url + "/v1/chat/completions", b"[1, 2]")
+    assert status == 400 and "JSON object" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("words", [300, 200_000])
+def test_context_overflow_is_400_before_generating(client, server, words):
+    text = "speak " * words
+    before = server.log_text().count("[serve] request")
+    t0 = time.perf_counter()
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**ask(900, text))
+    took = time.perf_counter() - t0
+    assert info.value.code == "context_length_exceeded"
+    assert info.value.param == "messages"
+    assert f"{POSITIONS} tokens" in info.value.message
+    assert took < 1.0, f"answered in {took:.2f} s"
+    assert server.log_text().count("[serve] request") == before  # nothing was generated
+
+
+def test_prompt_plus_max_tokens_just_fits(client, local):
+    from llmkit.generation.generate import encode_chat
+
+    _, tok = local
+    n = len(encode_chat(tok, [{"role": "user", "content": "Good morrow"}]))
+    res = client.chat.completions.create(**ask(POSITIONS - n))
+    assert res.usage.prompt_tokens + res.usage.completion_tokens == POSITIONS
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**ask(POSITIONS - n + 1))
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_unknown_path_and_method_use_the_envelope(server):
+    status, body, _ = get(server.url + "/v1/nothing")
+    assert status == 404 and body["error"]["type"] == "invalid_request_error"
+
+
+def test_the_page_is_served_without_external_assets(server):
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/", timeout=10) as r:
+        html = r.read().decode()
+        assert r.headers["Content-Type"].startswith("text/html")
+    for needed in ('id="system"', 'id="input"', 'id="send"', 'id="reset"', "/v1/chat/completions"):
+        assert needed in html
+    assert "http://" not in html and "https://" not in html and "src=" not in html
