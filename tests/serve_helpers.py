@@ -91,11 +91,11 @@ class Server:
 
     def requests_logged(self, after: int = 0) -> list[dict]:
         """The ``[serve] request`` lines of the log from the ``after``-th on, parsed:
-        ``{"id", "batch", "rows", "completion_tokens", "finish"}``."""
+        ``{"id", "batch", "rows", "completion_tokens", "finish", "queued", "seconds"}``."""
         found = []
         pattern = re.compile(
             r"\[serve\] request (\d+) \(batch (\d+), (\d+) rows\): (\d+) prompt \+ "
-            r"(\d+) completion tokens, finish (\S+),"
+            r"(\d+) completion tokens, finish (\S+), queued ([\d.]+) s, generated in ([\d.]+) s"
         )
         for m in pattern.finditer(self.log_text()):
             found.append(
@@ -105,6 +105,8 @@ class Server:
                     "rows": int(m[3]),
                     "completion_tokens": int(m[5]),
                     "finish": m[6],
+                    "queued": float(m[7]),
+                    "seconds": float(m[8]),
                 }
             )
         return found[after:]

@@ -282,3 +282,81 @@ def test_the_page_is_served_without_external_assets(server):
     for needed in ('id="system"', 'id="input"', 'id="send"', 'id="reset"', "/v1/chat/completions"):
         assert needed in html
     assert "http://" not in html and "https://" not in html and "src=" not in html
+
+
+# --- a bounded queue, and clients that leave ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_server(chat_model_dir, tmp_path_factory):
+    """One row at a time and one request waiting at most."""
+    log_dir = tmp_path_factory.mktemp("serve-log-small")
+    with running_server(chat_model_dir, log_dir, "--max-batch-size", "1", "--max-queue", "1") as s:
+        yield s
+
+
+class OpenStream:
+    """A streamed chat request read event by event over a raw connection, closed at will."""
+
+    def __init__(self, url: str, body: dict):
+        self.conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+        self.conn.request(
+            "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+        )
+        self.res = self.conn.getresponse()
+        assert self.res.status == 200
+
+    def event(self) -> str:
+        while True:
+            line = self.res.fp.readline().decode()
+            assert line, "the stream ended"
+            if line.startswith("data: "):
+                return line[6:].strip()
+
+    def close(self) -> None:
+        self.res.close()
+        self.conn.close()
+
+
+def test_queue_full_is_503_with_retry_after(small_server):
+    long = OpenStream(small_server.url, ask(1000, "Long", stream=True))
+    try:
+        for _ in range(3):
+            long.event()  # it is generating
+        waiting = {}
+        t = threading.Thread(
+            target=lambda: waiting.update(r=post(small_server.url + "/v1/chat/completions", ask(4)))
+        )
+        t.start()
+        end = time.monotonic() + 10
+        while get(small_server.url + "/health")[1].get("queued") != 1:
+            assert time.monotonic() < end, "the second request never queued"
+            time.sleep(0.02)
+        refused = openai.OpenAI(base_url=small_server.url + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as info:
+            refused.chat.completions.create(**ask(4))
+        assert info.value.status_code == 503
+        assert int(info.value.response.headers["retry-after"]) >= 1
+        assert info.value.body["code"] == "queue_full"
+    finally:
+        long.close()
+    t.join(30)
+    status, body, _ = waiting["r"]
+    assert status == 200 and body["usage"]["completion_tokens"] == 4  # the queued one is served
+
+
+def test_disconnect_after_three_chunks_cancels_and_does_not_delay_the_next(small_server):
+    before = len(small_server.requests_logged())
+    stream = OpenStream(small_server.url, ask(1000, "Leave early", stream=True))
+    for _ in range(3):
+        stream.event()
+    stream.close()
+    t0 = time.perf_counter()
+    status, body, _ = post(small_server.url + "/v1/chat/completions", ask(4, "Next"))
+    took = time.perf_counter() - t0
+    assert status == 200 and body["usage"]["completion_tokens"] == 4
+    left, nxt = small_server.requests_logged(before)
+    assert left["finish"] == "cancelled"
+    assert left["completion_tokens"] < 100, left  # stopped far below its limit of 1000
+    full = left["seconds"] / max(left["completion_tokens"], 1) * 1000  # its whole run, estimated
+    assert nxt["queued"] < full / 4 and took < full / 2, (left, nxt, took)

@@ -401,7 +401,9 @@ def build_app(state: ServerState) -> Starlette:
 
     async def health(request: Request) -> Response:
         if state.ready.is_set():
-            return JSONResponse({"status": "ok", "model": state.served_name})
+            return JSONResponse(
+                {"status": "ok", "model": state.served_name, "queued": state.worker.queued()}
+            )
         if state.error is not None:
             return JSONResponse({"status": "failed", "error": str(state.error)}, status_code=500)
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
