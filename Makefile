@@ -17,7 +17,13 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev,eval,html]'
+	$(PY) -m pip install -q -e '.[dev,eval,html,serve]'
+	@# the chat page's browser test needs chromium + chromedriver: installed when apt-get can
+	@# (best effort: the install never fails over it; the test skips without them)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    DEBIAN_FRONTEND=noninteractive sh -c 'apt-get update -q && apt-get install -y -q chromium chromium-driver' >/dev/null 2>&1 \
+	    || echo "note: chromium not installed; the chat page's browser test will be skipped"; }
 	@touch $@
 
 test: install
