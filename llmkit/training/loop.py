@@ -457,6 +457,7 @@ def train(
     resume: str | None = None,
     dry_run: bool = False,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Train a causal LM on prepared blocks; write the model, tokenizer, config and metrics.
 
@@ -474,6 +475,9 @@ def train(
             labelled tokens are targets), ``lr`` (used by the step),
             ``samples`` (the global indices of the blocks the step read over all processes),
             ``rank_samples`` (those this process read) and ``skipped``.
+        trust_remote_code: let ``model.name_or_path`` (and the data's tokenizer) run Python
+            code of its own; the same as the recipe's ``model.trust_remote_code: true``.
+            Off (default, unless the recipe says so): such a model is refused, no code runs.
 
     Returns:
         The final metrics: ``val_loss`` (nats per target token), ``val_ppl``, ``val_bpb``
@@ -500,6 +504,7 @@ def train(
             resume=resume,
             dry_run=dry_run,
             on_step=on_step,
+            trust_remote_code=trust_remote_code,
             _state=state,
         )
     except TrainingInterrupted:
@@ -537,6 +542,7 @@ def _train(
     resume: str | None = None,
     dry_run: bool = False,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    trust_remote_code: bool = False,
     _state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The body of :func:`train` (which turns interrupts and disk errors into one line)."""
@@ -563,6 +569,9 @@ def _train(
     )
 
     recipe = config if isinstance(config, Recipe) else load_recipe(config, list(overrides))
+    if trust_remote_code and not recipe.model.trust_remote_code:
+        recipe = recipe.model_copy(deep=True)
+        recipe.model.trust_remote_code = True
     # Blocks are packed: EOS (= padding id) inside a block is real text, not padding, so the
     # "pass an attention_mask" warning does not apply; shard-writing bars add nothing here.
     hf_logging.set_verbosity_error()
@@ -575,12 +584,13 @@ def _train(
     data_block = int(manifest["settings"]["block_size"])
     run_dir = recipe.run_dir
     resume_from = ckpt.resolve_resume(resume, run_dir) if resume else None
-    data = load_prepared(recipe.data.path)
+    trust = mcfg.trust_remote_code
+    data = load_prepared(recipe.data.path, trust_remote_code=trust)
     tokenizer = data.tokenizer
     vocab_size = len(tokenizer)
     new_tokens: list[int] = []  # ids of tokens the data adds to a pretrained vocabulary
     if mcfg.name_or_path:
-        model_config = load_pretrained_config(mcfg.name_or_path)
+        model_config = load_pretrained_config(mcfg.name_or_path, trust)
         set_dropout(model_config, mcfg.dropout)
         positions = positions_of(model_config)
         if positions is not None and data_block > positions:
@@ -729,7 +739,7 @@ def _train(
     # ---- Model, optimizer, schedule.
     set_seed(tcfg.seed)
     if mcfg.name_or_path:
-        model = load_pretrained(mcfg.name_or_path, model_config)
+        model = load_pretrained(mcfg.name_or_path, model_config, trust)
         if new_tokens:
             resize_embeddings(model, vocab_size)
             if main:
@@ -1213,7 +1223,9 @@ def _dry_run(
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+        model = AutoModelForCausalLM.from_config(
+            model_config, trust_remote_code=recipe.model.trust_remote_code
+        )
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = n_params
     if lcfg.r > 0:
