@@ -240,9 +240,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, tiny_tokenizer, monkeypa
     assert "cannot write checkpoint" in _one_line(result)
 
 
-def test_disk_full_while_writing_the_final_model_then_resume(
-    tmp_path, tiny_tokenizer, monkeypatch
-):
+def test_disk_full_while_writing_the_final_model_then_resume(tmp_path, tiny_tokenizer, monkeypatch):
     """The final model fails to write: one line, no model file under the run directory, the
     run unfinished; --resume latest (space freed) finishes it, with each validation once."""
     import transformers.modeling_utils as modeling_utils
