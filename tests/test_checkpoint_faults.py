@@ -276,3 +276,52 @@ def test_resuming_a_finished_run_from_its_last_checkpoint_logs_each_validation_o
     assert after == before
     val10 = next(r for r in before if r.get("step") == 10 and "val_loss" in r)
     assert final["val_loss"] == val10["val_loss"] and final["steps"] == 10
+
+
+@pytest.mark.slow
+def test_two_processes_resume_the_same_curve(tmp_path, tiny_tokenizer):
+    """torchrun, 2 CPU processes over gloo: each writes and restores its own RNG state as JSON,
+    and the resumed run repeats the straight run's losses and weights exactly (~1 min)."""
+    import os
+    import subprocess
+    import sys
+
+    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 8)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    extra = {"train.max_steps": 6, "train.save_interval": 3, "eval.interval": 3}
+    extra.update({"model.dropout": 0.1, "train.micro_batch_size": 2})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def torchrun(out: Path, *args: str) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+            + ["--master_port", "29531", "-m", "llmkit", "train", "--no-progress"]
+            + [*_overrides(data, out, **extra), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    torchrun(straight)
+    step3 = straight / "checkpoints" / "step-00000003"
+    assert {p.name for p in step3.glob("rng_state_*.json")} == {
+        "rng_state_0.json",
+        "rng_state_1.json",
+    }
+    assert not list(step3.glob("*.pkl"))
+    shutil.copytree(straight, resumed)
+    for name in ("model.safetensors", "llmkit_run.json"):
+        (resumed / name).unlink()
+    torchrun(resumed, "--resume", str(resumed / "checkpoints" / "step-00000003"))
+
+    def losses(run: Path) -> dict[int, float]:
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if r.get("loss") is not None}
+
+    assert losses(resumed) == losses(straight) and sorted(losses(straight)) == [1, 2, 3, 4, 5, 6]
+    a = (straight / "model.safetensors").read_bytes()
+    assert a == (resumed / "model.safetensors").read_bytes()
