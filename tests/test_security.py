@@ -289,3 +289,45 @@ def test_include_path_task_code_is_refused(crafted, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "!function utils.process_docs" in lines[0], proc.stderr
     assert "--trust-remote-code" in lines[0]
+
+
+def test_hub_datasets_are_read_without_dataset_scripts(tmp_path, monkeypatch):
+    """``datasets`` 3.x would ask on stdin before running a dataset script when
+    ``trust_remote_code`` is unset: llmkit always passes False."""
+    import datasets
+
+    import llmkit
+    import llmkit.data.readers as readers
+
+    seen = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        seen.append(kwargs.get("trust_remote_code", "unset"))
+        return iter([{"text": f"Story {i}: the cat sat on mat {i}."} for i in range(40)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(readers, "hub_unreachable", lambda: None)
+    llmkit.prepare(["someone/stories"], tmp_path / "out", vocab_size=300, block_size=8)
+    assert seen == [False]
+
+
+def test_tasks_that_run_model_written_code_are_refused(tiny_model_dir, tmp_path):
+    """A task the harness marks ``unsafe_code`` (it executes what the model writes) is
+    refused in one line, before any document is scored."""
+    pytest.importorskip("lm_eval")
+    import shutil
+
+    from llmkit import UserError
+    from llmkit.evaluation.harness import evaluate_tasks
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    shutil.copy(ROOT / "examples" / "eval_tasks" / "opposites.jsonl", tasks)
+    yaml_text = (ROOT / "examples" / "eval_tasks" / "opposites.yaml").read_text()
+    yaml_text = yaml_text.replace("task: llmkit_opposites", "task: llmkit_unsafe")
+    (tasks / "unsafe.yaml").write_text(yaml_text + "unsafe_code: true\n")
+    with pytest.raises(UserError) as err:
+        evaluate_tasks(
+            str(tiny_model_dir), "llmkit_unsafe", include_path=tasks, limit=2, device="cpu"
+        )
+    assert err.value.message.startswith("task llmkit_unsafe executes the code the model writes")

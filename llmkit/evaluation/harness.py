@@ -37,6 +37,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -385,7 +386,8 @@ def run_tasks(
 
     # The harness pads on the right, after the scored continuation: the warning is noise.
     silence_padding_warning(lm)
-    harness_lm = HFLM(pretrained=lm, tokenizer=tokenizer, **kwargs)
+    # the model is already loaded: nothing for the harness to fetch or run
+    harness_lm = HFLM(pretrained=lm, tokenizer=tokenizer, trust_remote_code=False, **kwargs)
     try:
         raw = lm_eval.simple_evaluate(
             model=harness_lm,
@@ -401,10 +403,11 @@ def run_tasks(
     except ValueError as err:
         if "marked as unsafe" not in str(err):
             raise
+        found = re.search(r"task:? (\S+) which is marked as unsafe", str(err))
+        name = found.group(1) if found else "a task"
         raise UserError(
-            f"{str(err).split(' which is')[0].removeprefix('Attempted to run ')} executes the "
-            "code the model writes (lm-evaluation-harness marks it unsafe); llmkit does not "
-            "run such tasks",
+            f"task {name} executes the code the model writes (lm-evaluation-harness marks it "
+            "unsafe); llmkit does not run such tasks",
             "run it with lm-eval itself in a sandbox",
         ) from None
     return {
