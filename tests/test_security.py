@@ -176,7 +176,10 @@ def test_python_api_refuses_and_names_the_files(crafted):
         load_tokenizer(crafted["tokenizer"])
     with pytest.raises(llmkit.UserError, match="needs Python code of its own"):
         llmkit.evaluate(str(crafted["model"]), str(crafted["text"]), device="cpu")
-    assert not marker.exists()
+    out = crafted["root"] / "api-out"
+    with pytest.raises(llmkit.UserError, match="tokenization_evil.py"):
+        llmkit.prepare([crafted["text"]], out, tokenizer=str(crafted["tokenizer"]), plot=False)
+    assert not marker.exists() and not out.exists()
 
 
 def test_prepared_data_with_a_crafted_tokenizer_is_refused(crafted, tmp_path):

@@ -252,8 +252,8 @@ def save_checkpoint(
             line naming it and the space left; the temporary directory is removed and the
             earlier checkpoints are untouched. Raised on every process.
     """
-    import torch
-
+    if getattr(accelerator, "_custom_objects", None):  # accelerate would pickle them
+        raise RuntimeError("objects registered for checkpointing would be pickled")
     root = run_dir / CHECKPOINTS
     final = root / name
     tmp = root / f".tmp-{name}"
@@ -265,11 +265,8 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
     except OSError as err:
         failure = err
-    accelerator.wait_for_everyone()
-    if failure is None:
+    if not _anyone(accelerator, failure is not None):  # also the barrier before writing
         try:
-            if getattr(accelerator, "_custom_objects", None):  # accelerate would pickle them
-                raise RuntimeError("objects registered for checkpointing would be pickled")
             accelerator.save_state(str(tmp))
             (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)
             _write_json(tmp / RNG_FILE.format(rank=rank), rng_state())
@@ -281,11 +278,7 @@ def save_checkpoint(
             if not write_failure(err):
                 raise
             failure = err
-    failed = failure is not None
-    if accelerator.num_processes > 1:  # every process learns that one failed: no one waits
-        flag = torch.tensor([int(failed)], device=accelerator.device)
-        failed = bool(accelerator.reduce(flag, reduction="sum").item())
-    if failed:
+    if _anyone(accelerator, failure is not None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -310,6 +303,17 @@ def save_checkpoint(
             os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _anyone(accelerator, failed: bool) -> bool:
+    """True on every process when ``failed`` is true on any (a sum over processes, which is
+    also a barrier), so that no process waits for one that gave up."""
+    if accelerator.num_processes == 1:
+        return failed
+    import torch
+
+    flag = torch.tensor([int(failed)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item())
 
 
 def _write_json(path: Path, value: Any, indent: int | None = None) -> None:
