@@ -189,6 +189,18 @@ def test_a_truncated_checkpoint_file_is_one_line(finished, tmp_path, name):
     assert "--resume" in line and "step-00000005" in line  # the earlier checkpoint to use
 
 
+@pytest.mark.parametrize("text", ['{"step": "5", "tokens": 300}', "[1, 2]", "{"])
+def test_a_bad_trainer_state_is_one_line(finished, tmp_path, text):
+    data, out = _copy_run(finished, tmp_path)
+    path = out / "checkpoints" / "step-00000010" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    if text.startswith('{"step"'):  # the batch settings fit, the step does not
+        text = json.dumps({**state, "step": "5"})
+    path.write_text(text)
+    line = _one_line(_resume(data, out, str(path.parent)))
+    assert "trainer_state.json" in line and "step-00000010" in line, line
+
+
 def _digest(directory: Path) -> dict[str, str]:
     return {
         p.name: hashlib.sha256(p.read_bytes()).hexdigest()

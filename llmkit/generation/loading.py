@@ -322,9 +322,13 @@ def load_model_and_tokenizer(
             mdl, tok = _load_one(cand.name, dev, dt, trust_remote_code)
         except UserError as err:
             if cand.origin == ENV_MODEL:  # named by the environment: say so, guess no other
+                from llmkit.security import TRUST_HINT
+
                 raise UserError(
                     f"{ENV_MODEL}={cand.name}: {err.message}",
-                    f"fix or unset {ENV_MODEL}, or pass --model",
+                    err.hint
+                    if err.hint == TRUST_HINT
+                    else f"fix or unset {ENV_MODEL}, or pass --model",
                 ) from None
             if cand.origin == "--model":
                 raise  # the user named this model: say why it failed, do not guess another

@@ -92,7 +92,10 @@ def read_state(checkpoint: str | Path) -> dict[str, Any]:
     """
     path = Path(checkpoint) / STATE_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        return state
     except (OSError, ValueError) as err:
         raise UserError(
             f"{checkpoint} is not an llmkit checkpoint (no readable {STATE_FILE})",
@@ -476,6 +479,10 @@ def load_checkpoint(accelerator, checkpoint: str | Path, scheduler=None) -> dict
     """
     ckpt = Path(checkpoint)
     state = read_state(ckpt)
+    for key in ("step", "tokens"):
+        value = state.get(key) if isinstance(state, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise _damaged(ckpt, ckpt / STATE_FILE, f"has no valid {key!r} ({value!r})")
     verify_checkpoint(ckpt, accelerator.num_processes)
     try:
         accelerator.load_state(str(ckpt))
