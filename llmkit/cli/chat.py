@@ -26,6 +26,12 @@ def chat_command(
     seed: int = typer.Option(None, "--seed", help="Same seed, same replies.", show_default=False),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Let a model that ships Python code of its own (auto_map in config.json or "
+        "tokenizer_config.json) run it. Off: such a model is refused and its code never runs.",
+    ),
 ) -> None:
     """Chat with an instruct model through its chat template, keeping the history.
 
@@ -55,7 +61,9 @@ def chat_command(
         repetition_penalty=repetition_penalty,
         stop=list(stop or []),
     )
-    lm, tokenizer, _source = load_model_and_tokenizer(model, device=device, dtype=dtype)
+    lm, tokenizer, _source = load_model_and_tokenizer(
+        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     chat_loop(ChatSession(lm, tokenizer, settings, system=system))
 
 

@@ -270,6 +270,12 @@ def prepare_command(
         "train", "--split", help="Split read from a Hub dataset input (owner/name[:config])."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Let a --tokenizer that ships Python code of its own (auto_map) run it. Off: such "
+        "a tokenizer is refused and its code never runs.",
+    ),
 ) -> None:
     """Clean, deduplicate, tokenize and pack raw text (or conversations) into training blocks.
 
@@ -327,6 +333,7 @@ def prepare_command(
             chat_template=chat_template.value,
             train_on=train_on.value,
             overlong=overlong.value,
+            trust_remote_code=trust_remote_code,
         )
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))

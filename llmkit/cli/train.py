@@ -39,6 +39,12 @@ def train_command(
         "--dry-run",
         help="Print parameters, estimated memory, tokens per step and steps; train nothing.",
     ),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Let model.name_or_path (or the data's tokenizer) run Python code of its own "
+        "(auto_map); the same as model.trust_remote_code=true. Off: such a model is refused.",
+    ),
 ) -> None:
     """Train a causal LM on data from `llmkit prepare`; the run goes to runs/NAME.
 
@@ -50,6 +56,8 @@ def train_command(
     machines or CPU processes: `torchrun --nproc_per_node N -m llmkit train ...` or
     `accelerate launch -m llmkit train ...`. FSDP / DeepSpeed: distributed.strategy=...
     """
+    if trust_remote_code:
+        overrides = [*(overrides or []), "model.trust_remote_code=true"]
     nproc = _gpus_to_launch()
     if nproc:
         sys.stderr.write(f"llmkit train: {nproc} GPUs visible, one process each (torchrun)\n")

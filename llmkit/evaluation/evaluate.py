@@ -339,7 +339,13 @@ def _model_vocab_size(model: Any) -> int | None:
 
 
 def _eval_prepared(
-    lm: Any, tokenizer: Any, data: Path, split: str, batch_size: int, progress: Progress | None
+    lm: Any,
+    tokenizer: Any,
+    data: Path,
+    split: str,
+    batch_size: int,
+    progress: Progress | None,
+    trust_remote_code: bool = False,
 ) -> NLLSums:
     from llmkit.data.prepared import SPLITS, load_prepared
     from llmkit.data.tokenizer import token_byte_lengths
@@ -347,7 +353,7 @@ def _eval_prepared(
 
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}", f"use one of {', '.join(SPLITS)}")
-    prepared = load_prepared(data)
+    prepared = load_prepared(data, trust_remote_code=trust_remote_code)
     blocks = getattr(prepared, split)
     if blocks is None or len(blocks) == 0:
         raise UserError(
@@ -436,6 +442,7 @@ def evaluate(
     device: str = "auto",
     dtype: str = "auto",
     progress: Progress | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Loss, perplexity and bits per byte of a model on prepared data or text.
 
@@ -450,6 +457,8 @@ def evaluate(
         batch_size: blocks or windows per forward pass (does not change the result).
         device, dtype: see :func:`llmkit.generation.loading.load_model_and_tokenizer`.
         progress: called with (done, total) after each batch.
+        trust_remote_code: let a model (or the data's tokenizer) that ships Python code of its
+            own run it; False (default) refuses it and runs none of its code.
 
     Returns:
         ``{"model", "data", "loss" (nats/token), "perplexity", "bits_per_byte",
@@ -474,9 +483,11 @@ def evaluate(
         sys.stderr.write(
             "warning: --max-length and --stride apply to text; prepared blocks are scored whole\n"
         )
-    lm, tokenizer, source = load_model_and_tokenizer(model, device=device, dtype=dtype)
+    lm, tokenizer, source = load_model_and_tokenizer(
+        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     if prepared:
-        sums = _eval_prepared(lm, tokenizer, path, split, batch_size, progress)
+        sums = _eval_prepared(lm, tokenizer, path, split, batch_size, progress, trust_remote_code)
     else:
         sums = _eval_text(lm, tokenizer, texts, max_length, stride, batch_size, progress)
     if sums.tokens == 0:
@@ -613,13 +624,17 @@ def token_view(
     max_length: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Load ``model`` and return :func:`token_probabilities` of ``text``, with ``"model"``."""
+    """Load ``model`` and return :func:`token_probabilities` of ``text``, with ``"model"``
+    (``trust_remote_code``: see :func:`evaluate`)."""
     from llmkit.generation.loading import load_model_and_tokenizer
 
     if not text:
         raise UserError("--tokens '' is empty", "give some text to score")
-    lm, tokenizer, source = load_model_and_tokenizer(model, device=device, dtype=dtype)
+    lm, tokenizer, source = load_model_and_tokenizer(
+        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     return {
         "model": source,
         **token_probabilities(lm, tokenizer, text, top=top, max_length=max_length),
