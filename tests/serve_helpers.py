@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 HOST = "127.0.0.1"  # the tests only ever talk to the loopback address
 
@@ -59,24 +60,24 @@ def tiny_chat_model(tokenizer, out: Path, positions: int = 1024) -> Path:
     return out
 
 
-def get(url: str, timeout: float = 5.0) -> tuple[int, dict, dict]:
+def get(url: str, timeout: float = 5.0) -> tuple[int, dict, Any]:
     """``(status, json body, headers)`` of a GET."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, json.loads(r.read()), dict(r.headers)
+            return r.status, json.loads(r.read()), r.headers
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}"), dict(err.headers)
+        return err.code, json.loads(err.read() or b"{}"), err.headers
 
 
-def post(url: str, body: bytes | dict, timeout: float = 30.0) -> tuple[int, dict, dict]:
+def post(url: str, body: bytes | dict, timeout: float = 30.0) -> tuple[int, dict, Any]:
     """``(status, json body, headers)`` of a POST of ``body`` (a dict is sent as JSON)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read()), dict(r.headers)
+            return r.status, json.loads(r.read()), r.headers
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}"), dict(err.headers)
+        return err.code, json.loads(err.read() or b"{}"), err.headers
 
 
 class Server:
@@ -85,6 +86,8 @@ class Server:
     def __init__(self, proc: subprocess.Popen, url: str, log: Path):
         self.proc, self.url, self.log = proc, url, log
         self.pid = proc.pid
+        self.health_seen: list[tuple[int, dict, Any]] = []
+        """Each ``/health`` answer (status, body, headers) seen while waiting for it to be ready."""
 
     def log_text(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")
@@ -139,8 +142,9 @@ def running_server(model: Path | str, log_dir: Path, *args: str, ready_timeout: 
             if proc.poll() is not None:
                 raise AssertionError(f"llmkit serve exited {proc.returncode}:\n{server.log_text()}")
             try:
-                status, _, _ = get(server.url + "/health", timeout=2)
-                if status == 200:
+                answer = get(server.url + "/health", timeout=2)
+                server.health_seen.append(answer)
+                if answer[0] == 200:
                     break
             except OSError:
                 pass

@@ -72,6 +72,29 @@ def raw_stream(url: str, body: dict) -> tuple[int, bytes]:
 # --- the API through the openai client ------------------------------------------------------
 
 
+def test_health_is_503_while_loading_then_200(server):
+    statuses = [status for status, _, _ in server.health_seen]
+    assert statuses[-1] == 200 and 503 in statuses, statuses
+    status, body, headers = next(a for a in server.health_seen if a[0] == 503)
+    assert body == {"status": "loading"} and int(headers["Retry-After"]) >= 1
+
+
+def test_a_model_that_does_not_load_ends_the_server_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "llmkit", "serve", "--model", str(tmp_path / "nope"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2, res.stderr
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "does not exist" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_models_and_health(client, server):
     models = client.models.list()
     assert [m.id for m in models.data] == ["serve-model0"]

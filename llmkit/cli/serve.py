@@ -38,6 +38,12 @@ def serve_command(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Let a model that ships Python code of its own (auto_map in config.json or "
+        "tokenizer_config.json) run it. Off: such a model is refused and its code never runs.",
+    ),
 ) -> None:
     """Serve a model with OpenAI's API: POST /v1/chat/completions and /v1/completions (streamed
     or not), GET /v1/models and /health, and a chat page at /.
@@ -70,6 +76,7 @@ def serve_command(
         batch_wait=batch_wait_ms / 1000,
         default_max_tokens=default_max_tokens,
         threads=threads,
+        trust_remote_code=trust_remote_code,
     )
 
 

@@ -83,6 +83,7 @@ class ServerState:
         default_max_tokens: ``max_tokens`` when a request gives none (capped by the room left
             in the context).
         threads: torch threads (None: :func:`choose_threads`).
+        trust_remote_code: let a model run Python code of its own (as ``llmkit generate``).
         on_fatal: called with the error when the model fails to load (the CLI stops the server).
     """
 
@@ -98,6 +99,7 @@ class ServerState:
         batch_wait: float = 0.01,
         default_max_tokens: int = 256,
         threads: int | None = None,
+        trust_remote_code: bool = False,
         log: Any = sys.stderr,
         on_fatal: Any = None,
     ):
@@ -109,6 +111,7 @@ class ServerState:
         self.batch_wait = batch_wait
         self.default_max_tokens = default_max_tokens
         self.threads = threads
+        self.trust_remote_code = trust_remote_code
         self.log = log
         self.on_fatal = on_fatal
         self.ready = threading.Event()
@@ -135,7 +138,10 @@ class ServerState:
 
             torch.set_num_threads(choose_threads(self.threads))
             model, tokenizer, source = load_model_and_tokenizer(
-                self.model_arg, device=self.device, dtype=self.dtype
+                self.model_arg,
+                device=self.device,
+                dtype=self.dtype,
+                trust_remote_code=self.trust_remote_code,
             )
             self.model, self.tokenizer = model, tokenizer
             self.served_name = self.served_name or _name_of(source)
@@ -531,6 +537,7 @@ def serve(
     batch_wait: float = 0.01,
     default_max_tokens: int = 256,
     threads: int | None = None,
+    trust_remote_code: bool = False,
 ) -> None:
     """Serve ``model`` over HTTP until interrupted (``llmkit serve``).
 
@@ -566,6 +573,7 @@ def serve(
         batch_wait=batch_wait,
         default_max_tokens=default_max_tokens,
         threads=threads,
+        trust_remote_code=trust_remote_code,
         on_fatal=on_fatal,
     )
     app = build_app(state)
