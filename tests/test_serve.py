@@ -383,3 +383,46 @@ def test_disconnect_after_three_chunks_cancels_and_does_not_delay_the_next(small
     assert left["completion_tokens"] < 100, left  # stopped far below its limit of 1000
     full = left["seconds"] / max(left["completion_tokens"], 1) * 1000  # its whole run, estimated
     assert nxt["queued"] < full / 4 and took < full / 2, (left, nxt, took)
+
+
+# --- a real model ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_chat_equals_llmkit_generate_chat(tmp_path):
+    """SmolLM2-135M-Instruct (GGUF) served: a greedy chat completion through the openai client
+    equals ``llmkit generate --chat`` with the same settings, and stops at ``<|im_end|>``."""
+    import subprocess
+    import sys
+
+    from conftest import MODELS
+
+    gguf = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.exists():
+        pytest.skip(f"{gguf} is absent (the shared models live in ../shared/models)")
+    pytest.importorskip("gguf", reason="reading a .gguf needs the gguf package")
+    system = "You are Pip, the customer support assistant of Pebblewick. Answer briefly."
+    question = "Where can I update my account password?"
+    with running_server(gguf, tmp_path, "--threads", "2", ready_timeout=300) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=300)
+        res = client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=48,
+            temperature=0,
+        )
+    cli = subprocess.run(
+        [sys.executable, "-m", "llmkit", "generate", "--model", str(gguf), "--chat"]
+        + ["--system", system, "--temperature", "0", "--max-new-tokens", "48", "--json", question],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert cli.returncode == 0, cli.stderr
+    want = json.loads(cli.stdout.strip().splitlines()[-1])
+    assert res.choices[0].message.content == want["completion"]
+    assert res.usage.prompt_tokens == want["prompt_tokens"]
+    assert res.usage.completion_tokens == want["new_tokens"]
+    reason = {"eos": "stop", "stop": "stop", "length": "length"}[want["finish_reason"]]
+    assert res.choices[0].finish_reason == reason
+    assert len(res.choices[0].message.content) > 10
