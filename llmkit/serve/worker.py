@@ -93,7 +93,10 @@ class Job:
 
     def emit(self, event: tuple) -> None:
         if self.loop is not None and self.events is not None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            try:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            except RuntimeError:  # the event loop is closed: the server is shutting down
+                self.cancelled.set()
 
     def cancel(self) -> None:
         """Finish the job's rows at the next step (the client left)."""

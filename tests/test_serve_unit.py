@@ -1,0 +1,174 @@
+"""``llmkit serve`` in process: which requests share a batch, request validation, and a fault
+while generating (a 500 before the stream starts, an error event after it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("starlette", reason="llmkit serve needs the serve extra (starlette)")
+
+from llmkit.serve.schemas import ApiError, Sampling, parse_chat, parse_completion  # noqa: E402
+
+
+def test_only_compatible_requests_share_a_batch(tiny_model_dir):
+    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.serve.worker import BatchWorker, Job, QueueFull, Row
+
+    model, tok, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
+    worker = BatchWorker(model, tok, max_batch_size=3, max_queue=7, batch_wait=0, log=None)
+
+    def job(name, n=1, **sampling):
+        j = Job(rows=[Row([1, 2], 4, []) for _ in range(n)], sampling=Sampling(**sampling))
+        j.name = name
+        return j
+
+    jobs = [
+        job("greedy-a", temperature=0),
+        job("hot-b", temperature=0.7),
+        job("greedy-c", temperature=0, seed=5),  # a seed changes nothing under greedy decoding
+        job("seeded-d", temperature=0.7, seed=1),
+        job("hot-e", temperature=0.7),
+        job("greedy-f", n=2, temperature=0),  # 2 rows: over the batch of 3 with a and c
+        job("warm-g", temperature=0.7, top_p=0.9),
+    ]
+    for j in jobs:
+        worker.submit(j)
+    with pytest.raises(QueueFull) as full:
+        worker.submit(job("one-too-many", temperature=0))
+    assert full.value.status == 503 and int(full.value.headers["Retry-After"]) >= 1
+    batches = []
+    while worker.queued():
+        batches.append([j.name for j in worker._next_batch()])
+    assert batches == [
+        ["greedy-a", "greedy-c"],
+        ["hot-b", "hot-e"],
+        ["seeded-d"],
+        ["greedy-f"],
+        ["warm-g"],
+    ]
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": "hi"}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": True}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, "stop"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 99}, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "seed": "s"}, "seed"),
+        ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "tools"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1},
+            "presence_penalty",
+        ),
+    ],
+)
+def test_chat_validation_names_the_field(body, param):
+    with pytest.raises(ApiError) as info:
+        parse_chat(body, max_n=8)
+    assert (info.value.status, info.value.param) == (400, param)
+
+
+def test_chat_parsing_keeps_what_was_asked():
+    p = parse_chat(
+        {
+            "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}],
+                },
+            ],
+            "max_tokens": 9,
+            "max_completion_tokens": 7,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "n": 2,
+            "seed": 3,
+            "stop": "\n",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    assert p.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+    ]
+    assert (p.max_tokens, p.max_tokens_param) == (7, "max_completion_tokens")
+    assert (p.sampling.temperature, p.sampling.top_p, p.sampling.seed, p.n) == (0.5, 0.9, 3, 2)
+    assert p.stop == ["\n"] and p.stream and p.include_usage
+
+
+def test_completion_prompts():
+    assert parse_completion({"prompt": "a"}).prompts == ["a"]
+    assert parse_completion({"prompt": [5, 6]}).prompts == [[5, 6]]
+    assert parse_completion({"prompt": ["a", [7]]}).prompts == ["a", [7]]
+    for bad in ({}, {"prompt": 3}, {"prompt": []}, {"prompt": [["x"]]}):
+        with pytest.raises(ApiError) as info:
+            parse_completion(bad)
+        assert info.value.param == "prompt"
+    with pytest.raises(ApiError) as info:
+        parse_completion({"prompt": ["a", "b", "c"], "n": 3}, max_n=8)
+    assert info.value.param == "n"
+
+
+@pytest.fixture(scope="module")
+def faulty_app(tmp_path_factory, tiny_tokenizer):
+    """The app on a loaded tiny chat model whose ``generate`` fails after one step."""
+    from serve_helpers import tiny_chat_model
+    from starlette.testclient import TestClient
+
+    from llmkit.serve.app import ServerState, build_app
+
+    model_dir = tiny_chat_model(tiny_tokenizer, tmp_path_factory.mktemp("faulty"), 256)
+    state = ServerState(str(model_dir), threads=1, log=None)
+    state.load()
+    assert state.ready.is_set(), state.error
+    real = state.model.generate
+
+    def generate(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 40:  # long prompts break, short ones work
+            criteria = kwargs["stopping_criteria"]
+            ids = kwargs["input_ids"]
+            import torch
+
+            criteria[0](torch.cat([ids, ids[:, -1:]], dim=1), None)  # one token streamed
+            raise RuntimeError("the accelerator fell over")
+        return real(*args, **kwargs)
+
+    state.model.generate = generate
+    with TestClient(build_app(state)) as client:
+        yield client
+    state.worker.shutdown()
+
+
+def test_a_fault_is_500_before_the_stream_and_an_error_event_after(faulty_app):
+    fine = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    assert faulty_app.post("/v1/chat/completions", json=fine).status_code == 200
+    broken = dict(fine, messages=[{"role": "user", "content": "a long question " * 6}])
+    res = faulty_app.post("/v1/chat/completions", json=broken)
+    assert res.status_code == 500
+    err = res.json()["error"]
+    assert err["type"] == "server_error" and "fell over" in err["message"]
+
+    with faulty_app.stream("POST", "/v1/chat/completions", json=dict(broken, stream=True)) as res:
+        assert res.status_code == 200
+        events = [line[6:] for line in res.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "error" in chunks[-1] and chunks[-1]["error"]["type"] == "server_error"
+    assert all("error" not in c for c in chunks[:-1])
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])  # no false finish
