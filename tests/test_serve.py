@@ -1,12 +1,15 @@
 """``llmkit serve`` through the real ``openai`` client and raw HTTP, against a server started on
 127.0.0.1 by the test (a subprocess, stopped by its pid), serving a tiny random GPT-2 built from
 a config with a chat template (see ``serve_helpers.tiny_chat_model``: greedy never ends by EOS,
-so each answer's length is the ``max_tokens`` or stop string the test asks for)."""
+so each answer's length is the ``max_tokens`` or stop string the test asks for). The chat page
+is driven in Debian's headless chromium (skipped, with the reason, when it is absent; ``make
+install`` installs it when it can)."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,9 +30,13 @@ def chat_model_dir(tmp_path_factory, tiny_tokenizer):
     return tiny_chat_model(tiny_tokenizer, tmp_path_factory.mktemp("serve-model"), POSITIONS)
 
 
+MAX_QUEUE = 8  # = the batch size: 8 concurrent requests never overflow it, a 9th waiting does
+
+
 @pytest.fixture(scope="module")
 def server(chat_model_dir, tmp_path_factory):
-    with running_server(chat_model_dir, tmp_path_factory.mktemp("serve-log")) as s:
+    log_dir = tmp_path_factory.mktemp("serve-log")
+    with running_server(chat_model_dir, log_dir, "--max-queue", str(MAX_QUEUE)) as s:
         yield s
 
 
@@ -279,15 +286,17 @@ def test_context_overflow_is_400_before_generating(client, server, words):
     assert server.log_text().count("[serve] request") == before  # nothing was generated
 
 
-def test_prompt_plus_max_tokens_just_fits(client, local):
-    from llmkit.generation.generate import encode_chat
-
-    _, tok = local
-    n = len(encode_chat(tok, [{"role": "user", "content": "Good morrow"}]))
-    res = client.chat.completions.create(**ask(POSITIONS - n))
+def test_prompt_plus_max_tokens_just_fits(client):
+    ids = [(7 * i) % 250 + 5 for i in range(POSITIONS - 3)]  # token ids as the prompt
+    res = client.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0)
     assert res.usage.prompt_tokens + res.usage.completion_tokens == POSITIONS
+    assert res.choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(**ask(POSITIONS - n + 1))
+        client.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0)
+    assert (info.value.code, info.value.param) == ("context_length_exceeded", "prompt")
+    assert f"{POSITIONS - 3} in the prompt, 4 in max_tokens" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:  # no max_tokens and no room left
+        client.completions.create(model="tiny", prompt=ids + [5, 6, 7], temperature=0)
     assert info.value.code == "context_length_exceeded"
 
 
@@ -308,14 +317,6 @@ def test_the_page_is_served_without_external_assets(server):
 
 
 # --- a bounded queue, and clients that leave ----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def small_server(chat_model_dir, tmp_path_factory):
-    """One row at a time and one request waiting at most."""
-    log_dir = tmp_path_factory.mktemp("serve-log-small")
-    with running_server(chat_model_dir, log_dir, "--max-batch-size", "1", "--max-queue", "1") as s:
-        yield s
 
 
 class OpenStream:
@@ -341,48 +342,148 @@ class OpenStream:
         self.conn.close()
 
 
-def test_queue_full_is_503_with_retry_after(small_server):
-    long = OpenStream(small_server.url, ask(1000, "Long", stream=True))
+def test_queue_full_is_503_with_retry_after(server):
+    """A long request runs; 8 more wait behind its batch (the queue's bound); a 9th is refused
+    with 503 and Retry-After; once the long one's client leaves, the 8 are served."""
+    long = OpenStream(server.url, ask(1000, "Long", stream=True))
+    answers = []
     try:
         for _ in range(3):
             long.event()  # it is generating
-        waiting = {}
-        t = threading.Thread(
-            target=lambda: waiting.update(r=post(small_server.url + "/v1/chat/completions", ask(4)))
-        )
-        t.start()
-        end = time.monotonic() + 10
-        while get(small_server.url + "/health")[1].get("queued") != 1:
-            assert time.monotonic() < end, "the second request never queued"
+        waiting = [
+            threading.Thread(
+                target=lambda i=i: answers.append(
+                    post(server.url + "/v1/chat/completions", ask(2 + i % 3, f"Wait {i}"))
+                )
+            )
+            for i in range(MAX_QUEUE)
+        ]
+        for t in waiting:
+            t.start()
+        end = time.monotonic() + 20
+        while get(server.url + "/health")[1].get("queued") != MAX_QUEUE:
+            assert time.monotonic() < end, "the waiting requests never all queued"
             time.sleep(0.02)
-        refused = openai.OpenAI(base_url=small_server.url + "/v1", api_key="none", max_retries=0)
+        refused = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
         with pytest.raises(openai.APIStatusError) as info:
             refused.chat.completions.create(**ask(4))
         assert info.value.status_code == 503
         assert int(info.value.response.headers["retry-after"]) >= 1
         assert info.value.body["code"] == "queue_full"
+        assert info.value.body["type"] == "server_error"
     finally:
         long.close()
-    t.join(30)
-    status, body, _ = waiting["r"]
-    assert status == 200 and body["usage"]["completion_tokens"] == 4  # the queued one is served
+    for t in waiting:
+        t.join(60)
+    assert sorted(status for status, _, _ in answers) == [200] * MAX_QUEUE
+    assert sorted(b["usage"]["completion_tokens"] for _, b, _ in answers) == sorted(
+        2 + i % 3 for i in range(MAX_QUEUE)
+    )
 
 
-def test_disconnect_after_three_chunks_cancels_and_does_not_delay_the_next(small_server):
-    before = len(small_server.requests_logged())
-    stream = OpenStream(small_server.url, ask(1000, "Leave early", stream=True))
+def test_disconnect_after_three_chunks_cancels_and_does_not_delay_the_next(server):
+    before = len(server.requests_logged())
+    stream = OpenStream(server.url, ask(1000, "Leave early", stream=True))
     for _ in range(3):
         stream.event()
     stream.close()
     t0 = time.perf_counter()
-    status, body, _ = post(small_server.url + "/v1/chat/completions", ask(4, "Next"))
+    status, body, _ = post(server.url + "/v1/chat/completions", ask(4, "Next"))
     took = time.perf_counter() - t0
     assert status == 200 and body["usage"]["completion_tokens"] == 4
-    left, nxt = small_server.requests_logged(before)
+    left, nxt = server.requests_logged(before)
     assert left["finish"] == "cancelled"
     assert left["completion_tokens"] < 100, left  # stopped far below its limit of 1000
     full = left["seconds"] / max(left["completion_tokens"], 1) * 1000  # its whole run, estimated
     assert nxt["queued"] < full / 4 and took < full / 2, (left, nxt, took)
+
+
+# --- the chat page in a real headless browser ----------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Debian's chromium, headless, driven by selenium through chromedriver."""
+    if CHROMIUM is None or DRIVER is None:
+        pytest.skip(
+            "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+        )
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def test_page_streams_an_answer_and_resets(server, browser):
+    """Type a question, see the answer grow while it streams and end equal to the API's answer
+    for the same conversation; reset clears the conversation and keeps the system prompt."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    max_tokens = 400  # long enough to watch it grow
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 30, poll_frequency=0.01)
+    wait.until(lambda d: d.find_element(By.ID, "status").text == "ready")
+    assert f"context {POSITIONS}" in browser.find_element(By.ID, "model").text
+
+    browser.find_element(By.ID, "system").send_keys("Be brief.")
+    mt = browser.find_element(By.ID, "max_tokens")
+    mt.clear()
+    mt.send_keys(str(max_tokens))
+    browser.find_element(By.ID, "input").send_keys("Good morrow")
+    browser.find_element(By.ID, "send").click()
+
+    # the answer grows while it streams: several distinct lengths seen before it is done
+    lengths = []
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        msgs = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+        if msgs:
+            text = msgs[-1].find_element(By.CLASS_NAME, "text").get_attribute("textContent")
+            if not lengths or lengths[-1] != len(text):
+                lengths.append(len(text))
+            if msgs[-1].get_attribute("data-state") == "done":
+                break
+        time.sleep(0.005)
+    msg = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+    assert msg.get_attribute("data-state") == "done"
+    assert msg.get_attribute("data-finish") == "length"
+    shown = msg.find_element(By.CLASS_NAME, "text").get_attribute("textContent")
+    assert len([n for n in lengths if 0 < n < len(shown)]) >= 2, lengths  # seen mid-stream
+
+    # the page shows what the API answers for the same conversation
+    status, body, _ = post(
+        server.url + "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Good morrow"},
+            ],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
+    )
+    assert status == 200
+    assert shown == body["choices"][0]["message"]["content"]
+    users = browser.find_elements(By.CSS_SELECTOR, ".msg.user")
+    assert [u.find_element(By.CLASS_NAME, "text").text for u in users] == ["Good morrow"]
+
+    browser.find_element(By.ID, "reset").click()
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
+    assert browser.execute_script("return conversation.length") == 0  # the conversation is gone
+    assert browser.find_element(By.ID, "system").get_attribute("value") == "Be brief."
 
 
 # --- a real model ---------------------------------------------------------------------------
