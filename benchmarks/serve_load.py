@@ -28,8 +28,8 @@ import argparse
 import http.client
 import json
 import os
+import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -77,12 +77,6 @@ def tiny_model(out: Path) -> Path:
     GPT2LMHeadModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def one_request(port: int, question: str, max_tokens: int) -> dict:
@@ -182,9 +176,8 @@ def main() -> int:
         model = str(GGUF)
     else:
         model = str(tiny_model(Path(tmp.name) / "tiny"))
-    port = free_port()
     cmd = [sys.executable, "-m", "llmkit", "serve", "--model", model, "--host", HOST]
-    cmd += ["--port", str(port), "--max-batch-size", str(args.max_batch_size)]
+    cmd += ["--port", "0", "--max-batch-size", str(args.max_batch_size)]
     cmd += ["--max-queue", "64", "--default-max-tokens", str(args.max_tokens)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -200,10 +193,17 @@ def main() -> int:
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(int(args.time_limit))
     try:
-        while True:  # wait for /health 200
+        port = None
+        while True:  # wait for the port it bound (--port 0: a free one), then /health 200
             if proc.poll() is not None:
                 sys.stderr.write(log.read_text())
                 raise SystemExit(f"the server exited with status {proc.returncode}")
+            if port is None:
+                found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log.read_text())
+                if found is None:
+                    time.sleep(0.05)
+                    continue
+                port = int(found[1])
             try:
                 conn = http.client.HTTPConnection(HOST, port, timeout=2)
                 conn.request("GET", "/health")

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,12 +22,6 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
 )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def tiny_chat_model(tokenizer, out: Path, positions: int = 1024) -> Path:
@@ -126,21 +119,28 @@ class Server:
 
 @contextmanager
 def running_server(model: Path | str, log_dir: Path, *args: str, ready_timeout: float = 120.0):
-    """Start ``llmkit serve --model model ARGS`` on 127.0.0.1 and a free port, wait until
+    """Start ``llmkit serve --model model ARGS`` on 127.0.0.1 and a free port (``--port 0``; the
+    server says which in its log), wait until
     ``/health`` says 200, yield a :class:`Server`; stop it by its pid (SIGTERM, then SIGKILL)."""
-    port = free_port()
-    log = log_dir / f"serve-{port}.log"
+    log = log_dir / f"serve-{time.monotonic_ns()}.log"
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "llmkit", "serve", "--model", str(model), "--host", HOST]
-    cmd += ["--port", str(port), "--threads", "1", *args]
+    cmd += ["--port", "0", "--threads", "1", *args]  # port 0: the server binds a free one
     with open(log, "w", encoding="utf-8") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
-    server = Server(proc, f"http://{HOST}:{port}", log)
+    server = Server(proc, "", log)
     try:
         end = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None:
                 raise AssertionError(f"llmkit serve exited {proc.returncode}:\n{server.log_text()}")
+            if not server.url:
+                found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", server.log_text())
+                if found is None:
+                    assert time.monotonic() < end, "llmkit serve never said where it listens"
+                    time.sleep(0.05)
+                    continue
+                server.url = found[1]
             try:
                 answer = get(server.url + "/health", timeout=2)
                 server.health_seen.append(answer)

@@ -20,7 +20,7 @@ pytest.importorskip("starlette", reason="llmkit serve needs the serve extra (sta
 pytest.importorskip("uvicorn", reason="llmkit serve needs the serve extra (uvicorn)")
 openai = pytest.importorskip("openai", reason="the serve tests use the openai client (dev extra)")
 
-from serve_helpers import get, post, running_server, tiny_chat_model  # noqa: E402
+from serve_helpers import HOST, get, post, running_server, tiny_chat_model  # noqa: E402
 
 POSITIONS = 1024
 
@@ -100,6 +100,22 @@ def test_a_model_that_does_not_load_ends_the_server_with_one_line(tmp_path):
     errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "does not exist" in errors[0], res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_busy_port_is_one_line(server):
+    import subprocess
+    import sys
+
+    port = server.url.rsplit(":", 1)[1]
+    res = subprocess.run(
+        [sys.executable, "-m", "llmkit", "serve", "--model", "x", "--host", HOST, "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2
+    assert res.stderr.startswith(f"error: cannot listen on {HOST}:{port}"), res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
 def test_models_and_health(client, server):

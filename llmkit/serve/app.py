@@ -524,6 +524,33 @@ def build_app(state: ServerState) -> Starlette:
     )
 
 
+def _bind(host: str, port: int) -> Any:
+    """A socket bound to ``host:port`` (port 0: a free one), so that a busy port or a bad
+    address is one clear error before anything loads.
+
+    Raises:
+        UserError: the address cannot be resolved or bound.
+    """
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise UserError(f"--host {host}: {err}", "use an address such as 127.0.0.1") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise UserError(
+            f"cannot listen on {host}:{port}: {err.strerror or err}",
+            "is another server using the port? pass --port N",
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(
     model: str | None = None,
     *,
@@ -578,21 +605,26 @@ def serve(
     )
     app = build_app(state)
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=3,  # open streams get 3 s, then are closed (and cancelled)
     )
     server = uvicorn.Server(config)
     server_box["server"] = server
-    sys.stderr.write(f"[serve] listening on http://{host}:{port} (loading the model...)\n")
+    sock = _bind(host, port)
+    shown = f"[{host}]" if ":" in host else host
+    sys.stderr.write(
+        f"[serve] listening on http://{shown}:{sock.getsockname()[1]} (loading the model...)\n"
+    )
     sys.stderr.flush()
     loader = threading.Thread(target=state.load, name="llmkit-serve-load", daemon=True)
     loader.start()
     try:
-        server.run()
-    except SystemExit as err:  # uvicorn exits when it cannot bind the address
-        raise UserError(
-            f"cannot listen on {host}:{port} (exit status {err.code})",
-            "is another server using the port? pass --port N",
-        ) from None
+        server.run(sockets=[sock])
     finally:
         if state.worker is not None:
             state.worker.shutdown()
