@@ -358,21 +358,38 @@ class OpenStream:
         self.conn.close()
 
 
+def send_and_keep(url: str, body: dict):
+    """Send a chat request on a raw socket and return the socket (closing it = leaving)."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + data)
+    return sock
+
+
 def test_queue_full_is_503_with_retry_after(server):
-    """A long request runs; 8 more wait behind its batch (the queue's bound); a 9th is refused
-    with 503 and Retry-After; once the long one's client leaves, the 8 are served."""
+    """A long request runs; 8 more wait behind its batch (the queue's bound), one of whose
+    clients leaves while waiting; a 9th is refused with 503 and Retry-After; once the long
+    one's client leaves too, the 7 others are served and the one that left is never run."""
     long = OpenStream(server.url, ask(1000, "Long", stream=True))
     answers = []
     try:
         for _ in range(3):
             long.event()  # it is generating
+        leaver = send_and_keep(server.url, ask(50, "I will not wait", stream=True))
         waiting = [
             threading.Thread(
                 target=lambda i=i: answers.append(
                     post(server.url + "/v1/chat/completions", ask(2 + i % 3, f"Wait {i}"))
                 )
             )
-            for i in range(MAX_QUEUE)
+            for i in range(MAX_QUEUE - 1)
         ]
         for t in waiting:
             t.start()
@@ -387,14 +404,17 @@ def test_queue_full_is_503_with_retry_after(server):
         assert int(info.value.response.headers["retry-after"]) >= 1
         assert info.value.body["code"] == "queue_full"
         assert info.value.body["type"] == "server_error"
+        leaver.close()
     finally:
         long.close()
     for t in waiting:
         t.join(60)
-    assert sorted(status for status, _, _ in answers) == [200] * MAX_QUEUE
+    assert sorted(status for status, _, _ in answers) == [200] * (MAX_QUEUE - 1)
     assert sorted(b["usage"]["completion_tokens"] for _, b, _ in answers) == sorted(
-        2 + i % 3 for i in range(MAX_QUEUE)
+        2 + i % 3 for i in range(MAX_QUEUE - 1)
     )
+    assert "cancelled before it started" in server.wait_for_log("cancelled before it started")
+    assert not any(r["completion_tokens"] == 50 for r in server.requests_logged())
 
 
 def test_disconnect_after_three_chunks_cancels_and_does_not_delay_the_next(server):

@@ -126,7 +126,9 @@ def test_completion_prompts():
 
 @pytest.fixture(scope="module")
 def faulty_app(tmp_path_factory, tiny_tokenizer):
-    """The app on a loaded tiny chat model whose ``generate`` fails after one step."""
+    """The app on a loaded tiny chat model whose ``generate`` fails: at once for a prompt that
+    says "fail now", after streaming one token ("e") for one that says "fail later"."""
+    import torch
     from serve_helpers import tiny_chat_model
     from starlette.testclient import TestClient
 
@@ -137,14 +139,20 @@ def faulty_app(tmp_path_factory, tiny_tokenizer):
     state.load()
     assert state.ready.is_set(), state.error
     real = state.model.generate
+    tok = state.tokenizer
+    now, later = (tok("fail now")["input_ids"], tok("fail later")["input_ids"])
+    e = tok.convert_tokens_to_ids("e")
+
+    def contains(row, part):
+        return any(row[i : i + len(part)] == part for i in range(len(row)))
 
     def generate(*args, **kwargs):
-        if kwargs["input_ids"].shape[1] > 40:  # long prompts break, short ones work
-            criteria = kwargs["stopping_criteria"]
-            ids = kwargs["input_ids"]
-            import torch
-
-            criteria[0](torch.cat([ids, ids[:, -1:]], dim=1), None)  # one token streamed
+        ids = kwargs["input_ids"]
+        row = ids[0].tolist()
+        if contains(row, now):
+            raise RuntimeError("the accelerator fell over")
+        if contains(row, later):
+            kwargs["stopping_criteria"][0](torch.cat([ids, torch.full_like(ids[:, :1], e)], 1))
             raise RuntimeError("the accelerator fell over")
         return real(*args, **kwargs)
 
@@ -154,21 +162,31 @@ def faulty_app(tmp_path_factory, tiny_tokenizer):
     state.worker.shutdown()
 
 
-def test_a_fault_is_500_before_the_stream_and_an_error_event_after(faulty_app):
-    fine = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
-    assert faulty_app.post("/v1/chat/completions", json=fine).status_code == 200
-    broken = dict(fine, messages=[{"role": "user", "content": "a long question " * 6}])
-    res = faulty_app.post("/v1/chat/completions", json=broken)
-    assert res.status_code == 500
-    err = res.json()["error"]
-    assert err["type"] == "server_error" and "fell over" in err["message"]
+def chat(text, **extra):
+    return {"messages": [{"role": "user", "content": text}], "max_tokens": 3, "temperature": 0,
+            **extra}  # fmt: skip
 
-    with faulty_app.stream("POST", "/v1/chat/completions", json=dict(broken, stream=True)) as res:
+
+def test_a_fault_before_any_text_is_a_plain_500(faulty_app):
+    assert faulty_app.post("/v1/chat/completions", json=chat("hi")).status_code == 200
+    for body in (chat("fail now"), chat("fail now", stream=True), chat("fail later")):
+        res = faulty_app.post("/v1/chat/completions", json=body)
+        assert res.status_code == 500, body
+        err = res.json()["error"]
+        assert err["type"] == "server_error" and "fell over" in err["message"]
+    assert faulty_app.post("/v1/chat/completions", json=chat("hi")).status_code == 200  # still up
+
+
+def test_a_fault_after_the_stream_started_is_an_error_event(faulty_app):
+    with faulty_app.stream(
+        "POST", "/v1/chat/completions", json=chat("fail later", stream=True)
+    ) as res:
         assert res.status_code == 200
         events = [line[6:] for line in res.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[1]["choices"][0]["delta"]["content"] == "e"
     assert "error" in chunks[-1] and chunks[-1]["error"]["type"] == "server_error"
     assert all("error" not in c for c in chunks[:-1])
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])  # no false finish

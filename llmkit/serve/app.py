@@ -311,11 +311,13 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 async def _watch_disconnect(request: Request, job: Any) -> None:
-    """Cancel ``job`` as soon as the client's connection closes."""
+    """Cancel ``job`` as soon as the client's connection closes, and wake its handler with a
+    ``("gone",)`` event (a job cancelled while still queued gets no other event)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             job.cancel()
+            job.events.put_nowait(("gone",))
             return
 
 
@@ -452,13 +454,22 @@ def build_app(state: ServerState) -> Starlette:
         except ApiError as err:
             return error_response(err)
         answer = _Answer(state, parsed, job, lengths)
+        watcher = asyncio.create_task(_watch_disconnect(request, job))
         if parsed.stream:
+            # The status goes out with the first event, so that a fault before any text is a
+            # plain HTTP error; after it, faults are error events in the stream.
+            first = await job.events.get()
+            if first[0] in ("error", "gone"):
+                watcher.cancel()
+                job.cancel()
+                return (
+                    error_response(first[1]) if first[0] == "error" else Response(status_code=204)
+                )
             return StreamingResponse(
-                _stream(request, answer),
+                _stream(answer, watcher, first),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        watcher = asyncio.create_task(_watch_disconnect(request, job))
         texts: dict[int, list[str]] = {}
         reasons: dict[int, str] = {}
         try:
@@ -470,6 +481,8 @@ def build_app(state: ServerState) -> Starlette:
                     reasons[event[1]] = event[2]
                 elif event[0] == "error":
                     return error_response(event[1])
+                elif event[0] == "gone":
+                    return Response(status_code=204)  # nobody is listening
                 elif event[0] == "done":
                     break
         finally:
@@ -477,15 +490,14 @@ def build_app(state: ServerState) -> Starlette:
             job.cancel()  # a no-op once done; stops the rows when this handler is torn down
         return JSONResponse(answer.whole(texts, reasons))
 
-    async def _stream(request: Request, answer: _Answer):
+    async def _stream(answer: _Answer, watcher: asyncio.Task, first: tuple):
         job = answer.job
-        watcher = asyncio.create_task(_watch_disconnect(request, job))
         try:
             if answer.chat:
                 for row in job.rows:
                     yield _sse(answer.chunk(row.index, "", role=True))
+            event = first
             while True:
-                event = await job.events.get()
                 if event[0] == "delta":
                     yield _sse(answer.chunk(event[1], event[2]))
                 elif event[0] == "finish":
@@ -493,10 +505,13 @@ def build_app(state: ServerState) -> Starlette:
                 elif event[0] == "error":
                     yield _sse(event[1].body())
                     break
+                elif event[0] == "gone":
+                    return
                 elif event[0] == "done":
                     if answer.parsed.include_usage:
                         yield _sse(answer.usage_chunk())
                     break
+                event = await job.events.get()
             yield _sse("[DONE]")
         finally:
             watcher.cancel()
