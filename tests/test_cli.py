@@ -30,6 +30,7 @@ print(",".join(heavy))
         ["generate", "--help"],
         ["eval", "--help"],
         ["chat", "--help"],
+        ["serve", "--help"],
         ["--version"],
     ],
 )
@@ -49,4 +50,4 @@ def test_every_subcommand_is_registered():
     from llmkit.cli import app
 
     names = set(get_command(app).commands)
-    assert {"prepare", "train", "generate", "eval", "chat"} <= names
+    assert {"prepare", "train", "generate", "eval", "chat", "serve"} <= names

@@ -197,6 +197,23 @@ def test_completions_endpoint_equals_llmkit_generate(client, local):
     assert res.usage.prompt_tokens == sum(w.prompt_tokens for w in want)
 
 
+def test_a_seeded_request_equals_llmkit_generate_with_that_seed(client, local):
+    """A seeded request runs in a batch of its own after ``torch.manual_seed(seed)``: its n
+    answers are llmkit's ``--seed S --num-return-sequences n`` answers (top_k 0: no limit)."""
+    from llmkit.generation.generate import GenerationSettings, complete_batch, encode_chat
+
+    model, tok = local
+    messages = [{"role": "user", "content": "Speak"}]
+    res = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0.9, top_p=0.95, seed=11, n=2
+    )
+    settings = GenerationSettings(
+        max_new_tokens=10, temperature=0.9, top_p=0.95, top_k=None, seed=11, num_return_sequences=2
+    )
+    want = complete_batch(model, tok, ["x"], settings, prompt_ids=[encode_chat(tok, messages)])
+    assert [c.message.content for c in res.choices] == [w.completion for w in want]
+
+
 def test_n_choices_and_seed(client):
     kw = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
     a = client.chat.completions.create(**kw, temperature=1.0, seed=7, n=3)
