@@ -124,6 +124,25 @@ def test_models_and_health(client, server):
     assert models.data[0].model_extra["context_length"] == POSITIONS
     status, body, _ = get(server.url + "/health")
     assert (status, body["status"]) == (200, "ok")
+    assert client.models.retrieve("serve-model0").model_extra["context_length"] == POSITIONS
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4")
+    assert info.value.code == "model_not_found"
+
+
+def test_a_huge_body_is_413_before_it_is_read(server):
+    import http.client
+
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(64 * 2**20))
+    conn.endheaders()
+    conn.send(b'{"messages": ')  # and never the other 64 MiB
+    res = conn.getresponse()
+    body = json.loads(res.read())
+    conn.close()
+    assert res.status == 413 and body["error"]["code"] == "request_too_large"
 
 
 def test_chat_equals_llmkit_generation_and_streams_the_same_text(client, local):

@@ -301,6 +301,29 @@ def _name_of(source: str) -> str:
     return path.name if (path.exists() or source.startswith((".", "/", "~"))) else source
 
 
+MAX_BODY_BYTES = 32 * 2**20
+"""The largest request body read (32 MiB, some 8 million tokens of text); larger is a 413."""
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, refused with 413 past :data:`MAX_BODY_BYTES` without reading it all."""
+    declared = request.headers.get("content-length", "")
+    too_big = ApiError(
+        413,
+        f"the request body is over {MAX_BODY_BYTES // 2**20} MiB",
+        code="request_too_large",
+    )
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        parts.append(part)
+    return b"".join(parts)
+
+
 def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -416,12 +439,8 @@ def build_app(state: ServerState) -> Starlette:
             return JSONResponse({"status": "failed", "error": str(state.error)}, status_code=500)
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
 
-    async def models(request: Request) -> Response:
-        try:
-            state.require_ready()
-        except ApiError as err:
-            return error_response(err)
-        entry = {
+    def model_entry() -> dict[str, Any]:
+        return {
             "id": state.served_name,
             "object": "model",
             "created": state.created,
@@ -429,7 +448,28 @@ def build_app(state: ServerState) -> Starlette:
             "context_length": state.positions,
             "max_model_len": state.positions,  # the name vLLM gives it
         }
-        return JSONResponse({"object": "list", "data": [entry]})
+
+    async def models(request: Request) -> Response:
+        try:
+            state.require_ready()
+        except ApiError as err:
+            return error_response(err)
+        return JSONResponse({"object": "list", "data": [model_entry()]})
+
+    async def one_model(request: Request) -> Response:
+        try:
+            state.require_ready()
+            name = request.path_params["name"]
+            if name != state.served_name:
+                raise ApiError(
+                    404,
+                    f"model {name!r} is not served here; this server serves {state.served_name!r}",
+                    param="model",
+                    code="model_not_found",
+                )
+        except ApiError as err:
+            return error_response(err)
+        return JSONResponse(model_entry())
 
     async def page(request: Request) -> Response:
         html = resources.files("llmkit.serve").joinpath("page.html").read_text(encoding="utf-8")
@@ -444,7 +484,7 @@ def build_app(state: ServerState) -> Starlette:
     async def _complete(request: Request, kind: str) -> Response:
         try:
             state.require_ready()
-            body = parse_json(await request.body())
+            body = parse_json(await _read_body(request))
             max_n = state.max_batch_size
             parsed = parse_chat(body, max_n) if kind == "chat" else parse_completion(body, max_n)
             job, lengths = await run_in_threadpool(state.make_job, parsed)
@@ -531,6 +571,7 @@ def build_app(state: ServerState) -> Starlette:
         Route("/", page, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{name:path}", one_model, methods=["GET"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
     ]
