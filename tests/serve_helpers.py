@@ -3,6 +3,7 @@ by its process id; and a tiny chat model saved from a config (nothing downloaded
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -48,6 +49,7 @@ def tiny_chat_model(tokenizer, out: Path, positions: int = 1024) -> Path:
     with torch.no_grad():
         model.lm_head.weight[eos].zero_()
     model.save_pretrained(out)
+    tokenizer = copy.deepcopy(tokenizer)  # the fixture's tokenizer is shared: leave it as it is
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
     return out
