@@ -363,6 +363,7 @@ def test_the_page_is_served_without_external_assets(server):
     with urllib.request.urlopen(server.url + "/", timeout=10) as r:
         html = r.read().decode()
         assert r.headers["Content-Type"].startswith("text/html")
+        assert "default-src 'none'" in r.headers["Content-Security-Policy"]
     for needed in ('id="system"', 'id="input"', 'id="send"', 'id="reset"', "/v1/chat/completions"):
         assert needed in html
     assert "http://" not in html and "https://" not in html and "src=" not in html
@@ -576,7 +577,7 @@ def test_smollm2_chat_equals_llmkit_generate_chat(tmp_path):
     pytest.importorskip("gguf", reason="reading a .gguf needs the gguf package")
     system = "You are Pip, the customer support assistant of Pebblewick. Answer briefly."
     question = "Where can I update my account password?"
-    with running_server(gguf, tmp_path, "--threads", "2", ready_timeout=300) as s:
+    with running_server(gguf, tmp_path, ready_timeout=300) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=300)
         res = client.chat.completions.create(
             model="smollm2",

@@ -301,6 +301,13 @@ def _name_of(source: str) -> str:
     return path.name if (path.exists() or source.startswith((".", "/", "~"))) else source
 
 
+PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'"
+)
+"""The chat page's Content-Security-Policy: its inline script and style, requests to this server
+only — the browser itself holds the page to "no external assets"."""
+
 MAX_BODY_BYTES = 32 * 2**20
 """The largest request body read (32 MiB, some 8 million tokens of text); larger is a 413."""
 
@@ -473,7 +480,9 @@ def build_app(state: ServerState) -> Starlette:
 
     async def page(request: Request) -> Response:
         html = resources.files("llmkit.serve").joinpath("page.html").read_text(encoding="utf-8")
-        return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
+        return HTMLResponse(
+            html, headers={"Cache-Control": "no-cache", "Content-Security-Policy": PAGE_CSP}
+        )
 
     async def chat(request: Request) -> Response:
         return await _complete(request, "chat")
