@@ -411,9 +411,9 @@ def send_and_keep(url: str, body: dict):
 
 
 def test_queue_full_is_503_with_retry_after(server):
-    """A long request runs; 8 more wait behind its batch (the queue's bound), one of whose
-    clients leaves while waiting; a 9th is refused with 503 and Retry-After; once the long
-    one's client leaves too, the 7 others are served and the one that left is never run."""
+    """A long request runs; 8 more wait behind its batch (the queue's bound); a 9th is refused
+    with 503 and Retry-After; one waiting client leaves and its place is freed at once; once
+    the long one's client leaves too, the 7 others are served and the one that left never ran."""
     long = OpenStream(server.url, ask(1000, "Long", stream=True))
     answers = []
     try:
@@ -441,7 +441,9 @@ def test_queue_full_is_503_with_retry_after(server):
         assert int(info.value.response.headers["retry-after"]) >= 1
         assert info.value.body["code"] == "queue_full"
         assert info.value.body["type"] == "server_error"
-        leaver.close()
+        leaver.close()  # its place in the queue is freed at once, before the worker gets to it
+        server.wait_for_log("cancelled before it started")
+        assert get(server.url + "/health")[1]["queued"] == MAX_QUEUE - 1
     finally:
         long.close()
     for t in waiting:

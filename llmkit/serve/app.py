@@ -340,13 +340,14 @@ def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {payload}\n\n"
 
 
-async def _watch_disconnect(request: Request, job: Any) -> None:
-    """Cancel ``job`` as soon as the client's connection closes, and wake its handler with a
-    ``("gone",)`` event (a job cancelled while still queued gets no other event)."""
+async def _watch_disconnect(request: Request, job: Any, worker: Any) -> None:
+    """Cancel ``job`` as soon as the client's connection closes (a queued job leaves the queue
+    at once), and wake its handler with a ``("gone",)`` event (a job that never runs gets no
+    other event)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            job.cancel()
+            worker.withdraw(job)
             job.events.put_nowait(("gone",))
             return
 
@@ -503,7 +504,7 @@ def build_app(state: ServerState) -> Starlette:
         except ApiError as err:
             return error_response(err)
         answer = _Answer(state, parsed, job, lengths)
-        watcher = asyncio.create_task(_watch_disconnect(request, job))
+        watcher = asyncio.create_task(_watch_disconnect(request, job, state.worker))
         if parsed.stream:
             # The status goes out with the first event, so that a fault before any text is a
             # plain HTTP error; after it, faults are error events in the stream.

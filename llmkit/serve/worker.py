@@ -179,6 +179,17 @@ class BatchWorker:
             self._queue.append(job)
             self._cond.notify()
 
+    def withdraw(self, job: Job) -> None:
+        """Cancel ``job`` (its client left) and, when it is still waiting, free its place in
+        the queue at once rather than when the worker reaches it."""
+        job.cancel()
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return  # running or done: its rows stop at the next step
+        self._write(f"[serve] request {job.id}: cancelled before it started (the client left)\n")
+
     def queued(self) -> int:
         with self._cond:
             return len(self._queue)
@@ -225,7 +236,9 @@ class BatchWorker:
                 return
             for job in [j for j in batch if j.cancelled.is_set()]:
                 batch.remove(job)
-                self._write(f"[serve] request {job.id}: cancelled before it started\n")
+                self._write(
+                    f"[serve] request {job.id}: cancelled before it started (the client left)\n"
+                )
             if not batch:
                 continue
             start = time.perf_counter()
