@@ -190,3 +190,44 @@ def test_a_fault_after_the_stream_started_is_an_error_event(faulty_app):
     assert "error" in chunks[-1] and chunks[-1]["error"]["type"] == "server_error"
     assert all("error" not in c for c in chunks[:-1])
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])  # no false finish
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"seed": 2**70},
+        {"seed": -(2**70)},
+        {"max_tokens": 10**30},
+        {"max_tokens": 1e3},
+        {"n": 2**40},
+        {"top_k": 10**30},
+        {"stop": None, "n": None, "temperature": None, "seed": None},
+        {"stream_options": []},
+        {"stream_options": {"include_usage": "yes"}},
+        {"messages": [{"role": "user", "content": None}]},
+        {"messages": [{"role": "user", "content": {"text": "x"}}]},
+        {"messages": [["user", "x"]]},
+        {"messages": [{"role": ["user"], "content": "x"}]},
+        {"logit_bias": {"5": 100}},
+        {"response_format": {"type": "json_object"}},
+    ],
+)
+def test_odd_requests_are_never_a_500(faulty_app, extra):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+    res = faulty_app.post("/v1/chat/completions", json=body)
+    assert res.status_code in (200, 400), res.text
+    if res.status_code == 400:
+        assert res.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_odd_completion_requests_are_never_a_500(faulty_app):
+    for body in (
+        {"prompt": [10**12], "max_tokens": 2},
+        {"prompt": [-1], "max_tokens": 2},
+        {"prompt": "", "max_tokens": 2},
+        {"prompt": ["a", ""], "max_tokens": 2},
+        {"prompt": "x", "echo": True},
+        {"prompt": "x", "best_of": 3},
+    ):
+        res = faulty_app.post("/v1/completions", json=body)
+        assert res.status_code in (200, 400), (body, res.text)

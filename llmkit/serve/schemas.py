@@ -206,8 +206,9 @@ def _common(body: dict[str, Any], out: ParsedRequest, max_n: int) -> None:
         out.sampling.top_k = max(int(k), 0)
     s = body.get("seed")
     if s is not None:
-        if not _is_int(s):
-            raise bad(f"seed must be an integer, got {s!r}", "seed")
+        if not _is_int(s) or not -(2**63) <= s < 2**64:
+            # torch.manual_seed's range, [-2**63, 2**64 - 1]
+            raise bad(f"seed must be an integer in [-2**63, 2**64 - 1], got {s!r}", "seed")
         out.sampling.seed = int(s)
     n = body.get("n")
     if n is not None:
