@@ -109,6 +109,8 @@ def test_chat_parsing_keeps_what_was_asked():
     assert (p.max_tokens, p.max_tokens_param) == (7, "max_completion_tokens")
     assert (p.sampling.temperature, p.sampling.top_p, p.sampling.seed, p.n) == (0.5, 0.9, 3, 2)
     assert p.stop == ["\n"] and p.stream and p.include_usage
+    tiny = parse_chat({"messages": [{"role": "user", "content": "x"}], "temperature": 1e-6})
+    assert tiny.sampling.greedy and tiny.sampling.batch_key() == ("greedy",)
 
 
 def test_completion_prompts():
@@ -196,6 +198,7 @@ def test_a_fault_after_the_stream_started_is_an_error_event(faulty_app):
     "extra",
     [
         {"seed": 2**70},
+        {"temperature": 1e-300},
         {"seed": -(2**70)},
         {"max_tokens": 10**30},
         {"max_tokens": 1e3},

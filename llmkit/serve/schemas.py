@@ -28,6 +28,8 @@ from typing import Any
 
 ROLES = ("system", "developer", "user", "assistant")
 """Chat roles accepted; ``developer`` (OpenAI's newer name for system) is rendered as system."""
+GREEDY_BELOW = 1e-5
+"""A temperature below this is decoding greedily (temperature 0)."""
 MAX_STOP = 4  # OpenAI: "Up to 4 sequences where the API will stop generating further tokens"
 
 
@@ -193,7 +195,9 @@ def _common(body: dict[str, Any], out: ParsedRequest, max_n: int) -> None:
             raise bad(f"temperature must be a number, got {t!r}", "temperature")
         if not 0 <= t <= 2:
             raise bad(f"temperature must be between 0 and 2, got {t}", "temperature")
-        out.sampling.temperature = float(t)
+        # below 1e-5 the logits divided by it overflow to inf (a NaN distribution): greedy, as
+        # vLLM does under the same threshold (its _SAMPLING_EPS)
+        out.sampling.temperature = float(t) if t >= GREEDY_BELOW else 0.0
     p = body.get("top_p")
     if p is not None:
         if not _is_number(p) or not 0 < p <= 1:
