@@ -79,6 +79,14 @@ def tiny_model(out: Path) -> Path:
     return out
 
 
+def batches_logged(log: Path) -> list[int]:
+    """The rows of each batch the server ran so far, in order (from its per-request lines)."""
+    sizes: dict[int, int] = {}
+    for m in re.finditer(r"\(batch (\d+), (\d+) rows\)", log.read_text()):
+        sizes[int(m[1])] = int(m[2])
+    return [sizes[b] for b in sorted(sizes)]
+
+
 def one_request(port: int, question: str, max_tokens: int) -> dict:
     """One streamed chat request: ``{"ttft", "seconds", "tokens", "ok"}``."""
     body = {
@@ -163,6 +171,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="server threads (default: free)")
+    ap.add_argument("--batch-wait-ms", type=float, default=None, help="server --batch-wait-ms")
     ap.add_argument("--time-limit", type=float, default=900.0, help="seconds for the whole run")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -181,6 +190,8 @@ def main() -> int:
     cmd += ["--max-queue", "64", "--default-max-tokens", str(args.max_tokens)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.batch_wait_ms is not None:
+        cmd += ["--batch-wait-ms", str(args.batch_wait_ms)]
     log = Path(tmp.name) / "serve.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log, "w") as err:
@@ -218,10 +229,13 @@ def main() -> int:
         print(ready[-1] if ready else "[serve] ready")
         qs = questions()
         one_request(port, qs[0], 4)  # warm-up
+        seen = len(batches_logged(log))
         serial = run_level(port, 1, args.serial_requests, args.max_tokens, qs)
+        serial["batches"], seen = batches_logged(log)[seen:], len(batches_logged(log))
         rows = [("serial (1 client, one request at a time)", serial)]
         for n in levels:
             level = run_level(port, n, args.requests_per_client, args.max_tokens, qs)
+            level["batches"], seen = batches_logged(log)[seen:], len(batches_logged(log))
             rows.append((f"{n} concurrent client(s) × {args.requests_per_client}", level))
     finally:
         signal.alarm(0)
@@ -243,6 +257,9 @@ def main() -> int:
             f"{r['wall']:>6.1f} | {r['tps']:>8.1f} | {r['tps'] / base:>8.2f} | "
             f"{r['ttft_p50']:>10.2f} | {r['ttft_p95']:>10.2f} |"
         )
+    print("\nrows per generate call: " + "; ".join(
+        f"{r['clients']} client(s): {' '.join(map(str, r['batches']))}" for _, r in rows
+    ))  # fmt: skip
     eight = next((r for name, r in rows[1:] if r["clients"] == 8), None)
     failed = sum(r["failed"] for _, r in rows)
     if eight is not None:

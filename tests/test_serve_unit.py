@@ -50,6 +50,39 @@ def test_only_compatible_requests_share_a_batch(tiny_model_dir):
     ]
 
 
+@pytest.mark.parametrize("announced", [True, False])
+def test_a_batch_waits_for_requests_still_being_prepared(tiny_model_dir, announced):
+    """With a 50 ms gap, a request submitted 200 ms after the first joins its batch only when
+    it was announced (being parsed and tokenized) meanwhile; the wait is at most 10 gaps."""
+    import threading
+    import time
+
+    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.serve.worker import BatchWorker, Job, Row
+
+    model, tok, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
+    worker = BatchWorker(model, tok, max_batch_size=8, batch_wait=0.05, log=None)
+
+    def job():
+        return Job(rows=[Row([1, 2], 4, [])], sampling=Sampling(temperature=0))
+
+    first, late = job(), job()
+    worker.submit(first)
+    if announced:
+        worker.expect()
+    got = {}
+    t = threading.Thread(target=lambda: got.update(batch=worker._next_batch()))
+    t0 = time.monotonic()
+    t.start()
+    time.sleep(0.2)
+    worker.submit(late)
+    if announced:
+        worker.unexpect()
+    t.join(5)
+    assert got["batch"] == ([first, late] if announced else [first])
+    assert time.monotonic() - t0 < 0.5 + 0.2  # never more than 10 × 50 ms of gathering
+
+
 @pytest.mark.parametrize(
     "body, param",
     [

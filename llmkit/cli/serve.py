@@ -28,7 +28,10 @@ def serve_command(
         64, "--max-queue", help="Most requests waiting; one more gets 503 with Retry-After."
     ),
     batch_wait_ms: float = typer.Option(
-        10.0, "--batch-wait-ms", help="How long a batch waits for more requests to join it."
+        10.0,
+        "--batch-wait-ms",
+        help="A batch gathers requests until none arrived for this long (and none is being "
+        "prepared), at most 10x this.",
     ),
     default_max_tokens: int = typer.Option(
         256, "--default-max-tokens", help="max_tokens when a request gives none."

@@ -497,10 +497,14 @@ def build_app(state: ServerState) -> Starlette:
             body = parse_json(await _read_body(request))
             max_n = state.max_batch_size
             parsed = parse_chat(body, max_n) if kind == "chat" else parse_completion(body, max_n)
-            job, lengths = await run_in_threadpool(state.make_job, parsed)
-            job.loop = asyncio.get_running_loop()
-            job.events = asyncio.Queue()
-            state.worker.submit(job)
+            state.worker.expect()  # a batch being gathered waits while this one is prepared
+            try:
+                job, lengths = await run_in_threadpool(state.make_job, parsed)
+                job.loop = asyncio.get_running_loop()
+                job.events = asyncio.Queue()
+                state.worker.submit(job)
+            finally:
+                state.worker.unexpect()
         except ApiError as err:
             return error_response(err)
         answer = _Answer(state, parsed, job, lengths)

@@ -1,8 +1,10 @@
 """The model's one owner: a thread that takes jobs from a bounded queue and runs them in batches.
 
 Each HTTP request becomes a :class:`Job` of one or more :class:`Row`\\ s (``n`` choices, or
-several prompts of ``/v1/completions``). The worker takes the oldest job, waits up to
-``batch_wait`` seconds for more, and adds every queued job with the same
+several prompts of ``/v1/completions``). The worker takes the oldest job, waits for more — while
+requests are still being prepared (parsed, tokenized) or new ones keep arriving within
+``batch_wait`` seconds of each other, at most ``10 × batch_wait`` in all — and adds every queued
+job with the same
 :meth:`~llmkit.serve.schemas.Sampling.batch_key` while the rows fit in ``max_batch_size``;
 jobs it skips keep their place. The batch runs as one left-padded ``model.generate`` call
 through llmkit's own :func:`~llmkit.generation.generate.left_pad` and ``eos_ids`` — the same
@@ -121,7 +123,9 @@ class BatchWorker:
         model, tokenizer: loaded by the caller (``model.eval()``).
         max_batch_size: most rows per ``generate`` call.
         max_queue: most jobs waiting (not yet running); one more is refused with 503.
-        batch_wait: seconds to wait after the first job for others to join its batch.
+        batch_wait: the gap between arrivals that ends a batch's gathering: the worker waits
+            for more jobs while one arrived less than ``batch_wait`` ago or requests are still
+            being prepared (:meth:`expect`), at most ``10 × batch_wait`` after the first.
         tokenizer_lock: held while the tokenizer is used (it is shared with the request
             handlers, and a Rust tokenizer refuses concurrent mutable use).
         log: where one line per finished request goes (None: nowhere).
@@ -149,6 +153,7 @@ class BatchWorker:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stop = False
+        self._arriving = 0  # requests received and being prepared, not yet submitted
         self.batches = 0
         """``generate`` calls run so far."""
         self.busy_seconds = 0.0
@@ -166,6 +171,17 @@ class BatchWorker:
             self._cond.notify_all()
         for job in waiting:
             job.emit(("error", ApiError(503, "the server is shutting down", type="server_error")))
+
+    def expect(self) -> None:
+        """A request arrived and is being prepared: a batch being gathered waits for it."""
+        with self._cond:
+            self._arriving += 1
+
+    def unexpect(self) -> None:
+        """The request announced by :meth:`expect` was submitted or refused."""
+        with self._cond:
+            self._arriving -= 1
+            self._cond.notify_all()
 
     def submit(self, job: Job) -> None:
         """Queue a job.
@@ -212,7 +228,8 @@ class BatchWorker:
         batch, rows = [first], len(first.rows)
         if key is None:
             return batch
-        deadline = time.monotonic() + self.batch_wait
+        start = time.monotonic()
+        last_arrival, hard = start, start + 10 * self.batch_wait
         while rows < self.max_batch_size:
             with self._cond:
                 for job in list(self._queue):
@@ -223,10 +240,13 @@ class BatchWorker:
                         self._queue.remove(job)
                         batch.append(job)
                         rows += len(job.rows)
-                left = deadline - time.monotonic()
-                if left <= 0 or rows >= self.max_batch_size or self._stop:
+                        last_arrival = time.monotonic()
+                now = time.monotonic()
+                quiet = now - last_arrival >= self.batch_wait and not self._arriving
+                if rows >= self.max_batch_size or now >= hard or quiet or self._stop:
                     break
-                self._cond.wait(left)
+                until = hard if self._arriving else min(hard, last_arrival + self.batch_wait)
+                self._cond.wait(max(until - now, 0.0005))
         return batch
 
     def _run(self) -> None:
