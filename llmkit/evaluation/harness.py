@@ -94,13 +94,17 @@ def task_code_guard(trust_remote_code: bool) -> Iterator[None]:
         return
     try:
         from lm_eval.tasks import _yaml_loader as loader
-    except ImportError:  # no harness, or another layout: nothing to guard here
-        yield
-        return
+    except ImportError:
+        loader = None
     original = getattr(loader, "_import_func_in_yml", None)
-    if original is None:
-        yield
-        return
+    if original is None:  # fail closed: a harness whose loader we cannot guard runs no task
+        raise UserError(
+            "this lm_eval release resolves task code in a way llmkit does not know "
+            "(no lm_eval.tasks._yaml_loader._import_func_in_yml), so llmkit cannot keep a "
+            "task's Python code from running",
+            "install a tested release (pip install 'lm_eval>=0.4.13,<0.5') or pass "
+            "--trust-remote-code",
+        )
     import lm_eval
 
     package = Path(lm_eval.__file__).resolve().parent
