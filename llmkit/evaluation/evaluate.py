@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 
 from llmkit.errors import UserError
+from llmkit.evaluation.checks import check_windows
 from llmkit.evaluation.metrics import IGNORE_INDEX, NLLSums, nll_sums, shift_labels
 
 Progress = Callable[[int, int], None]
@@ -68,13 +69,7 @@ def plan_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
     Raises:
         UserError: ``max_length < 2``, or ``stride`` outside 1..max_length.
     """
-    if max_length < 2:
-        raise UserError(f"--max-length {max_length} is too small", "use at least 2 tokens")
-    if not 1 <= stride <= max_length:
-        raise UserError(
-            f"--stride {stride} must be between 1 and --max-length {max_length}",
-            "a stride above the window length would skip tokens",
-        )
+    check_windows(max_length, stride)
     if n_tokens < 2:
         return []
     step = min(stride, max_length - 1)

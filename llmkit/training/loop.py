@@ -622,6 +622,9 @@ def _train(
 
     cuda = torch.cuda.is_available()
     check_strategy(recipe.distributed, cuda=cuda, lora=lcfg.r > 0)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for message in recipe.ignored_settings():  # e.g. zero_stage with strategy ddp
+            _warn(console, message)
     if tcfg.mixed_precision == "fp16" and not cuda and int(os.environ.get("RANK", "0")) == 0:
         _warn(
             console,
