@@ -13,7 +13,7 @@ torch's default threads while other work ran; 1 thread kept most of the speed).
    sets ``OMP_NUM_THREADS=1`` for its workers) — llmkit changes nothing;
 3. otherwise the free cores: ``cores - load``, where ``cores`` is the CPUs this process may run
    on (``os.sched_getaffinity``) and ``load`` the 1-minute load average (``os.getloadavg``).
-   When fewer cores are free than torch would use, llmkit uses ``max(1, floor(free))`` threads
+   When fewer cores are free than torch would use, llmkit uses ``max(1, round(free))`` threads
    and says so in one warning line.
 
 Nothing here imports torch except :func:`apply_threads`.
@@ -21,7 +21,6 @@ Nothing here imports torch except :func:`apply_threads`.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -91,7 +90,7 @@ def choose_threads(
     if busy is None:
         return None, None
     free = n - busy
-    chosen = max(1, math.floor(free))
+    chosen = max(1, round(free))
     if chosen >= default:
         return None, None
     message = (
