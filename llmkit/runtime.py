@@ -66,8 +66,8 @@ def choose_threads(
     default: int,
     *,
     environ: Mapping[str, str] | None = None,
-    cores: Callable[[], int] = usable_cores,
-    load: Callable[[], float | None] = load_average,
+    cores: Callable[[], int] | None = None,
+    load: Callable[[], float | None] | None = None,
 ) -> tuple[int | None, str | None]:
     """The number of torch threads to set, and the warning to print (see the module docstring).
 
@@ -86,7 +86,7 @@ def choose_threads(
     env = os.environ if environ is None else environ
     if any(env.get(name) for name in THREAD_ENV):
         return None, None
-    n, busy = cores(), load()
+    n, busy = (cores or usable_cores)(), (load or load_average)()
     if busy is None:
         return None, None
     free = n - busy

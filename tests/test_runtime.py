@@ -84,7 +84,8 @@ def test_train_on_a_busy_machine_uses_the_free_cores(
     monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
     torch.set_num_threads(8)
     data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
-    args = ["train", f"data.path={data}", f"out_dir={tmp_path / 'r'}", "--dry-run"]
+    args = ["train", f"data.path={data}", f"out_dir={tmp_path / 'r'}"]
+    args += ["train.micro_batch_size=4", "--dry-run"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert torch.get_num_threads() == 3  # round(8 - 5.2)
