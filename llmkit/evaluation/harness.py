@@ -293,6 +293,10 @@ def run_tasks(
             "--chat needs a chat template and the model's tokenizer has none (not a chat model)",
             "drop --chat, or evaluate an instruct model",
         )
+    if chat:  # a broken template fails here in one line, not inside the harness
+        from llmkit.templates import render_chat
+
+        render_chat(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     from llmkit.generation.generate import silence_padding_warning
 
     # The harness pads on the right, after the scored continuation: the warning is noise.

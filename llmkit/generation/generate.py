@@ -37,6 +37,7 @@ from transformers.generation.streamers import BaseStreamer
 from llmkit.errors import UserError
 from llmkit.generation.loading import load_model_and_tokenizer, model_max_positions
 from llmkit.generation.settings import GenerationSettings  # defined there: no torch
+from llmkit.templates import render_chat
 
 # Decoding options shared by the streamer and the final text, so both give the same string.
 # No clean-up of spaces: text already written to the terminal cannot be taken back.
@@ -204,7 +205,9 @@ def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     tokenizer's chat template, ending with the prompt for the assistant's turn.
 
     Raises:
-        UserError: the tokenizer has no chat template (a base model, not an instruct one).
+        UserError: the tokenizer has no chat template (a base model, not an instruct one); the
+            template fails (:func:`llmkit.templates.render_chat`: syntax error, sandbox,
+            undefined name...), naming its file.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
@@ -212,7 +215,7 @@ def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
             "use `llmkit generate` without --chat/--system, or an instruct model such as "
             "SmolLM2-135M-Instruct",
         )
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -330,8 +333,8 @@ def _find_end_of_turn(tokenizer: Any) -> list[int]:
         {"role": "assistant", "content": _PROBE},
     ]
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # a template with rules of its own (roles, alternation): no guess
+        text = render_chat(tokenizer, messages)
+    except UserError:  # a template with rules of its own (roles, alternation): no guess
         return []
     if not isinstance(text, str) or _PROBE not in text:
         return []
