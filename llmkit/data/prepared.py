@@ -42,6 +42,7 @@ The two splits hold whole documents or conversations (one is never split between
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,39 @@ def read_manifest(path: str | Path) -> dict:
         return json.loads((p / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read {p / MANIFEST}: {err}", "rerun llmkit prepare") from err
+
+
+#: What to do when prepared data and a model disagree on the vocabulary.
+VOCAB_HINT = "prepare the data with --tokenizer pointing at the model (or its tokenizer)"
+
+
+def check_same_vocabulary(
+    data_vocab: Mapping[str, int], model_vocab: Mapping[str, int], data_path, model_name: str
+) -> None:
+    """Refuse data tokenized with another tokenizer than the model's — ``llmkit train`` and
+    ``llmkit eval`` both call this, so they accept and refuse the same pairs.
+
+    Every (token, id) of the model's vocabulary must be in the data's with the same id; the
+    data's may add tokens after it (e.g. chat markers that ``prepare`` added). Equal sizes
+    prove nothing: two BPEs of 512 tokens number different strings.
+
+    Args:
+        data_vocab: the prepared data's tokenizer's ``get_vocab()`` (added tokens included).
+        model_vocab: the model's tokenizer's vocabulary, token -> id.
+        data_path: the prepared directory (named in the error).
+        model_name: the model (named in the error).
+
+    Raises:
+        UserError: "vocabulary mismatch", with how many tokens differ and one of them.
+    """
+    differ = [t for t, i in model_vocab.items() if data_vocab.get(t) != i]
+    if differ:
+        raise UserError(
+            f"vocabulary mismatch: {data_path} was tokenized with another tokenizer than "
+            f"{model_name} ({len(differ):,} of its {len(model_vocab):,} tokens differ, e.g. "
+            f"{differ[0]!r})",
+            VOCAB_HINT,
+        )
 
 
 def load_prepared(path: str | Path) -> PreparedData:

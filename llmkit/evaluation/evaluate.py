@@ -334,9 +334,15 @@ def _model_vocab_size(model: Any) -> int | None:
 
 
 def _eval_prepared(
-    lm: Any, tokenizer: Any, data: Path, split: str, batch_size: int, progress: Progress | None
+    lm: Any,
+    tokenizer: Any,
+    data: Path,
+    split: str,
+    batch_size: int,
+    progress: Progress | None,
+    model_name: str = "the model",
 ) -> NLLSums:
-    from llmkit.data.prepared import SPLITS, load_prepared
+    from llmkit.data.prepared import SPLITS, check_same_vocabulary, load_prepared
     from llmkit.data.tokenizer import token_byte_lengths
     from llmkit.generation.loading import model_max_positions
 
@@ -364,11 +370,8 @@ def _eval_prepared(
             f"model's vocabulary of {vocab}",
             "evaluate on data prepared with the model's tokenizer",
         )
-    if prepared.tokenizer.get_vocab() != tokenizer.get_vocab():
-        sys.stderr.write(
-            f"warning: the tokenizer of {data} differs from the model's; the scores compare "
-            "token ids the model was not trained on\n"
-        )
+    # the same check as llmkit train: scores of ids the model never saw would be meaningless
+    check_same_vocabulary(prepared.tokenizer.get_vocab(), tokenizer.get_vocab(), data, model_name)
     token_bytes = token_byte_lengths(prepared.tokenizer)
     return score_blocks(lm, blocks, token_bytes, batch_size, lm.device, progress=progress)
 
@@ -471,7 +474,7 @@ def evaluate(
         )
     lm, tokenizer, source = load_model_and_tokenizer(model, device=device, dtype=dtype)
     if prepared:
-        sums = _eval_prepared(lm, tokenizer, path, split, batch_size, progress)
+        sums = _eval_prepared(lm, tokenizer, path, split, batch_size, progress, source)
     else:
         sums = _eval_text(lm, tokenizer, texts, max_length, stride, batch_size, progress)
     if sums.tokens == 0:
