@@ -151,7 +151,9 @@ def load_prepared(path: str | Path) -> PreparedData:
     """Load the splits, tokenizer and manifest of a prepared directory.
 
     Raises:
-        UserError: ``path`` is not a prepared directory.
+        UserError: ``path`` is not a prepared directory; a split is damaged (a truncated,
+            missing or unreadable ``.arrow`` file or ``state.json``, or fewer blocks than the
+            manifest counts), naming the file.
     """
     from datasets import load_from_disk
 
@@ -162,7 +164,7 @@ def load_prepared(path: str | Path) -> PreparedData:
     splits = {}
     for name in SPLITS:
         if (p / name).is_dir():
-            splits[name] = load_from_disk(str(p / name))
+            splits[name] = _load_split(p, name, manifest, load_from_disk)
         else:
             splits[name] = None
     if splits["validation"] is None:
@@ -174,3 +176,60 @@ def load_prepared(path: str | Path) -> PreparedData:
         tokenizer=load_tokenizer(p),
         manifest=manifest,
     )
+
+
+def damaged(path: Path, file: Path | str, reason: str) -> UserError:
+    """The one-line error for a damaged prepared directory ``path``."""
+    return UserError(
+        f"prepared data {path} is damaged: {file} {reason}",
+        f"rerun llmkit prepare with the same inputs and --output {path} --overwrite",
+    )
+
+
+def _load_split(p: Path, name: str, manifest: dict, load_from_disk) -> Any:
+    """``load_from_disk(p / name)``, with a damaged split as one :func:`damaged` line.
+
+    Arrow files are read whole when loaded (datasets maps them), so a truncated file fails
+    here, not in the middle of a run; a file cut exactly between two record batches reads as
+    fewer rows, so the rows are also counted against the manifest's ``splits.NAME.blocks``.
+    """
+    split = p / name
+    try:
+        ds = load_from_disk(str(split))
+    except FileNotFoundError as err:
+        missing = err.filename or split
+        raise damaged(p, missing, "is missing") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:  # pyarrow's errors derive from these
+        raise damaged(p, _bad_file(split), f"cannot be read ({_short(err)})") from None
+    expected = ((manifest.get("splits") or {}).get(name) or {}).get("blocks")
+    if isinstance(expected, int) and len(ds) != expected:
+        files = sorted(split.glob("*.arrow"))
+        where = files[-1] if len(files) == 1 else split
+        raise damaged(
+            p, where, f"holds {len(ds):,} blocks where {MANIFEST} counts {expected:,} (truncated?)"
+        )
+    return ds
+
+
+def _bad_file(split: Path) -> Path:
+    """The first file of a split that does not read: an ``.arrow`` file that is not a whole
+    Arrow stream, else its ``state.json`` / ``dataset_info.json``, else the directory."""
+    import pyarrow as pa
+
+    for file in sorted(split.glob("*.arrow")):
+        try:
+            with pa.memory_map(str(file)) as source:
+                pa.ipc.open_stream(source).read_all()
+        except (OSError, ValueError):
+            return file
+    for name in ("state.json", "dataset_info.json"):
+        try:
+            json.loads((split / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return split / name
+    return split
+
+
+def _short(err: BaseException, limit: int = 120) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
