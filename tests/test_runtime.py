@@ -48,7 +48,7 @@ def restore_threads():
 def test_generate_on_a_busy_machine_uses_one_thread(tiny_model_dir, monkeypatch, restore_threads):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
-    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (40.0, 40.0, 40.0))
+    monkeypatch.setattr(runtime, "load_average", lambda: 40.0)
     monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
     torch.set_num_threads(2)
     args = ["generate", "-m", str(tiny_model_dir), "-t", "0", "--max-new-tokens", "2", "Hi"]
@@ -80,7 +80,7 @@ def test_train_on_a_busy_machine_uses_the_free_cores(
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
-    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (5.2, 5.0, 5.0))
+    monkeypatch.setattr(runtime, "load_average", lambda: 5.2)
     monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
     torch.set_num_threads(8)
     data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
@@ -92,3 +92,9 @@ def test_train_on_a_busy_machine_uses_the_free_cores(
     assert "load average 5.2 on 8 cores): using 3 threads instead of torch's 8" in (
         " ".join(result.stderr.split())
     )
+
+
+def test_load_average_reads_the_one_minute_figure(monkeypatch):
+    monkeypatch.undo()  # the real function, not conftest's idle machine
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (3.5, 2.0, 1.0))
+    assert runtime.load_average() == 3.5
