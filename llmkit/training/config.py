@@ -153,8 +153,8 @@ class TrainConfig(_Section):
     peak_flops: float | None = Field(
         None,
         gt=0,
-        description="Peak FLOP/s of one device for MFU; default: measured at start by a "
-        "matmul benchmark in the training dtype.",
+        description="Peak FLOP/s of one device for MFU; default: measured at start, the best "
+        "rate of matmuls (a square and the model's own shapes) in the dtype the work runs in.",
     )
 
     @field_validator("mixed_precision", mode="before")
