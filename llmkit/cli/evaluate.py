@@ -271,6 +271,18 @@ def eval_command(
         )
     if len(modes) > 1:
         raise UserError(f"{' and '.join(modes)} are exclusive", "run them as separate commands")
+    harness_only = [
+        name
+        for name, value in (
+            ("--include-path", include_path),
+            ("--limit", limit),
+            ("--num-fewshot", num_fewshot),
+            ("--chat", chat),
+        )
+        if value
+    ]
+    if harness_only and not tasks:
+        raise UserError(f"{harness_only[0]} goes with --tasks", "add --tasks NAME[,NAME...]")
     # Every flag is checked before torch is imported (seconds): a mistake is one line at once.
     from llmkit.evaluation.checks import check_eval_args
     from llmkit.runtime import check_threads
@@ -302,18 +314,6 @@ def eval_command(
             dtype,
         )
         return
-    harness_only = [
-        name
-        for name, value in (
-            ("--include-path", include_path),
-            ("--limit", limit),
-            ("--num-fewshot", num_fewshot),
-            ("--chat", chat),
-        )
-        if value
-    ]
-    if harness_only:
-        raise UserError(f"{harness_only[0]} goes with --tasks", "add --tasks NAME[,NAME...]")
     from llmkit.evaluation.evaluate import evaluate, token_view
 
     apply_threads(threads)
