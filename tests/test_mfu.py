@@ -20,33 +20,51 @@ GFLOP = 1e9
 
 
 def test_peak_is_the_best_rate_over_the_square_and_the_model_shapes(monkeypatch):
-    # faked timings: the 1024 square is slow (as float16 is on a CPU), the model's thin
-    # matmuls faster; the peak is the fastest
-    rates = {(1024, 1024, 1024): 0.6 * GFLOP, (512, 64, 192): 2.4 * GFLOP, (512, 64, 256): 1.9e9}
+    # faked timings, as measured on this project's CPU in float16: the 1024 square is slow,
+    # the model's thin matmuls faster, a weight gradient (x.T @ g) fastest; the peak is the
+    # fastest
+    rates = {
+        (1024, 1024, 1024, "nn"): 0.6 * GFLOP,
+        (512, 64, 192, "nn"): 2.4 * GFLOP,
+        (64, 512, 192, "tn"): 2.75 * GFLOP,
+    }
     seen = []
 
-    def fake(m, k, n, dev, dt, seconds, min_reps):
-        seen.append(((m, k, n), dt, min_reps))
-        return rates[(m, k, n)]
+    def fake(m, k, n, dev, dt, seconds, min_reps, layout="nn"):
+        seen.append(((m, k, n, layout), dt, min_reps))
+        return rates[(m, k, n, layout)]
 
     monkeypatch.setattr(flops, "_best_rate", fake)
-    shapes = ((512, 64, 192), (512, 64, 256))
+    shapes = ((512, 64, 192), (64, 512, 192, "tn"))
     peak = flops.measure_peak_flops.__wrapped__("cpu", "float16", 1024, 0.3, shapes)
-    assert peak == 2.4 * GFLOP
-    assert [s for s, _, _ in seen] == [(1024, 1024, 1024), *shapes]
+    assert peak == 2.75 * GFLOP
+    assert [s for s, _, _ in seen] == list(rates)
     assert {dt for _, dt, _ in seen} == {torch.float16} and {r for _, _, r in seen} == {3}
+
+
+def test_layouts_compute_the_same_product_rate_formula():
+    # each layout really multiplies (m, k) by (k, n): 2 m k n FLOPs in a finite time
+    for layout in flops.LAYOUTS:
+        rate = flops._best_rate(8, 4, 6, torch.device("cpu"), torch.float32, 0.0, 1, layout)
+        assert 0 < rate < float("inf")
 
 
 def test_matmul_shapes_of_a_gpt2():
     from transformers import GPT2Config
 
     cfg = GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=300)
-    assert matmul_shapes(cfg, 8 * 31) == (
-        (248, 64, 192),
-        (248, 64, 256),
-        (248, 256, 64),
-        (248, 64, 300),
+    shapes = matmul_shapes(cfg, 8 * 31)
+    # QKV forward both ways, its input gradient, its weight gradient x.T @ g
+    assert shapes[:4] == (
+        (248, 64, 192, "nn"),
+        (248, 64, 192, "nt"),
+        (248, 192, 64, "nn"),
+        (64, 248, 192, "tn"),
     )
+    forward = {(m, k, n) for m, k, n, layout in shapes if layout == "nt"}
+    assert forward == {(248, 64, 192), (248, 64, 256), (248, 256, 64), (248, 64, 300)}
+    # 4 matmuls x 4; the MLP's two are each other's input gradient: 2 repeats dropped
+    assert len(shapes) == len(set(shapes)) == 14
     assert matmul_shapes(cfg, 10_000, max_rows=1024)[0][0] == 1024
 
 

@@ -53,12 +53,30 @@ def flops_per_token(
     return dense + 12 * n_layer * n_head * head_dim * seq_len
 
 
+#: How the operands of a measured matmul are laid out, as autograd uses them: ``nn`` both
+#: contiguous, ``nt`` the second transposed (``x @ w.T``: nn.Linear's forward, the input
+#: gradient of GPT-2's Conv1D), ``tn`` the first transposed (``x.T @ g``: a weight gradient).
+LAYOUTS = ("nn", "nt", "tn")
+
+
 def _best_rate(
-    m: int, k: int, n: int, dev: torch.device, dt: torch.dtype, seconds: float, min_reps: int
+    m: int,
+    k: int,
+    n: int,
+    dev: torch.device,
+    dt: torch.dtype,
+    seconds: float,
+    min_reps: int,
+    layout: str = "nn",
 ) -> float:
-    """FLOP/s of the fastest of repeated ``(m, k) @ (k, n)`` matmuls (2 m k n FLOPs each)."""
-    a = torch.randn(m, k, device=dev).to(dt)
-    b = torch.randn(k, n, device=dev).to(dt)
+    """FLOP/s of the fastest of repeated ``(m, k) @ (k, n)`` matmuls (2 m k n FLOPs each) with
+    operands laid out as ``layout`` (:data:`LAYOUTS`)."""
+    a = torch.randn(*((k, m) if layout == "tn" else (m, k)), device=dev).to(dt)
+    b = torch.randn(*((n, k) if layout == "nt" else (k, n)), device=dev).to(dt)
+    if layout == "tn":
+        a = a.t()
+    if layout == "nt":
+        b = b.t()
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -84,33 +102,37 @@ def measure_peak_flops(
     dtype: str = "float32",
     size: int = 1024,
     seconds: float = 0.3,
-    shapes: tuple[tuple[int, int, int], ...] = (),
+    shapes: tuple[tuple, ...] = (),
 ) -> float:
     """The device's peak FLOP/s in ``dtype``: the best rate of several matmul measurements.
 
-    Measured on a ``size`` x ``size`` square and on each ``(m, k, n)`` of ``shapes`` (the
-    model's own matmuls, :func:`matmul_shapes`), each repeated for its share of ``seconds``
+    Measured on a ``size`` x ``size`` square and on each ``(m, k, n)`` or ``(m, k, n,
+    layout)`` of ``shapes`` (the model's own matmuls, forward and backward, with the operand
+    layouts autograd uses: :func:`matmul_shapes`), each repeated for its share of ``seconds``
     after a warm-up (at least 3 times); the fastest repetition of the fastest shape is kept,
     the one least disturbed by other load. One square alone is not enough: on a CPU the rate
-    depends on the shape (float16 without AVX512-FP16 is emulated, 4x faster on the model's
-    thin matmuls than on a 1024 square; float32 on one thread also varies 2x), and a peak
-    below what the model reaches prints an MFU above 100%. Cached per process.
+    depends on the shape and layout (float16 without AVX512-FP16 is emulated: on this
+    project's 2-core CPU 0.6-0.9 GFLOP/s on a 1024 square, 2.4 on the model's thin matmuls and
+    2.75 on a weight gradient ``x.T @ g``), and a peak below what the model reaches prints an
+    MFU above 100%. Cached per process.
 
     Returns:
         FLOP/s (each matmul counts 2 m k n FLOPs).
     """
     dev = torch.device(device)
     dt = getattr(torch, dtype)
-    todo = [(size, size, size), *shapes]
+    todo = [(size, size, size, "nn"), *(tuple(s) if len(s) == 4 else (*s, "nn") for s in shapes)]
     share = seconds / len(todo)
-    return max(_best_rate(m, k, n, dev, dt, share, 3) for m, k, n in todo)
+    return max(_best_rate(m, k, n, dev, dt, share, 3, layout) for m, k, n, layout in todo)
 
 
-def matmul_shapes(config: Any, rows: int, max_rows: int = 1024) -> tuple[tuple[int, int, int], ...]:
-    """The ``(m, k, n)`` of a transformer's big matmuls for ``rows`` tokens per forward pass
-    (micro-batch x sequence, capped at ``max_rows`` to keep the benchmark short): the QKV
-    projection ``(rows, h, 3h)``, the MLP's ``(rows, h, I)`` and ``(rows, I, h)`` and the
-    output layer ``(rows, h, V)`` (h hidden size, I MLP width, default 4h, V vocabulary)."""
+def matmul_shapes(config: Any, rows: int, max_rows: int = 1024) -> tuple[tuple, ...]:
+    """The ``(m, k, n, layout)`` of a transformer's big matmuls for ``rows`` tokens per
+    forward pass (micro-batch x sequence, capped at ``max_rows`` to keep the benchmark short):
+    the QKV projection ``(rows, h, 3h)``, the MLP's ``(rows, h, I)`` and ``(rows, I, h)`` and
+    the output layer ``(rows, h, V)`` (h hidden size, I MLP width, default 4h, V vocabulary) —
+    each forward ``(m, k, n)`` as ``x @ w`` and ``x @ w.T``, its input gradient ``(m, n, k)``
+    and its weight gradient ``(k, m, n)`` as ``x.T @ g`` (:data:`LAYOUTS`)."""
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
     if not hidden:
         return ()
@@ -119,10 +141,13 @@ def matmul_shapes(config: Any, rows: int, max_rows: int = 1024) -> tuple[tuple[i
     )
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     m = max(1, min(rows, max_rows))
-    out = [(m, hidden, 3 * hidden), (m, hidden, inner), (m, inner, hidden)]
+    forward = [(m, hidden, 3 * hidden), (m, hidden, inner), (m, inner, hidden)]
     if vocab:
-        out.append((m, hidden, vocab))
-    return tuple(out)
+        forward.append((m, hidden, vocab))
+    out = []
+    for rows_, k, n in forward:
+        out += [(rows_, k, n, "nn"), (rows_, k, n, "nt"), (rows_, n, k, "nn"), (k, rows_, n, "tn")]
+    return tuple(dict.fromkeys(out))
 
 
 def matmul_dtype(device: Any) -> str:

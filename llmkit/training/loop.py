@@ -795,7 +795,7 @@ def _train(
             with accelerator.autocast():
                 peak_dtype = matmul_dtype(dev)
         size = 4096 if dev.type == "cuda" else 512
-        rows = 4096 if dev.type == "cuda" else 1024
+        rows = 4096 if dev.type == "cuda" else 512
         shapes = matmul_shapes(model_config, b * (data_block - 1), rows)
         peak = measure_peak_flops(str(dev), peak_dtype, size, 0.5, shapes)
         meter = MfuMeter(
