@@ -143,6 +143,7 @@ def test_bf16_run_measures_a_bf16_peak_and_reports_the_run_average(tmp_path, tin
     done = re.search(r"done: 6 steps in [\d.]+ s \(([\d,]+) tok/s, MFU ([\d.]+)%\)", err)
     assert int(done[1].replace(",", "")) == round(final["tokens_per_sec"])
     assert float(done[2]) == pytest.approx(100 * final["mfu"], abs=0.051)
+    assert f"| mfu | {final['mfu']:.1%} |" in (run / "README.md").read_text()
 
 
 def test_a_peak_below_the_achieved_rate_prints_unknown_not_above_100(tmp_path, tiny_tokenizer):
@@ -157,3 +158,4 @@ def test_a_peak_below_the_achieved_rate_prints_unknown_not_above_100(tmp_path, t
     assert re.search(r"done: 6 steps in [\d.]+ s \([\d,]+ tok/s, MFU n/a\)", err)
     assert not re.search(r"MFU \d{3,}\.\d%", err)
     assert json.loads(result.stdout)["mfu"] is None
+    assert "| mfu | n/a |" in (tmp_path / "r" / "README.md").read_text()
