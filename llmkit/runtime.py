@@ -14,7 +14,8 @@ torch's default threads while other work ran; 1 thread kept most of the speed).
 3. otherwise the free cores: ``cores - load``, where ``cores`` is the CPUs this process may run
    on (``os.sched_getaffinity``) and ``load`` the 1-minute load average (``os.getloadavg``).
    When fewer cores are free than torch would use, llmkit uses ``max(1, round(free))`` threads
-   and says so in one warning line.
+   and says so in one warning line when the work starts (:func:`announce_threads`, after the
+   model loads): a mistake found before that is still one error line and nothing else.
 
 Nothing here imports torch except :func:`apply_threads`.
 """
@@ -101,16 +102,28 @@ def choose_threads(
     return chosen, message
 
 
-def apply_threads(requested: int | None, err: TextIO | None = None) -> int:
-    """Set torch's CPU threads as :func:`choose_threads` decides, print its warning on
-    ``err`` (default stderr) and return the threads torch now uses."""
+_pending: list[str] = []  # the warning of apply_threads, until announce_threads prints it
+
+
+def apply_threads(requested: int | None) -> int:
+    """Set torch's CPU threads as :func:`choose_threads` decides and return the threads torch
+    now uses. Its warning is kept for :func:`announce_threads`, which the commands call when
+    the real work starts (after the model loads), so that a mistake found before still ends
+    in one error line only."""
     import torch
 
     threads, message = choose_threads(requested, torch.get_num_threads())
     if threads is not None:
         torch.set_num_threads(threads)
-    if message:
-        out = err or sys.stderr
-        out.write(f"warning: {message}\n")
-        out.flush()
+    _pending[:] = [message] if message else []
     return torch.get_num_threads()
+
+
+def announce_threads(err: TextIO | None = None) -> None:
+    """Print the pending warning of :func:`apply_threads` (once) on ``err`` (default stderr);
+    nothing when there is none (in particular when llmkit is used as a library)."""
+    if not _pending:
+        return
+    out = err or sys.stderr
+    out.write(f"warning: {_pending.pop()}\n")
+    out.flush()

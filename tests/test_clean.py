@@ -97,7 +97,7 @@ def test_pii_real_emails_in_dolma_docs():
         ("v6 2001:db8::8a2e:370:7334 up", "v6 <IP_ADDRESS> up", {"ip": 1}),
         ("loopback ::1 and fe80::1", "loopback <IP_ADDRESS> and <IP_ADDRESS>", {"ip": 2}),
         ("call +44 20 7946 0958 now", "call <PHONE> now", {"phone": 1}),
-        ("call (555) 123-4567 or 555.123.4567", "call <PHONE> or <PHONE>", {"phone": 2}),
+        ("call (415) 555-2671 or 415.555.2671", "call <PHONE> or <PHONE>", {"phone": 2}),
         # not PII: versions, bad octets, times, dates, years, prices, plain numbers
         ("version 1.2.3.4.5 and 999.1.1.1", "version 1.2.3.4.5 and 999.1.1.1", {}),
         ("at 12:30:45 on 2014-02-04", "at 12:30:45 on 2014-02-04", {}),

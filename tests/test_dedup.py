@@ -85,3 +85,63 @@ def test_near_duplicates_across_files_in_prepare(tmp_path):
     [dropped] = [json.loads(x) for x in (tmp_path / "out" / "dropped.jsonl").open()]
     assert dropped["stage"] == "near_dedup" and dropped["reason"] == "near_duplicate"
     assert "Facebook" in dropped["text"] or dropped["text"].startswith("MIT License")
+
+
+def _story_and_edit():
+    """A TinyStories story and a copy with every 11th word changed (from word 3): Jaccard
+    0.37, yet one of their 14 LSH bands collides at the default seed."""
+    text = shared_file("tinystories/tinystories.txt").read_text(encoding="utf-8")
+    story = [s for s in text.split("\n\n") if len(s.split()) > 100][4]
+    words = story.split()
+    edited = " ".join("zz" + w if i % 11 == 3 else w for i, w in enumerate(words))
+    return story, edited
+
+
+def test_lsh_candidates_verified_by_estimated_jaccard_when_asked():
+    story, edited = _story_and_edit()
+    assert round(jaccard(story, edited), 2) == 0.37
+    plain = MinHashDedup()
+    assert [plain(t)[1] for t in (story, edited)] == [None, "near_duplicate"]  # one band
+    sa, sb = plain.signature(story), plain.signature(edited)
+    assert len(set(plain.band_hashes(sa)) & set(plain.band_hashes(sb))) >= 1
+    assert round(float((sa == sb).mean()), 2) == 0.40  # the estimate verification uses
+    verified = MinHashDedup(threshold=0.8)
+    assert [verified(t)[1] for t in (story, edited)] == [None, None]
+    # a true near duplicate still goes with verification
+    rails, react, _ = licenses()
+    assert [verified(t)[1] for t in (rails, react)] == [None, "near_duplicate"]
+
+
+def test_number_and_accent_normalization_as_datatrove_is_optional():
+    pages = [
+        f"Order {n} shipped on 2024-03-{d:02d}: {q} items to the café in Zürich, total "
+        f"{q * 9.5} euros. Thank you for shopping with us, see you next time."
+        for n, d, q in ((1041, 3, 2), (2210, 17, 5), (3399, 28, 11))
+    ]
+    off = MinHashDedup()
+    assert off.normalize is False and [off(p)[1] for p in pages] == [None, None, None]
+    on = MinHashDedup(normalize=True)
+    assert [on(p)[1] for p in pages] == [None, "near_duplicate", "near_duplicate"]
+    assert jaccard(pages[0], pages[1]) < 0.5 and jaccard(pages[0], pages[1], normalize=True) == 1
+    assert jaccard("café crème brûlée au lait", "cafe creme brulee au lait", normalize=True) == 1
+    assert jaccard("café crème brûlée au lait", "cafe creme brulee au lait") == 0
+
+
+def test_minhash_options_from_flags(tmp_path):
+    from llmkit.cli.prepare import clean_overrides
+    from llmkit.data.config import build_stages, load_config
+
+    over = clean_overrides(
+        filters=[],
+        no_filters=[],
+        languages=None,
+        pii=None,
+        normalization=None,
+        html=None,
+        near_dedup=None,
+        gutenberg=None,
+        minhash={"normalize": True, "threshold": 0.8},
+    )
+    [near] = [s for s in build_stages(load_config(None, over)) if s.name == "near_dedup"]
+    assert (near.normalize, near.threshold) == (True, 0.8)
+    assert near.settings()["normalize"] is True

@@ -19,7 +19,9 @@ from llmkit.data.filters import (
     GopherRepetition,
     LanguageFilter,
     LengthFilter,
+    count_sentences,
     detect_language,
+    no_space_script,
 )
 from llmkit.data.pipeline import prepare
 from llmkit.errors import UserError
@@ -72,7 +74,9 @@ def test_good_prose_passes_every_rule_set():
         (GopherQuality(), " ".join(["xy the and"] * 30), "gopher_short_mean_word_length"),
         (GopherRepetition(), "\n".join(["same line here"] * 10 + [GOOD]), "gopher_duplicate_lines"),
         (C4Filter(), GOOD + "\nlorem ipsum dolor sit amet.", "c4_lorem_ipsum"),
-        (C4Filter(), GOOD + " function() { return 1; }", "c4_curly_bracket"),
+        (C4Filter(), GOOD + "\nThe call f() { return 1; } is the whole body.", "c4_curly_bracket"),
+        # TFDS looks for "{" only in lines the line rules kept: this one ends without a mark
+        (C4Filter(), GOOD + " function() { return 1; }", "c4_few_sentences"),
         (FineWebFilter(), "\n".join(["menu item"] * 3 + ["home", "about", GOOD]), None),
         (LengthFilter(min_chars=500), GOOD, "too_short"),
         (LanguageFilter(languages=["de"]), GOOD, "language:en"),
@@ -95,25 +99,120 @@ def test_c4_removes_lines_and_keeps_the_document():
     assert f.lines_removed == {"javascript": 1, "no_terminal_punct": 2}
 
 
-def test_chinese_is_skipped_by_word_rules_and_says_so():
+def test_chinese_skips_only_the_word_rules_and_says_so():
     zh = "\u3000\u3000話說天下大勢，分久必合，合久必分：周末七國分爭，并入於秦。"
     zh += "及秦滅之後，楚漢分爭。"
-    assert detect_language(zh)[0] == "zh"
-    for flt in (GopherQuality(), GopherRepetition(), C4Filter(), FineWebFilter()):
+    assert detect_language(zh)[0] == "zh" and no_space_script(zh)
+    for flt in (GopherQuality(), GopherRepetition(), FineWebFilter()):
         assert flt(zh) == (zh, None)
-        assert flt.skipped_by_language == {"zh": 1}
-        assert flt.extra()["skipped_by_language"] == {"zh": 1}
+        assert flt.extra()["no_space_script_documents"] == 1
+        assert set(flt.rules_skipped) == set(flt.word_rules)
+    assert GopherQuality().rules_skipped == {} and len(GopherQuality.word_rules) == 7
+    # C4's sentence rule counts sentences, not words: two here, three needed
+    assert count_sentences(zh.strip(), no_space=True) == 2
+    c4 = C4Filter()
+    assert c4(zh) == (None, "c4_few_sentences")
+    assert c4.rules_skipped == {"c4_long_word": 1, "c4_few_words": 1}
     # Japanese too (Natsume Soseki, 1905, public domain): one sentence would fail Gopher's
     # 50 words, C4's 5 words per line and FineWeb's rules if they counted spaces
     ja = "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。"
     ja += "何でも薄暗いじめじめした所でニャーニャー泣いていた事だけは記憶している。"
-    assert detect_language(ja)[0] == "ja"
-    for flt in (GopherQuality(), GopherRepetition(), C4Filter(), FineWebFilter()):
-        assert flt.apply(ja) == (ja, None, {"skipped_by_language/ja": 1})
+    assert no_space_script(ja)
+    out, reason, counts = GopherQuality().apply(ja)
+    assert (out, reason, counts["no_space_script_documents"]) == (ja, None, 1)
+    assert C4Filter().apply(ja)[0] == ja  # four sentences ending in 。
     assert GopherQuality().check(ja) == "gopher_min_words"  # what skipping avoids
 
 
-def _zh_survives(book, tmp_path) -> None:
+def test_english_is_never_skipped_as_chinese_whatever_the_language_guess():
+    """py3langid calls "Yup..." Chinese at probability 0.02; the skip looks at scripts."""
+    assert detect_language("Yup...") == ("zh", pytest.approx(0.0217, abs=1e-4))
+    assert not no_space_script("Yup...")
+    g = GopherQuality()
+    assert g("Yup...") == (None, "gopher_min_words") and g.rules_skipped == {}
+    sms = "URGENT! YOU HAVE WON A 1 WEEK FREE MEMBERSHIP IN OUR PRIZE JACKPOT! TXT CLAIM TO 81010"
+    assert not no_space_script(sms)
+    assert FineWebFilter().apply(sms)[2] is None  # no skip counted
+    # a few Chinese words in an English page do not make it Chinese
+    assert not no_space_script(GOOD + " The novel 三國演義 is long.")
+
+
+def test_a_chinese_chapter_still_gets_curly_bracket_and_duplicate_line_rules():
+    text = shared_file("gutenberg_zh/23950-0.txt").read_text(encoding="utf-8-sig")
+    start = text.index("第一回")
+    chapter = text[start : text.index("第二回", start)].replace("\r\n", "\n")
+    assert no_space_script(chapter) and len(chapter) > 4_000
+    c4 = C4Filter()
+    out, why = c4(chapter)
+    assert why is None and c4.rules_skipped == {"c4_long_word": 1, "c4_few_words": 1}
+    # hard-wrapped lines end mid-sentence: C4 keeps only the lines ending in 。！？」』
+    kept = out.splitlines()
+    assert kept and all(line.endswith(("。", "！", "？", "」", "』")) for line in kept)
+    assert c4.lines_removed["no_terminal_punct"] > len(kept)
+    # a kept line with a curly bracket drops the chapter, as for any language
+    bracket = chapter.replace("\n盜賊蜂起。\n", "\n盜賊{蜂起}。\n", 1)
+    assert "{" in bracket and C4Filter()(bracket) == (None, "c4_curly_bracket")
+    # the duplicate-line rules of Gopher repetition apply
+    lines = [line for line in chapter.splitlines() if line.strip()]  # one paragraph
+    repeated = "\n".join(lines[:20] + lines[:20] + lines[20:40])
+    rep = GopherRepetition()
+    assert rep(repeated) == (None, "gopher_duplicate_lines")
+    assert rep.rules_skipped == {"gopher_top_ngram": 1, "gopher_duplicate_ngram_chars": 1}
+    assert GopherRepetition()(chapter) == (chapter, None)
+
+
+def test_stop_words_are_matched_without_their_punctuation():
+    text = "Tom wanted to win. ... He said that, smiling."
+    g = GopherQuality(min_words=1, max_symbol_word_ratio=1.0)
+    assert g(text) == (text, None)  # "to" and "that," are two stop words
+    assert GopherQuality(min_words=1, max_symbol_word_ratio=1.0, min_stop_words=3)(text) == (
+        None,
+        "gopher_stop_words",
+    )
+    assert g("And, of course: THE end.") == ("And, of course: THE end.", None)
+
+
+def test_fineweb_line_punctuation_has_no_quotes():
+    page = "\n".join(
+        [
+            'Welcome to the official website of "Home"',
+            'Read the latest news and reports about "Sports"',
+            'Browse our complete catalogue of "Books"',
+            'Contact the friendly team behind "Support"',
+        ]
+    )
+    assert FineWebFilter()(page) == (None, "fineweb_line_punct_ratio")
+    stories = shared_file("tinystories/tinystories.txt").read_text(encoding="utf-8")
+    dialogue = next(
+        p.strip()
+        for p in stories.split("\n\n")
+        if p.strip().endswith('."') and p.count('"') >= 4 and len(p) > 300
+    )
+    assert FineWebFilter()(dialogue) == (dialogue, None)
+
+
+def test_c4_ellipsis_lines_and_long_words_remove_the_line_only():
+    text = GOOD + "\nAnd so the story goes on and on and on..."
+    assert C4Filter()(text) == (GOOD, None)
+    c4 = C4Filter()
+    long_line = "A token " + "x" * 1001 + " sits in this line."
+    assert c4(GOOD + "\n" + long_line) == (GOOD, None)
+    assert c4.lines_removed == {"long_word": 1}
+    assert C4Filter()(GOOD + "\nA token " + "x" * 1000 + " sits in this line.")[0] != GOOD
+
+
+def test_c4_sentence_count_skips_abbreviations_and_ellipses():
+    assert count_sentences("Mr. Smith met Dr. Jones at 5 p.m. on Main St. in town.") == 1
+    assert count_sentences("He waited... and waited. Then he left! Did she?") == 3
+    assert count_sentences('She said "Go home." He went. J. R. R. Tolkien wrote it.') == 3
+    # three real sentences in one line pass C4's rule, one with two abbreviations does not
+    assert C4Filter()("The cat sat down. The dog ran off. The bird flew away.")[1] is None
+    assert C4Filter()("Mr. Smith and Dr. Jones met at the U.S. embassy today.")[1] == (
+        "c4_few_sentences"
+    )
+
+
+def _zh_survives(book, tmp_path, drops: dict | None = None) -> None:
     m = prepare(
         [str(book)],
         tmp_path / "out",
@@ -139,8 +238,15 @@ def _zh_survives(book, tmp_path) -> None:
     assert st["language"]["dropped"] == {}
     assert st["language"]["languages_kept"] == {"zh": read}
     for name in ("gopher_quality", "gopher_repetition", "c4", "fineweb"):
-        assert st[name]["dropped"] == {} and st[name]["skipped_by_language"] == {"zh": read}
-    assert st["deduplicate"]["documents_out"] >= read - 5
+        assert st[name]["no_space_script_documents"] == st[name]["documents_in"], name
+        assert set(st[name]["rules_skipped"].values()) == {st[name]["documents_in"]}
+    # the word rules are skipped; the rules that count no words judge the paragraphs
+    assert st["gopher_quality"]["dropped"] == {}
+    assert st["gopher_repetition"]["dropped"] == {}
+    assert set(st["c4"]["dropped"]) <= {"c4_few_sentences"}
+    assert st["fineweb"]["documents_out"] >= st["fineweb"]["documents_in"] // 2
+    if drops is not None:  # C4 keeps the lines ending in 。！？」』 of the hard-wrapped text
+        assert {n: st[n]["dropped"] for n in drops} == drops
     assert m["inputs"][0]["gutenberg_lines_removed"] == 2  # the PG line and the blank after
 
 
@@ -150,7 +256,8 @@ def test_gutenberg_zh_first_150k_survive_every_filter_with_zh_kept(tmp_path):
     tail = text[text.index("End of Project Gutenberg's") - 5 :]
     book = tmp_path / "zh_head.txt"
     book.write_text(text[:cut] + "\n\n" + tail, encoding="utf-8")
-    _zh_survives(book, tmp_path)
+    drops = {"c4": {"c4_few_sentences": 612}, "fineweb": {"fineweb_short_line_ratio": 39}}
+    _zh_survives(book, tmp_path, drops)
 
 
 @pytest.mark.slow
@@ -176,6 +283,7 @@ def test_config_file_and_flags(tmp_path):
         "rows": 5,
         "threshold": None,
         "seed": 1,
+        "normalize": False,
     }
     cfg_file.write_text("filters:\n  gopher_qualty: {enabled: true}\n")
     with pytest.raises(UserError, match="did you mean filters.gopher_quality"):
@@ -252,7 +360,7 @@ def test_per_document_rows_then_in_order_admission_count_like_the_plain_loop():
     by_name = {s.name: s.as_dict() for s in stats}
     # the comparison covers real work of each kind
     assert by_name["c4"]["lines_removed"] and by_name["language"]["languages_kept"]["zh"] == 1
-    assert by_name["gopher_quality"]["skipped_by_language"] == {"zh": 1}
+    assert by_name["gopher_quality"]["no_space_script_documents"] == 1
     # docs[3] again, and GOOD + "\nMenu" once C4 has removed the line "Menu"
     assert by_name["deduplicate"]["dropped"] == {"duplicate": 2}
     assert by_name["normalize"]["dropped"] == {"empty": 1}

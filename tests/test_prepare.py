@@ -458,7 +458,10 @@ def test_the_manifest_records_every_setting(shk):
     _, manifest = shk
     params = set(inspect.signature(prepare).parameters)
     # inputs are recorded with sizes and hashes; config and clean as the merged "cleaning"
+    # trust_remote_code is a permission, not a setting of the data (the tokenizer saved with
+    # the data says itself whether it needs code of its own)
     not_settings = {"inputs", "output", "overwrite", "console", "config", "clean", "cache"}
+    not_settings.add("trust_remote_code")
     assert params - not_settings <= set(manifest["settings"])
     assert manifest["settings"]["cleaning"]["dedup"] == {
         "exact": True,
@@ -469,6 +472,8 @@ def test_the_manifest_records_every_setting(shk):
         "rows": 8,
         "threshold": None,
         "seed": 1,
+        "normalize": False,
     }
+    assert manifest["settings"]["cleaning"]["pii_region"] == ["US", "GB"]
     assert manifest["settings"]["cleaning"]["filters"]["gopher_quality"]["min_words"] == 50
     assert manifest["llmkit_version"] and set(manifest["fingerprint"]) == {"cleaning", "full"}

@@ -98,3 +98,20 @@ def test_load_average_reads_the_one_minute_figure(monkeypatch):
     monkeypatch.undo()  # the real function, not conftest's idle machine
     monkeypatch.setattr(runtime.os, "getloadavg", lambda: (3.5, 2.0, 1.0))
     assert runtime.load_average() == 3.5
+
+
+def test_an_error_before_the_work_is_one_line_without_the_busy_warning(
+    tmp_path, monkeypatch, restore_threads
+):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime, "load_average", lambda: 40.0)
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    torch.set_num_threads(2)
+    result = CliRunner().invoke(app, ["generate", "-m", str(tmp_path / "nothing"), "Hi"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: {tmp_path / 'nothing'} does not exist — check the path"
+    ]
+    assert torch.get_num_threads() == 1  # chosen all the same, only not announced
+    runtime._pending.clear()

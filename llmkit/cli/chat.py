@@ -32,6 +32,12 @@ def chat_command(
         help="CPU threads for torch (default: torch's, fewer on a busy machine).",
         show_default=False,
     ),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Let a model that ships Python code of its own (auto_map in config.json or "
+        "tokenizer_config.json) run it. Off: such a model is refused and its code never runs.",
+    ),
 ) -> None:
     """Chat with an instruct model through its chat template, keeping the history.
 
@@ -64,11 +70,15 @@ def chat_command(
     )
     from llmkit.generation.chat import ChatSession, chat_loop
     from llmkit.generation.loading import load_model_and_tokenizer
-    from llmkit.runtime import apply_threads
+    from llmkit.runtime import announce_threads, apply_threads
 
     apply_threads(threads)
-    lm, tokenizer, _source = load_model_and_tokenizer(model, device=device, dtype=dtype)
-    chat_loop(ChatSession(lm, tokenizer, settings, system=system))
+    lm, tokenizer, _source = load_model_and_tokenizer(
+        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    session = ChatSession(lm, tokenizer, settings, system=system)  # checks the template
+    announce_threads()
+    chat_loop(session)
 
 
 def register(app: typer.Typer) -> None:

@@ -242,6 +242,13 @@ def eval_command(
         help="CPU threads for torch (default: torch's, fewer on a busy machine).",
         show_default=False,
     ),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Let a model that ships Python code of its own (auto_map in config.json or "
+        "tokenizer_config.json), or a --include-path task its Python functions (!function). "
+        "Off: such a model or task is refused and its code never runs.",
+    ),
 ) -> None:
     """Measure loss (nats/token), perplexity and bits per UTF-8 byte of one or more models.
 
@@ -312,6 +319,7 @@ def eval_command(
             json_out,
             device,
             dtype,
+            trust_remote_code,
         )
         return
     from llmkit.evaluation.evaluate import evaluate, token_view
@@ -321,7 +329,13 @@ def eval_command(
     if tokens is not None:
         for name in model:
             view = token_view(
-                name, tokens, top=top, max_length=max_length, device=device, dtype=dtype
+                name,
+                tokens,
+                top=top,
+                max_length=max_length,
+                device=device,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
             )
             if json_out:
                 typer.echo(json.dumps(view, ensure_ascii=False))
@@ -345,6 +359,7 @@ def eval_command(
                 device=device,
                 dtype=dtype,
                 progress=progress,
+                trust_remote_code=trust_remote_code,
             )
         results.append(result)
         if json_out:
@@ -367,6 +382,7 @@ def _run_tasks(
     json_out: bool,
     device: str,
     dtype: str,
+    trust_remote_code: bool = False,
 ) -> None:
     """``--tasks``: each model in turn through lm-evaluation-harness, then one table."""
     from llmkit.evaluation.harness import evaluate_tasks, require_harness
@@ -385,6 +401,7 @@ def _run_tasks(
             chat=chat,
             device=device,
             dtype=dtype,
+            trust_remote_code=trust_remote_code,
         )
         results.append(result)
         if json_out:

@@ -139,6 +139,12 @@ def generate_command(
         help="CPU threads for torch (default: torch's, fewer on a busy machine).",
         show_default=False,
     ),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Let a model that ships Python code of its own (auto_map in config.json or "
+        "tokenizer_config.json) run it. Off: such a model is refused and its code never runs.",
+    ),
 ) -> None:
     """Continue prompts with a causal language model.
 
@@ -202,6 +208,7 @@ def generate_command(
         device=device,
         dtype=dtype,
         on_result=print_json if json_out else None,
+        trust_remote_code=trust_remote_code,
     )
 
 

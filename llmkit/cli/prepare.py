@@ -84,6 +84,7 @@ def clean_overrides(
     near_dedup: bool | None,
     gutenberg: bool | None,
     minhash: dict,
+    pii_region: str | None = None,
 ) -> dict:
     """The cleaning settings the flags set (those left at None are not set)."""
     from llmkit.data.config import WEB_FILTERS
@@ -105,6 +106,8 @@ def clean_overrides(
         out["filters"] = flt
     if pii is not None:
         out["pii"] = pii
+    if pii_region is not None:
+        out["pii_region"] = [r.strip() for r in pii_region.split(",") if r.strip()]
     norm: dict = {}
     if normalization is not None:
         norm["form"] = normalization
@@ -206,6 +209,12 @@ def prepare_command(
     pii: Pii | None = typer.Option(
         None, "--pii", help="Replace e-mails, IPs and phone numbers (redact, default) or keep."
     ),
+    pii_region: str | None = typer.Option(
+        None,
+        "--pii-region",
+        help="Regions whose national phone numbers are found, ISO 3166 codes, comma-separated "
+        "(default US,GB); international +... numbers are found in any.",
+    ),
     normalization: Form | None = typer.Option(
         None, "--normalization", help="Unicode normalization form (default NFC)."
     ),
@@ -220,7 +229,16 @@ def prepare_command(
     minhash_bands: int | None = typer.Option(None, "--minhash-bands", help="LSH bands (14)."),
     minhash_rows: int | None = typer.Option(None, "--minhash-rows", help="Rows per band (8)."),
     minhash_threshold: float | None = typer.Option(
-        None, "--minhash-threshold", help="Also require this estimated Jaccard similarity."
+        None,
+        "--minhash-threshold",
+        help="Verify LSH candidates: a near duplicate only at this estimated Jaccard "
+        "similarity or more (default: any band collision, as FineWeb).",
+    ),
+    minhash_normalize: bool | None = typer.Option(
+        None,
+        "--minhash-normalize/--no-minhash-normalize",
+        help="Numbers as 0 and accents removed before MinHash shingling, as datatrove and "
+        "FineWeb (off: documents differing only in numbers stay apart).",
     ),
     gutenberg: bool | None = typer.Option(
         None,
@@ -252,6 +270,12 @@ def prepare_command(
         "train", "--split", help="Split read from a Hub dataset input (owner/name[:config])."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Let a --tokenizer that ships Python code of its own (auto_map) run it. Off: such "
+        "a tokenizer is refused and its code never runs.",
+    ),
 ) -> None:
     """Clean, deduplicate, tokenize and pack raw text (or conversations) into training blocks.
 
@@ -281,7 +305,9 @@ def prepare_command(
             "bands": minhash_bands,
             "rows": minhash_rows,
             "threshold": minhash_threshold,
+            "normalize": minhash_normalize,
         },
+        pii_region=pii_region,
     )
     with sigterm_as_interrupt():
         manifest = prepare(
@@ -307,6 +333,7 @@ def prepare_command(
             chat_template=chat_template.value,
             train_on=train_on.value,
             overlong=overlong.value,
+            trust_remote_code=trust_remote_code,
         )
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))

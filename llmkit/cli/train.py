@@ -46,6 +46,12 @@ def train_command(
         "OMP_NUM_THREADS also sets it).",
         show_default=False,
     ),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Let model.name_or_path (or the data's tokenizer) run Python code of its own "
+        "(auto_map); the same as model.trust_remote_code=true. Off: such a model is refused.",
+    ),
 ) -> None:
     """Train a causal LM on data from `llmkit prepare`; the run goes to runs/NAME.
 
@@ -57,6 +63,8 @@ def train_command(
     machines or CPU processes: `torchrun --nproc_per_node N -m llmkit train ...` or
     `accelerate launch -m llmkit train ...`. FSDP / DeepSpeed: distributed.strategy=...
     """
+    if trust_remote_code:
+        overrides = [*(overrides or []), "model.trust_remote_code=true"]
     try:
         check_before_torch(config, overrides, threads)
     except UserError:

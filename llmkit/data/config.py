@@ -12,8 +12,11 @@ A ``prepare.yaml``::
       gopher_repetition: {enabled: true}
       c4: {enabled: false}
       fineweb: {enabled: true}
-    dedup: {exact: true, near: true, ngram_size: 5, num_perm: 112, bands: 14, rows: 8}
+    dedup: {exact: true, near: true, ngram_size: 5, num_perm: 112, bands: 14, rows: 8,
+            threshold: null,   # or e.g. 0.8: verify LSH candidates by estimated Jaccard
+            normalize: false}  # true: numbers as 0, no accents before shingling (FineWeb)
     pii: redact                # or keep
+    pii_region: [US, GB]       # where national phone numbers are read (+... found anywhere)
 
 The thresholds and their sources are documented on the filter classes
 (:mod:`llmkit.data.filters`). Only ``length`` is on by default: the other rule sets were written
@@ -68,6 +71,12 @@ def _filter_defaults() -> dict:
     return out
 
 
+def _default_pii_regions() -> tuple[str, ...]:
+    from llmkit.data.pii import DEFAULT_REGIONS
+
+    return DEFAULT_REGIONS
+
+
 def default_config(kind: str = "text") -> dict:
     """Every cleaning setting with its default value, for ``kind`` ``"text"`` or ``"chat"``
     (:data:`CHAT_DEFAULTS`)."""
@@ -86,8 +95,10 @@ def default_config(kind: str = "text") -> dict:
             "rows": 8,
             "threshold": None,
             "seed": 1,
+            "normalize": False,
         },
         "pii": "redact",
+        "pii_region": list(_default_pii_regions()),
     }
     return merge(cfg, CHAT_DEFAULTS) if kind == "chat" else cfg
 
@@ -173,6 +184,15 @@ def validate(cfg: dict) -> None:
         raise UserError(f"normalize.form {form!r} is not NFC or NFKC")
     if cfg["pii"] not in ("redact", "keep"):
         raise UserError(f"pii {cfg['pii']!r} is not redact or keep")
+    if cfg["pii"] == "redact":
+        from llmkit.data.pii import check_regions
+
+        try:
+            check_regions([str(r) for r in cfg["pii_region"]])
+        except ValueError as err:
+            raise UserError(
+                f"pii_region: {err}", "give ISO 3166 region codes such as US,GB,DE"
+            ) from None
     d = cfg["dedup"]
     if d["near"]:
         if not 1 <= d["ngram_size"] <= MAX_NGRAM_SIZE:
@@ -236,10 +256,11 @@ def build_stages(cfg: dict, kind: str = "text") -> list:
                 rows=d["rows"],
                 threshold=d["threshold"],
                 seed=d["seed"],
+                normalize=d["normalize"],
             )
         )
     if cfg["pii"] == "redact":
-        stages.append(RedactPII())
+        stages.append(RedactPII(regions=[str(r) for r in cfg["pii_region"]]))
     if kind == "chat":
         stages = [chat_stage(stage) for stage in stages]
     return stages
@@ -313,7 +334,7 @@ class ConversationTextStage(_Wrapping, DocumentStage):
     Only the filter's verdict is used: the conversation is kept unchanged or dropped with the
     filter's reason. A filter that would rewrite the text (C4's line removal) does not rewrite
     the conversation. The filter's own counts are kept only for a conversation it passed
-    unchanged (e.g. ``skipped_by_language``), never counts of a rewriting that did not happen.
+    unchanged (e.g. ``rules_skipped``), never counts of a rewriting that did not happen.
     """
 
     stateless = True

@@ -1292,7 +1292,7 @@ def _build_chat(
     }
 
 
-def load_pretrained_tokenizer(name: str):
+def load_pretrained_tokenizer(name: str, *, trust_remote_code: bool = False):
     """A pretrained tokenizer: a directory (or Hub id, online) as
     :func:`llmkit.data.tokenizer.load_tokenizer`, or a ``.gguf`` model file.
 
@@ -1301,8 +1301,12 @@ def load_pretrained_tokenizer(name: str):
     gguf_cache_dir`) when there is one, else read from the GGUF's metadata by transformers
     (``gguf_file=``; about 20 s for SmolLM2's 49k-token vocabulary here).
 
+    ``trust_remote_code``: see :func:`llmkit.data.tokenizer.load_tokenizer` (False: a
+    tokenizer that needs its own Python code is refused, never run).
+
     Raises:
-        UserError: nothing loadable at ``name``; a ``.gguf`` without the gguf package.
+        UserError: nothing loadable at ``name``; a ``.gguf`` without the gguf package; a
+            tokenizer that needs its own code without ``trust_remote_code``.
     """
     import importlib.util
 
@@ -1313,14 +1317,14 @@ def load_pretrained_tokenizer(name: str):
     if path.is_file() and path.suffix.lower() == ".gguf":
         cached = gguf_cache_dir(path)
         if cached is not None and (cached / "tokenizer.json").is_file():
-            return load_tokenizer(cached)
+            return load_tokenizer(cached, trust_remote_code=trust_remote_code)
         if importlib.util.find_spec("gguf") is None:
             raise UserError(
                 f"{name} is a GGUF file and the gguf package is not installed",
                 "pip install 'llmkit[gguf]' (or pip install gguf)",
             )
-        return load_tokenizer(path.parent, gguf_file=path.name)
-    return load_tokenizer(name)
+        return load_tokenizer(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
+    return load_tokenizer(name, trust_remote_code=trust_remote_code)
 
 
 def _chat_tokenizer(tok, template: str, name: str) -> dict:
@@ -1442,6 +1446,7 @@ def prepare(
     train_on: str = "assistant",
     overlong: str = "truncate",
     console=None,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Clean, split, tokenize and pack raw text (or conversations) into a prepared directory.
 
@@ -1507,6 +1512,8 @@ def prepare(
             its first ``block_size`` tokens (``"truncate"``) or left out (``"drop"``);
             counted either way.
         console: a ``rich.console.Console`` for progress and the summary (default: stderr).
+        trust_remote_code: let a pretrained ``tokenizer`` run Python code of its own (its
+            ``auto_map``); False (default): such a tokenizer is refused, its code never runs.
 
     Returns:
         The manifest (also written to ``output/manifest.json``).
@@ -1618,7 +1625,7 @@ def prepare(
         raise _output_error(err, output, None, "cannot read") from None
     tok = None
     if tokenizer is not None:  # fail before reading the corpus
-        tok = load_pretrained_tokenizer(tokenizer)
+        tok = load_pretrained_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         if chat is not None:
             chat.update(_chat_tokenizer(tok, chat_template, tokenizer))
 

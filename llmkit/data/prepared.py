@@ -147,13 +147,17 @@ def check_same_vocabulary(
         )
 
 
-def load_prepared(path: str | Path) -> PreparedData:
+def load_prepared(path: str | Path, *, trust_remote_code: bool = False) -> PreparedData:
     """Load the splits, tokenizer and manifest of a prepared directory.
 
+    ``trust_remote_code``: let the saved tokenizer run Python code of its own (only a
+    tokenizer that needed it when the data was prepared has any); False refuses such a one.
+
     Raises:
-        UserError: ``path`` is not a prepared directory; a split is damaged (a truncated,
-            missing or unreadable ``.arrow`` file or ``state.json``, or fewer blocks than the
-            manifest counts), naming the file.
+        UserError: ``path`` is not a prepared directory; its tokenizer needs its own code and
+            ``trust_remote_code`` is False; a split is damaged (a truncated, missing or
+            unreadable ``.arrow`` file or ``state.json``, or fewer blocks than the manifest
+            counts), naming the file.
     """
     from datasets import load_from_disk
 
@@ -173,7 +177,7 @@ def load_prepared(path: str | Path) -> PreparedData:
         path=p,
         train=splits["train"],
         validation=splits["validation"],
-        tokenizer=load_tokenizer(p),
+        tokenizer=load_tokenizer(p, trust_remote_code=trust_remote_code),
         manifest=manifest,
     )
 

@@ -748,8 +748,15 @@ def _hub_records(
 
     name = str(source.path)
     try:
+        # no dataset script ever runs: datasets 4+ has none, 3.x would ask on stdin if unset
         records = iter(
-            datasets.load_dataset(name, source.hub_config, split=source.hub_split, streaming=True)
+            datasets.load_dataset(
+                name,
+                source.hub_config,
+                split=source.hub_split,
+                streaming=True,
+                trust_remote_code=False,
+            )
         )
     except Exception as err:  # not found, gated, no such split or config, network
         raise UserError(

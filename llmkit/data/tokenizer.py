@@ -82,19 +82,29 @@ def train_bpe_tokenizer(
     )
 
 
-def load_tokenizer(name_or_path: str | Path, **kwargs: Any):
+def load_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False, **kwargs: Any):
     """Load a pretrained tokenizer with ``AutoTokenizer`` (a directory, or a Hub id when online).
 
     A tokenizer without a padding token gets its EOS as padding (needed for batches).
+    ``trust_remote_code`` is always passed to transformers (never left unset, which would ask
+    on standard input): a tokenizer whose ``tokenizer_config.json`` names Python code of its
+    own (``auto_map``) loads only with ``trust_remote_code=True``.
 
     Raises:
-        UserError: nothing loadable at ``name_or_path``, or the tokenizer has no EOS token.
+        UserError: nothing loadable at ``name_or_path``; the tokenizer needs its own code and
+            ``trust_remote_code`` is False; or it has no EOS token.
     """
     from transformers import AutoTokenizer
 
+    from llmkit.security import is_remote_code_error, remote_code_error
+
     try:
-        tok = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+        tok = AutoTokenizer.from_pretrained(
+            str(name_or_path), trust_remote_code=trust_remote_code, **kwargs
+        )
     except (OSError, ValueError) as err:
+        if is_remote_code_error(err):
+            raise remote_code_error(str(name_or_path)) from None
         raise UserError(
             f"cannot load a tokenizer from {name_or_path}: {str(err).splitlines()[0]}",
             "give a directory holding tokenizer.json (or tokenizer_config.json), or a Hub id",

@@ -33,6 +33,7 @@ import torch
 from llmkit.errors import UserError
 from llmkit.evaluation.checks import check_windows
 from llmkit.evaluation.metrics import IGNORE_INDEX, NLLSums, nll_sums, shift_labels
+from llmkit.runtime import announce_threads
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each batch (windows or blocks)."""
@@ -340,6 +341,7 @@ def _eval_prepared(
     split: str,
     batch_size: int,
     progress: Progress | None,
+    trust_remote_code: bool = False,
     model_name: str = "the model",
 ) -> NLLSums:
     from llmkit.data.prepared import SPLITS, check_same_vocabulary, load_prepared
@@ -348,7 +350,7 @@ def _eval_prepared(
 
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}", f"use one of {', '.join(SPLITS)}")
-    prepared = load_prepared(data)
+    prepared = load_prepared(data, trust_remote_code=trust_remote_code)
     blocks = getattr(prepared, split)
     if blocks is None or len(blocks) == 0:
         raise UserError(
@@ -373,6 +375,7 @@ def _eval_prepared(
     # the same check as llmkit train: scores of ids the model never saw would be meaningless
     check_same_vocabulary(prepared.tokenizer.get_vocab(), tokenizer.get_vocab(), data, model_name)
     token_bytes = token_byte_lengths(prepared.tokenizer)
+    announce_threads()  # the work starts: a busy machine's thread count is said now
     return score_blocks(lm, blocks, token_bytes, batch_size, lm.device, progress=progress)
 
 
@@ -410,6 +413,7 @@ def _eval_text(
         if ids:
             docs.append([start, *ids])
     token_bytes = token_byte_lengths(tokenizer)
+    announce_threads()
     return score_windows(
         lm,
         docs,
@@ -434,6 +438,7 @@ def evaluate(
     device: str = "auto",
     dtype: str = "auto",
     progress: Progress | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Loss, perplexity and bits per byte of a model on prepared data or text.
 
@@ -448,6 +453,8 @@ def evaluate(
         batch_size: blocks or windows per forward pass (does not change the result).
         device, dtype: see :func:`llmkit.generation.loading.load_model_and_tokenizer`.
         progress: called with (done, total) after each batch.
+        trust_remote_code: let a model (or the data's tokenizer) that ships Python code of its
+            own run it; False (default) refuses it and runs none of its code.
 
     Returns:
         ``{"model", "data", "loss" (nats/token), "perplexity", "bits_per_byte",
@@ -472,9 +479,13 @@ def evaluate(
         sys.stderr.write(
             "warning: --max-length and --stride apply to text; prepared blocks are scored whole\n"
         )
-    lm, tokenizer, source = load_model_and_tokenizer(model, device=device, dtype=dtype)
+    lm, tokenizer, source = load_model_and_tokenizer(
+        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     if prepared:
-        sums = _eval_prepared(lm, tokenizer, path, split, batch_size, progress, source)
+        sums = _eval_prepared(
+            lm, tokenizer, path, split, batch_size, progress, trust_remote_code, source
+        )
     else:
         sums = _eval_text(lm, tokenizer, texts, max_length, stride, batch_size, progress)
     if sums.tokens == 0:
@@ -611,13 +622,18 @@ def token_view(
     max_length: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Load ``model`` and return :func:`token_probabilities` of ``text``, with ``"model"``."""
+    """Load ``model`` and return :func:`token_probabilities` of ``text``, with ``"model"``
+    (``trust_remote_code``: see :func:`evaluate`)."""
     from llmkit.generation.loading import load_model_and_tokenizer
 
     if not text:
         raise UserError("--tokens '' is empty", "give some text to score")
-    lm, tokenizer, source = load_model_and_tokenizer(model, device=device, dtype=dtype)
+    lm, tokenizer, source = load_model_and_tokenizer(
+        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    announce_threads()
     return {
         "model": source,
         **token_probabilities(lm, tokenizer, text, top=top, max_length=max_length),

@@ -18,6 +18,15 @@ there, whatever the working directory (the harness resolves it against the worki
 directory), so a task directory works from anywhere. Hub tasks need the Hub (or its local
 cache); offline, their data cannot be loaded and the error says so.
 
+Code: a task YAML may name Python functions (``!function utils.process_docs``, ``class:
+!function ...``) that the harness imports from a ``.py`` file next to it. The harness's own
+built-in tasks do so freely (that code is part of the installed package); a task under an
+``include_path`` may only with ``trust_remote_code=True`` (``--trust-remote-code``): otherwise
+it is refused with one line before any of its code is imported (:func:`task_code_guard`).
+Tasks that execute what the model writes (the harness marks them ``unsafe_code``, e.g.
+HumanEval, MBPP) are never run: ``confirm_run_unsafe_code`` stays False and such a task is
+refused with one line.
+
 Source: EleutherAI lm-evaluation-harness (Gao et al., "A framework for few-shot language
 model evaluation", Zenodo 10256836), ``lm_eval.evaluator.simple_evaluate`` and
 ``lm_eval.models.huggingface.HFLM``.
@@ -28,6 +37,9 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +69,73 @@ def parse_tasks(tasks: str | list[str]) -> list[str]:
     if not names:
         raise UserError("--tasks names no task", "e.g. --tasks hellaswag,arc_easy")
     return list(dict.fromkeys(names))
+
+
+class TaskCodeRefused(Exception):
+    """A task outside the harness's package names Python code and it is not trusted."""
+
+    def __init__(self, qual: str, base_dir: Path):
+        super().__init__(qual)
+        self.qual, self.base_dir = qual, base_dir
+
+
+@contextmanager
+def task_code_guard(trust_remote_code: bool) -> Iterator[None]:
+    """Within the block, a task YAML outside the installed harness may not import Python code
+    (its ``!function`` references) unless ``trust_remote_code``.
+
+    The harness resolves every ``!function`` through ``lm_eval.tasks._yaml_loader.
+    _import_func_in_yml(qual, base_dir)`` (0.4.10+); it is wrapped so that a reference from a
+    YAML whose directory is not inside the ``lm_eval`` package raises :class:`TaskCodeRefused`
+    before anything is imported. This covers YAMLs reached through ``include:`` too.
+    """
+    if trust_remote_code:
+        yield
+        return
+    try:
+        from lm_eval.tasks import _yaml_loader as loader
+    except ImportError:  # no harness, or another layout: nothing to guard here
+        yield
+        return
+    original = getattr(loader, "_import_func_in_yml", None)
+    if original is None:
+        yield
+        return
+    import lm_eval
+
+    package = Path(lm_eval.__file__).resolve().parent
+
+    def guarded(qual: str, base_dir: Path):
+        if not Path(base_dir).resolve().is_relative_to(package):
+            raise TaskCodeRefused(qual, Path(base_dir))
+        return original(qual, base_dir)
+
+    loader._import_func_in_yml = guarded
+    try:
+        yield
+    finally:
+        loader._import_func_in_yml = original
+
+
+def _task_code_error(name: str, err: TaskCodeRefused) -> UserError:
+    return UserError(
+        f"task {name!r} ({err.base_dir}) names Python code of its own (!function {err.qual}) "
+        "that the harness would import, and llmkit does not run a task's code unless told to",
+        "pass --trust-remote-code (Python: trust_remote_code=True) only if you trust the "
+        "task's author",
+    )
+
+
+def _refused(err: BaseException) -> TaskCodeRefused | None:
+    """The :class:`TaskCodeRefused` in ``err``'s chain of causes, if any (the harness may
+    wrap it)."""
+    seen = 0
+    while err is not None and seen < 20:
+        if isinstance(err, TaskCodeRefused):
+            return err
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
 
 
 def _quiet_harness_logs() -> None:
@@ -149,7 +228,10 @@ def task_specs(tm: Any, names: list[str], include_paths: list[Path]) -> list[str
         if not inside or kind not in ("TASK", "PY_TASK"):
             specs.append(name)
             continue
-        cfg = load_yaml(yaml_path, resolve_func=True)
+        try:
+            cfg = load_yaml(yaml_path, resolve_func=True)
+        except TaskCodeRefused as err:
+            raise _task_code_error(name, err) from None
         base = Path(yaml_path).resolve().parent
         if isinstance(cfg.get("dataset_kwargs"), dict) and "data_files" in cfg["dataset_kwargs"]:
             cfg["dataset_kwargs"] = {
@@ -176,6 +258,9 @@ def load_tasks(tm: Any, names: list[str], specs: list[str | dict]) -> list[Any]:
         try:
             loaded = tm.load([spec])
         except Exception as err:  # datasets / hub / yaml errors of many types
+            refused = _refused(err)
+            if refused is not None:
+                raise _task_code_error(name, refused) from None
             text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(
                 f"cannot load lm-evaluation-harness task {name!r}: {text[:200]}",
@@ -245,6 +330,7 @@ def run_tasks(
     chat: bool = False,
     log_samples: bool = False,
     loaded_tasks: list[Any] | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Run lm-evaluation-harness tasks on an already loaded model.
 
@@ -262,6 +348,8 @@ def run_tasks(
             ``apply_chat_template``), for instruct and chat-tuned models.
         log_samples: keep the per-document records (``"docs"`` in each task's result).
         loaded_tasks: Task objects from :func:`load_tasks` (else they are loaded here).
+        trust_remote_code: let a task under ``include_path`` import its Python functions
+            (``!function``); False (default) refuses such a task (:func:`task_code_guard`).
 
     Returns:
         ``{"tasks": summarize(...), "limit", "lm_eval_version"}``.
@@ -281,7 +369,8 @@ def run_tasks(
         names = parse_tasks(tasks)
         paths = _include_paths(include_path)
         tm = task_manager(names, paths)
-        loaded_tasks = load_tasks(tm, names, task_specs(tm, names, paths))
+        with task_code_guard(trust_remote_code):
+            loaded_tasks = load_tasks(tm, names, task_specs(tm, names, paths))
     # The tasks are built already; without a manager of its own, simple_evaluate would index
     # all ~15,000 built-in tasks again (tens of seconds) only to pass them through.
     empty_manager = TaskManager(include_defaults=False)
@@ -301,16 +390,30 @@ def run_tasks(
 
     # The harness pads on the right, after the scored continuation: the warning is noise.
     silence_padding_warning(lm)
-    harness_lm = HFLM(pretrained=lm, tokenizer=tokenizer, **kwargs)
-    raw = lm_eval.simple_evaluate(
-        model=harness_lm,
-        tasks=loaded_tasks,
-        limit=limit,
-        num_fewshot=num_fewshot,
-        log_samples=log_samples,
-        apply_chat_template=chat,
-        task_manager=empty_manager,
-    )
+    # the model is already loaded: nothing for the harness to fetch or run
+    harness_lm = HFLM(pretrained=lm, tokenizer=tokenizer, trust_remote_code=False, **kwargs)
+    try:
+        raw = lm_eval.simple_evaluate(
+            model=harness_lm,
+            tasks=loaded_tasks,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=log_samples,
+            apply_chat_template=chat,
+            task_manager=empty_manager,
+            # tasks that execute the code the model writes (HumanEval...): never
+            confirm_run_unsafe_code=False,
+        )
+    except ValueError as err:
+        if "marked as unsafe" not in str(err):
+            raise
+        found = re.search(r"task:? (\S+) which is marked as unsafe", str(err))
+        name = found.group(1) if found else "a task"
+        raise UserError(
+            f"task {name} executes the code the model writes (lm-evaluation-harness marks it "
+            "unsafe); llmkit does not run such tasks",
+            "run it with lm-eval itself in a sandbox",
+        ) from None
     return {
         "tasks": summarize(raw, samples=log_samples),
         "limit": limit,
@@ -340,6 +443,7 @@ def evaluate_tasks(
     log_samples: bool = False,
     device: str = "auto",
     dtype: str = "auto",
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Load a model once and run lm-evaluation-harness tasks on it (``llmkit eval --tasks``).
 
@@ -350,6 +454,8 @@ def evaluate_tasks(
         model: a run, ``save_pretrained`` directory, ``.gguf`` file or Hub id (None: the
             default search of :func:`llmkit.generation.loading.load_model_and_tokenizer`).
         device, dtype: as for ``load_model_and_tokenizer``.
+        trust_remote_code: let the model (``auto_map``) and the include-path tasks
+            (``!function``) run Python code of their own; False (default) refuses them.
         Others: as for :func:`run_tasks`.
 
     Returns:
@@ -370,8 +476,14 @@ def evaluate_tasks(
     names = parse_tasks(tasks)
     paths = _include_paths(include_path)
     tm = task_manager(names, paths)
-    loaded = load_tasks(tm, names, task_specs(tm, names, paths))
-    lm, tokenizer, source = load_model_and_tokenizer(model, device=device, dtype=dtype)
+    with task_code_guard(trust_remote_code):
+        loaded = load_tasks(tm, names, task_specs(tm, names, paths))
+    lm, tokenizer, source = load_model_and_tokenizer(
+        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    from llmkit.runtime import announce_threads
+
+    announce_threads()  # a busy machine's thread count (chosen by the CLI), said now
     positions = model_max_positions(lm)
     if max_length is not None and positions is not None and max_length > positions:
         raise UserError(

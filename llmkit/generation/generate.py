@@ -37,6 +37,7 @@ from transformers.generation.streamers import BaseStreamer
 from llmkit.errors import UserError
 from llmkit.generation.loading import load_model_and_tokenizer, model_max_positions
 from llmkit.generation.settings import GenerationSettings  # defined there: no torch
+from llmkit.runtime import announce_threads
 from llmkit.templates import render_chat
 
 # Decoding options shared by the streamer and the final text, so both give the same string.
@@ -712,6 +713,7 @@ def generate_completions(
     out: TextIO | None = None,
     err: TextIO | None = None,
     on_result: Callable[[Completion], None] | None = None,
+    trust_remote_code: bool = False,
 ) -> list[Completion]:
     """Load a model once and complete the prompts, ``batch_size`` at a time.
 
@@ -729,6 +731,8 @@ def generate_completions(
         device, dtype: see ``load_model_and_tokenizer``.
         out, err: where streamed text and the statistics go (default stdout, stderr).
         on_result: called with each completion as soon as its batch is done (``--json``).
+        trust_remote_code: see ``load_model_and_tokenizer`` (False: a model that needs its own
+            Python code is refused).
 
     Raises:
         UserError: no prompt; bad ``batch_size``; the model does not load; no chat template;
@@ -740,7 +744,10 @@ def generate_completions(
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1")
     settings = settings or GenerationSettings()
-    lm, tokenizer, _source = load_model_and_tokenizer(model, device=device, dtype=dtype)
+    lm, tokenizer, _source = load_model_and_tokenizer(
+        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    announce_threads()  # a busy machine: the thread count chosen by the CLI, said now
     return run_prompts(
         lm,
         tokenizer,
@@ -774,6 +781,7 @@ def generate(
     stream: bool = False,
     device: str = "auto",
     dtype: str = "auto",
+    trust_remote_code: bool = False,
 ) -> list[str]:
     """Continue each prompt with a causal language model.
 
@@ -796,6 +804,8 @@ def generate(
             the token count and tokens/s to stderr.
         device: ``auto``, ``cpu``, ``cuda``, ``mps``...
         dtype: ``auto``, ``float32``, ``bfloat16``, ``float16``.
+        trust_remote_code: let a model that ships Python code of its own (``auto_map``) run
+            it; False (default) refuses such a model and runs none of its code.
 
     Returns:
         The completions, without their prompts: ``num_return_sequences`` per prompt, in order.
@@ -824,5 +834,6 @@ def generate(
         stream=stream,
         device=device,
         dtype=dtype,
+        trust_remote_code=trust_remote_code,
     )
     return [r.completion for r in results]

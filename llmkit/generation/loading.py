@@ -14,7 +14,12 @@ Without a name, :func:`load_model_and_tokenizer` tries ``$LLMKIT_MODEL``, then t
 run under ``./runs/``, then ``gpt2`` from the Hub, and when none loads raises one
 :class:`~llmkit.errors.UserError` that lists what was tried and why each failed.
 
-Remote code is never executed: ``trust_remote_code`` is never passed.
+A model's own Python code (the ``modeling_*.py`` / ``tokenization_*.py`` files that the
+``auto_map`` of its ``config.json`` or ``tokenizer_config.json`` names) runs only with
+``trust_remote_code=True`` (``--trust-remote-code``). The flag is always passed to transformers,
+which otherwise asks "run the custom code? [y/N]" on standard input (where a piped chat line
+could answer it); without it such a model is refused with one line
+(:func:`llmkit.security.remote_code_error`).
 """
 
 from __future__ import annotations
@@ -213,22 +218,23 @@ def save_gguf_cache(model: Any, tokenizer: Any, cache: Path) -> bool:
         return False
 
 
-def _load_one(name: str, device: torch.device, dtype: torch.dtype):
+def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
     """Load the model and tokenizer named ``name``; see the module docstring for the kinds.
 
     Raises:
-        UserError: a local path that is not a model; or anything transformers raised while
-            loading, turned into one line.
+        UserError: a local path that is not a model; a model that needs its own code without
+            ``trust_remote_code``; or anything transformers raised while loading, one line.
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.security import is_remote_code_error, remote_code_error
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: noise on stderr for a CLI
     path = Path(name).expanduser()
     cache: Path | None = None
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if device.type == "cuda":
         kwargs["device_map"] = str(device)  # load the weights straight onto the GPU
     if path.is_dir():
@@ -265,18 +271,24 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype):
     except UserError:
         raise
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, ImportError...
+        if is_remote_code_error(err):
+            raise remote_code_error(name, where) from None
         raise UserError(f"cannot load {name}: {_short(err)}") from err
     if device.type != "cuda":
         model.to(device)
     model.eval()
-    tokenizer = load_tokenizer(where, **tok_kwargs)
+    tokenizer = load_tokenizer(where, trust_remote_code=trust_remote_code, **tok_kwargs)
     if "gguf_file" in kwargs and cache is not None:
         save_gguf_cache(model, tokenizer, cache)
     return model, tokenizer
 
 
 def load_model_and_tokenizer(
-    model: str | None = None, *, device: str = "auto", dtype: str = "auto"
+    model: str | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
 ) -> tuple[Any, Any, str]:
     """Load a causal LM and its tokenizer, ready for inference (``model.eval()``).
 
@@ -288,6 +300,8 @@ def load_model_and_tokenizer(
         device: ``auto`` (cuda, else mps, else cpu) or a torch device string.
         dtype: ``auto`` (bfloat16 on CUDA when supported, else float32), ``float32``,
             ``bfloat16`` or ``float16``.
+        trust_remote_code: let a model (or tokenizer) that ships Python code of its own run
+            it; False (default) refuses such a model and runs none of its code.
 
     Returns:
         ``(model, tokenizer, source)``: the model on ``device``, the tokenizer (its pad token
@@ -295,7 +309,8 @@ def load_model_and_tokenizer(
 
     Raises:
         UserError: a bad device or dtype; an explicit ``model`` that is not a model or fails
-            to load; without ``model``, no candidate loads (the one line lists each candidate
+            to load (one that needs its own code without ``trust_remote_code`` included);
+            without ``model``, no candidate loads (the one line lists each candidate
             and why it failed, and how to fix it).
     """
     dev = resolve_device(device)
@@ -304,12 +319,16 @@ def load_model_and_tokenizer(
     failures: list[str] = []
     for cand in candidates:
         try:
-            mdl, tok = _load_one(cand.name, dev, dt)
+            mdl, tok = _load_one(cand.name, dev, dt, trust_remote_code)
         except UserError as err:
             if cand.origin == ENV_MODEL:  # named by the environment: say so, guess no other
+                from llmkit.security import TRUST_HINT
+
                 raise UserError(
                     f"{ENV_MODEL}={cand.name}: {err.message}",
-                    f"fix or unset {ENV_MODEL}, or pass --model",
+                    err.hint
+                    if err.hint == TRUST_HINT
+                    else f"fix or unset {ENV_MODEL}, or pass --model",
                 ) from None
             if cand.origin == "--model":
                 raise  # the user named this model: say why it failed, do not guess another

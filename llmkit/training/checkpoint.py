@@ -1,18 +1,48 @@
-"""Checkpoints of a run: written atomically, the last K kept, the best kept beside them.
+"""Checkpoints of a run: written atomically, the last K kept, the best kept beside them, and
+read back without unpickling anything that could run code.
 
 ::
 
     run_dir/checkpoints/
-      step-00000500/            accelerate ``save_state``: model.safetensors, optimizer.bin,
-      step-00001000/            custom_checkpoint_0.pkl (the LR scheduler), random_states_<rank>.pkl
-      best/                     (python, numpy, torch RNGs of each process), plus
-                                trainer_state.json (step, tokens, early-stopping state) and
-                                config.json (the model's config)
+      step-00000500/            model.safetensors         weights (accelerate ``save_state``)
+      step-00001000/            optimizer.bin             AdamW state (``torch.save``)
+      best/                     scaler.pt                 fp16 loss scale (``torch.save``)
+                                rng_state_<rank>.json     python, numpy, torch (+ CUDA) RNGs
+                                trainer_state.json        step, tokens, early stopping, the LR
+                                                          scheduler, the last validation
+                                config.json               the model's config
+
+Under FSDP / DeepSpeed the weights and optimizer state are accelerate's sharded layout instead
+(a ``torch.distributed.checkpoint`` directory / DeepSpeed's files).
 
 A checkpoint is first written to ``.tmp-<name>`` and renamed into place only when every process
-has finished writing, so a crash or Ctrl-C mid-write leaves the previous checkpoints intact;
-``trainer_state.json`` is written inside the temporary directory, so a checkpoint without it
-never exists under its final name.
+has finished writing, so a crash, Ctrl-C or a full disk mid-write leaves the previous
+checkpoints intact; ``trainer_state.json`` is written inside the temporary directory, so a
+checkpoint without it never exists under its final name. A write that fails (disk full, no
+permission) removes the temporary directory and ends the run with one line naming the
+checkpoint and what to do.
+
+**No code from a checkpoint.** accelerate's ``save_state`` / ``load_state`` pickle two things
+with arbitrary Python objects: registered objects (``custom_checkpoint_<i>.pkl``, read back with
+``torch.load(weights_only=False)``, i.e. plain ``pickle``, which calls whatever the file names)
+and the RNG states (``random_states_<rank>.pkl``). llmkit therefore registers nothing with
+accelerate: the LR scheduler's state (numbers and lists) goes into ``trainer_state.json``, and
+each process writes its RNG states as JSON (:func:`rng_state`) and deletes accelerate's pickle.
+What remains is weights (safetensors: no code by design), ``optimizer.bin`` and ``scaler.pt``
+(``torch.save`` zip files of tensors and numbers). Before ``load_state`` runs,
+:func:`verify_checkpoint` opens every file of the checkpoint the way it is safe to: JSON with
+``json``, safetensors headers (which also catches truncation), every other pickle-bearing file
+with ``torch.load(weights_only=True)`` (PyTorch's restricted unpickler: tensors, numbers,
+strings and containers only; memory-mapped, so the tensors are not read twice), and the
+``.metadata`` pickle of a ``torch.distributed.checkpoint`` directory (FSDP), which torch reads
+with plain ``pickle``, with an unpickler that resolves only that format's own classes
+(:func:`llmkit.security.check_pickle_globals`). A file that names anything else, a damaged
+(truncated) file, or an accelerate pickle of registered objects (checkpoints of llmkit
+before this format) ends ``--resume`` with one line naming the file; nothing in it has run.
+accelerate's own ``load_state`` then reads the vetted files (it uses ``weights_only=True`` for
+all of them too). DeepSpeed's files are vetted the same way; a DeepSpeed checkpoint holding a
+Python object outside PyTorch's allowed types is refused rather than unpickled (DeepSpeed
+itself reads them with ``weights_only=False``; untested here: no GPU).
 
 The data position needs no state beyond the step: the order of training blocks is a function
 of (seed, epoch) (:func:`llmkit.training.batches.step_samples`), so step s always reads the
@@ -62,7 +92,10 @@ def read_state(checkpoint: str | Path) -> dict[str, Any]:
     """
     path = Path(checkpoint) / STATE_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        return state
     except (OSError, ValueError) as err:
         raise UserError(
             f"{checkpoint} is not an llmkit checkpoint (no readable {STATE_FILE})",
@@ -106,35 +139,162 @@ def clean_temporaries(run_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+RNG_FILE = "rng_state_{rank}.json"
+#: accelerate's pickled RNG states (deleted after ``save_state``; vetted if present).
+_ACCELERATE_RNG = re.compile(r"^random_states_\d+\.pkl$")
+#: accelerate's pickles of registered objects, read back with plain pickle: never loaded.
+_REGISTERED_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
+#: Files whose content is parsed without any code: JSON, safetensors, and the raw tensor bytes
+#: of ``torch.distributed.checkpoint`` shards (``.distcp``; their non-tensor entries are read
+#: by torch with ``weights_only=True``).
+_PLAIN_SUFFIXES = {".json", ".safetensors", ".distcp", ".txt", ".md"}
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as JSON-able values: Python's ``random``, NumPy's global
+    generator, torch's CPU generator and each CUDA device's (what accelerate's
+    ``random_states_<rank>.pkl`` holds, without pickle)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [t.tolist() for t in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned (CUDA states only when CUDA is available).
+
+    Raises:
+        KeyError, TypeError, ValueError: a malformed state.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((str(kind), np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if torch.cuda.is_available() and state.get("cuda"):
+        torch.cuda.set_rng_state_all([torch.tensor(t, dtype=torch.uint8) for t in state["cuda"]])
+
+
+def free_space(path: Path) -> str:
+    """`` (N MB free on that disk)`` for a message, or "" when it cannot be told."""
+    try:
+        return f" ({shutil.disk_usage(path).free / 2**20:,.0f} MiB free on that disk)"
+    except OSError:
+        return ""
+
+
+def write_failure(err: BaseException) -> bool:
+    """True when ``err`` is a failed write rather than a bug: an ``OSError`` (ENOSPC, EDQUOT,
+    EACCES, EROFS...), or what torch's and safetensors' writers raise for one (a
+    ``RuntimeError`` / ``SafetensorError`` from their file writers)."""
+    if isinstance(err, OSError):
+        return True
+    text = str(err)
+    markers = (
+        "No space left",
+        "StorageFull",
+        "Disk quota",
+        "file write failed",
+        "unexpected pos",
+        "Read-only file system",
+        "Permission denied",
+        "IoError",
+        "os error",
+    )
+    return type(err).__name__ in ("RuntimeError", "SafetensorError") and any(
+        m in text for m in markers
+    )
+
+
+def reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text[:160]
+
+
 def save_checkpoint(
-    accelerator, run_dir: Path, name: str, state: dict[str, Any], model_config: Any = None
+    accelerator,
+    run_dir: Path,
+    name: str,
+    state: dict[str, Any],
+    model_config: Any = None,
 ) -> Path:
     """Write a checkpoint atomically; call on every process (each saves its RNG state).
 
     Args:
-        accelerator: the run's ``accelerate.Accelerator`` (its prepared model and optimizer and
-            the objects registered for checkpointing are saved).
+        accelerator: the run's ``accelerate.Accelerator`` (its prepared model and optimizer,
+            and the fp16 scaler, are saved; nothing may be registered for checkpointing).
         run_dir: the run directory.
         name: ``step-NNNNNNNN`` or ``best`` (replaced if it exists).
-        state: JSON-able trainer state (step, tokens, early-stopping counters...).
+        state: JSON-able trainer state (step, tokens, early-stopping counters, the scheduler's
+            ``state_dict()``...).
         model_config: a transformers config saved beside the weights, or None.
 
     Returns:
         The checkpoint's final path.
+
+    Raises:
+        UserError: the checkpoint could not be written (disk full, quota, permissions): one
+            line naming it and the space left; the temporary directory is removed and the
+            earlier checkpoints are untouched. Raised on every process.
     """
+    if getattr(accelerator, "_custom_objects", None):  # accelerate would pickle them
+        raise RuntimeError("objects registered for checkpointing would be pickled")
     root = run_dir / CHECKPOINTS
     final = root / name
     tmp = root / f".tmp-{name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        if model_config is not None:
-            model_config.to_json_file(str(tmp / "config.json"))
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
-    accelerator.wait_for_everyone()
+    rank = accelerator.process_index
+    failure: BaseException | None = None
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as err:
+        failure = err
+    if not _anyone(accelerator, failure is not None):  # also the barrier before writing
+        try:
+            accelerator.save_state(str(tmp))
+            (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)
+            _write_json(tmp / RNG_FILE.format(rank=rank), rng_state())
+            if accelerator.is_main_process:
+                if model_config is not None:
+                    model_config.to_json_file(str(tmp / "config.json"))
+                _write_json(tmp / STATE_FILE, state, indent=2)
+        except Exception as err:
+            if not write_failure(err):
+                raise
+            failure = err
+    if _anyone(accelerator, failure is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        why = reason(failure) if failure is not None else "another process failed to write"
+        where = getattr(failure, "filename", None)
+        what = f" ({Path(where).name})" if where else ""
+        kept = list_checkpoints(run_dir)
+        intact = f"; the earlier checkpoint {kept[-1].name} is intact" if kept else ""
+        raise UserError(
+            f"cannot write checkpoint {final}{what}: {why}{free_space(root)}{intact}",
+            "free space on that disk or lower train.keep_last (checkpoints kept), then "
+            + ("--resume latest" if kept else "start again"),
+        )
     if accelerator.is_main_process:
         if final.exists():  # only `best` is ever replaced: move the old one aside first
             old = root / f".old-{name}"
@@ -146,6 +306,205 @@ def save_checkpoint(
             os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _anyone(accelerator, failed: bool) -> bool:
+    """True on every process when ``failed`` is true on any (a sum over processes, which is
+    also a barrier), so that no process waits for one that gave up."""
+    if accelerator.num_processes == 1:
+        return failed
+    import torch
+
+    flag = torch.tensor([int(failed)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item())
+
+
+def _write_json(path: Path, value: Any, indent: int | None = None) -> None:
+    path.write_text(json.dumps(value, indent=indent), encoding="utf-8")
+
+
+def _dcp_metadata_globals() -> frozenset[str]:
+    """The classes a ``torch.distributed.checkpoint`` ``.metadata`` pickle may name: that
+    format's own dataclasses, ``torch.Size``, dtypes, layouts, paths."""
+    import torch
+
+    names = {
+        "builtins.set",
+        "builtins.frozenset",
+        "collections.OrderedDict",
+        "pathlib.Path",
+        "pathlib.PosixPath",
+        "pathlib.WindowsPath",
+        "torch.Size",
+        "torch.serialization._get_layout",
+        "torch.distributed.checkpoint.filesystem._StorageInfo",
+    }
+    for cls in (
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    ):
+        names.add(f"torch.distributed.checkpoint.metadata.{cls}")
+    names.update(f"torch.{n}" for n in dir(torch) if isinstance(getattr(torch, n), torch.dtype))
+    return frozenset(names)
+
+
+def _damaged(checkpoint: Path, file: Path, why: str) -> UserError:
+    earlier = [p for p in list_checkpoints(checkpoint.parent.parent) if p != checkpoint]
+    hint = (
+        f"resume from an earlier checkpoint with --resume {earlier[-1]}"
+        if earlier
+        else "resume from an earlier checkpoint with --resume PATH, or start again with --overwrite"
+    )
+    rel = file.relative_to(checkpoint) if file.is_relative_to(checkpoint) else file
+    return UserError(f"checkpoint {checkpoint.name} is damaged: file {rel} {why}", hint)
+
+
+def verify_checkpoint(checkpoint: str | Path, world_size: int = 1) -> None:
+    """Open every file of a checkpoint without running anything it could name (see the
+    module docstring), before accelerate's ``load_state`` reads it.
+
+    Args:
+        checkpoint: the checkpoint directory.
+        world_size: the number of processes resuming (each needs its ``rng_state_<rank>.json``).
+
+    Raises:
+        UserError: one line naming the first file that is truncated, unreadable, not valid
+            JSON, or a pickle naming a class or function outside the allowed types (nothing
+            of it was executed); an accelerate ``custom_checkpoint_*.pkl`` (never unpickled);
+            a missing RNG state.
+    """
+    import pickle
+
+    from llmkit.security import UnsafePickle, check_pickle_globals
+
+    ckpt = Path(checkpoint)
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
+    for rank in range(world_size):
+        if not (ckpt / RNG_FILE.format(rank=rank)).is_file():
+            legacy = ckpt / f"random_states_{rank}.pkl"
+            raise _damaged(
+                ckpt,
+                legacy if legacy.exists() else ckpt / RNG_FILE.format(rank=rank),
+                "is missing: written by an older llmkit (pickled RNG states) or not by "
+                f"{world_size} process(es)",
+            )
+    dcp_globals: frozenset[str] | None = None
+    for f in files:
+        suffix = f.suffix.lower()
+        if _REGISTERED_PICKLE.match(f.name):
+            raise _damaged(
+                ckpt,
+                f,
+                "is an accelerate pickle of Python objects, which llmkit never unpickles "
+                "(a checkpoint of an older llmkit, or a crafted one)",
+            )
+        try:
+            if suffix == ".json":
+                json.loads(f.read_text(encoding="utf-8"))
+            elif suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(f), framework="pt") as handle:
+                    handle.keys()
+            elif f.name == ".metadata":
+                dcp_globals = dcp_globals or _dcp_metadata_globals()
+                check_pickle_globals(f.read_bytes(), dcp_globals)
+            elif suffix in _PLAIN_SUFFIXES:
+                continue
+            else:  # optimizer.bin, scaler.pt, DeepSpeed's *.pt, anything else: torch.load
+                _vet_torch_file(f)
+        except UnsafePickle as err:
+            raise _damaged(ckpt, f, f"is refused: {err}; nothing of it was run") from None
+        except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            raise _damaged(ckpt, f, _why(err)) from None
+        except Exception as err:  # safetensors' own error type
+            if type(err).__name__ != "SafetensorError":
+                raise
+            raise _damaged(ckpt, f, _why(err)) from None
+
+
+def _vet_torch_file(f: Path) -> None:
+    """``torch.load(weights_only=True)`` of ``f``, memory-mapped (its tensors are not read);
+    accelerate's RNG pickle may also hold NumPy arrays (its own allowed list)."""
+    import torch
+
+    safe: list[Any] = []
+    if _ACCELERATE_RNG.match(f.name):
+        from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+        safe = list(TORCH_SAFE_GLOBALS)
+    with torch.serialization.safe_globals(safe):
+        try:
+            torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            torch.load(f, map_location="cpu", weights_only=True)  # not a zip file: no mmap
+
+
+def _why(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "Weights only load failed" in str(err):  # torch's restricted unpickler said no
+        detail = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        first = detail[0].split(" was not an allowed global")[0] if detail else ""
+        return (
+            f"is refused: it holds more than tensors and numbers ({first[:100]}); nothing of "
+            "it was run"
+        )
+    if "central directory" in text or "incomplete metadata" in text or "header" in text:
+        return f"is truncated or corrupt ({text[:120]})"
+    return f"cannot be read ({text[:160]})"
+
+
+def load_checkpoint(accelerator, checkpoint: str | Path, scheduler=None) -> dict[str, Any]:
+    """Restore a checkpoint written by :func:`save_checkpoint` into the prepared model,
+    optimizer (and fp16 scaler), the LR ``scheduler`` and this process's RNGs; call on every
+    process.
+
+    Every file is vetted first (:func:`verify_checkpoint`); then accelerate's ``load_state``
+    reads the weights and optimizer state, and llmkit restores the scheduler and the RNGs from
+    its JSON files.
+
+    Returns:
+        The ``trainer_state.json`` of the checkpoint.
+
+    Raises:
+        UserError: a damaged or refused file (one line naming it); not an llmkit checkpoint.
+    """
+    ckpt = Path(checkpoint)
+    state = read_state(ckpt)
+    for key in ("step", "tokens"):
+        value = state.get(key) if isinstance(state, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise _damaged(ckpt, ckpt / STATE_FILE, f"has no valid {key!r} ({value!r})")
+    verify_checkpoint(ckpt, accelerator.num_processes)
+    try:
+        accelerator.load_state(str(ckpt))
+    except Exception as err:  # vetted, so: shapes that do not fit, a changed model...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"cannot resume from {ckpt}: {first[:200]}",
+            "resume with the recipe (model sizes, LoRA, precision) that wrote it",
+        ) from None
+    if scheduler is not None:
+        try:
+            scheduler.load_state_dict(dict(state["scheduler"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise _damaged(
+                ckpt, ckpt / STATE_FILE, f"has no usable scheduler state ({err})"
+            ) from None
+    rng_file = ckpt / RNG_FILE.format(rank=accelerator.process_index)
+    try:
+        set_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise _damaged(ckpt, rng_file, _why(err)) from None
+    return state
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:

@@ -76,6 +76,12 @@ class ModelConfig(_Section):
         description="Other keyword arguments for the transformers config (e.g. "
         "intermediate_size, rope_theta).",
     )
+    trust_remote_code: bool = Field(
+        False,
+        description="Let name_or_path (and the data's tokenizer) run Python code of its own "
+        "(the auto_map of its config.json / tokenizer_config.json); off: such a model is "
+        "refused and its code never runs (also: llmkit train --trust-remote-code).",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:

@@ -26,6 +26,7 @@ from llmkit import __version__
 from llmkit.errors import UserError
 from llmkit.evaluation.metrics import IGNORE_INDEX, NLLSums
 from llmkit.runs import RUN_MARKER, is_finished_run
+from llmkit.runtime import announce_threads
 from llmkit.training import checkpoint as ckpt
 from llmkit.training.batches import micro_batch_samples, step_samples, steps_per_epoch
 from llmkit.training.config import Recipe, load_recipe
@@ -329,11 +330,33 @@ def _save_final(model, tokenizer, run_dir: Path, state_dict=None) -> None:
     """save_pretrained into a hidden directory, then move each file into the run directory.
 
     ``state_dict``: the full weights when the model is sharded (FSDP, ZeRO-3), else None.
+
+    Raises:
+        UserError: the model could not be written (disk full, quota, permissions): one line
+            naming the run directory, the space left and the checkpoint to resume from; the
+            hidden directory is removed, so no model file appears in the run directory.
     """
     tmp = run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    except Exception as err:
+        if not ckpt.write_failure(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = getattr(err, "filename", None)
+        what = f" ({Path(where).name})" if where else ""
+        kept = ckpt.list_checkpoints(run_dir)
+        resume = f"; checkpoint {kept[-1].name} is intact" if kept else ""
+        raise UserError(
+            f"cannot write the final model to {run_dir}{what}: {ckpt.reason(err)}"
+            f"{ckpt.free_space(run_dir)}{resume}; {run_dir} is not a finished run",
+            "free space on that disk, then run the same command with --resume latest"
+            if kept
+            else "free space on that disk (or set train.save_interval to keep checkpoints), "
+            "then train again",
+        ) from None
     for f in tmp.iterdir():
         os.replace(f, run_dir / f.name)
     tmp.rmdir()
@@ -461,6 +484,7 @@ def train(
     resume: str | None = None,
     dry_run: bool = False,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Train a causal LM on prepared blocks; write the model, tokenizer, config and metrics.
 
@@ -478,6 +502,9 @@ def train(
             labelled tokens are targets), ``lr`` (used by the step),
             ``samples`` (the global indices of the blocks the step read over all processes),
             ``rank_samples`` (those this process read) and ``skipped``.
+        trust_remote_code: let ``model.name_or_path`` (and the data's tokenizer) run Python
+            code of its own; the same as the recipe's ``model.trust_remote_code: true``.
+            Off (default, unless the recipe says so): such a model is refused, no code runs.
 
     Returns:
         The final metrics: ``val_loss`` (nats per target token), ``val_ppl``, ``val_bpb``
@@ -504,6 +531,7 @@ def train(
             resume=resume,
             dry_run=dry_run,
             on_step=on_step,
+            trust_remote_code=trust_remote_code,
             _state=state,
         )
     except TrainingInterrupted:
@@ -541,6 +569,7 @@ def _train(
     resume: str | None = None,
     dry_run: bool = False,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    trust_remote_code: bool = False,
     _state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The body of :func:`train` (which turns interrupts and disk errors into one line)."""
@@ -567,6 +596,9 @@ def _train(
     )
 
     recipe = config if isinstance(config, Recipe) else load_recipe(config, list(overrides))
+    if trust_remote_code and not recipe.model.trust_remote_code:
+        recipe = recipe.model_copy(deep=True)
+        recipe.model.trust_remote_code = True
     # Blocks are packed: EOS (= padding id) inside a block is real text, not padding, so the
     # "pass an attention_mask" warning does not apply; shard-writing bars add nothing here.
     hf_logging.set_verbosity_error()
@@ -579,12 +611,13 @@ def _train(
     data_block = int(manifest["settings"]["block_size"])
     run_dir = recipe.run_dir
     resume_from = ckpt.resolve_resume(resume, run_dir) if resume else None
-    data = load_prepared(recipe.data.path)
+    trust = mcfg.trust_remote_code
+    data = load_prepared(recipe.data.path, trust_remote_code=trust)
     tokenizer = data.tokenizer
     vocab_size = len(tokenizer)
     new_tokens: list[int] = []  # ids of tokens the data adds to a pretrained vocabulary
     if mcfg.name_or_path:
-        model_config = load_pretrained_config(mcfg.name_or_path)
+        model_config = load_pretrained_config(mcfg.name_or_path, trust)
         set_dropout(model_config, mcfg.dropout)
         positions = positions_of(model_config)
         if positions is not None and data_block > positions:
@@ -629,6 +662,7 @@ def _train(
     if int(os.environ.get("RANK", "0")) == 0:
         for message in recipe.ignored_settings():  # e.g. zero_stage with strategy ddp
             _warn(console, message)
+        announce_threads()  # a busy machine: the thread count the CLI chose, said now
     if tcfg.mixed_precision == "fp16" and not cuda and int(os.environ.get("RANK", "0")) == 0:
         _warn(
             console,
@@ -736,7 +770,7 @@ def _train(
     # ---- Model, optimizer, schedule.
     set_seed(tcfg.seed)
     if mcfg.name_or_path:
-        model = load_pretrained(mcfg.name_or_path, model_config)
+        model = load_pretrained(mcfg.name_or_path, model_config, trust)
         if new_tokens:
             resize_embeddings(model, vocab_size)
             if main:
@@ -759,15 +793,17 @@ def _train(
     scheduler = make_scheduler(optimizer, tcfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is stepped once per optimizer step by this loop (accelerate's wrapper
-    # would step it once per process); registered so that save_state / load_state carry it.
-    accelerator.register_for_checkpointing(scheduler)
+    # would step it once per process). It is not registered with accelerate (which would
+    # pickle it): its state goes into trainer_state.json (llmkit.training.checkpoint).
     early = EarlyStopping(ecfg.patience, ecfg.min_delta)
     start_step, trained_tokens = 0, 0
+    resumed_val: dict[str, float] = {}  # the validation of the checkpoint's step, if it had one
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        saved = ckpt.read_state(resume_from)
+        saved = ckpt.load_checkpoint(accelerator, resume_from, scheduler)
         start_step, trained_tokens = int(saved["step"]), int(saved["tokens"])
         early.load_state_dict(saved.get("early_stopping", {}))
+        if saved.get("last_val_step") == start_step:
+            resumed_val = dict(saved.get("last_val") or {})
 
     columns = batch_columns(data.train)
     train_ds = data.train.with_format("torch", columns=columns)
@@ -886,6 +922,10 @@ def _train(
             "global_batch": global_batch,
             "world_size": world,
             "early_stopping": early.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            # validation already logged at this step: a resume from here does not repeat it
+            "last_val_step": last_val_step,
+            "last_val": last_val if last_val_step == step else {},
             "llmkit_version": __version__,
         }
 
@@ -913,8 +953,8 @@ def _train(
     model.train()
     start = time.perf_counter()
     window_start, window_tokens = start, 0
-    last_val: dict[str, float] = {}
-    last_val_step = None
+    last_val: dict[str, float] = resumed_val
+    last_val_step = start_step if resumed_val else None
     bad_in_row = 0
     stopped = "max_steps"
     mfu: float | None = 0.0
@@ -1249,7 +1289,9 @@ def _dry_run(
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+        model = AutoModelForCausalLM.from_config(
+            model_config, trust_remote_code=recipe.model.trust_remote_code
+        )
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = n_params
     if lcfg.r > 0:

@@ -76,10 +76,13 @@ def build_config(
 
 
 def build_model(config):
-    """``AutoModelForCausalLM.from_config`` in float32 with PyTorch's SDPA attention."""
+    """``AutoModelForCausalLM.from_config`` in float32 with PyTorch's SDPA attention (a config
+    that llmkit built: a transformers model type, no code of its own)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_config(
+        config, attn_implementation="sdpa", trust_remote_code=False
+    )
 
 
 def positions_of(config) -> int | None:
@@ -121,23 +124,31 @@ def _source(name: str) -> tuple[str, dict[str, Any]]:
     return name, {}
 
 
-def load_pretrained_config(name: str):
+def load_pretrained_config(name: str, trust_remote_code: bool = False):
     """The transformers config of a pretrained model, without loading its weights.
 
+    ``trust_remote_code`` is always passed (transformers would otherwise ask on standard
+    input): a config that needs its own Python code (``auto_map``) loads only with True.
+
     Raises:
-        UserError: not found, not a model, or offline for a Hub id.
+        UserError: not found, not a model, offline for a Hub id, or it needs its own code and
+            ``trust_remote_code`` is False.
     """
     from transformers import AutoConfig
 
+    from llmkit.security import is_remote_code_error, remote_code_error
+
     where, kwargs = _source(name)
     try:
-        return AutoConfig.from_pretrained(where, **kwargs)
+        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as err:  # OSError, ValueError, ImportError (gguf missing) ...
+        if is_remote_code_error(err):
+            raise remote_code_error(name, where) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the config of {name}: {first[:160]}") from err
 
 
-def load_pretrained(name: str, config):
+def load_pretrained(name: str, config, trust_remote_code: bool = False):
     """``AutoModelForCausalLM.from_pretrained`` in float32 with SDPA and ``config``'s dropout.
 
     A .gguf file is de-quantized whole by transformers to float32 (``GgufConfig(dequantize=
@@ -147,11 +158,15 @@ def load_pretrained(name: str, config):
     (``HfQuantizer.remove_quantization_config``) so that ``save_pretrained`` writes it
     (transformers refuses to serialize a model that carries a GGUF quantizer).
 
+    ``trust_remote_code``: as for :func:`load_pretrained_config`.
+
     Raises:
         UserError: the model cannot be loaded (one line naming the cause).
     """
     import torch
     from transformers import AutoModelForCausalLM
+
+    from llmkit.security import is_remote_code_error, remote_code_error
 
     where, kwargs = _source(name)
     if "gguf_file" in kwargs:
@@ -160,9 +175,16 @@ def load_pretrained(name: str, config):
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            where, config=config, dtype=torch.float32, attn_implementation="sdpa", **kwargs
+            where,
+            config=config,
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code,
+            **kwargs,
         )
     except Exception as err:
+        if is_remote_code_error(err):
+            raise remote_code_error(name, where) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load {name}: {first[:160]}") from err
     quantizer = getattr(model, "hf_quantizer", None)

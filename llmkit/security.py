@@ -1,0 +1,114 @@
+"""What llmkit refuses to execute, in one place (README "What llmkit executes").
+
+Two kinds of file can carry code that runs when they are loaded:
+
+- **A model's own Python code.** A model directory (or Hub repository) whose ``config.json`` or
+  ``tokenizer_config.json`` has an ``auto_map`` names ``modeling_*.py`` / ``tokenization_*.py``
+  files that transformers imports to build it ("remote code"). transformers asks on standard
+  input when ``trust_remote_code`` is left unset, so a piped chat line could answer "y". llmkit
+  always passes ``trust_remote_code`` explicitly, False unless the user gave
+  ``--trust-remote-code`` (Python: ``trust_remote_code=True``, recipes:
+  ``model.trust_remote_code: true``); a model that needs its code is refused with
+  :func:`remote_code_error`.
+- **Pickles.** ``pickle`` (and ``torch.load(weights_only=False)``) calls whatever a file names.
+  llmkit's checkpoints keep their own state as JSON, weights as safetensors, and the
+  optimizer state is read with ``torch.load(weights_only=True)`` (PyTorch's restricted
+  unpickler: tensors, numbers, strings and containers only); see
+  :mod:`llmkit.training.checkpoint`. :func:`check_pickle_globals` vets the plain pickles that
+  a library would read with ``pickle.load`` (a distributed checkpoint's ``.metadata``).
+
+No heavy imports here: the CLI imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+from llmkit.errors import UserError
+
+TRUST_FLAG = "--trust-remote-code"
+TRUST_HINT = (
+    f"pass {TRUST_FLAG} (Python: trust_remote_code=True) only if you trust its author; "
+    "the code runs with your permissions"
+)
+
+
+def is_remote_code_error(err: BaseException) -> bool:
+    """True when ``err`` is transformers refusing a model because it needs its own code and
+    ``trust_remote_code`` is not True (``dynamic_module_utils.resolve_trust_remote_code``)."""
+    return isinstance(err, ValueError) and "trust_remote_code=True" in str(err)
+
+
+def auto_map_files(where: str | Path) -> list[str]:
+    """The Python files that the ``auto_map`` of a local model directory names, e.g.
+    ``["modeling_evil.py"]`` (``config.json``, ``tokenizer_config.json``); [] for none or a
+    Hub id. Entries look like ``"modeling_x.Class"`` or ``"repo--modeling_x.Class"``."""
+    path = Path(where)
+    found: list[str] = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if not isinstance(auto_map, dict):
+            continue
+        for value in auto_map.values():
+            for ref in value if isinstance(value, list) else [value]:
+                if isinstance(ref, str) and "." in ref:
+                    module = ref.split("--")[-1].rsplit(".", 1)[0]
+                    found.append(f"{module}.py")
+    return list(dict.fromkeys(found))
+
+
+def remote_code_error(name: str, where: str | Path | None = None) -> UserError:
+    """The one-line error for a model that needs its own code to load.
+
+    Args:
+        name: the model as the user named it (``--model``, ``model.name_or_path``...).
+        where: the directory it is read from, to list the files its ``auto_map`` names.
+    """
+    files = auto_map_files(where if where is not None else name)
+    what = f" ({', '.join(files)})" if files else ""
+    return UserError(
+        f"{name} needs Python code of its own{what} to load, and llmkit does not run a "
+        "model's code unless told to",
+        TRUST_HINT,
+    )
+
+
+class UnsafePickle(Exception):
+    """A pickle names a global (a class or function to call) outside the allowed set."""
+
+
+def check_pickle_globals(data: bytes, allowed: set[str] | frozenset[str]) -> None:
+    """Refuse a plain pickle that would import anything but the ``allowed`` globals.
+
+    Unpickles ``data`` into a throw-away object with an unpickler whose ``find_class`` returns
+    only the ``allowed`` classes (the "restricting globals" recipe of the Python ``pickle``
+    documentation): a global is the only way a pickle reaches code, so nothing else can run.
+    Called before a library reads the same file with plain ``pickle.load``.
+
+    Args:
+        data: the pickle's bytes.
+        allowed: ``"module.qualname"`` strings of harmless classes (dataclasses, enums).
+
+    Raises:
+        UnsafePickle: a global outside ``allowed``, or a pickle that cannot be read.
+    """
+    import io
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if f"{module}.{name}" not in allowed:
+                raise UnsafePickle(f"it would import {module}.{name}")
+            return super().find_class(module, name)
+
+    try:
+        _Restricted(io.BytesIO(data)).load()
+    except UnsafePickle:
+        raise
+    except Exception as err:  # truncated, garbage: UnpicklingError, EOFError, ValueError...
+        raise UnsafePickle(f"not a readable pickle ({type(err).__name__})") from None

@@ -1,0 +1,336 @@
+"""llmkit never runs code it is handed unless told to (README "What llmkit executes").
+
+Real crafted inputs: a model directory whose config.json / tokenizer_config.json ``auto_map``
+names Python files that create a marker file when imported, run through the real CLI with
+"y" piped into standard input (transformers' "run the custom code? [y/N]" prompt read it
+before); a task YAML with ``!function``. The marker must never exist, the exit status is 2 and
+stderr one line naming the model and --trust-remote-code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _payload(marker: Path) -> str:
+    return f"import pathlib\npathlib.Path({str(marker)!r}).write_text('code ran')\n"
+
+
+def _evil_model(out: Path, marker: Path, tokenizer) -> Path:
+    """A tiny GPT-2 whose config names a model type transformers does not know, mapped by
+    ``auto_map`` to configuration_evil.py / modeling_evil.py (each writes ``marker``)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    GPT2LMHeadModel(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config["model_type"] = "llmkit_evil"
+    config["auto_map"] = {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModelForCausalLM": "modeling_evil.EvilModel",
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "configuration_evil.py").write_text(
+        _payload(marker) + "from transformers import GPT2Config\n"
+        "class EvilConfig(GPT2Config):\n    model_type = 'llmkit_evil'\n"
+    )
+    (out / "modeling_evil.py").write_text(
+        _payload(marker) + "from transformers import GPT2LMHeadModel\n"
+        "from .configuration_evil import EvilConfig\n"
+        "class EvilModel(GPT2LMHeadModel):\n    config_class = EvilConfig\n"
+    )
+    return out
+
+
+def _evil_tokenizer(out: Path, marker: Path, tokenizer) -> Path:
+    """A tokenizer directory whose tokenizer_config.json maps AutoTokenizer to
+    tokenization_evil.py (writes ``marker``)."""
+    tokenizer.save_pretrained(out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "EvilTokenizerFast"
+    config["auto_map"] = {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizerFast"]}
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    (out / "tokenization_evil.py").write_text(
+        _payload(marker) + "from transformers import PreTrainedTokenizerFast\n"
+        "class EvilTokenizerFast(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory, tiny_tokenizer, shakespeare_slice):
+    """The crafted model and tokenizer, a marker path, prepared data and a text file."""
+    import llmkit
+
+    root = tmp_path_factory.mktemp("crafted")
+    marker = root / "MARKER"
+    model = _evil_model(root / "evil-model", marker, tiny_tokenizer)
+    tok = _evil_tokenizer(root / "evil-tokenizer", marker, tiny_tokenizer)
+    text = root / "text.txt"
+    text.write_text(shakespeare_slice.read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    data = root / "data"
+    llmkit.prepare([text], data, vocab_size=300, block_size=32, plot=False, num_proc=1)
+    assert not marker.exists()
+    return {
+        "root": root,
+        "marker": marker,
+        "model": model,
+        "tokenizer": tok,
+        "data": data,
+        "text": text,
+    }
+
+
+@pytest.fixture(autouse=True)
+def _no_marker_yet(request):
+    """Each test starts without the marker (one that ran code must not fail the next)."""
+    if "crafted" in request.fixturenames:
+        request.getfixturevalue("crafted")["marker"].unlink(missing_ok=True)
+
+
+def _cli(args: list[str], cwd: Path, stdin: str = "y\ny\nhello\n") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "LLMKIT_MODEL": ""}
+    env.pop("LLMKIT_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "llmkit", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
+
+
+def _assert_refused(proc: subprocess.CompletedProcess, name: str, marker: Path) -> None:
+    assert not marker.exists(), "the crafted model's code ran"
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    line = lines[0]
+    assert line.startswith("error: ") and name in line and "--trust-remote-code" in line, line
+    assert "Traceback" not in proc.stderr and "[y/N]" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("command", ["chat", "generate", "eval-data", "eval-tokens", "train"])
+def test_crafted_model_never_runs_its_code(crafted, command):
+    model, marker, root = str(crafted["model"]), crafted["marker"], crafted["root"]
+    args = {
+        "chat": ["chat", "--model", model, "--max-new-tokens", "2"],
+        "generate": ["generate", "--model", model, "--max-new-tokens", "2", "hello"],
+        "eval-data": ["eval", "--model", model, "--data", str(crafted["text"])],
+        "eval-tokens": ["eval", "--model", model, "--tokens", "hello"],
+        "train": [
+            "train",
+            f"data.path={crafted['data']}",
+            f"model.name_or_path={model}",
+            f"out_dir={root / 'runs'}",
+            "name=evil",
+            "train.max_steps=1",
+        ],
+    }[command]
+    _assert_refused(_cli(args, cwd=root), model, marker)
+    if command == "train":
+        assert not (root / "runs" / "evil" / "config.json").exists()
+
+
+def test_crafted_tokenizer_never_runs_its_code(crafted):
+    root, marker, tok = crafted["root"], crafted["marker"], str(crafted["tokenizer"])
+    proc = _cli(
+        ["prepare", str(crafted["text"]), "--output", str(root / "out"), "--tokenizer", tok],
+        cwd=root,
+    )
+    _assert_refused(proc, tok, marker)
+    assert not (root / "out").exists()
+
+
+def test_python_api_refuses_and_names_the_files(crafted):
+    import llmkit
+    from llmkit.data.tokenizer import load_tokenizer
+
+    marker = crafted["marker"]
+    with pytest.raises(llmkit.UserError) as err:
+        llmkit.generate("hi", model=str(crafted["model"]), max_new_tokens=1, device="cpu")
+    assert "configuration_evil.py" in err.value.message and "modeling_evil.py" in err.value.message
+    assert "trust_remote_code=True" in err.value.hint
+    with pytest.raises(llmkit.UserError, match="tokenization_evil.py"):
+        load_tokenizer(crafted["tokenizer"])
+    with pytest.raises(llmkit.UserError, match="needs Python code of its own"):
+        llmkit.evaluate(str(crafted["model"]), str(crafted["text"]), device="cpu")
+    out = crafted["root"] / "api-out"
+    with pytest.raises(llmkit.UserError, match="tokenization_evil.py"):
+        llmkit.prepare([crafted["text"]], out, tokenizer=str(crafted["tokenizer"]), plot=False)
+    assert not marker.exists() and not out.exists()
+
+
+def test_prepared_data_with_a_crafted_tokenizer_is_refused(crafted, tmp_path):
+    """train and eval read the tokenizer saved with prepared data: a crafted one is refused."""
+    import shutil
+
+    from llmkit import UserError
+    from llmkit.data.prepared import load_prepared
+
+    data = tmp_path / "data"
+    shutil.copytree(crafted["data"], data)
+    config = json.loads((data / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "EvilTokenizerFast"
+    config["auto_map"] = {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizerFast"]}
+    (data / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copy(crafted["tokenizer"] / "tokenization_evil.py", data)
+    with pytest.raises(UserError, match="--trust-remote-code"):
+        load_prepared(data)
+    assert not crafted["marker"].exists()
+
+
+def test_trust_remote_code_reaches_transformers(crafted, tmp_path):
+    """With the flag the model's own code does run (here: it writes a marker in tmp)."""
+    marker = crafted["marker"]
+    proc = _cli(
+        [
+            "generate",
+            "--model",
+            str(crafted["model"]),
+            "--max-new-tokens",
+            "2",
+            "--temperature",
+            "0",
+            "--trust-remote-code",
+            "hello",
+        ],
+        cwd=tmp_path,
+        stdin="",
+    )
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert marker.read_text() == "code ran"
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def test_recipe_key_and_api_keyword_reach_the_loaders(crafted, monkeypatch):
+    """``model.trust_remote_code`` / ``train(trust_remote_code=True)`` are what the loaders
+    get (spied, so that no code runs here)."""
+    import llmkit
+    from llmkit.training import model as model_mod
+
+    seen = []
+
+    def spy(name, trust_remote_code=False):
+        seen.append(trust_remote_code)
+        raise llmkit.UserError("stop here")
+
+    monkeypatch.setattr(model_mod, "load_pretrained_config", spy)
+    base = [f"data.path={crafted['data']}", f"model.name_or_path={crafted['model']}"]
+    for overrides, kwargs in (
+        (base, {}),
+        ([*base, "model.trust_remote_code=true"], {}),
+        (base, {"trust_remote_code": True}),
+    ):
+        with pytest.raises(llmkit.UserError, match="stop here"):
+            llmkit.train(None, overrides, dry_run=True, progress=False, **kwargs)
+    assert seen == [False, True, True]
+
+
+TASK_YAML = """task: llmkit_evil_task
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+process_docs: !function utils.process_docs
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_include_path_task_code_is_refused(crafted, tmp_path):
+    pytest.importorskip("lm_eval")
+    marker = crafted["marker"]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n")
+    (tasks / "evil.yaml").write_text(TASK_YAML.format(data=rows))
+    (tasks / "utils.py").write_text(_payload(marker) + "def process_docs(d):\n    return d\n")
+    proc = _cli(
+        [
+            "eval",
+            "--model",
+            str(crafted["model"]),
+            "--tasks",
+            "llmkit_evil_task",
+            "--include-path",
+            str(tasks),
+        ],
+        cwd=tmp_path,
+    )
+    assert not marker.exists()
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "!function utils.process_docs" in lines[0], proc.stderr
+    assert "--trust-remote-code" in lines[0]
+
+
+def test_hub_datasets_are_read_without_dataset_scripts(tmp_path, monkeypatch):
+    """``datasets`` 3.x would ask on stdin before running a dataset script when
+    ``trust_remote_code`` is unset: llmkit always passes False."""
+    import datasets
+
+    import llmkit
+    import llmkit.data.readers as readers
+
+    seen = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        seen.append(kwargs.get("trust_remote_code", "unset"))
+        return iter([{"text": f"Story {i}: the cat sat on mat {i}."} for i in range(40)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(readers, "hub_unreachable", lambda: None)
+    llmkit.prepare(["someone/stories"], tmp_path / "out", vocab_size=300, block_size=8)
+    assert seen == [False]
+
+
+def test_tasks_that_run_model_written_code_are_refused(tiny_model_dir, tmp_path):
+    """A task the harness marks ``unsafe_code`` (it executes what the model writes) is
+    refused in one line, before any document is scored."""
+    pytest.importorskip("lm_eval")
+    import shutil
+
+    from llmkit import UserError
+    from llmkit.evaluation.harness import evaluate_tasks
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    shutil.copy(ROOT / "examples" / "eval_tasks" / "opposites.jsonl", tasks)
+    yaml_text = (ROOT / "examples" / "eval_tasks" / "opposites.yaml").read_text()
+    yaml_text = yaml_text.replace("task: llmkit_opposites", "task: llmkit_unsafe")
+    (tasks / "unsafe.yaml").write_text(yaml_text + "unsafe_code: true\n")
+    with pytest.raises(UserError) as err:
+        evaluate_tasks(
+            str(tiny_model_dir), "llmkit_unsafe", include_path=tasks, limit=2, device="cpu"
+        )
+    assert err.value.message.startswith("task llmkit_unsafe executes the code the model writes")
