@@ -84,6 +84,7 @@ def run_probe(args: list[str], cwd) -> dict:
         (["train", "train.mixed_precision=FP16"], "train.mixed_precision=fp16"),
         (["train", "data.path=nowhere"], "nowhere does not exist"),
         (["train", "--threads", "0"], "--threads 0 must be at least 1"),
+        (["train", "--resume", "latest"], "--resume latest: runs/run/checkpoints holds no"),
         (["generate", "--temperature", "-1", "hi"], "--temperature -1.0 is negative"),
         (["generate", "--top-p", "2", "hi"], "--top-p 2.0 is outside (0, 1]"),
         (["generate", "--device", "gpu", "hi"], "unknown device 'gpu'"),
@@ -97,6 +98,9 @@ def run_probe(args: list[str], cwd) -> dict:
     ],
 )
 def test_bad_flags_fail_before_torch_is_imported(tmp_path, args, needle):
+    data = tmp_path / "data" / "shakespeare"  # the default data.path, prepared (empty)
+    (data / "train").mkdir(parents=True)
+    (data / "manifest.json").write_text('{"settings": {"block_size": 8}}')
     got = run_probe(args, tmp_path)
     assert got["code"] == 2, got
     lines = got["stderr"].splitlines()

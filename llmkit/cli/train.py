@@ -66,7 +66,7 @@ def train_command(
     if trust_remote_code:
         overrides = [*(overrides or []), "model.trust_remote_code=true"]
     try:
-        check_before_torch(config, overrides, threads)
+        check_before_torch(config, overrides, threads, resume)
     except UserError:
         if _main_process() or debug():
             raise
@@ -112,9 +112,15 @@ def train_command(
         typer.echo(json.dumps(final))
 
 
-def check_before_torch(config: Path | None, overrides: list[str] | None, threads: int | None):
+def check_before_torch(
+    config: Path | None,
+    overrides: list[str] | None,
+    threads: int | None,
+    resume: str | None = None,
+):
     """Everything about the flags that needs no torch: ``--threads``, the recipe (file, keys,
-    values) and its data directory (a ``llmkit prepare`` output). Returns the recipe.
+    values), its data directory (a ``llmkit prepare`` output) and what ``--resume`` names (a
+    checkpoint exists). Returns the recipe.
 
     Raises:
         UserError: the first problem, in one line, within a fraction of a second.
@@ -126,6 +132,10 @@ def check_before_torch(config: Path | None, overrides: list[str] | None, threads
     check_threads(threads)
     recipe = load_recipe(config, list(overrides or []))
     read_manifest(recipe.data.path)
+    if resume:
+        from llmkit.training.checkpoint import resolve_resume
+
+        resolve_resume(resume, recipe.run_dir)
     return recipe
 
 
