@@ -54,6 +54,10 @@ def template_source(tokenizer: Any) -> str:
             for file in TEMPLATE_FILES:
                 if (root / file).is_file() and _file_holds(root / file, template):
                     return str(root / file)
+            # a .gguf loaded in place: transformers names its directory, not the file
+            ggufs = sorted(root.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return f"{ggufs[0]} (its tokenizer.chat_template)"
         elif root.suffix == ".gguf":
             return f"{root} (its tokenizer.chat_template)"
     return "the tokenizer's chat template"

@@ -118,3 +118,16 @@ def test_prepare_chat_names_the_template_file(tiny_model_dir, tmp_path, kind):
     line = one_error_line(CliRunner().invoke(app, args))
     assert f"the chat template in {tokenizer / 'chat_template.jinja'} {says}" in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_the_template_of_a_gguf_is_named_by_its_file(tmp_path):
+    """A GGUF loaded in place: transformers names the tokenizer after its directory."""
+    from types import SimpleNamespace
+
+    from llmkit.templates import template_source
+
+    (tmp_path / "model.Q4.gguf").write_bytes(b"GGUF")
+    tok = SimpleNamespace(chat_template="{{ x }}", name_or_path=str(tmp_path))
+    assert template_source(tok) == f"{tmp_path / 'model.Q4.gguf'} (its tokenizer.chat_template)"
+    tok.name_or_path = ""
+    assert template_source(tok) == "the tokenizer's chat template"
