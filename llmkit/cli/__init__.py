@@ -14,9 +14,11 @@ from llmkit.cli import evaluate as _evaluate
 from llmkit.cli import generate as _generate
 from llmkit.cli import prepare as _prepare
 from llmkit.cli import train as _train
+from llmkit.cli._common import OneLineErrors
 
 app = typer.Typer(
     name="llmkit",
+    cls=OneLineErrors,  # usage errors: one line, exit 2 (no Usage: block)
     help="Raw text to a trained causal language model, generated text and measured quality.",
     no_args_is_help=True,
     add_completion=False,

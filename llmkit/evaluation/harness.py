@@ -386,6 +386,10 @@ def run_tasks(
             "--chat needs a chat template and the model's tokenizer has none (not a chat model)",
             "drop --chat, or evaluate an instruct model",
         )
+    if chat:  # a broken template fails here in one line, not inside the harness
+        from llmkit.templates import render_chat
+
+        render_chat(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     from llmkit.generation.generate import silence_padding_warning
 
     # The harness pads on the right, after the scored continuation: the warning is noise.
@@ -481,6 +485,9 @@ def evaluate_tasks(
     lm, tokenizer, source = load_model_and_tokenizer(
         model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
     )
+    from llmkit.runtime import announce_threads
+
+    announce_threads()  # a busy machine's thread count (chosen by the CLI), said now
     positions = model_max_positions(lm)
     if max_length is not None and positions is not None and max_length > positions:
         raise UserError(
