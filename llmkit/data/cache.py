@@ -31,7 +31,7 @@ renamed, so a crash leaves no half entry. Hub datasets are never cached: their c
 cannot be fingerprinted without downloading it.
 
 The prepare cache is bounded: after each entry is stored, the least recently used entries
-(by the time of their last use, kept as the modification time of their ``cleaned.json``) are
+(by the time of their last use, kept as the modification time of the entry's directory) are
 removed until the entries together hold at most ``$LLMKIT_CACHE_MAX_GB`` gigabytes (10**9
 bytes; default :data:`DEFAULT_MAX_GB`; ``0``, ``off`` or ``none``: no bound). The entry just
 stored is never removed, even when it alone is larger. ``llmkit cache info`` lists the
@@ -159,10 +159,9 @@ def cache_entries(root: Path) -> list[CacheEntry]:
     for child in base.iterdir():
         if not child.is_dir() or child.is_symlink():
             continue
-        info = child / INFO
-        complete = info.is_file() and not child.name.startswith(".")
+        complete = (child / INFO).is_file() and not child.name.startswith(".")
         try:
-            last = (info if complete else child).stat().st_mtime
+            last = child.stat().st_mtime
         except OSError:
             continue
         out.append(CacheEntry(child, _tree_size(child), last, complete))
@@ -271,9 +270,9 @@ class CleanCache:
             documents = load_from_disk(str(self.path / DOCUMENTS))
         except (OSError, ValueError, FileNotFoundError):
             return None
-        try:  # the last use, for least-recently-used eviction
+        try:  # the last use, for least-recently-used eviction (no file inside changes)
             now = time.time()
-            os.utime(info_file, (now, now))
+            os.utime(self.path, (now, now))
         except OSError:
             pass
         return documents, info

@@ -799,7 +799,7 @@ def _group_lines(
             current = [pieces[-1]]
             size = _n_bytes(pieces[-1])
     if current and (content or not blank_split):
-        yield _join(current)
+        yield _join(current) if blank_split else "".join(current)
         end_document()
 
 
@@ -1389,6 +1389,8 @@ def read_warc(source: InputFile, on_error: str = "fail") -> Iterator[WarcDocumen
                         record_type=rtype,
                         content_type=content_type,
                     )
+                # warcio takes a read error for the end of the archive: read on, to see it.
+                stream.read(1)
             except ArchiveLoadFailed as err:
                 source.problem(
                     UserError(
