@@ -180,3 +180,14 @@ def test_cli_error_line_names_the_encoding(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "--encoding cp932" in lines[0] and "iconv -f CP932 -t UTF-8" in lines[0]
+
+
+def test_a_short_ambiguous_sample_names_the_close_candidates(tmp_path):
+    # One line of Japanese: charset-normalizer ranks Korean cp949 (mess 0.0) over cp932
+    # (0.025); the hint names both rather than only the wrong one.
+    f = tmp_path / "ja.txt"
+    f.write_bytes("吾輩は猫である。名前はまだ無い。\n".encode("shift_jis"))
+    [source] = discover_inputs([f])
+    with pytest.raises(UserError) as err:
+        list(read_documents(source))
+    assert "cp932" in err.value.hint and "detected by charset-normalizer" in err.value.hint

@@ -8,9 +8,15 @@ Supported inputs (SPEC §2), each optionally compressed with ``.gz``, ``.bz2``, 
 - ``.jsonl``: JSON lines, one object per line, the document in ``text_field``;
 - ``.json``: a JSON array of objects when the file starts with ``[`` (read whole, so one such
   file must fit in memory), JSON lines otherwise (Dolma's ``.json.gz`` are JSON lines);
-- ``.csv``, ``.tsv``: a header row, then one document per row in the column ``text_field``;
+- ``.csv``, ``.tsv``: a header row, then one document per row in the column ``text_field``
+  (quoting read strictly: a quote left open is an error naming its line, see
+  :func:`_csv_documents`);
 - ``.parquet``: the column ``text_field`` read in record batches (a compressed ``.parquet.gz``
   is decompressed into memory first, since parquet needs random access);
+- ``.warc``, ``.warc.gz`` (web archives) and ``.wet``, ``.warc.wet.gz`` (their extracted
+  text): one document per ``response`` / ``resource`` record (the main text of an HTML page)
+  or ``conversion`` record (plain text), with its URL, record id and date
+  (:func:`read_warc`); the archive's other records are skipped and counted;
 - a Hugging Face Hub dataset id, when online: an input that is not a local path and looks
   like ``owner/name`` or ``owner/name:config`` (and has no supported file extension) is read
   with ``datasets.load_dataset(..., split=..., streaming=True)``, record by record, the
@@ -27,13 +33,22 @@ datasets by :func:`read_conversations`: each record becomes a conversation
 too). Other fields of a record are not kept with the document, but how many records carried
 each top-level field is counted per file (``InputFile.fields``, in the manifest).
 
-Text files are read line by line in binary, so memory holds one document at a time (the whole
-file only with ``split_on="none"``), and the file's SHA-256 is computed on the bytes as they
-are read. A UTF-8 byte-order mark at the start of a file is removed.
+Text files are read line by line in binary (a line longer than :data:`READ_CHUNK` in pieces),
+and the file's SHA-256 is computed on the bytes as they are read. A UTF-8 byte-order mark at
+the start of a file is removed. They are decoded as UTF-8, strictly, unless ``encoding`` says
+otherwise: ``"auto"`` (charset-normalizer's guess, per file, :func:`detect_encoding`) or a
+codec name (``cp1252``, ``shift_jis``, ``gb18030``...). A file that is not UTF-8 is an error
+whose hint names the encoding charset-normalizer detects in it.
 
-Bad input — a binary file (a NUL byte), a line that is not valid UTF-8, a malformed JSON line,
-a record without the text field — is a :class:`~llmkit.errors.UserError` naming the file and
-line under ``on_error="fail"`` (the default). Under ``on_error="skip"`` the line (the rest of
+Every document longer than ``max_document_bytes`` (default :data:`DEFAULT_MAX_DOCUMENT_BYTES`,
+1 MiB) is cut into pieces at paragraph, line, sentence or word boundaries
+(:func:`split_document`), each piece then a document: text files as they are read, so memory
+holds at most about that much of a file at a time, whatever its lines or ``split_on``.
+
+Bad input — a binary file (a NUL byte), a line that is not valid UTF-8 (or the encoding
+given), a malformed JSON line or CSV row, a record without the text field, a damaged WARC
+record — is a :class:`~llmkit.errors.UserError` naming the file and line (record) under
+``on_error="fail"`` (the default). Under ``on_error="skip"`` the line (the rest of
 the file, for a binary file) is skipped and counted by reason in ``InputFile.skipped``; there is
 no silent fallback decoding.
 """
@@ -478,11 +493,18 @@ def _iconv_name(codec: str) -> str:
     return codec.upper().replace("_", "-")
 
 
-def guess_encoding(sample: bytes) -> str | None:
-    """The most likely encoding of ``sample`` (a Python codec name such as ``"cp932"``), by
-    charset-normalizer, ties broken by :data:`ENCODING_PREFERENCE`; None when it finds none.
+#: Candidates whose chaos (charset-normalizer's mess ratio, 0 to 1) is within this of the best
+#: one's are named too in the hint of a non-UTF-8 file: on a short sample a Korean and a
+#: Japanese code page can both decode it (cp949 0.0, cp932 0.025 on one line of Japanese).
+CLOSE_CHAOS = 0.05
 
-    Pure ASCII is reported as ``"ascii"``. A sample that ends inside a multi-byte character is
+
+def guess_encodings(sample: bytes) -> list[str]:
+    """The likely encodings of ``sample`` (Python codec names such as ``"cp932"``), most likely
+    first: charset-normalizer's candidates, ties broken by :data:`ENCODING_PREFERENCE`, then
+    those within :data:`CLOSE_CHAOS` of the first; ``[]`` when it finds none.
+
+    Pure ASCII is reported as ``["ascii"]``. A sample that ends inside a multi-byte character is
     cut at its last line break first.
     """
     from charset_normalizer import from_bytes
@@ -491,12 +513,10 @@ def guess_encoding(sample: bytes) -> str | None:
     if 0 < cut < len(sample) - 1:
         sample = sample[: cut + 1]
     if sample.isascii():
-        return "ascii"
+        return ["ascii"]
     results = list(from_bytes(sample))
     if not results:
-        return None
-    best = results[0]
-    ties = [m for m in results if (m.chaos, m.coherence) == (best.chaos, best.coherence)]
+        return []
 
     def rank(match) -> int:
         names = [match.encoding, *match.encoding_aliases]
@@ -505,7 +525,15 @@ def guess_encoding(sample: bytes) -> str | None:
             default=len(ENCODING_PREFERENCE),
         )
 
-    return min(ties, key=rank).encoding
+    ordered = sorted(results, key=lambda m: (m.chaos, -m.coherence, rank(m)))
+    best = ordered[0]
+    return [m.encoding for m in ordered if m.chaos <= best.chaos + CLOSE_CHAOS]
+
+
+def guess_encoding(sample: bytes) -> str | None:
+    """The most likely encoding of ``sample`` (:func:`guess_encodings`), or None."""
+    found = guess_encodings(sample)
+    return found[0] if found else None
 
 
 def _read_sample(source: InputFile, limit: int = DETECT_BYTES) -> bytes:
@@ -550,17 +578,20 @@ def _encoding_hint(source: InputFile, line: bytes, more: Iterator[bytes]) -> str
         if len(sample) >= DETECT_BYTES:
             break
     try:
-        guess = guess_encoding(bytes(sample))
+        found = guess_encodings(bytes(sample))
     except Exception:  # pragma: no cover - the detector must never hide the real error
-        guess = None
+        found = []
+    guess = found[0] if found else None
     if guess in (None, "ascii", "utf_8"):
         return (
             "convert the file to UTF-8 (its encoding could not be detected: find it, then "
             "`iconv -f ENCODING -t UTF-8`), pass --encoding NAME, or pass --on-error skip"
         )
+    others = [n for n in found[1:3] if n not in ("ascii", "utf_8")]
+    maybe = f", else {' or '.join(others)}" if others else ""
     return (
-        f"it looks like {guess} (detected by charset-normalizer): pass --encoding {guess} "
-        f"(or --encoding auto), or convert it: `iconv -f {_iconv_name(guess)} -t UTF-8`"
+        f"it looks like {guess} (detected by charset-normalizer{maybe}): pass --encoding "
+        f"{guess} (or --encoding auto), or convert it: `iconv -f {_iconv_name(guess)} -t UTF-8`"
     )
 
 
