@@ -663,7 +663,10 @@ def iter_lines(
                 if raw.endswith(b"\r\n"):
                     raw = raw[:-2] + b"\n"
                 try:
-                    line = decoder.decode(raw, final=ends)
+                    if ends and column == 0:  # a whole line (the usual case): no state
+                        line = raw.decode(codec)
+                    else:
+                        line = decoder.decode(raw, final=ends)
                 except UnicodeDecodeError as err:
                     decoder.reset()
                     col = column + err.start + 1
@@ -811,9 +814,11 @@ def _group_lines(
 
     content = False  # current holds a character that is not whitespace
     in_line = False  # the previous piece was a _Partial: this one continues its line
+    limit = max_bytes if max_bytes is not None else float("inf")
     for line in lines:
-        blank = not in_line and not isinstance(line, _Partial) and _is_blank(line)
-        in_line = isinstance(line, _Partial)
+        partial = line.__class__ is _Partial
+        blank = not in_line and not partial and not line.strip(" \t\n")
+        in_line = partial
         if blank and blank_split:
             if content:
                 yield _join(current)
@@ -822,8 +827,8 @@ def _group_lines(
             continue
         current.append(line)
         content = content or not blank
-        size += _n_bytes(line)
-        if max_bytes is not None and size > max_bytes:
+        size += len(line) if line.isascii() else len(line.encode("utf-8"))
+        if size > limit:
             pieces = split_document("".join(current), max_bytes)
             yield from pieces[:-1]
             cut += len(pieces) - 1
