@@ -151,3 +151,28 @@ def test_prepare_reads_warc_and_wet(tmp_path):
     assert [e["documents"] for e in m["inputs"]] == [2, 1, 1]
     assert m["inputs"][1]["records_skipped"] == {"request": 2, "revisit": 1, "warcinfo": 2}
     assert m["splits"]["train"]["documents"] == 4
+
+
+def test_dropped_pages_keep_their_url(tmp_path):
+    import json
+
+    m = prepare(
+        [shared_file("warc/example-iana.org-chunked.warc"), shared_file("warc/example.warc.gz")],
+        tmp_path / "out",
+        vocab_size=300,
+        block_size=8,
+        val_fraction=0.0,
+        plot=False,
+        num_proc=1,
+        keep_dropped=True,
+        clean={"filters": {"length": {"min_chars": 500}}},
+    )
+    assert m["stages"]["read"]["documents_out"] == 2
+    dropped = [json.loads(line) for line in (tmp_path / "out" / "dropped.jsonl").open()]
+    assert [(d["url"], d["stage"]) for d in dropped] == [("http://example.com/", "length")]
+    assert dropped[0]["text"].startswith(EXAMPLE_TEXT)
+    assert m["splits"]["train"]["documents"] == 1
+    # read_documents gives the URL of each document on request.
+    [source] = discover_inputs([shared_file("warc/example.warc.gz")])
+    [(url, text)] = list(read_documents(source, with_url=True))
+    assert url == "http://example.com/" and text.startswith(EXAMPLE_TEXT)

@@ -634,7 +634,10 @@ def _read_rows(
     max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
 ) -> Iterator[dict]:
     """Rows ``{"text"}`` of the documents of all files, in order, as read; for chat data
-    ``{"text", "where"}``: the conversation's JSON list of messages and its ``file:line``."""
+    ``{"text", "where"}``: the conversation's JSON list of messages and its ``file:line``;
+    for documents when an input is a web archive ``{"text", "where"}``: the page's URL (None
+    for the documents of other inputs)."""
+    urls = kind != "chat" and any(f.kind == "warc" for f in files)
     for source in files:
         if kind == "chat":
             for where, text in read_conversations(source, on_error=on_error):
@@ -644,7 +647,7 @@ def _read_rows(
                 advance(size if source.kind != "hub" else 1)
                 yield {"text": text, "where": where}
             continue
-        for text in read_documents(
+        for url, text in read_documents(
             source,
             split_on=split_on,
             text_field=text_field,
@@ -652,12 +655,13 @@ def _read_rows(
             line_filter=line_filter,
             encoding=encoding,
             max_document_bytes=max_document_bytes,
+            with_url=True,
         ):
             size = len(text.encode("utf-8"))
             read_stats["documents_out"] += 1
             read_stats["bytes_out"] += size
             advance(size if source.kind != "hub" else 1)
-            yield {"text": text}
+            yield {"text": text, "where": url} if urls else {"text": text}
 
 
 #: Documents done per worker rank of the running clean map, shared with forked workers (a
@@ -800,6 +804,7 @@ def _read_and_clean(
         "bytes_out": 0,
     }
     hub = any(f.kind == "hub" for f in files)
+    web = any(f.kind == "warc" for f in files)  # documents carry their URL ("where")
     with report.task(
         "read (documents)" if hub else "read (bytes)",
         total=None if hub else read_stats["bytes_in"],
@@ -817,7 +822,12 @@ def _read_and_clean(
                 encoding=encoding,
                 max_document_bytes=max_document_bytes,
             ),
-            Features({"text": Value("string"), **({"where": Value("string")} if chat else {})}),
+            Features(
+                {
+                    "text": Value("string"),
+                    **({"where": Value("string")} if chat or web else {}),
+                }
+            ),
             work,
             "documents",
         )
@@ -884,6 +894,8 @@ def _read_and_clean(
                             record["where"] = row["where"]
                             record["messages"] = json.loads(received_text(row, stop))
                         else:
+                            if row.get("where"):
+                                record["url"] = row["where"]
                             record["text"] = received_text(row, stop)
                         dropped_file.write(json.dumps(record, ensure_ascii=False) + "\n")
                 start += n

@@ -1462,7 +1462,8 @@ def read_documents(
     line_filter: Callable[[Iterable[str], InputFile], Iterable[str]] | None = None,
     encoding: str = DEFAULT_ENCODING,
     max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
-) -> Iterator[str]:
+    with_url: bool = False,
+) -> Iterator:
     """Yield the documents of one input file, as read (not yet normalized).
 
     When the file has been read to its end, ``source.sha256`` and ``source.documents`` are set
@@ -1484,6 +1485,8 @@ def read_documents(
             cut as it is read, so memory never holds more than about this much of it; a
             record of a structured file (a JSON line, a CSV row, a WARC record) is read
             whole, then cut.
+        with_url: yield ``(url, document)``: the ``WARC-Target-URI`` of a web-archive record
+            (for each of its pieces), None for other inputs.
 
     Raises:
         UserError: see :func:`iter_lines`, :func:`parse_jsonl_line`, :func:`read_warc`;
@@ -1504,13 +1507,16 @@ def read_documents(
     elif source.kind == "parquet":
         docs = _parquet_documents(source, text_field, on_error)
     elif source.kind == "warc":
-        docs = (d.text for d in read_warc(source, on_error))
+        docs = (d for d in read_warc(source, on_error))
     else:
         docs = _text_documents(
             source, split_on, on_error, line_filter, encoding, max_document_bytes
         )
     count = 0
     for doc in docs:
+        url = None
+        if isinstance(doc, WarcDocument):
+            url, doc = doc.url, doc.text
         if max_document_bytes is not None and len(doc) > max_document_bytes // 4:
             pieces = split_document(doc, max_document_bytes)
             if len(pieces) > 1:
@@ -1520,7 +1526,7 @@ def read_documents(
             pieces = [doc]
         for piece in pieces:
             count += 1
-            yield piece
+            yield (url, piece) if with_url else piece
     source.documents = count
 
 
