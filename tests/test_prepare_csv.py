@@ -98,3 +98,17 @@ def test_cli_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{f}:2: a quoted field opened on line 2" in lines[0]
+
+
+def test_a_field_past_the_limit_is_a_quote_left_open(tmp_path, monkeypatch):
+    import llmkit.data.readers as readers
+
+    monkeypatch.setattr(readers, "CSV_MAX_FIELD", 1000)
+    f = tmp_path / "big.csv"
+    body = "".join(f"{i},a line of text that the open quote swallows\n" for i in range(3, 100))
+    f.write_text('id,text\n1,ok\n2,"open\n' + body, encoding="utf-8")
+    with pytest.raises(UserError, match=r"big\.csv:3: a field that begins on line 3 runs past"):
+        _read(f)
+    docs, source = _read(f, on_error="skip")
+    assert len(docs) == 98 and docs[0] == "ok" and source.skipped == {"malformed csv": 1}
+    assert docs[-1] == "a line of text that the open quote swallows"

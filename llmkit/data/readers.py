@@ -1033,6 +1033,12 @@ def _json_array_records(
             source.problem(err, reason(err), on_error)
 
 
+#: The longest CSV/TSV field read, in characters (64 MiB): a row is read whole before its
+#: document is cut to ``max_document_bytes``, and a field this long is most likely a quote left
+#: open that swallowed the rest of the file.
+CSV_MAX_FIELD = 1 << 26
+
+
 def _csv_documents(
     source: InputFile, text_field: str, on_error: str, encoding: str = DEFAULT_ENCODING
 ) -> Iterator[str]:
@@ -1047,9 +1053,12 @@ def _csv_documents(
     csv"``) and reading resumes on the line after its first one, so the rows it had swallowed
     are read back. What cannot be told from valid CSV is a stray quote that a later stray
     quote closes just before a delimiter or line break: that is a legal multi-line field.
+
+    A field longer than :data:`CSV_MAX_FIELD` is an error of the same kind: a quote left open
+    in a large file would otherwise make the field grow to the end of the file, in memory.
     """
     delimiter = "\t" if ".tsv" in [s.lower() for s in source.path.suffixes] else ","
-    csv.field_size_limit(1 << 30)
+    csv.field_size_limit(CSV_MAX_FIELD)
     numbered = iter_lines(source, on_error, encoding=encoding)
     pending: list[tuple[int, str]] = []  # lines given back after a malformed record
     record: list[tuple[int, str]] = []  # the lines of the record being parsed
@@ -1094,7 +1103,17 @@ def _csv_documents(
             first = lines[0][0] if lines else "?"
             last = lines[-1][0] if lines else "?"
             eof = "end of data" in str(err)
-            if eof or first != last:
+            too_long = "field larger than field limit" in str(err)
+            if too_long:
+                what = (
+                    f"a field that begins on line {first} runs past {CSV_MAX_FIELD:,} "
+                    f"characters (to line {last}): a quote left open?"
+                )
+                hint = (
+                    "close the quote, or give such long texts as JSON lines or text files; "
+                    "--on-error skip skips this row and reads the next ones"
+                )
+            elif eof or first != last:
                 what = (
                     f"a quoted field opened on line {first} is never closed (it runs to "
                     + ("the end of the file" if eof else f"line {last}")
