@@ -76,3 +76,13 @@ def test_num_proc_zero_has_a_hint(tmp_path):
     )
     assert result.exit_code == 2
     assert "--num-proc 0 must be at least 1 — give 1 to" in result.output
+
+
+def test_encoding_on_inputs_that_declare_their_own_is_a_warning(tmp_path):
+    warc = shared_file("warc/example.warc.gz")
+    m, log = _run([warc], tmp_path / "a", block_size=8, val_fraction=0.0, encoding="cp1252")
+    assert "--encoding cp1252 is ignored: it applies to text, JSON-lines and CSV files" in log
+    text = tmp_path / "cafe.txt"
+    text.write_bytes("Un café, déjà servi à l'été.\n\nUne deuxième phrase, là.\n".encode("cp1252"))
+    m, log = _run([text], tmp_path / "b", block_size=8, encoding="cp1252")
+    assert "ignored" not in log and m["inputs"][0]["encoding"] == "cp1252"

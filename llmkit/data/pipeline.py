@@ -1398,6 +1398,7 @@ def _ignored_options(
     chat_flags: Sequence[str],
     encoding: str,
     max_document_bytes: int | None,
+    kinds: Sequence[str] = (),
 ) -> list[str]:
     """One warning line for each option given that does not apply to the data as read
     (``kind``, ``"text"`` or ``"chat"``; ``requested``: the ``--format`` given)."""
@@ -1412,7 +1413,12 @@ def _ignored_options(
             )
         if encoding != DEFAULT_ENCODING:
             out.append(f"--encoding {encoding} is ignored: chat records are read as JSON in UTF-8")
-    elif chat_flags:
+    elif encoding != DEFAULT_ENCODING and not {"text", "jsonl", "csv"} & set(kinds):
+        out.append(
+            f"--encoding {encoding} is ignored: it applies to text, JSON-lines and CSV files, "
+            "and parquet files, Hub datasets and web archives declare their own"
+        )
+    if kind != "chat" and chat_flags:
         what = "documents (--format text)" if requested == "text" else "documents"
         out.append(
             f"{', '.join(chat_flags)} ignored: the inputs are read as {what}, and "
@@ -1684,6 +1690,7 @@ def prepare(
         chat_flags=chat_flags_given,
         encoding=encoding,
         max_document_bytes=max_document_bytes,
+        kinds=[f.kind for f in files],
     )
     chat = None
     if kind == "chat":
