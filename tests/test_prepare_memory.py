@@ -181,3 +181,11 @@ def test_prepare_a_huge_line_under_a_memory_limit(tmp_path, one_line):
     blocks = sum(s["blocks"] for s in m["splits"].values())
     tails = sum(s["tail_tokens"] for s in m["splits"].values())
     assert tokens == blocks * 128 + tails and tokens > 2_000_000
+
+
+def test_batches_hold_a_bounded_amount_of_text():
+    from llmkit.data.pipeline import BATCH_BYTES, BATCH_DOCUMENTS, batch_rows
+
+    assert batch_rows(100) == BATCH_DOCUMENTS == 1000  # short documents: unchanged
+    assert batch_rows(DEFAULT_MAX_DOCUMENT_BYTES) == BATCH_BYTES // (1 << 20) == 4
+    assert batch_rows(1 << 30) == 1 and batch_rows(0) == 1000

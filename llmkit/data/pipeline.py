@@ -98,6 +98,12 @@ E = TypeVar("E", bound=BaseException)
 BATCH_DOCUMENTS = 1000
 #: Documents per batch in the clean step (a batch of whole books must fit in memory too).
 BATCH_CLEAN = 100
+#: Text (UTF-8 bytes) per batch in the tokenizer-training, encode and pack steps: a batch
+#: holds at most BATCH_DOCUMENTS documents and, when they are long, only as many as fit in
+#: this much text (at least one; :func:`batch_rows`). Encoding takes about 200 bytes per token
+#: while a batch is in flight (the Rust encodings, then the ids as Python ints): measured here,
+#: 16 MiB batches of 1 MiB documents peaked at 1.2 GB, so 4 MiB keeps it near 0.3 GB.
+BATCH_BYTES = 4 << 20
 #: Text (UTF-8 bytes) per worker process below which the clean step runs in fewer processes:
 #: starting a pool and concatenating its shards (about 0.5 s here) costs more than it saves on
 #: a small corpus (cleaning runs at 0.3-3 MB/s per core, depending on the filters).
@@ -944,11 +950,13 @@ def _read_and_clean(
     return load_from_disk(str(documents_dir)), info
 
 
-def _block_rows(encoded, packer: Packer, advance: Callable) -> Iterator[dict]:
+def _block_rows(
+    encoded, packer: Packer, advance: Callable, batch_size: int = BATCH_DOCUMENTS
+) -> Iterator[dict]:
     """Rows ``{"input_ids"}`` of full blocks of an encoded split (documents in order)."""
     import pyarrow.compute as pc
 
-    for table in encoded.with_format("arrow").iter(batch_size=BATCH_DOCUMENTS):
+    for table in encoded.with_format("arrow").iter(batch_size=batch_size):
         flat = pc.list_flatten(table.column("input_ids")).to_numpy()
         for block in packer.add_tokens(flat):
             yield {"input_ids": block}
@@ -971,8 +979,25 @@ def _tokenizers_single_threaded() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
+def batch_rows(max_document_bytes: int) -> int:
+    """Documents per batch when the longest is ``max_document_bytes`` long:
+    :data:`BATCH_DOCUMENTS`, or fewer so that a batch holds about :data:`BATCH_BYTES` of text
+    at most (never fewer than 1)."""
+    return max(1, min(BATCH_DOCUMENTS, BATCH_BYTES // max(1, int(max_document_bytes))))
+
+
 def _encode_split(
-    docs, tokenizer, *, eos_token_id, append_eos, num_proc, n_bytes, name, advance, cache
+    docs,
+    tokenizer,
+    *,
+    eos_token_id,
+    append_eos,
+    num_proc,
+    n_bytes,
+    name,
+    advance,
+    cache,
+    batch_size=BATCH_DOCUMENTS,
 ):
     from datasets import Features, List, Value
 
@@ -980,7 +1005,8 @@ def _encode_split(
     kwargs = {"tokenizer": tokenizer, "eos_token_id": eos_token_id, "append_eos": append_eos}
     common = dict(
         batched=True,
-        batch_size=BATCH_DOCUMENTS,
+        batch_size=batch_size,
+        writer_batch_size=batch_size,
         remove_columns=docs.column_names,
         features=features,
         new_fingerprint=f"llmkit-encoded-{name}",
@@ -1397,7 +1423,6 @@ def _ignored_options(
     text_field: str | None,
     chat_flags: Sequence[str],
     encoding: str,
-    max_document_bytes: int | None,
     kinds: Sequence[str] = (),
 ) -> list[str]:
     """One warning line for each option given that does not apply to the data as read
@@ -1689,7 +1714,6 @@ def prepare(
         text_field=text_field if text_field_given else None,
         chat_flags=chat_flags_given,
         encoding=encoding,
-        max_document_bytes=max_document_bytes,
         kinds=[f.kind for f in files],
     )
     chat = None
@@ -1986,6 +2010,7 @@ def _build(
 
     # 3. split by document.
     n_bytes = docs.data.column("n_bytes").to_numpy()
+    rows = batch_rows(int(n_bytes.max()) if len(n_bytes) else 1)  # per batch from here on
     train_idx, val_idx = split_indices(len(docs), val_fraction, seed)
     split_docs = {
         name: docs.select(idx, indices_cache_file_name=str(work / f"indices-{name}.arrow"))
@@ -2063,7 +2088,7 @@ def _build(
         with report.task("train tokenizer (documents)", total=len(train_docs)) as advance:
 
             def texts() -> Iterator[list[str]]:
-                for batch in train_docs.iter(batch_size=BATCH_DOCUMENTS):
+                for batch in train_docs.iter(batch_size=rows):
                     yield batch["text"]
                     advance(len(batch["text"]))
 
@@ -2097,10 +2122,11 @@ def _build(
                 name=name,
                 advance=advance,
                 cache=work,
+                batch_size=rows,
             )
         with report.task(f"pack {name} (documents)", total=len(sdocs)) as advance:
             blocks = _from_generator(
-                lambda enc=encoded, p=packer, adv=advance: _block_rows(enc, p, adv),
+                lambda enc=encoded, p=packer, adv=advance: _block_rows(enc, p, adv, rows),
                 block_features,
                 work,
                 f"blocks-{name}",
