@@ -189,3 +189,37 @@ def test_batches_hold_a_bounded_amount_of_text():
     assert batch_rows(100) == BATCH_DOCUMENTS == 1000  # short documents: unchanged
     assert batch_rows(DEFAULT_MAX_DOCUMENT_BYTES) == BATCH_BYTES // (1 << 20) == 4
     assert batch_rows(1 << 30) == 1 and batch_rows(0) == 1000
+
+
+def test_long_lines_read_in_pieces_keep_characters_and_line_numbers(tmp_path):
+    from llmkit.data.readers import _Partial, iter_lines
+
+    zh = "天下大勢，分久必合，合久必分。" * 100  # 4,500 bytes, 3 bytes a character
+    f = tmp_path / "zh.txt"
+    f.write_bytes(("\ufeff" + zh + "\r\nnext line\n" + zh[:10]).encode("utf-8"))
+    [source] = discover_inputs([f])
+    pieces = list(iter_lines(source, chunk_bytes=1000))
+    assert "".join(p for n, p in pieces if n == 1) == zh + "\n"
+    assert all(isinstance(p, _Partial) for n, p in pieces if n == 1 and not p.endswith("\n"))
+    assert [p for n, p in pieces if n > 1] == ["next line\n", zh[:10]]
+    assert {n for n, _ in pieces} == {1, 2, 3}
+
+
+def test_invalid_byte_in_a_long_line_skips_that_line_only(tmp_path):
+    from llmkit.data.readers import iter_lines
+
+    f = tmp_path / "bad.txt"
+    f.write_bytes(b"a" * 3000 + b"\xff" + b"b" * 3000 + b"\nfine\n")
+    [source] = discover_inputs([f])
+    with pytest.raises(UserError, match=r"bad\.txt:1: invalid UTF-8 \(byte 0xff at column 3001\)"):
+        list(iter_lines(source, chunk_bytes=1000))
+    [source] = discover_inputs([f])
+    # The pieces read before the bad one are already out (streaming); the rest of the line
+    # is skipped, and the next line read.
+    assert list(iter_lines(source, "skip", chunk_bytes=1000)) == [
+        (1, "a" * 1000),
+        (1, "a" * 1000),
+        (1, "a" * 1000),
+        (2, "fine\n"),
+    ]
+    assert source.skipped == {"invalid utf-8": 1}

@@ -618,7 +618,8 @@ def iter_lines(
             strict in every case.
         chunk_bytes: read at most this many bytes at a time: a longer line comes as several
             pieces with the same line number, all but its last a ``_Partial`` (a ``str``).
-            None: whole lines.
+            None: whole lines. Under ``on_error="skip"`` a bad byte in such a line skips the
+            rest of the line from the piece that holds it (the pieces before are out already).
 
     Raises:
         UserError: the file cannot be read or decompressed; an unknown or non-ASCII-compatible
