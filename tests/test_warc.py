@@ -176,3 +176,14 @@ def test_dropped_pages_keep_their_url(tmp_path):
     [source] = discover_inputs([shared_file("warc/example.warc.gz")])
     [(url, text)] = list(read_documents(source, with_url=True))
     assert url == "http://example.com/" and text.startswith(EXAMPLE_TEXT)
+
+
+def test_text_named_warc_is_not_read_as_records(tmp_path):
+    fake = tmp_path / "notes.warc"
+    fake.write_text("Just some text.\n\nNot an archive at all.\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"notes\.warc: not a WARC file \(record 1 is not"):
+        list(read_warc(_source(fake)))
+    source = _source(fake)
+    assert list(read_warc(source, on_error="skip")) == [] and source.skipped == {
+        "damaged record": 1
+    }

@@ -1372,6 +1372,8 @@ def read_warc(source: InputFile, on_error: str = "fail") -> Iterator[WarcDocumen
             try:
                 for record in records:
                     number += 1
+                    if record.format != "warc":  # warcio reads any text as ARC records
+                        raise ArchiveLoadFailed(f"record {number} is not a WARC record")
                     errors_before = records.err_count
                     rtype = record.rec_type
                     headers = record.rec_headers
@@ -1450,9 +1452,13 @@ def read_warc(source: InputFile, on_error: str = "fail") -> Iterator[WarcDocumen
             except ArchiveLoadFailed as err:
                 source.problem(
                     UserError(
-                        f"{path}: not a WARC file, or damaged after record {number} "
-                        f"({_short(err)})",
-                        "give .warc/.warc.gz/.wet files as the crawler wrote them",
+                        (
+                            f"{path}: not a WARC file ({_short(err)})"
+                            if number <= 1
+                            else f"{path}: damaged after record {number - 1} ({_short(err)})"
+                        ),
+                        "give .warc/.warc.gz/.wet files as the crawler wrote them, or pass "
+                        "--on-error skip to keep the records before the damage",
                     ),
                     "damaged record",
                     on_error,
