@@ -223,3 +223,17 @@ def test_invalid_byte_in_a_long_line_skips_that_line_only(tmp_path):
         (2, "fine\n"),
     ]
     assert source.skipped == {"invalid utf-8": 1}
+
+
+def test_the_last_line_without_a_line_break_is_a_whole_line(tmp_path):
+    from llmkit.data.readers import _Partial, iter_lines
+
+    f = tmp_path / "end.txt"
+    f.write_text("doc one\n\nlast words", encoding="utf-8")
+    [source] = discover_inputs([f])
+    lines = list(iter_lines(source, chunk_bytes=1000))
+    assert lines == [(1, "doc one\n"), (2, "\n"), (3, "last words")]
+    assert not any(isinstance(line, _Partial) for _, line in lines)
+    f.write_text("doc one\n\n   \t", encoding="utf-8")  # a blank last line gives no document
+    [source] = discover_inputs([f])
+    assert list(read_documents(source)) == ["doc one"] and source.documents == 1

@@ -645,11 +645,13 @@ def iter_lines(
         column = 0  # bytes of the current line before this piece
         try:
             while raw := stream.readline(limit):
+                # The line ends here: a line break, or the end of the file (readline returns
+                # less than the limit without a line break only there).
+                ends = raw.endswith(b"\n") or limit < 0 or len(raw) < limit
                 if column == 0:
                     lineno += 1
                 if lineno == 1 and column == 0 and raw.startswith(_BOM) and codec == "utf_8":
                     raw = raw[len(_BOM) :]
-                ends = raw.endswith(b"\n")
                 if b"\x00" in raw:
                     source.problem(
                         UserError(
@@ -691,8 +693,9 @@ def iter_lines(
                         on_error,
                     )
                     if not ends:  # skip the rest of this line
-                        while (raw := stream.readline(limit)) and not raw.endswith(b"\n"):
-                            pass
+                        while (raw := stream.readline(limit)) and len(raw) == limit:
+                            if raw.endswith(b"\n"):
+                                break
                     column = 0
                     continue
                 if ends:
