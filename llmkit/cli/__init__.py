@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from llmkit import __version__
+from llmkit.cli import cache as _cache
 from llmkit.cli import chat as _chat
 from llmkit.cli import evaluate as _evaluate
 from llmkit.cli import generate as _generate
@@ -48,6 +49,7 @@ _train.register(app)
 _generate.register(app)
 _evaluate.register(app)
 _chat.register(app)
+_cache.register(app)
 
 
 def main() -> None:
