@@ -51,3 +51,99 @@ def test_every_subcommand_is_registered():
 
     names = set(get_command(app).commands)
     assert {"prepare", "train", "generate", "eval", "chat", "serve"} <= names
+
+
+# --- mistakes in the flags: one line, exit 2, and no torch imported to say so ---------------
+
+ERROR_PROBE = """
+import json, sys
+from typer.testing import CliRunner
+from llmkit.cli import app
+result = CliRunner().invoke(app, sys.argv[1:])
+heavy = [m for m in {heavy!r} if m in sys.modules]
+print(json.dumps({{"code": result.exit_code, "stderr": result.stderr, "heavy": heavy}}))
+"""
+
+
+def run_probe(args: list[str], cwd) -> dict:
+    import json
+
+    out = subprocess.run(
+        [sys.executable, "-c", ERROR_PROBE.format(heavy=HEAVY), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=cwd,
+    )
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "--config", "missing.yaml"], "recipe missing.yaml does not exist"),
+        (["train", "train.mixed_precision=FP16"], "train.mixed_precision=fp16"),
+        (["train", "data.path=nowhere"], "nowhere does not exist"),
+        (["train", "--threads", "0"], "--threads 0 must be at least 1"),
+        (["train", "--resume", "latest"], "--resume latest: runs/run/checkpoints holds no"),
+        (["generate", "--temperature", "-1", "hi"], "--temperature -1.0 is negative"),
+        (["generate", "--top-p", "2", "hi"], "--top-p 2.0 is outside (0, 1]"),
+        (["generate", "--device", "gpu", "hi"], "unknown device 'gpu'"),
+        (["generate", "--dtype", "float8", "hi"], "unknown dtype 'float8'"),
+        (["generate", "--batch-size", "0", "hi"], "--batch-size 0 must be at least 1"),
+        (["chat", "--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
+        (["eval", "-m", "x", "-d", "missing.txt"], "missing.txt does not exist"),
+        (["eval", "-m", "x", "-d", ".", "--max-length", "8", "--stride", "9"], "--stride 9"),
+        (["eval", "-m", "x", "-d", ".", "--split", "test"], "unknown split 'test'"),
+        (["eval", "-m", "x", "--tasks", "hellaswag", "--limit", "0"], "--limit 0"),
+        (["serve", "--max-batch-size", "0"], "--max-batch-size 0 must be at least 1"),
+        (["serve", "--threads", "0"], "--threads 0 must be at least 1"),
+        (["serve", "--port", "70000"], "--port 70000 is not a port number"),
+    ],
+)
+def test_bad_flags_fail_before_torch_is_imported(tmp_path, args, needle):
+    data = tmp_path / "data" / "shakespeare"  # the default data.path, prepared (empty)
+    (data / "train").mkdir(parents=True)
+    (data / "manifest.json").write_text('{"settings": {"block_size": 8}}')
+    got = run_probe(args, tmp_path)
+    assert got["code"] == 2, got
+    lines = got["stderr"].splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert got["heavy"] == [], f"`llmkit {' '.join(args)}` imported {got['heavy']} first"
+
+
+@pytest.mark.parametrize(
+    "args, needle, command",
+    [
+        (["train", "--foo"], "no such option '--foo'", "llmkit train"),
+        (["generate", "--max-new-tokens", "x"], "'x' is not a valid integer", "llmkit generate"),
+        (["eval"], "missing option '--model'", "llmkit eval"),
+        (["eval", "-m"], "option '-m' requires an argument", "llmkit eval"),
+        (["prepare", "in.txt", "--format", "xml"], "'xml' is not one of", "llmkit prepare"),
+        (["chat", "--top-k", "1.5"], "'1.5' is not a valid integer", "llmkit chat"),
+        (["trian"], "no such command 'trian'", "llmkit"),
+    ],
+)
+def test_usage_errors_are_one_line_with_a_hint(tmp_path, args, needle, command):
+    got = run_probe(args, tmp_path)
+    assert got["code"] == 2, got
+    lines = got["stderr"].splitlines()
+    assert len(lines) == 1, got["stderr"]  # no "Usage:" block
+    assert lines[0].startswith("error: ") and needle in lines[0], lines
+    assert lines[0].endswith(f"— run `{command} --help`"), lines
+    assert got["heavy"] == []
+
+
+def test_usage_error_from_the_installed_command(tmp_path):
+    """The real entry point (not CliRunner): one line on stderr, status 2."""
+    out = subprocess.run(
+        [sys.executable, "-m", "llmkit", "train", "--nope"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        "error: no such option '--nope'. Did you mean '--no-progress'? "
+        "— run `python -m llmkit train --help`"
+    ]

@@ -279,3 +279,41 @@ def test_cli_empty_split(tiny_model_dir, prepared_dir, tmp_path):
     shutil.rmtree(data / "validation")  # load_prepared then gives an empty validation split
     res = run_cli("eval", "-m", str(tiny_model_dir), "-d", str(data))
     assert_one_line_error(res, "no blocks", "--split train")
+
+
+def test_data_of_another_tokenizer_is_refused_like_train(
+    tmp_path, tiny_tokenizer, tiny_model_dir, shakespeare
+):
+    """eval used to score it with a warning and exit 0 while train refused the same pair: both
+    refuse it now, with the same check (llmkit.data.prepared.check_same_vocabulary)."""
+    from llmkit.data.tokenizer import train_bpe_tokenizer
+    from tests.test_train import _write_prepared
+
+    text = shakespeare.read_text(encoding="utf-8")[60_000:120_000]
+    other = train_bpe_tokenizer(iter(text.split("\n\n")), vocab_size=280)
+    assert len(other) < len(tiny_tokenizer)  # fits into the model's embeddings: no size error
+    data = _write_prepared(tmp_path / "data", other, 16, 8, 2)
+    evaluated = run_cli("eval", "-m", str(tiny_model_dir), "-d", str(data), "--json")
+    line = assert_one_line_error(evaluated, "vocabulary mismatch", "tokens differ")
+    assert evaluated.stdout == ""
+    trained = run_cli(
+        "train",
+        f"data.path={data}",
+        f"model.name_or_path={tiny_model_dir}",
+        f"out_dir={tmp_path / 'r'}",
+    )
+    assert trained.exit_code == 2
+    assert line.split(" (")[0] == trained.stderr.strip().split(" (")[0]
+    assert line.endswith(
+        "— prepare the data with --tokenizer pointing at the model (or its tokenizer)"
+    )
+    # the model's own tokenizer still passes
+    ok = run_cli(
+        "eval",
+        "-m",
+        str(tiny_model_dir),
+        "-d",
+        str(_write_prepared(tmp_path / "same", tiny_tokenizer, 16, 8, 2)),
+        "--json",
+    )
+    assert ok.exit_code == 0, ok.stderr

@@ -294,6 +294,24 @@ def test_include_path_task_code_is_refused(crafted, tmp_path):
     assert "--trust-remote-code" in lines[0]
 
 
+def test_task_code_guard_fails_closed_on_an_unknown_harness_layout(monkeypatch):
+    """A harness release without the loader function llmkit wraps runs no task at all
+    (rather than running a task's code unguarded)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import _yaml_loader
+
+    from llmkit.errors import UserError
+    from llmkit.evaluation.harness import task_code_guard
+
+    monkeypatch.delattr(_yaml_loader, "_import_func_in_yml")
+    with pytest.raises(UserError, match="cannot keep a task's Python code") as err:
+        with task_code_guard(trust_remote_code=False):
+            pass
+    assert "--trust-remote-code" in err.value.hint
+    with task_code_guard(trust_remote_code=True):  # the user's explicit choice still works
+        pass
+
+
 def test_hub_datasets_are_read_without_dataset_scripts(tmp_path, monkeypatch):
     """``datasets`` 3.x would ask on stdin before running a dataset script when
     ``trust_remote_code`` is unset: llmkit always passes False."""

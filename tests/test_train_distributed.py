@@ -45,9 +45,14 @@ def test_launcher_args_are_what_torchrun_parses():
 
 
 @pytest.fixture
-def no_launcher(monkeypatch):
+def no_launcher(monkeypatch, tmp_path):
     for key in distributed.LAUNCHER_ENV:
         monkeypatch.delenv(key, raising=False)
+    # the default data.path, checked before torch is imported (an empty prepared directory)
+    data = tmp_path / "cwd" / "data" / "shakespeare"
+    (data / "train").mkdir(parents=True)
+    (data / "manifest.json").write_text('{"settings": {"block_size": 8}}')
+    monkeypatch.chdir(tmp_path / "cwd")
 
 
 def _fake_train(calls):

@@ -239,3 +239,65 @@ def test_fp16_on_cpu_warns(tmp_path, tiny_tokenizer, capsys, monkeypatch):
             dry_run=True,
         )
     assert "fp16 without a GPU" in capsys.readouterr().err
+
+
+# --- bad distributed / precision values: one line naming the closest valid value -----------
+
+
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        (
+            "distributed.strategy=fdsp",
+            "did you mean `distributed.strategy=fsdp`? valid values: ddp, fsdp, deepspeed",
+        ),
+        ("distributed.strategy=DDP", "did you mean `distributed.strategy=ddp`?"),
+        (
+            "train.mixed_precision=FP16",
+            "did you mean `train.mixed_precision=fp16`? valid values: no, bf16, fp16",
+        ),
+        ("distributed.zero_stage=4", "the closest valid value is 3; valid values: 0, 1, 2, 3"),
+        ("distributed.zero_stage=-1", "the closest valid value is 0; valid values: 0, 1, 2, 3"),
+        ("train.learning_rate=-1", "train.learning_rate must be > 0"),
+    ],
+)
+def test_bad_values_name_the_valid_ones(tmp_path, override, hint):
+    result = CliRunner().invoke(app, ["train", override])
+    line = _one_error_line(result)
+    key = override.split("=")[0]
+    assert line.startswith(f"error: `{key}` in the command-line overrides: "), line
+    assert f" — {hint}" in line, line
+
+
+def test_distributed_keys_the_strategy_ignores_are_named():
+    warnings = load_recipe(None, ["distributed.zero_stage=3"]).ignored_settings()
+    assert warnings == [
+        "distributed.zero_stage is ignored with distributed.strategy=ddp (it applies to "
+        "deepspeed only); remove it or set distributed.strategy=deepspeed"
+    ]
+    both = load_recipe(
+        None, ["distributed.reshard_after_forward=false", "distributed.cpu_offload=true"]
+    )
+    assert [w.split(" is ignored")[0] for w in both.ignored_settings()] == [
+        "distributed.reshard_after_forward",
+        "distributed.cpu_offload",
+    ]
+    # the default zero_stage (2) is not "set": no warning; deepspeed uses it: no warning
+    assert load_recipe(None, []).ignored_settings() == []
+    ds = ["distributed.strategy=deepspeed", "distributed.zero_stage=3"]
+    assert load_recipe(None, ds).ignored_settings() == []
+    with_file = load_recipe(None, [*ds, "distributed.deepspeed_config=ds.json"])
+    assert with_file.ignored_settings() == [
+        "distributed.zero_stage is ignored: distributed.deepspeed_config ds.json is used as it "
+        "is; set it in that file"
+    ]
+
+
+def test_train_prints_the_ignored_zero_stage(tmp_path, tiny_tokenizer):
+    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 0)
+    args = ["train", f"data.path={data}", f"out_dir={tmp_path / 'r'}", *TINY]
+    result = CliRunner().invoke(app, [*args, "distributed.zero_stage=3", "--dry-run"])
+    assert result.exit_code == 0, result.stderr
+    assert "warning: distributed.zero_stage is ignored with distributed.strategy=ddp" in (
+        " ".join(result.stderr.split())
+    )

@@ -295,3 +295,19 @@ def test_dry_run_counts_parameters_and_writes_nothing(tmp_path, tiny_tokenizer):
     assert plan["tokens_per_step"] == 4 * 2 * 15
     assert plan["steps"] == 2 * (40 // 8)  # 2 epochs of 5 whole steps
     assert not run.exists()
+
+
+def test_checkpoints_of_a_tied_model_print_no_shared_tensor_warning(
+    tmp_path, tiny_tokenizer, caplog
+):
+    """accelerate warns "Removed shared tensor {'lm_head.weight'}" on every save of a model
+    with tied embeddings; the tie comes back on load, so llmkit keeps that line out of the
+    run's output (and the checkpoint still resumes, see the tests above)."""
+    import logging
+
+    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 9)
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        train(None, _overrides(data, run, **{"train.max_steps": 5}))
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000005"]
+    assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]

@@ -9,15 +9,18 @@ from __future__ import annotations
 import typer
 
 from llmkit import __version__
+from llmkit.cli import cache as _cache
 from llmkit.cli import chat as _chat
 from llmkit.cli import evaluate as _evaluate
 from llmkit.cli import generate as _generate
 from llmkit.cli import prepare as _prepare
 from llmkit.cli import serve as _serve
 from llmkit.cli import train as _train
+from llmkit.cli._common import OneLineErrors
 
 app = typer.Typer(
     name="llmkit",
+    cls=OneLineErrors,  # usage errors: one line, exit 2 (no Usage: block)
     help="Raw text to a trained causal language model, generated text and measured quality.",
     no_args_is_help=True,
     add_completion=False,
@@ -47,6 +50,7 @@ _train.register(app)
 _generate.register(app)
 _evaluate.register(app)
 _chat.register(app)
+_cache.register(app)
 _serve.register(app)
 
 

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from llmkit.errors import UserError
 
@@ -23,6 +26,25 @@ F = TypeVar("F", bound=Callable[..., Any])
 def debug() -> bool:
     """True when ``LLMKIT_DEBUG`` is set to a non-empty value other than ``0``."""
     return os.environ.get("LLMKIT_DEBUG", "") not in ("", "0")
+
+
+#: ``--dtype`` names (llmkit.generation.loading reads the same, case-insensitively).
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+_DEVICE = re.compile(r"(auto|cpu|mps|(cuda|xpu)(:\d+)?)")
+
+
+def check_device_dtype(device: str, dtype: str) -> None:
+    """Refuse an unknown ``--device`` or ``--dtype`` name before torch is imported (whether the
+    device exists here is checked when the model loads).
+
+    Raises:
+        UserError: not ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` (or ``xpu``); a dtype
+            that is not one of :data:`DTYPES`.
+    """
+    if not _DEVICE.fullmatch(device):
+        raise UserError(f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N or mps")
+    if dtype.lower() not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}", "use auto, float32, bfloat16 or float16")
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -71,3 +93,47 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def usage_error_line(err: click.UsageError, subcommand: str | None = None) -> str:
+    """One line for a Click usage error (unknown option, missing argument, bad choice, a value
+    that is not a number...): ``error: <Click's message> — run `llmkit CMD --help```.
+
+    ``subcommand`` names the command when Click's error carries the group's context only."""
+    message = " ".join(err.format_message().split()).rstrip(".")
+    if message:
+        message = message[0].lower() + message[1:]
+    ctx = err.ctx
+    command = ctx.command_path if ctx is not None and ctx.command_path else "llmkit"
+    if subcommand and (ctx is None or ctx.parent is None):
+        command = f"{command} {subcommand}"
+    return f"error: {message} — run `{command} --help`"
+
+
+class OneLineErrors(TyperGroup):
+    """The ``llmkit`` group: Click's usage errors become one line and exit status 2 (SPEC §6)
+    instead of Click's ``Usage:`` block; everything else is Typer's own behaviour."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        argv = kwargs.get("args", args[0] if args else None)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        subcommand = next((a for a in argv if a in self.commands), None)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as err:  # bare `llmkit`: the help
+            err.show()
+            sys.exit(err.exit_code)
+        except click.UsageError as err:
+            sys.stderr.write(usage_error_line(err, subcommand) + "\n")
+            sys.stderr.flush()
+            sys.exit(2)
+        except click.ClickException as err:
+            sys.stderr.write(f"error: {' '.join(err.format_message().split())}\n")
+            sys.exit(err.exit_code)
+        except click.Abort:
+            sys.stderr.write("error: interrupted\n")
+            sys.exit(130)
+        # Without standalone mode Click returns an Exit's status, or the command's value.
+        sys.exit(rv if isinstance(rv, int) else 0)

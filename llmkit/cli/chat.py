@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from llmkit.cli._common import user_errors
+from llmkit.cli._common import check_device_dtype, user_errors
 
 
 @user_errors
@@ -26,6 +26,12 @@ def chat_command(
     seed: int = typer.Option(None, "--seed", help="Same seed, same replies.", show_default=False),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    threads: int = typer.Option(
+        None,
+        "--threads",
+        help="CPU threads for torch (default: torch's, fewer on a busy machine).",
+        show_default=False,
+    ),
     trust_remote_code: bool = typer.Option(
         False,
         "--trust-remote-code",
@@ -48,10 +54,11 @@ def chat_command(
     conversation outgrows the model's context, the oldest exchanges are dropped.
     --device auto|cpu|cuda|mps, --dtype auto|float32|bfloat16|float16.
     """
-    from llmkit.generation.chat import ChatSession, chat_loop
-    from llmkit.generation.generate import GenerationSettings
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.generation.settings import GenerationSettings
+    from llmkit.runtime import check_threads
 
+    check_threads(threads)  # the flags first, before torch is imported
+    check_device_dtype(device, dtype)
     settings = GenerationSettings(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -61,10 +68,17 @@ def chat_command(
         repetition_penalty=repetition_penalty,
         stop=list(stop or []),
     )
+    from llmkit.generation.chat import ChatSession, chat_loop
+    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.runtime import announce_threads, apply_threads
+
+    apply_threads(threads)
     lm, tokenizer, _source = load_model_and_tokenizer(
         model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
     )
-    chat_loop(ChatSession(lm, tokenizer, settings, system=system))
+    session = ChatSession(lm, tokenizer, settings, system=system)  # checks the template
+    announce_threads()
+    chat_loop(session)
 
 
 def register(app: typer.Typer) -> None:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import typer
 
-from llmkit.cli._common import user_errors
+from llmkit.cli._common import check_device_dtype, user_errors
 from llmkit.errors import UserError
 
 
@@ -236,6 +236,12 @@ def eval_command(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    threads: int = typer.Option(
+        None,
+        "--threads",
+        help="CPU threads for torch (default: torch's, fewer on a busy machine).",
+        show_default=False,
+    ),
     trust_remote_code: bool = typer.Option(
         False,
         "--trust-remote-code",
@@ -272,7 +278,35 @@ def eval_command(
         )
     if len(modes) > 1:
         raise UserError(f"{' and '.join(modes)} are exclusive", "run them as separate commands")
+    harness_only = [
+        name
+        for name, value in (
+            ("--include-path", include_path),
+            ("--limit", limit),
+            ("--num-fewshot", num_fewshot),
+            ("--chat", chat),
+        )
+        if value
+    ]
+    if harness_only and not tasks:
+        raise UserError(f"{harness_only[0]} goes with --tasks", "add --tasks NAME[,NAME...]")
+    # Every flag is checked before torch is imported (seconds): a mistake is one line at once.
+    from llmkit.evaluation.checks import check_eval_args
+    from llmkit.runtime import check_threads
+
+    check_threads(threads)
+    check_device_dtype(device, dtype)
+    check_eval_args(
+        data, split=split, batch_size=batch_size, max_length=max_length, stride=stride, top=top
+    )
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit} must be at least 1")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UserError(f"--num-fewshot {num_fewshot} is negative", "use 0 for zero-shot")
+    from llmkit.runtime import apply_threads
+
     if tasks:
+        apply_threads(threads)
         _run_tasks(
             model,
             tasks,
@@ -288,19 +322,9 @@ def eval_command(
             trust_remote_code,
         )
         return
-    harness_only = [
-        name
-        for name, value in (
-            ("--include-path", include_path),
-            ("--limit", limit),
-            ("--num-fewshot", num_fewshot),
-            ("--chat", chat),
-        )
-        if value
-    ]
-    if harness_only:
-        raise UserError(f"{harness_only[0]} goes with --tasks", "add --tasks NAME[,NAME...]")
     from llmkit.evaluation.evaluate import evaluate, token_view
+
+    apply_threads(threads)
 
     if tokens is not None:
         for name in model:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from llmkit.cli._common import user_errors
+from llmkit.cli._common import check_device_dtype, user_errors
 from llmkit.errors import UserError
 
 
@@ -133,6 +133,12 @@ def generate_command(
         help="A file with one prompt per line, or JSONL with a prompt field ('-': stdin).",
         show_default=False,
     ),
+    threads: int = typer.Option(
+        None,
+        "--threads",
+        help="CPU threads for torch (default: torch's, fewer on a busy machine).",
+        show_default=False,
+    ),
     trust_remote_code: bool = typer.Option(
         False,
         "--trust-remote-code",
@@ -164,8 +170,12 @@ def generate_command(
     object per completion instead: prompt, completion, prompt_tokens, new_tokens, finish_reason
     (eos, stop or length), stop, index, seconds and tokens_per_sec.
     """
-    from llmkit.generation.generate import GenerationSettings, generate_completions
+    from llmkit.generation.settings import GenerationSettings
+    from llmkit.runtime import check_threads
 
+    # Every flag is checked before torch is imported (seconds): a mistake is one line at once.
+    check_threads(threads)
+    check_device_dtype(device, dtype)
     settings = GenerationSettings(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -179,6 +189,10 @@ def generate_command(
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1")
     texts = read_prompts(prompts, prompts_file)
+    from llmkit.generation.generate import generate_completions
+    from llmkit.runtime import apply_threads
+
+    apply_threads(threads)
 
     def print_json(result) -> None:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))

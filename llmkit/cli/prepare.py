@@ -130,9 +130,9 @@ def prepare_command(
     inputs: list[str] = typer.Argument(
         ...,
         metavar="INPUT...",
-        help="Files (.txt, .md, .jsonl, .json, .csv, .tsv, .parquet; optionally "
-        ".gz/.bz2/.xz/.zst), directories (searched recursively), glob patterns, or Hub "
-        "dataset ids (owner/name[:config], when online).",
+        help="Files (.txt, .md, .jsonl, .json, .csv, .tsv, .parquet, web archives .warc and "
+        ".wet; optionally .gz/.bz2/.xz/.zst), directories (searched recursively), glob "
+        "patterns, or Hub dataset ids (owner/name[:config], when online).",
     ),
     output: Path = typer.Option(
         ..., "--output", "-o", help="Directory to write (datasets, tokenizer, manifest.json)."
@@ -156,17 +156,31 @@ def prepare_command(
         "--split-on",
         help="Cut text files into documents on runs of blank lines, or keep each file whole.",
     ),
-    text_field: str = typer.Option(
-        "text",
+    text_field: str | None = typer.Option(
+        None,
         "--text-field",
         help="Field of a JSON record (a.b for nested fields) or column of a CSV/TSV/parquet "
-        "file that holds the document.",
+        "file that holds the document (default: text).",
+    ),
+    encoding: str = typer.Option(
+        "utf-8",
+        "--encoding",
+        help="How text, JSON-lines and CSV files are decoded: utf-8 (strict, default), auto "
+        "(detected per file by charset-normalizer, recorded in the manifest) or a name such as "
+        "cp1252, cp1251, shift_jis, gb18030, big5, euc_kr.",
+    ),
+    max_document_bytes: int = typer.Option(
+        1 << 20,
+        "--max-document-bytes",
+        help="A document longer than this (UTF-8 bytes) is cut into pieces at paragraph, "
+        "line, sentence or word boundaries, which bounds prepare's memory on any input "
+        "(default 1 MiB).",
     ),
     on_error: OnError = typer.Option(
         OnError.fail,
         "--on-error",
-        help="Binary file, invalid UTF-8, malformed JSON line, missing field: stop (fail) or "
-        "skip it and count it in the manifest (skip).",
+        help="Binary file, invalid UTF-8, malformed JSON line or CSV row, missing field, damaged "
+        "WARC record: stop (fail) or skip it and count it in the manifest (skip).",
     ),
     data_format: Format = typer.Option(
         Format.auto,
@@ -175,23 +189,24 @@ def prepare_command(
         "[{role, content}], prompt/response or instruction/input/output. auto: chat when every "
         "JSON input's first record is one (and has no --text-field).",
     ),
-    chat_template: ChatTemplate = typer.Option(
-        ChatTemplate.auto,
+    chat_template: ChatTemplate | None = typer.Option(
+        None,
         "--chat-template",
-        help="Chat data: the template rendering conversations. auto: the tokenizer's own, else "
-        "ChatML; tokenizer: its own (required); chatml: ChatML (adds its tokens if missing).",
+        help="Chat data: the template rendering conversations. auto (default): the "
+        "tokenizer's own, else ChatML; tokenizer: its own (required); chatml: ChatML (adds "
+        "its tokens if missing).",
     ),
-    train_on: TrainOn = typer.Option(
-        TrainOn.assistant,
+    train_on: TrainOn | None = typer.Option(
+        None,
         "--train-on",
-        help="Chat data: loss on the assistant's answers only (labels -100 elsewhere) or on "
-        "every token.",
+        help="Chat data: loss on the assistant's answers only (default; labels -100 "
+        "elsewhere) or on every token.",
     ),
-    overlong: Overlong = typer.Option(
-        Overlong.truncate,
+    overlong: Overlong | None = typer.Option(
+        None,
         "--overlong",
-        help="Chat data: a conversation longer than --block-size is truncated or dropped "
-        "(counted in the manifest either way).",
+        help="Chat data: a conversation longer than --block-size is truncated (default) or "
+        "dropped (counted in the manifest either way).",
     ),
     config: Path | None = typer.Option(
         None, "--config", help="prepare.yaml: normalization, filters and thresholds, dedup, PII."
@@ -280,7 +295,9 @@ def prepare_command(
     """Clean, deduplicate, tokenize and pack raw text (or conversations) into training blocks.
 
     INPUT: files, directories (searched recursively) or globs of .txt, .md, .jsonl, .json,
-    .csv, .tsv or .parquet, each optionally .gz, .bz2, .xz or .zst; or Hub dataset ids.
+    .csv, .tsv, .parquet, .warc or .wet, each optionally .gz, .bz2, .xz or .zst; or Hub
+    dataset ids. A web archive gives one document per page (the main text of HTML responses,
+    the plain text of WET records).
     Stages: normalize (NFC, ftfy, control characters, whitespace), filters, exact and MinHash
     deduplication, PII redaction, tokenize, pack. Chat data (--format chat, or detected) is
     cleaned message by message, rendered with a chat template and packed whole, with labels
@@ -330,9 +347,11 @@ def prepare_command(
             cache=not no_cache,
             hub_split=split,
             format=data_format.value,
-            chat_template=chat_template.value,
-            train_on=train_on.value,
-            overlong=overlong.value,
+            chat_template=chat_template.value if chat_template else None,
+            train_on=train_on.value if train_on else None,
+            overlong=overlong.value if overlong else None,
+            encoding=encoding,
+            max_document_bytes=max_document_bytes,
             trust_remote_code=trust_remote_code,
         )
     if as_json:

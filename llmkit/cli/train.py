@@ -39,6 +39,13 @@ def train_command(
         "--dry-run",
         help="Print parameters, estimated memory, tokens per step and steps; train nothing.",
     ),
+    threads: int = typer.Option(
+        None,
+        "--threads",
+        help="CPU threads for torch (default: torch's, fewer on a busy machine; "
+        "OMP_NUM_THREADS also sets it).",
+        show_default=False,
+    ),
     trust_remote_code: bool = typer.Option(
         False,
         "--trust-remote-code",
@@ -58,16 +65,27 @@ def train_command(
     """
     if trust_remote_code:
         overrides = [*(overrides or []), "model.trust_remote_code=true"]
+    try:
+        check_before_torch(config, overrides, threads, resume)
+    except UserError:
+        if _main_process() or debug():
+            raise
+        raise typer.Exit(2) from None  # the main process prints the one line
     nproc = _gpus_to_launch()
     if nproc:
         sys.stderr.write(f"llmkit train: {nproc} GPUs visible, one process each (torchrun)\n")
         args = _train_args(overrides, config, overwrite, json_out, no_progress, resume, dry_run)
+        if threads is not None:
+            args = ["--threads", str(threads), *args]
         from llmkit.training.distributed import relaunch
 
         raise typer.Exit(relaunch(nproc, args))
 
+    from llmkit.runtime import apply_threads
     from llmkit.training.loop import TrainingInterrupted, train
 
+    if _main_process() or threads is not None:
+        apply_threads(threads)
     try:
         with sigterm_as_interrupt():
             final = train(
@@ -92,6 +110,33 @@ def train_command(
         raise typer.Exit(2) from None  # the main process prints the one line
     if json_out and _main_process():
         typer.echo(json.dumps(final))
+
+
+def check_before_torch(
+    config: Path | None,
+    overrides: list[str] | None,
+    threads: int | None,
+    resume: str | None = None,
+):
+    """Everything about the flags that needs no torch: ``--threads``, the recipe (file, keys,
+    values), its data directory (a ``llmkit prepare`` output) and what ``--resume`` names (a
+    checkpoint exists). Returns the recipe.
+
+    Raises:
+        UserError: the first problem, in one line, within a fraction of a second.
+    """
+    from llmkit.data.prepared import read_manifest
+    from llmkit.runtime import check_threads
+    from llmkit.training.config import load_recipe
+
+    check_threads(threads)
+    recipe = load_recipe(config, list(overrides or []))
+    read_manifest(recipe.data.path)
+    if resume:
+        from llmkit.training.checkpoint import resolve_resume
+
+        resolve_resume(resume, recipe.run_dir)
+    return recipe
 
 
 def _main_process() -> bool:

@@ -25,11 +25,18 @@ counts of the read and clean stages are kept under ``$LLMKIT_CACHE/prepare/<clea
 fingerprint>/`` (``$LLMKIT_CACHE`` defaults to ``~/.cache/llmkit``, the root that
 :mod:`llmkit.generation.loading` uses for converted GGUF models; ``LLMKIT_CACHE=off`` turns the
 cache off). A rerun that changes only the tokenizer, block size, split or seed reuses them and
-skips reading and cleaning. A run whose output directory already holds a manifest with the
-same full fingerprint does nothing at all. An entry is written to a temporary directory and
-renamed, so a crash leaves no half entry; entries are never deleted by llmkit (remove
-``$LLMKIT_CACHE/prepare`` to reclaim the space). Hub datasets are never cached: their content
+skips reading and cleaning. A run whose output directory already holds a manifest with the same
+full fingerprint does nothing at all. An entry is written to a temporary directory and
+renamed, so a crash leaves no half entry. Hub datasets are never cached: their content
 cannot be fingerprinted without downloading it.
+
+The prepare cache is bounded: after each entry is stored, the least recently used entries
+(by the time of their last use, kept as the modification time of the entry's directory) are
+removed until the entries together hold at most ``$LLMKIT_CACHE_MAX_GB`` gigabytes (10**9
+bytes; default :data:`DEFAULT_MAX_GB`; ``0``, ``off`` or ``none``: no bound). The entry just
+stored is never removed, even when it alone is larger. ``llmkit cache info`` lists the
+entries and ``llmkit cache clear [--older-than DAYS]`` removes them (:func:`cache_entries`,
+:func:`remove_entries`), like ``pip cache info`` / ``pip cache purge``.
 """
 
 from __future__ import annotations
@@ -39,8 +46,12 @@ import json
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+
+from llmkit.errors import UserError
 
 #: The environment variable naming the cache root (shared with llmkit.generation.loading).
 ENV_CACHE = "LLMKIT_CACHE"
@@ -52,6 +63,14 @@ INFO = "cleaned.json"
 DOCUMENTS = "documents"
 #: The dropped documents (``--keep-dropped``), in the output and in a cache entry.
 DROPPED = "dropped.jsonl"
+#: The environment variable bounding the prepare cache, in gigabytes (10**9 bytes).
+ENV_MAX_GB = "LLMKIT_CACHE_MAX_GB"
+#: The default bound of the prepare cache, in gigabytes: the cleaned documents of a few
+#: corpora of several GB each (an entry holds about the corpus's size in text), small next to
+#: the free space of a machine that prepares them. pip bounds nothing and huggingface_hub
+#: neither; a bound that is on by default keeps a cache that nobody looks at from filling a
+#: disk, one corpus version after another.
+DEFAULT_MAX_GB = 20.0
 
 
 def cache_root() -> Path | None:
@@ -62,6 +81,122 @@ def cache_root() -> Path | None:
     if value.lower() in ("off", "0", "none", "false"):
         return None
     return Path(value).expanduser() if value else Path.home() / ".cache" / "llmkit"
+
+
+def cache_problem(root: Path) -> str | None:
+    """Why ``root`` cannot hold the cache (one line naming ``$LLMKIT_CACHE``), or None when it
+    can: a file where the directory should be, a directory (or the parent that would hold it)
+    that this user cannot write."""
+    target = root
+    while not target.exists() and target.parent != target:
+        target = target.parent
+    why = None
+    if target.exists() and not target.is_dir():
+        why = f"{target} is a file, not a directory"
+    elif not os.access(target, os.W_OK | os.X_OK):
+        why = f"{target} is not writable"
+    if why is None:
+        return None
+    source = f"{ENV_CACHE}={os.environ[ENV_CACHE]}" if os.environ.get(ENV_CACHE) else str(root)
+    return (
+        f"cannot use the cache {source}: {why}, so the cleaned documents are not cached "
+        f"(set {ENV_CACHE} to a writable directory, or {ENV_CACHE}=off)"
+    )
+
+
+def max_cache_bytes() -> int | None:
+    """The bound of the prepare cache in bytes, from ``$LLMKIT_CACHE_MAX_GB`` (default
+    :data:`DEFAULT_MAX_GB`); None when unbounded (``0``, ``off``, ``none``).
+
+    Raises:
+        UserError: the value is not a number, or is negative.
+    """
+    value = os.environ.get(ENV_MAX_GB, "").strip()
+    if not value:
+        return int(DEFAULT_MAX_GB * 1e9)
+    if value.lower() in ("off", "none", "0"):
+        return None
+    try:
+        gb = float(value)
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0:
+        raise UserError(
+            f"{ENV_MAX_GB}={value} is not a size in gigabytes",
+            f"give a number such as 20 or 0.5, or off for no bound (default {DEFAULT_MAX_GB:g})",
+        )
+    return None if gb == 0 else int(gb * 1e9)
+
+
+@dataclass
+class CacheEntry:
+    """One entry of the prepare cache, as ``llmkit cache info`` shows it."""
+
+    path: Path
+    size_bytes: int  # every file under it
+    last_used: float  # seconds since the epoch: the last time it was stored or reused
+    complete: bool  # False: a temporary entry of a run that died (or is running), or damaged
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def cache_entries(root: Path) -> list[CacheEntry]:
+    """The entries under ``root/prepare``, least recently used first (an incomplete entry
+    counts as used when it was last modified)."""
+    base = root / "prepare"
+    if not base.is_dir():
+        return []
+    out = []
+    for child in base.iterdir():
+        if not child.is_dir() or child.is_symlink():
+            continue
+        complete = (child / INFO).is_file() and not child.name.startswith(".")
+        try:
+            last = child.stat().st_mtime
+        except OSError:
+            continue
+        out.append(CacheEntry(child, _tree_size(child), last, complete))
+    return sorted(out, key=lambda e: (e.last_used, e.path.name))
+
+
+def remove_entries(entries: Iterable[CacheEntry]) -> tuple[int, int]:
+    """Remove ``entries``; returns ``(entries removed, bytes freed)``."""
+    n = freed = 0
+    for entry in entries:
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if not entry.path.exists():
+            n += 1
+            freed += entry.size_bytes
+    return n, freed
+
+
+def evict(root: Path, max_bytes: int | None, keep: Path | None = None) -> tuple[int, int]:
+    """Remove the least recently used complete entries under ``root/prepare`` until all the
+    entries hold at most ``max_bytes``; ``keep`` (the entry just stored) and incomplete
+    entries (maybe being written by a running prepare) are never removed. Returns ``(entries
+    removed, bytes freed)``; nothing when ``max_bytes`` is None."""
+    if max_bytes is None:
+        return 0, 0
+    entries = cache_entries(root)
+    total = sum(e.size_bytes for e in entries)
+    victims = []
+    for entry in entries:
+        if total <= max_bytes:
+            break
+        if not entry.complete or (keep is not None and entry.path == keep):
+            continue
+        victims.append(entry)
+        total -= entry.size_bytes
+    return remove_entries(victims)
 
 
 def fingerprint(obj) -> str:
@@ -135,6 +270,11 @@ class CleanCache:
             documents = load_from_disk(str(self.path / DOCUMENTS))
         except (OSError, ValueError, FileNotFoundError):
             return None
+        try:  # the last use, for least-recently-used eviction (no file inside changes)
+            now = time.time()
+            os.utime(self.path, (now, now))
+        except OSError:
+            pass
         return documents, info
 
     def new_entry(self) -> Path:

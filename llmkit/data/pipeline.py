@@ -55,10 +55,14 @@ from llmkit.data.cache import (
     CACHE_FORMAT,
     DOCUMENTS,
     DROPPED,
+    ENV_MAX_GB,
     CleanCache,
+    cache_problem,
     cache_root,
+    evict,
     file_sha256,
     fingerprint,
+    max_cache_bytes,
     tokenizer_identity,
 )
 from llmkit.data.clean import (
@@ -72,6 +76,8 @@ from llmkit.data.pack import OVERLONG_RULES, Packer, SFTPacker
 from llmkit.data.prepared import DATASET_DICT, MANIFEST, SPLITS, is_prepared
 from llmkit.data.readers import (
     _GLOB_CHARS,
+    DEFAULT_ENCODING,
+    DEFAULT_MAX_DOCUMENT_BYTES,
     FORMATS,
     ON_ERROR,
     SPLIT_MODES,
@@ -92,6 +98,12 @@ E = TypeVar("E", bound=BaseException)
 BATCH_DOCUMENTS = 1000
 #: Documents per batch in the clean step (a batch of whole books must fit in memory too).
 BATCH_CLEAN = 100
+#: Text (UTF-8 bytes) per batch in the tokenizer-training, encode and pack steps: a batch
+#: holds at most BATCH_DOCUMENTS documents and, when they are long, only as many as fit in
+#: this much text (at least one; :func:`batch_rows`). Encoding takes about 200 bytes per token
+#: while a batch is in flight (the Rust encodings, then the ids as Python ints): measured here,
+#: 16 MiB batches of 1 MiB documents peaked at 1.2 GB, so 4 MiB keeps it near 0.3 GB.
+BATCH_BYTES = 4 << 20
 #: Text (UTF-8 bytes) per worker process below which the clean step runs in fewer processes:
 #: starting a pool and concatenating its shards (about 0.5 s here) costs more than it saves on
 #: a small corpus (cleaning runs at 0.3-3 MB/s per core, depending on the filters).
@@ -572,7 +584,11 @@ def _validate_settings(
     if not text_field:
         raise UserError("--text-field is empty", "name the JSON field holding the text")
     if num_proc is not None and num_proc < 1:
-        raise UserError(f"--num-proc {num_proc} must be at least 1")
+        raise UserError(
+            f"--num-proc {num_proc} must be at least 1",
+            f"give 1 to {default_num_proc()} worker processes, or leave it out to use every "
+            f"usable core ({default_num_proc()} here)",
+        )
     if seed < 0:
         raise UserError(f"--seed {seed} is negative", "give a seed of 0 or more")
 
@@ -620,9 +636,14 @@ def _read_rows(
     line_filter: Callable | None,
     read_stats: dict,
     advance: Callable,
+    encoding: str = DEFAULT_ENCODING,
+    max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
 ) -> Iterator[dict]:
     """Rows ``{"text"}`` of the documents of all files, in order, as read; for chat data
-    ``{"text", "where"}``: the conversation's JSON list of messages and its ``file:line``."""
+    ``{"text", "where"}``: the conversation's JSON list of messages and its ``file:line``;
+    for documents when an input is a web archive ``{"text", "where"}``: the page's URL (None
+    for the documents of other inputs)."""
+    urls = kind != "chat" and any(f.kind == "warc" for f in files)
     for source in files:
         if kind == "chat":
             for where, text in read_conversations(source, on_error=on_error):
@@ -632,18 +653,21 @@ def _read_rows(
                 advance(size if source.kind != "hub" else 1)
                 yield {"text": text, "where": where}
             continue
-        for text in read_documents(
+        for url, text in read_documents(
             source,
             split_on=split_on,
             text_field=text_field,
             on_error=on_error,
             line_filter=line_filter,
+            encoding=encoding,
+            max_document_bytes=max_document_bytes,
+            with_url=True,
         ):
             size = len(text.encode("utf-8"))
             read_stats["documents_out"] += 1
             read_stats["bytes_out"] += size
             advance(size if source.kind != "hub" else 1)
-            yield {"text": text}
+            yield {"text": text, "where": url} if urls else {"text": text}
 
 
 #: Documents done per worker rank of the running clean map, shared with forked workers (a
@@ -761,6 +785,8 @@ def _read_and_clean(
     num_proc: int,
     documents_dir: Path,
     kind: str = "text",
+    encoding: str = DEFAULT_ENCODING,
+    max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
 ) -> tuple[object, dict]:
     """Steps 1-2: read ``files``, clean the documents, save the kept ones at
     ``documents_dir``; returns them (memory-mapped) and the counts of both steps.
@@ -784,6 +810,7 @@ def _read_and_clean(
         "bytes_out": 0,
     }
     hub = any(f.kind == "hub" for f in files)
+    web = any(f.kind == "warc" for f in files)  # documents carry their URL ("where")
     with report.task(
         "read (documents)" if hub else "read (bytes)",
         total=None if hub else read_stats["bytes_in"],
@@ -798,8 +825,15 @@ def _read_and_clean(
                 line_filter=strip_gutenberg if cfg["gutenberg"] else None,
                 read_stats=read_stats,
                 advance=advance,
+                encoding=encoding,
+                max_document_bytes=max_document_bytes,
             ),
-            Features({"text": Value("string"), **({"where": Value("string")} if chat else {})}),
+            Features(
+                {
+                    "text": Value("string"),
+                    **({"where": Value("string")} if chat or web else {}),
+                }
+            ),
             work,
             "documents",
         )
@@ -808,6 +842,16 @@ def _read_and_clean(
         for reason, n in f.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
     read_stats["skipped"] = dict(sorted(skipped.items()))
+    split = sum(f.documents_split for f in files)
+    if split:
+        read_stats["documents_split"] = split
+        read_stats["pieces"] = sum(f.pieces for f in files)
+    records: dict = {}
+    for f in files:
+        for reason, n in f.records_skipped.items():
+            records[reason] = records.get(reason, 0) + n
+    if records:
+        read_stats["records_skipped"] = dict(sorted(records.items()))
     stats = [StageStats.of(s) for s in stages]
 
     def nothing_left() -> UserError:
@@ -856,6 +900,8 @@ def _read_and_clean(
                             record["where"] = row["where"]
                             record["messages"] = json.loads(received_text(row, stop))
                         else:
+                            if row.get("where"):
+                                record["url"] = row["where"]
                             record["text"] = received_text(row, stop)
                         dropped_file.write(json.dumps(record, ensure_ascii=False) + "\n")
                 start += n
@@ -877,6 +923,12 @@ def _read_and_clean(
         f"bytes: {read_stats['documents_out']:,} {'conversations' if chat else 'documents'}, "
         f"{n_kept:,} kept ({_drops(stats)})"
         + (f"; skipped input lines: {_fmt_counts(skipped)}" if skipped else "")
+        + (
+            f"; {split:,} document(s) over {max_document_bytes:,} bytes cut into "
+            f"{read_stats['pieces']:,} pieces"
+            if split
+            else ""
+        )
     )
     report.log(f"{summary}; cleaned in {procs} process{'es' if procs > 1 else ''}")
     info = {
@@ -898,11 +950,13 @@ def _read_and_clean(
     return load_from_disk(str(documents_dir)), info
 
 
-def _block_rows(encoded, packer: Packer, advance: Callable) -> Iterator[dict]:
+def _block_rows(
+    encoded, packer: Packer, advance: Callable, batch_size: int = BATCH_DOCUMENTS
+) -> Iterator[dict]:
     """Rows ``{"input_ids"}`` of full blocks of an encoded split (documents in order)."""
     import pyarrow.compute as pc
 
-    for table in encoded.with_format("arrow").iter(batch_size=BATCH_DOCUMENTS):
+    for table in encoded.with_format("arrow").iter(batch_size=batch_size):
         flat = pc.list_flatten(table.column("input_ids")).to_numpy()
         for block in packer.add_tokens(flat):
             yield {"input_ids": block}
@@ -925,8 +979,25 @@ def _tokenizers_single_threaded() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
+def batch_rows(max_document_bytes: int) -> int:
+    """Documents per batch when the longest is ``max_document_bytes`` long:
+    :data:`BATCH_DOCUMENTS`, or fewer so that a batch holds about :data:`BATCH_BYTES` of text
+    at most (never fewer than 1)."""
+    return max(1, min(BATCH_DOCUMENTS, BATCH_BYTES // max(1, int(max_document_bytes))))
+
+
 def _encode_split(
-    docs, tokenizer, *, eos_token_id, append_eos, num_proc, n_bytes, name, advance, cache
+    docs,
+    tokenizer,
+    *,
+    eos_token_id,
+    append_eos,
+    num_proc,
+    n_bytes,
+    name,
+    advance,
+    cache,
+    batch_size=BATCH_DOCUMENTS,
 ):
     from datasets import Features, List, Value
 
@@ -934,7 +1005,8 @@ def _encode_split(
     kwargs = {"tokenizer": tokenizer, "eos_token_id": eos_token_id, "append_eos": append_eos}
     common = dict(
         batched=True,
-        batch_size=BATCH_DOCUMENTS,
+        batch_size=batch_size,
+        writer_batch_size=batch_size,
         remove_columns=docs.column_names,
         features=features,
         new_fingerprint=f"llmkit-encoded-{name}",
@@ -1348,6 +1420,43 @@ def _chat_tokenizer(tok, template: str, name: str) -> dict:
     return {"resolved": resolved, "added_tokens": added}
 
 
+def _ignored_options(
+    kind: str,
+    requested: str,
+    *,
+    text_field: str | None,
+    chat_flags: Sequence[str],
+    encoding: str,
+    kinds: Sequence[str] = (),
+) -> list[str]:
+    """One warning line for each option given that does not apply to the data as read
+    (``kind``, ``"text"`` or ``"chat"``; ``requested``: the ``--format`` given)."""
+    how = "--format chat" if requested == "chat" else "detected: their first records are"
+    out = []
+    if kind == "chat":
+        if text_field is not None:
+            out.append(
+                f"--text-field {text_field} is ignored: the inputs are read as conversations "
+                f"({how} chat records), whose text is in their messages (pass --format text "
+                "to read that field as documents)"
+            )
+        if encoding != DEFAULT_ENCODING:
+            out.append(f"--encoding {encoding} is ignored: chat records are read as JSON in UTF-8")
+    elif encoding != DEFAULT_ENCODING and not {"text", "jsonl", "csv"} & set(kinds):
+        out.append(
+            f"--encoding {encoding} is ignored: it applies to text, JSON-lines and CSV files, "
+            "and parquet files, Hub datasets and web archives declare their own"
+        )
+    if kind != "chat" and chat_flags:
+        what = "documents (--format text)" if requested == "text" else "documents"
+        out.append(
+            f"{', '.join(chat_flags)} ignored: the inputs are read as {what}, and "
+            f"{'these apply' if len(chat_flags) > 1 else 'it applies'} to chat data only "
+            "(pass --format chat for conversations)"
+        )
+    return out
+
+
 def _hash_inputs(files: Sequence[InputFile], report: _Report) -> list[str]:
     """SHA-256 of every input file (for the fingerprints), with a progress bar."""
     with report.task("hash inputs (bytes)", total=sum(f.size_bytes for f in files)) as advance:
@@ -1370,6 +1479,8 @@ def _cleaning_fingerprint(
     on_error: str,
     cfg: dict,
     keep_dropped: bool,
+    encoding: str = DEFAULT_ENCODING,
+    max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
 ) -> str:
     """The fingerprint of what decides the cleaned documents (see :mod:`llmkit.data.cache`)."""
     return fingerprint(
@@ -1390,6 +1501,8 @@ def _cleaning_fingerprint(
                 "split_on": split_on,
                 "text_field": text_field,
                 "on_error": on_error,
+                "encoding": encoding,
+                "max_document_bytes": max_document_bytes,
             },
             "cleaning": cfg,
             "keep_dropped": keep_dropped,
@@ -1431,7 +1544,7 @@ def prepare(
     val_fraction: float = 0.1,
     seed: int = 1337,
     split_on: str = "blank-lines",
-    text_field: str = "text",
+    text_field: str | None = None,
     overwrite: bool = False,
     num_proc: int | None = None,
     on_error: str = "fail",
@@ -1442,9 +1555,11 @@ def prepare(
     cache: bool = True,
     hub_split: str = "train",
     format: str = "auto",
-    chat_template: str = "auto",
-    train_on: str = "assistant",
-    overlong: str = "truncate",
+    chat_template: str | None = None,
+    train_on: str | None = None,
+    overlong: str | None = None,
+    encoding: str = DEFAULT_ENCODING,
+    max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
     console=None,
     trust_remote_code: bool = False,
 ) -> dict:
@@ -1476,7 +1591,8 @@ def prepare(
         split_on: ``"blank-lines"`` (a text file is split on runs of blank lines) or ``"none"``
             (one document per text file).
         text_field: the field (a dotted path for nested ones) of a JSON record or Hub dataset
-            row, or the column of a CSV/TSV/parquet file, that holds the document.
+            row, or the column of a CSV/TSV/parquet file, that holds the document (None:
+            ``"text"``). Given for chat data, it is ignored with a warning.
         overwrite: replace ``output`` when it already holds a prepared directory.
         num_proc: worker processes for cleaning and encoding (None: every core this process
             may use, :func:`default_num_proc`). A small corpus uses fewer (one per 2 MiB of
@@ -1510,7 +1626,19 @@ def prepare(
             token, -100 elsewhere) or ``"all"`` (every token).
         overlong: chat data only: a conversation longer than ``block_size`` tokens is cut to
             its first ``block_size`` tokens (``"truncate"``) or left out (``"drop"``);
-            counted either way.
+            counted either way. ``chat_template``, ``train_on`` and ``overlong`` default
+            (None) to ``"auto"``, ``"assistant"`` and ``"truncate"``; given for text data,
+            they are ignored with a warning.
+        encoding: how text, JSON-lines and CSV inputs are decoded: ``"utf-8"`` (strict, the
+            default), ``"auto"`` (charset-normalizer's guess per file, recorded in the
+            manifest's inputs) or a codec name (``cp1252``, ``shift_jis``, ``gb18030``...).
+            See :func:`llmkit.data.readers.iter_lines`.
+        max_document_bytes: a document longer than this many UTF-8 bytes is cut into pieces
+            of at most this size at a paragraph, line, sentence or word boundary
+            (:func:`llmkit.data.readers.split_document`), each piece then a document; this
+            bounds the memory of every later step. Default
+            :data:`llmkit.data.readers.DEFAULT_MAX_DOCUMENT_BYTES` (1 MiB); None: never cut.
+            Text documents only (a conversation is never cut).
         console: a ``rich.console.Console`` for progress and the summary (default: stderr).
         trust_remote_code: let a pretrained ``tokenizer`` run Python code of its own (its
             ``auto_map``); False (default): such a tokenizer is refused, its code never runs.
@@ -1535,6 +1663,24 @@ def prepare(
 
     started = time.perf_counter()
     console = console if console is not None else Console(stderr=True)
+    from llmkit.data.readers import check_max_document_bytes
+
+    chat_flags = {
+        "--chat-template": chat_template,
+        "--train-on": train_on,
+        "--overlong": overlong,
+    }
+    chat_flags_given = [name for name, value in chat_flags.items() if value is not None]
+    text_field_given = text_field is not None
+    text_field = "text" if text_field is None else text_field
+    chat_template = "auto" if chat_template is None else chat_template
+    train_on = "assistant" if train_on is None else train_on
+    overlong = "truncate" if overlong is None else overlong
+    check_max_document_bytes(max_document_bytes)
+    if encoding != "auto":
+        from llmkit.data.readers import _codec_name
+
+        _codec_name(encoding)  # an unknown encoding fails before anything is read
     _validate_settings(
         vocab_size=vocab_size,
         tokenizer=tokenizer,
@@ -1569,6 +1715,14 @@ def prepare(
         raise _output_error(err, output, None, "cannot read") from None
     files = discover_inputs(inputs, exclude=[output], hub_split=hub_split)
     kind = resolve_format(files, format, text_field)
+    early_warnings = _ignored_options(
+        kind,
+        format,
+        text_field=text_field if text_field_given else None,
+        chat_flags=chat_flags_given,
+        encoding=encoding,
+        kinds=[f.kind for f in files],
+    )
     chat = None
     if kind == "chat":
         chat = {"template": chat_template, "train_on": train_on, "overlong": overlong}
@@ -1583,6 +1737,8 @@ def prepare(
                 "pass --tokenizer PATH (an instruct model's), or use --chat-template chatml",
             )
     report = _Report(console)
+    for warning in early_warnings:
+        report.log(f"[yellow]warning:[/yellow] {warning}")
     hub = any(f.kind == "hub" for f in files)
     cleaning_settings = dict(
         version=__version__,
@@ -1592,6 +1748,8 @@ def prepare(
         on_error=on_error,
         cfg=cfg,
         keep_dropped=keep_dropped,
+        encoding=encoding if chat is None else DEFAULT_ENCODING,
+        max_document_bytes=max_document_bytes if chat is None else None,
     )
     later_settings = dict(
         vocab_size=vocab_size if tokenizer is None else None,
@@ -1605,6 +1763,7 @@ def prepare(
     hashes: list[str] | None = None
     clean_cache: CleanCache | None = None
     if cache and not hub:
+        max_cache_bytes()  # a bad LLMKIT_CACHE_MAX_GB fails before anything is read
         with report.progress:
             hashes = _hash_inputs(files, report)
         fp_clean = _cleaning_fingerprint(files, hashes, **cleaning_settings)
@@ -1617,7 +1776,11 @@ def prepare(
             )
             return done
         root = cache_root()
-        if root is not None:
+        problem = cache_problem(root) if root is not None else None
+        if problem is not None:
+            early_warnings.append(problem)
+            report.log(f"[yellow]warning:[/yellow] {problem}")
+        elif root is not None:
             clean_cache = CleanCache(root, fp_clean)
     try:
         _check_output(output, overwrite)
@@ -1663,7 +1826,11 @@ def prepare(
                 hub_split=hub_split,
                 plot=plot,
                 chat=chat,
+                encoding=encoding,
+                max_document_bytes=max_document_bytes,
             )
+        if early_warnings:
+            manifest["warnings"] = [*early_warnings, *manifest.get("warnings", [])]
         fingerprints = None
         read_hashes = [entry.get("sha256") for entry in manifest["inputs"]]
         if not hub and (hashes is None or read_hashes == hashes):
@@ -1739,12 +1906,14 @@ def _cleaned_documents(
             entry = clean_cache.new_entry()
         except OSError as err:
             note = f"cannot write the cache {clean_cache.root}: {err.strerror or err}"
+            report.log(f"[yellow]warning:[/yellow] {note}: the cleaned documents are not cached")
     elif hub:
         note = "Hub datasets are not cached"
     elif not cache:
         note = "off (--no-cache)"
     else:
-        note = "off (LLMKIT_CACHE=off)"
+        root = cache_root()
+        note = "off (LLMKIT_CACHE=off)" if root is None else (cache_problem(root) or "off")
     try:
         docs, info = _read_and_clean(
             files,
@@ -1778,6 +1947,12 @@ def _cleaned_documents(
         reason = f"not stored: {err.strerror or err}"
         return docs, info, {"used": False, "stored": False, "path": None, "note": reason}
     docs = clean_cache.load()[0]
+    removed, freed = evict(clean_cache.root.parent, max_cache_bytes(), keep=clean_cache.path)
+    if removed:
+        report.log(
+            f"cache over {max_cache_bytes() / 1e9:g} GB ({ENV_MAX_GB}): removed the {removed} "
+            f"least recently used entr{'ies' if removed > 1 else 'y'} ({freed / 1e6:,.1f} MB)"
+        )
     return docs, info, {"used": False, "stored": True, "path": str(clean_cache.path)}
 
 
@@ -1805,6 +1980,8 @@ def _build(
     hub_split: str,
     plot: bool,
     chat: dict | None = None,
+    encoding: str = DEFAULT_ENCODING,
+    max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
 ) -> dict:
     """Steps 1–6 into ``tmp``; returns the manifest without version, time and fingerprint.
 
@@ -1832,11 +2009,15 @@ def _build(
         cfg=cfg,
         num_proc=num_proc,
         kind=kind,
+        **(
+            {"encoding": encoding, "max_document_bytes": max_document_bytes} if chat is None else {}
+        ),
     )
     warnings: list[str] = list(info["warnings"])
 
     # 3. split by document.
     n_bytes = docs.data.column("n_bytes").to_numpy()
+    rows = batch_rows(int(n_bytes.max()) if len(n_bytes) else 1)  # per batch from here on
     train_idx, val_idx = split_indices(len(docs), val_fraction, seed)
     split_docs = {
         name: docs.select(idx, indices_cache_file_name=str(work / f"indices-{name}.arrow"))
@@ -1861,6 +2042,8 @@ def _build(
         "seed": seed,
         "split_on": split_on if chat is None else None,
         "text_field": text_field if chat is None else None,
+        "encoding": encoding if chat is None else None,
+        "max_document_bytes": max_document_bytes if chat is None else None,
         "chat_template": chat["template"] if chat is not None else None,
         "train_on": chat["train_on"] if chat is not None else None,
         "overlong": chat["overlong"] if chat is not None else None,
@@ -1912,7 +2095,7 @@ def _build(
         with report.task("train tokenizer (documents)", total=len(train_docs)) as advance:
 
             def texts() -> Iterator[list[str]]:
-                for batch in train_docs.iter(batch_size=BATCH_DOCUMENTS):
+                for batch in train_docs.iter(batch_size=rows):
                     yield batch["text"]
                     advance(len(batch["text"]))
 
@@ -1946,10 +2129,11 @@ def _build(
                 name=name,
                 advance=advance,
                 cache=work,
+                batch_size=rows,
             )
         with report.task(f"pack {name} (documents)", total=len(sdocs)) as advance:
             blocks = _from_generator(
-                lambda enc=encoded, p=packer, adv=advance: _block_rows(enc, p, adv),
+                lambda enc=encoded, p=packer, adv=advance: _block_rows(enc, p, adv, rows),
                 block_features,
                 work,
                 f"blocks-{name}",

@@ -42,6 +42,7 @@ The two splits hold whole documents or conversations (one is never split between
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,39 @@ def read_manifest(path: str | Path) -> dict:
         raise UserError(f"cannot read {p / MANIFEST}: {err}", "rerun llmkit prepare") from err
 
 
+#: What to do when prepared data and a model disagree on the vocabulary.
+VOCAB_HINT = "prepare the data with --tokenizer pointing at the model (or its tokenizer)"
+
+
+def check_same_vocabulary(
+    data_vocab: Mapping[str, int], model_vocab: Mapping[str, int], data_path, model_name: str
+) -> None:
+    """Refuse data tokenized with another tokenizer than the model's — ``llmkit train`` and
+    ``llmkit eval`` both call this, so they accept and refuse the same pairs.
+
+    Every (token, id) of the model's vocabulary must be in the data's with the same id; the
+    data's may add tokens after it (e.g. chat markers that ``prepare`` added). Equal sizes
+    prove nothing: two BPEs of 512 tokens number different strings.
+
+    Args:
+        data_vocab: the prepared data's tokenizer's ``get_vocab()`` (added tokens included).
+        model_vocab: the model's tokenizer's vocabulary, token -> id.
+        data_path: the prepared directory (named in the error).
+        model_name: the model (named in the error).
+
+    Raises:
+        UserError: "vocabulary mismatch", with how many tokens differ and one of them.
+    """
+    differ = [t for t, i in model_vocab.items() if data_vocab.get(t) != i]
+    if differ:
+        raise UserError(
+            f"vocabulary mismatch: {data_path} was tokenized with another tokenizer than "
+            f"{model_name} ({len(differ):,} of its {len(model_vocab):,} tokens differ, e.g. "
+            f"{differ[0]!r})",
+            VOCAB_HINT,
+        )
+
+
 def load_prepared(path: str | Path, *, trust_remote_code: bool = False) -> PreparedData:
     """Load the splits, tokenizer and manifest of a prepared directory.
 
@@ -121,7 +155,9 @@ def load_prepared(path: str | Path, *, trust_remote_code: bool = False) -> Prepa
 
     Raises:
         UserError: ``path`` is not a prepared directory; its tokenizer needs its own code and
-            ``trust_remote_code`` is False.
+            ``trust_remote_code`` is False; a split is damaged (a truncated, missing or
+            unreadable ``.arrow`` file or ``state.json``, or fewer blocks than the manifest
+            counts), naming the file.
     """
     from datasets import load_from_disk
 
@@ -132,7 +168,7 @@ def load_prepared(path: str | Path, *, trust_remote_code: bool = False) -> Prepa
     splits = {}
     for name in SPLITS:
         if (p / name).is_dir():
-            splits[name] = load_from_disk(str(p / name))
+            splits[name] = _load_split(p, name, manifest, load_from_disk)
         else:
             splits[name] = None
     if splits["validation"] is None:
@@ -144,3 +180,60 @@ def load_prepared(path: str | Path, *, trust_remote_code: bool = False) -> Prepa
         tokenizer=load_tokenizer(p, trust_remote_code=trust_remote_code),
         manifest=manifest,
     )
+
+
+def damaged(path: Path, file: Path | str, reason: str) -> UserError:
+    """The one-line error for a damaged prepared directory ``path``."""
+    return UserError(
+        f"prepared data {path} is damaged: {file} {reason}",
+        f"rerun llmkit prepare with the same inputs and --output {path} --overwrite",
+    )
+
+
+def _load_split(p: Path, name: str, manifest: dict, load_from_disk) -> Any:
+    """``load_from_disk(p / name)``, with a damaged split as one :func:`damaged` line.
+
+    Arrow files are read whole when loaded (datasets maps them), so a truncated file fails
+    here, not in the middle of a run; a file cut exactly between two record batches reads as
+    fewer rows, so the rows are also counted against the manifest's ``splits.NAME.blocks``.
+    """
+    split = p / name
+    try:
+        ds = load_from_disk(str(split))
+    except FileNotFoundError as err:
+        missing = err.filename or split
+        raise damaged(p, missing, "is missing") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:  # pyarrow's errors derive from these
+        raise damaged(p, _bad_file(split), f"cannot be read ({_short(err)})") from None
+    expected = ((manifest.get("splits") or {}).get(name) or {}).get("blocks")
+    if isinstance(expected, int) and len(ds) != expected:
+        files = sorted(split.glob("*.arrow"))
+        where = files[-1] if len(files) == 1 else split
+        raise damaged(
+            p, where, f"holds {len(ds):,} blocks where {MANIFEST} counts {expected:,} (truncated?)"
+        )
+    return ds
+
+
+def _bad_file(split: Path) -> Path:
+    """The first file of a split that does not read: an ``.arrow`` file that is not a whole
+    Arrow stream, else its ``state.json`` / ``dataset_info.json``, else the directory."""
+    import pyarrow as pa
+
+    for file in sorted(split.glob("*.arrow")):
+        try:
+            with pa.memory_map(str(file)) as source:
+                pa.ipc.open_stream(source).read_all()
+        except (OSError, ValueError):
+            return file
+    for name in ("state.json", "dataset_info.json"):
+        try:
+            json.loads((split / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return split / name
+    return split
+
+
+def _short(err: BaseException, limit: int = 120) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmkit.errors import UserError
+from llmkit.templates import render_chat  # every template failure is one line
 
 #: The label of a token that is not a target (PyTorch's ``cross_entropy`` ``ignore_index``).
 IGNORE_INDEX = -100
@@ -343,16 +344,7 @@ def end_of_turn_token(tokenizer: Any) -> str | None:
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation: bool, where: str) -> str:
-    try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation
-        )
-    except Exception as err:  # jinja2.TemplateError from raise_exception(), or a bad template
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"{where}: the chat template refused the conversation: {first}",
-            "check the roles and their order, or choose another template",
-        ) from err
+    return render_chat(tokenizer, messages, add_generation_prompt=generation, where=where)
 
 
 def _control_pattern(tokenizer: Any) -> re.Pattern | None:

@@ -31,7 +31,9 @@ from typing import Any, NamedTuple
 import torch
 
 from llmkit.errors import UserError
+from llmkit.evaluation.checks import check_windows
 from llmkit.evaluation.metrics import IGNORE_INDEX, NLLSums, nll_sums, shift_labels
+from llmkit.runtime import announce_threads
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each batch (windows or blocks)."""
@@ -68,13 +70,7 @@ def plan_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
     Raises:
         UserError: ``max_length < 2``, or ``stride`` outside 1..max_length.
     """
-    if max_length < 2:
-        raise UserError(f"--max-length {max_length} is too small", "use at least 2 tokens")
-    if not 1 <= stride <= max_length:
-        raise UserError(
-            f"--stride {stride} must be between 1 and --max-length {max_length}",
-            "a stride above the window length would skip tokens",
-        )
+    check_windows(max_length, stride)
     if n_tokens < 2:
         return []
     step = min(stride, max_length - 1)
@@ -346,8 +342,9 @@ def _eval_prepared(
     batch_size: int,
     progress: Progress | None,
     trust_remote_code: bool = False,
+    model_name: str = "the model",
 ) -> NLLSums:
-    from llmkit.data.prepared import SPLITS, load_prepared
+    from llmkit.data.prepared import SPLITS, check_same_vocabulary, load_prepared
     from llmkit.data.tokenizer import token_byte_lengths
     from llmkit.generation.loading import model_max_positions
 
@@ -375,12 +372,10 @@ def _eval_prepared(
             f"model's vocabulary of {vocab}",
             "evaluate on data prepared with the model's tokenizer",
         )
-    if prepared.tokenizer.get_vocab() != tokenizer.get_vocab():
-        sys.stderr.write(
-            f"warning: the tokenizer of {data} differs from the model's; the scores compare "
-            "token ids the model was not trained on\n"
-        )
+    # the same check as llmkit train: scores of ids the model never saw would be meaningless
+    check_same_vocabulary(prepared.tokenizer.get_vocab(), tokenizer.get_vocab(), data, model_name)
     token_bytes = token_byte_lengths(prepared.tokenizer)
+    announce_threads()  # the work starts: a busy machine's thread count is said now
     return score_blocks(lm, blocks, token_bytes, batch_size, lm.device, progress=progress)
 
 
@@ -418,6 +413,7 @@ def _eval_text(
         if ids:
             docs.append([start, *ids])
     token_bytes = token_byte_lengths(tokenizer)
+    announce_threads()
     return score_windows(
         lm,
         docs,
@@ -487,7 +483,9 @@ def evaluate(
         model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
     )
     if prepared:
-        sums = _eval_prepared(lm, tokenizer, path, split, batch_size, progress, trust_remote_code)
+        sums = _eval_prepared(
+            lm, tokenizer, path, split, batch_size, progress, trust_remote_code, source
+        )
     else:
         sums = _eval_text(lm, tokenizer, texts, max_length, stride, batch_size, progress)
     if sums.tokens == 0:
@@ -635,6 +633,7 @@ def token_view(
     lm, tokenizer, source = load_model_and_tokenizer(
         model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
     )
+    announce_threads()
     return {
         "model": source,
         **token_probabilities(lm, tokenizer, text, top=top, max_length=max_length),

@@ -94,13 +94,17 @@ def task_code_guard(trust_remote_code: bool) -> Iterator[None]:
         return
     try:
         from lm_eval.tasks import _yaml_loader as loader
-    except ImportError:  # no harness, or another layout: nothing to guard here
-        yield
-        return
+    except ImportError:
+        loader = None
     original = getattr(loader, "_import_func_in_yml", None)
-    if original is None:
-        yield
-        return
+    if original is None:  # fail closed: a harness whose loader we cannot guard runs no task
+        raise UserError(
+            "this lm_eval release resolves task code in a way llmkit does not know "
+            "(no lm_eval.tasks._yaml_loader._import_func_in_yml), so llmkit cannot keep a "
+            "task's Python code from running",
+            "install a tested release (pip install 'lm_eval>=0.4.13,<0.5') or pass "
+            "--trust-remote-code",
+        )
     import lm_eval
 
     package = Path(lm_eval.__file__).resolve().parent
@@ -382,6 +386,10 @@ def run_tasks(
             "--chat needs a chat template and the model's tokenizer has none (not a chat model)",
             "drop --chat, or evaluate an instruct model",
         )
+    if chat:  # a broken template fails here in one line, not inside the harness
+        from llmkit.templates import render_chat
+
+        render_chat(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     from llmkit.generation.generate import silence_padding_warning
 
     # The harness pads on the right, after the scored continuation: the warning is noise.
@@ -477,6 +485,9 @@ def evaluate_tasks(
     lm, tokenizer, source = load_model_and_tokenizer(
         model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
     )
+    from llmkit.runtime import announce_threads
+
+    announce_threads()  # a busy machine's thread count (chosen by the CLI), said now
     positions = model_max_positions(lm)
     if max_length is not None and positions is not None and max_length > positions:
         raise UserError(

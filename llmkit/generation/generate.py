@@ -8,8 +8,9 @@ The pieces, from the outside in:
 - :func:`complete_batch` — a batch of prompts on an already loaded model: encode, check the
   context, left-pad, run ``model.generate`` once, cut each row at its own end, decode.
   :func:`complete` is the batch of one, streamed.
-- :class:`GenerationSettings` — the decoding settings, validated on construction, turned into
-  ``model.generate`` keyword arguments by :meth:`GenerationSettings.generate_kwargs`.
+- :class:`GenerationSettings` (:mod:`llmkit.generation.settings`) — the decoding settings,
+  validated on construction, turned into ``model.generate`` keyword arguments by
+  :meth:`GenerationSettings.generate_kwargs`.
 - :class:`TextStream` — a transformers streamer that writes the decoded continuation to a file.
 
 Batches are padded on the left with an attention mask, so the last real token of every row sits
@@ -35,93 +36,13 @@ from transformers.generation.streamers import BaseStreamer
 
 from llmkit.errors import UserError
 from llmkit.generation.loading import load_model_and_tokenizer, model_max_positions
+from llmkit.generation.settings import GenerationSettings  # defined there: no torch
+from llmkit.runtime import announce_threads
+from llmkit.templates import render_chat
 
 # Decoding options shared by the streamer and the final text, so both give the same string.
 # No clean-up of spaces: text already written to the terminal cannot be taken back.
 _DECODE = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
-
-
-@dataclass
-class GenerationSettings:
-    """How to pick each next token."""
-
-    max_new_tokens: int = 100
-    """Most tokens to generate after the prompt (the prompt is not counted)."""
-    temperature: float = 0.8
-    """Divides the logits before sampling; 0 means greedy (always the most likely token)."""
-    top_k: int | None = 200
-    """Sample only among the k most likely tokens; None or 0 for no limit."""
-    top_p: float = 1.0
-    """Nucleus sampling: the smallest set of tokens whose probability adds up to p; 1 = all."""
-    seed: int | None = None
-    """Seeds torch before each batch of prompts: the same seed gives the same text."""
-    repetition_penalty: float = 1.0
-    """Divides positive (multiplies negative) logits of tokens already in the sequence, prompt
-    included (Keskar et al. 2019, "CTRL", §4.1); 1 = off, 1.1-1.3 usual."""
-    num_return_sequences: int = 1
-    """Completions sampled per prompt (needs sampling: temperature > 0)."""
-    stop: list[str] = field(default_factory=list)
-    """Stop strings: a completion ends just before the first one it produces."""
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise UserError(
-                f"--max-new-tokens {self.max_new_tokens} must be at least 1", "e.g. 100"
-            )
-        if self.temperature < 0:
-            raise UserError(
-                f"--temperature {self.temperature} is negative", "use 0 for greedy, or e.g. 0.8"
-            )
-        if self.top_k is not None and self.top_k < 0:
-            raise UserError(f"--top-k {self.top_k} is negative", "use 0 for no limit, or e.g. 200")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p {self.top_p} is outside (0, 1]", "use 1 for no limit")
-        if not self.repetition_penalty > 0:
-            raise UserError(
-                f"--repetition-penalty {self.repetition_penalty} must be positive",
-                "use 1 for none, or e.g. 1.2",
-            )
-        if self.num_return_sequences < 1:
-            raise UserError(
-                f"--num-return-sequences {self.num_return_sequences} must be at least 1"
-            )
-        if self.num_return_sequences > 1 and self.greedy:
-            raise UserError(
-                f"--num-return-sequences {self.num_return_sequences} with --temperature 0 would "
-                "give the same text each time",
-                "sample with --temperature > 0",
-            )
-        self.stop = [str(x) for x in self.stop]
-        if any(x == "" for x in self.stop):
-            raise UserError("--stop '' is empty", "give a non-empty stop string, e.g. --stop '\\n'")
-
-    @property
-    def greedy(self) -> bool:
-        """True when decoding is greedy (temperature 0)."""
-        return self.temperature == 0
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``model.generate``.
-
-        Greedy passes ``do_sample=False`` and no sampling argument (so transformers does not warn
-        that they are unused); sampling passes all three, ``top_k=0`` meaning no limit (the
-        model's ``generation_config`` would otherwise fill in its own).
-        """
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
-        if self.greedy:
-            kwargs["do_sample"] = False
-        else:
-            kwargs.update(
-                do_sample=True,
-                temperature=float(self.temperature),
-                top_k=int(self.top_k or 0),
-                top_p=float(self.top_p),
-            )
-        if self.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = float(self.repetition_penalty)
-        if self.num_return_sequences > 1:
-            kwargs["num_return_sequences"] = int(self.num_return_sequences)
-        return kwargs
 
 
 @dataclass
@@ -285,7 +206,9 @@ def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     tokenizer's chat template, ending with the prompt for the assistant's turn.
 
     Raises:
-        UserError: the tokenizer has no chat template (a base model, not an instruct one).
+        UserError: the tokenizer has no chat template (a base model, not an instruct one); the
+            template fails (:func:`llmkit.templates.render_chat`: syntax error, sandbox,
+            undefined name...), naming its file.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
@@ -293,7 +216,7 @@ def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
             "use `llmkit generate` without --chat/--system, or an instruct model such as "
             "SmolLM2-135M-Instruct",
         )
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -411,8 +334,8 @@ def _find_end_of_turn(tokenizer: Any) -> list[int]:
         {"role": "assistant", "content": _PROBE},
     ]
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # a template with rules of its own (roles, alternation): no guess
+        text = render_chat(tokenizer, messages)
+    except UserError:  # a template with rules of its own (roles, alternation): no guess
         return []
     if not isinstance(text, str) or _PROBE not in text:
         return []
@@ -824,6 +747,7 @@ def generate_completions(
     lm, tokenizer, _source = load_model_and_tokenizer(
         model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
     )
+    announce_threads()  # a busy machine: the thread count chosen by the CLI, said now
     return run_prompts(
         lm,
         tokenizer,

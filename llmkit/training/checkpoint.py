@@ -52,9 +52,12 @@ same blocks.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +232,32 @@ def reason(err: BaseException) -> str:
     return text[:160]
 
 
+@contextmanager
+def _quiet_tied_weights() -> Iterator[None]:
+    """Drop accelerate's "Removed shared tensor {'lm_head.weight'} while saving" warning.
+
+    safetensors cannot hold two names for one storage, so accelerate (1.x,
+    ``utils.other.clean_state_dict_for_safetensors``) saves a tied output matrix once and
+    warns. The tie is part of the model's config and is restored when the checkpoint is
+    loaded into the same model (resume is byte-identical, tests/test_train_resume.py), so the
+    warning is noise on every checkpoint of a tied model.
+    """
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Removed shared tensor" not in record.getMessage()
+
+    loggers = [logging.getLogger("accelerate.utils.other"), logging.getLogger("accelerate")]
+    quiet = _Filter()
+    for lg in loggers:
+        lg.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(quiet)
+
+
 def save_checkpoint(
     accelerator,
     run_dir: Path,
@@ -270,7 +299,8 @@ def save_checkpoint(
         failure = err
     if not _anyone(accelerator, failure is not None):  # also the barrier before writing
         try:
-            accelerator.save_state(str(tmp))
+            with _quiet_tied_weights():
+                accelerator.save_state(str(tmp))
             (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)
             _write_json(tmp / RNG_FILE.format(rank=rank), rng_state())
             if accelerator.is_main_process:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -159,8 +159,8 @@ class TrainConfig(_Section):
     peak_flops: float | None = Field(
         None,
         gt=0,
-        description="Peak FLOP/s of one device for MFU; default: measured at start by a "
-        "matmul benchmark in the training dtype.",
+        description="Peak FLOP/s of one device for MFU; default: measured at start, the best "
+        "rate of matmuls (a square and the model's own shapes) in the dtype the work runs in.",
     )
 
     @field_validator("mixed_precision", mode="before")
@@ -276,6 +276,36 @@ class Recipe(_Section):
         """The run directory: ``out_dir`` or ``runs/<name>``."""
         return Path(self.out_dir) if self.out_dir else Path("runs") / self.name
 
+    def ignored_settings(self) -> list[str]:
+        """Warnings for ``distributed`` keys set explicitly (recipe or override) that the
+        chosen strategy does not use: ``zero_stage`` and ``deepspeed_config`` without
+        deepspeed, ``reshard_after_forward`` without fsdp, ``cpu_offload`` with ddp; and
+        ``zero_stage`` / ``cpu_offload`` next to a ``deepspeed_config`` file (the file wins)."""
+        d = self.distributed
+        given = d.model_fields_set
+        users = {
+            "zero_stage": ("deepspeed",),
+            "deepspeed_config": ("deepspeed",),
+            "reshard_after_forward": ("fsdp",),
+            "cpu_offload": ("fsdp", "deepspeed"),
+        }
+        out = []
+        for key, strategies in users.items():
+            if key in given and d.strategy not in strategies:
+                out.append(
+                    f"distributed.{key} is ignored with distributed.strategy={d.strategy} "
+                    f"(it applies to {' and '.join(strategies)} only); remove it or set "
+                    f"distributed.strategy={strategies[0]}"
+                )
+        if d.strategy == "deepspeed" and d.deepspeed_config is not None:
+            for key in ("zero_stage", "cpu_offload"):
+                if key in given:
+                    out.append(
+                        f"distributed.{key} is ignored: distributed.deepspeed_config "
+                        f"{d.deepspeed_config} is used as it is; set it in that file"
+                    )
+        return out
+
     def to_yaml(self) -> str:
         """The resolved config as YAML (every field, defaults included)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -331,7 +361,72 @@ def _format_error(err: ValidationError, source: str) -> UserError:
     msg = first["msg"].removeprefix("Value error, ")
     if loc and not isinstance(got, dict):
         msg = f"{msg} (got {got!r})"
-    return UserError(f"{where} in {source}: {msg}")
+    return UserError(f"{where} in {source}: {msg}", _value_hint(loc, first, got))
+
+
+def _field(loc: str) -> Any:
+    """The pydantic FieldInfo of a dotted key such as ``distributed.strategy`` (None: unknown)."""
+    model: Any = Recipe
+    info = None
+    for part in loc.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        info = fields[part]
+        model = info.annotation
+    return info
+
+
+def _choices(annotation: Any) -> list[Any]:
+    """The values of a ``Literal[...]`` annotation (inside ``X | None`` too), else []."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    for arg in get_args(annotation):
+        found = _choices(arg)
+        if found:
+            return found
+    return []
+
+
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _value_hint(loc: str, error: dict, got: Any) -> str | None:
+    """A hint for an ill-valued key: the closest valid value and the valid ones (a choice), or
+    the valid range with the nearest value inside it (a number)."""
+    info = _field(loc) if loc else None
+    if info is None:
+        return None
+    choices = _choices(info.annotation)
+    if error["type"] == "literal_error" and choices:
+        names = [str(c) for c in choices]
+        text = str(got)
+        guess = next((n for n in names if n.lower() == text.strip().lower()), None)
+        if guess is None:
+            close = difflib.get_close_matches(text.lower(), names, n=1, cutoff=0.5)
+            guess = close[0] if close else None
+        valid = f"valid values: {', '.join(names)}"
+        return f"did you mean `{loc}={guess}`? {valid}" if guess else valid
+    bounds = {}
+    for item in info.metadata:
+        for name in _BOUNDS:
+            value = getattr(item, name, None)
+            if value is not None:
+                bounds[name] = value
+    if error["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        rule = " and ".join(f"{_BOUNDS[k]} {v}" for k, v in bounds.items())
+        low, high = bounds.get("ge"), bounds.get("le")
+        integer = info.annotation is int
+        if integer and low is not None and high is not None and high - low <= 10:
+            nearest = min(max(got, low), high) if isinstance(got, int | float) else None
+            hint = f"valid values: {', '.join(str(v) for v in range(low, high + 1))}"
+            if nearest is not None:
+                hint = f"the closest valid value is {int(nearest)}; {hint}"
+        else:
+            hint = f"{loc} must be {rule}"
+        described = (info.description or "").rstrip(".")
+        return f"{hint} ({described})" if described else hint
+    return None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -26,12 +26,17 @@ from llmkit import __version__
 from llmkit.errors import UserError
 from llmkit.evaluation.metrics import IGNORE_INDEX, NLLSums
 from llmkit.runs import RUN_MARKER, is_finished_run
+from llmkit.runtime import announce_threads
 from llmkit.training import checkpoint as ckpt
 from llmkit.training.batches import micro_batch_samples, step_samples, steps_per_epoch
 from llmkit.training.config import Recipe, load_recipe
 from llmkit.training.flops import (
+    MfuMeter,
     estimate_memory,
     flops_per_token,
+    format_mfu,
+    matmul_dtype,
+    matmul_shapes,
     measure_peak_flops,
     model_shape,
 )
@@ -654,6 +659,10 @@ def _train(
 
     cuda = torch.cuda.is_available()
     check_strategy(recipe.distributed, cuda=cuda, lora=lcfg.r > 0)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for message in recipe.ignored_settings():  # e.g. zero_stage with strategy ddp
+            _warn(console, message)
+        announce_threads()  # a busy machine: the thread count the CLI chose, said now
     if tcfg.mixed_precision == "fp16" and not cuda and int(os.environ.get("RANK", "0")) == 0:
         _warn(
             console,
@@ -808,14 +817,32 @@ def _train(
         data_block - 1,
         trainable_fraction=n_trainable / max(n_params, 1),
     )
-    peak_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(tcfg.mixed_precision, "float32")
     if tcfg.peak_flops is not None:
-        peak, peak_src = tcfg.peak_flops, "train.peak_flops"
+        meter = MfuMeter(flops_tok, tcfg.peak_flops, "train.peak_flops", world)
     else:
+        # The peak in the dtype the matmuls really run in: the trainer's autocast dtype
+        # (DeepSpeed casts the weights itself, outside autocast).
         dev = accelerator.device
-        size = 4096 if dev.type == "cuda" else 1024
-        peak = measure_peak_flops(str(dev), peak_dtype, size)
-        peak_src = f"measured {size}x{size} {peak_dtype} matmul on {dev}"
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            peak_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(
+                tcfg.mixed_precision, "float32"
+            )
+        else:
+            with accelerator.autocast():
+                peak_dtype = matmul_dtype(dev)
+        size = 4096 if dev.type == "cuda" else 512
+        rows = 4096 if dev.type == "cuda" else 512
+        shapes = matmul_shapes(model_config, b * (data_block - 1), rows)
+        peak = measure_peak_flops(str(dev), peak_dtype, size, 0.5, shapes)
+        meter = MfuMeter(
+            flops_tok,
+            peak,
+            f"best {peak_dtype} matmul on {dev}",
+            world,
+            remeasure=lambda: measure_peak_flops.__wrapped__(
+                str(dev), peak_dtype, size, 1.0, shapes
+            ),
+        )
 
     resolved = recipe.to_yaml()
     metrics_path = run_dir / "metrics.jsonl"
@@ -829,8 +856,8 @@ def _train(
             f"model {what}: {n_params / 1e6:.2f}M parameters{lora} | "
             f"{n_train} train blocks of {data_block} tokens | {tokens_per_step} tokens per step "
             f"({b} x {accum} accumulation x {world} processes) | {total_steps} steps | "
-            f"{flops_tok / 1e6:.1f} MFLOP/token | peak {peak / 1e9:.1f} GFLOP/s per process "
-            f"({peak_src}) | {world} process(es) on {accelerator.device}",
+            f"{flops_tok / 1e6:.1f} MFLOP/token | peak {meter.peak / 1e9:.1f} GFLOP/s per "
+            f"process ({meter.source}) | {world} process(es) on {accelerator.device}",
             highlight=False,
         )
         for name in missing:
@@ -915,7 +942,7 @@ def _train(
         BarColumn(),
         TextColumn(
             "loss {task.fields[loss]:.4f} | lr {task.fields[lr]:.2e} | "
-            "{task.fields[tps]:,.0f} tok/s | MFU {task.fields[mfu]:.1%}"
+            "{task.fields[tps]:,.0f} tok/s | MFU {task.fields[mfu]}"
         ),
         TimeRemainingColumn(),
         console=console,
@@ -930,7 +957,7 @@ def _train(
     last_val_step = start_step if resumed_val else None
     bad_in_row = 0
     stopped = "max_steps"
-    mfu = 0.0
+    mfu: float | None = 0.0
     step = start_step
     check_grad_norm = tcfg.mixed_precision != "fp16"  # fp16: the grad scaler skips overflows
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -952,7 +979,7 @@ def _train(
                 loss=float("nan"),
                 lr=0.0,
                 tps=0.0,
-                mfu=0.0,
+                mfu=format_mfu(0.0),
             )
             for step in range(start_step + 1, total_steps + 1):
                 samples = step_samples(step - 1, n_train, global_batch, tcfg.seed)
@@ -1052,15 +1079,21 @@ def _train(
                 if finite and (step % tcfg.log_interval == 0 or step == total_steps):
                     now = time.perf_counter()
                     tps = window_tokens / max(now - window_start, 1e-9)
-                    # tokens/s over all processes / (peak per process x processes)
-                    mfu = tps * flops_tok / (peak * world)
+                    # tokens/s over all processes / (peak per process x processes); None
+                    # when above 100% even after measuring the peak again (said once)
+                    known = meter.unknown_reason is None
+                    mfu = meter.mfu(tps)
+                    if main and known and meter.unknown_reason is not None:
+                        _warn(bar.console, f"MFU unknown: {meter.unknown_reason}")
                     window_start, window_tokens = now, 0
-                    bar.update(task, completed=step, loss=step_loss, lr=lr, tps=tps, mfu=mfu)
+                    bar.update(
+                        task, completed=step, loss=step_loss, lr=lr, tps=tps, mfu=format_mfu(mfu)
+                    )
                     if main and progress and not console.is_terminal and step % text_every == 0:
                         # No live bar off a terminal (CI, a pipe): a plain line now and then.
                         console.print(
                             f"step {step}/{total_steps} | loss {step_loss:.4f} | "
-                            f"lr {lr:.2e} | {tps:,.0f} tok/s | MFU {mfu:.1%}",
+                            f"lr {lr:.2e} | {tps:,.0f} tok/s | MFU {format_mfu(mfu)}",
                             highlight=False,
                         )
                     log(
@@ -1129,13 +1162,18 @@ def _train(
     if len(data.validation) and last_val_step != step:
         last_val = validate(step)
     steps_run = step - start_step
+    run_tps = steps_run * tokens_per_step / max(train_seconds, 1e-9)
+    known = meter.unknown_reason is None
+    run_mfu = meter.mfu(run_tps) if steps_run else None  # the run's average, like its tok/s
+    if main and known and meter.unknown_reason is not None:
+        _warn(console, f"MFU unknown: {meter.unknown_reason}")
     final = {
         **last_val,
         "steps": step,
         "tokens": trained_tokens,
         "train_seconds": round(train_seconds, 2),
-        "tokens_per_sec": steps_run * tokens_per_step / max(train_seconds, 1e-9),
-        "mfu": mfu,
+        "tokens_per_sec": run_tps,
+        "mfu": run_mfu,
         "parameters": n_params,
         "trainable_parameters": n_trainable,
         "best_val_loss": early.best,
@@ -1161,7 +1199,7 @@ def _train(
         summary = "".join(f" | {k} {v:.4f}" for k, v in last_val.items())
         console.print(
             f"done: {step} steps in {train_seconds:.1f} s "
-            f"({final['tokens_per_sec']:,.0f} tok/s, MFU {mfu:.1%}){summary}\n"
+            f"({run_tps:,.0f} tok/s, MFU {format_mfu(run_mfu)}){summary}\n"
             f"saved {run_dir}",
             highlight=False,
         )

@@ -261,21 +261,15 @@ def check_same_tokenizer(
     Raises:
         UserError: "vocabulary mismatch", with the tokens or sizes that differ.
     """
-    hint = "prepare the data with --tokenizer pointing at the model (or its tokenizer)"
+    from llmkit.data.prepared import VOCAB_HINT, check_same_vocabulary
+
+    hint = VOCAB_HINT
     file = _model_tokenizer_file(model_name)
     if file is not None:
         from tokenizers import Tokenizer
 
         theirs = Tokenizer.from_file(str(file)).get_vocab(with_added_tokens=True)
-        ours = tokenizer.get_vocab()
-        differ = [t for t, i in theirs.items() if ours.get(t) != i]
-        if differ:
-            raise UserError(
-                f"vocabulary mismatch: {data_path} was tokenized with another tokenizer than "
-                f"{model_name} ({len(differ):,} of its {len(theirs):,} tokens differ, e.g. "
-                f"{differ[0]!r})",
-                hint,
-            )
+        check_same_vocabulary(tokenizer.get_vocab(), theirs, data_path, model_name)
         return
     if data_tokenizer_trained and model_vocab and len(tokenizer) != model_vocab:
         raise UserError(

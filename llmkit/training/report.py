@@ -53,7 +53,9 @@ def plot_loss_curve(records: list[dict[str, Any]], out: Path) -> Path | None:
     return out
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, key: str = "") -> str:
+    if key == "mfu":  # the run's average; None: the measured peak was below the achieved rate
+        return "n/a" if value is None else f"{value:.1%}"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -92,7 +94,7 @@ def model_card(
         "| metric | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in final.items()]
+    lines += [f"| {k} | {_fmt(v, k)} |" for k, v in final.items()]
     lines += ["", "## Data", ""]
     inputs = manifest.get("inputs")
     if inputs:
