@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import threading
 import time
@@ -39,6 +38,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from llmkit.errors import UserError
+from llmkit.runtime import check_threads
 from llmkit.serve.schemas import (
     ApiError,
     ParsedRequest,
@@ -48,28 +48,6 @@ from llmkit.serve.schemas import (
     parse_json,
     usage,
 )
-
-
-def choose_threads(requested: int | None = None) -> int:
-    """Torch threads for the server: ``requested`` when given, else the free cores — the CPUs
-    this process may run on minus the 1-minute load average (rounded), at least 1.
-
-    On a CPU that others keep busy, more threads than free cores make every matmul wait for the
-    slowest thread (two threads ran 3× slower than one on a busy 2-core machine).
-    """
-    if requested is not None:
-        if requested < 1:
-            raise UserError(f"--threads {requested} must be at least 1")
-        return requested
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return max(1, cores - int(load + 0.5))
 
 
 class ServerState:
@@ -82,7 +60,7 @@ class ServerState:
         max_batch_size, max_queue, batch_wait: see :class:`~llmkit.serve.worker.BatchWorker`.
         default_max_tokens: ``max_tokens`` when a request gives none (capped by the room left
             in the context).
-        threads: torch threads (None: :func:`choose_threads`).
+        threads: torch threads (None: :func:`llmkit.runtime.choose_threads`, the free cores).
         trust_remote_code: let a model run Python code of its own (as ``llmkit generate``).
         on_fatal: called with the error when the model fails to load (the CLI stops the server).
     """
@@ -134,9 +112,10 @@ class ServerState:
             import torch
 
             from llmkit.generation.loading import load_model_and_tokenizer, model_max_positions
+            from llmkit.runtime import announce_threads, apply_threads
             from llmkit.serve.worker import BatchWorker
 
-            torch.set_num_threads(choose_threads(self.threads))
+            apply_threads(self.threads)
             model, tokenizer, source = load_model_and_tokenizer(
                 self.model_arg,
                 device=self.device,
@@ -160,6 +139,7 @@ class ServerState:
                 log=self.log,
             )
             self.worker.start()
+            announce_threads(self.log)
             self.ready.set()
             self._write(
                 f"[serve] ready: {self.served_name} (context {self.positions}, "
@@ -652,7 +632,7 @@ def serve(
         raise UserError(f"--max-queue {max_queue} must be 0 or more")
     if default_max_tokens < 1:
         raise UserError(f"--default-max-tokens {default_max_tokens} must be at least 1")
-    choose_threads(threads)  # validates --threads now
+    check_threads(threads)  # validates --threads now
     server_box: dict[str, Any] = {}
 
     def on_fatal(err: BaseException) -> None:
