@@ -126,11 +126,32 @@ def test_greedy_settings_pass_no_sampling_arguments():
 
 
 @pytest.mark.parametrize(
-    "kw", [{"temperature": -1}, {"max_new_tokens": 0}, {"top_p": 0}, {"top_k": -3}]
+    "kw",
+    [
+        {"temperature": -1},
+        {"temperature": float("nan")},
+        {"temperature": float("inf")},
+        {"max_new_tokens": 0},
+        {"top_p": 0},
+        {"top_p": float("nan")},
+        {"repetition_penalty": float("nan")},
+        {"top_k": -3},
+    ],
 )
 def test_bad_settings_are_user_errors(kw):
     with pytest.raises(UserError):
         GenerationSettings(**kw)
+
+
+def test_a_temperature_too_small_to_sample_with_decodes_greedily(tiny_model_dir):
+    """1e-300 divides the logits to inf (a NaN distribution, a traceback in torch.multinomial
+    before): below GREEDY_BELOW llmkit decodes greedily, as the server does."""
+    from llmkit.generation.settings import GREEDY_BELOW
+
+    assert GenerationSettings(temperature=GREEDY_BELOW / 10).greedy
+    assert not GenerationSettings(temperature=GREEDY_BELOW).greedy
+    kw = dict(model=str(tiny_model_dir), max_new_tokens=12, seed=3)
+    assert generate("ROMEO:", temperature=1e-300, **kw) == generate("ROMEO:", temperature=0, **kw)
 
 
 def test_stream_holds_back_split_utf8_characters(tiny_tokenizer):

@@ -6,10 +6,16 @@ line within a fraction of a second.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from llmkit.errors import UserError
+
+GREEDY_BELOW = 1e-5
+"""A temperature below this decodes greedily, as temperature 0 does: the logits divided by
+it overflow to inf and the sampling distribution becomes NaN. vLLM uses the same threshold
+(``_SAMPLING_EPS`` in its sampler)."""
 
 
 @dataclass
@@ -19,7 +25,8 @@ class GenerationSettings:
     max_new_tokens: int = 100
     """Most tokens to generate after the prompt (the prompt is not counted)."""
     temperature: float = 0.8
-    """Divides the logits before sampling; 0 means greedy (always the most likely token)."""
+    """Divides the logits before sampling; 0 (or below :data:`GREEDY_BELOW`) means greedy
+    (always the most likely token)."""
     top_k: int | None = 200
     """Sample only among the k most likely tokens; None or 0 for no limit."""
     top_p: float = 1.0
@@ -39,9 +46,11 @@ class GenerationSettings:
             raise UserError(
                 f"--max-new-tokens {self.max_new_tokens} must be at least 1", "e.g. 100"
             )
-        if self.temperature < 0:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             raise UserError(
-                f"--temperature {self.temperature} is negative", "use 0 for greedy, or e.g. 0.8"
+                f"--temperature {self.temperature} is "
+                + ("negative" if self.temperature < 0 else "not a finite number"),
+                "use 0 for greedy, or e.g. 0.8",
             )
         if self.top_k is not None and self.top_k < 0:
             raise UserError(f"--top-k {self.top_k} is negative", "use 0 for no limit, or e.g. 200")
@@ -68,8 +77,8 @@ class GenerationSettings:
 
     @property
     def greedy(self) -> bool:
-        """True when decoding is greedy (temperature 0)."""
-        return self.temperature == 0
+        """True when decoding is greedy (temperature 0, or below :data:`GREEDY_BELOW`)."""
+        return self.temperature < GREEDY_BELOW
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``model.generate``.

@@ -26,10 +26,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmkit.generation.settings import GREEDY_BELOW
+
 ROLES = ("system", "developer", "user", "assistant")
 """Chat roles accepted; ``developer`` (OpenAI's newer name for system) is rendered as system."""
-GREEDY_BELOW = 1e-5
-"""A temperature below this is decoding greedily (temperature 0)."""
 MAX_STOP = 4  # OpenAI: "Up to 4 sequences where the API will stop generating further tokens"
 
 
