@@ -121,7 +121,7 @@ def test_bad_flags_fail_before_torch_is_imported(tmp_path, args, needle):
         (["eval", "-m"], "option '-m' requires an argument", "llmkit eval"),
         (["prepare", "in.txt", "--format", "xml"], "'xml' is not one of", "llmkit prepare"),
         (["chat", "--top-k", "1.5"], "'1.5' is not a valid integer", "llmkit chat"),
-        (["trian"], "no such command 'trian'", "llmkit"),
+        (["trian"], "no such command 'trian'. Did you mean 'train'?", "llmkit"),
     ],
 )
 def test_usage_errors_are_one_line_with_a_hint(tmp_path, args, needle, command):
@@ -131,6 +131,7 @@ def test_usage_errors_are_one_line_with_a_hint(tmp_path, args, needle, command):
     assert len(lines) == 1, got["stderr"]  # no "Usage:" block
     assert lines[0].startswith("error: ") and needle in lines[0], lines
     assert lines[0].endswith(f"— run `{command} --help`"), lines
+    assert lines[0].count("Did you mean") <= 1, lines  # Typer and Click both suggested
     assert got["heavy"] == []
 
 

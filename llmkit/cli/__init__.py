@@ -27,6 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     # Plain help: the rich help renderer costs ~0.15 s of start-up (SPEC §1 asks < 0.3 s).
     rich_markup_mode=None,
+    # Click (>= 8.2) already suggests the closest command; Typer would append the same again.
+    suggest_commands=False,
 )
 
 
