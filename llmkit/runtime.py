@@ -8,7 +8,7 @@ torch's default threads while other work ran; 1 thread kept most of the speed).
 
 :func:`choose_threads` decides, at the start of ``train``, ``generate``, ``chat`` and ``eval``:
 
-1. ``--threads N`` wins;
+1. ``--threads N`` wins (with a warning line when N is more than the usable cores);
 2. then a user-set ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` (torch already read it; torchrun
    sets ``OMP_NUM_THREADS=1`` for its workers) — llmkit changes nothing;
 3. otherwise the free cores: ``cores - load``, where ``cores`` is the CPUs this process may run
@@ -83,7 +83,14 @@ def choose_threads(
         one-line warning (without ``warning:``) or None.
     """
     if requested is not None:
-        return requested, None
+        n = (cores or usable_cores)()
+        if requested <= n:
+            return requested, None
+        return requested, (
+            f"--threads {requested} is more than the {n} cores this process may run on: the "
+            "threads will wait on each other and run several times slower than with "
+            f"--threads {n} or fewer"
+        )
     env = os.environ if environ is None else environ
     if any(env.get(name) for name in THREAD_ENV):
         return None, None

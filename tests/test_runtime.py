@@ -32,6 +32,12 @@ def test_idle_machine_and_user_choices_are_left_alone():
     assert choose_threads(None, 8, **busy(0.3)) == (None, None)  # 7.7 free: torch's 8 is fine
     assert choose_threads(None, 4, **busy(3.0)) == (None, None)  # 5 free >= 4
     assert choose_threads(3, 8, **busy(12.0)) == (3, None)  # --threads wins
+    # ... even beyond the cores, but then it is told why it will be slow
+    assert choose_threads(64, 2, **busy(0.0, cores=2)) == (
+        64,
+        "--threads 64 is more than the 2 cores this process may run on: the threads will "
+        "wait on each other and run several times slower than with --threads 2 or fewer",
+    )
     env = {"environ": {"OMP_NUM_THREADS": "4"}, "cores": lambda: 8, "load": lambda: 12.0}
     assert choose_threads(None, 8, **env) == (None, None)  # OMP_NUM_THREADS wins
     no_loadavg = {"environ": {}, "cores": lambda: 8, "load": lambda: None}
