@@ -148,3 +148,19 @@ def test_usage_error_from_the_installed_command(tmp_path):
         "error: no such option '--nope'. Did you mean '--no-progress'? "
         "— run `python -m llmkit train --help`"
     ]
+
+
+def test_train_without_a_recipe_or_data_says_the_defaults_were_used(tmp_path):
+    """No --config and no prepared data/shakespeare: the line says that the built-in defaults
+    chose that path, and how to name a recipe or data (before torch is imported)."""
+    got = run_probe(["train"], tmp_path)
+    assert got["code"] == 2, got
+    assert got["stderr"].splitlines() == [
+        "error: data/shakespeare does not exist (no --config given: the built-in defaults read "
+        "data.path=data/shakespeare) — pass --config recipes/NAME.yaml, or data.path=DIR of a "
+        "`llmkit prepare` output"
+    ]
+    assert got["heavy"] == []
+    # with an explicit data.path the plain message stays
+    got = run_probe(["train", "data.path=nowhere"], tmp_path)
+    assert "no --config given" not in got["stderr"]

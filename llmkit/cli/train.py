@@ -131,7 +131,16 @@ def check_before_torch(
 
     check_threads(threads)
     recipe = load_recipe(config, list(overrides or []))
-    read_manifest(recipe.data.path)
+    try:
+        read_manifest(recipe.data.path)
+    except UserError as err:
+        if config is None and not any(o.startswith("data.path=") for o in overrides or []):
+            raise UserError(
+                f"{err.message} (no --config given: the built-in defaults read "
+                f"data.path={recipe.data.path})",
+                "pass --config recipes/NAME.yaml, or data.path=DIR of a `llmkit prepare` output",
+            ) from None
+        raise
     if resume:
         from llmkit.training.checkpoint import resolve_resume
 
