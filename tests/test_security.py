@@ -483,3 +483,31 @@ def test_the_metric_guard_refuses_evaluate_load_in_the_cwd_and_restores_it(tmp_p
     with task_code_guard(trust_remote_code=True):
         evaluate.load("code_eval")
     assert marker.exists()
+
+
+def test_unsafe_tasks_are_found_by_name_through_groups_and_tags(tmp_path):
+    """A group or tag holding an ``unsafe_code`` task is refused from the task index (YAML
+    read without importing the tasks' code), before any task module is loaded."""
+    pytest.importorskip("lm_eval")
+    from llmkit.errors import UserError
+    from llmkit.evaluation.harness import load_tasks, task_manager, unsafe_task
+
+    tasks = _metric_task(tmp_path, "acc_norm")  # a safe task: llmkit_metric_task
+    text = (tasks / "t.yaml").read_text().replace("llmkit_metric_task", "llmkit_unsafe")
+    (tasks / "u.yaml").write_text(text + "tag: llmkit_unsafe_tag\nunsafe_code: true\n")
+    (tasks / "g.yaml").write_text(
+        "group: llmkit_group\ntask:\n  - llmkit_metric_task\n"
+        "  - group: llmkit_inner\n    task: [llmkit_unsafe]\n"
+    )
+    (tasks / "s.yaml").write_text("group: llmkit_safe_group\ntask: [llmkit_metric_task]\n")
+    names = ["llmkit_group", "llmkit_unsafe_tag", "llmkit_safe_group", "llmkit_metric_task"]
+    tm = task_manager(names, [tasks.resolve()])
+    found = {name: unsafe_task(tm, name) for name in names}
+    assert found == {
+        "llmkit_group": "llmkit_unsafe",
+        "llmkit_unsafe_tag": "llmkit_unsafe",
+        "llmkit_safe_group": None,
+        "llmkit_metric_task": None,
+    }
+    with pytest.raises(UserError, match="^task llmkit_unsafe executes the code the model"):
+        load_tasks(tm, ["llmkit_group"], ["llmkit_group"])

@@ -197,6 +197,9 @@ class _PatchingLoader(importlib.abc.Loader):
         self.loader.exec_module(module)
         self.guard.patch(module)
 
+    def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package...
+        return getattr(self.loader, name)
+
 
 @contextmanager
 def task_code_guard(trust_remote_code: bool) -> Iterator[list[MetricCodeRefused]]:
@@ -288,19 +291,26 @@ def unsafe_task(tm: Any, name: str, _seen: set[str] | None = None) -> str | None
     if kind in ("TASK", "PY_TASK"):
         return name if cfg.get("unsafe_code") else None
     if kind == "TAG":
-        children: list[Any] = sorted(getattr(entry, "tags", None) or ())
-    else:
-        children = cfg.get("task") or []
-        children = children if isinstance(children, list) else [children]
-    for child in children:
-        if isinstance(child, dict):
-            if child.get("unsafe_code"):
-                return str(child.get("task") or name)
-            child = child.get("task")
+        return _unsafe_child(tm, sorted(getattr(entry, "tags", None) or ()), seen, name)
+    return _unsafe_child(tm, cfg.get("task"), seen, name)
+
+
+def _unsafe_child(tm: Any, children: Any, seen: set[str], parent: str) -> str | None:
+    """:func:`unsafe_task` over a group's ``task`` list: names, task dicts (a name with
+    overrides) and inline group dicts."""
+    for child in children if isinstance(children, list) else [children]:
+        found = None
         if isinstance(child, str):
             found = unsafe_task(tm, child, seen)
-            if found:
-                return found
+        elif isinstance(child, dict):
+            if child.get("unsafe_code"):
+                return str(child.get("task") or child.get("group") or parent)
+            if "group" in child:
+                found = _unsafe_child(tm, child.get("task"), seen, str(child["group"]))
+            elif isinstance(child.get("task"), str):
+                found = unsafe_task(tm, child["task"], seen)
+        if found:
+            return found
     return None
 
 
