@@ -352,3 +352,162 @@ def test_tasks_that_run_model_written_code_are_refused(tiny_model_dir, tmp_path)
             str(tiny_model_dir), "llmkit_unsafe", include_path=tasks, limit=2, device="cpu"
         )
     assert err.value.message.startswith("task llmkit_unsafe executes the code the model writes")
+
+
+# --- metrics and task modules the harness resolves by name ---------------------------------
+
+
+def _metric_script(marker: Path) -> str:
+    """An ``evaluate`` metric module that writes ``marker`` when imported."""
+    return _payload(marker) + (
+        "import datasets\nimport evaluate\n\n\n"
+        "class M(evaluate.Metric):\n"
+        "    def _info(self):\n"
+        "        feats = {'predictions': datasets.Value('int64'),\n"
+        "                 'references': datasets.Value('int64')}\n"
+        "        return evaluate.MetricInfo(description='', citation='', inputs_description='',\n"
+        "                                   features=datasets.Features(feats))\n\n"
+        "    def _compute(self, predictions, references):\n"
+        "        return {'m': 0.0}\n"
+    )
+
+
+def _metric_task(tmp_path: Path, metric: str) -> Path:
+    """The shipped opposites task, renamed ``llmkit_metric_task``, whose second metric is
+    ``metric`` (a name the harness does not register)."""
+    import shutil
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    shutil.copy(ROOT / "examples" / "eval_tasks" / "opposites.jsonl", tasks)
+    text = (ROOT / "examples" / "eval_tasks" / "opposites.yaml").read_text()
+    text = text.replace("task: llmkit_opposites", "task: llmkit_metric_task")
+    assert "- metric: acc_norm" in text
+    (tasks / "t.yaml").write_text(text.replace("- metric: acc_norm", f"- metric: {metric}"))
+    return tasks
+
+
+def _eval_cli(model: Path, task: str, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = ["eval", "--model", str(model), "--tasks", task, "--limit", "2", "--device", "cpu"]
+    return _cli([*args, *extra], cwd=cwd)
+
+
+def _one_refusal(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_a_task_metric_naming_a_script_is_refused_unless_trusted(tiny_model_dir, tmp_path):
+    """``metric_list: - metric: /path/m.py``: the harness hands an unknown metric name to
+    ``evaluate.load``, which imports the file. Refused in one line without the flag; with
+    ``--trust-remote-code`` the user's choice runs it."""
+    pytest.importorskip("lm_eval")
+    marker = tmp_path / "MARKER"
+    script = tmp_path / "m" / "m.py"
+    script.parent.mkdir()
+    script.write_text(_metric_script(marker))
+    tasks = _metric_task(tmp_path, str(script))
+    proc = _eval_cli(tiny_model_dir, "llmkit_metric_task", tmp_path, "--include-path", str(tasks))
+    assert not marker.exists(), "the metric's code ran"
+    _one_refusal(proc, "'llmkit_metric_task'", repr(str(script)), "--trust-remote-code")
+    proc = _eval_cli(
+        tiny_model_dir,
+        "llmkit_metric_task",
+        tmp_path,
+        "--include-path",
+        str(tasks),
+        "--trust-remote-code",
+    )
+    assert marker.exists(), proc.stderr
+
+
+def test_a_task_metric_named_like_a_directory_in_the_cwd_is_refused(tiny_model_dir, tmp_path):
+    """A bare metric name the harness does not know resolves to ``./NAME/NAME.py`` in the
+    working directory (else the Hub): refused as well, before anything is imported."""
+    pytest.importorskip("lm_eval")
+    marker = tmp_path / "MARKER"
+    (tmp_path / "evilmetric").mkdir()
+    (tmp_path / "evilmetric" / "evilmetric.py").write_text(_metric_script(marker))
+    tasks = _metric_task(tmp_path, "evilmetric")
+    proc = _eval_cli(tiny_model_dir, "llmkit_metric_task", tmp_path, "--include-path", str(tasks))
+    assert not marker.exists(), "the metric's code ran"
+    _one_refusal(proc, "'llmkit_metric_task'", "'evilmetric'", "--trust-remote-code")
+
+
+@pytest.mark.slow  # indexes the harness's ~15,000 built-in tasks
+def test_humaneval_is_refused_by_name_before_its_module_loads_code_eval(tiny_model_dir, tmp_path):
+    """HumanEval's utils.py calls ``evaluate.load("code_eval")`` when imported, which would
+    run ``./code_eval/code_eval.py``: the task is refused (unsafe) from the task index,
+    before its module is imported, with or without --trust-remote-code."""
+    pytest.importorskip("lm_eval")
+    marker = tmp_path / "MARKER"
+    (tmp_path / "code_eval").mkdir()
+    (tmp_path / "code_eval" / "code_eval.py").write_text(_metric_script(marker))
+    for extra in ((), ("--trust-remote-code",)):
+        proc = _eval_cli(tiny_model_dir, "humaneval", tmp_path, *extra)
+        assert not marker.exists(), "code_eval.py ran"
+        _one_refusal(proc, "task humaneval executes the code the model writes")
+
+
+def test_the_metric_guard_refuses_evaluate_load_in_the_cwd_and_restores_it(tmp_path, monkeypatch):
+    """Inside ``task_code_guard(False)`` any ``evaluate.load`` (as a built-in task's module
+    makes at import) raises, whatever the name and the working directory; outside it, and
+    with trust, ``evaluate`` is as it was."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("evaluate")
+    import evaluate.loading
+
+    from llmkit.evaluation.harness import MetricCodeRefused, task_code_guard
+
+    marker = tmp_path / "MARKER"
+    (tmp_path / "code_eval").mkdir()
+    (tmp_path / "code_eval" / "code_eval.py").write_text(_metric_script(marker))
+    monkeypatch.chdir(tmp_path)
+    original = evaluate.loading.evaluation_module_factory
+    with task_code_guard(trust_remote_code=False) as refused:
+        with pytest.raises(MetricCodeRefused) as err:
+            evaluate.load("code_eval")
+        with pytest.raises(MetricCodeRefused):
+            evaluate.load(str(tmp_path / "code_eval" / "code_eval.py"))
+    assert not marker.exists()
+    assert err.value.metric == "code_eval"
+    assert [r.metric for r in refused] == [
+        "code_eval",
+        str(tmp_path / "code_eval" / "code_eval.py"),
+    ]
+    assert evaluate.loading.evaluation_module_factory is original
+    with task_code_guard(trust_remote_code=True):
+        evaluate.load("code_eval")
+    assert marker.exists()
+
+
+def test_unsafe_tasks_are_found_by_name_through_groups_and_tags(tmp_path):
+    """A group or tag holding an ``unsafe_code`` task is refused from the task index (YAML
+    read without importing the tasks' code), before any task module is loaded."""
+    pytest.importorskip("lm_eval")
+    from llmkit.errors import UserError
+    from llmkit.evaluation.harness import load_tasks, task_manager, unsafe_task
+
+    tasks = _metric_task(tmp_path, "acc_norm")  # a safe task: llmkit_metric_task
+    text = (tasks / "t.yaml").read_text().replace("llmkit_metric_task", "llmkit_unsafe")
+    (tasks / "u.yaml").write_text(text + "tag: llmkit_unsafe_tag\nunsafe_code: true\n")
+    (tasks / "g.yaml").write_text(
+        "group: llmkit_group\ntask:\n  - llmkit_metric_task\n"
+        "  - group: llmkit_inner\n    task: [llmkit_unsafe]\n"
+    )
+    (tasks / "s.yaml").write_text("group: llmkit_safe_group\ntask: [llmkit_metric_task]\n")
+    names = ["llmkit_group", "llmkit_unsafe_tag", "llmkit_safe_group", "llmkit_metric_task"]
+    tm = task_manager(names, [tasks.resolve()])
+    found = {name: unsafe_task(tm, name) for name in names}
+    assert found == {
+        "llmkit_group": "llmkit_unsafe",
+        "llmkit_unsafe_tag": "llmkit_unsafe",
+        "llmkit_safe_group": None,
+        "llmkit_metric_task": None,
+    }
+    with pytest.raises(UserError, match="^task llmkit_unsafe executes the code the model"):
+        load_tasks(tm, ["llmkit_group"], ["llmkit_group"])

@@ -23,9 +23,21 @@ Code: a task YAML may name Python functions (``!function utils.process_docs``, `
 built-in tasks do so freely (that code is part of the installed package); a task under an
 ``include_path`` may only with ``trust_remote_code=True`` (``--trust-remote-code``): otherwise
 it is refused with one line before any of its code is imported (:func:`task_code_guard`).
+A metric is code too: for a ``metric_list`` name the harness does not register itself (a
+``.py`` path, or any other name), and in some built-in tasks' own modules (HumanEval's and
+MBPP's ``code_eval``, SQuAD v2...), the harness calls ``evaluate.load(name)``, which imports a
+Python script: a ``.py`` path, ``./NAME/NAME.py`` under the working directory, or a script
+fetched from the Hub. While tasks are built and evaluated, ``evaluate``'s module factory is
+guarded, so without ``trust_remote_code`` every such load is refused with one line naming the
+task and the metric, whatever the working directory (fail closed: ``evaluate`` has no metric
+that loads without a script). The harness's registered metrics (``acc``, ``acc_norm``,
+``exact_match``, ``bleu``...) are plain functions of the installed package and unaffected.
+``datasets`` (>= 4) runs no dataset loading scripts at all, so a task's ``dataset_path``
+cannot name code.
 Tasks that execute what the model writes (the harness marks them ``unsafe_code``, e.g.
-HumanEval, MBPP) are never run: ``confirm_run_unsafe_code`` stays False and such a task is
-refused with one line.
+HumanEval, MBPP) are never run: such a task (or a group or tag holding one) is refused by
+name from the harness's task index before any of its modules is imported, and
+``confirm_run_unsafe_code`` stays False as a second line of defence.
 
 Source: EleutherAI lm-evaluation-harness (Gao et al., "A framework for few-shot language
 model evaluation", Zenodo 10256836), ``lm_eval.evaluator.simple_evaluate`` and
@@ -35,9 +47,11 @@ model evaluation", Zenodo 10256836), ``lm_eval.evaluator.simple_evaluate`` and
 from __future__ import annotations
 
 import difflib
+import importlib.abc
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,8 +93,116 @@ class TaskCodeRefused(Exception):
         self.qual, self.base_dir = qual, base_dir
 
 
+class MetricCodeRefused(BaseException):
+    """The harness asked ``evaluate`` to load a metric (Python code) and code is not trusted.
+
+    A ``BaseException`` on purpose: the harness's ``get_metric`` catches ``Exception``, logs
+    and goes on without the metric; this must reach llmkit instead.
+    """
+
+    def __init__(self, metric: str, task: str | None):
+        super().__init__(metric)
+        self.metric, self.task = metric, task
+
+
+# the modules of ``evaluate`` that hold a reference to ``evaluation_module_factory``
+_EVALUATE_FACTORY_HOLDERS = ("evaluate.loading", "evaluate.inspect", "evaluate.evaluation_suite")
+
+
+def _task_in_stack() -> str | None:
+    """The name of the harness Task being built or evaluated by a caller up the stack, if
+    any (its ``self.config.task``)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        name = getattr(getattr(obj, "config", None), "task", None)
+        if isinstance(name, str) and type(obj).__module__.startswith("lm_eval"):
+            return name
+        frame = frame.f_back
+    return None
+
+
+class _EvaluateGuard(importlib.abc.MetaPathFinder):
+    """While installed, refuses ``evaluate``'s module loading: ``evaluate.load``,
+    ``evaluate.combine`` and ``EvaluationSuite.load`` all go through
+    ``evaluate.loading.evaluation_module_factory`` (evaluate 0.4). ``evaluate`` is patched now
+    if already imported, else the moment it is imported (this meta path finder), so a run that
+    never needs it does not pay for importing it."""
+
+    def __init__(self) -> None:
+        self.refused: list[MetricCodeRefused] = []
+        self.original: Any = None
+        self.factory = self.guarded  # one bound method, so that ``is`` finds it again
+
+    def guarded(self, path: Any, *args: Any, **kwargs: Any) -> Any:
+        err = MetricCodeRefused(str(path), _task_in_stack())
+        self.refused.append(err)
+        raise err
+
+    def patch(self, module: Any) -> None:
+        current = getattr(module, "evaluation_module_factory", None)
+        if module.__name__ == "evaluate.loading":
+            if current is None:  # fail closed: nothing we know how to guard
+                raise UserError(
+                    "this evaluate release loads metrics in a way llmkit does not know (no "
+                    "evaluate.loading.evaluation_module_factory), so llmkit cannot keep a "
+                    "metric's Python code from running",
+                    "install a tested release (pip install 'evaluate>=0.4,<0.5') or pass "
+                    "--trust-remote-code",
+                )
+            if current is not self.factory:
+                self.original = current
+        if current is not None:
+            module.evaluation_module_factory = self.factory
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname not in _EVALUATE_FACTORY_HOLDERS:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _PatchingLoader(spec.loader, self)
+                return spec
+        return None
+
+    def install(self) -> None:
+        sys.meta_path.insert(0, self)
+        for name in _EVALUATE_FACTORY_HOLDERS:  # evaluate.loading first
+            if name in sys.modules:
+                self.patch(sys.modules[name])
+
+    def uninstall(self) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        if self.original is None:
+            return
+        for name in _EVALUATE_FACTORY_HOLDERS:
+            module = sys.modules.get(name)
+            if getattr(module, "evaluation_module_factory", None) is self.factory:
+                module.evaluation_module_factory = self.original
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Runs a module of ``evaluate`` with its own loader, then guards it."""
+
+    def __init__(self, loader: Any, guard: _EvaluateGuard):
+        self.loader, self.guard = loader, guard
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.loader.exec_module(module)
+        self.guard.patch(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package...
+        return getattr(self.loader, name)
+
+
 @contextmanager
-def task_code_guard(trust_remote_code: bool) -> Iterator[None]:
+def task_code_guard(trust_remote_code: bool) -> Iterator[list[MetricCodeRefused]]:
     """Within the block, a task YAML outside the installed harness may not import Python code
     (its ``!function`` references) unless ``trust_remote_code``.
 
@@ -88,9 +210,18 @@ def task_code_guard(trust_remote_code: bool) -> Iterator[None]:
     _import_func_in_yml(qual, base_dir)`` (0.4.10+); it is wrapped so that a reference from a
     YAML whose directory is not inside the ``lm_eval`` package raises :class:`TaskCodeRefused`
     before anything is imported. This covers YAMLs reached through ``include:`` too.
+
+    Metrics are guarded in the same block (:class:`_EvaluateGuard`): any
+    ``evaluate.load(name)`` (a task's metric the harness does not register, or a call in a
+    task's own module) raises :class:`MetricCodeRefused`, whatever ``name`` is and whatever
+    the working directory; the list yielded records each refusal, so a caller can refuse
+    even if some code swallowed the exception.
+
+    Raises:
+        UserError: the harness or ``evaluate`` resolves code in a way llmkit cannot guard.
     """
     if trust_remote_code:
-        yield
+        yield []
         return
     try:
         from lm_eval.tasks import _yaml_loader as loader
@@ -114,11 +245,73 @@ def task_code_guard(trust_remote_code: bool) -> Iterator[None]:
             raise TaskCodeRefused(qual, Path(base_dir))
         return original(qual, base_dir)
 
+    metrics = _EvaluateGuard()
     loader._import_func_in_yml = guarded
     try:
-        yield
+        metrics.install()
+        yield metrics.refused
     finally:
+        metrics.uninstall()
         loader._import_func_in_yml = original
+
+
+def _metric_code_error(err: MetricCodeRefused, task: str | None = None) -> UserError:
+    who = err.task or task
+    return UserError(
+        f"{f'task {who!r}' if who else 'a task'} uses metric {err.metric!r}, which the harness "
+        "would load with evaluate.load: that imports Python code (a .py path, ./NAME/NAME.py "
+        "under the working directory, or a script from the Hub), and llmkit does not run a "
+        "task's code unless told to",
+        "pass --trust-remote-code (Python: trust_remote_code=True) only if you trust the "
+        "task and that metric's code",
+    )
+
+
+def _unsafe_error(name: str) -> UserError:
+    return UserError(
+        f"task {name} executes the code the model writes (lm-evaluation-harness marks it "
+        "unsafe); llmkit does not run such tasks",
+        "run it with lm-eval itself in a sandbox",
+    )
+
+
+def unsafe_task(tm: Any, name: str, _seen: set[str] | None = None) -> str | None:
+    """The first task reached from ``name`` (a task, group or tag) whose config says
+    ``unsafe_code``, read from the harness's task index (YAML parsed without importing any
+    of the tasks' code); None when there is none or the index has no such entry."""
+    seen = set() if _seen is None else _seen
+    if name in seen:
+        return None
+    seen.add(name)
+    entry = (getattr(tm, "task_index", None) or {}).get(name)
+    if entry is None:
+        return None
+    kind = getattr(getattr(entry, "kind", None), "name", "")
+    cfg = getattr(entry, "cfg", None) or {}
+    if kind in ("TASK", "PY_TASK"):
+        return name if cfg.get("unsafe_code") else None
+    if kind == "TAG":
+        return _unsafe_child(tm, sorted(getattr(entry, "tags", None) or ()), seen, name)
+    return _unsafe_child(tm, cfg.get("task"), seen, name)
+
+
+def _unsafe_child(tm: Any, children: Any, seen: set[str], parent: str) -> str | None:
+    """:func:`unsafe_task` over a group's ``task`` list: names, task dicts (a name with
+    overrides) and inline group dicts."""
+    for child in children if isinstance(children, list) else [children]:
+        found = None
+        if isinstance(child, str):
+            found = unsafe_task(tm, child, seen)
+        elif isinstance(child, dict):
+            if child.get("unsafe_code"):
+                return str(child.get("task") or child.get("group") or parent)
+            if "group" in child:
+                found = _unsafe_child(tm, child.get("task"), seen, str(child["group"]))
+            elif isinstance(child.get("task"), str):
+                found = unsafe_task(tm, child["task"], seen)
+        if found:
+            return found
+    return None
 
 
 def _task_code_error(name: str, err: TaskCodeRefused) -> UserError:
@@ -259,8 +452,16 @@ def load_tasks(tm: Any, names: list[str], specs: list[str | dict]) -> list[Any]:
     """
     objects: list[Any] = []
     for name, spec in zip(names, specs, strict=True):
+        unsafe = unsafe_task(tm, name)
+        if unsafe is None and isinstance(spec, dict) and spec.get("unsafe_code"):
+            unsafe = name
+        if unsafe is not None:  # refused before any of its modules is imported
+            raise _unsafe_error(unsafe)
+    for name, spec in zip(names, specs, strict=True):
         try:
             loaded = tm.load([spec])
+        except MetricCodeRefused as err:
+            raise _metric_code_error(err, name) from None
         except Exception as err:  # datasets / hub / yaml errors of many types
             refused = _refused(err)
             if refused is not None:
@@ -373,8 +574,10 @@ def run_tasks(
         names = parse_tasks(tasks)
         paths = _include_paths(include_path)
         tm = task_manager(names, paths)
-        with task_code_guard(trust_remote_code):
+        with task_code_guard(trust_remote_code) as refused:
             loaded_tasks = load_tasks(tm, names, task_specs(tm, names, paths))
+            if refused:  # some code swallowed the refusal: refuse all the same
+                raise _metric_code_error(refused[0])
     # The tasks are built already; without a manager of its own, simple_evaluate would index
     # all ~15,000 built-in tasks again (tens of seconds) only to pass them through.
     empty_manager = TaskManager(include_defaults=False)
@@ -397,27 +600,28 @@ def run_tasks(
     # the model is already loaded: nothing for the harness to fetch or run
     harness_lm = HFLM(pretrained=lm, tokenizer=tokenizer, trust_remote_code=False, **kwargs)
     try:
-        raw = lm_eval.simple_evaluate(
-            model=harness_lm,
-            tasks=loaded_tasks,
-            limit=limit,
-            num_fewshot=num_fewshot,
-            log_samples=log_samples,
-            apply_chat_template=chat,
-            task_manager=empty_manager,
-            # tasks that execute the code the model writes (HumanEval...): never
-            confirm_run_unsafe_code=False,
-        )
+        # a metric a task loads while it is scored (e.g. in process_results) is guarded too
+        with task_code_guard(trust_remote_code) as refused:
+            raw = lm_eval.simple_evaluate(
+                model=harness_lm,
+                tasks=loaded_tasks,
+                limit=limit,
+                num_fewshot=num_fewshot,
+                log_samples=log_samples,
+                apply_chat_template=chat,
+                task_manager=empty_manager,
+                # tasks that execute the code the model writes (HumanEval...): never
+                confirm_run_unsafe_code=False,
+            )
+            if refused:  # some code swallowed the refusal: refuse all the same
+                raise _metric_code_error(refused[0])
+    except MetricCodeRefused as err:
+        raise _metric_code_error(err) from None
     except ValueError as err:
         if "marked as unsafe" not in str(err):
             raise
         found = re.search(r"task:? (\S+) which is marked as unsafe", str(err))
-        name = found.group(1) if found else "a task"
-        raise UserError(
-            f"task {name} executes the code the model writes (lm-evaluation-harness marks it "
-            "unsafe); llmkit does not run such tasks",
-            "run it with lm-eval itself in a sandbox",
-        ) from None
+        raise _unsafe_error(found.group(1) if found else "a task") from None
     return {
         "tasks": summarize(raw, samples=log_samples),
         "limit": limit,
@@ -480,8 +684,10 @@ def evaluate_tasks(
     names = parse_tasks(tasks)
     paths = _include_paths(include_path)
     tm = task_manager(names, paths)
-    with task_code_guard(trust_remote_code):
+    with task_code_guard(trust_remote_code) as refused:
         loaded = load_tasks(tm, names, task_specs(tm, names, paths))
+        if refused:  # some code swallowed the refusal: refuse all the same
+            raise _metric_code_error(refused[0])
     lm, tokenizer, source = load_model_and_tokenizer(
         model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
     )
@@ -505,5 +711,6 @@ def evaluate_tasks(
         chat=chat,
         log_samples=log_samples,
         loaded_tasks=loaded,
+        trust_remote_code=trust_remote_code,
     )
     return {"model": source, **result}
