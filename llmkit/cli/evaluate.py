@@ -246,8 +246,9 @@ def eval_command(
         False,
         "--trust-remote-code",
         help="Let a model that ships Python code of its own (auto_map in config.json or "
-        "tokenizer_config.json), or a --include-path task its Python functions (!function). "
-        "Off: such a model or task is refused and its code never runs.",
+        "tokenizer_config.json), or a task its Python functions (!function in an "
+        "--include-path YAML) and metric scripts (evaluate.load). Off: such a model or task "
+        "is refused and its code never runs.",
     ),
 ) -> None:
     """Measure loss (nats/token), perplexity and bits per UTF-8 byte of one or more models.
