@@ -11,6 +11,7 @@ import typer
 from llmkit import __version__
 from llmkit.cli import chat as _chat
 from llmkit.cli import evaluate as _evaluate
+from llmkit.cli import export as _export
 from llmkit.cli import generate as _generate
 from llmkit.cli import prepare as _prepare
 from llmkit.cli import train as _train
@@ -46,6 +47,7 @@ _train.register(app)
 _generate.register(app)
 _evaluate.register(app)
 _chat.register(app)
+_export.register(app)
 
 
 def main() -> None:
