@@ -6,6 +6,10 @@ against the import-and-load floor, and what would make CPU generation faster.
     python benchmarks/generate.py --gguf           # SmolLM2-135M-Instruct Q4_1 (../shared/models)
     python benchmarks/generate.py --gguf --variants  # + float32/bfloat16, static cache, compile
 
+With ``--gguf`` (or a ``--model`` ending in .gguf) it also times a cached ``.gguf`` load against
+``from_pretrained`` of the same model as safetensors, and it always prints the batch-1 bound
+that memory bandwidth puts on decoding (weights read once per token).
+
 Both paths decode greedily ``--max-new-tokens`` tokens for the same prompts, batch sizes 1 and 8
 (left padding). llmkit's path is :func:`llmkit.generation.generate.run_prompts` (encode, check
 the context, pad, generate, cut each row at its end, decode), once as ``--json`` uses it and
@@ -207,6 +211,73 @@ def variants(name: str, max_new_tokens: int, rounds: int) -> None:
         print(f"{label:<28} {max(values):10.1f} {statistics.median(values):8.1f} {ratio:29.2f}")
 
 
+def load_compare(name: str, rounds: int) -> None:
+    """A cached ``.gguf`` load through llmkit (model + tokenizer) against ``from_pretrained`` of
+    the same model as a safetensors directory (the converted copy itself) + ``AutoTokenizer``,
+    float32 on the CPU, alternating in one process (the files stay in the page cache for both).
+    Target (issue 16): ≤ 2×."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.generation.loading import gguf_cache_dir, load_model_and_tokenizer
+
+    path = Path(name)
+    if path.suffix != ".gguf":
+        return
+    load_model_and_tokenizer(name, device="cpu", dtype="float32")  # converts once if needed
+    cache = gguf_cache_dir(path)
+    if cache is None:
+        print("\ncached GGUF load: LLMKIT_CACHE=off, nothing to compare")
+        return
+
+    def llmkit_load() -> None:
+        load_model_and_tokenizer(name, device="cpu", dtype="float32")
+
+    def safetensors_load() -> None:
+        AutoModelForCausalLM.from_pretrained(cache, dtype="float32")
+        AutoTokenizer.from_pretrained(cache)
+
+    paths = {"llmkit cached .gguf": llmkit_load, "from_pretrained dir": safetensors_load}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for r in range(max(rounds, 3)):
+        for label in list(paths)[:: 1 if r % 2 == 0 else -1]:
+            start = time.perf_counter()
+            paths[label]()
+            times[label].append(time.perf_counter() - start)
+    a, b = times["llmkit cached .gguf"], times["from_pretrained dir"]
+    ratio = statistics.median(x / y for x, y in zip(a, b, strict=True))
+    print(
+        f"\nload, model + tokenizer, float32: llmkit cached .gguf {statistics.median(a):.2f} s, "
+        f"from_pretrained of the safetensors copy {statistics.median(b):.2f} s: "
+        f"{ratio:.2f}× (median of {len(a)} alternating rounds; target ≤ 2×)"
+    )
+
+
+def bandwidth_bound(model) -> None:
+    """The physical bound of batch-1 decoding on a CPU: every weight is read once per new token,
+    so tokens/s ≤ memory bandwidth / bytes of weights. Bandwidth measured here as a numpy copy
+    of 256 MiB (read + write counted), best of 3."""
+    import numpy as np
+
+    a = np.ones(64 * 1024 * 1024, dtype=np.float32)  # 256 MiB
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - start)
+    bandwidth = 2 * a.nbytes / best
+    seen, weights = set(), 0
+    for p in model.parameters():  # tied weights counted once
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            weights += p.numel() * p.element_size()
+    print(
+        f"\nmemory bandwidth (numpy copy) {bandwidth / 1e9:.1f} GB/s; "
+        f"weights {weights / 1e6:.0f} MB read per token → batch-1 bound "
+        f"{bandwidth / weights:.0f} tokens/s in this dtype"
+    )
+
+
 def wall(cmd: list[str], env: dict) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, env=env)
@@ -251,6 +322,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--no-startup", action="store_true", help="skip the first-token timing")
     parser.add_argument(
+        "--no-load", action="store_true", help="skip the cached .gguf vs safetensors load timing"
+    )
+    parser.add_argument(
         "--variants", action="store_true", help="also bfloat16, static cache, torch.compile"
     )
     args = parser.parse_args()
@@ -277,6 +351,9 @@ def main() -> None:
     eos = set(eos_ids(model, tok))
     print(f"model {name} ({args.dtype}, {torch.get_num_threads()} threads), load {load_s:.1f} s")
     compare(model, tok, eos, args.max_new_tokens, args.rounds)
+    bandwidth_bound(model)
+    if not args.no_load:
+        load_compare(name, args.rounds)
     if args.variants:
         del model
         variants(name, args.max_new_tokens, args.rounds)
