@@ -436,3 +436,25 @@ def test_llama_cpp_reads_the_export(exported, runs):
             pytest.skip(f"llama.cpp crashed with signal {-proc.returncode} on this CPU")
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads(proc.stdout) == tok(TRICKY)["input_ids"]
+
+
+def test_add_bos_flag_is_measured(tiny_tokenizer):
+    """A tokenizer whose post-processor puts BOS first (Llama-style) is written with
+    add_bos_token true; llmkit's trained BPE (adds nothing) with false."""
+    import copy
+
+    from tokenizers import processors
+
+    from llmkit.export.gguf import vocab_for_gguf
+
+    assert (
+        vocab_for_gguf(tiny_tokenizer, 300).add_bos,
+        vocab_for_gguf(tiny_tokenizer, 300).add_eos,
+    ) == (False, False)
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]
+    )
+    assert tok("a b")["input_ids"][0] == 0
+    vocab = vocab_for_gguf(tok, 300)
+    assert (vocab.add_bos, vocab.add_eos) == (True, False)

@@ -241,14 +241,21 @@ def _pre_tokenizer_name(spec: dict) -> str:
 
 
 def _measured_add_flags(tokenizer: Any) -> tuple[bool, bool]:
-    """Whether the tokenizer puts BOS first / EOS last when asked for special tokens."""
+    """``(add_bos, add_eos)``: whether the tokenizer puts its BOS before / its EOS after a
+    text's tokens when asked for special tokens (``add_special_tokens=True``), measured on a
+    short text rather than read from its config files."""
     plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
     full = tokenizer("a b", add_special_tokens=True)["input_ids"]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    add_bos = bos is not None and len(full) > len(plain) and full[0] == bos
-    add_eos = eos is not None and len(full) > len(plain) and full[-1] == eos and full[:-1] != []
-    if add_eos and add_bos and len(full) == len(plain) + 1:
-        add_eos = full[-1] == eos and full[0] != bos  # one token added: it is one or the other
+    n = len(plain)
+    add_bos = bos is not None and len(full) > n and full[0] == bos and full[1 : 1 + n] == plain
+    start = 1 if add_bos else 0
+    add_eos = (
+        eos is not None
+        and len(full) == start + n + 1
+        and full[start : start + n] == plain
+        and full[-1] == eos
+    )
     return add_bos, add_eos
 
 
