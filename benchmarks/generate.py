@@ -20,9 +20,11 @@ reported is the median of the per-round ratios (each round's paths ran back to b
 same load) next to the ratio of the best runs. On a machine shared with other jobs the figures
 move by tens of percent from run to run: compare ratios, not absolute speeds.
 
-``--threads N`` sets torch's intra-op threads for every path (default: torch's choice, the
-number of cores). On a machine busier than its cores, torch's default can be several times
-slower than one thread (its worker threads wait on each other); pass ``--threads 1`` there.
+``--threads N`` sets torch's intra-op threads for every path. Without it the paths run with the
+thread count llmkit chooses for the machine's load (:func:`llmkit.generation.loading.
+apply_cpu_threads`), and a separate table compares that automatic path with bare
+``model.generate`` at torch's default (a thread per core): on a machine busier than its cores
+the default can be several times slower.
 """
 
 from __future__ import annotations
@@ -211,6 +213,44 @@ def variants(name: str, max_new_tokens: int, rounds: int) -> None:
         print(f"{label:<28} {max(values):10.1f} {statistics.median(values):8.1f} {ratio:29.2f}")
 
 
+def auto_vs_bare(model, tok, eos, default_threads: int, auto_threads: int, max_new_tokens: int,
+                 rounds: int) -> None:  # fmt: skip
+    """llmkit's automatic CPU path (the thread count llmkit chose for this machine's load, the
+    float32 ``--dtype auto`` keeps) against bare ``model.generate`` in float32 with torch's
+    default threads, batch 1 and 8, alternating rounds. Target (issue 16): ≥ 1.5× at batch 1."""
+    import torch
+
+    print(
+        f"\nautomatic CPU path ({auto_threads} threads, float32) vs bare float32 generate "
+        f"({default_threads} threads, torch's default); load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+    for batch in (1, 8):
+        prompts = PROMPTS[:batch]
+
+        def run_bare(p=prompts):
+            torch.set_num_threads(default_threads)
+            return bare(model, tok, p, max_new_tokens, eos)
+
+        def run_auto(p=prompts, b=batch):
+            torch.set_num_threads(auto_threads)
+            return ours(model, tok, p, max_new_tokens, b)
+
+        paths = {"bare": run_bare, "auto": run_auto}
+        for fn in paths.values():
+            fn()
+        speeds = paired_rounds(paths, rounds)
+        ratio = statistics.median(
+            a / b for a, b in zip(speeds["auto"], speeds["bare"], strict=True)
+        )
+        print(
+            f"  batch {batch}: bare {statistics.median(speeds['bare']):.1f} tok/s, "
+            f"auto {statistics.median(speeds['auto']):.1f} tok/s: {ratio:.2f}× "
+            f"(median of {rounds} rounds)"
+        )
+    torch.set_num_threads(auto_threads)
+
+
 def load_compare(name: str, rounds: int) -> None:
     """A cached ``.gguf`` load through llmkit (model + tokenizer) against ``from_pretrained`` of
     the same model as a safetensors directory (the converted copy itself) + ``AutoTokenizer``,
@@ -345,12 +385,18 @@ def main() -> None:
         name = str(GGUF)
     else:
         name = str(tiny_model(Path(tmp.name) / "tiny-gpt2"))
+    default_threads = torch.get_num_threads()
     start = time.perf_counter()
     model, tok, _ = load_model_and_tokenizer(name, device="cpu", dtype=args.dtype)
     load_s = time.perf_counter() - start
+    auto_threads = torch.get_num_threads()  # llmkit's choice for the load (--threads: that)
     eos = set(eos_ids(model, tok))
     print(f"model {name} ({args.dtype}, {torch.get_num_threads()} threads), load {load_s:.1f} s")
     compare(model, tok, eos, args.max_new_tokens, args.rounds)
+    if args.dtype == "float32" and not args.threads:
+        auto_vs_bare(
+            model, tok, eos, default_threads, auto_threads, args.max_new_tokens, args.rounds
+        )
     bandwidth_bound(model)
     if not args.no_load:
         load_compare(name, args.rounds)

@@ -182,3 +182,52 @@ def test_smollm_pre_tokenizer_splits_digits(tmp_path, monkeypatch, shakespeare):
     for _ in range(2):  # converted, then from the cache
         _, loaded, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
         assert loaded(sample)["input_ids"] == split
+
+
+# --- CPU threads -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("load1", "cores", "default", "expected"),
+    [
+        (4.5, 2, 2, 1),  # the cores are busy with others: one thread (7× faster here)
+        (0.3, 2, 2, None),  # idle: torch's default
+        (2.0, 2, 2, 1),  # one other busy process
+        (5.0, 16, 16, 12),
+        (0.0, 16, 8, None),  # never more than torch's default
+    ],
+)
+def test_cpu_threads_follow_the_load(monkeypatch, load1, cores, default, expected):
+    from llmkit.generation import loading
+
+    for var in loading.ENV_THREADS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load1, load1, load1))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: default)
+    assert loading.cpu_threads_for_load() == expected
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice is kept
+    assert loading.cpu_threads_for_load() is None
+
+
+def test_cpu_load_sets_threads(monkeypatch, restore_threads, tiny_model_dir):
+    from llmkit.generation.loading import load_model_and_tokenizer
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    torch.set_num_threads(2)
+    monkeypatch.setenv("LLMKIT_THREADS", "1")
+    load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
+    assert torch.get_num_threads() == 1
+    monkeypatch.delenv("LLMKIT_THREADS")
+    monkeypatch.setattr(os, "getloadavg", lambda: (1e4, 1e4, 1e4))  # a very busy machine
+    torch.set_num_threads(2)
+    load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
+    assert torch.get_num_threads() == 1

@@ -121,6 +121,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The torch dtype for ``dtype``: ``auto`` is bfloat16 on a CUDA device that supports it,
     else float32. Names: float32/fp32, bfloat16/bf16, float16/fp16.
 
+    On a CPU ``auto`` stays float32 on purpose, measured (issue 16, SmolLM2-135M, greedy, 32 new
+    tokens, 8 prompts): bfloat16 changed the greedy text of 3 of the 8 prompts (first
+    difference at token 4, 9 and 20), so it fails "greedy output equal to float32" whatever its
+    speed; on a CPU without native bfloat16 (no AMX, no AVX512-BF16, as here) it was also 1.26×
+    slower. ``--dtype bfloat16`` still selects it.
+
     Raises:
         UserError: an unknown dtype name.
     """
@@ -134,6 +140,53 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise UserError(
             f"unknown dtype {dtype!r}", "use auto, float32, bfloat16 or float16"
         ) from None
+
+
+ENV_THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LLMKIT_THREADS")
+
+
+def cpu_threads_for_load() -> int | None:
+    """The number of torch threads to use on a CPU given how busy the machine is, or None to
+    keep torch's default (a thread per core).
+
+    torch's CPU kernels run one OpenMP thread per core and wait for each other at every
+    operation; on a machine whose cores are already busy with other processes, those waits
+    dominate: measured here (2 cores, load average 4-5 from other jobs, SmolLM2-135M float32
+    greedy, batch 1) 1.3 tokens/s with 2 threads against 9.3 with 1 (7×; greedy text equal).
+    So: ``cores + 1 - load1`` threads (the 1-minute load average, which counts this process
+    itself), at least 1 and at most torch's default; None when the machine is idle enough for
+    the default, when the load average is unknown, or when ``OMP_NUM_THREADS``,
+    ``MKL_NUM_THREADS`` or ``LLMKIT_THREADS`` is set (the user's choice is kept;
+    ``LLMKIT_THREADS=N`` sets it for llmkit alone).
+    """
+    for var in ENV_THREADS:
+        if os.environ.get(var, "").strip():
+            return None
+    try:
+        load1 = os.getloadavg()[0]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    except OSError:
+        return None
+    cores = cores or os.cpu_count() or 1
+    default = torch.get_num_threads()
+    free = int(cores + 1 - load1)
+    if free >= default:
+        return None
+    return max(1, free)
+
+
+def apply_cpu_threads() -> int:
+    """Set torch's thread count for CPU inference: ``LLMKIT_THREADS`` when set, else
+    :func:`cpu_threads_for_load`'s choice (nothing changes when it has none). Returns the
+    thread count in use."""
+    explicit = os.environ.get("LLMKIT_THREADS", "").strip()
+    if explicit.isdigit() and int(explicit) > 0:
+        torch.set_num_threads(int(explicit))
+    else:
+        chosen = cpu_threads_for_load()
+        if chosen is not None:
+            torch.set_num_threads(chosen)
+    return torch.get_num_threads()
 
 
 def model_max_positions(model: Any) -> int | None:
@@ -489,7 +542,9 @@ def load_model_and_tokenizer(
             ``$LLMKIT_MODEL`` (when set, it is the only candidate, like ``model``), else the newest
             finished run under ``./runs/``, then ``gpt2`` from the Hub, taking the first that
             loads (a warning on stderr names any that failed before it).
-        device: ``auto`` (cuda, else mps, else cpu) or a torch device string.
+        device: ``auto`` (cuda, else mps, else cpu) or a torch device string. On a CPU,
+            torch's thread count is set by :func:`apply_cpu_threads` (fewer threads when other
+            processes keep the cores busy; ``LLMKIT_THREADS`` / ``OMP_NUM_THREADS`` override).
         dtype: ``auto`` (bfloat16 on CUDA when supported, else float32), ``float32``,
             ``bfloat16`` or ``float16``.
         trust_remote_code: let a model (or tokenizer) that ships Python code of its own run
@@ -507,6 +562,8 @@ def load_model_and_tokenizer(
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if dev.type == "cpu":
+        apply_cpu_threads()
     candidates = _candidates(model)
     failures: list[str] = []
     for cand in candidates:
