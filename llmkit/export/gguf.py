@@ -38,8 +38,9 @@ import numpy as np
 
 from llmkit.errors import UserError, require
 
-#: Output tensor types: name → (GGUF file type, type of 2-D weights). ``q8_0``: Q8_0 blocks of
-#: 32 (a 2-D weight whose rows are not a multiple of 32 falls back to F16, as llama.cpp does).
+#: ``--outtype`` values: the type of the 2-D weights (see :func:`_tensor_type`). ``q8_0``: Q8_0
+#: blocks of 32 (a weight whose rows are not a multiple of 32 falls back to F16, as llama.cpp's
+#: converter does).
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 ARCHITECTURES = ("gpt2", "llama")
 #: GPT-2's transformers ``Conv1D`` layers store weights as (in, out); GGUF wants (out, in).
@@ -407,7 +408,8 @@ def _kv_heads(cfg: Any) -> int:
 
 
 def _is_tied(model: Any) -> bool:
-    """True when the LM head shares the token embedding's storage (or the config says so)."""
+    """True when the LM head shares the token embedding's storage (tied weights), or the model
+    has no separate LM head."""
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     if head is None:
