@@ -8,7 +8,8 @@ against the import-and-load floor, and what would make CPU generation faster.
 
 With ``--gguf`` (or a ``--model`` ending in .gguf) it also times a cached ``.gguf`` load against
 ``from_pretrained`` of the same model as safetensors, and it always prints the batch-1 bound
-that memory bandwidth puts on decoding (weights read once per token).
+that memory bandwidth puts on decoding (weights read once per token). Where llama-cpp-python is
+installed it also runs llama.cpp on the same ``.gguf`` file for comparison.
 
 Both paths decode greedily ``--max-new-tokens`` tokens for the same prompts, batch sizes 1 and 8
 (left padding). llmkit's path is :func:`llmkit.generation.generate.run_prompts` (encode, check
@@ -251,6 +252,56 @@ def auto_vs_bare(model, tok, eos, default_threads: int, auto_threads: int, max_n
     torch.set_num_threads(auto_threads)
 
 
+def llama_cpp_compare(model, tok, name: str, max_new_tokens: int, rounds: int) -> None:
+    """llmkit (float32, its thread choice) against llama.cpp (llama-cpp-python, when installed)
+    on the same ``.gguf`` file, same thread count, batch 1, greedy, ``max_new_tokens`` tokens
+    forced (no early EOS on either side), alternating rounds."""
+    import torch
+
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("\nllama.cpp: llama-cpp-python is not installed, comparison skipped")
+        return
+    threads = torch.get_num_threads()
+    llm = Llama(model_path=name, n_ctx=256, n_threads=threads, verbose=False)
+    enc = tok(PROMPTS[0], return_tensors="pt")
+
+    def ours_fp32() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        return max_new_tokens / (time.perf_counter() - start)
+
+    def llama_cpp() -> float:
+        start = time.perf_counter()
+        llm.reset()
+        out = llm.create_completion(PROMPTS[0], max_tokens=max_new_tokens, temperature=0, top_k=1)
+        return out["usage"]["completion_tokens"] / (time.perf_counter() - start)
+
+    paths = {"llmkit": ours_fp32, "llama.cpp": llama_cpp}
+    for fn in paths.values():
+        fn()
+    speeds: dict[str, list[float]] = {k: [] for k in paths}
+    for r in range(rounds):
+        for label in list(paths)[:: 1 if r % 2 == 0 else -1]:
+            speeds[label].append(paths[label]())
+    ratio = statistics.median(
+        a / b for a, b in zip(speeds["llmkit"], speeds["llama.cpp"], strict=True)
+    )
+    print(
+        f"\nllama.cpp on {Path(name).name} ({threads} threads): "
+        f"{statistics.median(speeds['llama.cpp']):.1f} tok/s; llmkit float32 "
+        f"{statistics.median(speeds['llmkit']):.1f} tok/s: {ratio:.2f}× (median of {rounds})"
+    )
+
+
 def load_compare(name: str, rounds: int) -> None:
     """A cached ``.gguf`` load through llmkit (model + tokenizer) against ``from_pretrained`` of
     the same model as a safetensors directory (the converted copy itself) + ``AutoTokenizer``,
@@ -401,6 +452,8 @@ def main() -> None:
             model, tok, eos, default_threads, auto_threads, args.max_new_tokens, args.rounds
         )
     bandwidth_bound(model)
+    if name.endswith(".gguf"):
+        llama_cpp_compare(model, tok, name, args.max_new_tokens, args.rounds)
     if not args.no_load:
         load_compare(name, args.rounds)
     if args.variants:
