@@ -6,6 +6,11 @@ against the import-and-load floor, and what would make CPU generation faster.
     python benchmarks/generate.py --gguf           # SmolLM2-135M-Instruct Q4_1 (../shared/models)
     python benchmarks/generate.py --gguf --variants  # + float32/bfloat16, static cache, compile
 
+With ``--gguf`` (or a ``--model`` ending in .gguf) it also times a cached ``.gguf`` load against
+``from_pretrained`` of the same model as safetensors, and it always prints the batch-1 bound
+that memory bandwidth puts on decoding (weights read once per token). Where llama-cpp-python is
+installed it also runs llama.cpp on the same ``.gguf`` file for comparison.
+
 Both paths decode greedily ``--max-new-tokens`` tokens for the same prompts, batch sizes 1 and 8
 (left padding). llmkit's path is :func:`llmkit.generation.generate.run_prompts` (encode, check
 the context, pad, generate, cut each row at its end, decode), once as ``--json`` uses it and
@@ -16,9 +21,11 @@ reported is the median of the per-round ratios (each round's paths ran back to b
 same load) next to the ratio of the best runs. On a machine shared with other jobs the figures
 move by tens of percent from run to run: compare ratios, not absolute speeds.
 
-``--threads N`` sets torch's intra-op threads for every path (default: torch's choice, the
-number of cores). On a machine busier than its cores, torch's default can be several times
-slower than one thread (its worker threads wait on each other); pass ``--threads 1`` there.
+``--threads N`` sets torch's intra-op threads for every path. Without it the paths run with the
+thread count llmkit's commands choose for the machine's load (:func:`llmkit.runtime.
+apply_threads`), and a separate table compares that automatic path with bare
+``model.generate`` at torch's default (a thread per core): on a machine busier than its cores
+the default can be several times slower.
 """
 
 from __future__ import annotations
@@ -207,6 +214,164 @@ def variants(name: str, max_new_tokens: int, rounds: int) -> None:
         print(f"{label:<28} {max(values):10.1f} {statistics.median(values):8.1f} {ratio:29.2f}")
 
 
+def auto_vs_bare(model, tok, eos, default_threads: int, auto_threads: int, max_new_tokens: int,
+                 rounds: int) -> None:  # fmt: skip
+    """llmkit's automatic CPU path (the thread count llmkit chose for this machine's load, the
+    float32 ``--dtype auto`` keeps) against bare ``model.generate`` in float32 with torch's
+    default threads, batch 1 and 8, alternating rounds. Target (issue 16): ≥ 1.5× at batch 1."""
+    import torch
+
+    print(
+        f"\nautomatic CPU path ({auto_threads} threads, float32) vs bare float32 generate "
+        f"({default_threads} threads, torch's default); load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+    for batch in (1, 8):
+        prompts = PROMPTS[:batch]
+
+        def run_bare(p=prompts):
+            torch.set_num_threads(default_threads)
+            return bare(model, tok, p, max_new_tokens, eos)
+
+        def run_auto(p=prompts, b=batch):
+            torch.set_num_threads(auto_threads)
+            return ours(model, tok, p, max_new_tokens, b)
+
+        paths = {"bare": run_bare, "auto": run_auto}
+        for fn in paths.values():
+            fn()
+        speeds = paired_rounds(paths, rounds)
+        ratio = statistics.median(
+            a / b for a, b in zip(speeds["auto"], speeds["bare"], strict=True)
+        )
+        print(
+            f"  batch {batch}: bare {statistics.median(speeds['bare']):.1f} tok/s, "
+            f"auto {statistics.median(speeds['auto']):.1f} tok/s: {ratio:.2f}× "
+            f"(median of {rounds} rounds)"
+        )
+    torch.set_num_threads(auto_threads)
+
+
+def llama_cpp_compare(model, tok, name: str, max_new_tokens: int, rounds: int) -> None:
+    """llmkit (float32, its thread choice) against llama.cpp (llama-cpp-python, when installed)
+    on the same ``.gguf`` file, same thread count, batch 1, greedy, ``max_new_tokens`` tokens
+    forced (no early EOS on either side), alternating rounds."""
+    import torch
+
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("\nllama.cpp: llama-cpp-python is not installed, comparison skipped")
+        return
+    threads = torch.get_num_threads()
+    llm = Llama(model_path=name, n_ctx=256, n_threads=threads, verbose=False)
+    enc = tok(PROMPTS[0], return_tensors="pt")
+
+    def ours_fp32() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        return max_new_tokens / (time.perf_counter() - start)
+
+    def llama_cpp() -> float:
+        start = time.perf_counter()
+        llm.reset()
+        out = llm.create_completion(PROMPTS[0], max_tokens=max_new_tokens, temperature=0, top_k=1)
+        return out["usage"]["completion_tokens"] / (time.perf_counter() - start)
+
+    paths = {"llmkit": ours_fp32, "llama.cpp": llama_cpp}
+    for fn in paths.values():
+        fn()
+    speeds: dict[str, list[float]] = {k: [] for k in paths}
+    for r in range(rounds):
+        for label in list(paths)[:: 1 if r % 2 == 0 else -1]:
+            speeds[label].append(paths[label]())
+    ratio = statistics.median(
+        a / b for a, b in zip(speeds["llmkit"], speeds["llama.cpp"], strict=True)
+    )
+    print(
+        f"\nllama.cpp on {Path(name).name} ({threads} threads): "
+        f"{statistics.median(speeds['llama.cpp']):.1f} tok/s; llmkit float32 "
+        f"{statistics.median(speeds['llmkit']):.1f} tok/s: {ratio:.2f}× (median of {rounds})"
+    )
+
+
+def load_compare(name: str, rounds: int) -> None:
+    """A cached ``.gguf`` load through llmkit (model + tokenizer) against ``from_pretrained`` of
+    the same model as a safetensors directory (the converted copy itself) + ``AutoTokenizer``,
+    float32 on the CPU, alternating in one process (the files stay in the page cache for both).
+    Target (issue 16): ≤ 2×."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.generation.loading import gguf_cache_dir, load_model_and_tokenizer
+
+    path = Path(name)
+    if path.suffix != ".gguf":
+        return
+    load_model_and_tokenizer(name, device="cpu", dtype="float32")  # converts once if needed
+    cache = gguf_cache_dir(path)
+    if cache is None:
+        print("\ncached GGUF load: LLMKIT_CACHE=off, nothing to compare")
+        return
+
+    def llmkit_load() -> None:
+        load_model_and_tokenizer(name, device="cpu", dtype="float32")
+
+    def safetensors_load() -> None:
+        AutoModelForCausalLM.from_pretrained(cache, dtype="float32")
+        AutoTokenizer.from_pretrained(cache)
+
+    paths = {"llmkit cached .gguf": llmkit_load, "from_pretrained dir": safetensors_load}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    import gc
+
+    for r in range(max(rounds, 6)):
+        for label in list(paths)[:: 1 if r % 2 == 0 else -1]:
+            gc.collect()  # the previous round's model is not freed on this round's clock
+            start = time.perf_counter()
+            paths[label]()
+            times[label].append(time.perf_counter() - start)
+    a, b = times["llmkit cached .gguf"], times["from_pretrained dir"]
+    ratio = statistics.median(x / y for x, y in zip(a, b, strict=True))
+    print(
+        f"\nload, model + tokenizer, float32: llmkit cached .gguf {statistics.median(a):.2f} s, "
+        f"from_pretrained of the safetensors copy {statistics.median(b):.2f} s: "
+        f"{ratio:.2f}× (median of {len(a)} alternating rounds; target ≤ 2×)"
+    )
+
+
+def bandwidth_bound(model) -> None:
+    """The physical bound of batch-1 decoding on a CPU: every weight is read once per new token,
+    so tokens/s ≤ memory bandwidth / bytes of weights. Bandwidth measured here as a numpy copy
+    of 256 MiB (read + write counted), best of 3."""
+    import numpy as np
+
+    a = np.ones(64 * 1024 * 1024, dtype=np.float32)  # 256 MiB
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - start)
+    bandwidth = 2 * a.nbytes / best
+    seen, weights = set(), 0
+    for p in model.parameters():  # tied weights counted once
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            weights += p.numel() * p.element_size()
+    print(
+        f"\nmemory bandwidth (numpy copy) {bandwidth / 1e9:.1f} GB/s; "
+        f"weights {weights / 1e6:.0f} MB read per token → batch-1 bound "
+        f"{bandwidth / weights:.0f} tokens/s in this dtype"
+    )
+
+
 def wall(cmd: list[str], env: dict) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, env=env)
@@ -251,6 +416,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--no-startup", action="store_true", help="skip the first-token timing")
     parser.add_argument(
+        "--no-load", action="store_true", help="skip the cached .gguf vs safetensors load timing"
+    )
+    parser.add_argument(
         "--variants", action="store_true", help="also bfloat16, static cache, torch.compile"
     )
     args = parser.parse_args()
@@ -271,12 +439,27 @@ def main() -> None:
         name = str(GGUF)
     else:
         name = str(tiny_model(Path(tmp.name) / "tiny-gpt2"))
+    default_threads = torch.get_num_threads()
+    if not args.threads:
+        from llmkit.runtime import apply_threads
+
+        apply_threads(None)  # what `llmkit generate` does before loading
     start = time.perf_counter()
     model, tok, _ = load_model_and_tokenizer(name, device="cpu", dtype=args.dtype)
     load_s = time.perf_counter() - start
+    auto_threads = torch.get_num_threads()  # llmkit's choice for the load (--threads: that)
     eos = set(eos_ids(model, tok))
     print(f"model {name} ({args.dtype}, {torch.get_num_threads()} threads), load {load_s:.1f} s")
     compare(model, tok, eos, args.max_new_tokens, args.rounds)
+    if args.dtype == "float32" and not args.threads:
+        auto_vs_bare(
+            model, tok, eos, default_threads, auto_threads, args.max_new_tokens, args.rounds
+        )
+    bandwidth_bound(model)
+    if name.endswith(".gguf"):
+        llama_cpp_compare(model, tok, name, args.max_new_tokens, args.rounds)
+    if not args.no_load:
+        load_compare(name, args.rounds)
     if args.variants:
         del model
         variants(name, args.max_new_tokens, args.rounds)

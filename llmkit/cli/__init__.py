@@ -12,6 +12,7 @@ from llmkit import __version__
 from llmkit.cli import cache as _cache
 from llmkit.cli import chat as _chat
 from llmkit.cli import evaluate as _evaluate
+from llmkit.cli import export as _export
 from llmkit.cli import generate as _generate
 from llmkit.cli import prepare as _prepare
 from llmkit.cli import serve as _serve
@@ -54,6 +55,7 @@ _evaluate.register(app)
 _chat.register(app)
 _cache.register(app)
 _serve.register(app)
+_export.register(app)
 
 
 def main() -> None:

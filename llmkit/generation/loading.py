@@ -8,7 +8,18 @@ A model is named by one string, tried in this order of kinds:
   ``$LLMKIT_CACHE/gguf/`` (default ``~/.cache/llmkit``; ``LLMKIT_CACHE=off`` disables it); later
   loads read that copy, about 20× faster on a CPU (transformers' GGUF reader parses the file,
   its 49k-entry vocabulary included, twice per load);
-- otherwise a Hugging Face Hub id (works when online or already in the local cache).
+- otherwise a Hugging Face Hub id (works when online or already in the local cache). Before
+  asking the Hub, :func:`hub_status` checks within about 2 s whether it can be reached
+  (``HF_HUB_OFFLINE`` set, or a TCP connection to ``HF_ENDPOINT`` or its proxy); when it
+  cannot, only the local cache is read, so an offline machine gets its one-line answer at once
+  instead of after huggingface_hub's retries (~50 s). A model that is not cached yet is
+  downloaded with huggingface_hub's progress bars.
+
+Two corrections to transformers' GGUF reading (transformers 5.x) are applied before the copy
+is cached: a GPT-2 file's ``gpt2.context_length`` becomes ``n_positions`` (transformers puts it
+in ``n_ctx``, keeps 1024 positions and fails on any other size), and a vocabulary whose
+pre-tokenizer llama.cpp calls ``smollm`` splits digits one by one as SmolLM's own tokenizer
+does (transformers falls back to GPT-2's split, which merges digit runs).
 
 Without a name, :func:`load_model_and_tokenizer` tries ``$LLMKIT_MODEL``, then the newest finished
 run under ``./runs/``, then ``gpt2`` from the Hub, and when none loads raises one
@@ -26,6 +37,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +54,10 @@ FIX_HINT = (
     "pass --model DIR (a save_pretrained directory or a .gguf file), set LLMKIT_MODEL, "
     "or train one with `llmkit train`"
 )
+#: Version of a converted copy, in its ``llmkit_gguf_cache.json``; a copy of another version
+#: (or none: written before v2) is converted again. v2: GPT-2 n_positions, SmolLM digit split.
+_GGUF_CACHE_VERSION = 2
+_GGUF_CACHE_MARKER = "llmkit_gguf_cache.json"
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -103,6 +120,12 @@ def resolve_device(device: str = "auto") -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The torch dtype for ``dtype``: ``auto`` is bfloat16 on a CUDA device that supports it,
     else float32. Names: float32/fp32, bfloat16/bf16, float16/fp16.
+
+    On a CPU ``auto`` stays float32 on purpose, measured (issue 16, SmolLM2-135M, greedy, 32 new
+    tokens, 8 prompts): bfloat16 changed the greedy text of 3 of the 8 prompts (first
+    difference at token 4, 9 and 20), so it fails "greedy output equal to float32" whatever its
+    speed; on a CPU without native bfloat16 (no AMX, no AVX512-BF16, as here) it was also 1.26×
+    slower. ``--dtype bfloat16`` still selects it.
 
     Raises:
         UserError: an unknown dtype name.
@@ -187,6 +210,155 @@ def _is_saved_model(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
+def _is_current_gguf_cache(path: Path) -> bool:
+    """A converted copy written by this version of the conversion (see ``_GGUF_CACHE_VERSION``)."""
+    import json
+
+    if not _is_saved_model(path):
+        return False
+    try:
+        marker = json.loads((path / _GGUF_CACHE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("version") == _GGUF_CACHE_VERSION
+
+
+def _gguf_fixes(path: Path) -> tuple[dict[str, Any], str | None]:
+    """What transformers' GGUF reader gets wrong for this file: config overrides for
+    ``from_pretrained`` and the file's pre-tokenizer name (``tokenizer.ggml.pre``).
+
+    GPT-2: ``gpt2.context_length`` → ``n_positions`` (transformers maps it to ``n_ctx`` and keeps
+    the default 1024 positions, so a GPT-2 of any other context fails to load).
+    Reads only the metadata (memory-mapped); an unreadable file gives no fixes (transformers
+    then reports the problem itself).
+    """
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(path).fields
+        arch = fields["general.architecture"].contents()
+        pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else None
+        overrides: dict[str, Any] = {}
+        if arch == "gpt2" and "gpt2.context_length" in fields:
+            overrides["n_positions"] = int(fields["gpt2.context_length"].contents())
+        return overrides, pre
+    except Exception:  # the metadata is transformers' to judge
+        return {}, None
+
+
+def _fix_gguf_tokenizer(tokenizer: Any, pre: str | None) -> None:
+    """Give a tokenizer read from a GGUF the pre-tokenizer its file names, where transformers
+    falls back to GPT-2's: ``smollm`` (SmolLM, SmolLM2) splits every digit on its own before
+    GPT-2's byte-level split, as ``HuggingFaceTB/SmolLM2-*``'s ``tokenizer.json`` and llama.cpp's
+    ``LLAMA_VOCAB_PRE_TYPE_SMOLLM`` do. Modifies ``tokenizer`` in place."""
+    if pre != "smollm" or getattr(tokenizer, "backend_tokenizer", None) is None:
+        return
+    from tokenizers import pre_tokenizers
+
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+
+
+@contextmanager
+def _quiet_gguf_conversion() -> Iterator[None]:
+    """Silence transformers' "Converting and de-quantizing GGUF tensors" bar (a bare tqdm that
+    ``disable_progress_bar`` does not reach): noise on a CLI's stderr."""
+    import functools
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as mod
+    except ImportError:
+        yield
+        return
+    original = getattr(mod, "tqdm", None)
+    if original is None:
+        yield
+        return
+    mod.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        mod.tqdm = original
+
+
+_HUB_STATUS: dict[str, tuple[bool, str]] = {}
+
+
+def hub_status(timeout: float = 2.0) -> tuple[bool, str]:
+    """Whether the Hugging Face Hub can be reached, and how it was decided (for messages).
+
+    Unreachable when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, or when no TCP
+    connection to the host of ``HF_ENDPOINT`` (default ``https://huggingface.co``) — or to the
+    proxy the environment names for it — opens within ``timeout`` seconds (name resolution
+    included: the check runs in a thread that is abandoned after ``timeout``). Answered once
+    per process and endpoint.
+
+    Returns:
+        ``(reachable, reason)``, e.g. ``(False, "http://127.0.0.1:9: connection refused")``.
+    """
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return False, f"{var} is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or "https://huggingface.co"
+    if endpoint in _HUB_STATUS:
+        return _HUB_STATUS[endpoint]
+    url = urllib.parse.urlsplit(endpoint)
+    host = url.hostname or ""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        purl = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = purl.hostname or "", purl.port or 80
+    result: list[tuple[bool, str]] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append((True, f"{endpoint} is reachable"))
+        except OSError as err:
+            why = err.strerror or type(err).__name__
+            result.append((False, f"{endpoint}: {why.lower()}"))
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    status = result[0] if result else (False, f"{endpoint}: no answer within {timeout:g} s")
+    _HUB_STATUS[endpoint] = status
+    return status
+
+
+def _hub_offline() -> None:
+    """Put huggingface_hub (and so transformers) in offline mode for the rest of the process,
+    as ``HF_HUB_OFFLINE=1`` would: ``local_files_only`` alone still lets side lookups (a
+    LoRA ``adapter_config.json``, ...) ask the Hub and wait through its retries."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+
+
+def _hub_cached(name: str) -> bool:
+    """True when the Hub model ``name`` has a ``config.json`` in the local Hub cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:
+        return False
+
+
 def save_gguf_cache(model: Any, tokenizer: Any, cache: Path) -> bool:
     """Save a model loaded from GGUF as a safetensors ``save_pretrained`` directory at ``cache``.
 
@@ -208,6 +380,9 @@ def save_gguf_cache(model: Any, tokenizer: Any, cache: Path) -> bool:
         tmp.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / _GGUF_CACHE_MARKER).write_text(
+            f'{{"version": {_GGUF_CACHE_VERSION}}}\n', encoding="utf-8"
+        )
         if cache.exists():
             shutil.rmtree(cache)
         tmp.rename(cache)
@@ -234,6 +409,7 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
     hf_logging.disable_progress_bar()  # "Loading weights" bars: noise on stderr for a CLI
     path = Path(name).expanduser()
     cache: Path | None = None
+    pre: str | None = None
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if device.type == "cuda":
         kwargs["device_map"] = str(device)  # load the weights straight onto the GPU
@@ -257,17 +433,37 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
             "pip install 'llmkit[gguf]' (or pip install gguf)",
         )
         cache = gguf_cache_dir(path)
-        if cache is not None and _is_saved_model(cache):
+        if cache is not None and _is_current_gguf_cache(cache):
             where, tok_kwargs = str(cache), {}
         else:
             where, tok_kwargs = str(path.parent), {"gguf_file": path.name}
             kwargs["gguf_file"] = path.name
+            overrides, pre = _gguf_fixes(path)
+            kwargs.update(overrides)
     elif _looks_like_path(name):
         raise UserError(f"{name} does not exist", "check the path")
     else:
         where, tok_kwargs = name, {}  # a Hub id
+        reachable, why = hub_status()
+        if not reachable:  # read the local cache only: no retries, an answer at once
+            _hub_offline()
+            kwargs["local_files_only"] = True
+            tok_kwargs = {"local_files_only": True}
+            if not _hub_cached(name):
+                raise UserError(
+                    f"cannot load {name}: the Hub is not reachable ({why}) and {name} is not "
+                    "in the local Hugging Face cache",
+                    "connect to the network, or pass --model DIR (a save_pretrained directory "
+                    "or a .gguf file)",
+                )
+        elif not _hub_cached(name):
+            from huggingface_hub.utils import enable_progress_bars
+
+            sys.stderr.write(f"downloading {name} from the Hub ({why})\n")
+            enable_progress_bars()  # the first download shows its progress
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        with _quiet_gguf_conversion():
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except UserError:
         raise
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, ImportError...
@@ -278,8 +474,10 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
         model.to(device)
     model.eval()
     tokenizer = load_tokenizer(where, trust_remote_code=trust_remote_code, **tok_kwargs)
-    if "gguf_file" in kwargs and cache is not None:
-        save_gguf_cache(model, tokenizer, cache)
+    if "gguf_file" in kwargs:
+        _fix_gguf_tokenizer(tokenizer, pre)
+        if cache is not None:
+            save_gguf_cache(model, tokenizer, cache)
     return model, tokenizer
 
 
@@ -297,7 +495,9 @@ def load_model_and_tokenizer(
             ``$LLMKIT_MODEL`` (when set, it is the only candidate, like ``model``), else the newest
             finished run under ``./runs/``, then ``gpt2`` from the Hub, taking the first that
             loads (a warning on stderr names any that failed before it).
-        device: ``auto`` (cuda, else mps, else cpu) or a torch device string.
+        device: ``auto`` (cuda, else mps, else cpu) or a torch device string. torch's thread
+            count is left as it is: the commands choose it from the machine's load before
+            loading (:func:`llmkit.runtime.apply_threads`; ``--threads`` / ``OMP_NUM_THREADS``).
         dtype: ``auto`` (bfloat16 on CUDA when supported, else float32), ``float32``,
             ``bfloat16`` or ``float16``.
         trust_remote_code: let a model (or tokenizer) that ships Python code of its own run

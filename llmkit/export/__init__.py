@@ -1,0 +1,1 @@
+"""Export trained models to other runtimes' formats (``llmkit export``)."""

@@ -1,0 +1,194 @@
+"""Loading models: no waiting on an unreachable Hub, the GGUF conversion cache, and transformers'
+GGUF misreadings that llmkit corrects (GPT-2's positions, SmolLM's digit split)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _offline_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "LLMKIT_MODEL")}
+    env.update(
+        HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",
+        HF_HOME=str(tmp_path / "hf-home"),  # an empty Hub cache
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+# --- no network ------------------------------------------------------------------------------
+
+
+def test_generate_without_model_or_network_answers_at_once(tmp_path):
+    """The mission's command with no run, no --model and no Hub: one line, exit 2, no retries
+    (huggingface_hub retried for ~50 s before)."""
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmkit", "generate", "Once upon a time"],
+        cwd=tmp_path,
+        env=_offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: no model could be loaded; tried LLMKIT_MODEL (not set)")
+    assert "gpt2 from the Hub (the Hub is not reachable (http://127.0.0.1:" in line
+    assert "connection refused" in line and "not in the local Hugging Face cache" in line
+    assert proc.stdout == ""
+    assert elapsed < 20, elapsed  # generous: the answer takes ~5 s, mostly importing torch
+
+
+def test_hub_status(monkeypatch):
+    from llmkit.generation import loading
+
+    monkeypatch.setattr(loading, "_HUB_STATUS", {})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert loading.hub_status() == (False, "HF_HUB_OFFLINE is set")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    port = _closed_port()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    assert loading.hub_status() == (False, f"http://127.0.0.1:{port}: connection refused")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}/")
+        reachable, why = loading.hub_status()
+    assert reachable and why.endswith("is reachable")
+
+
+def test_cached_hub_model_loads_without_network(tmp_path, monkeypatch, tiny_model_dir):
+    """A Hub id already in the local Hub cache loads while the Hub is unreachable."""
+
+    snapshot = tmp_path / "hf-home" / "hub" / "models--someone--tiny" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    for f in tiny_model_dir.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    refs = snapshot.parents[1] / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("a" * 40)
+    env = _offline_env(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmkit", "generate", "ROMEO:", "--model", "someone/tiny",
+         "--max-new-tokens", "3", "--temperature", "0", "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["new_tokens"] == 3
+    assert "Retry" not in proc.stderr
+
+
+# --- GGUF ------------------------------------------------------------------------------------
+
+
+def _export(model, tok, path: Path) -> Path:
+    from llmkit.export.gguf import export_gguf
+
+    return export_gguf("x", path, outtype="f32", loaded=(model, tok, "x")).path
+
+
+def test_gpt2_gguf_loads_with_its_positions_and_is_cached(tmp_path, monkeypatch, tiny_model_dir):
+    """transformers alone fails on a GPT-2 GGUF with other than 1024 positions; llmkit loads it
+    (logits equal to the source), caches it, and a cached load reads no GGUF."""
+    pytest.importorskip("gguf")
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.generation.loading import gguf_cache_dir, load_model_and_tokenizer
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    src = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert src.config.n_positions == 64
+    path = _export(src, tok, tmp_path / "tiny-gpt2.gguf")
+    ids = torch.tensor([tok("ROMEO: what, ho!")["input_ids"]])
+    with torch.no_grad():
+        ref = src(ids).logits
+    model, tok2, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
+    assert model.config.n_positions == 64
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+    cache = gguf_cache_dir(path)
+    assert json.loads((cache / "llmkit_gguf_cache.json").read_text()) == {"version": 2}
+
+    def no_gguf(*args, **kwargs):
+        raise AssertionError("a cached load read the GGUF")
+
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", no_gguf)
+    cached, tok3, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
+    with torch.no_grad():
+        assert torch.equal(cached(ids).logits, ref)
+    assert tok3("ROMEO: what, ho!")["input_ids"] == ids[0].tolist()
+    # a copy written before this version (no marker) is converted again
+    (cache / "llmkit_gguf_cache.json").unlink()
+    with pytest.raises(Exception, match="a cached load read the GGUF"):
+        load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
+
+
+def test_smollm_pre_tokenizer_splits_digits(tmp_path, monkeypatch, shakespeare):
+    """A GGUF whose pre-tokenizer is llama.cpp's ``smollm`` (SmolLM2's) splits digits one by one,
+    like the tokenizer it was made from; transformers alone merges digit runs."""
+    pytest.importorskip("gguf")
+    from tokenizers import pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmkit.data.tokenizer import train_bpe_tokenizer
+    from llmkit.generation.loading import load_model_and_tokenizer
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    text = shakespeare.read_text(encoding="utf-8")[:20_000]
+    numbers = " ".join(str(n) for n in range(1000, 1400))  # so that digit pairs get merged
+    tok = train_bpe_tokenizer(iter([text, numbers] * 3), vocab_size=320)
+    sample = "In 1234 there were 1399 ships"
+    merged = tok(sample)["input_ids"]
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    split = tok(sample)["input_ids"]
+    assert len(split) > len(merged)  # the digit split matters for this vocabulary
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                    num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
+    )  # fmt: skip
+    path = _export(model, tok, tmp_path / "smol.gguf")
+    import gguf
+
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "smollm"
+    for _ in range(2):  # converted, then from the cache
+        _, loaded, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
+        assert loaded(sample)["input_ids"] == split
+
+
+# --- CPU threads -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
