@@ -238,6 +238,13 @@ def test_short_run_writes_a_loadable_model(tmp_path, tiny_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(run)
     assert model.config.vocab_size == len(tiny_tokenizer)
     assert AutoTokenizer.from_pretrained(run).eos_token_id == tiny_tokenizer.eos_token_id
+    # `llmkit eval` on the validation split calls the scoring function validation used:
+    # the final model's numbers are the run's last validation, to the last bit
+    from llmkit.evaluation.evaluate import evaluate
+
+    same_batches = saved.eval.batch_size  # float32 sums per batch: batching counts in the bits
+    scored = evaluate(str(run), str(data), batch_size=same_batches, device="cpu")
+    assert scored["loss"] == final["val_loss"] and scored["bits_per_byte"] == final["val_bpb"]
     # a second run into the same directory is refused, the first one intact
     result = CliRunner().invoke(app, ["train", *overrides])
     assert result.exit_code == 2 and "--overwrite" in result.stderr

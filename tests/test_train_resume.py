@@ -236,7 +236,7 @@ def test_early_stopping_stops_training_and_keeps_the_best(tmp_path, tiny_tokeniz
         n = len(blocks) * 15
         return NLLSums(nats=next(curve) * n, tokens=n, bytes=n)
 
-    monkeypatch.setattr(loop, "score_rows", scripted)
+    monkeypatch.setattr(loop, "score_blocks", scripted)
     run = tmp_path / "r"
     ov = _overrides(
         data,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from llmkit import __version__
 from llmkit.errors import UserError
 from llmkit.evaluation.metrics import IGNORE_INDEX, NLLSums
+from llmkit.evaluation.scoring import block_columns, score_blocks, split_batch
 from llmkit.runs import RUN_MARKER, is_finished_run
 from llmkit.runtime import announce_threads
 from llmkit.training import checkpoint as ckpt
@@ -41,46 +42,8 @@ from llmkit.training.flops import (
     model_shape,
 )
 
+
 # --------------------------------------------------------------------------- loss
-#: The columns of a prepared split that the loop reads: ``input_ids`` always; ``labels`` and
-#: ``position_ids`` when ``llmkit prepare`` wrote them (chat / instruction data).
-BATCH_COLUMNS = ("input_ids", "labels", "position_ids")
-
-
-def split_batch(
-    batch: dict[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Model inputs and next-token targets of a batch of blocks.
-
-    Args:
-        batch: ``input_ids`` (B, T); optionally ``labels`` (B, T), the Hugging Face convention
-            (``labels[:, t]`` is the id of token t where it is a target, -100 where no loss is
-            wanted; default: every token is a target), and ``position_ids`` (B, T), restarting
-            at 0 where a packed conversation begins.
-
-    Returns:
-        ``inputs``: ``input_ids`` (B, T-1) = ids[:, :-1], plus ``position_ids`` (B, T-1) =
-        position_ids[:, :-1] when given (with no attention mask, transformers then attends only
-        within each packed sequence: ``masking_utils.find_packed_sequence_indices``), and
-        ``use_cache=False`` (a cache would turn that detection off, and costs memory);
-        ``targets`` (B, T-1) = labels[:, 1:]: position t predicts token t+1, so a block of T
-        tokens gives T-1 targets and no position is wasted; with ``position_ids``, -100 where
-        a conversation starts (as ``llmkit.evaluation.evaluate.score_blocks`` scores them).
-    """
-    ids = batch["input_ids"]
-    labels = batch.get("labels", ids)
-    inputs: dict[str, Any] = {"input_ids": ids[:, :-1], "use_cache": False}
-    targets = labels[:, 1:].long()
-    positions = batch.get("position_ids")
-    if positions is not None:
-        inputs["position_ids"] = positions[:, :-1].long()
-        # the first token of a packed conversation has no context of its own (the end of the
-        # previous one cannot predict it): never a target, whatever its label says
-        starts = positions[:, 1:] != positions[:, :-1] + 1  # (B, T-1)
-        targets = targets.masked_fill(starts, IGNORE_INDEX)
-    return inputs, targets
-
-
 def count_targets(micro_batches: Sequence[dict[str, torch.Tensor]]) -> int:
     """Number of target tokens (labels not -100) over all micro-batches of one step."""
     return int(sum(int((split_batch(b)[1] != IGNORE_INDEX).sum()) for b in micro_batches))
@@ -119,70 +82,6 @@ def micro_batch_loss(
         world_size: number of processes averaging gradients.
     """
     return summed_loss(logits, targets) * (world_size / max(num_targets, 1))
-
-
-def batch_columns(dataset) -> list[str]:
-    """The :data:`BATCH_COLUMNS` that a prepared split has, in that order."""
-    return [c for c in BATCH_COLUMNS if c in dataset.column_names]
-
-
-@torch.no_grad()
-def score_rows(
-    model: torch.nn.Module,
-    dataset,
-    token_bytes: torch.Tensor,
-    batch_size: int,
-    device: torch.device | str,
-    *,
-    extra_forwards: int = 0,
-    filler=None,
-) -> NLLSums:
-    """Summed next-token NLL over the labelled targets of prepared blocks: validation.
-
-    The same inputs and targets as a training step (:func:`split_batch`): with a ``labels``
-    column only tokens whose label is not -100 are scored, and ``position_ids`` keep packed
-    conversations apart; without them every block of T tokens scores its T-1 next tokens.
-
-    Args:
-        model: a causal LM; put in eval mode for the call (its mode is restored after).
-        dataset: a ``datasets.Dataset`` with ``input_ids`` and optionally ``labels`` and
-            ``position_ids`` columns, each row T int ids.
-        token_bytes: (vocab_size,) UTF-8 bytes per token id
-            (:func:`llmkit.data.tokenizer.token_byte_lengths`).
-        batch_size: blocks per forward pass.
-        device: where the model is.
-        extra_forwards: forward passes to run on one row after the real ones, results
-            discarded, so that every process runs the same number (FSDP and ZeRO-3 gather
-            parameters in each forward: a process that stops early would hang the others).
-        filler: the dataset whose first row those passes read; default ``dataset``.
-
-    Returns:
-        Total nats, scored target tokens and their UTF-8 bytes (for loss, perplexity, bits per
-        byte: :class:`llmkit.evaluation.metrics.NLLSums`).
-    """
-    from llmkit.evaluation.metrics import nll_sums
-
-    columns = batch_columns(dataset)
-    rows = dataset.with_format("torch", columns=columns)
-    bytes_per_id = torch.as_tensor(token_bytes).to(device)
-    sums = NLLSums()
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(rows), batch_size):
-            got = rows[start : start + batch_size]
-            batch = {k: v.long().to(device) for k, v in got.items()}  # each (B, T)
-            inputs, targets = split_batch(batch)
-            logits = model(**inputs).logits  # (B, T-1, vocab_size)
-            sums.add(nll_sums(logits, targets, bytes_per_id))
-        if extra_forwards:
-            pad = rows if filler is None else filler.with_format("torch", columns=columns)
-            one = {k: v.long().to(device) for k, v in pad[0:1].items()}  # (1, T)
-            for _ in range(extra_forwards):
-                model(**split_batch(one)[0])
-    finally:
-        model.train(was_training)
-    return sums
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -805,7 +704,7 @@ def _train(
         if saved.get("last_val_step") == start_step:
             resumed_val = dict(saved.get("last_val") or {})
 
-    columns = batch_columns(data.train)
+    columns = block_columns(data.train)
     train_ds = data.train.with_format("torch", columns=columns)
     token_bytes = torch.as_tensor(token_byte_lengths(tokenizer))
     n_layer, n_head, head_dim = model_shape(model_config)
@@ -895,7 +794,7 @@ def _train(
     extra = most - math.ceil(len(val_shard) / ecfg.batch_size) if sharded else 0
 
     def validate(step: int) -> dict[str, float]:
-        sums = score_rows(
+        sums = score_blocks(
             model if sharded else accelerator.unwrap_model(model),
             val_shard,
             token_bytes,
