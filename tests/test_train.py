@@ -15,15 +15,10 @@ from typer.testing import CliRunner
 
 from llmkit.cli import app
 from llmkit.errors import UserError
+from llmkit.evaluation.scoring import split_batch
 from llmkit.training.config import Recipe, load_recipe
-from llmkit.training.loop import (
-    count_targets,
-    make_scheduler,
-    micro_batch_loss,
-    param_groups,
-    split_batch,
-    summed_loss,
-)
+from llmkit.training.setup import make_scheduler, param_groups
+from llmkit.training.step import count_targets, micro_batch_loss, summed_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
