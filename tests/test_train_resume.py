@@ -117,6 +117,10 @@ def test_resume_continues_the_same_curve(tmp_path, tiny_tokenizer, fresh_process
                 "--resume",
                 "latest",
                 "--no-progress",
+                # the threads of the straight run: on a busy machine the CLI would pick fewer
+                # (llmkit.runtime), and another reduction order changes the last bits
+                "--threads",
+                str(torch.get_num_threads()),
             ],
             capture_output=True,
             text=True,
