@@ -236,6 +236,7 @@ def save_checkpoint(
     name: str,
     state: dict[str, Any],
     model_config: Any = None,
+    keep_last: int | None = None,
 ) -> Path:
     """Write a checkpoint atomically; call on every process (each saves its RNG state).
 
@@ -247,6 +248,8 @@ def save_checkpoint(
         state: JSON-able trainer state (step, tokens, early-stopping counters, the scheduler's
             ``state_dict()``...).
         model_config: a transformers config saved beside the weights, or None.
+        keep_last: then delete all but this many newest step checkpoints
+            (:func:`prune_checkpoints`, by the main process); None: delete none.
 
     Returns:
         The checkpoint's final path.
@@ -277,6 +280,8 @@ def save_checkpoint(
         raise _not_written(run_dir, final, failure)
     if accelerator.is_main_process:
         _publish(tmp, final)
+        if keep_last is not None:
+            prune_checkpoints(run_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
 

@@ -258,12 +258,10 @@ def _validate_and_save(plan: Plan, run: Setup, state: FitState) -> None:
             )
     if saving and step % tcfg.save_interval == 0:
         name = ckpt.step_dir_name(step)
+        state_json = trainer_state(plan, run, state)
         ckpt.save_checkpoint(
-            run.accelerator, plan.run_dir, name, trainer_state(plan, run, state), config
+            run.accelerator, plan.run_dir, name, state_json, config, keep_last=tcfg.keep_last
         )
-        if run.accelerator.is_main_process:
-            ckpt.prune_checkpoints(plan.run_dir, tcfg.keep_last)
-        run.accelerator.wait_for_everyone()
 
 
 def _why_finished(plan: Plan) -> str:
