@@ -122,9 +122,29 @@ def test_fake_position_loss_mean_is_five():
     # The HF guide's mean of window means would be mean(2, 4.5, 6.5, 8.5) = 5.375.
 
 
+class NextIdLossModel:
+    """Causal fake for blocks of consecutive ids: the token after id i is i+1, predicted with
+    loss exactly i+1 nats (p = e^-(i+1), the rest on one other token). Unlike
+    :class:`PositionLossModel` it reads no later input, so it works on the T-1 inputs that
+    block scoring feeds (``llmkit.evaluation.scoring.split_batch``)."""
+
+    def __init__(self, vocab: int = 16):
+        self.vocab = vocab
+
+    def __call__(self, input_ids, **_):
+        B, T = input_ids.shape
+        logits = torch.full((B, T, self.vocab), -1e4, dtype=torch.float64)
+        for b in range(B):
+            for t in range(T):
+                i = int(input_ids[b, t]) + 1
+                logits[b, t, i] = -float(i)
+                logits[b, t, (i + 1) % self.vocab] = math.log1p(-math.exp(-i))
+        return SimpleNamespace(logits=logits)
+
+
 def test_fake_blocks_score_t_minus_one_targets():
     blocks = torch.arange(12).view(3, 4)  # (N, T) = (3, 4): targets 1..3, 5..7, 9..11
-    sums = score_blocks(PositionLossModel(), blocks, torch.ones(16), batch_size=2, device="cpu")
+    sums = score_blocks(NextIdLossModel(), blocks, torch.ones(16), batch_size=2, device="cpu")
     assert sums.tokens == 9
     assert sums.nats == pytest.approx(sum([1, 2, 3, 5, 6, 7, 9, 10, 11]), abs=1e-9)
     assert sums.bytes == 9

@@ -15,15 +15,10 @@ from typer.testing import CliRunner
 
 from llmkit.cli import app
 from llmkit.errors import UserError
+from llmkit.evaluation.scoring import split_batch
 from llmkit.training.config import Recipe, load_recipe
-from llmkit.training.loop import (
-    count_targets,
-    make_scheduler,
-    micro_batch_loss,
-    param_groups,
-    split_batch,
-    summed_loss,
-)
+from llmkit.training.setup import make_scheduler, param_groups
+from llmkit.training.step import count_targets, micro_batch_loss, summed_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -238,6 +233,13 @@ def test_short_run_writes_a_loadable_model(tmp_path, tiny_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(run)
     assert model.config.vocab_size == len(tiny_tokenizer)
     assert AutoTokenizer.from_pretrained(run).eos_token_id == tiny_tokenizer.eos_token_id
+    # `llmkit eval` on the validation split calls the scoring function validation used:
+    # the final model's numbers are the run's last validation, to the last bit
+    from llmkit.evaluation.evaluate import evaluate
+
+    same_batches = saved.eval.batch_size  # float32 sums per batch: batching counts in the bits
+    scored = evaluate(str(run), str(data), batch_size=same_batches, device="cpu")
+    assert scored["loss"] == final["val_loss"] and scored["bits_per_byte"] == final["val_bpb"]
     # a second run into the same directory is refused, the first one intact
     result = CliRunner().invoke(app, ["train", *overrides])
     assert result.exit_code == 2 and "--overwrite" in result.stderr

@@ -216,8 +216,8 @@ def test_strategy_checks_before_any_model(tmp_path, tiny_tokenizer, monkeypatch)
 
 
 def test_dry_run_divides_the_sharded_memory(tiny_tokenizer):
-    from llmkit.training.loop import _dry_run
     from llmkit.training.model import build_config
+    from llmkit.training.plan import _dry_run
 
     def plan(strategy: str, **kw):
         recipe = load_recipe(

@@ -226,18 +226,19 @@ def test_fp16_on_cpu_warns(tmp_path, tiny_tokenizer, capsys, monkeypatch):
     class Stop(Exception):
         pass
 
-    def no_accelerator(*args, **kwargs):  # accelerate's state is per process: stop here
+    def no_accelerator(*args, **kwargs):  # accelerate's state is per process: never start it
         raise Stop
 
     monkeypatch.setattr(accelerate, "Accelerator", no_accelerator)
 
     data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 0)
-    with pytest.raises(Stop):
-        train(
-            None,
-            [f"data.path={data}", f"out_dir={tmp_path / 'r'}", *TINY, "train.mixed_precision=fp16"],
-            dry_run=True,
-        )
+    # the warning is part of the plan, which (like the whole dry run) starts no accelerator
+    plan = train(
+        None,
+        [f"data.path={data}", f"out_dir={tmp_path / 'r'}", *TINY, "train.mixed_precision=fp16"],
+        dry_run=True,
+    )
+    assert plan["steps"] > 0
     assert "fp16 without a GPU" in capsys.readouterr().err
 
 

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from llmkit.cli import app
 from llmkit.training.checkpoint import list_checkpoints
 from llmkit.training.config import load_recipe
-from llmkit.training.loop import make_scheduler, train
+from llmkit.training.loop import train
+from llmkit.training.setup import make_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 

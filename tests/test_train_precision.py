@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_train import _write_prepared
 
-from llmkit.training import loop
+from llmkit.training import setup as training_setup  # not setup_module: a pytest hook name
+from llmkit.training import step as step_module
 from llmkit.training.checkpoint import list_checkpoints
 from llmkit.training.loop import train
 
@@ -63,14 +64,14 @@ def test_fp16_trains_skips_a_non_finite_step_and_resumes_exactly(tmp_path, data,
 
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
     calls = {"n": 0}
-    real = loop.micro_batch_loss
+    real = step_module.micro_batch_loss
 
     def nan_at_step_3(logits, targets, num_targets, world_size=1):
         calls["n"] += 1
         loss = real(logits, targets, num_targets, world_size)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(loop, "micro_batch_loss", nan_at_step_3)
+    monkeypatch.setattr(step_module, "micro_batch_loss", nan_at_step_3)
     straight = tmp_path / "straight"
     skipped = {}
     train(
@@ -92,7 +93,7 @@ def test_fp16_trains_skips_a_non_finite_step_and_resumes_exactly(tmp_path, data,
     assert (list_checkpoints(straight)[-1] / "scaler.pt").is_file()
 
     # stopped at step 6, resumed from the step-5 checkpoint: the same losses as straight
-    monkeypatch.setattr(loop, "micro_batch_loss", real)
+    monkeypatch.setattr(step_module, "micro_batch_loss", real)
     broken = tmp_path / "broken"
 
     def stop(step, record):
@@ -100,7 +101,7 @@ def test_fp16_trains_skips_a_non_finite_step_and_resumes_exactly(tmp_path, data,
             raise KeyboardInterrupt
 
     calls["n"] = 0
-    monkeypatch.setattr(loop, "micro_batch_loss", nan_at_step_3)
+    monkeypatch.setattr(step_module, "micro_batch_loss", nan_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         train(
             None,
@@ -108,7 +109,7 @@ def test_fp16_trains_skips_a_non_finite_step_and_resumes_exactly(tmp_path, data,
             progress=False,
             on_step=stop,
         )
-    monkeypatch.setattr(loop, "micro_batch_loss", real)
+    monkeypatch.setattr(step_module, "micro_batch_loss", real)
     torch.manual_seed(999)
     train(
         None,
@@ -129,7 +130,7 @@ def test_compile_trains_checkpoints_and_resumes(tmp_path, data, monkeypatch):
     below runs inductor)."""
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(loop, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(training_setup, "COMPILE_BACKEND", "eager")
     backends = []
     real_compile = torch.compile
 

@@ -17,11 +17,14 @@ from typer.testing import CliRunner
 from llmkit.cli import app
 from llmkit.errors import UserError
 from llmkit.evaluation.metrics import NLLSums
-from llmkit.training import loop
+from llmkit.training import fit as fit_module
+from llmkit.training import step as step_module
 from llmkit.training.batches import micro_batch_samples, step_samples
 from llmkit.training.checkpoint import list_checkpoints, read_state
 from llmkit.training.config import load_recipe
-from llmkit.training.loop import EarlyStopping, make_scheduler, train
+from llmkit.training.fit import EarlyStopping
+from llmkit.training.loop import train
+from llmkit.training.setup import make_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,6 +117,10 @@ def test_resume_continues_the_same_curve(tmp_path, tiny_tokenizer, fresh_process
                 "--resume",
                 "latest",
                 "--no-progress",
+                # the threads of the straight run: on a busy machine the CLI would pick fewer
+                # (llmkit.runtime), and another reduction order changes the last bits
+                "--threads",
+                str(torch.get_num_threads()),
             ],
             capture_output=True,
             text=True,
@@ -158,14 +165,14 @@ def test_resume_without_checkpoint_is_a_one_line_error(tmp_path, tiny_tokenizer)
 
 def _nan_on(steps: set[int], monkeypatch):
     calls = {"n": 0}
-    real = loop.micro_batch_loss
+    real = step_module.micro_batch_loss
 
     def fake(logits, targets, num_targets, world_size=1):
         calls["n"] += 1  # one micro-batch per step here: call n is step n
         loss = real(logits, targets, num_targets, world_size)
         return loss * float("nan") if calls["n"] in steps else loss
 
-    monkeypatch.setattr(loop, "micro_batch_loss", fake)
+    monkeypatch.setattr(step_module, "micro_batch_loss", fake)
 
 
 def test_a_non_finite_step_is_skipped_and_training_goes_on(
@@ -236,7 +243,7 @@ def test_early_stopping_stops_training_and_keeps_the_best(tmp_path, tiny_tokeniz
         n = len(blocks) * 15
         return NLLSums(nats=next(curve) * n, tokens=n, bytes=n)
 
-    monkeypatch.setattr(loop, "score_rows", scripted)
+    monkeypatch.setattr(fit_module, "score_blocks", scripted)
     run = tmp_path / "r"
     ov = _overrides(
         data,

@@ -14,7 +14,9 @@ import torch
 from typer.testing import CliRunner
 
 from llmkit.cli import app
-from llmkit.training.loop import micro_batch_loss, split_batch, summed_loss, train
+from llmkit.evaluation.scoring import split_batch
+from llmkit.training.loop import train
+from llmkit.training.step import micro_batch_loss, summed_loss
 
 IGNORE = -100
 SEP, END = 1, 2  # "assistant:" marker and end of turn, in the tests' toy conversations

@@ -3,7 +3,8 @@
 Two ways to cut the tokens into model inputs, both scoring every target token exactly once:
 
 - **blocks** (a directory from ``llmkit prepare``): each block of T tokens is one input and scores
-  its T-1 next-token targets, exactly like validation during training (:func:`score_blocks`).
+  its T-1 next-token targets with the function validation during training calls
+  (:func:`llmkit.evaluation.scoring.score_blocks`).
   Prepared chat data carries ``labels`` (-100 where not scored) and ``position_ids`` (packed
   conversations): only the answers are scored, each conversation seeing only itself.
 - **sliding windows** (a text file or a directory of ``.txt``): each document is tokenized whole,
@@ -33,6 +34,7 @@ import torch
 from llmkit.errors import UserError
 from llmkit.evaluation.checks import check_windows
 from llmkit.evaluation.metrics import IGNORE_INDEX, NLLSums, nll_sums, shift_labels
+from llmkit.evaluation.scoring import score_blocks
 from llmkit.runtime import announce_threads
 
 Progress = Callable[[int, int], None]
@@ -92,7 +94,7 @@ def _logits(
     """(B, T, vocab_size) logits of ``model``, any callable returning an object with ``.logits``.
 
     ``position_ids`` (B, T) is passed only when given: packed rows, with ``attention_mask``
-    None (see :func:`score_blocks`).
+    None (as :func:`llmkit.evaluation.scoring.score_blocks` calls the model).
     """
     kwargs: dict[str, Any] = {}
     if position_ids is not None:
@@ -123,95 +125,6 @@ class _EvalMode:
 
 def _token_bytes(token_bytes: Any, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(token_bytes, dtype=torch.long, device=device)
-
-
-BLOCK_COLUMNS = ("input_ids", "labels", "position_ids")
-"""The columns of a prepared split that :func:`score_blocks` reads (only ``input_ids`` is
-required)."""
-
-
-def score_blocks(
-    model: Any,
-    blocks_dataset: Any,
-    token_bytes: Any,
-    batch_size: int,
-    device: str | torch.device,
-    *,
-    progress: Progress | None = None,
-) -> NLLSums:
-    """Summed next-token NLL over fixed-length blocks, each scoring its T-1 targets.
-
-    The same computation as validation during training: block ``x`` of shape (T,) gives inputs
-    ``x`` and targets ``x[1:]`` (:func:`~llmkit.evaluation.metrics.shift_labels`), as
-    ``llmkit.training.loop.split_batch`` does.
-
-    Prepared chat (SFT) data may carry two more columns of the same shape:
-
-    - ``labels`` (T,): ``labels[t]`` is the id of token t where it is scored and -100 where it
-      is not (system and user turns, template markers, padding). Position t-1 then predicts
-      ``labels[t]``: only targets not equal to -100 count, in the nats, the token count and the
-      bytes (so bits per byte is over the UTF-8 bytes of the scored tokens only).
-    - ``position_ids`` (T,): positions restarting at 0 at each conversation packed in the block.
-      They are passed to the model with ``attention_mask=None``, from which transformers builds
-      a block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``: a new
-      sequence starts wherever the position does not grow by one), so no conversation attends
-      to the one before it in the block; and the first token of each conversation is not
-      scored (nothing before it in its own conversation predicts it), whatever its label.
-
-    Args:
-        model: a causal LM, or any callable ``model(input_ids=, attention_mask=, use_cache=)``
-            (and ``position_ids=`` for packed data) returning an object whose ``.logits`` is
-            (B, T, vocab_size). Put in eval mode for the call (its training mode is restored
-            after).
-        blocks_dataset: a ``datasets.Dataset`` with an ``input_ids`` column of equal-length
-            rows (and optionally ``labels`` and ``position_ids``), or a (N, T) tensor /
-            sequence of equal-length id lists.
-        token_bytes: (vocab_size,) UTF-8 bytes per token id
-            (:func:`llmkit.data.tokenizer.token_byte_lengths`).
-        batch_size: blocks per forward pass.
-        device: where the model is.
-        progress: called with (blocks done, total blocks) after each batch.
-
-    Returns:
-        Total nats, scored tokens (N × (T-1) without labels; else the targets not -100) and
-        their bytes.
-    """
-    from llmkit.generation.generate import silence_padding_warning
-
-    # Packed blocks hold EOS (= pad) as real text and chat rows use no mask on purpose.
-    silence_padding_warning(model)
-    device = torch.device(device)
-    if hasattr(blocks_dataset, "with_format"):
-        columns = [c for c in BLOCK_COLUMNS if c in blocks_dataset.column_names]
-        rows = blocks_dataset.with_format("torch", columns=columns)
-        get = lambda i, j: rows[i:j]  # noqa: E731
-    else:
-        get = lambda i, j: {"input_ids": blocks_dataset[i:j]}  # noqa: E731
-    n = len(blocks_dataset)
-    bytes_per_id = _token_bytes(token_bytes, device)
-    sums = NLLSums()
-    with _EvalMode(model):
-        for start in range(0, n, batch_size):
-            batch = get(start, min(start + batch_size, n))
-            ids = torch.as_tensor(batch["input_ids"], dtype=torch.long).to(device)  # (B, T)
-            labels = batch.get("labels")
-            labels = ids if labels is None else torch.as_tensor(labels).to(device, torch.long)
-            positions = batch.get("position_ids")
-            if positions is None:
-                logits = _logits(model, ids, torch.ones_like(ids))  # (B, T, vocab_size)
-            else:
-                positions = torch.as_tensor(positions).to(device, torch.long)  # (B, T)
-                logits = _logits(model, ids, None, positions)  # (B, T, vocab_size)
-            targets = shift_labels(labels)  # (B, T): targets[:, t] = labels[:, t+1]
-            if positions is not None:
-                # the first token of a packed conversation has no context of its own: the end
-                # of the previous conversation does not predict it
-                starts = positions[:, 1:] != positions[:, :-1] + 1  # (B, T-1)
-                targets[:, :-1][starts] = IGNORE_INDEX
-            sums.add(nll_sums(logits, targets, bytes_per_id))
-            if progress is not None:
-                progress(min(start + batch_size, n), n)
-    return sums
 
 
 def _window_batches(
@@ -258,7 +171,8 @@ def score_windows(
     """Summed NLL of token sequences with the sliding-window method (:func:`plan_windows`).
 
     Args:
-        model: as for :func:`score_blocks`.
+        model: a causal LM, or any callable ``model(input_ids=, attention_mask=, use_cache=)``
+            returning an object whose ``.logits`` is (B, T, vocab_size).
         docs: token id sequences, each starting with a context-only token (BOS); tokens
             1..len-1 of each are scored exactly once.
         token_bytes: (vocab_size,) UTF-8 bytes per token id.
@@ -537,7 +451,7 @@ def token_probabilities(
     windows of ``max_length`` tokens (default: the model's positions), each token once.
 
     Args:
-        model: a loaded causal LM (or any callable as for :func:`score_blocks`).
+        model: a loaded causal LM (or any callable as for :func:`score_windows`).
         tokenizer: its tokenizer.
         text: the text to score (not empty).
         top: also list the ``top`` most likely tokens at each position (0: none).

@@ -51,6 +51,7 @@ same blocks.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -264,6 +265,7 @@ def save_checkpoint(
     name: str,
     state: dict[str, Any],
     model_config: Any = None,
+    keep_last: int | None = None,
 ) -> Path:
     """Write a checkpoint atomically; call on every process (each saves its RNG state).
 
@@ -275,6 +277,8 @@ def save_checkpoint(
         state: JSON-able trainer state (step, tokens, early-stopping counters, the scheduler's
             ``state_dict()``...).
         model_config: a transformers config saved beside the weights, or None.
+        keep_last: then delete all but this many newest step checkpoints
+            (:func:`prune_checkpoints`, by the main process); None: delete none.
 
     Returns:
         The checkpoint's final path.
@@ -289,7 +293,6 @@ def save_checkpoint(
     root = run_dir / CHECKPOINTS
     final = root / name
     tmp = root / f".tmp-{name}"
-    rank = accelerator.process_index
     failure: BaseException | None = None
     try:
         if accelerator.is_main_process:
@@ -298,44 +301,66 @@ def save_checkpoint(
     except OSError as err:
         failure = err
     if not _anyone(accelerator, failure is not None):  # also the barrier before writing
-        try:
-            with _quiet_tied_weights():
-                accelerator.save_state(str(tmp))
-            (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)
-            _write_json(tmp / RNG_FILE.format(rank=rank), rng_state())
-            if accelerator.is_main_process:
-                if model_config is not None:
-                    model_config.to_json_file(str(tmp / "config.json"))
-                _write_json(tmp / STATE_FILE, state, indent=2)
-        except Exception as err:
-            if not write_failure(err):
-                raise
-            failure = err
+        failure = _write_checkpoint(accelerator, tmp, state, model_config)
     if _anyone(accelerator, failure is not None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        why = reason(failure) if failure is not None else "another process failed to write"
-        where = getattr(failure, "filename", None)
-        what = f" ({Path(where).name})" if where else ""
-        kept = list_checkpoints(run_dir)
-        intact = f"; the earlier checkpoint {kept[-1].name} is intact" if kept else ""
-        raise UserError(
-            f"cannot write checkpoint {final}{what}: {why}{free_space(root)}{intact}",
-            "free space on that disk or lower train.keep_last (checkpoints kept), then "
-            + ("--resume latest" if kept else "start again"),
-        )
+        raise _not_written(run_dir, final, failure)
     if accelerator.is_main_process:
-        if final.exists():  # only `best` is ever replaced: move the old one aside first
-            old = root / f".old-{name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _publish(tmp, final)
+        if keep_last is not None:
+            prune_checkpoints(run_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_checkpoint(accelerator, tmp: Path, state, model_config) -> BaseException | None:
+    """Write this process's part of a checkpoint into ``tmp``; the write failure (disk full,
+    quota, permissions) if one happened, else None."""
+    rank = accelerator.process_index
+    try:
+        with _quiet_tied_weights():
+            accelerator.save_state(str(tmp))
+        (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)
+        _write_json(tmp / RNG_FILE.format(rank=rank), rng_state())
+        if accelerator.is_main_process:
+            if model_config is not None:
+                model_config.to_json_file(str(tmp / "config.json"))
+            _write_json(tmp / STATE_FILE, state, indent=2)
+    except Exception as err:
+        if not write_failure(err):
+            raise
+        return err
+    return None
+
+
+def _not_written(run_dir: Path, final: Path, failure: BaseException | None) -> UserError:
+    """The one-line error for a checkpoint that could not be written (``failure`` None: it
+    was another process's)."""
+    why = reason(failure) if failure is not None else "another process failed to write"
+    where = getattr(failure, "filename", None)
+    what = f" ({Path(where).name})" if where else ""
+    kept = list_checkpoints(run_dir)
+    intact = f"; the earlier checkpoint {kept[-1].name} is intact" if kept else ""
+    return UserError(
+        f"cannot write checkpoint {final}{what}: {why}{free_space(final.parent)}{intact}",
+        "free space on that disk or lower train.keep_last (checkpoints kept), then "
+        + ("--resume latest" if kept else "start again"),
+    )
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the written ``tmp`` to ``final``; only ``best`` is ever replaced: the old one is
+    moved aside first, so that a crash leaves one of the two whole."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def _anyone(accelerator, failed: bool) -> bool:
@@ -353,6 +378,7 @@ def _write_json(path: Path, value: Any, indent: int | None = None) -> None:
     path.write_text(json.dumps(value, indent=indent), encoding="utf-8")
 
 
+@functools.cache
 def _dcp_metadata_globals() -> frozenset[str]:
     """The classes a ``torch.distributed.checkpoint`` ``.metadata`` pickle may name: that
     format's own dataclasses, ``torch.Size``, dtypes, layouts, paths."""
@@ -411,10 +437,9 @@ def verify_checkpoint(checkpoint: str | Path, world_size: int = 1) -> None:
     """
     import pickle
 
-    from llmkit.security import UnsafePickle, check_pickle_globals
+    from llmkit.security import UnsafePickle
 
     ckpt = Path(checkpoint)
-    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
     for rank in range(world_size):
         if not (ckpt / RNG_FILE.format(rank=rank)).is_file():
             legacy = ckpt / f"random_states_{rank}.pkl"
@@ -424,9 +449,7 @@ def verify_checkpoint(checkpoint: str | Path, world_size: int = 1) -> None:
                 "is missing: written by an older llmkit (pickled RNG states) or not by "
                 f"{world_size} process(es)",
             )
-    dcp_globals: frozenset[str] | None = None
-    for f in files:
-        suffix = f.suffix.lower()
+    for f in sorted(p for p in ckpt.rglob("*") if p.is_file()):
         if _REGISTERED_PICKLE.match(f.name):
             raise _damaged(
                 ckpt,
@@ -435,20 +458,7 @@ def verify_checkpoint(checkpoint: str | Path, world_size: int = 1) -> None:
                 "(a checkpoint of an older llmkit, or a crafted one)",
             )
         try:
-            if suffix == ".json":
-                json.loads(f.read_text(encoding="utf-8"))
-            elif suffix == ".safetensors":
-                from safetensors import safe_open
-
-                with safe_open(str(f), framework="pt") as handle:
-                    handle.keys()
-            elif f.name == ".metadata":
-                dcp_globals = dcp_globals or _dcp_metadata_globals()
-                check_pickle_globals(f.read_bytes(), dcp_globals)
-            elif suffix in _PLAIN_SUFFIXES:
-                continue
-            else:  # optimizer.bin, scaler.pt, DeepSpeed's *.pt, anything else: torch.load
-                _vet_torch_file(f)
+            _open_file(f)
         except UnsafePickle as err:
             raise _damaged(ckpt, f, f"is refused: {err}; nothing of it was run") from None
         except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
@@ -457,6 +467,26 @@ def verify_checkpoint(checkpoint: str | Path, world_size: int = 1) -> None:
             if type(err).__name__ != "SafetensorError":
                 raise
             raise _damaged(ckpt, f, _why(err)) from None
+
+
+def _open_file(f: Path) -> None:
+    """Read one checkpoint file by its kind, running nothing it names: JSON parsed,
+    safetensors headers opened, a DCP ``.metadata`` pickle's globals checked against
+    :func:`_dcp_metadata_globals`, anything else through ``torch.load(weights_only=True)``."""
+    from llmkit.security import check_pickle_globals
+
+    suffix = f.suffix.lower()
+    if suffix == ".json":
+        json.loads(f.read_text(encoding="utf-8"))
+    elif suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as handle:
+            handle.keys()
+    elif f.name == ".metadata":
+        check_pickle_globals(f.read_bytes(), _dcp_metadata_globals())
+    elif suffix not in _PLAIN_SUFFIXES:  # optimizer.bin, scaler.pt, DeepSpeed's *.pt, ...
+        _vet_torch_file(f)
 
 
 def _vet_torch_file(f: Path) -> None:

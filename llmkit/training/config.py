@@ -449,6 +449,39 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _read_yaml(p: Path) -> dict[str, Any]:
+    """The mapping of a recipe file (``{}`` for an empty one).
+
+    Raises:
+        UserError: a directory, a missing, unreadable or unparsable file, or not a mapping.
+    """
+    if p.is_dir():
+        raise UserError(
+            f"recipe {p} is a directory, not a YAML file",
+            "pass a .yaml file, e.g. one of recipes/",
+        )
+    if not p.is_file():
+        raise UserError(f"recipe {p} does not exist", "see recipes/ for examples")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"cannot parse {p}{where}: {problem}") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"cannot parse {p}: not UTF-8 text (byte {err.start})") from err
+    except OSError as err:
+        raise UserError(f"cannot read {p}: {err.strerror}") from err
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(
+            f"{p} must be a YAML mapping of sections (data, model, train, eval, lora, distributed)"
+        )
+    return loaded
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply ``key=value`` overrides, and validate.
 
@@ -460,37 +493,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         UserError: missing or unparsable file, unknown key (naming the closest valid one),
             ill-typed or out-of-range value.
     """
-    data: dict[str, Any] = {}
-    source = "the defaults"
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        if p.is_dir():
-            raise UserError(
-                f"recipe {p} is a directory, not a YAML file",
-                "pass a .yaml file, e.g. one of recipes/",
-            )
-        if not p.is_file():
-            raise UserError(f"recipe {p} does not exist", "see recipes/ for examples")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise UserError(f"cannot parse {p}{where}: {problem}") from err
-        except UnicodeDecodeError as err:
-            raise UserError(f"cannot parse {p}: not UTF-8 text (byte {err.start})") from err
-        except OSError as err:
-            raise UserError(f"cannot read {p}: {err.strerror}") from err
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise UserError(
-                f"{p} must be a YAML mapping of sections (data, model, train, eval, lora, "
-                "distributed)"
-            )
-        data = loaded
+    data: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    source = "the defaults" if path is None else str(Path(path))
     for text in overrides or []:
         keys, value = parse_override(text)
         node = data

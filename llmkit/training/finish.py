@@ -1,0 +1,163 @@
+"""Phase 4 of a run, finish: the final metrics, then the model (LoRA merged, adapter kept),
+tokenizer, loss curve, model card and last the finished marker.
+
+Only the main process writes; under FSDP / ZeRO-3 every process first takes part in gathering
+the full weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmkit import __version__
+from llmkit.errors import UserError
+from llmkit.runs import RUN_MARKER
+from llmkit.training import checkpoint as ckpt
+from llmkit.training.config import Recipe
+from llmkit.training.flops import format_mfu
+from llmkit.training.rundir import atomic_write_text
+
+if TYPE_CHECKING:
+    from llmkit.training.fit import FitState
+    from llmkit.training.plan import Plan
+    from llmkit.training.setup import Setup
+
+
+def finish(plan: Plan, run: Setup, state: FitState) -> dict[str, Any]:
+    """Write the finished run and return its final metrics (see ``llmkit.training.loop.train``)."""
+    accelerator, logger = run.accelerator, run.logger
+    steps_run = state.step - run.start_step
+    run_tps = steps_run * plan.tokens_per_step / max(state.train_seconds, 1e-9)
+    known = run.meter.unknown_reason is None
+    run_mfu = run.meter.mfu(run_tps) if steps_run else None  # the run's average, like its tok/s
+    if known and run.meter.unknown_reason is not None:
+        logger.warn(f"MFU unknown: {run.meter.unknown_reason}")
+    final = {
+        **state.last_val,
+        "steps": state.step,
+        "tokens": state.tokens,
+        "train_seconds": round(state.train_seconds, 2),
+        "tokens_per_sec": run_tps,
+        "mfu": run_mfu,
+        "parameters": run.n_params,
+        "trainable_parameters": run.n_trainable,
+        "best_val_loss": run.early.best,
+        "best_step": run.early.best_step,
+        "stopped": state.stopped,
+    }
+    # FSDP / ZeRO-3: every process takes part in gathering the full weights
+    full_state = accelerator.get_state_dict(run.model) if plan.sharded else None
+    logger.close()
+    if accelerator.is_main_process:
+        write_run(
+            accelerator.unwrap_model(run.model),
+            plan.tokenizer,
+            plan.run_dir,
+            plan.recipe,
+            plan.data.manifest,
+            run.resolved,
+            final,
+            state_dict=full_state,
+            embeddings_grown=bool(plan.new_tokens),
+        )
+    summary = "".join(f" | {k} {v:.4f}" for k, v in state.last_val.items())
+    logger.print(
+        f"done: {state.step} steps in {state.train_seconds:.1f} s "
+        f"({run_tps:,.0f} tok/s, MFU {format_mfu(run_mfu)}){summary}\n"
+        f"saved {plan.run_dir}"
+    )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def save_final(model, tokenizer, run_dir: Path, state_dict=None) -> None:
+    """save_pretrained into a hidden directory, then move each file into the run directory.
+
+    ``state_dict``: the full weights when the model is sharded (FSDP, ZeRO-3), else None.
+
+    Raises:
+        UserError: the model could not be written (disk full, quota, permissions): one line
+            naming the run directory, the space left and the checkpoint to resume from; the
+            hidden directory is removed, so no model file appears in the run directory.
+    """
+    tmp = run_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    except Exception as err:
+        if not ckpt.write_failure(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = getattr(err, "filename", None)
+        what = f" ({Path(where).name})" if where else ""
+        kept = ckpt.list_checkpoints(run_dir)
+        resume = f"; checkpoint {kept[-1].name} is intact" if kept else ""
+        raise UserError(
+            f"cannot write the final model to {run_dir}{what}: {ckpt.reason(err)}"
+            f"{ckpt.free_space(run_dir)}{resume}; {run_dir} is not a finished run",
+            "free space on that disk, then run the same command with --resume latest"
+            if kept
+            else "free space on that disk (or set train.save_interval to keep checkpoints), "
+            "then train again",
+        ) from None
+    for f in tmp.iterdir():
+        os.replace(f, run_dir / f.name)
+    tmp.rmdir()
+
+
+def write_run(
+    model,
+    tokenizer,
+    run_dir: Path,
+    recipe: Recipe,
+    manifest: dict,
+    resolved: str,
+    final: dict[str, Any],
+    state_dict=None,
+    embeddings_grown: bool = False,
+) -> None:
+    """The final directory: the model (LoRA merged, adapter kept), tokenizer, loss curve,
+    model card, and last the finished marker. ``state_dict``: see :func:`save_final`;
+    ``embeddings_grown``: the embeddings were resized for tokens the data added."""
+    from llmkit.training.report import model_card, plot_loss_curve, read_metrics
+
+    if recipe.lora.r > 0:
+        # embedding layers go with the adapter only when they grew (peft otherwise looks for
+        # the base model's config.json to decide, which a .gguf file does not have)
+        model.save_pretrained(run_dir / "adapter", save_embedding_layers=embeddings_grown)
+        if recipe.lora.merge:
+            model = model.merge_and_unload()
+    save_final(model, tokenizer, run_dir, state_dict)
+    plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss_curve.png")
+    base = recipe.model.name_or_path or f"{recipe.model.type} from scratch"
+    if recipe.lora.r > 0:
+        base += f", LoRA r={recipe.lora.r}" + (" merged" if recipe.lora.merge else "")
+    atomic_write_text(
+        run_dir / "README.md",
+        model_card(
+            name=recipe.name,
+            base=base,
+            manifest=manifest,
+            config_yaml=resolved,
+            final=final,
+            version=__version__,
+        ),
+    )
+    atomic_write_text(
+        run_dir / RUN_MARKER,
+        json.dumps(
+            {
+                "status": "finished",
+                "llmkit_version": __version__,
+                "data": str(recipe.data.path),
+                "final_metrics": final,
+            },
+            indent=2,
+        ),
+    )

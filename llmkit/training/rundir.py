@@ -1,0 +1,113 @@
+"""The run directory: what a run writes there, making it ready, writing into it atomically,
+and what an interrupted run leaves (the message that says how to continue)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from llmkit.errors import UserError
+from llmkit.runs import RUN_MARKER, is_finished_run
+from llmkit.training import checkpoint as ckpt
+
+# What a run writes into its directory; ``--overwrite`` removes these (and only these) at the
+# start of the new run, the finished marker first, so the directory never mixes two runs.
+_RUN_FILES = (
+    RUN_MARKER,
+    ckpt.CHECKPOINTS,
+    "tensorboard",
+    "metrics.jsonl",
+    "llmkit_config.yaml",
+    "README.md",
+    "loss_curve.png",
+    "adapter",
+    ".final.tmp",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_RUN_FILE_PATTERNS = ("model-*.safetensors", "pytorch_model-*.bin", ".*.tmp")
+
+
+def _os_error(err: OSError, run_dir: Path) -> UserError:
+    """A one-line error for a failure to create or write the run directory."""
+    reason = err.strerror or type(err).__name__
+    if isinstance(err, (NotADirectoryError, FileExistsError)):
+        reason = f"a file is in the way ({reason})"
+    where = "" if err.filename in (None, str(run_dir)) else f" ({err.filename})"
+    return UserError(
+        f"cannot create or write the run directory {run_dir}{where}: {reason}",
+        "choose another out_dir=... / name=..., or fix the permissions",
+    )
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
+    """Make the run directory ready for a new (or resumed) run.
+
+    The finished marker is removed first: from here until the new run finishes, the directory
+    is not a finished run. With ``overwrite`` the previous run's files are removed too.
+
+    Raises:
+        UserError: the directory holds files and neither ``overwrite`` nor ``resume`` is set;
+            it cannot be created or written (a file in the way, no permission).
+    """
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(run_dir))
+        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+            if not overwrite:
+                what = "a finished run" if is_finished_run(run_dir) else "files"
+                raise UserError(
+                    f"{run_dir} already holds {what}",
+                    "pass --overwrite to replace it, or set name=... / out_dir=... for a new run",
+                )
+            doomed = [run_dir / name for name in _RUN_FILES]
+            for pattern in _RUN_FILE_PATTERNS:
+                doomed += sorted(run_dir.glob(pattern))
+            for child in doomed:  # RUN_MARKER first
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                elif child.exists() or child.is_symlink():
+                    child.unlink()
+        elif (run_dir / RUN_MARKER).exists():  # resuming: unfinished until it finishes again
+            (run_dir / RUN_MARKER).unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".llmkit-write-test"
+        probe.write_text("", encoding="utf-8")
+        probe.unlink()
+    except OSError as err:
+        raise _os_error(err, run_dir) from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a hidden temporary file beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, turned into Ctrl-C by the CLI) during a run; ``str()`` says what
+    the run directory holds and how to continue."""
+
+
+def interrupted_message(run_dir: Path, step: int | None) -> str:
+    at = f" at step {step}" if step else ""
+    last = ckpt.list_checkpoints(run_dir)
+    if last:
+        return (
+            f"interrupted{at}; {run_dir} is not a finished run, its checkpoint {last[-1]} "
+            f"is intact: continue with --resume latest"
+        )
+    return f"interrupted{at}; {run_dir} is not a finished run and holds no checkpoint yet"
