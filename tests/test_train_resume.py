@@ -318,3 +318,23 @@ def test_checkpoints_of_a_tied_model_print_no_shared_tensor_warning(
         train(None, _overrides(data, run, **{"train.max_steps": 5}))
     assert [p.name for p in list_checkpoints(run)] == ["step-00000005"]
     assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]
+
+
+def test_a_diverged_model_is_not_saved_as_a_finished_run(tmp_path, tiny_tokenizer):
+    """learning_rate=1e300: step 1's loss and gradients are finite but its update overflows
+    float32, the next steps are non-finite yet fewer than max_bad_steps. The run used to end
+    with status 0, 'val_loss nan (best)' and a finished run of inf/NaN weights."""
+    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 4)
+    run = tmp_path / "r"
+    ov = _overrides(
+        data,
+        run,
+        **{"train.learning_rate": 1e300, "train.max_steps": 3, "train.warmup_steps": 0},
+    )
+    ov += ["train.max_bad_steps=5", "train.save_interval=1", "eval.interval=3"]
+    with pytest.raises(UserError, match=r"training diverged after step 3: .* not finite") as err:
+        train(None, ov, progress=False)
+    assert "train.learning_rate (now 1e+300)" in err.value.hint
+    assert not (run / "llmkit_run.json").exists()
+    assert not (run / "model.safetensors").exists()
+    assert [p.name for p in list_checkpoints(run)][-1] == "step-00000003"

@@ -49,6 +49,7 @@ def finish(plan: Plan, run: Setup, state: FitState) -> dict[str, Any]:
         "best_step": run.early.best_step,
         "stopped": state.stopped,
     }
+    _refuse_non_finite(plan, run, state)
     # FSDP / ZeRO-3: every process takes part in gathering the full weights
     full_state = accelerator.get_state_dict(run.model) if plan.sharded else None
     logger.close()
@@ -73,6 +74,47 @@ def finish(plan: Plan, run: Setup, state: FitState) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def _refuse_non_finite(plan: Plan, run: Setup, state: FitState) -> None:
+    """Never save a diverged model as a finished run.
+
+    A step whose loss and gradients were finite can still leave non-finite weights (a learning
+    rate so large that the update overflows float32: ``train.learning_rate=1e300``), and the
+    few non-finite steps after it may stay under ``train.max_bad_steps``. The weights (every
+    process holds the same replica, except under FSDP / ZeRO-3 where the all-reduced
+    validation loss decides alone) and the last validation loss are checked before anything
+    is written; the checkpoints already written are kept.
+
+    Raises:
+        UserError: a weight or the last validation loss is not finite.
+    """
+    import math
+
+    import torch
+
+    bad_val = [
+        k for k, v in state.last_val.items() if isinstance(v, float) and not math.isfinite(v)
+    ]
+    bad_weights = (
+        []
+        if plan.sharded
+        else [n for n, p in run.model.named_parameters() if not torch.isfinite(p).all()]
+    )
+    if not bad_val and not bad_weights:
+        return
+    what = (
+        f"{len(bad_weights)} weight tensor(s) are not finite (e.g. {bad_weights[0]})"
+        if bad_weights
+        else f"the last validation {bad_val[0]} is not finite"
+    )
+    kept = ckpt.list_checkpoints(plan.run_dir)
+    resume = f"; the checkpoint {kept[-1].name} is kept" if kept else ""
+    raise UserError(
+        f"training diverged after step {state.step}: {what}, so the model is not saved as a "
+        f"finished run{resume}",
+        f"lower train.learning_rate (now {plan.recipe.train.learning_rate:g}) and train again",
+    )
 
 
 def save_final(model, tokenizer, run_dir: Path, state_dict=None) -> None:
