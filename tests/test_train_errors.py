@@ -302,3 +302,23 @@ def test_train_prints_the_ignored_zero_stage(tmp_path, tiny_tokenizer):
     assert "warning: distributed.zero_stage is ignored with distributed.strategy=ddp" in (
         " ".join(result.stderr.split())
     )
+
+
+def test_overwrite_never_touches_a_directory_llmkit_did_not_write(tmp_path, tiny_tokenizer):
+    """`out_dir=. --overwrite` in a project directory replaced its README.md and config.json
+    (names a run also writes); prepare refused the same case. Now train refuses too."""
+    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 0)
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "README.md").write_text("mine")
+    (mine / "config.json").write_text('{"mine": true}')
+    args = ["train", f"data.path={data}", f"out_dir={mine}", *TINY, "--overwrite"]
+    line = _one_error_line(CliRunner().invoke(app, args))
+    assert "holds files that llmkit train did not write (README.md, config.json)" in line
+    assert (mine / "README.md").read_text() == "mine"
+    assert (mine / "config.json").read_text() == '{"mine": true}'
+    # a run directory of llmkit's own is still replaced
+    run = tmp_path / "run"
+    base = ["train", f"data.path={data}", f"out_dir={run}", *TINY, "--no-progress"]
+    assert CliRunner().invoke(app, base).exit_code == 0
+    assert CliRunner().invoke(app, [*base, "--overwrite"]).exit_code == 0

@@ -38,6 +38,9 @@ _RUN_FILES = (
     "chat_template.json",
 )
 _RUN_FILE_PATTERNS = ("model-*.safetensors", "pytorch_model-*.bin", ".*.tmp")
+# What only a run of llmkit train writes: ``--overwrite`` replaces a directory holding one of
+# them, never another directory whose README.md or config.json happen to share a name.
+_RUN_EVIDENCE = (RUN_MARKER, "llmkit_config.yaml", "metrics.jsonl", ckpt.CHECKPOINTS)
 
 
 def _os_error(err: OSError, run_dir: Path) -> UserError:
@@ -52,6 +55,30 @@ def _os_error(err: OSError, run_dir: Path) -> UserError:
     )
 
 
+def _clear_previous_run(run_dir: Path) -> None:
+    """Remove what a previous run wrote (``--overwrite``), the finished marker first.
+
+    Raises:
+        UserError: ``run_dir`` is not a run of ``llmkit train``.
+    """
+    if not any((run_dir / name).exists() for name in _RUN_EVIDENCE):
+        found = sorted(p.name for p in run_dir.iterdir())
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise UserError(
+            f"{run_dir} holds files that llmkit train did not write ({shown}); "
+            "--overwrite replaces only a run directory (one with llmkit_config.yaml)",
+            "set out_dir=... / name=... to a new or empty directory",
+        )
+    doomed = [run_dir / name for name in _RUN_FILES]
+    for pattern in _RUN_FILE_PATTERNS:
+        doomed += sorted(run_dir.glob(pattern))
+    for child in doomed:  # RUN_MARKER first
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        elif child.exists() or child.is_symlink():
+            child.unlink()
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
     """Make the run directory ready for a new (or resumed) run.
 
@@ -60,7 +87,8 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> Non
 
     Raises:
         UserError: the directory holds files and neither ``overwrite`` nor ``resume`` is set;
-            it cannot be created or written (a file in the way, no permission).
+            ``overwrite`` on a directory that is not a run of ``llmkit train``; it cannot be
+            created or written (a file in the way, no permission).
     """
     try:
         if run_dir.exists() and not run_dir.is_dir():
@@ -72,14 +100,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> Non
                     f"{run_dir} already holds {what}",
                     "pass --overwrite to replace it, or set name=... / out_dir=... for a new run",
                 )
-            doomed = [run_dir / name for name in _RUN_FILES]
-            for pattern in _RUN_FILE_PATTERNS:
-                doomed += sorted(run_dir.glob(pattern))
-            for child in doomed:  # RUN_MARKER first
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                elif child.exists() or child.is_symlink():
-                    child.unlink()
+            _clear_previous_run(run_dir)
         elif (run_dir / RUN_MARKER).exists():  # resuming: unfinished until it finishes again
             (run_dir / RUN_MARKER).unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
