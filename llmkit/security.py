@@ -63,6 +63,23 @@ def auto_map_files(where: str | Path) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def announce_remote_code(name: str, where: str | Path) -> None:
+    """One ``warning:`` line on stderr (rank 0 only) when a model that ships Python code is
+    loaded with ``trust_remote_code`` on, naming the files that will run: the flag, the API
+    keyword or a recipe's ``model.trust_remote_code: true`` may have been set long before."""
+    import os
+    import sys
+
+    files = auto_map_files(where)
+    if files and os.environ.get("RANK", "0") == "0":
+        sys.stderr.write(
+            f"warning: running the Python code that {name} ships ({', '.join(files)}): "
+            "trust_remote_code is on (--trust-remote-code, trust_remote_code=True or the "
+            "recipe's model.trust_remote_code)\n"
+        )
+        sys.stderr.flush()
+
+
 def remote_code_error(name: str, where: str | Path | None = None) -> UserError:
     """The one-line error for a model that needs its own code to load.
 

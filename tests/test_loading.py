@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmkit.errors import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -141,6 +143,24 @@ def test_gpt2_gguf_loads_with_its_positions_and_is_cached(tmp_path, monkeypatch,
     with torch.no_grad():
         assert torch.equal(cached(ids).logits, ref)
     assert tok3("ROMEO: what, ho!")["input_ids"] == ids[0].tolist()
+    # a cached copy someone altered to name Python code: blamed on the cache, never run
+    cfg = json.loads((cache / "config.json").read_text())
+    planted = cache / "modeling_planted.py"
+    planted.write_text(f"open({str(tmp_path / 'MARKER')!r}, 'w')\n")
+    altered = {**cfg, "auto_map": {"AutoModelForCausalLM": "modeling_planted.Evil"}}
+    (cache / "config.json").write_text(json.dumps(altered))
+    for trust in (False, True):
+        with pytest.raises(UserError, match="cached conversion of .* was altered") as err:
+            load_model_and_tokenizer(
+                str(path), device="cpu", dtype="float32", trust_remote_code=trust
+            )
+        assert "modeling_planted.py" in str(err.value) and "llmkit cache clear --gguf" in str(
+            err.value
+        )
+        assert "--trust-remote-code" not in str(err.value)
+    assert not (tmp_path / "MARKER").exists()
+    (cache / "config.json").write_text(json.dumps(cfg))
+    planted.unlink()
     # a copy written before this version (no marker) is converted again
     (cache / "llmkit_gguf_cache.json").unlink()
     with pytest.raises(Exception, match="a cached load read the GGUF"):

@@ -222,6 +222,9 @@ def test_trust_remote_code_reaches_transformers(crafted, tmp_path):
     try:
         assert proc.returncode == 0, proc.stderr
         assert marker.read_text() == "code ran"
+        # ... and says so, naming the files, whichever way the permission was given
+        assert "warning: running the Python code that" in proc.stderr
+        assert "modeling_evil.py" in proc.stderr.split("warning: running", 1)[1].splitlines()[0]
     finally:
         marker.unlink(missing_ok=True)
 

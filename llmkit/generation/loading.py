@@ -404,7 +404,12 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
     from transformers.utils import logging as hf_logging
 
     from llmkit.data.tokenizer import load_tokenizer
-    from llmkit.security import is_remote_code_error, remote_code_error
+    from llmkit.security import (
+        announce_remote_code,
+        auto_map_files,
+        is_remote_code_error,
+        remote_code_error,
+    )
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: noise on stderr for a CLI
     path = Path(name).expanduser()
@@ -434,7 +439,16 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
         )
         cache = gguf_cache_dir(path)
         if cache is not None and _is_current_gguf_cache(cache):
+            planted = auto_map_files(cache)
+            if planted:  # llmkit writes no auto_map: someone altered the cached conversion
+                raise UserError(
+                    f"the cached conversion of {name} in {cache} was altered: it names Python "
+                    f"code ({', '.join(planted)}) that llmkit never writes there",
+                    "delete it (`llmkit cache clear --gguf`, or remove that directory) and "
+                    "load the .gguf again",
+                )
             where, tok_kwargs = str(cache), {}
+            kwargs["trust_remote_code"] = trust_remote_code = False  # never code from a cache
         else:
             where, tok_kwargs = str(path.parent), {"gguf_file": path.name}
             kwargs["gguf_file"] = path.name
@@ -461,6 +475,8 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
 
             sys.stderr.write(f"downloading {name} from the Hub ({why})\n")
             enable_progress_bars()  # the first download shows its progress
+    if trust_remote_code:
+        announce_remote_code(name, where)
     try:
         with _quiet_gguf_conversion():
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)

@@ -136,9 +136,11 @@ def load_pretrained_config(name: str, trust_remote_code: bool = False):
     """
     from transformers import AutoConfig
 
-    from llmkit.security import is_remote_code_error, remote_code_error
+    from llmkit.security import announce_remote_code, is_remote_code_error, remote_code_error
 
     where, kwargs = _source(name)
+    if trust_remote_code:
+        announce_remote_code(name, where)
     try:
         return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as err:  # OSError, ValueError, ImportError (gguf missing) ...
