@@ -314,3 +314,20 @@ def test_broken_env_model_is_an_error_not_a_silent_fallback(clean_env, monkeypat
     make_run(clean_env, "only", tiny_model_dir)
     with pytest.raises(UserError, match="missing does not exist"):
         load_model_and_tokenizer(device="cpu")
+
+
+@pytest.mark.parametrize("bad", ["bad", 1.5, [2, "x"]])
+def test_a_generation_config_with_a_non_integer_token_id_is_one_line(tiny_model_dir, tmp_path, bad):
+    """eos_token_id "bad" in generation_config.json loaded fine and failed at generation with
+    a ValueError traceback; now the load refuses it naming the file and the field."""
+    import json
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    gen = model / "generation_config.json"
+    cfg = json.loads(gen.read_text()) if gen.exists() else {}
+    gen.write_text(json.dumps({**cfg, "eos_token_id": bad}))
+    with pytest.raises(UserError, match=r"generation_config.json has eos_token_id = ") as err:
+        generate("hi", model=str(model), max_new_tokens=2, temperature=0)
+    assert str(gen) in err.value.hint

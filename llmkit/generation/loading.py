@@ -393,6 +393,34 @@ def save_gguf_cache(model: Any, tokenizer: Any, cache: Path) -> bool:
         return False
 
 
+_TOKEN_ID_FIELDS = ("eos_token_id", "bos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def _check_generation_config(model: Any, name: str, where: str) -> None:
+    """Refuse token ids in ``generation_config.json`` that are not integers (a string, a
+    float): transformers loads them as they are, and generation failed later with a
+    traceback. Negative or out-of-range ids are left alone (some configs carry
+    ``pad_token_id: -1``; an EOS that never occurs only never stops a row).
+
+    Raises:
+        UserError: naming the file, the field and the value.
+    """
+    config = getattr(model, "generation_config", None)
+    for field in _TOKEN_ID_FIELDS:
+        value = getattr(config, field, None)
+        if value is None:
+            continue
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            continue
+        where_file = Path(where) / "generation_config.json"
+        raise UserError(
+            f"{name}: generation_config.json has {field} = {value!r}, which is not a token id "
+            "(an integer or a list of integers)",
+            f"fix or delete {where_file}" if Path(where).is_dir() else "fix the model's config",
+        )
+
+
 def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
     """Load the model and tokenizer named ``name``; see the module docstring for the kinds.
 
@@ -486,6 +514,7 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
         if is_remote_code_error(err):
             raise remote_code_error(name, where) from None
         raise UserError(f"cannot load {name}: {_short(err)}") from err
+    _check_generation_config(model, name, where)
     if device.type != "cuda":
         model.to(device)
     model.eval()
