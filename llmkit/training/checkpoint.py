@@ -36,7 +36,10 @@ with ``torch.load(weights_only=True)`` (PyTorch's restricted unpickler: tensors,
 strings and containers only; memory-mapped, so the tensors are not read twice), and the
 ``.metadata`` pickle of a ``torch.distributed.checkpoint`` directory (FSDP), which torch reads
 with plain ``pickle``, with an unpickler that resolves only that format's own classes
-(:func:`llmkit.security.check_pickle_globals`). A file that names anything else, a damaged
+(:func:`llmkit.security.check_pickle_globals`); the non-tensor ("bytes") items of its
+``.distcp`` shards, which torch reads with ``torch.load(weights_only=False)``, are found through
+that ``.metadata`` and each byte range is read with ``torch.load(weights_only=True)``
+(:func:`_vet_dcp_bytes`; a shard no ``.metadata`` indexes is refused). A file that names anything else, a damaged
 (truncated) file, or an accelerate pickle of registered objects (checkpoints of llmkit
 before this format) ends ``--resume`` with one line naming the file; nothing in it has run.
 accelerate's own ``load_state`` then reads the vetted files (it uses ``weights_only=True`` for
@@ -147,10 +150,11 @@ RNG_FILE = "rng_state_{rank}.json"
 _ACCELERATE_RNG = re.compile(r"^random_states_\d+\.pkl$")
 #: accelerate's pickles of registered objects, read back with plain pickle: never loaded.
 _REGISTERED_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
-#: Files whose content is parsed without any code: JSON, safetensors, and the raw tensor bytes
-#: of ``torch.distributed.checkpoint`` shards (``.distcp``; their non-tensor entries are read
-#: by torch with ``weights_only=True``).
-_PLAIN_SUFFIXES = {".json", ".safetensors", ".distcp", ".txt", ".md"}
+#: Files whose content is parsed without any code: JSON, safetensors, text. (``.distcp`` shards
+#: of a ``torch.distributed.checkpoint`` are not plain: torch reads their non-tensor items with
+#: ``torch.load(weights_only=False)``; they are vetted through the ``.metadata`` that indexes
+#: them, :func:`_vet_dcp_bytes`.)
+_PLAIN_SUFFIXES = {".json", ".safetensors", ".txt", ".md"}
 
 
 def rng_state() -> dict[str, Any]:
@@ -425,6 +429,9 @@ def verify_checkpoint(checkpoint: str | Path, world_size: int = 1) -> None:
                 f"{world_size} process(es)",
             )
     dcp_globals: frozenset[str] | None = None
+    vetted_shards: set[Path] = set()
+    # .metadata first: it names the .distcp items that hold pickles
+    files.sort(key=lambda p: (p.name != ".metadata", str(p)))
     for f in files:
         suffix = f.suffix.lower()
         if _REGISTERED_PICKLE.match(f.name):
@@ -444,7 +451,11 @@ def verify_checkpoint(checkpoint: str | Path, world_size: int = 1) -> None:
                     handle.keys()
             elif f.name == ".metadata":
                 dcp_globals = dcp_globals or _dcp_metadata_globals()
-                check_pickle_globals(f.read_bytes(), dcp_globals)
+                data = f.read_bytes()
+                check_pickle_globals(data, dcp_globals)
+                vetted_shards.update(_vet_dcp_bytes(ckpt, f, pickle.loads(data)))
+            elif suffix == ".distcp":
+                continue  # checked after the loop: every one must be indexed by a .metadata
             elif suffix in _PLAIN_SUFFIXES:
                 continue
             else:  # optimizer.bin, scaler.pt, DeepSpeed's *.pt, anything else: torch.load
@@ -457,6 +468,82 @@ def verify_checkpoint(checkpoint: str | Path, world_size: int = 1) -> None:
             if type(err).__name__ != "SafetensorError":
                 raise
             raise _damaged(ckpt, f, _why(err)) from None
+    for f in files:
+        if f.suffix.lower() == ".distcp" and f.resolve() not in vetted_shards:
+            raise _damaged(
+                ckpt,
+                f,
+                "is not indexed by a .metadata beside it (torch would not read it as "
+                "written); nothing of it was run",
+            )
+
+
+def _vet_dcp_bytes(ckpt: Path, metadata_file: Path, metadata: Any) -> set[Path]:
+    """Vet the non-tensor items of a ``torch.distributed.checkpoint`` directory.
+
+    torch (2.13, ``distributed/checkpoint/default_planner.py``, ``DefaultLoadPlanner.load_bytes``)
+    reads each ``BYTE_IO`` item, a ``torch.save`` of a Python value kept in a ``.distcp`` shard,
+    with ``torch.load(weights_only=False)``, i.e. plain pickle. The ``.metadata`` (already
+    vetted) says which items are bytes and where they lie (``storage_data``: file, offset,
+    length); each such byte range is read here with ``torch.load(weights_only=True)``.
+
+    Args:
+        ckpt: the checkpoint (for messages).
+        metadata_file: the ``.metadata`` file; its directory holds the shards.
+        metadata: its unpickled ``Metadata``.
+
+    Returns:
+        The resolved paths of the shards this metadata indexes.
+
+    Raises:
+        UserError: an item that holds more than tensors and numbers, an item transformed by a
+            storage extension (compressed: not vetted, refused), a path outside the directory,
+            or a range past the end of its file.
+    """
+    import io
+
+    import torch
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    root = metadata_file.parent
+    kinds = getattr(metadata, "state_dict_metadata", None) or {}
+    storage = getattr(metadata, "storage_data", None) or {}
+    if not isinstance(kinds, dict) or not isinstance(storage, dict):
+        raise _damaged(ckpt, metadata_file, "is not a torch.distributed.checkpoint index")
+    shards: set[Path] = set()
+    for index, info in storage.items():
+        rel = str(getattr(info, "relative_path", ""))
+        shard = (root / rel).resolve()
+        if not rel or Path(rel).is_absolute() or shard.parent != root.resolve():
+            raise _damaged(
+                ckpt, metadata_file, f"points outside its directory ({rel[:80]!r}); refused"
+            )
+        shards.add(shard)
+        fqn = getattr(index, "fqn", None)
+        if not isinstance(kinds.get(fqn), BytesStorageMetadata):
+            continue  # raw tensor bytes: read as tensors, no unpickling
+        where = root / rel
+        if getattr(info, "transform_descriptors", None):
+            raise _damaged(
+                ckpt,
+                where,
+                f"holds item {fqn!r} through a storage transform "
+                f"({info.transform_descriptors}); llmkit cannot vet it, refused",
+            )
+        offset, length = int(info.offset), int(info.length)
+        try:
+            with open(shard, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(length)
+        except OSError as err:
+            raise _damaged(ckpt, where, _why(err)) from None
+        if len(data) != length:
+            raise _damaged(ckpt, where, f"is truncated (item {fqn!r} ends past its end)")
+        try:
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as err:  # the restricted unpickler's refusal, or garbage
+            raise _damaged(ckpt, where, f"(item {fqn!r}) {_why(err)}") from None
+    return shards
 
 
 def _vet_torch_file(f: Path) -> None:
