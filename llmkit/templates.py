@@ -19,9 +19,12 @@ globals and whitespace rules stay transformers' own and the text is identical). 
 *before* computing them, the size of what the operators ``*``, ``+``, ``%``, ``**`` and ``~``,
 string methods (``center``, ``ljust``, ``join``, ``format``, ``replace``, ``zfill``...), and the
 filters (``center``, ``indent``, ``join``, ``format``, ``replace``, ``tojson``...) would produce,
-and caps the rendered text; over :func:`char_limit` characters the render stops with one
-:class:`~llmkit.errors.UserError` naming the template's file and the limit. Not bounded: time
-spent in loops that produce nothing (``range`` is capped per loop by Jinja, 100,000 items).
+and caps the rendered text and the text of every ``{% set %}`` block and macro (through the
+environment's ``code_generator_class``); over :func:`char_limit` characters the render stops
+with one :class:`~llmkit.errors.UserError` naming the template's file and the limit. All
+``range()`` calls of one render together yield at most :data:`RANGE_BUDGET` items (Jinja caps
+each at 100,000; nested they would loop 10^10 times). Not bounded: the time spent in nested
+loops over a long string or list that write nothing.
 
 No torch here; jinja2 is imported when a template is rendered.
 """
@@ -51,9 +54,15 @@ _LIMIT: contextvars.ContextVar[int] = contextvars.ContextVar("llmkit_template_li
 class TemplateTooLarge(Exception):
     """A chat template tried to build a value or a text longer than the limit."""
 
-    def __init__(self, what: str, size: int, limit: int) -> None:
-        super().__init__(f"{what} would make {size:,} characters, over the limit of {limit:,}")
+    def __init__(self, what: str, size: int, limit: int, unit: str = "characters") -> None:
+        super().__init__(f"{what} would make {size:,} {unit}, over the limit of {limit:,}")
         self.limit = limit
+        self.rule = (
+            f"llmkit caps what a template builds at max({MIN_CHAR_LIMIT:,}, 4x the "
+            "conversation's size) characters"
+            if unit == "characters"
+            else f"llmkit caps the items of all range() calls of one render at {limit:,}"
+        )
 
 
 def char_limit(messages: Any = None) -> int:
@@ -169,6 +178,45 @@ def _bounded(name: str, func: Any) -> Any:
     return bounded
 
 
+class _BoundedBuffer(list):
+    """The output buffer of a ``{% set %}`` block or a macro: its text is capped like the
+    rendered text (a block that writes a literal in nested loops would grow without end)."""
+
+    size = 0
+
+    def _add(self, items: Any) -> None:
+        self.size += sum(len(x) if isinstance(x, str) else 16 for x in items)
+        if self.size > char_limit():
+            raise TemplateTooLarge("a {% set %} block or macro", self.size, char_limit())
+
+    def append(self, item: Any) -> None:
+        self._add((item,))
+        super().append(item)
+
+    def extend(self, items: Any) -> None:
+        items = list(items)
+        self._add(items)
+        super().extend(items)
+
+
+#: Items all ``range()`` calls of one render may yield together (Jinja caps each at 100,000;
+#: nested loops over ranges would otherwise run 10^10 times).
+RANGE_BUDGET = 1_000_000
+_RANGES: contextvars.ContextVar[list[int]] = contextvars.ContextVar("llmkit_template_ranges")
+
+
+def _bounded_range(*args: int) -> range:
+    from jinja2.sandbox import safe_range
+
+    rng = safe_range(*args)
+    spent = _RANGES.get(None)
+    if spent is not None:
+        spent[0] += len(rng)
+        if spent[0] > RANGE_BUDGET:
+            raise TemplateTooLarge("range() calls", spent[0], RANGE_BUDGET, "items")
+    return rng
+
+
 _BOUNDED_ENV: Any = None
 
 
@@ -184,6 +232,10 @@ def bounded_sandbox() -> type:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class _Generator(CodeGenerator):
+        def buffer(self, frame: Any) -> None:  # {% set %} blocks, macros, call/filter blocks
+            frame.buffer = self.temporary_identifier()
+            self.writeline(f"{frame.buffer} = environment.bounded_buffer()")
+
         def visit_Concat(self, node: Any, frame: Any) -> None:  # the ~ operator
             if frame.eval_ctx.volatile or frame.eval_ctx.autoescape:
                 return super().visit_Concat(node, frame)
@@ -226,6 +278,9 @@ def bounded_sandbox() -> type:
                 _check(f"{name or 'a call'}()", len(result))
             return result
 
+        def bounded_buffer(self) -> list:
+            return _BoundedBuffer()
+
         def bounded_str_join(self, items: Any) -> str:
             parts = [str(x) for x in items]
             _check("~", sum(len(p) for p in parts))
@@ -253,6 +308,7 @@ def bounded_sandbox() -> type:
 
                 bounded_lipsum._llmkit_bounded = True  # type: ignore[attr-defined]
                 self.globals["lipsum"] = bounded_lipsum
+            self.globals["range"] = _bounded_range
 
         def from_string(self, source: Any, *args: Any, **kwargs: Any) -> Any:
             self._wrap_filters()  # transformers adds tojson after building the environment
@@ -341,6 +397,7 @@ def render_chat(
             ``raise_exception``, or fails otherwise; the message names the template's file.
     """
     token = _LIMIT.set(char_limit(messages))
+    ranges = _RANGES.set([0])
     try:
         compile_template = _install()
         template = tokenizer.get_chat_template()
@@ -353,6 +410,7 @@ def render_chat(
         raise template_error(tokenizer, err, where) from err
     finally:
         _LIMIT.reset(token)
+        _RANGES.reset(ranges)
     if add_generation_prompt and not text.strip():
         raise template_error(tokenizer, _EmptyPrompt(), where)
     return text
@@ -375,8 +433,7 @@ def template_error(tokenizer: Any, err: BaseException, where: str | None = None)
     detail = _first_line(err)
     if isinstance(err, TemplateTooLarge):
         return UserError(
-            f"{prefix}{the} was stopped: {detail} (llmkit caps what a template builds at "
-            f"max({MIN_CHAR_LIMIT:,}, 4x the conversation's size) characters)",
+            f"{prefix}{the} was stopped: {detail} ({err.rule})",
             f"a chat template that builds that much is broken or hostile; {fix}",
         )
     if isinstance(err, _EmptyPrompt):

@@ -72,6 +72,13 @@ BOMBS = {
     "power": "{{ 10 ** 1000000000 }}",
     "tojson indent": "{{ messages | tojson(indent=1000000000) }}",
     "output": "{% set s = 'a' * 3000000 %}{% for i in range(100) %}{{ s }}{% endfor %}",
+    # a literal written in nested loops inside a {% set %} block / a macro
+    "set block": "{% set s %}{% for a in 'x' * 3000000 %}{% for b in 'yz' %}"
+    + "x" * 1000
+    + "{% endfor %}{% endfor %}{% endset %}{{ s | length }}",
+    "macro": "{% macro m() %}{% for a in 'x' * 3000000 %}"
+    + "ab" * 1000
+    + "{% endfor %}{% endmacro %}{{ m() }}",
 }
 
 
@@ -192,6 +199,23 @@ def test_a_template_cannot_build_gigabytes(tokenizer, name):
     assert time.perf_counter() - start < 5
     assert "over the limit of 4,000,000" in err.value.message, err.value.message
     assert "\n" not in err.value.message
+
+
+def test_nested_ranges_are_capped_per_render(tokenizer):
+    """Jinja caps one range() at 100,000 items; nested they would run 10^10 times."""
+    from llmkit.errors import UserError
+    from llmkit.templates import render_chat
+
+    tokenizer.chat_template = (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
+    )
+    with pytest.raises(UserError) as err:
+        render_chat(tokenizer, [{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    # the outer range (100,000) and 10 inner ones: the 11th range passes the budget
+    assert "range() calls would make 1,100,000 items" in err.value.message
+    assert "over the limit of 1,000,000" in err.value.message
+    tokenizer.chat_template = "{% for i in range(100000) %}{% endfor %}" * 10 + "x"
+    assert render_chat(tokenizer, [{"role": "user", "content": "hello"}]) == "x"
 
 
 def test_the_limit_grows_with_the_conversation(tokenizer):
