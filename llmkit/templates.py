@@ -91,19 +91,26 @@ def _check(what: str, size: int) -> None:
         raise TemplateTooLarge(what, size, limit)
 
 
-_DIGITS = re.compile(r"\d+")
+#: Widths and precisions of printf-style (``%-08.3f``) and ``str.format`` (``{0:>20.3}``) fields.
+_WIDTHS = {
+    "%": re.compile(r"%[#0\- +]*(\d*)(?:\.(\d*))?"),
+    "{}": re.compile(r"\{[^{}:]*:[^{}\d]*(\d*)(?:\.(\d*))?"),
+}
 
 
-def _check_format(what: str, fmt: Any, args: Any) -> None:
+def _check_format(what: str, fmt: Any, args: Any, style: str) -> None:
     """``fmt % args`` / ``fmt.format(*args)``: no width or precision over the limit, and at most
     (fields x the arguments' total size) plus the format's own length."""
     if not isinstance(fmt, str):
         return
-    for digits in _DIGITS.findall(fmt):
-        if len(digits) > 12 or int(digits) > char_limit():
-            _check(f"{what} with a width of {digits[:20]}", int(digits[:20]))
+    for match in _WIDTHS[style].finditer(fmt):
+        for digits in filter(None, match.groups()):
+            if len(digits) > 12 or int(digits) > char_limit():
+                _check(f"{what} with a width of {digits[:20]}", int(digits[:20]))
     items = args if isinstance(args, (list, tuple)) else [args]
     values = list(items) + (list(args.values()) if isinstance(args, dict) else [])
+    if ("*" in fmt and style == "%") or (":{" in fmt and style == "{}"):  # '%*d', '{:{}}'
+        _check_ints(what, values, {})
     fields = fmt.count("%") + fmt.count("{") + 1
     _check(what, len(fmt) + fields * sum(len(str(v)) if isinstance(v, str) else 32 for v in values))
 
@@ -114,7 +121,9 @@ def _check_ints(what: str, args: Any, kwargs: dict[str, Any]) -> None:
             _check(f"{what} with an argument of {value}", abs(value))
 
 
-def _precheck(name: str, obj: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+def _precheck(
+    name: str, obj: Any, args: tuple, kwargs: dict[str, Any], method: bool = False
+) -> None:
     """Refuse a string method or filter whose result would be over the limit, before it runs."""
     what = f"{name}()"
     if name == "join":
@@ -133,8 +142,9 @@ def _precheck(name: str, obj: Any, args: tuple, kwargs: dict[str, Any]) -> None:
             count = obj.count(old) if old else len(obj) + 1
             _check(what, len(obj) + count * max(0, len(new) - len(old)))
         return
-    if name in ("format", "format_map"):
-        _check_format(what, obj, list(args) + list(kwargs.values()))
+    if name in ("format", "format_map"):  # the filter is printf-style, the method str.format
+        style = "{}" if method else "%"
+        _check_format(what, obj, list(args) + list(kwargs.values()), style)
         return
     if name == "tojson":
         indent = args[1] if len(args) > 1 else kwargs.get("indent")
@@ -262,7 +272,7 @@ def bounded_sandbox() -> type:
                 if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
                     _check("+", len(left) + len(right))
             elif op == "%":
-                _check_format("%", left, right)
+                _check_format("%", left, right, "%")
             elif op == "**":
                 if isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
                     _check(f"{left} ** {right}", abs(left).bit_length() * max(right, 0) // 3)
@@ -272,7 +282,7 @@ def bounded_sandbox() -> type:
             name = getattr(__obj, "__name__", "")
             owner = getattr(__obj, "__self__", None)
             if isinstance(owner, (str, list, tuple, dict)) and name:
-                _precheck(name, owner, args, kwargs)
+                _precheck(name, owner, args, kwargs, method=True)
             result = ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
             if isinstance(result, (str, list, tuple)):
                 _check(f"{name or 'a call'}()", len(result))

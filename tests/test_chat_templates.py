@@ -62,6 +62,9 @@ BOMBS = {
     "percent": "{{ '%1000000000d' % 1 }}",
     "format method": "{{ '{:1000000000}'.format(1) }}",
     "format filter": "{{ '%1000000000s' | format('a') }}",
+    "star width": "{{ '%*d' % (1000000000, 1) }}",
+    "nested width": "{{ '{:{}}'.format('a', 1000000000) }}",
+    "precision": "{{ '%.1000000000f' % 1.5 }}",
     "tilde doubling": "{% set ns = namespace(s='a') %}{% for i in range(40) %}"
     "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}",
     "plus doubling": "{% set ns = namespace(s='a') %}{% for i in range(40) %}"
@@ -249,6 +252,9 @@ IDENTICAL = {
         "{% endif %}"
     ),
     # trim_blocks / lstrip_blocks, loop controls, namespace, tojson options, ~, %, *, join
+    # numbers in format strings and arguments that are not widths: not refused
+    "numbers": "{{ '%s 12345678901234567 %d {x}' % ('a', 1700000000123) }}"
+    "{{ '{} 99999999999999 {:>5}'.format(17000000001234, 'b') }}",
     "features": (
         "{% set ns = namespace(n=0) %}\n"
         "  {% for m in messages %}\n"
@@ -297,7 +303,7 @@ def test_the_bounded_sandbox_renders_what_transformers_renders(tokenizer, monkey
     finally:
         ctu._compile_jinja_template.cache_clear()
     assert ours == stock
-    assert ours[1] != ours[0] or name == "features"
+    assert ours[1] != ours[0] or name == "numbers"  # no generation prompt in that one
 
 
 def test_the_bomb_in_the_real_cli_under_a_3_gb_memory_limit(tiny_model_dir, tmp_path):
