@@ -39,13 +39,13 @@ with plain ``pickle``, with an unpickler that resolves only that format's own cl
 (:func:`llmkit.security.check_pickle_globals`); the non-tensor ("bytes") items of its
 ``.distcp`` shards, which torch reads with ``torch.load(weights_only=False)``, are found through
 that ``.metadata`` and each byte range is read with ``torch.load(weights_only=True)``
-(:func:`_vet_dcp_bytes`; a shard no ``.metadata`` indexes is refused). A file that names anything else, a damaged
-(truncated) file, or an accelerate pickle of registered objects (checkpoints of llmkit
-before this format) ends ``--resume`` with one line naming the file; nothing in it has run.
-accelerate's own ``load_state`` then reads the vetted files (it uses ``weights_only=True`` for
-all of them too). DeepSpeed's files are vetted the same way; a DeepSpeed checkpoint holding a
-Python object outside PyTorch's allowed types is refused rather than unpickled (DeepSpeed
-itself reads them with ``weights_only=False``; untested here: no GPU).
+(:func:`_vet_dcp_bytes`; a shard no ``.metadata`` indexes is refused). A file that names
+anything else, a damaged (truncated) file, or an accelerate pickle of registered objects
+(checkpoints of llmkit before this format) ends ``--resume`` with one line naming the file;
+nothing in it has run. accelerate's own ``load_state`` then reads the vetted files (it uses
+``weights_only=True`` for all of them too). DeepSpeed's files are vetted the same way; a
+DeepSpeed checkpoint holding a Python object outside PyTorch's allowed types is refused rather
+than unpickled (DeepSpeed itself reads them with ``weights_only=False``; untested here: no GPU).
 
 The data position needs no state beyond the step: the order of training blocks is a function
 of (seed, epoch) (:func:`llmkit.training.batches.step_samples`), so step s always reads the
