@@ -10,12 +10,30 @@ sandbox blocks (``SecurityError``), an undefined name (``UndefinedError``), the 
 template came from and what to do, so ``generate --chat``, ``chat``, ``eval --chat`` and
 ``prepare --format chat`` never show a traceback.
 
-No torch here; jinja2 is imported only when a template fails.
+**Bounded by design.** Jinja's sandbox stops a template from reaching Python objects and caps
+``range()``, but not the size of what it builds: ``{{ 'a' * 1000000000 }}`` (27 characters) asks
+for gigabytes. llmkit installs :class:`BoundedSandbox` as the environment transformers compiles
+every chat template with (``transformers.utils.chat_template_utils`` builds an
+``ImmutableSandboxedEnvironment``; llmkit substitutes a subclass of it, so rendering, filters,
+globals and whitespace rules stay transformers' own and the text is identical). It checks,
+*before* computing them, the size of what the operators ``*``, ``+``, ``%``, ``**`` and ``~``,
+string methods (``center``, ``ljust``, ``join``, ``format``, ``replace``, ``zfill``...), and the
+filters (``center``, ``indent``, ``join``, ``format``, ``replace``, ``tojson``...) would produce,
+and caps the rendered text and the text of every ``{% set %}`` block and macro (through the
+environment's ``code_generator_class``); over :func:`char_limit` characters the render stops
+with one :class:`~llmkit.errors.UserError` naming the template's file and the limit. All
+``range()`` calls of one render together yield at most :data:`RANGE_BUDGET` items (Jinja caps
+each at 100,000; nested they would loop 10^10 times). Not bounded: the time spent in nested
+loops over a long string or list that write nothing.
+
+No torch here; jinja2 is imported when a template is rendered.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +42,302 @@ from llmkit.errors import UserError
 #: Files a tokenizer directory may keep its chat template in, in the order transformers reads
 #: them (the ``.jinja`` file wins over the JSON keys).
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
+
+
+#: The floor of the size limit on what a chat template builds: any string or list it makes, and
+#: the rendered text, in characters (items for lists). Raised to 4x the conversation's own size
+#: for long conversations (:func:`char_limit`).
+MIN_CHAR_LIMIT = 4_000_000
+_LIMIT: contextvars.ContextVar[int] = contextvars.ContextVar("llmkit_template_limit")
+
+
+class TemplateTooLarge(Exception):
+    """A chat template tried to build a value or a text longer than the limit."""
+
+    def __init__(self, what: str, size: int, limit: int, unit: str = "characters") -> None:
+        super().__init__(f"{what} would make {size:,} {unit}, over the limit of {limit:,}")
+        self.limit = limit
+        self.rule = (
+            f"llmkit caps what a template builds at max({MIN_CHAR_LIMIT:,}, 4x the "
+            "conversation's size) characters"
+            if unit == "characters"
+            else f"llmkit caps the items of all range() calls of one render at {limit:,}"
+        )
+
+
+def char_limit(messages: Any = None) -> int:
+    """The most characters a chat template may build while rendering ``messages``:
+    ``max(MIN_CHAR_LIMIT, 4 * len(json.dumps(messages)))``; the current render's limit when
+    ``messages`` is None."""
+    if messages is None:
+        return _LIMIT.get(MIN_CHAR_LIMIT)
+    try:
+        size = len(json.dumps(messages, default=str))
+    except (TypeError, ValueError):
+        size = 0
+    return max(MIN_CHAR_LIMIT, 4 * size)
+
+
+def _size(value: Any) -> int:
+    """Length of a string or a container (items, not deep), 1 for anything else."""
+    if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset)):
+        return len(value)
+    return 1
+
+
+def _check(what: str, size: int) -> None:
+    limit = char_limit()
+    if size > limit:
+        raise TemplateTooLarge(what, size, limit)
+
+
+#: Widths and precisions of printf-style (``%-08.3f``) and ``str.format`` (``{0:>20.3}``) fields.
+_WIDTHS = {
+    "%": re.compile(r"%[#0\- +]*(\d*)(?:\.(\d*))?"),
+    "{}": re.compile(r"\{[^{}:]*:[^{}\d]*(\d*)(?:\.(\d*))?"),
+}
+
+
+def _check_format(what: str, fmt: Any, args: Any, style: str) -> None:
+    """``fmt % args`` / ``fmt.format(*args)``: no width or precision over the limit, and at most
+    (fields x the arguments' total size) plus the format's own length."""
+    if not isinstance(fmt, str):
+        return
+    for match in _WIDTHS[style].finditer(fmt):
+        for digits in filter(None, match.groups()):
+            if len(digits) > 12 or int(digits) > char_limit():
+                _check(f"{what} with a width of {digits[:20]}", int(digits[:20]))
+    items = args if isinstance(args, (list, tuple)) else [args]
+    values = list(items) + (list(args.values()) if isinstance(args, dict) else [])
+    if ("*" in fmt and style == "%") or (":{" in fmt and style == "{}"):  # '%*d', '{:{}}'
+        _check_ints(what, values, {})
+    fields = fmt.count("%") + fmt.count("{") + 1
+    _check(what, len(fmt) + fields * sum(len(str(v)) if isinstance(v, str) else 32 for v in values))
+
+
+def _check_ints(what: str, args: Any, kwargs: dict[str, Any]) -> None:
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool):
+            _check(f"{what} with an argument of {value}", abs(value))
+
+
+def _precheck(
+    name: str, obj: Any, args: tuple, kwargs: dict[str, Any], method: bool = False
+) -> None:
+    """Refuse a string method or filter whose result would be over the limit, before it runs."""
+    what = f"{name}()"
+    if name == "join":
+        if len(args) >= 1 and isinstance(obj, str):  # sep.join(items)
+            items, sep = args[0], obj
+        else:  # items|join(sep)
+            items, sep = obj, (args[0] if args else kwargs.get("d", ""))
+        if isinstance(items, (list, tuple, dict, set, frozenset, str)):
+            parts = sum(len(x) if isinstance(x, str) else 32 for x in items)
+            _check(what, parts + len(str(sep)) * len(items))
+        return
+    if name == "replace":
+        old = args[0] if args else kwargs.get("old", "")
+        new = args[1] if len(args) > 1 else kwargs.get("new", "")
+        if isinstance(obj, str) and isinstance(old, str) and isinstance(new, str):
+            count = obj.count(old) if old else len(obj) + 1
+            _check(what, len(obj) + count * max(0, len(new) - len(old)))
+        return
+    if name in ("format", "format_map"):  # the filter is printf-style, the method str.format
+        style = "{}" if method else "%"
+        _check_format(what, obj, list(args) + list(kwargs.values()), style)
+        return
+    if name == "tojson":
+        indent = args[1] if len(args) > 1 else kwargs.get("indent")
+        if indent is not None:
+            _check(
+                f"tojson() with an indent of {indent!r}",
+                64 * _size(indent) if isinstance(indent, str) else int(indent) * 64,
+            )
+    if name == "indent":
+        width = args[0] if args else kwargs.get("width", 4)
+        if isinstance(obj, str) and isinstance(width, int):
+            _check(what, len(obj) + (obj.count("\n") + 1) * abs(width))
+        elif isinstance(width, str) and isinstance(obj, str):
+            _check(what, len(obj) + (obj.count("\n") + 1) * len(width))
+    _check_ints(what, args, kwargs)
+
+
+def _bounded(name: str, func: Any) -> Any:
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        # filters get (value, ...) or (context/env, value, ...) when they pass one
+        from jinja2 import Environment
+        from jinja2.nodes import EvalContext
+        from jinja2.runtime import Context
+
+        first = 0
+        while first < len(args) and isinstance(args[first], (Environment, EvalContext, Context)):
+            first += 1
+        obj = args[first] if first < len(args) else None
+        _precheck(name, obj, args[first + 1 :], kwargs)
+        result = func(*args, **kwargs)
+        if isinstance(result, (str, list, tuple)):
+            _check(f"{name}()", len(result))
+        return result
+
+    bounded.__name__ = getattr(func, "__name__", name)
+    bounded.__wrapped__ = func
+    for attr in ("jinja_pass_arg",):
+        if hasattr(func, attr):
+            setattr(bounded, attr, getattr(func, attr))
+    bounded._llmkit_bounded = True
+    return bounded
+
+
+class _BoundedBuffer(list):
+    """The output buffer of a ``{% set %}`` block or a macro: its text is capped like the
+    rendered text (a block that writes a literal in nested loops would grow without end)."""
+
+    size = 0
+
+    def _add(self, items: Any) -> None:
+        self.size += sum(len(x) if isinstance(x, str) else 16 for x in items)
+        if self.size > char_limit():
+            raise TemplateTooLarge("a {% set %} block or macro", self.size, char_limit())
+
+    def append(self, item: Any) -> None:
+        self._add((item,))
+        super().append(item)
+
+    def extend(self, items: Any) -> None:
+        items = list(items)
+        self._add(items)
+        super().extend(items)
+
+
+#: Items all ``range()`` calls of one render may yield together (Jinja caps each at 100,000;
+#: nested loops over ranges would otherwise run 10^10 times).
+RANGE_BUDGET = 1_000_000
+_RANGES: contextvars.ContextVar[list[int]] = contextvars.ContextVar("llmkit_template_ranges")
+
+
+def _bounded_range(*args: int) -> range:
+    from jinja2.sandbox import safe_range
+
+    rng = safe_range(*args)
+    spent = _RANGES.get(None)
+    if spent is not None:
+        spent[0] += len(rng)
+        if spent[0] > RANGE_BUDGET:
+            raise TemplateTooLarge("range() calls", spent[0], RANGE_BUDGET, "items")
+    return rng
+
+
+_BOUNDED_ENV: Any = None
+
+
+def bounded_sandbox() -> type:
+    """The environment class transformers compiles chat templates with (see the module
+    docstring): jinja2's ``ImmutableSandboxedEnvironment`` with its documented hooks
+    (``intercepted_binops`` / ``call_binop``, ``call``, ``concat``, ``code_generator_class``)
+    checking sizes before anything is built."""
+    global _BOUNDED_ENV
+    if _BOUNDED_ENV is not None:
+        return _BOUNDED_ENV
+    from jinja2.compiler import CodeGenerator
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class _Generator(CodeGenerator):
+        def buffer(self, frame: Any) -> None:  # {% set %} blocks, macros, call/filter blocks
+            frame.buffer = self.temporary_identifier()
+            self.writeline(f"{frame.buffer} = environment.bounded_buffer()")
+
+        def visit_Concat(self, node: Any, frame: Any) -> None:  # the ~ operator
+            if frame.eval_ctx.volatile or frame.eval_ctx.autoescape:
+                return super().visit_Concat(node, frame)
+            self.write("environment.bounded_str_join((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+            return None
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """``ImmutableSandboxedEnvironment`` whose operators, methods, filters and output are
+        bounded by :func:`char_limit`."""
+
+        code_generator_class = _Generator
+        intercepted_binops = frozenset({"*", "+", "%", "**"})
+
+        def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+            if op == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                        _check(f"{type(seq).__name__} * {n}", len(seq) * max(n, 0))
+            elif op == "+":
+                if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                    _check("+", len(left) + len(right))
+            elif op == "%":
+                _check_format("%", left, right, "%")
+            elif op == "**":
+                if isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+                    _check(f"{left} ** {right}", abs(left).bit_length() * max(right, 0) // 3)
+            return super().call_binop(context, op, left, right)
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+            name = getattr(__obj, "__name__", "")
+            owner = getattr(__obj, "__self__", None)
+            if isinstance(owner, (str, list, tuple, dict)) and name:
+                _precheck(name, owner, args, kwargs, method=True)
+            result = ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
+            if isinstance(result, (str, list, tuple)):
+                _check(f"{name or 'a call'}()", len(result))
+            return result
+
+        def bounded_buffer(self) -> list:
+            return _BoundedBuffer()
+
+        def bounded_str_join(self, items: Any) -> str:
+            parts = [str(x) for x in items]
+            _check("~", sum(len(p) for p in parts))
+            return "".join(parts)
+
+        def concat(self, pieces: Any) -> str:  # type: ignore[override]
+            limit, total, out = char_limit(), 0, []
+            for piece in pieces:
+                total += len(piece)
+                if total > limit:
+                    raise TemplateTooLarge("the rendered text", total, limit)
+                out.append(piece)
+            return "".join(out)
+
+        def _wrap_filters(self) -> None:
+            for name, func in list(self.filters.items()):
+                if not getattr(func, "_llmkit_bounded", False):
+                    self.filters[name] = _bounded(name, func)
+            lipsum = self.globals.get("lipsum")
+            if lipsum is not None and not getattr(lipsum, "_llmkit_bounded", False):
+
+                def bounded_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100):  # noqa: A002
+                    _check("lipsum()", abs(int(n)) * abs(int(max)) * 12)
+                    return lipsum(n, html, min, max)
+
+                bounded_lipsum._llmkit_bounded = True  # type: ignore[attr-defined]
+                self.globals["lipsum"] = bounded_lipsum
+            self.globals["range"] = _bounded_range
+
+        def from_string(self, source: Any, *args: Any, **kwargs: Any) -> Any:
+            self._wrap_filters()  # transformers adds tojson after building the environment
+            return super().from_string(source, *args, **kwargs)
+
+    _BOUNDED_ENV = BoundedSandbox
+    return BoundedSandbox
+
+
+def _install() -> Any:
+    """Make transformers compile chat templates in :func:`bounded_sandbox`; returns its
+    ``_compile_jinja_template``."""
+    from transformers.utils import chat_template_utils as ctu
+
+    env = bounded_sandbox()
+    if ctu.ImmutableSandboxedEnvironment is not env:
+        ctu.ImmutableSandboxedEnvironment = env
+        ctu._compile_jinja_template.cache_clear()  # templates compiled before: recompile
+    return ctu._compile_jinja_template
 
 
 def _file_holds(path: Path, template: str) -> bool:
@@ -92,12 +406,28 @@ def render_chat(
             sandbox blocks, uses an undefined name, refuses the conversation through
             ``raise_exception``, or fails otherwise; the message names the template's file.
     """
+    token = _LIMIT.set(char_limit(messages))
+    ranges = _RANGES.set([0])
     try:
-        return tokenizer.apply_chat_template(
+        compile_template = _install()
+        template = tokenizer.get_chat_template()
+        if not isinstance(compile_template(template).environment, bounded_sandbox()):
+            raise RuntimeError("transformers did not compile the chat template in llmkit's sandbox")
+        text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except Exception as err:  # any template failure: classified below, never a traceback
         raise template_error(tokenizer, err, where) from err
+    finally:
+        _LIMIT.reset(token)
+        _RANGES.reset(ranges)
+    if add_generation_prompt and not text.strip():
+        raise template_error(tokenizer, _EmptyPrompt(), where)
+    return text
+
+
+class _EmptyPrompt(Exception):
+    pass
 
 
 def template_error(tokenizer: Any, err: BaseException, where: str | None = None) -> UserError:
@@ -111,6 +441,16 @@ def template_error(tokenizer: Any, err: BaseException, where: str | None = None)
     fix = f"fix the template in {source}" if named else "fix the chat template"
     prefix = f"{where}: " if where else ""
     detail = _first_line(err)
+    if isinstance(err, TemplateTooLarge):
+        return UserError(
+            f"{prefix}{the} was stopped: {detail} ({err.rule})",
+            f"a chat template that builds that much is broken or hostile; {fix}",
+        )
+    if isinstance(err, _EmptyPrompt):
+        return UserError(
+            f"{prefix}{the} renders the conversation as empty text: there is no prompt to continue",
+            f"{fix} so that it writes the messages, or use a model whose template works",
+        )
     if isinstance(err, jx.TemplateSyntaxError):
         line = f" at line {err.lineno}" if err.lineno else ""
         return UserError(

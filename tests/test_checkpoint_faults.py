@@ -179,6 +179,85 @@ def test_distributed_checkpoint_metadata_is_vetted(tmp_path):
     assert "builtins.exec" in err.value.message and not marker.exists()
 
 
+def _dcp_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    """A real torch.distributed.checkpoint of a model and its AdamW state, written on CPU in
+    one process (what accelerate writes under FSDP), as an llmkit step checkpoint."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 4)).sum().backward()
+    opt.step()
+    step = tmp_path / "checkpoints" / "step-00000001"
+    shards = step / "pytorch_model_fsdp_0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=shards)
+    (step / "trainer_state.json").write_text("{}")
+    (step / "rng_state_0.json").write_text(json.dumps(ckpt.rng_state()))
+    return step, shards
+
+
+def test_a_crafted_pickle_item_in_a_distcp_shard_never_runs(tmp_path):
+    """torch reads the BYTE_IO items of .distcp shards with torch.load(weights_only=False)
+    (torch/distributed/checkpoint/default_planner.py, DefaultLoadPlanner.load_bytes): an item
+    replaced by a pickle that runs code is refused by the vetting; torch itself would run it."""
+    import io
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    step, shards = _dcp_checkpoint(tmp_path)
+    ckpt.verify_checkpoint(step)  # a real one, with its byte items (the lr, betas...): passes
+    meta_file = shards / ".metadata"
+    meta = pickle.loads(meta_file.read_bytes())
+    byte_items = [
+        (i, info)
+        for i, info in meta.storage_data.items()
+        if isinstance(meta.state_dict_metadata[i.fqn], BytesStorageMetadata)
+    ]
+    assert byte_items  # AdamW's param_groups are saved as bytes
+    index, info = byte_items[0]
+    marker = tmp_path / "MARKER"
+    evil = io.BytesIO()
+    torch.save(_Evil(marker), evil)
+    shard = shards / info.relative_path
+    original = shard.read_bytes()
+    shard.write_bytes(original + evil.getvalue())  # the item now points at the crafted bytes
+    info.offset, info.length = len(original), len(evil.getvalue())
+    meta_file.write_bytes(pickle.dumps(meta))
+    with pytest.raises(UserError) as err:
+        ckpt.verify_checkpoint(step)
+    line = err.value.message
+    assert f"pytorch_model_fsdp_0/{info.relative_path}" in line and repr(index.fqn) in line
+    assert "is refused" in line and "GLOBAL exec" in line and "\n" not in line
+    assert not marker.exists()
+    # what the vetting prevents: torch's own load runs the item's code
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 4)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optim": opt.state_dict()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            dcp.load(state, checkpoint_id=shards)
+        except Exception:
+            pass
+    assert marker.read_text() == "code ran"
+
+
+def test_a_distcp_shard_no_metadata_indexes_is_refused(tmp_path):
+    step, shards = _dcp_checkpoint(tmp_path)
+    shutil.copy(next(shards.glob("*.distcp")), shards / "__9_0.distcp")
+    with pytest.raises(UserError) as err:
+        ckpt.verify_checkpoint(step)
+    assert "pytorch_model_fsdp_0/__9_0.distcp is not indexed by a .metadata" in err.value.message
+
+
 @pytest.mark.parametrize("name", ["optimizer.bin", "model.safetensors", "rng_state_0.json"])
 def test_a_truncated_checkpoint_file_is_one_line(finished, tmp_path, name):
     data, out = _copy_run(finished, tmp_path)

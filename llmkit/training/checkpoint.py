@@ -36,13 +36,16 @@ with ``torch.load(weights_only=True)`` (PyTorch's restricted unpickler: tensors,
 strings and containers only; memory-mapped, so the tensors are not read twice), and the
 ``.metadata`` pickle of a ``torch.distributed.checkpoint`` directory (FSDP), which torch reads
 with plain ``pickle``, with an unpickler that resolves only that format's own classes
-(:func:`llmkit.security.check_pickle_globals`). A file that names anything else, a damaged
-(truncated) file, or an accelerate pickle of registered objects (checkpoints of llmkit
-before this format) ends ``--resume`` with one line naming the file; nothing in it has run.
-accelerate's own ``load_state`` then reads the vetted files (it uses ``weights_only=True`` for
-all of them too). DeepSpeed's files are vetted the same way; a DeepSpeed checkpoint holding a
-Python object outside PyTorch's allowed types is refused rather than unpickled (DeepSpeed
-itself reads them with ``weights_only=False``; untested here: no GPU).
+(:func:`llmkit.security.check_pickle_globals`); the non-tensor ("bytes") items of its
+``.distcp`` shards, which torch reads with ``torch.load(weights_only=False)``, are found through
+that ``.metadata`` and each byte range is read with ``torch.load(weights_only=True)``
+(:func:`_vet_dcp_bytes`; a shard no ``.metadata`` indexes is refused). A file that names
+anything else, a damaged (truncated) file, or an accelerate pickle of registered objects
+(checkpoints of llmkit before this format) ends ``--resume`` with one line naming the file;
+nothing in it has run. accelerate's own ``load_state`` then reads the vetted files (it uses
+``weights_only=True`` for all of them too). DeepSpeed's files are vetted the same way; a
+DeepSpeed checkpoint holding a Python object outside PyTorch's allowed types is refused rather
+than unpickled (DeepSpeed itself reads them with ``weights_only=False``; untested here: no GPU).
 
 The data position needs no state beyond the step: the order of training blocks is a function
 of (seed, epoch) (:func:`llmkit.training.batches.step_samples`), so step s always reads the
@@ -148,10 +151,11 @@ RNG_FILE = "rng_state_{rank}.json"
 _ACCELERATE_RNG = re.compile(r"^random_states_\d+\.pkl$")
 #: accelerate's pickles of registered objects, read back with plain pickle: never loaded.
 _REGISTERED_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
-#: Files whose content is parsed without any code: JSON, safetensors, and the raw tensor bytes
-#: of ``torch.distributed.checkpoint`` shards (``.distcp``; their non-tensor entries are read
-#: by torch with ``weights_only=True``).
-_PLAIN_SUFFIXES = {".json", ".safetensors", ".distcp", ".txt", ".md"}
+#: Files whose content is parsed without any code: JSON, safetensors, text. (``.distcp`` shards
+#: of a ``torch.distributed.checkpoint`` are not plain: torch reads their non-tensor items with
+#: ``torch.load(weights_only=False)``; they are vetted through the ``.metadata`` that indexes
+#: them, :func:`_vet_dcp_bytes`.)
+_PLAIN_SUFFIXES = {".json", ".safetensors", ".txt", ".md"}
 
 
 def rng_state() -> dict[str, Any]:
@@ -421,6 +425,23 @@ def _damaged(checkpoint: Path, file: Path, why: str) -> UserError:
     return UserError(f"checkpoint {checkpoint.name} is damaged: file {rel} {why}", hint)
 
 
+def _check_rng_files(ckpt: Path, world_size: int) -> None:
+    """Each resuming process needs its ``rng_state_<rank>.json``.
+
+    Raises:
+        UserError: one is missing (naming accelerate's pickle when an older llmkit wrote it).
+    """
+    for rank in range(world_size):
+        if not (ckpt / RNG_FILE.format(rank=rank)).is_file():
+            legacy = ckpt / f"random_states_{rank}.pkl"
+            raise _damaged(
+                ckpt,
+                legacy if legacy.exists() else ckpt / RNG_FILE.format(rank=rank),
+                "is missing: written by an older llmkit (pickled RNG states) or not by "
+                f"{world_size} process(es)",
+            )
+
+
 def verify_checkpoint(checkpoint: str | Path, world_size: int = 1) -> None:
     """Open every file of a checkpoint without running anything it could name (see the
     module docstring), before accelerate's ``load_state`` reads it.
@@ -440,16 +461,13 @@ def verify_checkpoint(checkpoint: str | Path, world_size: int = 1) -> None:
     from llmkit.security import UnsafePickle
 
     ckpt = Path(checkpoint)
-    for rank in range(world_size):
-        if not (ckpt / RNG_FILE.format(rank=rank)).is_file():
-            legacy = ckpt / f"random_states_{rank}.pkl"
-            raise _damaged(
-                ckpt,
-                legacy if legacy.exists() else ckpt / RNG_FILE.format(rank=rank),
-                "is missing: written by an older llmkit (pickled RNG states) or not by "
-                f"{world_size} process(es)",
-            )
-    for f in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+    _check_rng_files(ckpt, world_size)
+    vetted_shards: set[Path] = set()
+    # .metadata first: it names the .distcp items that hold pickles
+    files = sorted(
+        (p for p in ckpt.rglob("*") if p.is_file()), key=lambda p: (p.name != ".metadata", str(p))
+    )
+    for f in files:
         if _REGISTERED_PICKLE.match(f.name):
             raise _damaged(
                 ckpt,
@@ -458,7 +476,7 @@ def verify_checkpoint(checkpoint: str | Path, world_size: int = 1) -> None:
                 "(a checkpoint of an older llmkit, or a crafted one)",
             )
         try:
-            _open_file(f)
+            vetted_shards |= _open_file(ckpt, f)
         except UnsafePickle as err:
             raise _damaged(ckpt, f, f"is refused: {err}; nothing of it was run") from None
         except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
@@ -467,12 +485,95 @@ def verify_checkpoint(checkpoint: str | Path, world_size: int = 1) -> None:
             if type(err).__name__ != "SafetensorError":
                 raise
             raise _damaged(ckpt, f, _why(err)) from None
+    for f in files:
+        if f.suffix.lower() == ".distcp" and f.resolve() not in vetted_shards:
+            raise _damaged(
+                ckpt,
+                f,
+                "is not indexed by a .metadata beside it (torch would not read it as "
+                "written); nothing of it was run",
+            )
 
 
-def _open_file(f: Path) -> None:
+def _vet_dcp_bytes(ckpt: Path, metadata_file: Path, metadata: Any) -> set[Path]:
+    """Vet the non-tensor items of a ``torch.distributed.checkpoint`` directory.
+
+    torch (2.13, ``distributed/checkpoint/default_planner.py``, ``DefaultLoadPlanner.load_bytes``)
+    reads each ``BYTE_IO`` item, a ``torch.save`` of a Python value kept in a ``.distcp`` shard,
+    with ``torch.load(weights_only=False)``, i.e. plain pickle. The ``.metadata`` (already
+    vetted) says which items are bytes and where they lie (``storage_data``: file, offset,
+    length); each such byte range is read here with ``torch.load(weights_only=True)``.
+
+    Args:
+        ckpt: the checkpoint (for messages).
+        metadata_file: the ``.metadata`` file; its directory holds the shards.
+        metadata: its unpickled ``Metadata``.
+
+    Returns:
+        The resolved paths of the shards this metadata indexes.
+
+    Raises:
+        UserError: an item that holds more than tensors and numbers, an item transformed by a
+            storage extension (compressed: not vetted, refused), a path outside the directory,
+            or a range past the end of its file.
+    """
+    import io
+
+    import torch
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    root = metadata_file.parent
+    kinds = getattr(metadata, "state_dict_metadata", None) or {}
+    storage = getattr(metadata, "storage_data", None) or {}
+    if not isinstance(kinds, dict) or not isinstance(storage, dict):
+        raise _damaged(ckpt, metadata_file, "is not a torch.distributed.checkpoint index")
+    shards: set[Path] = set()
+    for index, info in storage.items():
+        rel = str(getattr(info, "relative_path", ""))
+        shard = (root / rel).resolve()
+        if not rel or Path(rel).is_absolute() or shard.parent != root.resolve():
+            raise _damaged(
+                ckpt, metadata_file, f"points outside its directory ({rel[:80]!r}); refused"
+            )
+        shards.add(shard)
+        fqn = getattr(index, "fqn", None)
+        if not isinstance(kinds.get(fqn), BytesStorageMetadata):
+            continue  # raw tensor bytes: read as tensors, no unpickling
+        where = root / rel
+        if getattr(info, "transform_descriptors", None):
+            raise _damaged(
+                ckpt,
+                where,
+                f"holds item {fqn!r} through a storage transform "
+                f"({info.transform_descriptors}); llmkit cannot vet it, refused",
+            )
+        offset, length = int(info.offset), int(info.length)
+        try:
+            with open(shard, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(length)
+        except OSError as err:
+            raise _damaged(ckpt, where, _why(err)) from None
+        if len(data) != length:
+            raise _damaged(ckpt, where, f"is truncated (item {fqn!r} ends past its end)")
+        try:
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as err:  # the restricted unpickler's refusal, or garbage
+            raise _damaged(ckpt, where, f"(item {fqn!r}) {_why(err)}") from None
+    return shards
+
+
+def _open_file(ckpt: Path, f: Path) -> set[Path]:
     """Read one checkpoint file by its kind, running nothing it names: JSON parsed,
     safetensors headers opened, a DCP ``.metadata`` pickle's globals checked against
-    :func:`_dcp_metadata_globals`, anything else through ``torch.load(weights_only=True)``."""
+    :func:`_dcp_metadata_globals` and the pickled items it indexes in ``.distcp`` shards vetted
+    (:func:`_vet_dcp_bytes`), anything else through ``torch.load(weights_only=True)``.
+
+    Returns:
+        The ``.distcp`` shards a ``.metadata`` indexed (empty for any other file).
+    """
+    import pickle
+
     from llmkit.security import check_pickle_globals
 
     suffix = f.suffix.lower()
@@ -484,9 +585,14 @@ def _open_file(f: Path) -> None:
         with safe_open(str(f), framework="pt") as handle:
             handle.keys()
     elif f.name == ".metadata":
-        check_pickle_globals(f.read_bytes(), _dcp_metadata_globals())
+        data = f.read_bytes()
+        check_pickle_globals(data, _dcp_metadata_globals())
+        return _vet_dcp_bytes(ckpt, f, pickle.loads(data))
+    elif suffix == ".distcp":
+        pass  # checked by the caller: every one must be indexed by a .metadata
     elif suffix not in _PLAIN_SUFFIXES:  # optimizer.bin, scaler.pt, DeepSpeed's *.pt, ...
         _vet_torch_file(f)
+    return set()
 
 
 def _vet_torch_file(f: Path) -> None:
