@@ -23,6 +23,29 @@ from llmkit.errors import UserError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+MODEL_CODE_HELP = (
+    "Let a model that ships Python code of its own (auto_map in config.json or "
+    "tokenizer_config.json) run it. Off: such a model is refused and its code never runs."
+)
+
+
+def threads_option() -> Any:
+    """``--threads N``: the same flag, help and default (None: llmkit.runtime decides) on every
+    command that runs a model."""
+    return typer.Option(
+        None,
+        "--threads",
+        help="CPU threads for torch (default: torch's, fewer on a busy machine).",
+        show_default=False,
+    )
+
+
+def trust_remote_code_option(help: str = MODEL_CODE_HELP) -> Any:
+    """``--trust-remote-code``: off by default on every command that loads a model (README,
+    "What llmkit executes")."""
+    return typer.Option(False, "--trust-remote-code", help=help)
+
+
 def debug() -> bool:
     """True when ``LLMKIT_DEBUG`` is set to a non-empty value other than ``0``."""
     return os.environ.get("LLMKIT_DEBUG", "") not in ("", "0")

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import typer
 
-from llmkit.cli._common import check_device_dtype, user_errors
+from llmkit.cli._common import (
+    check_device_dtype,
+    threads_option,
+    trust_remote_code_option,
+    user_errors,
+)
 
 
 @user_errors
@@ -26,18 +31,8 @@ def chat_command(
     seed: int = typer.Option(None, "--seed", help="Same seed, same replies.", show_default=False),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    threads: int = typer.Option(
-        None,
-        "--threads",
-        help="CPU threads for torch (default: torch's, fewer on a busy machine).",
-        show_default=False,
-    ),
-    trust_remote_code: bool = typer.Option(
-        False,
-        "--trust-remote-code",
-        help="Let a model that ships Python code of its own (auto_map in config.json or "
-        "tokenizer_config.json) run it. Off: such a model is refused and its code never runs.",
-    ),
+    threads: int = threads_option(),
+    trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Chat with an instruct model through its chat template, keeping the history.
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import typer
 
-from llmkit.cli._common import check_device_dtype, user_errors
+from llmkit.cli._common import check_device_dtype, threads_option, user_errors
 from llmkit.errors import UserError
 
 
@@ -236,12 +236,7 @@ def eval_command(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    threads: int = typer.Option(
-        None,
-        "--threads",
-        help="CPU threads for torch (default: torch's, fewer on a busy machine).",
-        show_default=False,
-    ),
+    threads: int = threads_option(),
     trust_remote_code: bool = typer.Option(
         False,
         "--trust-remote-code",

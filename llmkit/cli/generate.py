@@ -8,7 +8,12 @@ from pathlib import Path
 
 import typer
 
-from llmkit.cli._common import check_device_dtype, user_errors
+from llmkit.cli._common import (
+    check_device_dtype,
+    threads_option,
+    trust_remote_code_option,
+    user_errors,
+)
 from llmkit.errors import UserError
 
 
@@ -133,18 +138,8 @@ def generate_command(
         help="A file with one prompt per line, or JSONL with a prompt field ('-': stdin).",
         show_default=False,
     ),
-    threads: int = typer.Option(
-        None,
-        "--threads",
-        help="CPU threads for torch (default: torch's, fewer on a busy machine).",
-        show_default=False,
-    ),
-    trust_remote_code: bool = typer.Option(
-        False,
-        "--trust-remote-code",
-        help="Let a model that ships Python code of its own (auto_map in config.json or "
-        "tokenizer_config.json) run it. Off: such a model is refused and its code never runs.",
-    ),
+    threads: int = threads_option(),
+    trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Continue prompts with a causal language model.
 

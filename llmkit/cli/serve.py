@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from llmkit.cli._common import user_errors
+from llmkit.cli._common import trust_remote_code_option, user_errors
 from llmkit.errors import UserError, require
 
 
@@ -41,12 +41,7 @@ def serve_command(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    trust_remote_code: bool = typer.Option(
-        False,
-        "--trust-remote-code",
-        help="Let a model that ships Python code of its own (auto_map in config.json or "
-        "tokenizer_config.json) run it. Off: such a model is refused and its code never runs.",
-    ),
+    trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Serve a model with OpenAI's API: POST /v1/chat/completions and /v1/completions (streamed
     or not), GET /v1/models and /health, and a chat page at /.
