@@ -482,7 +482,7 @@ def packed_pair(support_texts):
 def _summed_loss(model, batch: dict, **kwargs):
     """Summed next-token cross-entropy over labels != -100 (nats) and the number of targets:
     inputs ids[:, :-1], targets labels[:, 1:] (labels[t] is the target of position t-1, the
-    shift of llmkit.training.loop.split_batch)."""
+    shift of llmkit.evaluation.scoring.split_batch)."""
     import torch
     import torch.nn.functional as F
 

@@ -563,7 +563,7 @@ def render_with_labels(
     token with its id.
 
     Labels are not shifted: ``labels[t]`` is the target of position ``t-1``
-    (``llmkit.training.loop.split_batch`` shifts).
+    (``llmkit.evaluation.scoring.split_batch`` shifts).
 
     Args:
         tokenizer: a fast tokenizer with a chat template (:func:`ensure_chat_template`).
