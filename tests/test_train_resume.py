@@ -261,6 +261,17 @@ def test_early_stopping_stops_training_and_keeps_the_best(tmp_path, tiny_tokeniz
     assert final["steps"] == 8 and final["stopped"] == "early_stopping"
     assert final["best_step"] == 4 and final["best_val_loss"] == 4.0
     assert read_state(run / "checkpoints" / "best")["step"] == 4
+    # `--resume best` names it; a damaged trainer_state.json names the file and an earlier one
+    from llmkit.training.checkpoint import resolve_resume
+
+    assert resolve_resume("best", run) == run / "checkpoints" / "best"
+    with pytest.raises(UserError, match="holds no best checkpoint"):
+        resolve_resume("best", tmp_path / "elsewhere")
+    state = run / "checkpoints" / "step-00000008" / "trainer_state.json"
+    state.write_text(state.read_text()[:20])
+    with pytest.raises(UserError, match=r"step-00000008 is damaged: file trainer_state.json") as e:
+        read_state(state.parent)
+    assert e.value.hint.endswith("step-00000006")
     assert [p.name for p in list_checkpoints(run)] == ["step-00000006", "step-00000008"]
     assert [r["step"] for r in _records(run) if "val_loss" in r] == [2, 4, 6, 8]
 

@@ -29,10 +29,10 @@ def train_command(
     resume: str = typer.Option(
         None,
         "--resume",
-        metavar="latest|PATH",
-        help="Continue from a checkpoint: `latest` (the newest of this run), a checkpoint "
-        "directory or a run directory. Model, optimizer, scheduler, RNGs and data position "
-        "are restored.",
+        metavar="latest|best|PATH",
+        help="Continue from a checkpoint: `latest` (the newest of this run), `best` (its best "
+        "validation's), a checkpoint directory or a run directory. Model, optimizer, "
+        "scheduler, RNGs and data position are restored.",
     ),
     dry_run: bool = typer.Option(
         False,

@@ -104,6 +104,8 @@ def read_state(checkpoint: str | Path) -> dict[str, Any]:
             raise ValueError("not a JSON object")
         return state
     except (OSError, ValueError) as err:
+        if path.is_file():  # there, but truncated or edited: a damaged checkpoint
+            raise _damaged(Path(checkpoint), path, f"cannot be read ({_why(err)})") from None
         raise UserError(
             f"{checkpoint} is not an llmkit checkpoint (no readable {STATE_FILE})",
             "pass --resume latest or a run_dir/checkpoints/step-N directory",
@@ -111,8 +113,9 @@ def read_state(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path:
-    """The checkpoint that ``--resume`` names: ``latest`` (newest under ``run_dir``), a
-    checkpoint directory, or a run directory (its newest).
+    """The checkpoint that ``--resume`` names: ``latest`` (newest under ``run_dir``), ``best``
+    (the best validation's, kept beside them), a checkpoint directory, or a run directory (its
+    newest).
 
     Raises:
         UserError: nothing to resume from.
@@ -125,6 +128,14 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
                 "set train.save_interval to write checkpoints, or start without --resume",
             )
         return found[-1]
+    if resume == BEST:
+        best = run_dir / CHECKPOINTS / BEST
+        if not (best / STATE_FILE).is_file():
+            raise UserError(
+                f"--resume best: {run_dir / CHECKPOINTS} holds no best checkpoint",
+                "it is kept when validation improves (eval.interval); pass --resume latest",
+            )
+        return best
     path = Path(resume)
     if (path / STATE_FILE).is_file():
         return path
@@ -133,7 +144,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
         return found[-1]
     raise UserError(
         f"--resume {resume}: not a checkpoint or a run with checkpoints",
-        "pass latest, a run directory or run_dir/checkpoints/step-N",
+        "pass latest, best, a run directory or run_dir/checkpoints/step-N",
     )
 
 
