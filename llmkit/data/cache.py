@@ -75,8 +75,8 @@ DEFAULT_MAX_GB = 20.0
 
 def cache_root() -> Path | None:
     """``$LLMKIT_CACHE``, else ``~/.cache/llmkit``; None when ``LLMKIT_CACHE`` is ``off`` (or
-    ``0``, ``none``, ``false``). The same rule as :func:`llmkit.generation.loading.cache_root`,
-    repeated here so that prepare does not import torch."""
+    ``0``, ``none``, ``false``). The one rule for every cache of llmkit (prepare, GGUF
+    conversions); here, in a module without torch, so that prepare and the CLI can use it."""
     value = os.environ.get(ENV_CACHE, "").strip()
     if value.lower() in ("off", "0", "none", "false"):
         return None
@@ -232,9 +232,9 @@ def tokenizer_identity(tokenizer: str | None) -> dict | None:
 
 def gguf_cache_dir(path: Path) -> Path | None:
     """Where :mod:`llmkit.generation.loading` caches the conversion of a ``.gguf`` model (a
-    ``save_pretrained`` directory with its tokenizer): ``<root>/gguf/<stem>-<size>-<mtime>``.
-    The same rule as :func:`llmkit.generation.loading.gguf_cache_dir`, repeated here so that
-    prepare does not import torch. None when the cache is off."""
+    ``save_pretrained`` directory with its tokenizer): ``<root>/gguf/<stem>-<size>-<mtime>``,
+    named by size and modification time so that a changed file is converted again. None when
+    the cache is off."""
     root = cache_root()
     if root is None:
         return None

@@ -45,10 +45,11 @@ from typing import Any
 
 import torch
 
+from llmkit.data.cache import cache_root, gguf_cache_dir  # noqa: F401 - one rule, torch-free
 from llmkit.errors import UserError, require
 
 ENV_MODEL = "LLMKIT_MODEL"
-ENV_CACHE = "LLMKIT_CACHE"
+ENV_CACHE = "LLMKIT_CACHE"  # read by llmkit.data.cache.cache_root
 DEFAULT_HUB_MODEL = "gpt2"
 FIX_HINT = (
     "pass --model DIR (a save_pretrained directory or a .gguf file), set LLMKIT_MODEL, "
@@ -185,25 +186,6 @@ def _short(err: BaseException, limit: int = 160) -> str:
     if isinstance(err, UserError):
         text = err.message
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def cache_root() -> Path | None:
-    """Where converted models are cached: ``$LLMKIT_CACHE``, else ``~/.cache/llmkit``; None when
-    ``LLMKIT_CACHE`` is ``off`` (or ``0``, ``none``)."""
-    value = os.environ.get(ENV_CACHE, "").strip()
-    if value.lower() in ("off", "0", "none", "false"):
-        return None
-    return Path(value).expanduser() if value else Path.home() / ".cache" / "llmkit"
-
-
-def gguf_cache_dir(path: Path) -> Path | None:
-    """The cache directory of a ``.gguf`` file: named by its stem, size (bytes) and modification
-    time, so that a changed file is converted again. None when caching is off."""
-    root = cache_root()
-    if root is None:
-        return None
-    st = path.stat()
-    return root / "gguf" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
 
 
 def _is_saved_model(path: Path) -> bool:
