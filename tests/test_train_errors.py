@@ -260,6 +260,10 @@ def test_fp16_on_cpu_warns(tmp_path, tiny_tokenizer, capsys, monkeypatch):
         ("distributed.zero_stage=4", "the closest valid value is 3; valid values: 0, 1, 2, 3"),
         ("distributed.zero_stage=-1", "the closest valid value is 0; valid values: 0, 1, 2, 3"),
         ("train.learning_rate=-1", "train.learning_rate must be > 0"),
+        # ill-typed values say what the key takes (they had no hint)
+        ("train.max_steps=abc", "train.max_steps takes an integer, e.g. `train.max_steps=1000`"),
+        ("train.learning_rate=x", "train.learning_rate takes a number, e.g. `train.learning_rate"),
+        ("train.trackers=5", 'train.trackers takes a list, e.g. `train.trackers=["tensorboard"]`'),
     ],
 )
 def test_bad_values_name_the_valid_ones(tmp_path, override, hint):

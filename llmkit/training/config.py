@@ -8,6 +8,7 @@ Every field carries its unit in its description.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -426,7 +427,29 @@ def _value_hint(loc: str, error: dict, got: Any) -> str | None:
             hint = f"{loc} must be {rule}"
         described = (info.description or "").rstrip(".")
         return f"{hint} ({described})" if described else hint
-    return None
+    return _type_hint(loc, info, error)
+
+
+def _type_hint(loc: str, info: Any, error: dict) -> str | None:
+    """For an ill-typed value: what ``loc`` takes, with its default as an example."""
+    takes = next((v for k, v in _TYPE_WORDS.items() if error["type"].startswith(k)), None)
+    if takes is None:
+        return None
+    default = info.get_default(call_default_factory=True)
+    if default is None:
+        return f"{loc} takes {takes}"
+    shown = json.dumps(default) if isinstance(default, list | bool) else default
+    return f"{loc} takes {takes}, e.g. `{loc}={shown}` (the default)"
+
+
+#: pydantic error types (prefixes) of an ill-typed value -> what the key takes, in words.
+_TYPE_WORDS = {
+    "int_": "an integer",
+    "float_": "a number",
+    "bool_": "true or false",
+    "string_": "a string",
+    "list_": "a list",
+}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
