@@ -130,6 +130,16 @@ def test_cache_info_and_clear_commands(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: --older-than 'soon'")
     off = _llmkit("cache", "info", env={"LLMKIT_CACHE": "off"})
     assert off.returncode == 0 and "off" in off.stdout
+    # LLMKIT_CACHE naming a file: one line, not "0 entries" (a new user's pass found it)
+    a_file = tmp_path / "cachefile"
+    a_file.write_text("mine")
+    for command in (["info"], ["clear"]):
+        got = _llmkit("cache", *command, env={"LLMKIT_CACHE": str(a_file)})
+        assert got.returncode == 2 and got.stderr.splitlines() == [
+            f"error: LLMKIT_CACHE={a_file} is a file, not a cache directory — set LLMKIT_CACHE "
+            "to a directory (default ~/.cache/llmkit), or LLMKIT_CACHE=off"
+        ], got.stderr
+    assert a_file.read_text() == "mine"
 
 
 def test_parse_age():

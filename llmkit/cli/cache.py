@@ -17,6 +17,7 @@ from pathlib import Path
 import typer
 
 from llmkit.cli._common import user_errors
+from llmkit.errors import UserError
 
 app = typer.Typer(
     name="cache",
@@ -47,9 +48,21 @@ def parse_age(text: str) -> float:
 
 
 def _root() -> Path | None:
-    from llmkit.data.cache import cache_root
+    """The cache root (None: caching is off).
 
-    return cache_root()
+    Raises:
+        UserError: ``$LLMKIT_CACHE`` names a file (prepare warns and runs uncached; here there
+            is nothing to show or clear, and "0 entries" would hide the mistake).
+    """
+    from llmkit.data.cache import ENV_CACHE, cache_root
+
+    root = cache_root()
+    if root is not None and root.exists() and not root.is_dir():
+        raise UserError(
+            f"{ENV_CACHE}={root} is a file, not a cache directory",
+            f"set {ENV_CACHE} to a directory (default ~/.cache/llmkit), or {ENV_CACHE}=off",
+        )
+    return root
 
 
 def _mb(n: int) -> str:
