@@ -216,6 +216,72 @@ class LoraConfig(_Section):
     )
 
 
+def tied_lora_targets(lcfg: LoraConfig, model_config: Any, trust_remote_code: bool = False):
+    """The tied embedding modules that ``lcfg.target_modules`` would adapt, as full module
+    names (``["lm_head"]``, ``["model.embed_tokens", "lm_head"]``), or ``[]``.
+
+    A model ties its embeddings when its config says ``tie_word_embeddings`` (read from the
+    loaded config: the default differs per architecture, True for GPT-2, False for Llama).
+    Targets are matched the way peft matches them (``peft.tuners.tuners_utils.
+    check_target_module_exists``: a list entry matches a name or its last components, a
+    string is a full-match regex); peft's ``all-linear`` leaves the output layer out and
+    embeddings are not linear, so it adapts neither. Names come from the model built on the
+    meta device (no memory, no weights read), only when the config ties and the targets are
+    not ``all-linear``.
+
+    Raises:
+        UserError: peft is not installed.
+    """
+    if lcfg.r == 0 or lcfg.target_modules == "all-linear":
+        return []
+    if not getattr(model_config, "tie_word_embeddings", False):
+        return []
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft.tuners.tuners_utils import check_target_module_exists
+    except ImportError as err:
+        raise UserError("lora.r > 0 needs peft", "pip install peft") from err
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    tied = [model.get_input_embeddings(), model.get_output_embeddings()]
+    peft_config = PeftLoraConfig(r=lcfg.r, target_modules=lcfg.target_modules)
+    return [
+        name
+        for name, module in model.named_modules()
+        if any(module is m for m in tied if m is not None)
+        and check_target_module_exists(peft_config, name)
+    ]
+
+
+def check_lora_targets(lcfg: LoraConfig, model_config: Any, trust_remote_code: bool = False):
+    """Refuse LoRA targets on tied embeddings (:func:`tied_lora_targets`).
+
+    Such an adapter trains one thing and exports another: the input and output embeddings
+    are one matrix, LoRA adapts only the module named (its input or its output use), and
+    peft's merge adds the update to the shared matrix, so the merged export changes both uses
+    while its config still says tied, and its logits are not the trained model's
+    (huggingface/peft #2018, huggingface/transformers #45127). llmkit refuses rather than
+    untie: untying changes the exported architecture (a second vocabulary-sized matrix) and
+    leaves ``run_dir/adapter`` unusable on the published base model.
+
+    Raises:
+        UserError: the targets adapt a tied embedding module (one line, before any weight is
+            loaded); peft is not installed.
+    """
+    names = tied_lora_targets(lcfg, model_config, trust_remote_code)
+    if names:
+        raise UserError(
+            f"lora.target_modules adapts {', '.join(names)}, whose weights are tied (the "
+            "input and output embeddings are one matrix, tie_word_embeddings): the merged "
+            "export would not be the model trained",
+            "leave the embeddings and the output layer out of lora.target_modules (the "
+            "default all-linear does), or train the full model with lora.r=0",
+        )
+
+
 class DistributedConfig(_Section):
     """How several processes share the work, through accelerate: DDP (a full copy of the model
     per process) or, for models too big for that, FSDP or DeepSpeed ZeRO (GPUs only)."""

@@ -21,7 +21,7 @@ from llmkit.errors import UserError
 from llmkit.runtime import announce_threads
 from llmkit.training import checkpoint as ckpt
 from llmkit.training.batches import steps_per_epoch
-from llmkit.training.config import Recipe
+from llmkit.training.config import Recipe, check_lora_targets
 from llmkit.training.flops import estimate_memory
 
 #: Where launchers put the number of processes (accelerate's ``PartialState`` reads the same).
@@ -252,6 +252,8 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
     resume_from = ckpt.resolve_resume(resume, recipe.run_dir) if resume else None
     data = load_prepared(recipe.data.path, trust_remote_code=recipe.model.trust_remote_code)
     model_config, new_tokens = _model_config(recipe, data, data_block)
+    # LoRA on tied embeddings exports another model than the one trained: refused first
+    check_lora_targets(recipe.lora, model_config, recipe.model.trust_remote_code)
 
     cuda = torch.cuda.is_available()
     check_strategy(recipe.distributed, cuda=cuda, lora=recipe.lora.r > 0)
