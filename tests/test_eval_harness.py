@@ -215,3 +215,174 @@ def test_chat_on_a_model_without_a_template_is_one_line(tiny_model_dir):
     args = ["eval", "-m", str(tiny_model_dir), "--tasks", TASK, "--include-path", str(TASKS)]
     res = runner.invoke(app, [*args, "--limit", "2", "--chat"])
     one_line_error(res, "--chat needs a chat template", "drop --chat")
+
+
+# --- tokenizers of real model families: a BOS post-processor, tokens spanning the join ------
+
+ROLLING_TEXT = "the quick brown fox jumps over the lazy dog, and the world says hello to the fox"
+
+
+@pytest.fixture(scope="module")
+def bos_model_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 whose byte-level BPE adds BOS itself (a TemplateProcessing post-processor,
+    as Llama's and Gemma's tokenizers do) and has merged "Ġworld" but not "ld" after "wor"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = ["hello world, the world says hello"] * 20 + [ROLLING_TEXT] * 5
+    tok.train_from_iterator(corpus, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(fast),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
+    out = tmp_path_factory.mktemp("bos") / "tiny-gpt2-bos"
+    GPT2LMHeadModel(cfg).save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def _task(directory: Path, name: str, docs: list[dict], body: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(d) + "\n" for d in docs)
+    (directory / f"{name}.jsonl").write_text(lines, encoding="utf-8")
+    (directory / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {name}.jsonl\ntest_split: test\n{body}",
+        encoding="utf-8",
+    )
+    return directory
+
+
+@needs_harness
+@pytest.mark.parametrize("harness_length", [None, 16])
+def test_rolling_perplexity_has_one_bos_and_equals_llmkit_eval(
+    bos_model_dir, tmp_path, harness_length
+):
+    """lm-evaluation-harness #3333: the tokenizer's own BOS came on top of the harness's prefix
+    token. One window (the document fits the context) and several (--max-length 16 in the
+    harness scores 16 tokens a window, as llmkit eval's 17-token windows do)."""
+    from transformers import AutoTokenizer
+
+    from llmkit.evaluation.harness import run_tasks
+    from llmkit.generation.loading import load_model_and_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(bos_model_dir)
+    bos = tok.bos_token_id
+    assert tok("hello")["input_ids"][0] == bos  # the tokenizer adds BOS itself
+    ids = tok(ROLLING_TEXT, add_special_tokens=False)["input_ids"]
+    assert 16 < len(ids) < 63 and bos not in ids
+
+    (tmp_path / "doc.txt").write_text(ROLLING_TEXT, encoding="utf-8")
+    length = [] if harness_length is None else ["--max-length", str(harness_length + 1)]
+    res = runner.invoke(
+        app,
+        ["eval", "-m", str(bos_model_dir), "--data", str(tmp_path / "doc.txt"), "--json"] + length,
+    )
+    assert res.exit_code == 0, res.stderr
+    ours = json.loads(res.stdout)
+    assert ours["tokens"] == len(ids)
+
+    tasks = _task(
+        tmp_path / "tasks",
+        "llmkit_rolling",
+        [{"text": ROLLING_TEXT}],
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
+        "  - metric: bits_per_byte\n",
+    )
+    lm, tokenizer, _ = load_model_and_tokenizer(str(bos_model_dir), device="cpu")
+    inputs: list[list[int]] = []
+    forward = lm.forward
+
+    def capture(input_ids=None, *args, **kwargs):
+        inputs.extend(input_ids.tolist())
+        return forward(input_ids, *args, **kwargs)
+
+    lm.forward = capture
+    r = run_tasks(
+        lm,
+        tokenizer,
+        "llmkit_rolling",
+        include_path=str(tasks),
+        max_length=harness_length,
+        log_samples=True,
+    )
+    # the model's first input is BOS then the text; no other BOS in any input
+    assert inputs[0][0] == bos and inputs[0][1:3] == ids[:2]
+    assert sum(row.count(bos) for row in inputs) == 1
+    assert len(inputs) == (1 if harness_length is None else math.ceil(len(ids) / 16))
+
+    task = r["tasks"]["llmkit_rolling"]
+    (ll,) = [float(x) for x in task["docs"][0]["filtered_resps"]]
+    assert math.exp(-ll / len(ids)) == pytest.approx(ours["perplexity"], rel=1e-5)
+    bpb = task["metrics"]["bits_per_byte"]["value"]
+    assert bpb == pytest.approx(ours["bits_per_byte"], rel=1e-5)
+
+
+@needs_harness
+def test_a_token_spanning_the_join_is_scored_with_the_continuation_alone(bos_model_dir, tmp_path):
+    """lm-evaluation-harness #1297 / PR #4055: "hello wor" + "ld" is "hello" "Ġworld" as a
+    whole, so the harness's cut left no continuation and the run died on an assert."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bos_model_dir)
+    whole = tok("hello world")["input_ids"]
+    context = tok("hello wor")["input_ids"]
+    assert len(whole) == len(context) == 3  # <s> hello Ġworld / <s> hello Ġwor
+    docs = [
+        {"context": "hello wor", "continuation": "ld"},  # spans the join
+        {"context": "hello", "continuation": " world"},  # does not
+    ]
+    tasks = _task(
+        tmp_path / "tasks",
+        "llmkit_join",
+        docs,
+        "output_type: loglikelihood\ndoc_to_text: '{{context}}'\n"
+        "doc_to_target: '{{continuation}}'\ntarget_delimiter: ''\n"
+        "metric_list:\n  - metric: perplexity\n  - metric: acc\n",
+    )
+    res = runner.invoke(
+        app,
+        ["eval", "-m", str(bos_model_dir), "--tasks", "llmkit_join", "--include-path", str(tasks)]
+        + ["--json"],
+    )
+    assert res.exit_code == 0, res.output
+    warnings = [x for x in res.stderr.splitlines() if x.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: 1 request(s) had a token")
+    # stdout is the JSON alone: the harness's own "bootstrapping for stddev" print (for the
+    # perplexity metric) used to come first and break --json
+    task = json.loads(res.stdout)["tasks"]["llmkit_join"]
+    assert task["samples"] == 2
+
+    # by hand: log P(tokens of "ld" alone | <s> hello Ġwor) and log P(Ġworld | <s> hello)
+    model = AutoModelForCausalLM.from_pretrained(bos_model_dir).eval()
+
+    def loglikelihood(ctx: list[int], cont: list[int]) -> float:
+        with torch.no_grad():
+            logits = model(torch.tensor([ctx + cont[:-1]])).logits[0].double()
+        logp = torch.log_softmax(logits, dim=-1)
+        return sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+
+    ld = tok("ld", add_special_tokens=False)["input_ids"]
+    lls = [loglikelihood(context, ld), loglikelihood(whole[:2], whole[2:])]
+    ppl = task["metrics"]["perplexity"]["value"]
+    assert ppl == pytest.approx(math.exp(-sum(lls) / 2), rel=1e-4)

@@ -4,7 +4,11 @@
 The model is loaded once by llmkit (:func:`llmkit.generation.loading.load_model_and_tokenizer`:
 a run, a ``save_pretrained`` directory, a ``.gguf`` file or a Hub id) and handed, already
 loaded, to the harness's ``HFLM`` wrapper; ``lm_eval.simple_evaluate`` then runs the tasks.
-Nothing is loaded twice and no model code is fetched.
+Nothing is loaded twice and no model code is fetched. Two departures from ``HFLM`` on
+purpose (:func:`harness_lm`): perplexity (rolling) requests get one start token, as
+``llmkit eval`` scores them, whatever the tokenizer adds (lm-evaluation-harness #3333); a
+token spanning the context/continuation join is scored with the continuation encoded alone
+and counted in a warning (#1297) instead of failing the run.
 
 Tasks are named as in the harness (``hellaswag``, ``arc_easy``, a group such as ``mmlu``) or
 defined by YAML files under ``include_path`` directories (the harness's own task format; see
@@ -53,7 +57,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -567,7 +571,6 @@ def run_tasks(
     _check_numbers(limit, num_fewshot, batch_size)
     _quiet_harness_logs()
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     if loaded_tasks is None:
@@ -598,12 +601,14 @@ def run_tasks(
     # The harness pads on the right, after the scored continuation: the warning is noise.
     silence_padding_warning(lm)
     # the model is already loaded: nothing for the harness to fetch or run
-    harness_lm = HFLM(pretrained=lm, tokenizer=tokenizer, trust_remote_code=False, **kwargs)
+    model = harness_lm(lm, tokenizer, trust_remote_code=False, **kwargs)
     try:
         # a metric a task loads while it is scored (e.g. in process_results) is guarded too
-        with task_code_guard(trust_remote_code) as refused:
+        # the harness prints progress notes on stdout ("bootstrapping for stddev: ...");
+        # stdout is for llmkit's results (--json: one JSON object), so they go to stderr
+        with task_code_guard(trust_remote_code) as refused, redirect_stdout(sys.stderr):
             raw = lm_eval.simple_evaluate(
-                model=harness_lm,
+                model=model,
                 tasks=loaded_tasks,
                 limit=limit,
                 num_fewshot=num_fewshot,
@@ -622,11 +627,90 @@ def run_tasks(
             raise
         found = re.search(r"task:? (\S+) which is marked as unsafe", str(err))
         raise _unsafe_error(found.group(1) if found else "a task") from None
+    if model.split_joins:
+        sys.stderr.write(
+            f"warning: {model.split_joins} request(s) had a token spanning the join of context "
+            "and continuation; each was scored with the continuation tokenized alone "
+            "(lm-evaluation-harness #1297)\n"
+        )
     return {
         "tasks": summarize(raw, samples=log_samples),
         "limit": limit,
         "lm_eval_version": getattr(lm_eval, "__version__", None),
     }
+
+
+def harness_lm(lm: Any, tokenizer: Any, **kwargs: Any) -> Any:
+    """The harness's ``HFLM`` around an already loaded model, with two departures from
+    lm-evaluation-harness 0.4.13 (both pinned by tests/test_eval_harness.py):
+
+    - **One start token on the perplexity path.** ``loglikelihood_rolling`` (perplexity tasks
+      such as wikitext) puts ``prefix_token_id`` (BOS, else EOS) in front of
+      ``tok_encode(text)``, and ``tok_encode`` lets the tokenizer add its special tokens: a
+      tokenizer whose post-processor adds BOS (Llama, Gemma...) gave two BOS
+      (EleutherAI/lm-evaluation-harness #3333), and one that appends EOS a scored EOS. Here the
+      document is encoded without special tokens on that path, so the model sees exactly the
+      input ``llmkit eval`` scores: one BOS (else EOS), then the text's tokens.
+    - **A token spanning the context/continuation join.** For ``loglikelihood`` the harness
+      encodes context + continuation together and cuts at ``len(encode(context))``
+      (``TemplateLM._encode_pair``); when a token spans the join ("hello wor" + "ld" with a
+      vocabulary holding "Ġworld") the cut leaves no continuation and the run dies on
+      ``assert len(continuation_enc) > 0`` (#1297, PR #4055), or leaves a continuation that
+      is not the continuation's text. Rule here: when the joint encoding does not begin with
+      the context's own tokens, the continuation is encoded alone (without special tokens)
+      after the context's tokens, as PR #4055 proposes; such requests are counted in
+      ``split_joins`` (``run_tasks`` warns with the count). A continuation with no tokens at
+      all (an empty target) is a UserError naming the request.
+
+    Both override methods of the harness's ``HFLM``/``TemplateLM``; ``_encode_pair`` is
+    private API (lm_eval 0.4.13; see PR #4055 and issue #1297 before upgrading).
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class LlmkitHFLM(HFLM):
+        split_joins = 0
+        _plain_encoding = False
+
+        def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            # lm_eval 0.4.13 encodes each document with self.tok_encode(text) here and puts
+            # prefix_token_id in front (lm-evaluation-harness #3333): no special tokens of
+            # the tokenizer's own on this path
+            self._plain_encoding = True
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self._plain_encoding = False
+
+        def tok_encode(
+            self, string: str, add_special_tokens: bool | None = None, **kw: Any
+        ) -> list[int]:
+            if self._plain_encoding and add_special_tokens is None:
+                add_special_tokens = False
+            return super().tok_encode(string, add_special_tokens=add_special_tokens, **kw)
+
+        def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+            # private API of lm_eval 0.4.13 (TemplateLM._encode_pair), called by
+            # TemplateLM.loglikelihood for a non-empty context; PR #4055 / issue #1297
+            if self.backend != "causal":
+                return super()._encode_pair(context, continuation)
+            spaces = len(context) - len(context.rstrip())
+            if spaces:  # as the harness does: trailing spaces go with the continuation
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            whole = self.tok_encode(context + continuation)
+            context_enc = self.tok_encode(context)
+            if len(whole) > len(context_enc) and whole[: len(context_enc)] == context_enc:
+                return context_enc, whole[len(context_enc) :]
+            self.split_joins += 1
+            continuation_enc = self.tok_encode(continuation, add_special_tokens=False)
+            if not continuation_enc:
+                raise UserError(
+                    f"a request's continuation {continuation!r} (after context "
+                    f"{context[-40:]!r}) has no tokens, so it cannot be scored",
+                    "check the task's doc_to_target / doc_to_choice",
+                )
+            return context_enc, continuation_enc
+
+    return LlmkitHFLM(pretrained=lm, tokenizer=tokenizer, **kwargs)
 
 
 def _check_numbers(limit: int | None, num_fewshot: int | None, batch_size: int) -> None:
