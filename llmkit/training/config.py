@@ -216,7 +216,9 @@ class LoraConfig(_Section):
     )
 
 
-def tied_lora_targets(lcfg: LoraConfig, model_config: Any, trust_remote_code: bool = False):
+def tied_lora_targets(
+    lcfg: LoraConfig, model_config: Any, trust_remote_code: bool = False
+) -> list[str]:
     """The tied embedding modules that ``lcfg.target_modules`` would adapt, as full module
     names (``["lm_head"]``, ``["model.embed_tokens", "lm_head"]``), or ``[]``.
 
@@ -256,7 +258,9 @@ def tied_lora_targets(lcfg: LoraConfig, model_config: Any, trust_remote_code: bo
     ]
 
 
-def check_lora_targets(lcfg: LoraConfig, model_config: Any, trust_remote_code: bool = False):
+def check_lora_targets(
+    lcfg: LoraConfig, model_config: Any, trust_remote_code: bool = False
+) -> None:
     """Refuse LoRA targets on tied embeddings (:func:`tied_lora_targets`).
 
     Such an adapter trains one thing and exports another: the input and output embeddings
