@@ -127,39 +127,52 @@ def _precheck(
     """Refuse a string method or filter whose result would be over the limit, before it runs."""
     what = f"{name}()"
     if name == "join":
-        if len(args) >= 1 and isinstance(obj, str):  # sep.join(items)
-            items, sep = args[0], obj
-        else:  # items|join(sep)
-            items, sep = obj, (args[0] if args else kwargs.get("d", ""))
-        if isinstance(items, (list, tuple, dict, set, frozenset, str)):
-            parts = sum(len(x) if isinstance(x, str) else 32 for x in items)
-            _check(what, parts + len(str(sep)) * len(items))
-        return
-    if name == "replace":
-        old = args[0] if args else kwargs.get("old", "")
-        new = args[1] if len(args) > 1 else kwargs.get("new", "")
-        if isinstance(obj, str) and isinstance(old, str) and isinstance(new, str):
-            count = obj.count(old) if old else len(obj) + 1
-            _check(what, len(obj) + count * max(0, len(new) - len(old)))
-        return
-    if name in ("format", "format_map"):  # the filter is printf-style, the method str.format
-        style = "{}" if method else "%"
-        _check_format(what, obj, list(args) + list(kwargs.values()), style)
-        return
-    if name == "tojson":
-        indent = args[1] if len(args) > 1 else kwargs.get("indent")
-        if indent is not None:
-            _check(
-                f"tojson() with an indent of {indent!r}",
-                64 * _size(indent) if isinstance(indent, str) else int(indent) * 64,
-            )
-    if name == "indent":
-        width = args[0] if args else kwargs.get("width", 4)
-        if isinstance(obj, str) and isinstance(width, int):
-            _check(what, len(obj) + (obj.count("\n") + 1) * abs(width))
-        elif isinstance(width, str) and isinstance(obj, str):
-            _check(what, len(obj) + (obj.count("\n") + 1) * len(width))
-    _check_ints(what, args, kwargs)
+        _precheck_join(what, obj, args, kwargs)
+    elif name == "replace":
+        _precheck_replace(what, obj, args, kwargs)
+    elif name in ("format", "format_map"):  # the filter is printf-style, the method str.format
+        _check_format(what, obj, list(args) + list(kwargs.values()), "{}" if method else "%")
+    else:
+        if name == "tojson":
+            _precheck_tojson(args, kwargs)
+        elif name == "indent":
+            _precheck_indent(what, obj, args, kwargs)
+        _check_ints(what, args, kwargs)  # center(n), ljust(n), zfill(n), truncate(n)...
+
+
+def _precheck_join(what: str, obj: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+    if len(args) >= 1 and isinstance(obj, str):  # sep.join(items)
+        items, sep = args[0], obj
+    else:  # items|join(sep)
+        items, sep = obj, (args[0] if args else kwargs.get("d", ""))
+    if isinstance(items, (list, tuple, dict, set, frozenset, str)):
+        parts = sum(len(x) if isinstance(x, str) else 32 for x in items)
+        _check(what, parts + len(str(sep)) * len(items))
+
+
+def _precheck_replace(what: str, obj: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+    old = args[0] if args else kwargs.get("old", "")
+    new = args[1] if len(args) > 1 else kwargs.get("new", "")
+    if isinstance(obj, str) and isinstance(old, str) and isinstance(new, str):
+        count = obj.count(old) if old else len(obj) + 1
+        _check(what, len(obj) + count * max(0, len(new) - len(old)))
+
+
+def _precheck_tojson(args: tuple, kwargs: dict[str, Any]) -> None:
+    indent = args[1] if len(args) > 1 else kwargs.get("indent")
+    if indent is not None:
+        _check(
+            f"tojson() with an indent of {indent!r}",
+            64 * _size(indent) if isinstance(indent, str) else int(indent) * 64,
+        )
+
+
+def _precheck_indent(what: str, obj: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+    width = args[0] if args else kwargs.get("width", 4)
+    if isinstance(obj, str) and isinstance(width, int):
+        _check(what, len(obj) + (obj.count("\n") + 1) * abs(width))
+    elif isinstance(width, str) and isinstance(obj, str):
+        _check(what, len(obj) + (obj.count("\n") + 1) * len(width))
 
 
 def _bounded(name: str, func: Any) -> Any:
@@ -227,104 +240,14 @@ def _bounded_range(*args: int) -> range:
     return rng
 
 
-_BOUNDED_ENV: Any = None
-
-
 def bounded_sandbox() -> type:
     """The environment class transformers compiles chat templates with (see the module
     docstring): jinja2's ``ImmutableSandboxedEnvironment`` with its documented hooks
     (``intercepted_binops`` / ``call_binop``, ``call``, ``concat``, ``code_generator_class``)
-    checking sizes before anything is built."""
-    global _BOUNDED_ENV
-    if _BOUNDED_ENV is not None:
-        return _BOUNDED_ENV
-    from jinja2.compiler import CodeGenerator
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    checking sizes before anything is built. Defined in :mod:`llmkit._jinja_sandbox`, which
+    imports jinja2 (so only when a template is rendered); one class for the process."""
+    from llmkit._jinja_sandbox import BoundedSandbox
 
-    class _Generator(CodeGenerator):
-        def buffer(self, frame: Any) -> None:  # {% set %} blocks, macros, call/filter blocks
-            frame.buffer = self.temporary_identifier()
-            self.writeline(f"{frame.buffer} = environment.bounded_buffer()")
-
-        def visit_Concat(self, node: Any, frame: Any) -> None:  # the ~ operator
-            if frame.eval_ctx.volatile or frame.eval_ctx.autoescape:
-                return super().visit_Concat(node, frame)
-            self.write("environment.bounded_str_join((")
-            for arg in node.nodes:
-                self.visit(arg, frame)
-                self.write(", ")
-            self.write("))")
-            return None
-
-    class BoundedSandbox(ImmutableSandboxedEnvironment):
-        """``ImmutableSandboxedEnvironment`` whose operators, methods, filters and output are
-        bounded by :func:`char_limit`."""
-
-        code_generator_class = _Generator
-        intercepted_binops = frozenset({"*", "+", "%", "**"})
-
-        def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
-            if op == "*":
-                for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
-                        _check(f"{type(seq).__name__} * {n}", len(seq) * max(n, 0))
-            elif op == "+":
-                if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
-                    _check("+", len(left) + len(right))
-            elif op == "%":
-                _check_format("%", left, right, "%")
-            elif op == "**":
-                if isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
-                    _check(f"{left} ** {right}", abs(left).bit_length() * max(right, 0) // 3)
-            return super().call_binop(context, op, left, right)
-
-        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-            name = getattr(__obj, "__name__", "")
-            owner = getattr(__obj, "__self__", None)
-            if isinstance(owner, (str, list, tuple, dict)) and name:
-                _precheck(name, owner, args, kwargs, method=True)
-            result = ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
-            if isinstance(result, (str, list, tuple)):
-                _check(f"{name or 'a call'}()", len(result))
-            return result
-
-        def bounded_buffer(self) -> list:
-            return _BoundedBuffer()
-
-        def bounded_str_join(self, items: Any) -> str:
-            parts = [str(x) for x in items]
-            _check("~", sum(len(p) for p in parts))
-            return "".join(parts)
-
-        def concat(self, pieces: Any) -> str:  # type: ignore[override]
-            limit, total, out = char_limit(), 0, []
-            for piece in pieces:
-                total += len(piece)
-                if total > limit:
-                    raise TemplateTooLarge("the rendered text", total, limit)
-                out.append(piece)
-            return "".join(out)
-
-        def _wrap_filters(self) -> None:
-            for name, func in list(self.filters.items()):
-                if not getattr(func, "_llmkit_bounded", False):
-                    self.filters[name] = _bounded(name, func)
-            lipsum = self.globals.get("lipsum")
-            if lipsum is not None and not getattr(lipsum, "_llmkit_bounded", False):
-
-                def bounded_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100):  # noqa: A002
-                    _check("lipsum()", abs(int(n)) * abs(int(max)) * 12)
-                    return lipsum(n, html, min, max)
-
-                bounded_lipsum._llmkit_bounded = True  # type: ignore[attr-defined]
-                self.globals["lipsum"] = bounded_lipsum
-            self.globals["range"] = _bounded_range
-
-        def from_string(self, source: Any, *args: Any, **kwargs: Any) -> Any:
-            self._wrap_filters()  # transformers adds tojson after building the environment
-            return super().from_string(source, *args, **kwargs)
-
-    _BOUNDED_ENV = BoundedSandbox
     return BoundedSandbox
 
 

@@ -266,6 +266,78 @@ def eval_command(
     --json: one JSON object per model, one per line.
     --device auto|cpu|cuda|mps, --dtype auto|float32|bfloat16|float16.
     """
+    _check_mode(data, tokens, tasks, include_path, limit, num_fewshot, chat)
+    # Every flag is checked before torch is imported (seconds): a mistake is one line at once.
+    from llmkit.evaluation.checks import check_eval_args
+    from llmkit.runtime import apply_threads, check_threads
+
+    check_threads(threads)
+    check_device_dtype(device, dtype)
+    check_eval_args(
+        data, split=split, batch_size=batch_size, max_length=max_length, stride=stride, top=top
+    )
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit} must be at least 1")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UserError(f"--num-fewshot {num_fewshot} is negative", "use 0 for zero-shot")
+    apply_threads(threads)
+    if tasks:
+        _run_tasks(
+            model,
+            tasks,
+            include_path,
+            limit,
+            num_fewshot,
+            chat,
+            batch_size,
+            max_length,
+            json_out,
+            device,
+            dtype,
+            trust_remote_code,
+        )
+    elif tokens is not None:
+        for name in model:
+            _show_tokens(
+                name,
+                tokens,
+                top=top,
+                max_length=max_length,
+                json_out=json_out,
+                device=device,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
+    else:
+        _score_data(
+            model,
+            data,
+            split=split,
+            max_length=max_length,
+            stride=stride,
+            batch_size=batch_size,
+            json_out=json_out,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
+
+
+def _check_mode(
+    data: str | None,
+    tokens: str | None,
+    tasks: list[str] | None,
+    include_path: list[str] | None,
+    limit: int | None,
+    num_fewshot: int | None,
+    chat: bool,
+) -> None:
+    """Exactly one of ``--data``, ``--tokens``, ``--tasks``, and the harness's own flags only
+    with ``--tasks``.
+
+    Raises:
+        UserError: none or several modes; a harness flag without ``--tasks``.
+    """
     modes = [m for m, on in (("--data", data), ("--tokens", tokens), ("--tasks", tasks)) if on]
     if not modes:
         raise UserError(
@@ -286,64 +358,61 @@ def eval_command(
     ]
     if harness_only and not tasks:
         raise UserError(f"{harness_only[0]} goes with --tasks", "add --tasks NAME[,NAME...]")
-    # Every flag is checked before torch is imported (seconds): a mistake is one line at once.
-    from llmkit.evaluation.checks import check_eval_args
-    from llmkit.runtime import check_threads
 
-    check_threads(threads)
-    check_device_dtype(device, dtype)
-    check_eval_args(
-        data, split=split, batch_size=batch_size, max_length=max_length, stride=stride, top=top
+
+def _show_tokens(
+    model: str,
+    text: str,
+    *,
+    top: int,
+    max_length: int | None,
+    json_out: bool,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+) -> None:
+    """``--tokens``: the probability of each token of ``text`` under ``model``, as one JSON
+    line or coloured on the terminal (:func:`render_tokens`)."""
+    from llmkit.evaluation.evaluate import token_view
+
+    view = token_view(
+        model,
+        text,
+        top=top,
+        max_length=max_length,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
     )
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit {limit} must be at least 1")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise UserError(f"--num-fewshot {num_fewshot} is negative", "use 0 for zero-shot")
-    from llmkit.runtime import apply_threads
-
-    if tasks:
-        apply_threads(threads)
-        _run_tasks(
-            model,
-            tasks,
-            include_path,
-            limit,
-            num_fewshot,
-            chat,
-            batch_size,
-            max_length,
-            json_out,
-            device,
-            dtype,
-            trust_remote_code,
-        )
+    if json_out:
+        typer.echo(json.dumps(view, ensure_ascii=False))
         return
-    from llmkit.evaluation.evaluate import evaluate, token_view
+    from rich.console import Console
 
-    apply_threads(threads)
+    console = Console()
+    for part in render_tokens(view):
+        console.print(part)
 
-    if tokens is not None:
-        for name in model:
-            view = token_view(
-                name,
-                tokens,
-                top=top,
-                max_length=max_length,
-                device=device,
-                dtype=dtype,
-                trust_remote_code=trust_remote_code,
-            )
-            if json_out:
-                typer.echo(json.dumps(view, ensure_ascii=False))
-            else:
-                from rich.console import Console
 
-                console = Console()
-                for part in render_tokens(view):
-                    console.print(part)
-        return
+def _score_data(
+    models: list[str],
+    data: str,
+    *,
+    split: str,
+    max_length: int | None,
+    stride: int | None,
+    batch_size: int,
+    json_out: bool,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+) -> None:
+    """``--data``: each model in turn on the same data (one JSON line each as it finishes),
+    then one table (:func:`results_table`)."""
+    from llmkit.evaluation.evaluate import evaluate
+
     results = []
-    for name in model:
+    for name in models:
         with _progress_bar(sys.stderr.isatty(), f"scoring {name}") as progress:
             result = evaluate(
                 name,

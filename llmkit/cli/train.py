@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -65,21 +68,12 @@ def train_command(
     """
     if trust_remote_code:
         overrides = [*(overrides or []), "model.trust_remote_code=true"]
-    try:
+    with _reported_by_main_process():
         check_before_torch(config, overrides, threads, resume)
-    except UserError:
-        if _main_process() or debug():
-            raise
-        raise typer.Exit(2) from None  # the main process prints the one line
     nproc = _gpus_to_launch()
     if nproc:
-        sys.stderr.write(f"llmkit train: {nproc} GPUs visible, one process each (torchrun)\n")
         args = _train_args(overrides, config, overwrite, json_out, no_progress, resume, dry_run)
-        if threads is not None:
-            args = ["--threads", str(threads), *args]
-        from llmkit.training.distributed import relaunch
-
-        raise typer.Exit(relaunch(nproc, args))
+        raise typer.Exit(_launch_per_gpu(nproc, args, threads))
 
     from llmkit.runtime import apply_threads
     from llmkit.training.loop import TrainingInterrupted, train
@@ -87,7 +81,7 @@ def train_command(
     if _main_process() or threads is not None:
         apply_threads(threads)
     try:
-        with sigterm_as_interrupt():
+        with _reported_by_main_process(), sigterm_as_interrupt():
             final = train(
                 config,
                 overrides or [],
@@ -97,19 +91,44 @@ def train_command(
                 dry_run=dry_run,
             )
     except TrainingInterrupted as err:
-        if debug():
-            raise
-        if not _main_process():
-            raise typer.Exit(130) from None
-        if sys.stderr.isatty():
-            sys.stderr.write("\n")  # end a live progress bar's line
-        raise fail(str(err), code=130) from None
+        _exit_interrupted(err)
+    if json_out and _main_process():
+        typer.echo(json.dumps(final))
+
+
+@contextmanager
+def _reported_by_main_process() -> Iterator[None]:
+    """A :class:`UserError` in the block is printed by the main process only (as one line, by
+    :func:`~llmkit.cli._common.user_errors`); another rank exits with status 2 in silence, so
+    that N processes do not print the same line N times."""
+    try:
+        yield
     except UserError:
         if _main_process() or debug():
             raise
-        raise typer.Exit(2) from None  # the main process prints the one line
-    if json_out and _main_process():
-        typer.echo(json.dumps(final))
+        raise typer.Exit(2) from None
+
+
+def _exit_interrupted(err: BaseException) -> NoReturn:
+    """Stop after an interrupted run (Ctrl-C, SIGTERM): status 130; the main process prints
+    the interruption's one line (what was saved, how to resume)."""
+    if debug():
+        raise err
+    if not _main_process():
+        raise typer.Exit(130) from None
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")  # end a live progress bar's line
+    raise fail(str(err), code=130) from None
+
+
+def _launch_per_gpu(nproc: int, args: list[str], threads: int | None) -> int:
+    """Start ``llmkit train args`` once per GPU under torchrun; returns its exit status."""
+    from llmkit.training.distributed import relaunch
+
+    sys.stderr.write(f"llmkit train: {nproc} GPUs visible, one process each (torchrun)\n")
+    if threads is not None:
+        args = ["--threads", str(threads), *args]
+    return relaunch(nproc, args)
 
 
 def check_before_torch(

@@ -631,24 +631,10 @@ def export_gguf(
             directory; the ``gguf`` package is missing; the model cannot be loaded or is not
             exportable (:func:`check_exportable`, :func:`vocab_for_gguf`); the disk write fails.
     """
-    if outtype not in OUTTYPES:
-        raise UserError(f"unknown --outtype {outtype!r}", "use " + ", ".join(OUTTYPES))
-    out = Path(output).expanduser()
-    mf = modelfile_path(out)
-    if out.suffix.lower() != ".gguf":
-        raise UserError(f"--output {output} must end in .gguf", "e.g. --output model.gguf")
-    if out.is_dir():
-        raise UserError(f"--output {output} is a directory", "give a file name ending in .gguf")
-    for existing in (out, mf):
-        if existing.exists() and not overwrite:
-            raise UserError(f"{existing} already exists", "pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise UserError(f"the directory of --output {output} does not exist", "create it first")
+    out, mf = _check_output(output, outtype, overwrite)
     require(
         "gguf", "llmkit export --format gguf needs the gguf package", "pip install 'llmkit[gguf]'"
     )
-    import gguf
-
     mdl, tok, name = (
         loaded
         if loaded is not None
@@ -660,50 +646,19 @@ def export_gguf(
     ctx = _context_length(cfg, arch)
     tensors = _gguf_tensors(mdl, arch)
 
-    file_type = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }[outtype]
+    # Both files under temporary names beside their targets, renamed once the GGUF reads back.
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    expected: dict[str, tuple[tuple[int, ...], str]] = {}
+    mf_tmp = mf.with_name(f".{mf.name}.tmp-{os.getpid()}")
     try:
-        writer = gguf.GGUFWriter(
-            tmp,
-            gguf.MODEL_ARCH_NAMES[
-                gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GPT2
-            ],
-        )
-        writer.add_name(name)
-        writer.add_file_type(int(file_type))
-        if outtype == "q8_0":
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _write_hparams(writer, cfg, arch)
-        _write_vocab(writer, vocab)
-        for tname, data in tensors:
-            qtype = _tensor_type(tname, data, outtype)
-            if qtype == gguf.GGMLQuantizationType.F32:
-                writer.add_tensor(tname, data.astype(np.float32))
-            elif qtype == gguf.GGMLQuantizationType.F16:
-                writer.add_tensor(tname, data.astype(np.float16))
-            else:
-                packed = gguf.quants.quantize(data, qtype)
-                writer.add_tensor(tname, packed, raw_shape=packed.shape, raw_dtype=qtype)
-            expected[tname] = (tuple(data.shape), qtype.name)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        expected = _write_gguf(tmp, name, cfg, arch, vocab, tensors, outtype)
         _verify(tmp, expected, arch, len(vocab.tokens))
-        mf_tmp = mf.with_name(f".{mf.name}.tmp-{os.getpid()}")
         mf_tmp.write_text(modelfile_text(out.name, tok, vocab, ctx), encoding="utf-8")
         os.replace(tmp, out)
         os.replace(mf_tmp, mf)
     except OSError as err:
         raise UserError(f"cannot write {out}: {err.strerror or err}") from None
     finally:
-        for leftover in (tmp, mf.with_name(f".{mf.name}.tmp-{os.getpid()}")):
+        for leftover in (tmp, mf_tmp):
             if leftover.exists():
                 leftover.unlink()
     return ExportResult(
@@ -717,6 +672,88 @@ def export_gguf(
         context_length=ctx,
         tensor_types={k: v[1] for k, v in expected.items()},
     )
+
+
+def _check_output(output: str | Path, outtype: str, overwrite: bool) -> tuple[Path, Path]:
+    """The GGUF file and the Modelfile :func:`export_gguf` will write, checked before the model
+    loads.
+
+    Raises:
+        UserError: an unknown ``outtype``; ``output`` does not end in ``.gguf``, is a
+            directory, exists (or its Modelfile does) without ``overwrite``, or its directory
+            does not exist.
+    """
+    if outtype not in OUTTYPES:
+        raise UserError(f"unknown --outtype {outtype!r}", "use " + ", ".join(OUTTYPES))
+    out = Path(output).expanduser()
+    mf = modelfile_path(out)
+    if out.suffix.lower() != ".gguf":
+        raise UserError(f"--output {output} must end in .gguf", "e.g. --output model.gguf")
+    if out.is_dir():
+        raise UserError(f"--output {output} is a directory", "give a file name ending in .gguf")
+    for existing in (out, mf):
+        if existing.exists() and not overwrite:
+            raise UserError(f"{existing} already exists", "pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise UserError(f"the directory of --output {output} does not exist", "create it first")
+    return out, mf
+
+
+def _write_gguf(
+    path: Path,
+    name: str,
+    cfg: Any,
+    arch: str,
+    vocab: Vocab,
+    tensors: list[tuple[str, np.ndarray]],
+    outtype: str,
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Write the GGUF file at ``path``: metadata, hyperparameters, vocabulary, then the tensors.
+
+    Returns:
+        Each tensor's shape and GGML type name, by tensor name (what :func:`_verify` expects to
+        read back).
+    """
+    import gguf
+
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[outtype]
+    gguf_arch = gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GPT2
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf_arch])
+    writer.add_name(name)
+    writer.add_file_type(int(file_type))
+    if outtype == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_hparams(writer, cfg, arch)
+    _write_vocab(writer, vocab)
+    expected = {tname: _add_tensor(writer, tname, data, outtype) for tname, data in tensors}
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+def _add_tensor(
+    writer: Any, name: str, data: np.ndarray, outtype: str
+) -> tuple[tuple[int, ...], str]:
+    """Add one tensor to ``writer`` in its GGML type (:func:`_tensor_type`): F32 and F16 as
+    numpy arrays, a quantized type packed by ``gguf.quants``. Returns its shape and type name."""
+    import gguf
+
+    qtype = _tensor_type(name, data, outtype)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor(name, data.astype(np.float32))
+    elif qtype == gguf.GGMLQuantizationType.F16:
+        writer.add_tensor(name, data.astype(np.float16))
+    else:
+        packed = gguf.quants.quantize(data, qtype)
+        writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=qtype)
+    return tuple(data.shape), qtype.name
 
 
 def _verify(path: Path, expected: dict[str, tuple[tuple[int, ...], str]], arch: str, n_vocab: int):

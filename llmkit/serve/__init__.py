@@ -2,7 +2,8 @@
 
 - :mod:`llmkit.serve.schemas` — request validation and OpenAI's error envelope (no framework).
 - :mod:`llmkit.serve.worker` — the thread that owns the model and batches compatible requests.
-- :mod:`llmkit.serve.app` — the Starlette routes, the server-sent events, :func:`serve`.
+- :mod:`llmkit.serve.routes` — the HTTP endpoints, one function each, and the server-sent events.
+- :mod:`llmkit.serve.app` — the server's state (model, worker, encoding), the app, :func:`serve`.
 - ``page.html`` — the chat page served at ``/``.
 
 Needs the ``serve`` extra (``pip install 'llmkit[serve]'``: Starlette and uvicorn).

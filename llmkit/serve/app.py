@@ -14,40 +14,27 @@ choice with a ``finish_reason`` chunk (``stop`` or ``length``), then usage when
 a plain HTTP error; after, an ``error`` event then ``[DONE]``. A client that disconnects (the
 connection's ``http.disconnect``, watched while waiting) cancels its rows at the next step.
 
-Starlette (the toolkit FastAPI is built on) is used directly: the routes validate by hand to
-name each field in OpenAI's errors, so FastAPI's request models would add nothing but start-up.
+The endpoints themselves are in :mod:`llmkit.serve.routes`; this module holds the state they
+share (:class:`ServerState`: the model, the worker, encoding and the context checks), the app
+and :func:`serve`. Starlette (the toolkit FastAPI is built on) is used directly: the routes
+validate by hand to name each field in OpenAI's errors, so FastAPI's request models would add
+nothing but start-up.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import sys
 import threading
 import time
-import uuid
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from llmkit.errors import UserError
 from llmkit.runtime import check_threads
-from llmkit.serve.schemas import (
-    ApiError,
-    ParsedRequest,
-    bad,
-    parse_chat,
-    parse_completion,
-    parse_json,
-    usage,
-)
+from llmkit.serve.routes import EXCEPTION_HANDLERS, ROUTES
+from llmkit.serve.schemas import ApiError, ParsedRequest, bad
 
 
 class ServerState:
@@ -281,297 +268,12 @@ def _name_of(source: str) -> str:
     return path.name if (path.exists() or source.startswith((".", "/", "~"))) else source
 
 
-PAGE_CSP = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; base-uri 'none'; form-action 'none'"
-)
-"""The chat page's Content-Security-Policy: its inline script and style, requests to this server
-only — the browser itself holds the page to "no external assets"."""
-
-MAX_BODY_BYTES = 32 * 2**20
-"""The largest request body read (32 MiB, some 8 million tokens of text); larger is a 413."""
-
-
-async def _read_body(request: Request) -> bytes:
-    """The request body, refused with 413 past :data:`MAX_BODY_BYTES` without reading it all."""
-    declared = request.headers.get("content-length", "")
-    too_big = ApiError(
-        413,
-        f"the request body is over {MAX_BODY_BYTES // 2**20} MiB",
-        code="request_too_large",
-    )
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_big
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > MAX_BODY_BYTES:
-            raise too_big
-        parts.append(part)
-    return b"".join(parts)
-
-
-def error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-def _sse(data: dict[str, Any] | str) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {payload}\n\n"
-
-
-async def _watch_disconnect(request: Request, job: Any, worker: Any) -> None:
-    """Cancel ``job`` as soon as the client's connection closes (a queued job leaves the queue
-    at once), and wake its handler with a ``("gone",)`` event (a job that never runs gets no
-    other event)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            worker.withdraw(job)
-            job.events.put_nowait(("gone",))
-            return
-
-
-class _Answer:
-    """Builds the response bodies and chunks of one request."""
-
-    def __init__(self, state: ServerState, parsed: ParsedRequest, job: Any, lengths: list[int]):
-        self.parsed, self.job = parsed, job
-        self.chat = parsed.kind == "chat"
-        prefix = "chatcmpl" if self.chat else "cmpl"
-        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-        self.model = state.served_name
-        self.prompt_tokens = sum(lengths)
-        self.object = "chat.completion" if self.chat else "text_completion"
-
-    def completion_tokens(self) -> int:
-        return sum(len(r.token_ids) for r in self.job.rows)
-
-    def usage(self) -> dict[str, int]:
-        return usage(self.prompt_tokens, self.completion_tokens())
-
-    def chunk(self, index: int, text: str | None, finish: str | None = None, role: bool = False):
-        if self.chat:
-            delta: dict[str, Any] = {}
-            if role:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
-        if finish is not None and self.parsed.return_token_ids:
-            choice["token_ids"] = list(self.job.rows[index].token_ids)
-        body = {
-            "id": self.id,
-            "object": self.object + (".chunk" if self.chat else ""),
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        }
-        if self.parsed.include_usage:
-            body["usage"] = None
-        return body
-
-    def usage_chunk(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": self.object + (".chunk" if self.chat else ""),
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": self.usage(),
-        }
-
-    def whole(self, texts: dict[int, list[str]], reasons: dict[int, str]) -> dict[str, Any]:
-        choices = []
-        for row in self.job.rows:
-            text = "".join(texts.get(row.index, []))
-            if self.chat:
-                choice: dict[str, Any] = {
-                    "index": row.index,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": reasons.get(row.index),
-                }
-            else:
-                choice = {
-                    "index": row.index,
-                    "text": text,
-                    "logprobs": None,
-                    "finish_reason": reasons.get(row.index),
-                }
-            if self.parsed.return_token_ids:
-                choice["token_ids"] = list(row.token_ids)
-            choices.append(choice)
-        return {
-            "id": self.id,
-            "object": self.object,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            "usage": self.usage(),
-        }
-
-
 def build_app(state: ServerState) -> Starlette:
-    """The Starlette app for ``state`` (its model loaded by the caller, or being loaded)."""
-
-    async def health(request: Request) -> Response:
-        if state.ready.is_set():
-            return JSONResponse(
-                {"status": "ok", "model": state.served_name, "queued": state.worker.queued()}
-            )
-        if state.error is not None:
-            return JSONResponse({"status": "failed", "error": str(state.error)}, status_code=500)
-        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
-
-    def model_entry() -> dict[str, Any]:
-        return {
-            "id": state.served_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "llmkit",
-            "context_length": state.positions,
-            "max_model_len": state.positions,  # the name vLLM gives it
-        }
-
-    async def models(request: Request) -> Response:
-        try:
-            state.require_ready()
-        except ApiError as err:
-            return error_response(err)
-        return JSONResponse({"object": "list", "data": [model_entry()]})
-
-    async def one_model(request: Request) -> Response:
-        try:
-            state.require_ready()
-            name = request.path_params["name"]
-            if name != state.served_name:
-                raise ApiError(
-                    404,
-                    f"model {name!r} is not served here; this server serves {state.served_name!r}",
-                    param="model",
-                    code="model_not_found",
-                )
-        except ApiError as err:
-            return error_response(err)
-        return JSONResponse(model_entry())
-
-    async def page(request: Request) -> Response:
-        html = resources.files("llmkit.serve").joinpath("page.html").read_text(encoding="utf-8")
-        return HTMLResponse(
-            html, headers={"Cache-Control": "no-cache", "Content-Security-Policy": PAGE_CSP}
-        )
-
-    async def chat(request: Request) -> Response:
-        return await _complete(request, "chat")
-
-    async def completions(request: Request) -> Response:
-        return await _complete(request, "completion")
-
-    async def _complete(request: Request, kind: str) -> Response:
-        try:
-            state.require_ready()
-            body = parse_json(await _read_body(request))
-            max_n = state.max_batch_size
-            parsed = parse_chat(body, max_n) if kind == "chat" else parse_completion(body, max_n)
-            state.worker.expect()  # a batch being gathered waits while this one is prepared
-            try:
-                job, lengths = await run_in_threadpool(state.make_job, parsed)
-                job.loop = asyncio.get_running_loop()
-                job.events = asyncio.Queue()
-                state.worker.submit(job)
-            finally:
-                state.worker.unexpect()
-        except ApiError as err:
-            return error_response(err)
-        answer = _Answer(state, parsed, job, lengths)
-        watcher = asyncio.create_task(_watch_disconnect(request, job, state.worker))
-        if parsed.stream:
-            # The status goes out with the first event, so that a fault before any text is a
-            # plain HTTP error; after it, faults are error events in the stream.
-            first = await job.events.get()
-            if first[0] in ("error", "gone"):
-                watcher.cancel()
-                job.cancel()
-                return (
-                    error_response(first[1]) if first[0] == "error" else Response(status_code=204)
-                )
-            return StreamingResponse(
-                _stream(answer, watcher, first),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        texts: dict[int, list[str]] = {}
-        reasons: dict[int, str] = {}
-        try:
-            while True:
-                event = await job.events.get()
-                if event[0] == "delta":
-                    texts.setdefault(event[1], []).append(event[2])
-                elif event[0] == "finish":
-                    reasons[event[1]] = event[2]
-                elif event[0] == "error":
-                    return error_response(event[1])
-                elif event[0] == "gone":
-                    return Response(status_code=204)  # nobody is listening
-                elif event[0] == "done":
-                    break
-        finally:
-            watcher.cancel()
-            job.cancel()  # a no-op once done; stops the rows when this handler is torn down
-        return JSONResponse(answer.whole(texts, reasons))
-
-    async def _stream(answer: _Answer, watcher: asyncio.Task, first: tuple):
-        job = answer.job
-        try:
-            if answer.chat:
-                for row in job.rows:
-                    yield _sse(answer.chunk(row.index, "", role=True))
-            event = first
-            while True:
-                if event[0] == "delta":
-                    yield _sse(answer.chunk(event[1], event[2]))
-                elif event[0] == "finish":
-                    yield _sse(answer.chunk(event[1], None if answer.chat else "", event[2]))
-                elif event[0] == "error":
-                    yield _sse(event[1].body())
-                    break
-                elif event[0] == "gone":
-                    return
-                elif event[0] == "done":
-                    if answer.parsed.include_usage:
-                        yield _sse(answer.usage_chunk())
-                    break
-                event = await job.events.get()
-            yield _sse("[DONE]")
-        finally:
-            watcher.cancel()
-            job.cancel()  # a no-op once done; the client left otherwise
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        status = getattr(exc, "status_code", 500)
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        detail = getattr(exc, "detail", None) or "internal error"
-        return error_response(ApiError(status, f"{request.url.path}: {detail}", type=kind))
-
-    async def fault(request: Request, exc: Exception) -> Response:
-        state._write(f"[serve] internal error on {request.url.path}: {exc!r}\n")
-        return error_response(ApiError(500, f"internal error: {exc}", type="server_error"))
-
-    routes = [
-        Route("/", page, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{name:path}", one_model, methods=["GET"]),
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-    ]
-    return Starlette(
-        routes=routes, exception_handlers={HTTPException: http_error, Exception: fault}
-    )
+    """The Starlette app for ``state`` (its model loaded by the caller, or being loaded): the
+    routes of :mod:`llmkit.serve.routes`, which find ``state`` as ``app.state.server``."""
+    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS)
+    app.state.server = state
+    return app
 
 
 def _bind(host: str, port: int) -> Any:

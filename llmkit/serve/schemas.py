@@ -158,27 +158,58 @@ def _unsupported(body: dict[str, Any], kind: str) -> None:
     if body.get("logit_bias"):
         raise bad("logit_bias is not supported by this server", "logit_bias")
     if kind == "chat":
-        if body.get("logprobs") or body.get("top_logprobs"):
-            raise bad("logprobs are not supported by this server", "logprobs")
-        if body.get("tools") or body.get("functions"):
-            raise bad("tools and function calling are not supported by this server", "tools")
-        fmt = body.get("response_format")
-        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-            raise bad("only response_format {'type': 'text'} is supported", "response_format")
+        _unsupported_in_chat(body)
     else:
-        if body.get("logprobs") is not None:
-            raise bad("logprobs are not supported by this server", "logprobs")
-        if body.get("echo"):
-            raise bad("echo is not supported by this server", "echo")
-        if body.get("suffix"):
-            raise bad("suffix is not supported by this server", "suffix")
-        if body.get("best_of") not in (None, 1):
-            raise bad("best_of is not supported by this server (only 1)", "best_of")
+        _unsupported_in_completion(body)
+
+
+def _unsupported_in_chat(body: dict[str, Any]) -> None:
+    """:func:`_unsupported`'s fields of ``/v1/chat/completions`` only."""
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise bad("logprobs are not supported by this server", "logprobs")
+    if body.get("tools") or body.get("functions"):
+        raise bad("tools and function calling are not supported by this server", "tools")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise bad("only response_format {'type': 'text'} is supported", "response_format")
+
+
+def _unsupported_in_completion(body: dict[str, Any]) -> None:
+    """:func:`_unsupported`'s fields of ``/v1/completions`` only (its ``logprobs`` is a
+    number: any value, 0 included, asks for them)."""
+    if body.get("logprobs") is not None:
+        raise bad("logprobs are not supported by this server", "logprobs")
+    if body.get("echo"):
+        raise bad("echo is not supported by this server", "echo")
+    if body.get("suffix"):
+        raise bad("suffix is not supported by this server", "suffix")
+    if body.get("best_of") not in (None, 1):
+        raise bad("best_of is not supported by this server (only 1)", "best_of")
 
 
 def _common(body: dict[str, Any], out: ParsedRequest, max_n: int) -> None:
-    """The fields both endpoints share."""
-    names = ["max_completion_tokens", "max_tokens"] if out.kind == "chat" else ["max_tokens"]
+    """The fields both endpoints share, checked in this order (the first error is answered)."""
+    out.max_tokens, out.max_tokens_param = _max_tokens(body, out.kind)
+    for name, parse in _SAMPLING_FIELDS.items():
+        value = body.get(name)
+        if value is not None:
+            setattr(out.sampling, name, parse(value))
+    out.n = _n(body.get("n"), max_n)
+    out.stop = _stop(body.get("stop"))
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad(f"stream must be true or false, got {stream!r}", "stream")
+    out.stream = bool(stream)
+    out.include_usage = _include_usage(body.get("stream_options"))
+    out.return_token_ids = bool(body.get("return_token_ids"))
+
+
+def _max_tokens(body: dict[str, Any], kind: str) -> tuple[int | None, str]:
+    """The answer's token limit and the field that set it: ``max_completion_tokens`` (chat only)
+    wins over the deprecated ``max_tokens``, and both are checked when both are given;
+    ``(None, "max_tokens")`` when neither is."""
+    names = ["max_completion_tokens", "max_tokens"] if kind == "chat" else ["max_tokens"]
+    found: tuple[int | None, str] = (None, "max_tokens")
     for name in names:
         v = body.get(name)
         if v is None:
@@ -187,61 +218,79 @@ def _common(body: dict[str, Any], out: ParsedRequest, max_n: int) -> None:
             raise bad(f"{name} must be an integer, got {v!r}", name)
         if v < 1:
             raise bad(f"{name} must be at least 1, got {v}", name)
-        if out.max_tokens is None:  # max_completion_tokens wins over the deprecated max_tokens
-            out.max_tokens, out.max_tokens_param = v, name
-    t = body.get("temperature")
-    if t is not None:
-        if not _is_number(t):
-            raise bad(f"temperature must be a number, got {t!r}", "temperature")
-        if not 0 <= t <= 2:
-            raise bad(f"temperature must be between 0 and 2, got {t}", "temperature")
-        # below 1e-5 the logits divided by it overflow to inf (a NaN distribution): greedy, as
-        # vLLM does under the same threshold (its _SAMPLING_EPS)
-        out.sampling.temperature = float(t) if t >= GREEDY_BELOW else 0.0
-    p = body.get("top_p")
-    if p is not None:
-        if not _is_number(p) or not 0 < p <= 1:
-            raise bad(f"top_p must be a number in (0, 1], got {p!r}", "top_p")
-        out.sampling.top_p = float(p)
-    k = body.get("top_k")
-    if k is not None:
-        if not _is_int(k) or k < 0 and k != -1:
-            raise bad(f"top_k must be a non-negative integer (0: no limit), got {k!r}", "top_k")
-        out.sampling.top_k = max(int(k), 0)
-    s = body.get("seed")
-    if s is not None:
-        if not _is_int(s) or not -(2**63) <= s < 2**64:
-            # torch.manual_seed's range, [-2**63, 2**64 - 1]
-            raise bad(f"seed must be an integer in [-2**63, 2**64 - 1], got {s!r}", "seed")
-        out.sampling.seed = int(s)
-    n = body.get("n")
-    if n is not None:
-        if not _is_int(n) or not 1 <= n <= max_n:
-            raise bad(f"n must be an integer from 1 to {max_n}, got {n!r}", "n")
-        out.n = int(n)
-    stop = body.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
-            raise bad("stop must be a string or a list of strings", "stop")
-        if len(stops) > MAX_STOP:
-            raise bad(f"stop holds {len(stops)} strings; at most {MAX_STOP}", "stop")
-        if any(x == "" for x in stops):
-            raise bad("stop strings must not be empty", "stop")
-        out.stop = list(stops)
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise bad(f"stream must be true or false, got {stream!r}", "stream")
-    out.stream = bool(stream)
-    opts = body.get("stream_options")
-    if opts is not None:
-        if not isinstance(opts, dict):
-            raise bad("stream_options must be an object", "stream_options")
-        usage = opts.get("include_usage")
-        if usage is not None and not isinstance(usage, bool):
-            raise bad("stream_options.include_usage must be true or false", "stream_options")
-        out.include_usage = bool(usage)
-    out.return_token_ids = bool(body.get("return_token_ids"))
+        if found[0] is None:
+            found = (v, name)
+    return found
+
+
+def _temperature(t: Any) -> float:
+    if not _is_number(t):
+        raise bad(f"temperature must be a number, got {t!r}", "temperature")
+    if not 0 <= t <= 2:
+        raise bad(f"temperature must be between 0 and 2, got {t}", "temperature")
+    # below 1e-5 the logits divided by it overflow to inf (a NaN distribution): greedy, as
+    # vLLM does under the same threshold (its _SAMPLING_EPS)
+    return float(t) if t >= GREEDY_BELOW else 0.0
+
+
+def _top_p(p: Any) -> float:
+    if not _is_number(p) or not 0 < p <= 1:
+        raise bad(f"top_p must be a number in (0, 1], got {p!r}", "top_p")
+    return float(p)
+
+
+def _top_k(k: Any) -> int:
+    if not _is_int(k) or k < 0 and k != -1:
+        raise bad(f"top_k must be a non-negative integer (0: no limit), got {k!r}", "top_k")
+    return max(int(k), 0)  # -1 (vLLM's "no limit") is 0
+
+
+def _seed(s: Any) -> int:
+    if not _is_int(s) or not -(2**63) <= s < 2**64:
+        # torch.manual_seed's range, [-2**63, 2**64 - 1]
+        raise bad(f"seed must be an integer in [-2**63, 2**64 - 1], got {s!r}", "seed")
+    return int(s)
+
+
+_SAMPLING_FIELDS = {"temperature": _temperature, "top_p": _top_p, "top_k": _top_k, "seed": _seed}
+"""Each field of :class:`Sampling` (named as in the request) and the function that checks a
+value given for it and returns the setting."""
+
+
+def _n(n: Any, max_n: int) -> int:
+    """Completions per prompt: 1 when absent, at most ``max_n``."""
+    if n is None:
+        return 1
+    if not _is_int(n) or not 1 <= n <= max_n:
+        raise bad(f"n must be an integer from 1 to {max_n}, got {n!r}", "n")
+    return int(n)
+
+
+def _stop(stop: Any) -> list[str]:
+    """The stop strings: none when absent, one string, or a list of up to :data:`MAX_STOP`
+    non-empty ones."""
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
+        raise bad("stop must be a string or a list of strings", "stop")
+    if len(stops) > MAX_STOP:
+        raise bad(f"stop holds {len(stops)} strings; at most {MAX_STOP}", "stop")
+    if any(x == "" for x in stops):
+        raise bad("stop strings must not be empty", "stop")
+    return list(stops)
+
+
+def _include_usage(opts: Any) -> bool:
+    """``stream_options.include_usage``: a usage chunk before ``[DONE]``."""
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise bad("stream_options must be an object", "stream_options")
+    usage = opts.get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise bad("stream_options.include_usage must be true or false", "stream_options")
+    return bool(usage)
 
 
 def _content(value: Any, where: str) -> str:
