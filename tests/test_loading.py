@@ -61,7 +61,7 @@ def test_generate_without_model_or_network_answers_at_once(tmp_path):
 
 
 def test_hub_status(monkeypatch):
-    from llmkit.generation import loading
+    from llmkit.core import loading
 
     monkeypatch.setattr(loading, "_HUB_STATUS", {})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -118,7 +118,7 @@ def test_gpt2_gguf_loads_with_its_positions_and_is_cached(tmp_path, monkeypatch,
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.generation.loading import gguf_cache_dir, load_model_and_tokenizer
+    from llmkit.core.loading import gguf_cache_dir, load_model_and_tokenizer
 
     monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
     src = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -174,8 +174,8 @@ def test_smollm_pre_tokenizer_splits_digits(tmp_path, monkeypatch, shakespeare):
     from tokenizers import pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmkit.data.tokenizer import train_bpe_tokenizer
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
+    from llmkit.core.tokenizer import train_bpe_tokenizer
 
     monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
     text = shakespeare.read_text(encoding="utf-8")[:20_000]

@@ -1,7 +1,7 @@
 """Benchmarks from lm-evaluation-harness through its Python API (SPEC §5), the optional extra
 ``pip install 'llmkit[eval]'``.
 
-The model is loaded once by llmkit (:func:`llmkit.generation.loading.load_model_and_tokenizer`:
+The model is loaded once by llmkit (:func:`llmkit.core.loading.load_model_and_tokenizer`:
 a run, a ``save_pretrained`` directory, a ``.gguf`` file or a Hub id) and handed, already
 loaded, to the harness's ``HFLM`` wrapper; ``lm_eval.simple_evaluate`` then runs the tasks.
 Nothing is loaded twice and no model code is fetched.
@@ -660,7 +660,7 @@ def evaluate_tasks(
 
     Args:
         model: a run, ``save_pretrained`` directory, ``.gguf`` file or Hub id (None: the
-            default search of :func:`llmkit.generation.loading.load_model_and_tokenizer`).
+            default search of :func:`llmkit.core.loading.load_model_and_tokenizer`).
         device, dtype: as for ``load_model_and_tokenizer``.
         trust_remote_code: let the model (``auto_map``) and the include-path tasks
             (``!function``) run Python code of their own; False (default) refuses them.
@@ -676,7 +676,7 @@ def evaluate_tasks(
             an unknown task or include path; task data that cannot be loaded; the model does
             not load; bad numbers.
     """
-    from llmkit.generation.loading import load_model_and_tokenizer, model_max_positions
+    from llmkit.core.loading import load_model_and_tokenizer, model_max_positions
 
     require_harness()
     _check_numbers(limit, num_fewshot, batch_size)

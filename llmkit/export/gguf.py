@@ -108,7 +108,7 @@ def load_for_export(model: str, *, trust_remote_code: bool = False) -> tuple[Any
     Raises:
         UserError: nothing loadable at ``model`` (one line from the loader).
     """
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
 
     path = Path(model).expanduser()
     if (
@@ -128,8 +128,8 @@ def load_for_export(model: str, *, trust_remote_code: bool = False) -> tuple[Any
 
 def _load_adapter_run(path: Path, trust_remote_code: bool):
     """A LoRA run saved unmerged: base model (``base_model_name_or_path``) + adapter, merged."""
-    from llmkit.data.tokenizer import load_tokenizer
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
+    from llmkit.core.tokenizer import load_tokenizer
 
     try:
         base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))[

@@ -34,8 +34,8 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from llmkit.core.loading import load_model_and_tokenizer, model_max_positions
 from llmkit.errors import UserError
-from llmkit.generation.loading import load_model_and_tokenizer, model_max_positions
 from llmkit.generation.settings import GenerationSettings  # defined there: no torch
 from llmkit.runtime import announce_threads
 from llmkit.templates import render_chat
@@ -719,7 +719,7 @@ def generate_completions(
 
     Args:
         prompts: one prompt or a list.
-        model: see :func:`llmkit.generation.loading.load_model_and_tokenizer` (None: the
+        model: see :func:`llmkit.core.loading.load_model_and_tokenizer` (None: the
             default search).
         settings: decoding settings (defaults: :class:`GenerationSettings`).
         batch_size: prompts per ``model.generate`` call (left-padded; the outputs do not

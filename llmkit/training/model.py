@@ -235,7 +235,7 @@ def _model_tokenizer_file(name_or_path: str) -> Path | None:
     directory, or in the cached conversion of a ``.gguf`` file. None otherwise (Hub ids)."""
     path = Path(name_or_path)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        from llmkit.generation.loading import gguf_cache_dir
+        from llmkit.core.loading import gguf_cache_dir
 
         path = gguf_cache_dir(path) or path
     candidate = path / "tokenizer.json"
@@ -263,7 +263,7 @@ def check_same_tokenizer(
     Raises:
         UserError: "vocabulary mismatch", with the tokens or sizes that differ.
     """
-    from llmkit.data.prepared import VOCAB_HINT, check_same_vocabulary
+    from llmkit.core.prepared import VOCAB_HINT, check_same_vocabulary
 
     hint = VOCAB_HINT
     file = _model_tokenizer_file(model_name)

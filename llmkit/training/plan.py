@@ -37,7 +37,7 @@ class Plan:
     recipe: Recipe
     """The resolved recipe (defaults < YAML < overrides)."""
     data: Any
-    """The prepared data (``llmkit.data.prepared.load_prepared``): train / validation splits,
+    """The prepared data (``llmkit.core.prepared.load_prepared``): train / validation splits,
     tokenizer, manifest."""
     model_config: Any
     """The transformers config of the model to train (pretrained, or built from the recipe)."""
@@ -243,7 +243,7 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
     """
     from accelerate.utils import get_int_from_env
 
-    from llmkit.data.prepared import load_prepared, read_manifest
+    from llmkit.core.prepared import load_prepared, read_manifest
     from llmkit.training.distributed import accelerator_plugins, check_strategy
 
     tcfg = recipe.train

@@ -272,8 +272,8 @@ def setup(plan: Plan, accelerator, logger: MetricLogger) -> Setup:
     """
     from accelerate.utils import set_seed
 
-    from llmkit.data.tokenizer import token_byte_lengths
-    from llmkit.evaluation.scoring import block_columns
+    from llmkit.core.scoring import block_columns
+    from llmkit.core.tokenizer import token_byte_lengths
 
     recipe, tcfg, ecfg = plan.recipe, plan.recipe.train, plan.recipe.eval
     set_seed(tcfg.seed)

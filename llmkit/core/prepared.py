@@ -161,7 +161,7 @@ def load_prepared(path: str | Path, *, trust_remote_code: bool = False) -> Prepa
     """
     from datasets import load_from_disk
 
-    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.core.tokenizer import load_tokenizer
 
     p = Path(path)
     manifest = read_manifest(p)

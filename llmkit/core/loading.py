@@ -45,11 +45,11 @@ from typing import Any
 
 import torch
 
-from llmkit.data.cache import cache_root, gguf_cache_dir  # noqa: F401 - one rule, torch-free
+from llmkit.core.cache import cache_root, gguf_cache_dir  # noqa: F401 - one rule, torch-free
 from llmkit.errors import UserError, require
 
 ENV_MODEL = "LLMKIT_MODEL"
-ENV_CACHE = "LLMKIT_CACHE"  # read by llmkit.data.cache.cache_root
+ENV_CACHE = "LLMKIT_CACHE"  # read by llmkit.core.cache.cache_root
 DEFAULT_HUB_MODEL = "gpt2"
 FIX_HINT = (
     "pass --model DIR (a save_pretrained directory or a .gguf file), set LLMKIT_MODEL, "
@@ -413,7 +413,7 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.core.tokenizer import load_tokenizer
     from llmkit.security import (
         announce_remote_code,
         auto_map_files,
