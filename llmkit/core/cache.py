@@ -44,13 +44,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmkit.core import atomic
 from llmkit.errors import UserError
 
 #: The environment variable naming the cache root (shared with llmkit.core.loading).
@@ -278,15 +278,18 @@ class CleanCache:
         return documents, info
 
     def new_entry(self) -> Path:
-        """A fresh temporary directory next to the entry, to fill and :meth:`commit`."""
+        """A fresh temporary directory next to the entry (:func:`llmkit.core.atomic.temp_path`),
+        to fill and :meth:`commit`; those of dead processes for the same key are deleted."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{self.key}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        atomic.remove_stale(self.root, self.key)
+        tmp = atomic.temp_path(self.root, self.key)
         tmp.mkdir()
         return tmp
 
     def commit(self, tmp: Path, info: dict) -> None:
         """Write ``info`` into ``tmp`` and rename it to the entry (a concurrent run that got
-        there first wins; ``tmp`` is then removed)."""
+        there first wins; ``tmp`` is then removed). Not :func:`llmkit.core.atomic.replace`:
+        a complete entry is kept, not replaced, as the same key means the same content."""
         info = {"format": CACHE_FORMAT, "key": self.key, **info}
         (tmp / INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         try:

@@ -29,13 +29,13 @@ Where llmkit departs from ``convert_hf_to_gguf.py`` on purpose:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llmkit.core.atomic import atomic_output
 from llmkit.errors import UserError, require
 
 #: ``--outtype`` values: the type of the 2-D weights (see :func:`_tensor_type`). ``q8_0``: Q8_0
@@ -666,46 +666,39 @@ def export_gguf(
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[outtype]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     expected: dict[str, tuple[tuple[int, ...], str]] = {}
-    try:
-        writer = gguf.GGUFWriter(
-            tmp,
-            gguf.MODEL_ARCH_NAMES[
-                gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GPT2
-            ],
-        )
-        writer.add_name(name)
-        writer.add_file_type(int(file_type))
-        if outtype == "q8_0":
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _write_hparams(writer, cfg, arch)
-        _write_vocab(writer, vocab)
-        for tname, data in tensors:
-            qtype = _tensor_type(tname, data, outtype)
-            if qtype == gguf.GGMLQuantizationType.F32:
-                writer.add_tensor(tname, data.astype(np.float32))
-            elif qtype == gguf.GGMLQuantizationType.F16:
-                writer.add_tensor(tname, data.astype(np.float16))
-            else:
-                packed = gguf.quants.quantize(data, qtype)
-                writer.add_tensor(tname, packed, raw_shape=packed.shape, raw_dtype=qtype)
-            expected[tname] = (tuple(data.shape), qtype.name)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        _verify(tmp, expected, arch, len(vocab.tokens))
-        mf_tmp = mf.with_name(f".{mf.name}.tmp-{os.getpid()}")
-        mf_tmp.write_text(modelfile_text(out.name, tok, vocab, ctx), encoding="utf-8")
-        os.replace(tmp, out)
-        os.replace(mf_tmp, mf)
+    try:  # the Modelfile is renamed into place after the .gguf, each only when both are whole
+        with atomic_output(mf) as mf_tmp, atomic_output(out) as tmp:
+            writer = gguf.GGUFWriter(
+                tmp,
+                gguf.MODEL_ARCH_NAMES[
+                    gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GPT2
+                ],
+            )
+            writer.add_name(name)
+            writer.add_file_type(int(file_type))
+            if outtype == "q8_0":
+                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            _write_hparams(writer, cfg, arch)
+            _write_vocab(writer, vocab)
+            for tname, data in tensors:
+                qtype = _tensor_type(tname, data, outtype)
+                if qtype == gguf.GGMLQuantizationType.F32:
+                    writer.add_tensor(tname, data.astype(np.float32))
+                elif qtype == gguf.GGMLQuantizationType.F16:
+                    writer.add_tensor(tname, data.astype(np.float16))
+                else:
+                    packed = gguf.quants.quantize(data, qtype)
+                    writer.add_tensor(tname, packed, raw_shape=packed.shape, raw_dtype=qtype)
+                expected[tname] = (tuple(data.shape), qtype.name)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            _verify(tmp, expected, arch, len(vocab.tokens))
+            mf_tmp.write_text(modelfile_text(out.name, tok, vocab, ctx), encoding="utf-8")
     except OSError as err:
         raise UserError(f"cannot write {out}: {err.strerror or err}") from None
-    finally:
-        for leftover in (tmp, mf.with_name(f".{mf.name}.tmp-{os.getpid()}")):
-            if leftover.exists():
-                leftover.unlink()
     return ExportResult(
         path=out,
         modelfile=mf,

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from llmkit.core.atomic import write_text as atomic_write_text
 from llmkit.errors import UserError
 from llmkit.training import checkpoint as ckpt
 from llmkit.training.fit import EarlyStopping
@@ -27,7 +28,6 @@ from llmkit.training.flops import (
 )
 from llmkit.training.logger import MetricLogger
 from llmkit.training.plan import Plan
-from llmkit.training.rundir import atomic_write_text
 
 #: torch.compile backend for ``model.compile: true`` (tests swap in ``eager`` to skip the C++
 #: code generation that makes inductor take minutes on a small CPU).
