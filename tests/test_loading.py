@@ -167,6 +167,37 @@ def test_gpt2_gguf_loads_with_its_positions_and_is_cached(tmp_path, monkeypatch,
         load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
 
 
+def test_training_reads_a_gpt2_gguf_with_its_positions(tmp_path, monkeypatch, tiny_model_dir):
+    """Training resolves a .gguf through the same rule as generate (llmkit.core.loading): a
+    GPT-2 file of 64 positions loads with n_positions 64 and the source's exact logits (it
+    read the file with transformers alone, which keeps 1024 positions and fails); it never
+    reads the cached conversion, which holds the dtype of the load that wrote it."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.core.loading import load_model_and_tokenizer, resolve_source
+    from llmkit.training.model import load_pretrained, load_pretrained_config
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    src = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = _export(src, tok, tmp_path / "tiny-gpt2.gguf")
+    ids = torch.tensor([tok("ROMEO: what, ho!")["input_ids"]])
+    config = load_pretrained_config(str(path))
+    assert config.n_positions == 64
+    model = load_pretrained(str(path), config).eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, src(ids).logits)
+    load_model_and_tokenizer(str(path), device="cpu", dtype="bfloat16")  # a bfloat16 copy
+    assert resolve_source(str(path)).cached
+    assert not resolve_source(str(path), use_cache=False).cached
+    again = load_pretrained(str(path), load_pretrained_config(str(path))).eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, src(ids).logits)
+    with pytest.raises(UserError, match="model.name_or_path .*nothing/x/y does not exist"):
+        load_pretrained_config(str(tmp_path / "nothing" / "x" / "y"))
+
+
 def test_smollm_pre_tokenizer_splits_digits(tmp_path, monkeypatch, shakespeare):
     """A GGUF whose pre-tokenizer is llama.cpp's ``smollm`` (SmolLM2's) splits digits one by one,
     like the tokenizer it was made from; transformers alone merges digit runs."""

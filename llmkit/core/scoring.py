@@ -111,7 +111,7 @@ def score_blocks(
         Total nats, scored target tokens and their UTF-8 bytes (for loss, perplexity, bits per
         byte: :class:`llmkit.core.metrics.NLLSums`).
     """
-    from llmkit.generation.generate import silence_padding_warning
+    from llmkit.core.loading import silence_padding_warning
 
     # Packed blocks hold EOS (= pad) as real text and no attention mask is passed on purpose.
     silence_padding_warning(model)

@@ -593,7 +593,7 @@ def run_tasks(
         from llmkit.templates import render_chat
 
         render_chat(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
-    from llmkit.generation.generate import silence_padding_warning
+    from llmkit.core.loading import silence_padding_warning
 
     # The harness pads on the right, after the scored continuation: the warning is noise.
     silence_padding_warning(lm)
