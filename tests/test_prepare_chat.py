@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 import llmkit.data.pipeline as pipeline
 from llmkit.cli import app
-from llmkit.core.prepared import load_prepared
-from llmkit.data.sft import CHATML, IGNORE_INDEX, conversation_from_record
+from llmkit.core.prepared import IGNORE_INDEX, load_prepared
+from llmkit.data.sft import CHATML, conversation_from_record
 from llmkit.errors import UserError
 
 SUPPORT = Path(__file__).resolve().parents[1] / "examples" / "support"

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import MODELS
 
+from llmkit.core.prepared import IGNORE_INDEX
 from llmkit.data.pack import SFTPacker
 from llmkit.data.sft import (
     CHATML,
-    IGNORE_INDEX,
     answer_spans,
     conversation_from_record,
     conversation_text,

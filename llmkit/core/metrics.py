@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from llmkit.core.prepared import IGNORE_INDEX
 
 
 @dataclass

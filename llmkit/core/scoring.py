@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from llmkit.core.metrics import IGNORE_INDEX, NLLSums, nll_sums
+from llmkit.core.metrics import NLLSums, nll_sums
+from llmkit.core.prepared import IGNORE_INDEX
 
 #: The columns of a prepared split that are read: ``input_ids`` always; ``labels`` and
 #: ``position_ids`` when ``llmkit prepare`` wrote them (chat / instruction data).

@@ -37,11 +37,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llmkit.core.prepared import IGNORE_INDEX
 from llmkit.errors import UserError
 from llmkit.templates import render_chat  # every template failure is one line
 
-#: The label of a token that is not a target (PyTorch's ``cross_entropy`` ``ignore_index``).
-IGNORE_INDEX = -100
 #: Roles a message may have.
 ROLES = ("system", "user", "assistant")
 #: What :func:`render_with_labels` trains on: the assistant's answers only, or every token.

@@ -31,7 +31,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from llmkit.core.metrics import IGNORE_INDEX, NLLSums, nll_sums, shift_labels
+from llmkit.core.metrics import NLLSums, nll_sums, shift_labels
+from llmkit.core.prepared import IGNORE_INDEX
 from llmkit.core.scoring import score_blocks
 from llmkit.errors import UserError
 from llmkit.evaluation.checks import check_windows

@@ -58,7 +58,7 @@ def finish(plan: Plan, run: Setup, state: FitState) -> dict[str, Any]:
             plan.tokenizer,
             plan.run_dir,
             plan.recipe,
-            plan.data.manifest,
+            plan.data.manifest.as_dict(),
             run.resolved,
             final,
             state_dict=full_state,

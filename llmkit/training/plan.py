@@ -195,7 +195,7 @@ def _model_config(recipe: Recipe, data, data_block: int) -> tuple[Any, list[int]
     model_vocab = int(getattr(config, "vocab_size", 0) or 0)
     path = recipe.data.path
     new_tokens = added_token_rows(tokenizer, model_vocab, mcfg.name_or_path, path)
-    trained = bool(data.manifest.get("tokenizer", {}).get("trained"))
+    trained = data.manifest.tokenizer.trained
     check_same_tokenizer(tokenizer, model_vocab, mcfg.name_or_path, path, trained)
     return config, new_tokens
 
@@ -248,7 +248,7 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
 
     tcfg = recipe.train
     manifest = read_manifest(recipe.data.path)
-    data_block = int(manifest["settings"]["block_size"])
+    data_block = manifest.block_size
     resume_from = ckpt.resolve_resume(resume, recipe.run_dir) if resume else None
     data = load_prepared(recipe.data.path, trust_remote_code=recipe.model.trust_remote_code)
     model_config, new_tokens = _model_config(recipe, data, data_block)

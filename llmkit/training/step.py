@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmkit.core.metrics import IGNORE_INDEX
+from llmkit.core.prepared import IGNORE_INDEX
 from llmkit.core.scoring import split_batch
 
 
