@@ -331,13 +331,9 @@ def bounded_sandbox() -> type:
 def _install() -> Any:
     """Make transformers compile chat templates in :func:`bounded_sandbox`; returns its
     ``_compile_jinja_template``."""
-    from transformers.utils import chat_template_utils as ctu
+    from llmkit.core.compat import compile_chat_templates_in
 
-    env = bounded_sandbox()
-    if ctu.ImmutableSandboxedEnvironment is not env:
-        ctu.ImmutableSandboxedEnvironment = env
-        ctu._compile_jinja_template.cache_clear()  # templates compiled before: recompile
-    return ctu._compile_jinja_template
+    return compile_chat_templates_in(bounded_sandbox())
 
 
 def _file_holds(path: Path, template: str) -> bool:

@@ -38,8 +38,6 @@ from __future__ import annotations
 import os
 import sys
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ from typing import Any
 import torch
 
 from llmkit.core.cache import cache_root, gguf_cache_dir  # noqa: F401 - one rule, torch-free
+from llmkit.core.compat import quiet_gguf_conversion
 from llmkit.errors import UserError, require
 
 ENV_MODEL = "LLMKIT_MODEL"
@@ -357,28 +356,6 @@ def _fix_gguf_tokenizer(tokenizer: Any, pre: str | None) -> None:
     )
 
 
-@contextmanager
-def _quiet_gguf_conversion() -> Iterator[None]:
-    """Silence transformers' "Converting and de-quantizing GGUF tensors" bar (a bare tqdm that
-    ``disable_progress_bar`` does not reach): noise on a CLI's stderr."""
-    import functools
-
-    try:
-        from transformers import modeling_gguf_pytorch_utils as mod
-    except ImportError:
-        yield
-        return
-    original = getattr(mod, "tqdm", None)
-    if original is None:
-        yield
-        return
-    mod.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        mod.tqdm = original
-
-
 _HUB_STATUS: dict[str, tuple[bool, str]] = {}
 
 
@@ -560,7 +537,7 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
     if trust_remote_code:
         announce_remote_code(name, where)
     try:
-        with _quiet_gguf_conversion():
+        with quiet_gguf_conversion():
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except UserError:
         raise

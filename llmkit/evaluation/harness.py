@@ -223,11 +223,9 @@ def task_code_guard(trust_remote_code: bool) -> Iterator[list[MetricCodeRefused]
     if trust_remote_code:
         yield []
         return
-    try:
-        from lm_eval.tasks import _yaml_loader as loader
-    except ImportError:
-        loader = None
-    original = getattr(loader, "_import_func_in_yml", None)
+    from llmkit.core.compat import lm_eval_import_func, set_lm_eval_import_func
+
+    original = lm_eval_import_func()
     if original is None:  # fail closed: a harness whose loader we cannot guard runs no task
         raise UserError(
             "this lm_eval release resolves task code in a way llmkit does not know "
@@ -246,13 +244,13 @@ def task_code_guard(trust_remote_code: bool) -> Iterator[list[MetricCodeRefused]
         return original(qual, base_dir)
 
     metrics = _EvaluateGuard()
-    loader._import_func_in_yml = guarded
+    set_lm_eval_import_func(guarded)
     try:
         metrics.install()
         yield metrics.refused
     finally:
         metrics.uninstall()
-        loader._import_func_in_yml = original
+        set_lm_eval_import_func(original)
 
 
 def _metric_code_error(err: MetricCodeRefused, task: str | None = None) -> UserError:
@@ -410,9 +408,10 @@ def task_specs(tm: Any, names: list[str], include_paths: list[Path]) -> list[str
     """What to hand the harness for each name: the name itself, or, for a single task defined
     by a YAML under an include path, its full config with local data paths resolved against
     the YAML's directory (see the module docstring)."""
-    try:
-        from lm_eval.tasks._yaml_loader import load_yaml  # the harness's YAML reader (0.4.10+)
-    except ImportError:  # another layout: names only, data paths as the harness reads them
+    from llmkit.core.compat import lm_eval_load_yaml
+
+    load_yaml = lm_eval_load_yaml()  # the harness's YAML reader (0.4.10+)
+    if load_yaml is None:  # another layout: names only, data paths as the harness reads them
         return list(names)
     specs: list[str | dict] = []
     for name in names:

@@ -65,7 +65,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from llmkit.core import atomic
+from llmkit.core import atomic, compat
 from llmkit.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -307,7 +307,7 @@ def save_checkpoint(
             line naming it and the space left; the temporary directory is removed and the
             earlier checkpoints are untouched. Raised on every process.
     """
-    if getattr(accelerator, "_custom_objects", None):  # accelerate would pickle them
+    if compat.accelerate_registered_objects(accelerator):  # accelerate would pickle them
         raise RuntimeError("objects registered for checkpointing would be pickled")
     root = run_dir / CHECKPOINTS
     final = root / name

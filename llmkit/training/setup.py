@@ -104,10 +104,9 @@ def make_accelerator(plan: Plan):
         # backend (or refuses another precision): a second train() in the same process (a
         # notebook, the tests) starts from a fresh one. Not under a launcher: the process
         # group belongs to the state there.
-        from accelerate.state import AcceleratorState, GradientState
+        from llmkit.core.compat import reset_accelerate_state
 
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
     # Several processes (torchrun / accelerate launch) and no GPU: accelerate joins them over
     # gloo only when told cpu=True (without it each process trains alone, unaware of the rest).
     accelerator = Accelerator(
