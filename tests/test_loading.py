@@ -233,6 +233,12 @@ def test_smollm_pre_tokenizer_splits_digits(tmp_path, monkeypatch, shakespeare):
     for _ in range(2):  # converted, then from the cache
         _, loaded, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
         assert loaded(sample)["input_ids"] == split
+    # the tokenizer alone (prepare --tokenizer X.gguf), from the cache and from the file
+    from llmkit.core.loading import load_source_tokenizer
+
+    assert load_source_tokenizer(str(path))(sample)["input_ids"] == split
+    monkeypatch.setenv("LLMKIT_CACHE", "off")
+    assert load_source_tokenizer(str(path))(sample)["input_ids"] == split
 
 
 # --- CPU threads -----------------------------------------------------------------------------

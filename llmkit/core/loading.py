@@ -49,7 +49,6 @@ from llmkit.core.compat import quiet_gguf_conversion
 from llmkit.errors import UserError, require
 
 ENV_MODEL = "LLMKIT_MODEL"
-ENV_CACHE = "LLMKIT_CACHE"  # read by llmkit.core.cache.cache_root
 DEFAULT_HUB_MODEL = "gpt2"
 FIX_HINT = (
     "pass --model DIR (a save_pretrained directory or a .gguf file), set LLMKIT_MODEL, "
@@ -555,6 +554,33 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
         if source.gguf_cache is not None:
             save_gguf_cache(model, tokenizer, source.gguf_cache)
     return model, tokenizer
+
+
+def load_source_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of the model (or tokenizer) named ``name``, read as
+    :func:`load_model_and_tokenizer` reads it, without the weights.
+
+    A ``.gguf`` file goes through :func:`resolve_source`: its current cached conversion when
+    there is one, else its metadata with llmkit's corrections (:func:`_fix_gguf_tokenizer`:
+    SmolLM's digit split). Anything else (a directory, which may hold only a tokenizer; a Hub
+    id) is :func:`llmkit.core.tokenizer.load_tokenizer`.
+
+    Raises:
+        UserError: as :func:`resolve_source` for a ``.gguf``; as ``load_tokenizer`` otherwise.
+    """
+    from llmkit.core.tokenizer import load_tokenizer
+
+    path = Path(name).expanduser()
+    if not (path.is_file() and path.suffix.lower() == ".gguf"):
+        return load_tokenizer(name, trust_remote_code=trust_remote_code)
+    source = resolve_source(name)
+    if source.cached:  # never code from a cache
+        return load_tokenizer(source.where, trust_remote_code=False)
+    tokenizer = load_tokenizer(
+        source.where, gguf_file=source.kwargs["gguf_file"], trust_remote_code=trust_remote_code
+    )
+    _fix_gguf_tokenizer(tokenizer, source.gguf_pre)
+    return tokenizer
 
 
 def load_model_and_tokenizer(
