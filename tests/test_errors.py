@@ -80,3 +80,33 @@ def test_skipped_text_records_are_counted_by_the_errors_code(tmp_path, record, l
     assert err.reason == code
     assert _reason(err) == code == _reason(UserError(err.message))  # the message rule agrees
     assert _reason(UserError("worded another way", reason=code)) == code
+
+
+def test_chat_template_errors_carry_the_code_prepare_counted_them_by():
+    """Each kind of template failure carries as ``reason`` the code that prepare's message
+    rule (``data/pipeline.py::_render_reason``) gives it today, so prepare can count by the
+    field with its manifests unchanged."""
+    import jinja2.exceptions as jx
+
+    from llmkit.data.pipeline import _render_reason
+    from llmkit.templates import TemplateTooLarge, _EmptyPrompt, template_error
+
+    class Tok:
+        chat_template = "{{ x }}"
+        name_or_path = ""
+
+    failures = [
+        TemplateTooLarge("the output", 10**9, 10**6),
+        _EmptyPrompt(),
+        jx.TemplateSyntaxError("unexpected '}'", 3),
+        jx.SecurityError("access to attribute '__class__' is unsafe"),
+        jx.UndefinedError("'foo' is undefined"),
+        jx.TemplateError("Conversation roles must alternate user/assistant"),
+        RuntimeError("boom"),
+    ]
+    codes = []
+    for failure in failures:
+        err = template_error(Tok(), failure, where="chat.jsonl:3")
+        assert err.reason == _render_reason(err.message), err.message
+        codes.append(err.reason)
+    assert codes == ["render failed"] * 5 + ["template refused", "render failed"]
