@@ -254,13 +254,9 @@ def bounded_sandbox() -> type:
 def _install() -> Any:
     """Make transformers compile chat templates in :func:`bounded_sandbox`; returns its
     ``_compile_jinja_template``."""
-    from transformers.utils import chat_template_utils as ctu
+    from llmkit.core.compat import compile_chat_templates_in
 
-    env = bounded_sandbox()
-    if ctu.ImmutableSandboxedEnvironment is not env:
-        ctu.ImmutableSandboxedEnvironment = env
-        ctu._compile_jinja_template.cache_clear()  # templates compiled before: recompile
-    return ctu._compile_jinja_template
+    return compile_chat_templates_in(bounded_sandbox())
 
 
 def _file_holds(path: Path, template: str) -> bool:
@@ -355,7 +351,9 @@ class _EmptyPrompt(Exception):
 
 def template_error(tokenizer: Any, err: BaseException, where: str | None = None) -> UserError:
     """The one-line :class:`UserError` for an exception raised while rendering ``tokenizer``'s
-    chat template (see :func:`render_chat`)."""
+    chat template (see :func:`render_chat`). Its ``reason`` (the code ``prepare`` counts a
+    skipped conversation by) is ``"template refused"`` for the template's own
+    ``raise_exception``, else ``"render failed"``."""
     import jinja2.exceptions as jx
 
     source = template_source(tokenizer)
@@ -368,36 +366,43 @@ def template_error(tokenizer: Any, err: BaseException, where: str | None = None)
         return UserError(
             f"{prefix}{the} was stopped: {detail} ({err.rule})",
             f"a chat template that builds that much is broken or hostile; {fix}",
+            reason="render failed",
         )
     if isinstance(err, _EmptyPrompt):
         return UserError(
             f"{prefix}{the} renders the conversation as empty text: there is no prompt to continue",
             f"{fix} so that it writes the messages, or use a model whose template works",
+            reason="render failed",
         )
     if isinstance(err, jx.TemplateSyntaxError):
         line = f" at line {err.lineno}" if err.lineno else ""
         return UserError(
             f"{prefix}{the} has a Jinja syntax error{line}: {detail}",
             f"{fix}, or use a model whose template works",
+            reason="render failed",
         )
     if isinstance(err, jx.SecurityError):
         return UserError(
             f"{prefix}{the} was stopped by Jinja's sandbox: {detail}",
             "the template tries to reach Python internals; use a template from a source you "
             f"trust ({fix})",
+            reason="render failed",
         )
     if isinstance(err, jx.UndefinedError):
         return UserError(
             f"{prefix}{the} uses an undefined name: {detail}",
             f"{fix}; the variables a template gets are messages, add_generation_prompt and "
             "the tokenizer's special tokens",
+            reason="render failed",
         )
     if type(err) is jx.TemplateError:  # the template's raise_exception(...)
         return UserError(
             f"{prefix}{the} refused the conversation: {detail}",
             "check the roles and their order, or choose another template",
+            reason="template refused",
         )
     return UserError(
         f"{prefix}{the} failed to render: {type(err).__name__}: {detail}",
         f"{fix}, or use a model whose template works",
+        reason="render failed",
     )

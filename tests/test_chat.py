@@ -11,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from llmkit.cli import app
+from llmkit.core.loading import load_model_and_tokenizer
 from llmkit.generation.chat import ChatSession, chat_loop
 from llmkit.generation.generate import GenerationSettings, complete_batch, encode_chat
-from llmkit.generation.loading import load_model_and_tokenizer
 
 runner = CliRunner()
 TEMPLATE = (
@@ -25,7 +25,7 @@ TEMPLATE = (
 @pytest.fixture(scope="module")
 def chat_model_dir(tmp_path_factory, tiny_model_dir):
     """The tiny GPT-2 with a simple chat template on its tokenizer."""
-    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.core.tokenizer import load_tokenizer
 
     out = tmp_path_factory.mktemp("chat") / "tiny-chat"
     shutil.copytree(tiny_model_dir, out)

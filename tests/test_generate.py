@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from llmkit.cli import app
+from llmkit.core.loading import load_model_and_tokenizer
 from llmkit.errors import UserError
 from llmkit.generation.generate import (
     GenerationSettings,
@@ -24,7 +25,6 @@ from llmkit.generation.generate import (
     generate,
     generate_completions,
 )
-from llmkit.generation.loading import load_model_and_tokenizer
 
 runner = CliRunner()
 
@@ -95,7 +95,7 @@ def test_max_new_tokens_counts_new_tokens_only(tiny_model_dir):
 
 
 def tiny_tokenizer_eos(model_dir) -> int:
-    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.core.tokenizer import load_tokenizer
 
     return load_tokenizer(model_dir).eos_token_id
 

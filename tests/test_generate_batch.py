@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from llmkit.cli import app
+from llmkit.core.loading import load_model_and_tokenizer
 from llmkit.errors import UserError
 from llmkit.generation.generate import (
     GenerationSettings,
@@ -22,7 +23,6 @@ from llmkit.generation.generate import (
     find_stop,
     run_prompts,
 )
-from llmkit.generation.loading import load_model_and_tokenizer
 
 runner = CliRunner()
 GREEDY = dict(temperature=0)

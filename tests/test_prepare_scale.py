@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import llmkit
 import llmkit.data.pipeline as pipeline
 from llmkit.cli import app
-from llmkit.data.prepared import load_prepared
+from llmkit.core.prepared import load_prepared
 
 
 @pytest.fixture(autouse=True)

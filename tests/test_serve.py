@@ -48,7 +48,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def local(chat_model_dir):
     """The same model loaded in this process, to compare with llmkit's own generation."""
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer(str(chat_model_dir), device="cpu")
     return model, tok

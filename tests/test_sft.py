@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import MODELS
 
+from llmkit.core.prepared import IGNORE_INDEX
 from llmkit.data.pack import SFTPacker
 from llmkit.data.sft import (
     CHATML,
-    IGNORE_INDEX,
     answer_spans,
     conversation_from_record,
     conversation_text,
@@ -77,7 +77,7 @@ def support_texts() -> list[str]:
 @pytest.fixture()
 def bpe_tokenizer(support_texts):
     """A byte-level BPE trained by llmkit on the support set, ChatML markers in its vocabulary."""
-    from llmkit.data.tokenizer import train_bpe_tokenizer
+    from llmkit.core.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(
         iter(support_texts), vocab_size=400, extra_special_tokens=CHATML.special_tokens
@@ -191,7 +191,7 @@ def test_chatml_installed_without_new_tokens_when_present(words_tokenizer):
 
 
 def test_chatml_tokens_added_to_a_plain_llmkit_tokenizer(support_texts, tmp_path):
-    from llmkit.data.tokenizer import load_tokenizer, token_byte_lengths, train_bpe_tokenizer
+    from llmkit.core.tokenizer import load_tokenizer, token_byte_lengths, train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(iter(support_texts), vocab_size=300)
     assert len(tok) == 300
@@ -300,7 +300,7 @@ def test_template_with_bos_gives_one_bos(support_texts):
     one BOS only, as apply_chat_template tokenizes."""
     from tokenizers import processors
 
-    from llmkit.data.tokenizer import train_bpe_tokenizer
+    from llmkit.core.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(iter(support_texts), 400, extra_special_tokens=LLAMA3_TOKENS)
     bos = tok.convert_tokens_to_ids("<|begin_of_text|>")
@@ -463,7 +463,7 @@ def _tiny_model(kind: str, attn: str, vocab_size: int):
 @pytest.fixture(scope="module")
 def packed_pair(support_texts):
     """Two short support conversations, rendered with ChatML, and one packed row of them."""
-    from llmkit.data.tokenizer import train_bpe_tokenizer
+    from llmkit.core.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(iter(support_texts), 400, extra_special_tokens=CHATML.special_tokens)
     ensure_chat_template(tok)
@@ -482,7 +482,7 @@ def packed_pair(support_texts):
 def _summed_loss(model, batch: dict, **kwargs):
     """Summed next-token cross-entropy over labels != -100 (nats) and the number of targets:
     inputs ids[:, :-1], targets labels[:, 1:] (labels[t] is the target of position t-1, the
-    shift of llmkit.evaluation.scoring.split_batch)."""
+    shift of llmkit.core.scoring.split_batch)."""
     import torch
     import torch.nn.functional as F
 

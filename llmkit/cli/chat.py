@@ -63,8 +63,8 @@ def chat_command(
         repetition_penalty=repetition_penalty,
         stop=list(stop or []),
     )
+    from llmkit.core.loading import load_model_and_tokenizer
     from llmkit.generation.chat import ChatSession, chat_loop
-    from llmkit.generation.loading import load_model_and_tokenizer
     from llmkit.runtime import announce_threads, apply_threads
 
     apply_threads(threads)

@@ -15,7 +15,7 @@ executor (SPEC §8):
    admits or drops each document at the dedup stages and adds up the counts from the columns
    (:func:`llmkit.data.clean.admit_document`). So the result does not depend on
    ``num_proc``. The kept documents are saved as a dataset (never a Python list), and cached
-   (:mod:`llmkit.data.cache`);
+   (:mod:`llmkit.core.cache`);
 3. split: whole documents to train / validation, from ``seed`` (:func:`split_indices`);
 4. tokenizer: a byte-level BPE trained on the train documents, or a pretrained one;
 5. encode (:func:`encode_batch`): batched, one EOS after every document;
@@ -30,7 +30,7 @@ template and labelled (:func:`encode_chat_batch`) and packed whole with
 :class:`llmkit.data.pack.SFTPacker` (:func:`_build_chat`), so that each row carries
 ``input_ids``, ``labels`` and ``position_ids``.
 
-The result is the layout of :mod:`llmkit.data.prepared`, built in a hidden temporary directory
+The result is the layout of :mod:`llmkit.core.prepared`, built in a hidden temporary directory
 next to the output and renamed into place only when complete.
 """
 
@@ -51,7 +51,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from llmkit.data.cache import (
+from llmkit.core.cache import (
     CACHE_FORMAT,
     DOCUMENTS,
     DROPPED,
@@ -65,6 +65,7 @@ from llmkit.data.cache import (
     max_cache_bytes,
     tokenizer_identity,
 )
+from llmkit.core.prepared import DATASET_DICT, MANIFEST, SPLITS, is_prepared
 from llmkit.data.clean import (
     StageStats,
     admit_document,
@@ -73,7 +74,6 @@ from llmkit.data.clean import (
     received_text,
 )
 from llmkit.data.pack import OVERLONG_RULES, Packer, SFTPacker
-from llmkit.data.prepared import DATASET_DICT, MANIFEST, SPLITS, is_prepared
 from llmkit.data.readers import (
     _GLOB_CHARS,
     DEFAULT_ENCODING,
@@ -1215,7 +1215,7 @@ def _build_chat(
 
     work = tmp / ".cache"
     if tok is None:
-        from llmkit.data.tokenizer import train_bpe_tokenizer
+        from llmkit.core.tokenizer import train_bpe_tokenizer
 
         train_docs = split_docs["train"]
         with report.task("train tokenizer (conversations)", total=len(train_docs)) as advance:
@@ -1366,14 +1366,14 @@ def _build_chat(
 
 def load_pretrained_tokenizer(name: str, *, trust_remote_code: bool = False):
     """A pretrained tokenizer: a directory (or Hub id, online) as
-    :func:`llmkit.data.tokenizer.load_tokenizer`, or a ``.gguf`` model file.
+    :func:`llmkit.core.tokenizer.load_tokenizer`, or a ``.gguf`` model file.
 
     A ``.gguf`` file's tokenizer is taken from the directory where
-    :mod:`llmkit.generation.loading` cached its conversion (:func:`llmkit.data.cache.
+    :mod:`llmkit.core.loading` cached its conversion (:func:`llmkit.core.cache.
     gguf_cache_dir`) when there is one, else read from the GGUF's metadata by transformers
     (``gguf_file=``; about 20 s for SmolLM2's 49k-token vocabulary here).
 
-    ``trust_remote_code``: see :func:`llmkit.data.tokenizer.load_tokenizer` (False: a
+    ``trust_remote_code``: see :func:`llmkit.core.tokenizer.load_tokenizer` (False: a
     tokenizer that needs its own Python code is refused, never run).
 
     Raises:
@@ -1382,8 +1382,8 @@ def load_pretrained_tokenizer(name: str, *, trust_remote_code: bool = False):
     """
     import importlib.util
 
-    from llmkit.data.cache import gguf_cache_dir
-    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.core.cache import gguf_cache_dir
+    from llmkit.core.tokenizer import load_tokenizer
 
     path = Path(name).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
@@ -1482,7 +1482,7 @@ def _cleaning_fingerprint(
     encoding: str = DEFAULT_ENCODING,
     max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
 ) -> str:
-    """The fingerprint of what decides the cleaned documents (see :mod:`llmkit.data.cache`)."""
+    """The fingerprint of what decides the cleaned documents (see :mod:`llmkit.core.cache`)."""
     return fingerprint(
         {
             "format": CACHE_FORMAT,
@@ -1565,13 +1565,13 @@ def prepare(
 ) -> dict:
     """Clean, split, tokenize and pack raw text (or conversations) into a prepared directory.
 
-    Writes the layout of :mod:`llmkit.data.prepared` at ``output``: ``manifest.json``, the
+    Writes the layout of :mod:`llmkit.core.prepared` at ``output``: ``manifest.json``, the
     tokenizer, and ``train/`` and ``validation/`` datasets whose rows are ``block_size`` int32
     token ids. Everything is built in a hidden directory next to ``output`` and renamed into
     place at the end; on any error nothing at ``output`` changes.
 
     With ``cache`` (the default), a run whose ``output`` already holds a manifest with the same
-    fingerprint (same input bytes, settings and llmkit version; :mod:`llmkit.data.cache`) does
+    fingerprint (same input bytes, settings and llmkit version; :mod:`llmkit.core.cache`) does
     nothing and returns that manifest; and the cleaned documents of an earlier run with the
     same inputs and reading and cleaning settings are reused from ``$LLMKIT_CACHE``, so that a
     change of tokenizer, block size, split or seed skips reading and cleaning.
@@ -1617,7 +1617,7 @@ def prepare(
             :mod:`llmkit.data.sft`). Chat data is cleaned message by message (see
             :mod:`llmkit.data.config`), split by conversation, rendered with a chat template
             and packed whole into rows with ``labels`` and ``position_ids`` (see
-            :mod:`llmkit.data.prepared`).
+            :mod:`llmkit.core.prepared`).
         chat_template: chat data only: ``"auto"`` (the pretrained tokenizer's own template,
             else ChatML), ``"tokenizer"`` (the tokenizer's own; an error when it has none) or
             ``"chatml"`` (:data:`llmkit.data.sft.CHATML`, its marker tokens added to a
@@ -2089,7 +2089,7 @@ def _build(
 
     # 4. tokenizer.
     if tok is None:
-        from llmkit.data.tokenizer import train_bpe_tokenizer
+        from llmkit.core.tokenizer import train_bpe_tokenizer
 
         train_docs = split_docs["train"]
         with report.task("train tokenizer (documents)", total=len(train_docs)) as advance:

@@ -900,6 +900,7 @@ def record_text(record, *, where: str, text_field: str) -> str:
         raise UserError(
             f"{where}: expected a JSON object, found {type(record).__name__}",
             "each line must be one JSON object",
+            reason="not an object",
         )
     try:
         value = get_field(record, text_field)
@@ -908,11 +909,13 @@ def record_text(record, *, where: str, text_field: str) -> str:
         raise UserError(
             f"{where}: no field {text_field!r} (fields: {keys})",
             "choose the field holding the text with --text-field (a.b for nested fields)",
+            reason="missing field",
         ) from None
     if not isinstance(value, str):
         raise UserError(
             f"{where}: field {text_field!r} is {type(value).__name__}, not a string",
             "choose the field holding the text with --text-field",
+            reason="field not a string",
         )
     return value
 
@@ -934,11 +937,16 @@ def parse_jsonl_line(line: str, *, path: Path, lineno: int, text_field: str) -> 
             f"{where}: malformed JSON ({err.msg} at column {err.colno})",
             "expected JSON lines (one object per line) or one JSON array of objects; "
             "--on-error skip skips such lines",
+            reason="malformed json",
         ) from None
     return record_text(record, where=where, text_field=text_field)
 
 
 def _reason(err: UserError) -> str:
+    """The manifest's reason for a skipped text record: the error's ``reason`` code, else (an
+    error raised without one) a rule on its message."""
+    if err.reason is not None:
+        return err.reason
     msg = err.message
     if "malformed JSON" in msg:
         return "malformed json"
@@ -1031,6 +1039,7 @@ def _json_array_records(
                 raise UserError(
                     f"{where}: expected a JSON object, found {type(record).__name__}",
                     "a .json file must hold JSON lines or one JSON array of objects",
+                    reason="not an object",
                 )
             yield where, convert(record, where)
         except UserError as err:
@@ -1581,7 +1590,11 @@ def check_max_document_bytes(max_document_bytes: int | None) -> None:
 
 
 def _chat_reason(err: UserError) -> str:
-    """The manifest's reason for a skipped chat record (``InputFile.skipped``)."""
+    """The manifest's reason for a skipped chat record (``InputFile.skipped``): the error's
+    ``reason`` code, else (the chat record errors of :mod:`llmkit.data.sft` carry none yet) a
+    rule on its message."""
+    if err.reason is not None:
+        return err.reason
     msg = err.message
     for needle, reason in (
         ("expected a JSON object", "not an object"),

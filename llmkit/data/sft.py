@@ -37,11 +37,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llmkit.core.prepared import IGNORE_INDEX
 from llmkit.errors import UserError
 from llmkit.templates import render_chat  # every template failure is one line
 
-#: The label of a token that is not a target (PyTorch's ``cross_entropy`` ``ignore_index``).
-IGNORE_INDEX = -100
 #: Roles a message may have.
 ROLES = ("system", "user", "assistant")
 #: What :func:`render_with_labels` trains on: the assistant's answers only, or every token.
@@ -272,7 +271,7 @@ def ensure_chat_template(tokenizer: Any, name: str | None = None) -> str:
     and a pretrained model's embeddings must be resized to match
     (``model.resize_token_embeddings(len(tokenizer))``) before training; the new rows start
     untrained. A tokenizer trained by llmkit can hold them from the start
-    (:func:`llmkit.data.tokenizer.train_bpe_tokenizer` with ``extra_special_tokens=
+    (:func:`llmkit.core.tokenizer.train_bpe_tokenizer` with ``extra_special_tokens=
     CHATML.special_tokens``), and then nothing is added.
 
     Modifies ``tokenizer`` in place (its ``chat_template``, its added tokens); saved with it by
@@ -563,7 +562,7 @@ def render_with_labels(
     token with its id.
 
     Labels are not shifted: ``labels[t]`` is the target of position ``t-1``
-    (``llmkit.evaluation.scoring.split_batch`` shifts).
+    (``llmkit.core.scoring.split_batch`` shifts).
 
     Args:
         tokenizer: a fast tokenizer with a chat template (:func:`ensure_chat_template`).

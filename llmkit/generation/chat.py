@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from llmkit.core.loading import model_max_positions
 from llmkit.errors import UserError
 from llmkit.generation.generate import (
     Completion,
@@ -23,7 +24,6 @@ from llmkit.generation.generate import (
     complete,
     encode_chat,
 )
-from llmkit.generation.loading import model_max_positions
 
 COMMANDS = "/reset clears the history, /exit (or end of input) ends the session"
 

@@ -34,8 +34,12 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from llmkit.core.loading import (
+    load_model_and_tokenizer,
+    model_max_positions,
+    silence_padding_warning,
+)
 from llmkit.errors import UserError
-from llmkit.generation.loading import load_model_and_tokenizer, model_max_positions
 from llmkit.generation.settings import GenerationSettings  # defined there: no torch
 from llmkit.runtime import announce_threads
 from llmkit.templates import render_chat
@@ -229,27 +233,6 @@ def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]
     """``[system?, user]`` messages for one prompt."""
     messages = [{"role": "system", "content": system}] if system else []
     return [*messages, {"role": "user", "content": prompt}]
-
-
-_SILENCED: weakref.WeakSet = weakref.WeakSet()
-
-
-def silence_padding_warning(model: Any) -> None:
-    """Turn off transformers' "pass an attention_mask" warning on ``model`` (and the module it
-    wraps): llmkit always builds the mask itself (:func:`left_pad`). Once per model: walking
-    its modules costs several milliseconds, which every ``generate`` call would pay."""
-    try:
-        if model in _SILENCED:
-            return
-    except TypeError:  # not weak-referenceable: silence it each time
-        pass
-    for m in model.modules() if hasattr(model, "modules") else ():
-        if hasattr(m, "warn_if_padding_and_no_attention_mask"):
-            m.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
-    try:
-        _SILENCED.add(model)
-    except TypeError:
-        pass
 
 
 def check_fits(model: Any, n_prompt: int, max_new_tokens: int, label: str = "the prompt") -> None:
@@ -719,7 +702,7 @@ def generate_completions(
 
     Args:
         prompts: one prompt or a list.
-        model: see :func:`llmkit.generation.loading.load_model_and_tokenizer` (None: the
+        model: see :func:`llmkit.core.loading.load_model_and_tokenizer` (None: the
             default search).
         settings: decoding settings (defaults: :class:`GenerationSettings`).
         batch_size: prompts per ``model.generate`` call (left-padded; the outputs do not
