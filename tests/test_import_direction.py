@@ -2,7 +2,7 @@
 
 Layers, bottom up:
 
-- **shared modules** ``llmkit/{errors,runtime,security,templates,runs}.py`` and
+- **shared modules** ``llmkit/{errors,runtime,security,templates,_jinja_sandbox,runs}.py`` and
   **``llmkit/core/``**: what several jobs use (atomic output, model loading, tokenizers, the
   prepared layout and its manifest, scoring, the caches). They import no job.
 - **jobs** ``llmkit/{data,training,generation,evaluation,serve,export}/``: each imports the layer
@@ -32,7 +32,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "llmkit"
 JOBS = ("data", "training", "generation", "evaluation", "serve", "export")
-SHARED = ("errors", "runtime", "security", "templates", "runs", "core")
+SHARED = ("errors", "runtime", "security", "templates", "_jinja_sandbox", "runs", "core")
 ENTRY = ("cli", "__init__", "__main__")
 ALLOWED = {("serve", "generation"), ("evaluation", "generation")}
 HEAVY = ("torch", "transformers", "datasets", "accelerate", "tokenizers")
