@@ -15,16 +15,12 @@ from typer.testing import CliRunner
 
 from llmkit.cli import app
 from llmkit.errors import UserError
-from llmkit.generation.generate import (
-    GenerationSettings,
-    TextStream,
-    complete,
-    decode_continuation,
-    encode_prompt,
-    generate,
-    generate_completions,
-)
+from llmkit.generation.batching import complete
+from llmkit.generation.decoding import TextStream, decode_continuation
+from llmkit.generation.generate import generate, generate_completions
 from llmkit.generation.loading import load_model_and_tokenizer
+from llmkit.generation.prompts import encode_prompt
+from llmkit.generation.settings import GenerationSettings
 
 runner = CliRunner()
 
@@ -183,7 +179,7 @@ def test_stream_of_a_long_line_equals_the_decoded_text(tiny_tokenizer):
     lengths = []
     for i in ids:
         stream.put(torch.tensor([i]))
-        lengths.append(len(stream.pending))
+        lengths.append(stream.decoder.window_size)
     stream.end()
     assert out.getvalue() == text
     assert max(lengths) < 24  # the window was restarted, not grown to the whole line
