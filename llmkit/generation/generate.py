@@ -36,13 +36,10 @@ from llmkit.generation.batching import (
     complete,
     complete_batch,
     eos_ids,
-    left_pad,
     silence_padding_warning,
 )
-from llmkit.generation.decoding import TextStream, decode_continuation, find_stop
 from llmkit.generation.loading import load_model_and_tokenizer
 from llmkit.generation.prompts import (
-    chat_messages,
     chat_text,
     check_fits,
     encode_chat,
@@ -52,30 +49,21 @@ from llmkit.generation.prompts import (
 )
 from llmkit.generation.settings import GenerationSettings
 from llmkit.runtime import announce_threads
-from llmkit.templates import end_of_turn_ids
 
-# Names other modules import from here, kept so that they need not change (their homes are
-# the modules above): llmkit.evaluation (silence_padding_warning), llmkit.serve
-# (chat_text, encode_prompt), benchmarks/generate.py (eos_ids, run_prompts).
+# Besides the entry points, the names that modules outside llmkit/generation import from here
+# (llmkit.evaluation, llmkit.serve.app, tests/test_serve.py, benchmarks/generate.py), kept so
+# that they need not change in this split; their homes are batching, prompts and settings.
 __all__ = [
     "Completion",
     "GenerationSettings",
-    "TextStream",
-    "chat_messages",
     "chat_text",
     "check_fits",
-    "complete",
     "complete_batch",
-    "decode_continuation",
     "encode_chat",
     "encode_prompt",
-    "end_of_turn_ids",
     "eos_ids",
-    "find_stop",
     "generate",
     "generate_completions",
-    "left_pad",
-    "peak_memory_mb",
     "run_prompts",
     "silence_padding_warning",
 ]
