@@ -109,7 +109,8 @@ def bare(model, tok, prompts, max_new_tokens, eos, **generate_kwargs):
 
 def ours(model, tok, prompts, max_new_tokens, batch_size, stream=False):
     """llmkit's run_prompts: as --json (no streaming) or streaming to a sink."""
-    from llmkit.generation.generate import GenerationSettings, run_prompts
+    from llmkit.generation.generate import run_prompts
+    from llmkit.generation.settings import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0)
     sink = io.StringIO()
@@ -177,7 +178,7 @@ def variants(name: str, max_new_tokens: int, rounds: int) -> None:
     from transformers import CompileConfig
 
     from llmkit.core.loading import load_model_and_tokenizer
-    from llmkit.generation.generate import eos_ids
+    from llmkit.generation.batching import eos_ids
 
     loaded = {}
     for dtype in ("float32", "bfloat16"):
@@ -426,7 +427,7 @@ def main() -> None:
     import torch
 
     from llmkit.core.loading import load_model_and_tokenizer
-    from llmkit.generation.generate import eos_ids
+    from llmkit.generation.batching import eos_ids
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -26,6 +26,10 @@ with one :class:`~llmkit.errors.UserError` naming the template's file and the li
 each at 100,000; nested they would loop 10^10 times). Not bounded: the time spent in nested
 loops over a long string or list that write nothing.
 
+**The end of a turn.** The template's end-of-turn token is found here too, by one rule
+(:func:`end_of_turn_token`; its id :func:`end_of_turn_ids`): ``prepare --format chat`` records
+it as the stop token, and ``generate``, ``chat`` and ``serve`` end a reply on it.
+
 No torch here; jinja2 is imported when a template is rendered.
 """
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 import contextvars
 import json
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -406,3 +411,84 @@ def template_error(tokenizer: Any, err: BaseException, where: str | None = None)
         f"{fix}, or use a model whose template works",
         reason="render failed",
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The end of an assistant's turn: one rule, used by prepare (the stop token it records) and by
+# generate/chat/serve (an id that ends a reply).
+
+#: The answer rendered to find what the template writes after an answer: distinctive, so that
+#: no template's own text (a default system prompt, a role name) contains it.
+END_OF_TURN_PROBE = "llmkit end-of-turn probe"
+
+
+def special_token_texts(tokenizer: Any) -> list[str]:
+    """The texts of ``tokenizer``'s special tokens, longest first: the named ones (EOS, BOS,
+    PAD...) and every added token marked special (chat markers such as ``<|im_end|>`` are often
+    only the latter). Whitespace-only tokens are left out."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            found.add(token.content)
+    return sorted((t for t in found if t and not t.isspace()), key=len, reverse=True)
+
+
+def end_of_turn_token(tokenizer: Any) -> str | None:
+    """The special token the chat template writes right after an assistant's answer, or None.
+
+    ``<|im_end|>`` for ChatML (and SmolLM2), ``<|eot_id|>`` for Llama 3, ``<end_of_turn>`` for
+    Gemma, ``<|end|>`` for Phi-3, ``</s>`` for Llama 2. Found by rendering a user message and
+    the answer :data:`END_OF_TURN_PROBE` with the tokenizer's own template and reading what
+    follows the answer, whitespace skipped: the longest special token it starts with. So it
+    works for any template, and does not depend on how the answers of a conversation are
+    located. A model trained on such conversations ends its answers with this token, whatever
+    its config's ``eos_token_id`` says: generation stops on it (:func:`end_of_turn_ids`).
+
+    Raises:
+        UserError: the tokenizer has no chat template, or the template fails on (or refuses)
+            the probe conversation (:func:`render_chat`).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "the tokenizer has no chat template: there is no end of turn to find",
+            "use a tokenizer with a chat template (or prepare --chat-template chatml)",
+        )
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": END_OF_TURN_PROBE},
+    ]
+    text = render_chat(tokenizer, messages, where="end-of-turn probe")
+    if not isinstance(text, str) or END_OF_TURN_PROBE not in text:
+        return None  # the template does not write the answer as given: no guess
+    after = text[text.rindex(END_OF_TURN_PROBE) + len(END_OF_TURN_PROBE) :].lstrip()
+    return next((t for t in special_token_texts(tokenizer) if after.startswith(t)), None)
+
+
+# tokenizer -> (chat_template, end-of-turn ids): rendering a template costs ~1 ms a call, and
+# generate asks once per batch
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The id of :func:`end_of_turn_token`: ``[id]``, or ``[]`` when there is none — no chat
+    template, a template that fails on (or refuses) the probe conversation, or plain text
+    after the answer. Cached per tokenizer and template."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return []
+    try:
+        cached = _END_OF_TURN.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == template:
+        return list(cached[1])
+    try:
+        token = end_of_turn_token(tokenizer)
+    except UserError:  # a template with rules of its own (roles, alternation): no guess
+        token = None
+    found = [] if token is None else [int(tokenizer.convert_tokens_to_ids(token))]
+    try:
+        _END_OF_TURN[tokenizer] = (template, found)
+    except TypeError:
+        pass
+    return list(found)

@@ -126,7 +126,7 @@ def test_recipe_hints_name_the_real_fix(tmp_path):
 
 
 def test_prompt_too_long_hint_gives_the_real_limit():
-    from llmkit.generation.generate import check_fits
+    from llmkit.generation.prompts import check_fits
 
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=128))
     with pytest.raises(UserError) as err:

@@ -39,7 +39,9 @@ from typing import Any
 
 from llmkit.core.prepared import IGNORE_INDEX
 from llmkit.errors import UserError
+from llmkit.templates import end_of_turn_token as end_of_turn_token  # one rule, re-exported
 from llmkit.templates import render_chat  # every template failure is one line
+from llmkit.templates import special_token_texts as _special_strings
 
 #: Roles a message may have.
 ROLES = ("system", "user", "assistant")
@@ -307,35 +309,6 @@ def ensure_chat_template(tokenizer: Any, name: str | None = None) -> str:
         )
     tokenizer.chat_template = spec.template
     return spec.name
-
-
-def _special_strings(tokenizer: Any) -> list[str]:
-    """The special tokens' texts, longest first (the control tokens of a template)."""
-    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
-        if token.special:
-            found.add(token.content)
-    return sorted((t for t in found if t and not t.isspace()), key=len, reverse=True)
-
-
-def end_of_turn_token(tokenizer: Any) -> str | None:
-    """The special token the chat template writes right after an assistant's answer, or None.
-
-    ``<|im_end|>`` for ChatML (and SmolLM2), ``<|eot_id|>`` for Llama 3, ``</s>`` for Llama 2.
-    Found by rendering a probe conversation, so it works for any template. Generation should
-    stop on it (add its id to the EOS ids), or the model runs on into the next turn.
-
-    Raises:
-        UserError: the tokenizer has no chat template, or the template refuses the probe.
-    """
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
-    text, (span,) = answer_spans(tokenizer, probe, where="end-of-turn probe")
-    answer = text[span[0] : span[1]]
-    after = answer[answer.rfind("Yes") + len("Yes") :].lstrip()
-    for token in _special_strings(tokenizer):
-        if after.startswith(token):
-            return token
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

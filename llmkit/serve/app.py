@@ -187,7 +187,7 @@ class ServerState:
             ApiError: 400 for a prompt over the context, token ids outside the vocabulary,
                 a model without a chat template or a template that refuses the conversation.
         """
-        from llmkit.generation.generate import chat_text, encode_prompt
+        from llmkit.generation.prompts import chat_text, encode_prompt
 
         if parsed.kind == "chat":
             if not self.has_template:
