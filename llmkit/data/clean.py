@@ -34,9 +34,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmkit.data.choices import NORMALIZATION_FORMS
 from llmkit.errors import require
-
-NORMALIZATION_FORMS = ("NFC", "NFKC")
 
 #: What a document stage returns for one document: the kept text (None when dropped), the
 #: drop reason (None when kept), and the stage's counts for this document (None when none).

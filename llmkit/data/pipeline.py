@@ -72,15 +72,13 @@ from llmkit.data.clean import (
     process_document,
     received_text,
 )
-from llmkit.data.pack import OVERLONG_RULES, Packer, SFTPacker
+from llmkit.data.config import PrepareSettings
+from llmkit.data.pack import Packer, SFTPacker
 from llmkit.data.prepared import DATASET_DICT, MANIFEST, SPLITS, is_prepared
 from llmkit.data.readers import (
     _GLOB_CHARS,
     DEFAULT_ENCODING,
     DEFAULT_MAX_DOCUMENT_BYTES,
-    FORMATS,
-    ON_ERROR,
-    SPLIT_MODES,
     InputFile,
     _walk,
     discover_inputs,
@@ -89,7 +87,6 @@ from llmkit.data.readers import (
     read_documents,
     resolve_format,
 )
-from llmkit.data.sft import TRAIN_ON
 from llmkit.errors import UserError
 
 E = TypeVar("E", bound=BaseException)
@@ -111,12 +108,6 @@ PARALLEL_MIN_BYTES = 2 << 20
 #: The same for the encode step, whose single process already encodes on every core (the
 #: ``tokenizers`` Rust encoder is multi-threaded); worker processes only add the Python part.
 PARALLEL_MIN_BYTES_ENCODE = 32 << 20
-#: The smallest byte-level BPE vocabulary: 256 byte symbols and <|endoftext|>.
-MIN_VOCAB_SIZE = 257
-#: Upper bounds of --vocab-size and --block-size (larger values are mistakes that would only
-#: fail deep inside the tokenizer trainer or ``datasets``).
-MAX_VOCAB_SIZE = 2**24
-MAX_BLOCK_SIZE = 2**20
 #: What ``llmkit prepare`` writes at the top of OUTPUT besides the splits (the tokenizer files
 #: vary with the tokenizer; see :func:`_written_by_prepare`).
 _OWN_NAMES = frozenset(
@@ -522,75 +513,6 @@ def _from_generator(generator: Callable[[], Iterator[dict]], features, cache: Pa
 
 # ---------------------------------------------------------------------------------------------
 # The pipeline.
-
-
-def _validate_settings(
-    *,
-    vocab_size: int,
-    tokenizer: str | None,
-    block_size: int,
-    val_fraction: float,
-    split_on: str,
-    text_field: str,
-    num_proc: int | None,
-    on_error: str = "fail",
-    seed: int = 0,
-    format: str = "auto",
-    chat_template: str = "auto",
-    train_on: str = "assistant",
-    overlong: str = "truncate",
-) -> None:
-    from llmkit.data.sft import CHAT_TEMPLATES, OWN_TEMPLATE
-
-    if format not in FORMATS:
-        raise UserError(f"--format {format!r} is not one of: {', '.join(FORMATS)}")
-    templates = ("auto", OWN_TEMPLATE, *CHAT_TEMPLATES)
-    if chat_template not in templates:
-        raise UserError(f"--chat-template {chat_template!r} is not one of: {', '.join(templates)}")
-    if train_on not in TRAIN_ON:
-        raise UserError(f"--train-on {train_on!r} is not one of: {', '.join(TRAIN_ON)}")
-    if overlong not in OVERLONG_RULES:
-        raise UserError(f"--overlong {overlong!r} is not one of: {', '.join(OVERLONG_RULES)}")
-    if on_error not in ON_ERROR:
-        raise UserError(f"--on-error {on_error!r} is not one of: {', '.join(ON_ERROR)}")
-    if tokenizer is None and vocab_size < MIN_VOCAB_SIZE:
-        raise UserError(
-            f"--vocab-size {vocab_size} is too small",
-            f"a byte-level BPE needs 256 byte symbols plus <|endoftext|>: use at least "
-            f"{MIN_VOCAB_SIZE}",
-        )
-    if tokenizer is None and vocab_size > MAX_VOCAB_SIZE:
-        raise UserError(
-            f"--vocab-size {vocab_size} is too large",
-            f"use at most {MAX_VOCAB_SIZE:,} (2**24); 1024-65536 is usual",
-        )
-    if block_size < 2:
-        raise UserError(
-            f"--block-size {block_size} is too small",
-            "a block needs at least 2 tokens (one input and its next-token target)",
-        )
-    if block_size > MAX_BLOCK_SIZE:
-        raise UserError(
-            f"--block-size {block_size} is too large",
-            f"use at most {MAX_BLOCK_SIZE:,} (2**20) tokens per block",
-        )
-    if not 0 <= val_fraction < 1:
-        raise UserError(
-            f"--val-fraction {val_fraction} is outside [0, 1)",
-            "give the share of documents held out for validation, e.g. 0.1",
-        )
-    if split_on not in SPLIT_MODES:
-        raise UserError(f"--split-on {split_on!r} is not one of: {', '.join(SPLIT_MODES)}")
-    if not text_field:
-        raise UserError("--text-field is empty", "name the JSON field holding the text")
-    if num_proc is not None and num_proc < 1:
-        raise UserError(
-            f"--num-proc {num_proc} must be at least 1",
-            f"give 1 to {default_num_proc()} worker processes, or leave it out to use every "
-            f"usable core ({default_num_proc()} here)",
-        )
-    if seed < 0:
-        raise UserError(f"--seed {seed} is negative", "give a seed of 0 or more")
 
 
 #: Document-length histogram: bin edges in UTF-8 bytes, powers of 2 from 1 B to 1 GiB.
@@ -1534,6 +1456,12 @@ def _up_to_date(output: Path, full: str) -> dict | None:
     return manifest
 
 
+def _given(**kwargs) -> dict:
+    """The keyword settings of :func:`prepare` set to something other than their default."""
+    fields = PrepareSettings.model_fields
+    return {k: v for k, v in kwargs.items() if v != fields[k].default}
+
+
 def prepare(
     inputs: Sequence[str | Path],
     output: str | Path,
@@ -1548,7 +1476,7 @@ def prepare(
     overwrite: bool = False,
     num_proc: int | None = None,
     on_error: str = "fail",
-    config: str | Path | dict | None = None,
+    config: str | Path | dict | PrepareSettings | None = None,
     clean: dict | None = None,
     keep_dropped: bool = False,
     plot: bool = True,
@@ -1599,9 +1527,13 @@ def prepare(
             text). The output is the same for any value.
         on_error: ``"fail"`` (default) stops at a binary file, invalid UTF-8, a malformed JSON
             line or a missing field, naming file and line; ``"skip"`` skips and counts them.
-        config: a ``prepare.yaml`` (path) or a dict of cleaning settings
-            (:mod:`llmkit.data.config`): normalization, Gutenberg stripping, filters,
-            deduplication, PII.
+        config: a ``prepare.yaml`` (path) or a dict of settings (:mod:`llmkit.data.config`):
+            the cleaning sections (normalization, Gutenberg stripping, filters,
+            deduplication, PII) and any of the keyword settings here by name; updated by
+            ``clean`` and by the keywords given a value other than their default. Or every
+            setting at once, a :class:`llmkit.data.config.PrepareSettings` (what the CLI
+            builds from defaults < ``--config`` < flags): the keyword settings and ``clean``
+            are then not used.
         clean: cleaning settings that override ``config`` (what the CLI flags set).
         keep_dropped: also write ``dropped.jsonl``: each dropped document with its stage and
             reason, for audit.
@@ -1663,49 +1595,68 @@ def prepare(
 
     started = time.perf_counter()
     console = console if console is not None else Console(stderr=True)
-    from llmkit.data.readers import check_max_document_bytes
-
+    if isinstance(config, PrepareSettings):
+        settings = config
+    else:
+        settings = PrepareSettings.load(
+            config,
+            _given(
+                vocab_size=vocab_size,
+                tokenizer=tokenizer,
+                block_size=block_size,
+                val_fraction=val_fraction,
+                seed=seed,
+                split_on=split_on,
+                text_field=text_field,
+                num_proc=num_proc,
+                on_error=on_error,
+                keep_dropped=keep_dropped,
+                plot=plot,
+                hub_split=hub_split,
+                format=format,
+                chat_template=chat_template,
+                train_on=train_on,
+                overlong=overlong,
+                encoding=encoding,
+                max_document_bytes=max_document_bytes,
+                trust_remote_code=trust_remote_code,
+            )
+            | ({"cleaning": clean} if clean else {}),
+        )
+    s = settings
     chat_flags = {
-        "--chat-template": chat_template,
-        "--train-on": train_on,
-        "--overlong": overlong,
+        "--chat-template": s.chat_template,
+        "--train-on": s.train_on,
+        "--overlong": s.overlong,
     }
     chat_flags_given = [name for name, value in chat_flags.items() if value is not None]
-    text_field_given = text_field is not None
-    text_field = "text" if text_field is None else text_field
-    chat_template = "auto" if chat_template is None else chat_template
-    train_on = "assistant" if train_on is None else train_on
-    overlong = "truncate" if overlong is None else overlong
-    check_max_document_bytes(max_document_bytes)
-    if encoding != "auto":
-        from llmkit.data.readers import _codec_name
-
-        _codec_name(encoding)  # an unknown encoding fails before anything is read
-    _validate_settings(
-        vocab_size=vocab_size,
-        tokenizer=tokenizer,
-        block_size=block_size,
-        val_fraction=val_fraction,
-        split_on=split_on,
-        text_field=text_field,
-        num_proc=num_proc,
-        on_error=on_error,
-        seed=seed,
-        format=format,
-        chat_template=chat_template,
-        train_on=train_on,
-        overlong=overlong,
+    text_field_given = s.text_field is not None
+    text_field = "text" if s.text_field is None else s.text_field
+    chat_template = "auto" if s.chat_template is None else s.chat_template
+    train_on = "assistant" if s.train_on is None else s.train_on
+    overlong = "truncate" if s.overlong is None else s.overlong
+    vocab_size, tokenizer, block_size, val_fraction, seed = (
+        s.vocab_size,
+        s.tokenizer,
+        s.block_size,
+        s.val_fraction,
+        s.seed,
     )
-    if num_proc is None:
-        num_proc = default_num_proc()
-    from llmkit.data.config import default_config, load_config, merge, validate
-
-    if isinstance(config, dict):
-        cfg = merge(default_config(), config)
-        cfg = merge(cfg, clean or {})
-        validate(cfg)
-    else:
-        cfg = load_config(config, clean)
+    split_on, on_error, keep_dropped, plot, hub_split, format = (
+        s.split_on,
+        s.on_error,
+        s.keep_dropped,
+        s.plot,
+        s.hub_split,
+        s.format,
+    )
+    encoding, max_document_bytes, trust_remote_code = (
+        s.encoding,
+        s.max_document_bytes,
+        s.trust_remote_code,
+    )
+    num_proc = default_num_proc() if s.num_proc is None else s.num_proc
+    cfg = s.cleaning.model_dump()
     output = Path(os.path.abspath(output))
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -1726,11 +1677,7 @@ def prepare(
     chat = None
     if kind == "chat":
         chat = {"template": chat_template, "train_on": train_on, "overlong": overlong}
-        if isinstance(config, dict):
-            cfg = merge(merge(default_config("chat"), config), clean or {})
-            validate(cfg)
-        else:
-            cfg = load_config(config, clean, kind="chat")
+        cfg = s.cleaning_for("chat").model_dump()
         if tokenizer is None and chat_template == "tokenizer":
             raise UserError(
                 "--chat-template tokenizer needs a pretrained tokenizer with its own template",

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llmkit.data.choices import TRAIN_ON
 from llmkit.errors import UserError
 from llmkit.templates import render_chat  # every template failure is one line
 
@@ -44,8 +45,6 @@ from llmkit.templates import render_chat  # every template failure is one line
 IGNORE_INDEX = -100
 #: Roles a message may have.
 ROLES = ("system", "user", "assistant")
-#: What :func:`render_with_labels` trains on: the assistant's answers only, or every token.
-TRAIN_ON = ("assistant", "all")
 #: The record formats :func:`conversation_from_record` reads, by name.
 CHAT_FORMATS = ("messages", "prompt-response", "alpaca")
 _RESPONSE_KEYS = ("response", "completion")
