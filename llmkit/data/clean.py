@@ -29,79 +29,21 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from llmkit.data.choices import NORMALIZATION_FORMS
+from llmkit.data.document import utf8_len
+from llmkit.data.steps.base import Counted as _Counted
+from llmkit.data.steps.base import DocumentStep, Outcome, StageStats, shape_counts  # noqa: F401
 from llmkit.errors import require
 
-#: What a document stage returns for one document: the kept text (None when dropped), the
-#: drop reason (None when kept), and the stage's counts for this document (None when none).
-Outcome = tuple[str | None, str | None, dict[str, int] | None]
 
+class DocumentStage(DocumentStep):
+    """A stage that is a pure function of one document (see the module docstring and
+    :class:`llmkit.data.steps.base.DocumentStep`, which runs it over documents)."""
 
-def shape_counts(template: Mapping[str, Any], counts: Mapping[str, int]) -> dict:
-    """The manifest form of a stage's counts: ``"group/key"`` counts nested under ``group``.
-
-    ``template`` gives the entries present even when nothing was counted (``{}`` for a group,
-    ``0`` for a total): ``shape_counts({"replaced": {}, "documents_changed": 0},
-    {"replaced/email": 2, "documents_changed": 1})`` is ``{"replaced": {"email": 2},
-    "documents_changed": 1}``. Groups are sorted by key.
-    """
-    out: dict = {k: (dict(v) if isinstance(v, dict) else v) for k, v in template.items()}
-    for key, n in counts.items():
-        group, sep, sub = key.partition("/")
-        if sep:
-            entry = out.setdefault(group, {})
-            entry[sub] = entry.get(sub, 0) + n
-        else:
-            out[key] = out.get(key, 0) + n
-    return {k: dict(sorted(v.items())) if isinstance(v, dict) else v for k, v in out.items()}
-
-
-class _Counted:
-    """``counts`` (a Counter created on first use), ``extra()`` and ``count_group()``."""
-
-    #: The stage's own manifest entries and their empty values (see :func:`shape_counts`).
-    count_template: dict = {}
-
-    @property
-    def counts(self) -> Counter:
-        """What calling the stage has counted so far (``"key"`` or ``"group/key"``)."""
-        found = self.__dict__.get("_counts")
-        if found is None:
-            found = self.__dict__["_counts"] = Counter()
-        return found
-
-    def count_group(self, group: str) -> Counter:
-        """The counts of one group, e.g. ``count_group("replaced") == {"email": 2}``."""
-        prefix = group + "/"
-        cut = len(prefix)
-        return Counter({k[cut:]: n for k, n in self.counts.items() if k.startswith(prefix)})
-
-    def extra(self) -> dict:
-        """The stage's own manifest entries from ``counts``."""
-        return shape_counts(self.count_template, self.counts)
-
-
-class DocumentStage(_Counted):
-    """A stage that is a pure function of one document (see the module docstring)."""
-
-    name = "stage"
     stateless = True
-
-    def apply(self, text: str) -> Outcome:  # pragma: no cover - overridden
-        """``(text, None, counts)`` to keep ``text`` (possibly changed), ``(None, reason,
-        counts)`` to drop it. Pure: the same text always gives the same outcome."""
-        raise NotImplementedError
-
-    def __call__(self, text: str) -> tuple[str | None, str | None]:
-        out, reason, counts = self.apply(text)
-        if counts:
-            self.counts.update(counts)
-        return out, reason
 
 
 class CorpusStage(_Counted):
@@ -129,47 +71,6 @@ class CorpusStage(_Counted):
         if counts:
             self.counts.update(counts)
         return (text, None) if reason is None else (None, reason)
-
-
-@dataclass
-class StageStats:
-    """What one stage did: documents and UTF-8 bytes in and out, drops counted by reason, and
-    the stage's own counts (``counts``, shaped by ``template``, see :func:`shape_counts`)."""
-
-    name: str
-    documents_in: int = 0
-    documents_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    counts: Counter = field(default_factory=Counter)
-    template: dict = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, stage) -> StageStats:
-        """Empty statistics for ``stage``."""
-        return cls(stage.name, template=dict(getattr(stage, "count_template", {})))
-
-    def as_dict(self) -> dict:
-        """The manifest entry of the stage."""
-        entry = {
-            "documents_in": self.documents_in,
-            "documents_out": self.documents_out,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "dropped": dict(sorted(self.dropped.items())),
-        }
-        entry.update(shape_counts(self.template, self.counts))
-        return entry
-
-    def merge(self, other: StageStats) -> None:
-        """Add the counts of ``other`` (the same stage run on another shard) to these."""
-        self.documents_in += other.documents_in
-        self.documents_out += other.documents_out
-        self.bytes_in += other.bytes_in
-        self.bytes_out += other.bytes_out
-        self.dropped.update(other.dropped)
-        self.counts.update(other.counts)
 
 
 def normalize_text(text: str, form: str = "NFC") -> str:
@@ -263,6 +164,7 @@ class Normalize(DocumentStage):
     """
 
     name = "normalize"
+    rewrites_messages = True
 
     def __init__(
         self,
@@ -339,11 +241,6 @@ class ExactDedup(CorpusStage):
             return "duplicate", None
         self._seen.add(key)
         return None, None
-
-
-def utf8_len(text: str) -> int:
-    """Length of ``text`` in UTF-8 bytes."""
-    return len(text.encode("utf-8"))
 
 
 def run_stages(

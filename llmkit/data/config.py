@@ -558,6 +558,38 @@ def build_stages(cfg: dict, kind: str = "text") -> list:
     return stages
 
 
+def build_steps(cfg: CleaningSettings | dict, dropped_writer=None) -> list:
+    """The cleaning steps of ``cfg`` (:mod:`llmkit.data.steps`), in order: normalize, the
+    filters turned on, the de-duplication signatures, then their global resolve steps, PII.
+
+    The same steps clean documents and conversations (:class:`llmkit.data.document.Document`
+    carries either; :class:`llmkit.data.steps.base.DocumentStep` runs a formatter on each
+    message and a filter on the conversation's text). ``dropped_writer`` (a
+    :class:`llmkit.data.steps.base.DroppedWriter`) receives every dropped document.
+    """
+    from llmkit.data.steps.dedup import dedup_steps
+
+    if isinstance(cfg, CleaningSettings):
+        cfg = cfg.model_dump()
+    stages = build_stages(cfg)
+    steps: list = []
+    resolves: list = []
+    for i, stage in enumerate(stages):
+        if stage.stateless:
+            steps.append(stage)
+            continue
+        # consecutive de-duplications: every signature, then every resolve (one barrier)
+        signature, resolve = dedup_steps(stage)
+        steps.append(signature)
+        resolves.append(resolve)
+        if i + 1 == len(stages) or stages[i + 1].stateless:
+            steps += resolves
+            resolves = []
+    for step in steps:
+        step.dropped_writer = dropped_writer
+    return steps
+
+
 # ---------------------------------------------------------------------------------------------
 # The stages on conversations.
 
