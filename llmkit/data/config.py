@@ -30,14 +30,14 @@ a run: the flags of ``llmkit prepare``, whose top-level keys such as ``block_siz
 unknown key is an error naming the closest valid one; a value of the wrong type is an error
 naming the key and the type. Precedence: defaults < YAML < flags (:meth:`PrepareSettings.load`).
 
-Chat data (``llmkit prepare --format chat``) goes through the same stages, adapted by
-:func:`build_stages` (``kind="chat"``): the stages that rewrite text (normalize, PII) run on
-each message's content (:class:`ContentStage`); the filters and both de-duplications judge the
-conversation as one text, :func:`llmkit.data.sft.conversation_text` (``role: content`` per
-message; :class:`ConversationTextStage`, :class:`ConversationCorpusStage`). Two defaults differ
-for chat (:func:`default_config`): near-duplicate removal is off — instruction sets hold the
-same answer to paraphrased questions on purpose (the support example set has three phrasings
-per answer), and the FineWeb MinHash settings, tuned on web pages, merge such short
+Chat data (``llmkit prepare --format chat``) goes through the same steps (:func:`build_steps`;
+a :class:`llmkit.data.document.Document` carries a conversation's messages): the steps that
+rewrite text (normalize, PII) run on each message's content; the filters and both
+de-duplications judge the conversation as one text, :func:`llmkit.data.sft.conversation_text`
+(``role: content`` per message; :class:`llmkit.data.steps.base.DocumentStep`). Two defaults
+differ for chat (:func:`default_config`): near-duplicate removal is off — instruction sets hold
+the same answer to paraphrased questions on purpose (the support example set has three
+phrasings per answer), and the FineWeb MinHash settings, tuned on web pages, merge such short
 conversations (2 of its 81 at the defaults) — and exact de-duplication stays on. The web rule
 sets stay off as for text; named explicitly they judge the whole conversation and only drop it
 (C4's line removal cannot be mapped back onto the messages and is not applied).
@@ -46,7 +46,6 @@ sets stay off as for text; named explicitly they judge the whole conversation an
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -74,7 +73,6 @@ from llmkit.data.choices import (
     TRAIN_ON,
     WEB_FILTERS,  # noqa: F401 (re-exported: the names that "web" turns on)
 )
-from llmkit.data.clean import CorpusStage, DocumentStage, Outcome
 from llmkit.data.readers import DEFAULT_ENCODING, DEFAULT_MAX_DOCUMENT_BYTES
 from llmkit.errors import UserError
 
@@ -516,16 +514,10 @@ def validate(cfg: dict) -> None:
     _validated(CleaningSettings, cfg)
 
 
-def build_stages(cfg: dict, kind: str = "text") -> list:
-    """The document stages of ``cfg``, in order: normalize, filters, dedup, PII.
-
-    For ``kind="chat"`` each stage is adapted to conversations carried as their JSON list of
-    messages (:func:`llmkit.data.readers.conversation_json`): normalize and PII by
-    :class:`ContentStage`, the filters by :class:`ConversationTextStage`, the de-duplications
-    by :class:`ConversationCorpusStage`.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}: {kind!r}")
+def build_stages(cfg: dict) -> list:
+    """The cleaning rules of ``cfg``, in order: normalize, filters, dedup, PII (for the plain
+    loop, :func:`llmkit.data.clean.run_stages`; the pipeline runs them as steps,
+    :func:`build_steps`)."""
     from llmkit.data.clean import ExactDedup, Normalize
     from llmkit.data.dedup import MinHashDedup
     from llmkit.data.filters import FILTERS
@@ -553,8 +545,6 @@ def build_stages(cfg: dict, kind: str = "text") -> list:
         )
     if cfg["pii"] == "redact":
         stages.append(RedactPII(regions=[str(r) for r in cfg["pii_region"]]))
-    if kind == "chat":
-        stages = [chat_stage(stage) for stage in stages]
     return stages
 
 
@@ -588,109 +578,3 @@ def build_steps(cfg: CleaningSettings | dict, dropped_writer=None) -> list:
     for step in steps:
         step.dropped_writer = dropped_writer
     return steps
-
-
-# ---------------------------------------------------------------------------------------------
-# The stages on conversations.
-
-#: Stages that rewrite a text: on chat data they run on every message's content.
-CONTENT_STAGES = ("normalize", "pii")
-
-
-def _messages(text: str) -> list[dict[str, str]]:
-    return json.loads(text)
-
-
-def _conversation_text(text: str) -> str:
-    from llmkit.data.sft import conversation_text
-
-    return conversation_text(_messages(text))
-
-
-class _Wrapping:
-    """A stage that runs another (``inner``) on a conversation: same name, counts and
-    settings as the inner stage."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.name = inner.name
-        self.count_template = dict(getattr(inner, "count_template", {}))
-
-    def settings(self) -> dict:
-        """The inner stage's settings (what the manifest records)."""
-        return self.inner.settings() if hasattr(self.inner, "settings") else {}
-
-
-class ContentStage(_Wrapping, DocumentStage):
-    """A text-rewriting document stage (normalize, PII) run on each message's content.
-
-    The conversation is kept with every content rewritten, or dropped when the stage drops one
-    message (``"empty"`` becomes ``"empty message"``: a turn with nothing left in it breaks the
-    conversation; any other reason ``"<reason> (a message)"``). Counts: grouped counts
-    (``replaced/email``) add up over the messages; a plain count (``documents_changed``) counts
-    the conversation once.
-    """
-
-    stateless = True
-
-    def apply(self, text: str) -> Outcome:
-        from llmkit.data.readers import conversation_json
-
-        messages = _messages(text)
-        out: list[dict[str, str]] = []
-        counts: dict[str, int] = {}
-        changed = False
-        for message in messages:
-            content, reason, c = self.inner.apply(message["content"])
-            if content is None:
-                why = "empty message" if reason == "empty" else f"{reason} (a message)"
-                return None, why, None
-            for key, n in (c or {}).items():
-                counts[key] = counts.get(key, 0) + n if "/" in key else max(counts.get(key, 0), n)
-            changed = changed or content != message["content"]
-            out.append({"role": message["role"], "content": content})
-        return (conversation_json(out) if changed else text), None, counts or None
-
-
-class ConversationTextStage(_Wrapping, DocumentStage):
-    """A filter judging a conversation by its :func:`~llmkit.data.sft.conversation_text`.
-
-    Only the filter's verdict is used: the conversation is kept unchanged or dropped with the
-    filter's reason. A filter that would rewrite the text (C4's line removal) does not rewrite
-    the conversation. The filter's own counts are kept only for a conversation it passed
-    unchanged (e.g. ``rules_skipped``), never counts of a rewriting that did not happen.
-    """
-
-    stateless = True
-
-    def apply(self, text: str) -> Outcome:
-        plain = _conversation_text(text)
-        out, reason, counts = self.inner.apply(plain)
-        if out is None:
-            return None, reason, None
-        return text, None, (counts if out == plain else None)
-
-
-class ConversationCorpusStage(_Wrapping, CorpusStage):
-    """A de-duplication keyed on the conversation's :func:`~llmkit.data.sft.conversation_text`
-    (roles included: the same words said by another role are another conversation)."""
-
-    stateless = False
-
-    def key(self, text: str) -> Any:
-        return self.inner.key(_conversation_text(text))
-
-    def key_feature(self) -> Any:
-        return self.inner.key_feature()
-
-    def admit(self, key: Any) -> tuple[str | None, dict[str, int] | None]:
-        return self.inner.admit(key)
-
-
-def chat_stage(stage):
-    """``stage`` adapted to conversations (see :func:`build_stages`)."""
-    if not stage.stateless:
-        return ConversationCorpusStage(stage)
-    if stage.name in CONTENT_STAGES:
-        return ContentStage(stage)
-    return ConversationTextStage(stage)

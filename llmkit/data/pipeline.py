@@ -5,16 +5,13 @@ executor (SPEC §8):
 
 1. read (:mod:`llmkit.data.readers`): files, directories, globs or Hub datasets to a stream of
    documents, written as it comes to an arrow-backed ``datasets.Dataset`` (one process);
-2. clean: the chain of stages of :mod:`llmkit.data.clean` configured by
-   :mod:`llmkit.data.config` — normalize, the named filters (:mod:`llmkit.data.filters`),
-   exact and near-duplicate removal (:mod:`llmkit.data.dedup`), PII redaction
-   (:mod:`llmkit.data.pii`). The per-document work (every document stage, and the dedup
-   keys: hashes and MinHash signatures) runs under ``Dataset.map`` on ``num_proc``
-   processes (:func:`llmkit.data.clean.process_document`), each document becoming a row of
-   columns (its text, sizes, drop reason, counts, keys); then one pass in document order
-   admits or drops each document at the dedup stages and adds up the counts from the columns
-   (:func:`llmkit.data.clean.admit_document`). So the result does not depend on
-   ``num_proc``. The kept documents are saved as a dataset (never a Python list), and cached
+2. clean: the steps (:mod:`llmkit.data.steps`) that :func:`llmkit.data.config.build_steps`
+   makes of the settings — normalize, the named filters (:mod:`llmkit.data.filters`), the
+   signatures of exact and near-duplicate removal (:mod:`llmkit.data.dedup`) — on
+   ``num_proc`` processes, then behind a barrier de-duplication's resolve steps in document
+   order, then PII redaction (:mod:`llmkit.data.pii`) on ``num_proc`` processes again; run
+   by :mod:`llmkit.data.executor`, so the result does not depend on ``num_proc``. The kept
+   documents are saved as a dataset (never a Python list), and cached
    (:mod:`llmkit.data.cache`);
 3. split: whole documents to train / validation, from ``seed`` (:func:`split_indices`);
 4. tokenizer: a byte-level BPE trained on the train documents, or a pretrained one;
@@ -24,11 +21,11 @@ executor (SPEC §8):
 Chat data (``format="chat"``, or detected: :func:`llmkit.data.readers.resolve_format`) takes
 the same road with conversations instead of documents: read as records (``messages``,
 ``prompt``/``response``, Alpaca's ``instruction``/``output``) into their JSON list of messages
-with their ``file:line``; cleaned by the same stages adapted to conversations
-(:func:`llmkit.data.config.build_stages`); split by conversation; then rendered with a chat
-template and labelled (:func:`encode_chat_batch`) and packed whole with
-:class:`llmkit.data.pack.SFTPacker` (:func:`_build_chat`), so that each row carries
-``input_ids``, ``labels`` and ``position_ids``.
+with their ``file:line``; cleaned by the same steps (a :class:`llmkit.data.document.Document`
+carries the messages); split by conversation; then rendered with a chat template and labelled
+(:func:`encode_chat_batch`) and packed whole with :class:`llmkit.data.pack.SFTPacker`
+(:func:`_build_chat`), so that each row carries ``input_ids``, ``labels`` and
+``position_ids``.
 
 The result is the layout of :mod:`llmkit.data.prepared`, built in a hidden temporary directory
 next to the output and renamed into place only when complete.
@@ -41,7 +38,6 @@ import json
 import os
 import secrets
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -65,13 +61,7 @@ from llmkit.data.cache import (
     max_cache_bytes,
     tokenizer_identity,
 )
-from llmkit.data.clean import (
-    StageStats,
-    admit_document,
-    count_document,
-    process_document,
-    received_text,
-)
+from llmkit.data.clean import StageStats
 from llmkit.data.config import PrepareSettings
 from llmkit.data.pack import Packer, SFTPacker
 from llmkit.data.prepared import DATASET_DICT, MANIFEST, SPLITS, is_prepared
@@ -528,6 +518,11 @@ class LengthHistogram:
     def add(self, n_bytes: int) -> None:
         self.counts[int(np.searchsorted(LENGTH_BINS, n_bytes, side="right")) - 1] += 1
 
+    def add_all(self, n_bytes: np.ndarray) -> None:
+        """:meth:`add` each of ``n_bytes``."""
+        bins = np.searchsorted(LENGTH_BINS, n_bytes, side="right") - 1
+        self.counts += np.bincount(bins, minlength=len(LENGTH_BINS))[: len(LENGTH_BINS)]
+
     def as_list(self) -> list[int]:
         return self.counts.tolist()
 
@@ -558,6 +553,7 @@ def _read_rows(
     line_filter: Callable | None,
     read_stats: dict,
     advance: Callable,
+    histogram: LengthHistogram | None = None,
     encoding: str = DEFAULT_ENCODING,
     max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
 ) -> Iterator[dict]:
@@ -572,6 +568,8 @@ def _read_rows(
                 size = len(text.encode("utf-8"))
                 read_stats["documents_out"] += 1
                 read_stats["bytes_out"] += size
+                if histogram is not None:
+                    histogram.add(size)
                 advance(size if source.kind != "hub" else 1)
                 yield {"text": text, "where": where}
             continue
@@ -588,109 +586,10 @@ def _read_rows(
             size = len(text.encode("utf-8"))
             read_stats["documents_out"] += 1
             read_stats["bytes_out"] += size
+            if histogram is not None:
+                histogram.add(size)
             advance(size if source.kind != "hub" else 1)
             yield {"text": text, "where": url} if urls else {"text": text}
-
-
-#: Documents done per worker rank of the running clean map, shared with forked workers (a
-#: ``multiprocessing`` RawArray, one slot per rank, so no lock is needed); None when none runs.
-#: Under a start method other than fork the workers do not see it, and the bar jumps at the end.
-_PROGRESS = None
-
-
-def _clean_columns(stages: Sequence, keep_text: bool) -> list[str]:
-    """The columns :func:`_clean_batch` writes (a chat run's ``where`` passes through)."""
-    cols = ["text", "n_bytes", "sizes", "drop_stage", "drop_reason", "counts"]
-    corpus = [i for i, s in enumerate(stages) if not s.stateless]
-    cols += [f"key_{i}" for i in corpus]
-    if keep_text:
-        cols += ["dropped_text"] + [f"text_{i}" for i in corpus]
-    return cols
-
-
-def _clean_features(stages: Sequence, keep_text: bool, chat: bool = False):
-    from datasets import Features, List, Value
-
-    features = {
-        **({"where": Value("string")} if chat else {}),
-        "text": Value("string"),
-        "n_bytes": Value("int64"),
-        "sizes": List(Value("int64")),
-        "drop_stage": Value("int32"),
-        "drop_reason": Value("string"),
-        "counts": Value("string"),
-    }
-    for i, stage in enumerate(stages):
-        if not stage.stateless:
-            features[f"key_{i}"] = stage.key_feature()
-    if keep_text:
-        features["dropped_text"] = Value("string")
-        for i, stage in enumerate(stages):
-            if not stage.stateless:
-                features[f"text_{i}"] = Value("string")
-    return Features(features)
-
-
-def _clean_batch(batch: dict, rank: int | None, *, stages, keep_text: bool, columns) -> dict:
-    """``datasets.map`` form of :func:`llmkit.data.clean.process_document` (top level, so
-    that it pickles by reference into the worker processes)."""
-    rows = [process_document(text, stages, keep_text=keep_text) for text in batch["text"]]
-    if _PROGRESS is not None:
-        _PROGRESS[rank or 0] += len(rows)
-    return {c: [row.get(c) for row in rows] for c in columns}
-
-
-@contextmanager
-def _worker_progress(advance: Callable, ranks: int) -> Iterator[None]:
-    """Advance a progress bar from the documents the map's workers report in
-    :data:`_PROGRESS` (polled by a thread every 0.2 s)."""
-    global _PROGRESS
-    from multiprocessing.sharedctypes import RawArray
-
-    _PROGRESS = RawArray("q", ranks)
-    slots = _PROGRESS
-    stop = threading.Event()
-    done = 0
-
-    def poll() -> None:
-        nonlocal done
-        while not stop.wait(0.2):
-            now = sum(slots)
-            if now > done:
-                advance(now - done)
-                done = now
-
-    thread = threading.Thread(target=poll, name="llmkit-progress", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        if sum(slots) > done:
-            advance(sum(slots) - done)
-        _PROGRESS = None
-
-
-def _clean_map(raw, stages: list, *, keep_text: bool, procs: int, work: Path, advance):
-    """Every document through :func:`process_document`, on ``procs`` processes (a chat run's
-    ``where`` column is kept as it is)."""
-    columns = _clean_columns(stages, keep_text)
-    chat = "where" in raw.column_names
-    kwargs = dict(
-        batched=True,
-        batch_size=BATCH_CLEAN,
-        writer_batch_size=BATCH_CLEAN,
-        with_rank=True,
-        remove_columns=[c for c in raw.column_names if c != "where"],
-        features=_clean_features(stages, keep_text, chat),
-        fn_kwargs={"stages": stages, "keep_text": keep_text, "columns": columns},
-        cache_file_name=str(work / "cleaned.arrow"),
-        new_fingerprint="llmkit-cleaned",
-        num_proc=procs if procs > 1 else None,
-    )
-    with _worker_progress(advance, procs):
-        return raw.map(_clean_batch, **kwargs)
 
 
 def _read_and_clean(
@@ -721,10 +620,12 @@ def _read_and_clean(
     from datasets import Features, Value, load_from_disk
 
     from llmkit.data.boilerplate import strip_gutenberg
-    from llmkit.data.config import build_stages
+    from llmkit.data.config import build_steps
+    from llmkit.data.executor import run_pipeline
+    from llmkit.data.steps.base import DroppedWriter, merge_dropped
 
     chat = kind == "chat"
-    stages = build_stages(cfg, kind)
+    histograms = {"read": LengthHistogram(), "kept": LengthHistogram()}
     read_stats = {
         "files": len(files),
         "bytes_in": sum(f.size_bytes for f in files),
@@ -747,6 +648,7 @@ def _read_and_clean(
                 line_filter=strip_gutenberg if cfg["gutenberg"] else None,
                 read_stats=read_stats,
                 advance=advance,
+                histogram=histograms["read"],
                 encoding=encoding,
                 max_document_bytes=max_document_bytes,
             ),
@@ -774,7 +676,7 @@ def _read_and_clean(
             records[reason] = records.get(reason, 0) + n
     if records:
         read_stats["records_skipped"] = dict(sorted(records.items()))
-    stats = [StageStats.of(s) for s in stages]
+    stats: list[StageStats] = []  # of the cleaning steps, once they ran
 
     def nothing_left() -> UserError:
         what = "conversations" if chat else "documents"
@@ -792,52 +694,21 @@ def _read_and_clean(
         raise nothing_left()
 
     procs = _procs_for(num_proc, read_stats["bytes_out"], len(raw))
-    names = ", ".join(s.name for s in stages)
-    with report.task(f"clean: {names} (documents)", total=len(raw)) as advance:
-        cleaned = _clean_map(
-            raw, stages, keep_text=keep_dropped, procs=procs, work=work, advance=advance
-        )
-
-    # In document order: admit at the dedup stages, add up the counts, write the dropped.
-    histograms = {"read": LengthHistogram(), "kept": LengthHistogram()}
-    kept = np.zeros(len(cleaned), dtype=bool)
-    columns = [c for c in cleaned.column_names if keep_dropped or c != "text"]
-    dropped_file = open(dropped_path, "w", encoding="utf-8") if keep_dropped else None
-    try:
-        with report.task("deduplicate and count (documents)", total=len(cleaned)) as advance:
-            start = 0
-            for batch in cleaned.select_columns(columns).iter(batch_size=BATCH_DOCUMENTS):
-                n = len(batch["sizes"])
-                for j in range(n):
-                    row = {c: batch[c][j] for c in columns}
-                    histograms["read"].add(row["sizes"][0])
-                    stop, reason, corpus_counts = admit_document(row, stages)
-                    count_document(row, stop, reason, corpus_counts, stats)
-                    if stop == len(stages):
-                        kept[start + j] = True
-                        histograms["kept"].add(row["n_bytes"])
-                    elif dropped_file is not None:
-                        record = {"stage": stages[stop].name, "reason": reason}
-                        if chat:
-                            record["where"] = row["where"]
-                            record["messages"] = json.loads(received_text(row, stop))
-                        else:
-                            if row.get("where"):
-                                record["url"] = row["where"]
-                            record["text"] = received_text(row, stop)
-                        dropped_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-                start += n
-                advance(n)
-    finally:
-        if dropped_file is not None:
-            dropped_file.close()
-    n_kept = int(kept.sum())
+    writer = DroppedWriter(work / "dropped") if keep_dropped else None
+    steps = build_steps(cfg, writer)
+    cleaned, _ = run_pipeline(
+        steps, raw, chat=chat, procs=procs, work=work / "clean", task=report.task
+    )
+    stats = [step.stats for step in steps if step.stats is not None]
+    if dropped_path is not None:
+        merge_dropped(work / "dropped", dropped_path)
+    n_bytes = cleaned.data.column("n_bytes").to_numpy()
+    histograms["kept"].add_all(n_bytes)
+    n_kept = len(cleaned)
     if n_kept == 0:
         raise nothing_left()
     with report.task("save the cleaned documents"):
-        docs = cleaned.select(
-            np.flatnonzero(kept), indices_cache_file_name=str(work / "kept-indices.arrow")
-        ).select_columns(["text", "n_bytes", *(["where"] if chat else [])])
+        docs = cleaned.select_columns(["text", "n_bytes", *(["where"] if chat else [])])
         docs.save_to_disk(str(documents_dir))
     del raw, cleaned, docs
     summary = (

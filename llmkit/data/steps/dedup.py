@@ -30,7 +30,7 @@ class SignatureStep(PipelineStep):
 
     def __init__(self, rule):
         self.rule = rule
-        self.name = f"{rule.name}_signature"
+        self.name = f"{rule.name} signature"
         self.key = key_name(rule)
 
     @property
