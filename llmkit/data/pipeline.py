@@ -41,6 +41,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -593,21 +594,7 @@ def _read_rows(
 
 
 def _read_and_clean(
-    files: list[InputFile],
-    *,
-    work: Path,
-    report: _Report,
-    split_on: str,
-    text_field: str,
-    on_error: str,
-    cfg: dict,
-    keep_dropped: bool,
-    dropped_path: Path | None,
-    num_proc: int,
-    documents_dir: Path,
-    kind: str = "text",
-    encoding: str = DEFAULT_ENCODING,
-    max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
+    run: _Run, *, work: Path, dropped_path: Path | None, documents_dir: Path
 ) -> tuple[object, dict]:
     """Steps 1-2: read ``files``, clean the documents, save the kept ones at
     ``documents_dir``; returns them (memory-mapped) and the counts of both steps.
@@ -624,7 +611,9 @@ def _read_and_clean(
     from llmkit.data.executor import run_pipeline
     from llmkit.data.steps.base import DroppedWriter, merge_dropped
 
-    chat = kind == "chat"
+    s, files, report, cfg = run.settings, run.files, run.report, run.cfg
+    chat = run.chat is not None
+    keep_dropped, max_document_bytes = s.keep_dropped, s.max_document_bytes
     histograms = {"read": LengthHistogram(), "kept": LengthHistogram()}
     read_stats = {
         "files": len(files),
@@ -641,15 +630,15 @@ def _read_and_clean(
         raw = _from_generator(
             lambda: _read_rows(
                 files,
-                kind=kind,
-                split_on=split_on,
-                text_field=text_field,
-                on_error=on_error,
+                kind=run.kind,
+                split_on=s.split_on,
+                text_field=run.text_field,
+                on_error=s.on_error,
                 line_filter=strip_gutenberg if cfg["gutenberg"] else None,
                 read_stats=read_stats,
                 advance=advance,
                 histogram=histograms["read"],
-                encoding=encoding,
+                encoding=s.encoding,
                 max_document_bytes=max_document_bytes,
             ),
             Features(
@@ -693,7 +682,7 @@ def _read_and_clean(
     if len(raw) == 0:
         raise nothing_left()
 
-    procs = _procs_for(num_proc, read_stats["bytes_out"], len(raw))
+    procs = _procs_for(run.num_proc, read_stats["bytes_out"], len(raw))
     writer = DroppedWriter(work / "dropped") if keep_dropped else None
     steps = build_steps(cfg, writer)
     cleaned, _ = run_pipeline(
@@ -970,193 +959,6 @@ def _sft_rows(
     yield from rows_of(packer.flush())
 
 
-def _build_chat(
-    split_docs: dict,
-    split_bytes: dict,
-    tmp: Path,
-    report: _Report,
-    *,
-    tok,
-    vocab_size: int,
-    tokenizer_path: str | None,
-    block_size: int,
-    num_proc: int,
-    on_error: str,
-    cfg: dict,
-    warnings: list[str],
-    template: str,
-    train_on: str,
-    overlong: str,
-    resolved: str | None = None,
-    added_tokens: Sequence[str] = (),
-) -> dict:
-    """Steps 4–6 for chat data; returns the manifest's ``splits``, ``tokenizer``, ``chat`` and
-    ``warnings``.
-
-    4. tokenizer: a byte-level BPE trained on the train conversations
-       (:func:`chat_training_text`) holding ChatML's marker tokens, with the ChatML template;
-       or the pretrained ``tok``, whose template :func:`prepare` already chose (``resolved``,
-       and the marker tokens it had to add, ``added_tokens``). Saved with its template.
-    5. encode: :func:`encode_chat_batch`, labels on the answers (``train_on``).
-    6. pack: :class:`llmkit.data.pack.SFTPacker` per split, whole conversations per row,
-       ``overlong`` ones truncated or dropped.
-    """
-    from datasets import Features, List, Value
-
-    from llmkit.data.config import WEB_FILTERS
-    from llmkit.data.sft import CHATML, end_of_turn_token, ensure_chat_template
-
-    work = tmp / ".cache"
-    if tok is None:
-        from llmkit.data.tokenizer import train_bpe_tokenizer
-
-        train_docs = split_docs["train"]
-        with report.task("train tokenizer (conversations)", total=len(train_docs)) as advance:
-
-            def texts() -> Iterator[list[str]]:
-                for batch in train_docs.iter(batch_size=BATCH_DOCUMENTS):
-                    yield [chat_training_text(json.loads(c)) for c in batch["text"]]
-                    advance(len(batch["text"]))
-
-            tok = train_bpe_tokenizer(
-                texts(),
-                vocab_size,
-                length=len(train_docs),
-                extra_special_tokens=CHATML.special_tokens,
-            )
-        resolved = ensure_chat_template(tok, CHATML.name if template == "auto" else template)
-        report.log(
-            f"trained a byte-level BPE tokenizer: {len(tok):,} tokens (with "
-            f"{', '.join(CHATML.special_tokens)})"
-        )
-    else:
-        report.log(f"tokenizer {tokenizer_path}: {len(tok):,} tokens")
-        if added_tokens:
-            warnings.append(
-                f"the {resolved} template's tokens {', '.join(added_tokens)} were added to the "
-                f"vocabulary ({len(tok):,} tokens now): the model's embeddings grow by "
-                f"{len(added_tokens)} untrained rows (llmkit train resizes them)"
-            )
-    tok.save_pretrained(str(tmp))  # with its chat_template: train and chat use the same one
-    end_of_turn = end_of_turn_token(tok)
-    report.log(
-        f"chat template: {resolved}"
-        + (" (the tokenizer's own)" if resolved == "tokenizer" else "")
-        + f", end of turn {end_of_turn!r}, loss on "
-        + ("the assistant's answers" if train_on == "assistant" else "every token")
-    )
-    web = [name for name in WEB_FILTERS if cfg["filters"][name]["enabled"]]
-    if web:
-        warnings.append(
-            f"{', '.join(web)} (written for web pages) judged whole conversations and may drop "
-            "short chats; C4's line removal is not applied to conversations"
-        )
-
-    features = Features({k: List(Value("int32")) for k in ("input_ids", "labels", "position_ids")})
-    splits: dict[str, dict] = {}
-    for name in SPLITS:
-        sdocs = split_docs[name]
-        with report.task(f"render and tokenize {name} (conversations)", total=len(sdocs)) as adv:
-            encoded = _encode_chat_split(
-                sdocs,
-                tok,
-                train_on=train_on,
-                num_proc=num_proc,
-                n_bytes=split_bytes[name],
-                name=name,
-                advance=adv,
-                cache=work,
-            )
-        packer = SFTPacker(block_size, pad_token_id=tok.pad_token_id, overlong=overlong)
-        skipped: dict[str, int] = {}
-        first: list[str] = []
-        with report.task(f"pack {name} (conversations)", total=len(sdocs)) as adv:
-            rows = _from_generator(
-                lambda enc=encoded, p=packer, sk=skipped, fi=first, a=adv: _sft_rows(
-                    enc, p, on_error=on_error, skipped=sk, first=fi, advance=a
-                ),
-                features,
-                work,
-                f"chat-rows-{name}",
-            )
-        stats = packer.stats()
-        written = stats["conversations"] - stats["dropped"] - stats["no_answer"]
-        splits[name] = {
-            "documents": len(sdocs),
-            "conversations": len(sdocs),
-            "bytes": split_bytes[name],
-            "tokens": stats["tokens"],
-            "blocks": stats["rows"],
-            "answer_tokens": stats["answer_tokens"],
-            "conversations_written": written,
-            "skipped": dict(sorted(skipped.items())),
-            "packing": stats,
-        }
-        if skipped:
-            warnings.append(
-                f"{name}: skipped {_fmt_counts(skipped)} conversation(s) (first: {first[0]})"
-            )
-        if stats["truncated"] or stats["dropped"]:
-            what = "truncated" if overlong == "truncate" else "dropped"
-            warnings.append(
-                f"{name}: {stats['truncated'] + stats['dropped']:,} conversation(s) longer than "
-                f"--block-size {block_size} were {what}"
-            )
-        if stats["no_answer"]:
-            warnings.append(
-                f"{name}: {stats['no_answer']:,} conversation(s) left no answer token to train "
-                "on and were not written"
-            )
-        if name == "train" and stats["rows"] == 0:
-            raise UserError(
-                f"no training conversation left to write ({stats['conversations']:,} packed: "
-                f"{stats['dropped']:,} longer than --block-size {block_size}, "
-                f"{stats['no_answer']:,} without an answer token"
-                + (f"; skipped {_fmt_counts(skipped)}" if skipped else "")
-                + ")",
-                "raise --block-size"
-                + (", use --overlong truncate" if overlong == "drop" else "")
-                + ", or check the conversations",
-            )
-        rows.save_to_disk(str(tmp / name), num_shards=1 if len(rows) == 0 else None)
-        report.log(
-            f"{name}: {written:,} conversations, {stats['tokens']:,} tokens "
-            f"({stats['answer_tokens']:,} trained) -> {stats['rows']:,} rows of {block_size} "
-            f"({stats['pad_tokens']:,} padding)"
-        )
-        del encoded, rows
-    for warning in warnings:
-        report.log(f"[yellow]warning:[/yellow] {warning}")
-    return {
-        "splits": splits,
-        "tokenizer": {
-            "trained": tokenizer_path is None,
-            "path": tokenizer_path,
-            "type": "byte-level BPE" if tokenizer_path is None else type(tok).__name__,
-            "vocab_size": len(tok),
-            "eos_token_id": tok.eos_token_id,
-            "bos_token_id": tok.bos_token_id,
-            "pad_token_id": tok.pad_token_id,
-            "chat_template": resolved,
-            "end_of_turn": end_of_turn,
-            "added_tokens": list(added_tokens),
-        },
-        "chat": {
-            "template": resolved,
-            "end_of_turn": end_of_turn,
-            "train_on": train_on,
-            "overlong": overlong,
-            "columns": ["input_ids", "labels", "position_ids"],
-            "cleaning": (
-                "normalize and pii on each message's content; filters and de-duplication on "
-                "the conversation as text ('role: content' per message); near-duplicate "
-                "removal off unless asked (dedup.near)"
-            ),
-        },
-        "warnings": warnings,
-    }
-
-
 def load_pretrained_tokenizer(name: str, *, trust_remote_code: bool = False):
     """A pretrained tokenizer: a directory (or Hub id, online) as
     :func:`llmkit.data.tokenizer.load_tokenizer`, or a ``.gguf`` model file.
@@ -1333,6 +1135,93 @@ def _given(**kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if v != fields[k].default}
 
 
+@dataclass
+class _Run:
+    """What :func:`prepare` decided before building anything (:func:`_plan`): the settings,
+    the inputs found, the kind of data, and the cache to use. Every later stage takes it
+    instead of the settings one by one."""
+
+    settings: PrepareSettings
+    output: Path
+    files: list[InputFile]
+    kind: str  # "text" or "chat"
+    cfg: dict  # the cleaning settings for this kind, as the manifest records them
+    num_proc: int
+    report: _Report
+    warnings: list[str]  # found before building (options ignored, the cache)
+    cache: bool
+    chat: dict | None = None  # chat data: template, train_on, overlong (as given or default)
+    tok: object = None  # a pretrained tokenizer, loaded before reading
+    chat_tokenizer: dict = field(default_factory=dict)  # its template: resolved, added_tokens
+    hashes: list[str] | None = None
+    clean_cache: CleanCache | None = None
+
+    @property
+    def hub(self) -> bool:
+        return any(f.kind == "hub" for f in self.files)
+
+    @property
+    def text_field(self) -> str:
+        return "text" if self.settings.text_field is None else self.settings.text_field
+
+    def cleaning_settings(self) -> dict:
+        """What decides the cleaned documents (:func:`_cleaning_fingerprint`)."""
+        from llmkit import __version__
+
+        s, text = self.settings, self.chat is None
+        return dict(
+            version=__version__,
+            kind=self.kind,
+            split_on=s.split_on if text else None,
+            text_field=self.text_field if text else None,
+            on_error=s.on_error,
+            cfg=self.cfg,
+            keep_dropped=s.keep_dropped,
+            encoding=s.encoding if text else DEFAULT_ENCODING,
+            max_document_bytes=s.max_document_bytes if text else None,
+        )
+
+    def later_settings(self) -> dict:
+        """What decides the rest of the output (:func:`_full_fingerprint`)."""
+        s = self.settings
+        return dict(
+            vocab_size=s.vocab_size if s.tokenizer is None else None,
+            tokenizer=tokenizer_identity(s.tokenizer),
+            block_size=s.block_size,
+            val_fraction=s.val_fraction,
+            seed=s.seed,
+            plot=s.plot,
+            chat=dict(self.chat) if self.chat is not None else None,  # as given, not resolved
+        )
+
+    def manifest_settings(self) -> dict:
+        """The manifest's ``settings``: every setting as it was used."""
+        s, chat = self.settings, self.chat
+        text = chat is None
+        return {
+            "format": self.kind,
+            "vocab_size": s.vocab_size if s.tokenizer is None else None,
+            "tokenizer": s.tokenizer,
+            "block_size": s.block_size,
+            "val_fraction": s.val_fraction,
+            "seed": s.seed,
+            "split_on": s.split_on if text else None,
+            "text_field": self.text_field if text else None,
+            "encoding": s.encoding if text else None,
+            "max_document_bytes": s.max_document_bytes if text else None,
+            "chat_template": chat["template"] if chat is not None else None,
+            "train_on": chat["train_on"] if chat is not None else None,
+            "overlong": chat["overlong"] if chat is not None else None,
+            "num_proc": self.num_proc,
+            "on_error": s.on_error,
+            "keep_dropped": s.keep_dropped,
+            "plot": s.plot,
+            "hub_split": s.hub_split if self.hub else None,
+            "normalization": self.cfg["normalize"]["form"],
+            "cleaning": self.cfg,
+        }
+
+
 def prepare(
     inputs: Sequence[str | Path],
     output: str | Path,
@@ -1462,72 +1351,50 @@ def prepare(
     """
     from rich.console import Console
 
-    from llmkit import __version__
-
     started = time.perf_counter()
     console = console if console is not None else Console(stderr=True)
     if isinstance(config, PrepareSettings):
         settings = config
     else:
-        settings = PrepareSettings.load(
-            config,
-            _given(
-                vocab_size=vocab_size,
-                tokenizer=tokenizer,
-                block_size=block_size,
-                val_fraction=val_fraction,
-                seed=seed,
-                split_on=split_on,
-                text_field=text_field,
-                num_proc=num_proc,
-                on_error=on_error,
-                keep_dropped=keep_dropped,
-                plot=plot,
-                hub_split=hub_split,
-                format=format,
-                chat_template=chat_template,
-                train_on=train_on,
-                overlong=overlong,
-                encoding=encoding,
-                max_document_bytes=max_document_bytes,
-                trust_remote_code=trust_remote_code,
-            )
-            | ({"cleaning": clean} if clean else {}),
+        given = _given(
+            vocab_size=vocab_size,
+            tokenizer=tokenizer,
+            block_size=block_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            split_on=split_on,
+            text_field=text_field,
+            num_proc=num_proc,
+            on_error=on_error,
+            keep_dropped=keep_dropped,
+            plot=plot,
+            hub_split=hub_split,
+            format=format,
+            chat_template=chat_template,
+            train_on=train_on,
+            overlong=overlong,
+            encoding=encoding,
+            max_document_bytes=max_document_bytes,
+            trust_remote_code=trust_remote_code,
         )
+        settings = PrepareSettings.load(config, given | ({"cleaning": clean} if clean else {}))
+    run = _plan(inputs, output, settings, _Report(console), cache)
+    done = _up_to_date_output(run)
+    if done is not None:
+        return done
+    _claim_output(run, overwrite)
+    with _building(run.output) as tmp:
+        with _quiet_datasets(), run.report.progress:
+            manifest = _build(run, tmp)
+        manifest = _finish(run, tmp, manifest)
+    _print_summary(console, manifest, run.output, time.perf_counter() - started)
+    return manifest
+
+
+def _plan(inputs, output, settings: PrepareSettings, report: _Report, cache: bool) -> _Run:
+    """Find the inputs, tell text from chat data, and warn about options that do not apply;
+    nothing is read yet."""
     s = settings
-    chat_flags = {
-        "--chat-template": s.chat_template,
-        "--train-on": s.train_on,
-        "--overlong": s.overlong,
-    }
-    chat_flags_given = [name for name, value in chat_flags.items() if value is not None]
-    text_field_given = s.text_field is not None
-    text_field = "text" if s.text_field is None else s.text_field
-    chat_template = "auto" if s.chat_template is None else s.chat_template
-    train_on = "assistant" if s.train_on is None else s.train_on
-    overlong = "truncate" if s.overlong is None else s.overlong
-    vocab_size, tokenizer, block_size, val_fraction, seed = (
-        s.vocab_size,
-        s.tokenizer,
-        s.block_size,
-        s.val_fraction,
-        s.seed,
-    )
-    split_on, on_error, keep_dropped, plot, hub_split, format = (
-        s.split_on,
-        s.on_error,
-        s.keep_dropped,
-        s.plot,
-        s.hub_split,
-        s.format,
-    )
-    encoding, max_document_bytes, trust_remote_code = (
-        s.encoding,
-        s.max_document_bytes,
-        s.trust_remote_code,
-    )
-    num_proc = default_num_proc() if s.num_proc is None else s.num_proc
-    cfg = s.cleaning.model_dump()
     output = Path(os.path.abspath(output))
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -1535,81 +1402,93 @@ def prepare(
         _check_inputs_outside_output(inputs, output)
     except OSError as err:
         raise _output_error(err, output, None, "cannot read") from None
-    files = discover_inputs(inputs, exclude=[output], hub_split=hub_split)
-    kind = resolve_format(files, format, text_field)
-    early_warnings = _ignored_options(
+    files = discover_inputs(inputs, exclude=[output], hub_split=s.hub_split)
+    text_field = "text" if s.text_field is None else s.text_field
+    kind = resolve_format(files, s.format, text_field)
+    chat_flags = {"--chat-template": s.chat_template, "--train-on": s.train_on}
+    chat_flags["--overlong"] = s.overlong
+    warnings = _ignored_options(
         kind,
-        format,
-        text_field=text_field if text_field_given else None,
-        chat_flags=chat_flags_given,
-        encoding=encoding,
+        s.format,
+        text_field=s.text_field,
+        chat_flags=[name for name, value in chat_flags.items() if value is not None],
+        encoding=s.encoding,
         kinds=[f.kind for f in files],
     )
     chat = None
     if kind == "chat":
-        chat = {"template": chat_template, "train_on": train_on, "overlong": overlong}
-        cfg = s.cleaning_for("chat").model_dump()
-        if tokenizer is None and chat_template == "tokenizer":
+        chat = {
+            "template": s.chat_template or "auto",
+            "train_on": s.train_on or "assistant",
+            "overlong": s.overlong or "truncate",
+        }
+        if s.tokenizer is None and chat["template"] == "tokenizer":
             raise UserError(
                 "--chat-template tokenizer needs a pretrained tokenizer with its own template",
                 "pass --tokenizer PATH (an instruct model's), or use --chat-template chatml",
             )
-    report = _Report(console)
-    for warning in early_warnings:
+    for warning in warnings:
         report.log(f"[yellow]warning:[/yellow] {warning}")
-    hub = any(f.kind == "hub" for f in files)
-    cleaning_settings = dict(
-        version=__version__,
+    return _Run(
+        settings=s,
+        output=output,
+        files=files,
         kind=kind,
-        split_on=split_on if chat is None else None,
-        text_field=text_field if chat is None else None,
-        on_error=on_error,
-        cfg=cfg,
-        keep_dropped=keep_dropped,
-        encoding=encoding if chat is None else DEFAULT_ENCODING,
-        max_document_bytes=max_document_bytes if chat is None else None,
+        cfg=s.cleaning_for(kind).model_dump(),
+        num_proc=default_num_proc() if s.num_proc is None else s.num_proc,
+        report=report,
+        warnings=warnings,
+        cache=cache,
+        chat=chat,
     )
-    later_settings = dict(
-        vocab_size=vocab_size if tokenizer is None else None,
-        tokenizer=tokenizer_identity(tokenizer),
-        block_size=block_size,
-        val_fraction=val_fraction,
-        seed=seed,
-        plot=plot,
-        chat=dict(chat) if chat is not None else None,  # the settings, not what is resolved
-    )
-    hashes: list[str] | None = None
-    clean_cache: CleanCache | None = None
-    if cache and not hub:
-        max_cache_bytes()  # a bad LLMKIT_CACHE_MAX_GB fails before anything is read
-        with report.progress:
-            hashes = _hash_inputs(files, report)
-        fp_clean = _cleaning_fingerprint(files, hashes, **cleaning_settings)
-        fp_full = _full_fingerprint(fp_clean, **later_settings)
-        done = _up_to_date(output, fp_full)
-        if done is not None:
-            report.log(
-                f"{output} is up to date (same input bytes, settings and llmkit version, "
-                f"fingerprint {fp_full[:12]}): nothing to do"
-            )
-            return done
-        root = cache_root()
-        problem = cache_problem(root) if root is not None else None
-        if problem is not None:
-            early_warnings.append(problem)
-            report.log(f"[yellow]warning:[/yellow] {problem}")
-        elif root is not None:
-            clean_cache = CleanCache(root, fp_clean)
-    try:
-        _check_output(output, overwrite)
-    except OSError as err:
-        raise _output_error(err, output, None, "cannot read") from None
-    tok = None
-    if tokenizer is not None:  # fail before reading the corpus
-        tok = load_pretrained_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
-        if chat is not None:
-            chat.update(_chat_tokenizer(tok, chat_template, tokenizer))
 
+
+def _up_to_date_output(run: _Run) -> dict | None:
+    """With the cache on: hash the inputs; the manifest of an output that is up to date (then
+    there is nothing to do), else None, and the cleaned-documents cache entry to use."""
+    if not run.cache or run.hub:
+        return None
+    max_cache_bytes()  # a bad LLMKIT_CACHE_MAX_GB fails before anything is read
+    with run.report.progress:
+        run.hashes = _hash_inputs(run.files, run.report)
+    fp_clean = _cleaning_fingerprint(run.files, run.hashes, **run.cleaning_settings())
+    fp_full = _full_fingerprint(fp_clean, **run.later_settings())
+    done = _up_to_date(run.output, fp_full)
+    if done is not None:
+        run.report.log(
+            f"{run.output} is up to date (same input bytes, settings and llmkit version, "
+            f"fingerprint {fp_full[:12]}): nothing to do"
+        )
+        return done
+    root = cache_root()
+    problem = cache_problem(root) if root is not None else None
+    if problem is not None:
+        run.warnings.append(problem)
+        run.report.log(f"[yellow]warning:[/yellow] {problem}")
+    elif root is not None:
+        run.clean_cache = CleanCache(root, fp_clean)
+    return None
+
+
+def _claim_output(run: _Run, overwrite: bool) -> None:
+    """Check that the output may be written, and load a pretrained tokenizer (with its chat
+    template): both fail before the corpus is read."""
+    try:
+        _check_output(run.output, overwrite)
+    except OSError as err:
+        raise _output_error(err, run.output, None, "cannot read") from None
+    name = run.settings.tokenizer
+    if name is not None:
+        run.tok = load_pretrained_tokenizer(name, trust_remote_code=run.settings.trust_remote_code)
+        if run.chat is not None:
+            run.chat_tokenizer = _chat_tokenizer(run.tok, run.chat["template"], name)
+
+
+@contextmanager
+def _building(output: Path) -> Iterator[Path]:
+    """A hidden temporary directory next to ``output``, renamed into place when the block
+    ends; on any error it is removed (with the parents it created) and ``output`` is as it
+    was. An OS error about the output becomes one UserError."""
     created_parents = _missing_parents(output)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
@@ -1620,59 +1499,7 @@ def prepare(
         _remove_dirs(created_parents)
         raise _output_error(err, output, tmp, "cannot create") from None
     try:
-        with _quiet_datasets(), report.progress:
-            manifest = _build(
-                files,
-                tmp,
-                report,
-                tok=tok,
-                vocab_size=vocab_size,
-                tokenizer_path=tokenizer,
-                block_size=block_size,
-                val_fraction=val_fraction,
-                seed=seed,
-                split_on=split_on,
-                text_field=text_field,
-                num_proc=num_proc,
-                on_error=on_error,
-                cfg=cfg,
-                keep_dropped=keep_dropped,
-                clean_cache=clean_cache,
-                cache=cache,
-                hashes=hashes,
-                hub=hub,
-                hub_split=hub_split,
-                plot=plot,
-                chat=chat,
-                encoding=encoding,
-                max_document_bytes=max_document_bytes,
-            )
-        if early_warnings:
-            manifest["warnings"] = [*early_warnings, *manifest.get("warnings", [])]
-        fingerprints = None
-        read_hashes = [entry.get("sha256") for entry in manifest["inputs"]]
-        if not hub and (hashes is None or read_hashes == hashes):
-            fp_clean = _cleaning_fingerprint(files, read_hashes, **cleaning_settings)
-            fingerprints = {
-                "cleaning": fp_clean,
-                "full": _full_fingerprint(fp_clean, **later_settings),
-            }
-        manifest = {
-            "llmkit_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "fingerprint": fingerprints,
-            **manifest,
-        }
-        # So that datasets.load_from_disk(OUTPUT) gives a DatasetDict (DatasetDict's format).
-        (tmp / DATASET_DICT).write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
-        if plot:
-            from llmkit.data.report import plot_lengths
-
-            plot_lengths(manifest["length_histogram"], tmp / "lengths.png")
-        written = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
-        manifest["files"] = sorted([*written, MANIFEST])
-        manifest = json.loads(json.dumps(manifest))  # what a reader gets back (str keys)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        yield tmp
         _move_into_place(tmp, output)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1682,27 +1509,110 @@ def prepare(
             if os_err is not None and _concerns_output(os_err, output, tmp):
                 raise _output_error(os_err, output, tmp) from None
         raise
-    _print_summary(console, manifest, output, time.perf_counter() - started)
+
+
+def _build(run: _Run, tmp: Path) -> dict:
+    """The named stages into ``tmp``, the same for documents and conversations (which differ
+    only in their tokenizer, encode and pack: :class:`_TextData`, :class:`_ChatData`);
+    returns the manifest without version, time, fingerprint and files."""
+    data = _ChatData(run) if run.chat is not None else _TextData(run)
+    work = tmp / ".cache"
+    docs, info, cache_entry = _cleaned_documents(run, tmp)  # 1-2. read and clean
+    warnings: list[str] = list(info["warnings"])
+    split_docs, split_bytes, rows = _split(run, docs, work, warnings)  # 3. split
+    tok = data.tokenizer(split_docs["train"], rows, tmp, warnings)  # 4. tokenizer
+    splits = {}
+    for name in SPLITS:  # 5-6. encode and pack each split
+        blocks, splits[name] = data.encode_and_pack(
+            tok, name, split_docs[name], split_bytes[name], rows, work, warnings
+        )
+        # An empty split still gets one (empty) shard, or load_from_disk cannot read it back.
+        blocks.save_to_disk(str(tmp / name), num_shards=1 if len(blocks) == 0 else None)
+        run.report.log(data.describe(name, splits[name]))
+        del blocks
+    for warning in warnings:
+        run.report.log(f"[yellow]warning:[/yellow] {warning}")
+    del docs, split_docs  # release the memory-mapped cache files
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "inputs": info["inputs"],
+        "settings": run.manifest_settings(),
+        "cache": cache_entry,
+        "stages": info["stages"],
+        "length_histogram": info["length_histogram"],
+        "splits": splits,
+        "tokenizer": data.tokenizer_entry(tok),
+        **data.extra(info),
+        "warnings": warnings,
+    }
+
+
+def _split(run: _Run, docs, work: Path, warnings: list[str]) -> tuple[dict, dict, int]:
+    """Whole documents (or conversations) to train and validation (:func:`split_indices`):
+    ``(documents by split, UTF-8 bytes by split, documents per batch from here on)``."""
+    s = run.settings
+    n_bytes = docs.data.column("n_bytes").to_numpy()
+    rows = batch_rows(int(n_bytes.max()) if len(n_bytes) else 1)
+    train_idx, val_idx = split_indices(len(docs), s.val_fraction, s.seed)
+    split_docs = {
+        name: docs.select(idx, indices_cache_file_name=str(work / f"indices-{name}.arrow"))
+        for name, idx in (("train", train_idx), ("validation", val_idx))
+    }
+    split_bytes = {
+        "train": int(n_bytes[train_idx].sum()),
+        "validation": int(n_bytes[val_idx].sum()),
+    }
+    unit = "conversation" if run.chat is not None else "document"
+    run.report.log(
+        f"split by {unit} (seed {s.seed}): {len(train_idx):,} train, {len(val_idx):,} validation"
+    )
+    if s.val_fraction > 0 and len(val_idx) == 0:
+        warnings.append(f"only one {unit}: the validation split is empty")
+    return split_docs, split_bytes, rows
+
+
+def _finish(run: _Run, tmp: Path, manifest: dict) -> dict:
+    """Complete the manifest (version, time, fingerprints, warnings found before building,
+    files) and write it with ``dataset_dict.json`` and ``lengths.png`` into ``tmp``."""
+    from llmkit import __version__
+
+    if run.warnings:
+        manifest["warnings"] = [*run.warnings, *manifest.get("warnings", [])]
+    fingerprints = None
+    read_hashes = [entry.get("sha256") for entry in manifest["inputs"]]
+    if not run.hub and (run.hashes is None or read_hashes == run.hashes):
+        fp_clean = _cleaning_fingerprint(run.files, read_hashes, **run.cleaning_settings())
+        fingerprints = {
+            "cleaning": fp_clean,
+            "full": _full_fingerprint(fp_clean, **run.later_settings()),
+        }
+    manifest = {
+        "llmkit_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": fingerprints,
+        **manifest,
+    }
+    # So that datasets.load_from_disk(OUTPUT) gives a DatasetDict (DatasetDict's format).
+    (tmp / DATASET_DICT).write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
+    if run.settings.plot:
+        from llmkit.data.report import plot_lengths
+
+        plot_lengths(manifest["length_histogram"], tmp / "lengths.png")
+    written = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
+    manifest["files"] = sorted([*written, MANIFEST])
+    manifest = json.loads(json.dumps(manifest))  # what a reader gets back (str keys)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
 
-def _cleaned_documents(
-    files: list[InputFile],
-    tmp: Path,
-    report: _Report,
-    *,
-    clean_cache: CleanCache | None,
-    cache: bool,
-    hashes: list[str] | None,
-    hub: bool,
-    keep_dropped: bool,
-    **read_and_clean,
-) -> tuple[object, dict, dict]:
+def _cleaned_documents(run: _Run, tmp: Path) -> tuple[object, dict, dict]:
     """Steps 1-2, or their result from the cache: ``(documents, info, cache_entry)``.
 
     ``cache_entry`` is the manifest's ``cache``: ``used`` (the cleaned documents came from
     the cache), ``stored`` (they were stored there), ``path``, and ``note`` when neither.
     """
+    files, report, clean_cache = run.files, run.report, run.clean_cache
+    keep_dropped = run.settings.keep_dropped
     dropped = tmp / DROPPED
     if clean_cache is not None:
         found = clean_cache.load()
@@ -1725,22 +1635,19 @@ def _cleaned_documents(
         except OSError as err:
             note = f"cannot write the cache {clean_cache.root}: {err.strerror or err}"
             report.log(f"[yellow]warning:[/yellow] {note}: the cleaned documents are not cached")
-    elif hub:
+    elif run.hub:
         note = "Hub datasets are not cached"
-    elif not cache:
+    elif not run.cache:
         note = "off (--no-cache)"
     else:
         root = cache_root()
         note = "off (LLMKIT_CACHE=off)" if root is None else (cache_problem(root) or "off")
     try:
         docs, info = _read_and_clean(
-            files,
+            run,
             work=work,
-            report=report,
-            keep_dropped=keep_dropped,
             dropped_path=dropped if keep_dropped else None,
             documents_dir=(entry / DOCUMENTS) if entry is not None else work / "kept",
-            **read_and_clean,
         )
     except BaseException:
         if entry is not None:
@@ -1750,7 +1657,7 @@ def _cleaned_documents(
         return docs, info, {"used": False, "stored": False, "path": None, "note": note}
     read_hashes = [f.sha256 for f in files]
     try:
-        if read_hashes != hashes:
+        if read_hashes != run.hashes:
             raise OSError(0, "an input changed while it was read")
         if keep_dropped:
             shutil.copyfile(dropped, entry / DROPPED)
@@ -1774,191 +1681,73 @@ def _cleaned_documents(
     return docs, info, {"used": False, "stored": True, "path": str(clean_cache.path)}
 
 
-def _build(
-    files: list[InputFile],
-    tmp: Path,
-    report: _Report,
-    *,
-    tok,
-    vocab_size: int,
-    tokenizer_path: str | None,
-    block_size: int,
-    val_fraction: float,
-    seed: int,
-    split_on: str,
-    text_field: str,
-    num_proc: int,
-    on_error: str,
-    cfg: dict,
-    keep_dropped: bool,
-    clean_cache: CleanCache | None,
-    cache: bool,
-    hashes: list[str] | None,
-    hub: bool,
-    hub_split: str,
-    plot: bool,
-    chat: dict | None = None,
-    encoding: str = DEFAULT_ENCODING,
-    max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
-) -> dict:
-    """Steps 1–6 into ``tmp``; returns the manifest without version, time and fingerprint.
+class _TextData:
+    """What documents do in steps 4-6: a byte-level BPE trained on the train documents (or
+    the pretrained tokenizer), one EOS after every document, packed into blocks
+    (:class:`llmkit.data.pack.Packer`)."""
 
-    ``chat`` (chat data): ``{"template", "train_on", "overlong"}`` as :func:`prepare` takes
-    them; steps 4–6 are then :func:`_build_chat`'s.
-    """
-    from datasets import Features, List, Value
+    unit = "documents"
 
-    work = tmp / ".cache"
-    kind = "chat" if chat is not None else "text"
+    def __init__(self, run: _Run):
+        self.run = run
 
-    # 1–2. read and clean (or reuse) -> an arrow-backed dataset of documents.
-    docs, info, cache_entry = _cleaned_documents(
-        files,
-        tmp,
-        report,
-        clean_cache=clean_cache,
-        cache=cache,
-        hashes=hashes,
-        hub=hub,
-        keep_dropped=keep_dropped,
-        split_on=split_on,
-        text_field=text_field,
-        on_error=on_error,
-        cfg=cfg,
-        num_proc=num_proc,
-        kind=kind,
-        **(
-            {"encoding": encoding, "max_document_bytes": max_document_bytes} if chat is None else {}
-        ),
-    )
-    warnings: list[str] = list(info["warnings"])
+    def tokenizer(self, train_docs, rows: int, tmp: Path, warnings: list[str]):
+        """Step 4: the tokenizer, saved in ``tmp``."""
+        run = self.run
+        tok = run.tok
+        if tok is None:
+            from llmkit.data.tokenizer import train_bpe_tokenizer
 
-    # 3. split by document.
-    n_bytes = docs.data.column("n_bytes").to_numpy()
-    rows = batch_rows(int(n_bytes.max()) if len(n_bytes) else 1)  # per batch from here on
-    train_idx, val_idx = split_indices(len(docs), val_fraction, seed)
-    split_docs = {
-        name: docs.select(idx, indices_cache_file_name=str(work / f"indices-{name}.arrow"))
-        for name, idx in (("train", train_idx), ("validation", val_idx))
-    }
-    split_bytes = {
-        "train": int(n_bytes[train_idx].sum()),
-        "validation": int(n_bytes[val_idx].sum()),
-    }
-    unit = "conversation" if chat is not None else "document"
-    report.log(
-        f"split by {unit} (seed {seed}): {len(train_idx):,} train, {len(val_idx):,} validation"
-    )
-    if val_fraction > 0 and len(val_idx) == 0:
-        warnings.append(f"only one {unit}: the validation split is empty")
-    settings = {
-        "format": kind,
-        "vocab_size": vocab_size if tokenizer_path is None else None,
-        "tokenizer": tokenizer_path,
-        "block_size": block_size,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "split_on": split_on if chat is None else None,
-        "text_field": text_field if chat is None else None,
-        "encoding": encoding if chat is None else None,
-        "max_document_bytes": max_document_bytes if chat is None else None,
-        "chat_template": chat["template"] if chat is not None else None,
-        "train_on": chat["train_on"] if chat is not None else None,
-        "overlong": chat["overlong"] if chat is not None else None,
-        "num_proc": num_proc,
-        "on_error": on_error,
-        "keep_dropped": keep_dropped,
-        "plot": plot,
-        "hub_split": hub_split if hub else None,
-        "normalization": cfg["normalize"]["form"],
-        "cleaning": cfg,
-    }
-    common = {
-        "inputs": info["inputs"],
-        "settings": settings,
-        "cache": cache_entry,
-        "stages": info["stages"],
-        "length_histogram": info["length_histogram"],
-    }
-    if chat is not None:
-        manifest = _build_chat(
-            split_docs,
-            split_bytes,
-            tmp,
-            report,
-            tok=tok,
-            vocab_size=vocab_size,
-            tokenizer_path=tokenizer_path,
-            block_size=block_size,
-            num_proc=num_proc,
-            on_error=on_error,
-            cfg=cfg,
-            warnings=warnings,
-            **chat,
-        )
-        formats: dict[str, int] = {}
-        for entry in info["inputs"]:
-            for fmt, n in (entry.get("chat_formats") or {}).items():
-                formats[fmt] = formats.get(fmt, 0) + n
-        manifest["chat"]["record_formats"] = dict(sorted(formats.items()))
-        del docs, split_docs  # release the memory-mapped cache files
-        shutil.rmtree(work, ignore_errors=True)
-        return {**common, **manifest}
+            with run.report.task("train tokenizer (documents)", total=len(train_docs)) as adv:
 
-    # 4. tokenizer.
-    if tok is None:
-        from llmkit.data.tokenizer import train_bpe_tokenizer
+                def texts() -> Iterator[list[str]]:
+                    for batch in train_docs.iter(batch_size=rows):
+                        yield batch["text"]
+                        adv(len(batch["text"]))
 
-        train_docs = split_docs["train"]
-        with report.task("train tokenizer (documents)", total=len(train_docs)) as advance:
+                vocab_size = run.settings.vocab_size
+                tok = train_bpe_tokenizer(texts(), vocab_size, length=len(train_docs))
+            run.report.log(f"trained a byte-level BPE tokenizer: {len(tok):,} tokens")
+        else:
+            run.report.log(f"tokenizer {run.settings.tokenizer}: {len(tok):,} tokens")
+        tok.save_pretrained(str(tmp))
+        self.appends_eos = tokenizer_appends_eos(tok)
+        self.adds_bos = False
+        if tok.bos_token_id is not None:
+            probe = _encode_raw(tok, ["a"], True)[0]
+            self.adds_bos = bool(probe) and probe[0] == tok.bos_token_id
+        return tok
 
-            def texts() -> Iterator[list[str]]:
-                for batch in train_docs.iter(batch_size=rows):
-                    yield batch["text"]
-                    advance(len(batch["text"]))
+    def encode_and_pack(self, tok, name, docs, n_bytes, rows, work, warnings):
+        """Steps 5-6 for one split: ``(blocks, the manifest's entry of the split)``."""
+        from datasets import Features, List, Value
 
-            tok = train_bpe_tokenizer(texts(), vocab_size, length=len(train_docs))
-        report.log(f"trained a byte-level BPE tokenizer: {len(tok):,} tokens")
-    else:
-        report.log(f"tokenizer {tokenizer_path}: {len(tok):,} tokens")
-    tok.save_pretrained(str(tmp))
-    eos_token_id = tok.eos_token_id
-    appends_eos = tokenizer_appends_eos(tok)
-    bos_token_id = tok.bos_token_id
-    adds_bos = False
-    if bos_token_id is not None:
-        probe = _encode_raw(tok, ["a"], True)[0]
-        adds_bos = bool(probe) and probe[0] == bos_token_id
-
-    # 5–6. encode and pack each split.
-    block_features = Features({"input_ids": List(Value("int32"))})
-    splits: dict[str, dict] = {}
-    for name in SPLITS:
-        sdocs = split_docs[name]
+        run = self.run
+        block_size = run.settings.block_size
         packer = Packer(block_size)
-        with report.task(f"tokenize {name} (documents)", total=len(sdocs)) as advance:
+        with run.report.task(f"tokenize {name} (documents)", total=len(docs)) as advance:
             encoded = _encode_split(
-                sdocs,
+                docs,
                 tok,
-                eos_token_id=eos_token_id,
-                append_eos=not appends_eos,
-                num_proc=num_proc,
-                n_bytes=split_bytes[name],
+                eos_token_id=tok.eos_token_id,
+                append_eos=not self.appends_eos,
+                num_proc=run.num_proc,
+                n_bytes=n_bytes,
                 name=name,
                 advance=advance,
                 cache=work,
                 batch_size=rows,
             )
-        with report.task(f"pack {name} (documents)", total=len(sdocs)) as advance:
+        with run.report.task(f"pack {name} (documents)", total=len(docs)) as advance:
             blocks = _from_generator(
-                lambda enc=encoded, p=packer, adv=advance: _block_rows(enc, p, adv, rows),
-                block_features,
+                lambda: _block_rows(encoded, packer, advance, rows),
+                Features({"input_ids": List(Value("int32"))}),
                 work,
                 f"blocks-{name}",
             )
-        splits[name] = {
-            "documents": len(sdocs),
-            "bytes": split_bytes[name],
+        entry = {
+            "documents": len(docs),
+            "bytes": n_bytes,
             "tokens": packer.tokens_in,
             "blocks": packer.blocks_out,
             "tail_tokens": packer.tail_tokens,
@@ -1969,38 +1758,230 @@ def _build(
                 f"{block_size}",
                 f"use a smaller --block-size (at most {packer.tokens_in}) or give more text",
             )
-        if name == "validation" and len(sdocs) and packer.blocks_out == 0:
+        if name == "validation" and len(docs) and packer.blocks_out == 0:
             warnings.append(
                 f"the validation split has {packer.tokens_in:,} tokens, fewer than one block of "
                 f"{block_size}: it is empty (use a larger --val-fraction or a smaller "
                 "--block-size)"
             )
-        # An empty split still gets one (empty) shard, or load_from_disk cannot read it back.
-        blocks.save_to_disk(str(tmp / name), num_shards=1 if len(blocks) == 0 else None)
-        report.log(
-            f"{name}: {packer.tokens_in:,} tokens -> {packer.blocks_out:,} blocks of "
-            f"{block_size} (tail {packer.tail_tokens} tokens)"
-        )
-    for warning in warnings:
-        report.log(f"[yellow]warning:[/yellow] {warning}")
+        return blocks, entry
 
-    del docs, split_docs, encoded, blocks  # release the memory-mapped cache files
-    shutil.rmtree(work, ignore_errors=True)
-    return {
-        **common,
-        "splits": splits,
-        "tokenizer": {
-            "trained": tokenizer_path is None,
-            "path": tokenizer_path,
-            "type": "byte-level BPE" if tokenizer_path is None else type(tok).__name__,
+    def describe(self, name: str, entry: dict) -> str:
+        return (
+            f"{name}: {entry['tokens']:,} tokens -> {entry['blocks']:,} blocks of "
+            f"{self.run.settings.block_size} (tail {entry['tail_tokens']} tokens)"
+        )
+
+    def tokenizer_entry(self, tok) -> dict:
+        path = self.run.settings.tokenizer
+        return {
+            "trained": path is None,
+            "path": path,
+            "type": "byte-level BPE" if path is None else type(tok).__name__,
             "vocab_size": len(tok),
-            "eos_token_id": eos_token_id,
-            "bos_token_id": bos_token_id,
-            "adds_bos": adds_bos,
-            "eos_added_by_tokenizer": appends_eos,
-        },
-        "warnings": warnings,
-    }
+            "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "adds_bos": self.adds_bos,
+            "eos_added_by_tokenizer": self.appends_eos,
+        }
+
+    def extra(self, info: dict) -> dict:
+        return {}
+
+
+class _ChatData:
+    """What conversations do in steps 4-6: a byte-level BPE trained on the train
+    conversations (:func:`chat_training_text`) holding ChatML's marker tokens, with the
+    ChatML template, or the pretrained tokenizer whose template :func:`_claim_output` chose;
+    each conversation rendered and labelled (:func:`encode_chat_batch`, loss on the answers
+    with ``train_on="assistant"``), packed whole (:class:`llmkit.data.pack.SFTPacker`,
+    ``overlong`` ones truncated or dropped)."""
+
+    unit = "conversations"
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.resolved = run.chat_tokenizer.get("resolved")
+        self.added_tokens = list(run.chat_tokenizer.get("added_tokens", ()))
+
+    def tokenizer(self, train_docs, rows: int, tmp: Path, warnings: list[str]):
+        """Step 4: the tokenizer with its chat template, saved in ``tmp``."""
+        from llmkit.data.config import WEB_FILTERS
+        from llmkit.data.sft import CHATML, end_of_turn_token, ensure_chat_template
+
+        run = self.run
+        template = run.chat["template"]
+        tok = run.tok
+        if tok is None:
+            from llmkit.data.tokenizer import train_bpe_tokenizer
+
+            total = len(train_docs)
+            with run.report.task("train tokenizer (conversations)", total=total) as advance:
+
+                def texts() -> Iterator[list[str]]:
+                    for batch in train_docs.iter(batch_size=BATCH_DOCUMENTS):
+                        yield [chat_training_text(json.loads(c)) for c in batch["text"]]
+                        advance(len(batch["text"]))
+
+                tok = train_bpe_tokenizer(
+                    texts(),
+                    run.settings.vocab_size,
+                    length=total,
+                    extra_special_tokens=CHATML.special_tokens,
+                )
+            self.resolved = ensure_chat_template(
+                tok, CHATML.name if template == "auto" else template
+            )
+            run.report.log(
+                f"trained a byte-level BPE tokenizer: {len(tok):,} tokens (with "
+                f"{', '.join(CHATML.special_tokens)})"
+            )
+        else:
+            run.report.log(f"tokenizer {run.settings.tokenizer}: {len(tok):,} tokens")
+            if self.added_tokens:
+                warnings.append(
+                    f"the {self.resolved} template's tokens {', '.join(self.added_tokens)} were "
+                    f"added to the vocabulary ({len(tok):,} tokens now): the model's embeddings "
+                    f"grow by {len(self.added_tokens)} untrained rows (llmkit train resizes them)"
+                )
+        tok.save_pretrained(str(tmp))  # with its chat_template: train and chat use the same one
+        self.end_of_turn = end_of_turn_token(tok)
+        train_on = run.chat["train_on"]
+        run.report.log(
+            f"chat template: {self.resolved}"
+            + (" (the tokenizer's own)" if self.resolved == "tokenizer" else "")
+            + f", end of turn {self.end_of_turn!r}, loss on "
+            + ("the assistant's answers" if train_on == "assistant" else "every token")
+        )
+        web = [name for name in WEB_FILTERS if run.cfg["filters"][name]["enabled"]]
+        if web:
+            warnings.append(
+                f"{', '.join(web)} (written for web pages) judged whole conversations and may "
+                "drop short chats; C4's line removal is not applied to conversations"
+            )
+        return tok
+
+    def encode_and_pack(self, tok, name, docs, n_bytes, rows, work, warnings):
+        """Steps 5-6 for one split: ``(rows, the manifest's entry of the split)``."""
+        from datasets import Features, List, Value
+
+        run = self.run
+        block_size, overlong = run.settings.block_size, run.chat["overlong"]
+        with run.report.task(f"render and tokenize {name} (conversations)", total=len(docs)) as a:
+            encoded = _encode_chat_split(
+                docs,
+                tok,
+                train_on=run.chat["train_on"],
+                num_proc=run.num_proc,
+                n_bytes=n_bytes,
+                name=name,
+                advance=a,
+                cache=work,
+            )
+        packer = SFTPacker(block_size, pad_token_id=tok.pad_token_id, overlong=overlong)
+        skipped: dict[str, int] = {}
+        first: list[str] = []
+        features = Features(
+            {k: List(Value("int32")) for k in ("input_ids", "labels", "position_ids")}
+        )
+        with run.report.task(f"pack {name} (conversations)", total=len(docs)) as a:
+            packed = _from_generator(
+                lambda: _sft_rows(
+                    encoded,
+                    packer,
+                    on_error=run.settings.on_error,
+                    skipped=skipped,
+                    first=first,
+                    advance=a,
+                ),
+                features,
+                work,
+                f"chat-rows-{name}",
+            )
+        stats = packer.stats()
+        written = stats["conversations"] - stats["dropped"] - stats["no_answer"]
+        entry = {
+            "documents": len(docs),
+            "conversations": len(docs),
+            "bytes": n_bytes,
+            "tokens": stats["tokens"],
+            "blocks": stats["rows"],
+            "answer_tokens": stats["answer_tokens"],
+            "conversations_written": written,
+            "skipped": dict(sorted(skipped.items())),
+            "packing": stats,
+        }
+        if skipped:
+            warnings.append(
+                f"{name}: skipped {_fmt_counts(skipped)} conversation(s) (first: {first[0]})"
+            )
+        if stats["truncated"] or stats["dropped"]:
+            what = "truncated" if overlong == "truncate" else "dropped"
+            warnings.append(
+                f"{name}: {stats['truncated'] + stats['dropped']:,} conversation(s) longer than "
+                f"--block-size {block_size} were {what}"
+            )
+        if stats["no_answer"]:
+            warnings.append(
+                f"{name}: {stats['no_answer']:,} conversation(s) left no answer token to train "
+                "on and were not written"
+            )
+        if name == "train" and stats["rows"] == 0:
+            raise UserError(
+                f"no training conversation left to write ({stats['conversations']:,} packed: "
+                f"{stats['dropped']:,} longer than --block-size {block_size}, "
+                f"{stats['no_answer']:,} without an answer token"
+                + (f"; skipped {_fmt_counts(skipped)}" if skipped else "")
+                + ")",
+                "raise --block-size"
+                + (", use --overlong truncate" if overlong == "drop" else "")
+                + ", or check the conversations",
+            )
+        return packed, entry
+
+    def describe(self, name: str, entry: dict) -> str:
+        return (
+            f"{name}: {entry['conversations_written']:,} conversations, {entry['tokens']:,} "
+            f"tokens ({entry['answer_tokens']:,} trained) -> {entry['blocks']:,} rows of "
+            f"{self.run.settings.block_size} ({entry['packing']['pad_tokens']:,} padding)"
+        )
+
+    def tokenizer_entry(self, tok) -> dict:
+        path = self.run.settings.tokenizer
+        return {
+            "trained": path is None,
+            "path": path,
+            "type": "byte-level BPE" if path is None else type(tok).__name__,
+            "vocab_size": len(tok),
+            "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "chat_template": self.resolved,
+            "end_of_turn": self.end_of_turn,
+            "added_tokens": self.added_tokens,
+        }
+
+    def extra(self, info: dict) -> dict:
+        formats: dict[str, int] = {}
+        for entry in info["inputs"]:
+            for fmt, n in (entry.get("chat_formats") or {}).items():
+                formats[fmt] = formats.get(fmt, 0) + n
+        chat = self.run.chat
+        return {
+            "chat": {
+                "template": self.resolved,
+                "end_of_turn": self.end_of_turn,
+                "train_on": chat["train_on"],
+                "overlong": chat["overlong"],
+                "columns": ["input_ids", "labels", "position_ids"],
+                "cleaning": (
+                    "normalize and pii on each message's content; filters and de-duplication "
+                    "on the conversation as text ('role: content' per message); near-duplicate "
+                    "removal off unless asked (dedup.near)"
+                ),
+                "record_formats": dict(sorted(formats.items())),
+            }
+        }
 
 
 def _fmt_counts(counts: dict) -> str:
