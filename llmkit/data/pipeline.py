@@ -33,7 +33,6 @@ next to the output and renamed into place only when complete.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import secrets
@@ -44,7 +43,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
@@ -64,34 +62,50 @@ from llmkit.data.cache import (
 )
 from llmkit.data.clean import StageStats
 from llmkit.data.config import PrepareSettings
+from llmkit.data.encode import (  # noqa: F401 (re-exported: llmkit.data.pipeline's API)
+    BATCH_BYTES,
+    BATCH_DOCUMENTS,
+    _block_rows,
+    _chat_tokenizer,
+    _encode_chat_for_map,
+    _encode_for_map,
+    _encode_raw,
+    _sft_rows,
+    _tokenizers_single_threaded,
+    batch_rows,
+    chat_training_text,
+    encode_batch,
+    encode_chat_batch,
+    load_pretrained_tokenizer,
+    tokenizer_appends_eos,
+)
+from llmkit.data.outdir import (
+    _check_inputs_outside_output,
+    _check_output,
+    _concerns_output,
+    _missing_parents,
+    _move_into_place,
+    _os_error_in,
+    _output_error,
+    _remove_dirs,
+    _remove_stale_temporaries,
+    _wrapped,
+)
 from llmkit.data.pack import Packer, SFTPacker
 from llmkit.data.prepared import DATASET_DICT, MANIFEST, SPLITS, is_prepared
 from llmkit.data.readers import (
-    _GLOB_CHARS,
     DEFAULT_ENCODING,
     DEFAULT_MAX_DOCUMENT_BYTES,
     InputFile,
-    _walk,
     discover_inputs,
-    file_kind,
     read_conversations,
     read_documents,
     resolve_format,
 )
 from llmkit.errors import UserError
 
-E = TypeVar("E", bound=BaseException)
-
-#: Documents per batch in the encode and pack steps (memory holds one batch of documents).
-BATCH_DOCUMENTS = 1000
 #: Documents per batch in the clean step (a batch of whole books must fit in memory too).
 BATCH_CLEAN = 100
-#: Text (UTF-8 bytes) per batch in the tokenizer-training, encode and pack steps: a batch
-#: holds at most BATCH_DOCUMENTS documents and, when they are long, only as many as fit in
-#: this much text (at least one; :func:`batch_rows`). Encoding takes about 200 bytes per token
-#: while a batch is in flight (the Rust encodings, then the ids as Python ints): measured here,
-#: 16 MiB batches of 1 MiB documents peaked at 1.2 GB, so 4 MiB keeps it near 0.3 GB.
-BATCH_BYTES = 4 << 20
 #: Text (UTF-8 bytes) per worker process below which the clean step runs in fewer processes:
 #: starting a pool and concatenating its shards (about 0.5 s here) costs more than it saves on
 #: a small corpus (cleaning runs at 0.3-3 MB/s per core, depending on the filters).
@@ -99,22 +113,6 @@ PARALLEL_MIN_BYTES = 2 << 20
 #: The same for the encode step, whose single process already encodes on every core (the
 #: ``tokenizers`` Rust encoder is multi-threaded); worker processes only add the Python part.
 PARALLEL_MIN_BYTES_ENCODE = 32 << 20
-#: What ``llmkit prepare`` writes at the top of OUTPUT besides the splits (the tokenizer files
-#: vary with the tokenizer; see :func:`_written_by_prepare`).
-_OWN_NAMES = frozenset(
-    {
-        MANIFEST,
-        DATASET_DICT,
-        "lengths.png",
-        "dropped.jsonl",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "vocab.json",
-        "vocab.txt",
-        "merges.txt",
-        "chat_template.jinja",
-    }
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,267 +141,8 @@ def split_indices(
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _encode_raw(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # a fast tokenizer: the Rust encoder, without offsets
-        encodings = backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
-        return [e.ids for e in encodings]
-    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-
-
-def tokenizer_appends_eos(tokenizer) -> bool:
-    """True when ``tokenizer`` itself ends an encoded text with its EOS token."""
-    eos = tokenizer.eos_token_id
-    with_special = _encode_raw(tokenizer, ["a"], True)[0]
-    without = _encode_raw(tokenizer, ["a"], False)[0]
-    return bool(with_special) and with_special[-1] == eos and (not without or without[-1] != eos)
-
-
-def encode_batch(
-    texts: list[str], tokenizer, *, eos_token_id: int, append_eos: bool = True
-) -> list[list[int]]:
-    """Token ids of each document, with exactly one EOS at its end.
-
-    The tokenizer's own special tokens are added (a tokenizer that adds BOS gives one BOS per
-    document); ``eos_token_id`` is appended when ``append_eos`` is true, which it must be
-    unless the tokenizer already appends EOS itself (:func:`tokenizer_appends_eos`).
-
-    Args:
-        texts: a batch of documents.
-        tokenizer: a ``transformers`` tokenizer (the fast Rust encoder is used when present).
-        eos_token_id: the id that ends each document.
-        append_eos: append ``eos_token_id`` to each document.
-
-    Returns:
-        One list of token ids per document.
-    """
-    ids = _encode_raw(tokenizer, texts, True)
-    if append_eos:
-        for row in ids:
-            row.append(eos_token_id)
-    return ids
-
-
-def _encode_for_map(batch: dict, tokenizer, eos_token_id: int, append_eos: bool) -> dict:
-    """``datasets.map`` form of :func:`encode_batch` (top level, so that it pickles)."""
-    ids = encode_batch(batch["text"], tokenizer, eos_token_id=eos_token_id, append_eos=append_eos)
-    return {"input_ids": ids}
-
-
 # ---------------------------------------------------------------------------------------------
 # Output directory: built under a temporary name, renamed into place.
-
-
-def _check_output(output: Path, overwrite: bool) -> None:
-    for parent in output.parents:
-        if parent.exists() and not parent.is_dir():
-            raise UserError(
-                f"cannot create {output}: {parent} is a file, not a directory",
-                "choose another --output",
-            )
-    if output.exists() and not output.is_dir():
-        raise UserError(f"{output} exists and is not a directory", "choose another --output")
-    if output.is_dir() and any(output.iterdir()):
-        if not overwrite:
-            raise UserError(
-                f"{output} already exists and is not empty",
-                "pass --overwrite to replace it, or choose another --output",
-            )
-        if not is_prepared(output):
-            raise UserError(
-                f"{output} is not a directory written by llmkit prepare; refusing to replace it",
-                "choose another --output, or empty or remove it yourself",
-            )
-
-
-def _written_by_prepare(output: Path) -> set[Path]:
-    """Files (resolved) under ``output`` that an earlier ``llmkit prepare`` wrote there.
-
-    The manifest lists them (``files``); a manifest from before that list is judged by name:
-    the splits, the manifest and plot, and the tokenizer files.
-    """
-    if not is_prepared(output):
-        return set()
-    try:
-        listed = json.loads((output / MANIFEST).read_text(encoding="utf-8")).get("files")
-    except (OSError, ValueError, AttributeError):
-        listed = None
-    if isinstance(listed, list) and all(isinstance(x, str) for x in listed):
-        return {(output / x).resolve() for x in listed}
-    own = set()
-    for path in output.rglob("*"):
-        rel = path.relative_to(output)
-        top = rel.parts[0]
-        if top in SPLITS or (
-            len(rel.parts) == 1 and (top in _OWN_NAMES or top.startswith("tokenizer"))
-        ):
-            own.add(path.resolve())
-    return own
-
-
-def _inside(path: Path, directory: Path) -> bool:
-    return path == directory or directory in path.parents
-
-
-def _check_inputs_outside_output(inputs: Sequence[str | Path], output: Path) -> None:
-    """Refuse inputs that lie inside ``output`` (which --overwrite would delete).
-
-    A file or directory named as an input may not be ``output`` or lie inside it. A file that
-    a glob or a directory search finds inside ``output`` is refused too, unless an earlier
-    ``llmkit prepare`` wrote it there (those are skipped, as before).
-    """
-    out = output.resolve()
-    own: set[Path] | None = None
-
-    def refuse(what: str) -> UserError:
-        return UserError(
-            f"input {what} lies inside --output {output}, which llmkit prepare replaces",
-            "move the input out of the output directory, or choose another --output",
-        )
-
-    def check_found(path: Path, what: str) -> None:
-        nonlocal own
-        resolved = path.resolve()
-        if not _inside(resolved, out):
-            return
-        if own is None:
-            own = _written_by_prepare(out)
-        if resolved not in own:
-            raise refuse(what)
-
-    for item in inputs:
-        path = Path(item)
-        if not path.exists() and _GLOB_CHARS & set(str(item)):
-            for match in glob.glob(str(item), recursive=True):
-                m = Path(match)
-                if m.is_file() and file_kind(m) is not None:
-                    check_found(m, f"{m} (matched by {item})")
-            continue
-        if not path.exists():
-            continue  # discover_inputs names it
-        resolved = path.resolve()
-        if _inside(resolved, out):
-            raise refuse(str(path))
-        if path.is_dir() and _inside(out, resolved) and out.is_dir():
-            # OUTPUT inside an input directory: its own files are skipped, anyone else's
-            # would be read and then deleted.
-            for f in _walk(out):
-                if file_kind(f) is not None:
-                    check_found(f, f"{f} (in directory {path})")
-
-
-def _remove_dirs(created: list[Path]) -> None:
-    """Remove the (empty) directories this run created, innermost first."""
-    for parent in created:
-        try:
-            parent.rmdir()
-        except OSError:
-            break
-
-
-def _wrapped(err: BaseException, kind: type[E]) -> E | None:
-    """``err`` if it is a ``kind``, or the ``kind`` a library wrapped into it (following
-    ``__cause__`` / ``__context__``, e.g. through ``datasets``' DatasetGenerationError)."""
-    seen = set()
-    cur: BaseException | None = err
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, kind):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def _os_error_in(err: BaseException) -> OSError | None:
-    """``err`` if it is an OSError, or the OSError a library wrapped into it."""
-    return _wrapped(err, OSError)
-
-
-def _concerns_output(err: OSError, output: Path, tmp: Path | None) -> bool:
-    """True when ``err`` names no file, or one at the output (not an input being read)."""
-    names = [n for n in (err.filename, err.filename2) if n is not None]
-    if not names:
-        return True
-    for n in names:
-        path = Path(os.path.abspath(n))
-        if _inside(path, output) or _inside(output, path):  # OUTPUT, inside it, or a parent
-            return True
-        if tmp is not None and _inside(path, tmp):
-            return True
-        if path.parent == output.parent and path.name.startswith(f".{output.name}."):
-            return True  # the temporary or the old OUTPUT renamed aside
-    return False
-
-
-def _output_error(
-    err: OSError, output: Path, tmp: Path | None, verb: str = "cannot write"
-) -> UserError:
-    """A one-line UserError for an OSError creating, writing or renaming ``output``."""
-    import errno
-
-    reason = err.strerror or str(err) or type(err).__name__
-    where = ""
-    if err.filename is not None:
-        name = str(err.filename)
-        if tmp is not None and name.startswith(str(tmp)):
-            name = str(output) + name[len(str(tmp)) :]
-        if Path(name) != output:
-            where = f" ({name})"
-    hints = {
-        errno.EACCES: "check the permissions, or choose another --output",
-        errno.EPERM: "check the permissions, or choose another --output",
-        errno.EROFS: "the file system is read-only: choose another --output",
-        errno.ENOSPC: "the disk is full: free space or choose another --output",
-        errno.EDQUOT: "the disk quota is exceeded: free space or choose another --output",
-        errno.ENOTDIR: "a parent of --output is a file: choose another --output",
-        errno.EEXIST: "a parent of --output is a file: choose another --output",
-    }
-    hints[errno.ENOENT] = f"is {output.parent} a writable directory? or choose another --output"
-    hint = hints.get(err.errno, "choose another --output")
-    return UserError(f"{verb} {output}: {reason}{where}", hint)
-
-
-def _missing_parents(path: Path) -> list[Path]:
-    missing = []
-    for parent in path.parents:
-        if parent.exists():
-            break
-        missing.append(parent)
-    return missing
-
-
-def _remove_stale_temporaries(output: Path) -> None:
-    """Delete ``.NAME.tmp-PID-*`` directories left by a killed run whose process is gone."""
-    for tmp in output.parent.glob(f".{glob.escape(output.name)}.tmp-*-*"):
-        try:
-            pid = int(tmp.name[len(f".{output.name}.tmp-") :].split("-")[0])
-        except ValueError:
-            continue
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:  # alive under another user, or cannot tell: leave it
-            continue
-
-
-def _move_into_place(tmp: Path, output: Path) -> None:
-    """Rename ``tmp`` to ``output``; an existing ``output`` is renamed aside, then deleted."""
-    if output.is_dir() and not any(output.iterdir()):
-        output.rmdir()
-    if not output.exists():
-        os.rename(tmp, output)
-        return
-    old = output.parent / f".{output.name}.old-{secrets.token_hex(4)}"
-    os.rename(output, old)
-    try:
-        os.rename(tmp, output)
-    except BaseException:
-        os.rename(old, output)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,39 +332,26 @@ def _read_rows(
             yield {"text": text, "where": url} if urls else {"text": text}
 
 
-def _read_and_clean(
-    run: _Run, *, work: Path, dropped_path: Path | None, documents_dir: Path
-) -> tuple[object, dict]:
-    """Steps 1-2: read ``files``, clean the documents, save the kept ones at
-    ``documents_dir``; returns them (memory-mapped) and the counts of both steps.
-
-    ``work`` holds the intermediate arrow files. With ``keep_dropped`` each dropped document
-    is written to ``dropped_path`` (JSON lines: stage, reason, text as the stage received it),
-    in document order; a dropped conversation (``kind="chat"``) as its ``where``
-    (``file:line``) and ``messages`` as the stage received them.
-    """
-    from datasets import Features, Value, load_from_disk
+def _read(run: _Run, work: Path) -> tuple[object, dict, LengthHistogram]:
+    """Step 1: every input's documents (conversations) in order, written as they come to an
+    arrow-backed dataset in ``work`` (rows ``text``, and ``where`` for web pages and
+    conversations); returns it, the manifest's ``read`` counts and the lengths as read."""
+    from datasets import Features, Value
 
     from llmkit.data.boilerplate import strip_gutenberg
-    from llmkit.data.config import build_steps
-    from llmkit.data.executor import run_pipeline
-    from llmkit.data.steps.base import DroppedWriter, merge_dropped
 
-    s, files, report, cfg = run.settings, run.files, run.report, run.cfg
-    chat = run.chat is not None
-    keep_dropped, max_document_bytes = s.keep_dropped, s.max_document_bytes
-    histograms = {"read": LengthHistogram(), "kept": LengthHistogram()}
+    s, files = run.settings, run.files
+    histogram = LengthHistogram()
     read_stats = {
         "files": len(files),
         "bytes_in": sum(f.size_bytes for f in files),
         "documents_out": 0,
         "bytes_out": 0,
     }
-    hub = any(f.kind == "hub" for f in files)
     web = any(f.kind == "warc" for f in files)  # documents carry their URL ("where")
-    with report.task(
-        "read (documents)" if hub else "read (bytes)",
-        total=None if hub else read_stats["bytes_in"],
+    with run.report.task(
+        "read (documents)" if run.hub else "read (bytes)",
+        total=None if run.hub else read_stats["bytes_in"],
     ) as advance:
         raw = _from_generator(
             lambda: _read_rows(
@@ -634,37 +360,65 @@ def _read_and_clean(
                 split_on=s.split_on,
                 text_field=run.text_field,
                 on_error=s.on_error,
-                line_filter=strip_gutenberg if cfg["gutenberg"] else None,
+                line_filter=strip_gutenberg if run.cfg["gutenberg"] else None,
                 read_stats=read_stats,
                 advance=advance,
-                histogram=histograms["read"],
+                histogram=histogram,
                 encoding=s.encoding,
-                max_document_bytes=max_document_bytes,
+                max_document_bytes=s.max_document_bytes,
             ),
             Features(
                 {
                     "text": Value("string"),
-                    **({"where": Value("string")} if chat or web else {}),
+                    **({"where": Value("string")} if run.chat is not None or web else {}),
                 }
             ),
             work,
             "documents",
         )
-    skipped: dict = {}
-    for f in files:
-        for reason, n in f.skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    read_stats["skipped"] = dict(sorted(skipped.items()))
+    read_stats["skipped"] = _sum_counts(f.skipped for f in files)
     split = sum(f.documents_split for f in files)
     if split:
         read_stats["documents_split"] = split
         read_stats["pieces"] = sum(f.pieces for f in files)
-    records: dict = {}
-    for f in files:
-        for reason, n in f.records_skipped.items():
-            records[reason] = records.get(reason, 0) + n
+    records = _sum_counts(f.records_skipped for f in files)
     if records:
-        read_stats["records_skipped"] = dict(sorted(records.items()))
+        read_stats["records_skipped"] = records
+    return raw, read_stats, histogram
+
+
+def _sum_counts(counts) -> dict:
+    total: dict = {}
+    for c in counts:
+        for reason, n in c.items():
+            total[reason] = total.get(reason, 0) + n
+    return dict(sorted(total.items()))
+
+
+def _read_and_clean(
+    run: _Run, *, work: Path, dropped_path: Path | None, documents_dir: Path
+) -> tuple[object, dict]:
+    """Steps 1-2: read the inputs (:func:`_read`), run the cleaning steps over them
+    (:func:`llmkit.data.config.build_steps` under :func:`llmkit.data.executor.run_pipeline`),
+    save the kept documents at ``documents_dir``; returns them (memory-mapped) and the
+    counts of both steps.
+
+    ``work`` holds the intermediate arrow files. With ``keep_dropped`` each dropped document
+    is written to ``dropped_path`` (JSON lines: stage, reason, text as the stage received it),
+    in document order; a dropped conversation as its ``where`` (``file:line``) and
+    ``messages`` as the stage received them.
+    """
+    from datasets import load_from_disk
+
+    from llmkit.data.config import build_steps
+    from llmkit.data.executor import run_pipeline
+    from llmkit.data.steps.base import DroppedWriter, merge_dropped
+
+    files, report, chat = run.files, run.report, run.chat is not None
+    raw, read_stats, read_lengths = _read(run, work)
+    skipped = read_stats["skipped"]
+    split = read_stats.get("documents_split", 0)
+    kept_lengths = LengthHistogram()
     stats: list[StageStats] = []  # of the cleaning steps, once they ran
 
     def nothing_left() -> UserError:
@@ -683,8 +437,8 @@ def _read_and_clean(
         raise nothing_left()
 
     procs = _procs_for(run.num_proc, read_stats["bytes_out"], len(raw))
-    writer = DroppedWriter(work / "dropped") if keep_dropped else None
-    steps = build_steps(cfg, writer)
+    writer = DroppedWriter(work / "dropped") if dropped_path is not None else None
+    steps = build_steps(run.cfg, writer)
     cleaned, _ = run_pipeline(
         steps, raw, chat=chat, procs=procs, work=work / "clean", task=report.task
     )
@@ -692,7 +446,7 @@ def _read_and_clean(
     if dropped_path is not None:
         merge_dropped(work / "dropped", dropped_path)
     n_bytes = cleaned.data.column("n_bytes").to_numpy()
-    histograms["kept"].add_all(n_bytes)
+    kept_lengths.add_all(n_bytes)
     n_kept = len(cleaned)
     if n_kept == 0:
         raise nothing_left()
@@ -701,12 +455,12 @@ def _read_and_clean(
         docs.save_to_disk(str(documents_dir))
     del raw, cleaned, docs
     summary = (
-        f"read {len(files)} {'input(s)' if hub else 'file(s)'}, {read_stats['bytes_in']:,} "
+        f"read {len(files)} {'input(s)' if run.hub else 'file(s)'}, {read_stats['bytes_in']:,} "
         f"bytes: {read_stats['documents_out']:,} {'conversations' if chat else 'documents'}, "
         f"{n_kept:,} kept ({_drops(stats)})"
         + (f"; skipped input lines: {_fmt_counts(skipped)}" if skipped else "")
         + (
-            f"; {split:,} document(s) over {max_document_bytes:,} bytes cut into "
+            f"; {split:,} document(s) over {run.settings.max_document_bytes:,} bytes cut into "
             f"{read_stats['pieces']:,} pieces"
             if split
             else ""
@@ -718,8 +472,8 @@ def _read_and_clean(
         "stages": {"read": read_stats, **{st.name: st.as_dict() for st in stats}},
         "length_histogram": {
             "bin_edges_bytes": LENGTH_BINS.tolist(),
-            "read": histograms["read"].as_list(),
-            "kept": histograms["kept"].as_list(),
+            "read": read_lengths.as_list(),
+            "kept": kept_lengths.as_list(),
         },
         "warnings": [
             f"{f.path}: skipped {_fmt_counts(f.skipped)} (first: {f.first_error})"
@@ -730,42 +484,6 @@ def _read_and_clean(
         "documents": n_kept,
     }
     return load_from_disk(str(documents_dir)), info
-
-
-def _block_rows(
-    encoded, packer: Packer, advance: Callable, batch_size: int = BATCH_DOCUMENTS
-) -> Iterator[dict]:
-    """Rows ``{"input_ids"}`` of full blocks of an encoded split (documents in order)."""
-    import pyarrow.compute as pc
-
-    for table in encoded.with_format("arrow").iter(batch_size=batch_size):
-        flat = pc.list_flatten(table.column("input_ids")).to_numpy()
-        for block in packer.add_tokens(flat):
-            yield {"input_ids": block}
-        advance(table.num_rows)
-
-
-@contextmanager
-def _tokenizers_single_threaded() -> Iterator[None]:
-    """``TOKENIZERS_PARALLELISM=false`` for the duration (restored after): set before forking
-    worker processes, each with a pickled tokenizer running one thread, so that `tokenizers`
-    does not warn about a fork after its thread pool started."""
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
-
-
-def batch_rows(max_document_bytes: int) -> int:
-    """Documents per batch when the longest is ``max_document_bytes`` long:
-    :data:`BATCH_DOCUMENTS`, or fewer so that a batch holds about :data:`BATCH_BYTES` of text
-    at most (never fewer than 1)."""
-    return max(1, min(BATCH_DOCUMENTS, BATCH_BYTES // max(1, int(max_document_bytes))))
 
 
 def _encode_split(
@@ -816,83 +534,6 @@ def _encode_split(
 # Chat data: tokenizer text, encode with labels, pack whole conversations.
 
 
-def chat_training_text(messages: Sequence[dict[str, str]]) -> str:
-    """What a byte-level BPE trained for chat data learns from one conversation: each message
-    as ``role\n content\n`` — the text ChatML writes between its marker tokens (which are
-    special tokens of the tokenizer, never merged with text)."""
-    return "".join(f"{m['role']}\n{m['content']}\n" for m in messages)
-
-
-def _render_reason(message: str) -> str:
-    """The manifest's reason for a conversation the chat template could not render."""
-    if "special token" in message:
-        return "special token in text"
-    if "refused" in message:
-        return "template refused"
-    if "consistently" in message or "cannot be located" in message:
-        return "template inconsistent"
-    if "starts with an assistant" in message:
-        return "assistant first"
-    return "render failed"
-
-
-def encode_chat_batch(
-    conversations: Sequence[str], wheres: Sequence[str], tokenizer, *, train_on: str
-) -> dict[str, list]:
-    """Render and tokenize a batch of conversations with their labels (the encode step).
-
-    Each conversation (its JSON list of messages) is rendered with the tokenizer's chat
-    template and its trained character spans found (:func:`llmkit.data.sft.answer_spans`, one
-    at a time, so that one bad conversation does not stop the others); the renderings are then
-    tokenized in one batched call (:func:`llmkit.data.sft.tokenize_with_labels`).
-
-    Args:
-        conversations: N conversations, each a JSON list of ``{"role", "content"}``.
-        wheres: their places (``file:line``) for error messages.
-        tokenizer: a fast tokenizer with a chat template.
-        train_on: ``"assistant"`` (labels on the answers and their end-of-turn token only) or
-            ``"all"``.
-
-    Returns:
-        Columns of N rows: ``input_ids`` and ``labels`` (lists of ints of equal length; empty
-        for a conversation that failed), ``error`` and ``hint`` (None, or the UserError's
-        message and hint of a conversation that failed to render).
-    """
-    from llmkit.data.sft import answer_spans, tokenize_with_labels
-
-    texts: list[str] = []
-    spans: list[list[tuple[int, int]]] = []
-    errors: list[str | None] = []
-    hints: list[str | None] = []
-    for conversation, where in zip(conversations, wheres, strict=True):
-        try:
-            text, found = answer_spans(
-                tokenizer, json.loads(conversation), train_on=train_on, where=where
-            )
-        except UserError as err:
-            errors.append(err.message)
-            hints.append(err.hint)
-            continue
-        texts.append(text)
-        spans.append(found)
-        errors.append(None)
-        hints.append(None)
-    ids, labels = tokenize_with_labels(tokenizer, texts, spans)
-    encoded = iter(zip(ids, labels, strict=True))
-    out_ids: list[list[int]] = []
-    out_labels: list[list[int]] = []
-    for error in errors:
-        row_ids, row_labels = ([], []) if error is not None else next(encoded)
-        out_ids.append(row_ids)
-        out_labels.append(row_labels)
-    return {"input_ids": out_ids, "labels": out_labels, "error": errors, "hint": hints}
-
-
-def _encode_chat_for_map(batch: dict, tokenizer, train_on: str) -> dict:
-    """``datasets.map`` form of :func:`encode_chat_batch` (top level, so that it pickles)."""
-    return encode_chat_batch(batch["text"], batch["where"], tokenizer, train_on=train_on)
-
-
 def _encode_chat_split(docs, tokenizer, *, train_on, num_proc, n_bytes, name, advance, cache):
     """Every conversation of a split through :func:`encode_chat_batch`, in order, on up to
     ``num_proc`` processes (rendering a template is Python work: one process per
@@ -925,94 +566,6 @@ def _encode_chat_split(docs, tokenizer, *, train_on, num_proc, n_bytes, name, ad
         encoded = docs.map(_encode_chat_for_map, num_proc=procs, **common)
     advance(len(docs))
     return encoded
-
-
-def _sft_rows(
-    encoded, packer: SFTPacker, *, on_error: str, skipped: dict, first: list, advance
-) -> Iterator[dict]:
-    """Rows ``{"input_ids", "labels", "position_ids"}`` of the packed conversations of an
-    encoded split, in order. A conversation that failed to render stops the run
-    (``on_error="fail"``: the first one in order, so the error does not depend on
-    ``num_proc``) or is counted in ``skipped`` by reason (``"skip"``; its message in
-    ``first`` when it is the first)."""
-
-    def rows_of(block: dict) -> Iterator[dict]:
-        for i in range(len(block["input_ids"])):
-            yield {k: block[k][i] for k in ("input_ids", "labels", "position_ids")}
-
-    for batch in encoded.iter(batch_size=BATCH_DOCUMENTS):
-        conversations = []
-        for ids, labels, error, hint in zip(
-            batch["input_ids"], batch["labels"], batch["error"], batch["hint"], strict=True
-        ):
-            if error is not None:
-                if on_error != "skip":
-                    raise UserError(error, hint)
-                reason = _render_reason(error)
-                skipped[reason] = skipped.get(reason, 0) + 1
-                if not first:
-                    first.append(error)
-                continue
-            conversations.append((ids, labels))
-        yield from rows_of(packer.add(conversations))
-        advance(len(batch["error"]))
-    yield from rows_of(packer.flush())
-
-
-def load_pretrained_tokenizer(name: str, *, trust_remote_code: bool = False):
-    """A pretrained tokenizer: a directory (or Hub id, online) as
-    :func:`llmkit.data.tokenizer.load_tokenizer`, or a ``.gguf`` model file.
-
-    A ``.gguf`` file's tokenizer is taken from the directory where
-    :mod:`llmkit.generation.loading` cached its conversion (:func:`llmkit.data.cache.
-    gguf_cache_dir`) when there is one, else read from the GGUF's metadata by transformers
-    (``gguf_file=``; about 20 s for SmolLM2's 49k-token vocabulary here).
-
-    ``trust_remote_code``: see :func:`llmkit.data.tokenizer.load_tokenizer` (False: a
-    tokenizer that needs its own Python code is refused, never run).
-
-    Raises:
-        UserError: nothing loadable at ``name``; a ``.gguf`` without the gguf package; a
-            tokenizer that needs its own code without ``trust_remote_code``.
-    """
-    import importlib.util
-
-    from llmkit.data.cache import gguf_cache_dir
-    from llmkit.data.tokenizer import load_tokenizer
-
-    path = Path(name).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        cached = gguf_cache_dir(path)
-        if cached is not None and (cached / "tokenizer.json").is_file():
-            return load_tokenizer(cached, trust_remote_code=trust_remote_code)
-        if importlib.util.find_spec("gguf") is None:
-            raise UserError(
-                f"{name} is a GGUF file and the gguf package is not installed",
-                "pip install 'llmkit[gguf]' (or pip install gguf)",
-            )
-        return load_tokenizer(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
-    return load_tokenizer(name, trust_remote_code=trust_remote_code)
-
-
-def _chat_tokenizer(tok, template: str, name: str) -> dict:
-    """Give a pretrained tokenizer its chat template (:func:`llmkit.data.sft.
-    ensure_chat_template`) before anything is read; returns ``{"resolved", "added_tokens"}``.
-
-    Raises:
-        UserError: a slow tokenizer (no character offsets to place the labels); the template
-            asked for cannot be had.
-    """
-    from llmkit.data.sft import ensure_chat_template
-
-    if not getattr(tok, "is_fast", False):
-        raise UserError(
-            f"the tokenizer at {name} is a slow (Python) tokenizer: chat data needs a fast one",
-            "use a tokenizer directory that holds tokenizer.json",
-        )
-    before = set(tok.get_vocab())
-    resolved = ensure_chat_template(tok, template)
-    added = sorted(set(tok.get_vocab()) - before)
-    return {"resolved": resolved, "added_tokens": added}
 
 
 def _ignored_options(
