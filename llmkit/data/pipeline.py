@@ -116,7 +116,7 @@ PARALLEL_MIN_BYTES_ENCODE = 32 << 20
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure steps: split, encode.
+# Split (encode and pack: llmkit.data.encode).
 
 
 def split_indices(
@@ -139,10 +139,6 @@ def split_indices(
         n_val = 0
     order = np.random.default_rng(seed).permutation(n_documents)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-# ---------------------------------------------------------------------------------------------
-# Output directory: built under a temporary name, renamed into place.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,7 +527,7 @@ def _encode_split(
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat data: tokenizer text, encode with labels, pack whole conversations.
+# Encode a split of conversations on worker processes.
 
 
 def _encode_chat_split(docs, tokenizer, *, train_on, num_proc, n_bytes, name, advance, cache):
@@ -1164,42 +1160,17 @@ def _cleaned_documents(run: _Run, tmp: Path) -> tuple[object, dict, dict]:
     ``cache_entry`` is the manifest's ``cache``: ``used`` (the cleaned documents came from
     the cache), ``stored`` (they were stored there), ``path``, and ``note`` when neither.
     """
-    files, report, clean_cache = run.files, run.report, run.clean_cache
-    keep_dropped = run.settings.keep_dropped
     dropped = tmp / DROPPED
-    if clean_cache is not None:
-        found = clean_cache.load()
-        if found is not None and keep_dropped and not (clean_cache.path / DROPPED).is_file():
-            found = None  # an entry damaged by hand: read and clean again
-        if found is not None:
-            docs, info = found
-            if keep_dropped:
-                shutil.copyfile(clean_cache.path / DROPPED, dropped)
-            for entry, f in zip(info["inputs"], files, strict=True):
-                entry["path"] = str(f.path)
-            report.log(f"{info['summary']}; reused from the cache {clean_cache.path}")
-            return docs, info, {"used": True, "stored": False, "path": str(clean_cache.path)}
+    found = _from_cache(run, dropped)
+    if found is not None:
+        return found
     work = tmp / ".cache"
-    entry: Path | None = None
-    note = None
-    if clean_cache is not None:
-        try:
-            entry = clean_cache.new_entry()
-        except OSError as err:
-            note = f"cannot write the cache {clean_cache.root}: {err.strerror or err}"
-            report.log(f"[yellow]warning:[/yellow] {note}: the cleaned documents are not cached")
-    elif run.hub:
-        note = "Hub datasets are not cached"
-    elif not run.cache:
-        note = "off (--no-cache)"
-    else:
-        root = cache_root()
-        note = "off (LLMKIT_CACHE=off)" if root is None else (cache_problem(root) or "off")
+    entry, note = _new_cache_entry(run)
     try:
         docs, info = _read_and_clean(
             run,
             work=work,
-            dropped_path=dropped if keep_dropped else None,
+            dropped_path=dropped if run.settings.keep_dropped else None,
             documents_dir=(entry / DOCUMENTS) if entry is not None else work / "kept",
         )
     except BaseException:
@@ -1208,11 +1179,54 @@ def _cleaned_documents(run: _Run, tmp: Path) -> tuple[object, dict, dict]:
         raise
     if entry is None:
         return docs, info, {"used": False, "stored": False, "path": None, "note": note}
-    read_hashes = [f.sha256 for f in files]
+    return _store_in_cache(run, entry, docs, info, dropped, work)
+
+
+def _from_cache(run: _Run, dropped: Path) -> tuple[object, dict, dict] | None:
+    """The cleaned documents of an earlier run with the same fingerprint, or None."""
+    clean_cache, keep_dropped = run.clean_cache, run.settings.keep_dropped
+    if clean_cache is None:
+        return None
+    found = clean_cache.load()
+    if found is None or (keep_dropped and not (clean_cache.path / DROPPED).is_file()):
+        return None  # none, or an entry damaged by hand: read and clean again
+    docs, info = found
+    if keep_dropped:
+        shutil.copyfile(clean_cache.path / DROPPED, dropped)
+    for entry, f in zip(info["inputs"], run.files, strict=True):
+        entry["path"] = str(f.path)
+    run.report.log(f"{info['summary']}; reused from the cache {clean_cache.path}")
+    return docs, info, {"used": True, "stored": False, "path": str(clean_cache.path)}
+
+
+def _new_cache_entry(run: _Run) -> tuple[Path | None, str | None]:
+    """A new cache entry to clean into, or None and why the documents are not cached."""
+    clean_cache = run.clean_cache
+    if clean_cache is not None:
+        try:
+            return clean_cache.new_entry(), None
+        except OSError as err:
+            note = f"cannot write the cache {clean_cache.root}: {err.strerror or err}"
+            run.report.log(
+                f"[yellow]warning:[/yellow] {note}: the cleaned documents are not cached"
+            )
+            return None, note
+    if run.hub:
+        return None, "Hub datasets are not cached"
+    if not run.cache:
+        return None, "off (--no-cache)"
+    root = cache_root()
+    return None, "off (LLMKIT_CACHE=off)" if root is None else (cache_problem(root) or "off")
+
+
+def _store_in_cache(run: _Run, entry: Path, docs, info: dict, dropped: Path, work: Path):
+    """Commit the cache entry the documents were saved in (then evict the least recently
+    used entries over the bound); when it cannot be, keep them in ``work`` instead."""
+    clean_cache, report = run.clean_cache, run.report
     try:
-        if read_hashes != run.hashes:
+        if [f.sha256 for f in run.files] != run.hashes:
             raise OSError(0, "an input changed while it was read")
-        if keep_dropped:
+        if run.settings.keep_dropped:
             shutil.copyfile(dropped, entry / DROPPED)
         clean_cache.commit(entry, info)
     except OSError as err:
