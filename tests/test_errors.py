@@ -84,11 +84,11 @@ def test_skipped_text_records_are_counted_by_the_errors_code(tmp_path, record, l
 
 def test_chat_template_errors_carry_the_code_prepare_counted_them_by():
     """Each kind of template failure carries as ``reason`` the code that prepare's message
-    rule (``data/pipeline.py::_render_reason``) gives it today, so prepare can count by the
+    rule (``data/encode.py::_render_reason``) gives it today, so prepare can count by the
     field with its manifests unchanged."""
     import jinja2.exceptions as jx
 
-    from llmkit.data.pipeline import _render_reason
+    from llmkit.data.encode import _render_reason
     from llmkit.templates import TemplateTooLarge, _EmptyPrompt, template_error
 
     class Tok:

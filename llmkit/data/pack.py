@@ -17,10 +17,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from llmkit.core.prepared import IGNORE_INDEX
+from llmkit.data.choices import OVERLONG_RULES
 
 TOKEN_DTYPE = np.int32
-#: What :class:`SFTPacker` does with a conversation longer than ``block_size``.
-OVERLONG_RULES = ("truncate", "drop")
 
 
 class Packer:

@@ -72,6 +72,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmkit.data.choices import FORMATS, ON_ERROR, SPLIT_MODES
 from llmkit.errors import UserError
 
 #: File kind by extension.
@@ -98,11 +99,6 @@ COMPRESSIONS: dict[str, Callable[[io.BufferedIOBase], io.BufferedIOBase]] = {
     ".xz": lambda f: lzma.LZMAFile(f, mode="rb"),
     ".zst": _zstd,
 }
-SPLIT_MODES = ("blank-lines", "none")
-ON_ERROR = ("fail", "skip")
-#: What the records of the inputs are: ``auto`` (detected, :func:`resolve_format`), ``text``
-#: (documents) or ``chat`` (conversations, :func:`read_conversations`).
-FORMATS = ("auto", "text", "chat")
 #: File kinds that can hold chat records.
 CHAT_KINDS = ("jsonl", "hub")
 #: Non-blank lines of a JSON-lines file looked at to detect its format.

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmkit.core.prepared import IGNORE_INDEX
+from llmkit.data.choices import TRAIN_ON
 from llmkit.errors import UserError
 from llmkit.templates import end_of_turn_token as end_of_turn_token  # one rule, re-exported
 from llmkit.templates import render_chat  # every template failure is one line
@@ -45,8 +46,6 @@ from llmkit.templates import special_token_texts as _special_strings
 
 #: Roles a message may have.
 ROLES = ("system", "user", "assistant")
-#: What :func:`render_with_labels` trains on: the assistant's answers only, or every token.
-TRAIN_ON = ("assistant", "all")
 #: The record formats :func:`conversation_from_record` reads, by name.
 CHAT_FORMATS = ("messages", "prompt-response", "alpaca")
 _RESPONSE_KEYS = ("response", "completion")
