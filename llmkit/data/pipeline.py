@@ -1074,7 +1074,8 @@ def encode_chat_batch(
     Returns:
         Columns of N rows: ``input_ids`` and ``labels`` (lists of ints of equal length; empty
         for a conversation that failed), ``error`` and ``hint`` (None, or the UserError's
-        message and hint of a conversation that failed to render).
+        message and hint of a conversation that failed to render), ``located`` (JSON of how
+        its answers were found, ``{rule: count}``, :data:`llmkit.data.sft.LOCATE_RULES`).
     """
     from llmkit.data.sft import answer_spans, tokenize_with_labels
 
@@ -1082,15 +1083,19 @@ def encode_chat_batch(
     spans: list[list[tuple[int, int]]] = []
     errors: list[str | None] = []
     hints: list[str | None] = []
+    located: list[str | None] = []
     for conversation, where in zip(conversations, wheres, strict=True):
+        counts: dict[str, int] = {}
         try:
             text, found = answer_spans(
-                tokenizer, json.loads(conversation), train_on=train_on, where=where
+                tokenizer, json.loads(conversation), train_on=train_on, where=where, located=counts
             )
         except UserError as err:
             errors.append(err.message)
             hints.append(err.hint)
+            located.append(None)
             continue
+        located.append(json.dumps(counts))
         texts.append(text)
         spans.append(found)
         errors.append(None)
@@ -1103,7 +1108,13 @@ def encode_chat_batch(
         row_ids, row_labels = ([], []) if error is not None else next(encoded)
         out_ids.append(row_ids)
         out_labels.append(row_labels)
-    return {"input_ids": out_ids, "labels": out_labels, "error": errors, "hint": hints}
+    return {
+        "input_ids": out_ids,
+        "labels": out_labels,
+        "error": errors,
+        "hint": hints,
+        "located": located,
+    }
 
 
 def _encode_chat_for_map(batch: dict, tokenizer, train_on: str) -> dict:
@@ -1123,6 +1134,7 @@ def _encode_chat_split(docs, tokenizer, *, train_on, num_proc, n_bytes, name, ad
             "labels": List(Value("int32")),
             "error": Value("string"),
             "hint": Value("string"),
+            "located": Value("string"),
         }
     )
     common = dict(
@@ -1146,13 +1158,21 @@ def _encode_chat_split(docs, tokenizer, *, train_on, num_proc, n_bytes, name, ad
 
 
 def _sft_rows(
-    encoded, packer: SFTPacker, *, on_error: str, skipped: dict, first: list, advance
+    encoded,
+    packer: SFTPacker,
+    *,
+    on_error: str,
+    skipped: dict,
+    first: list,
+    advance,
+    located: dict | None = None,
 ) -> Iterator[dict]:
     """Rows ``{"input_ids", "labels", "position_ids"}`` of the packed conversations of an
     encoded split, in order. A conversation that failed to render stops the run
     (``on_error="fail"``: the first one in order, so the error does not depend on
     ``num_proc``) or is counted in ``skipped`` by reason (``"skip"``; its message in
-    ``first`` when it is the first)."""
+    ``first`` when it is the first). How the answers were located is summed into
+    ``located``."""
 
     def rows_of(block: dict) -> Iterator[dict]:
         for i in range(len(block["input_ids"])):
@@ -1172,6 +1192,9 @@ def _sft_rows(
                     first.append(error)
                 continue
             conversations.append((ids, labels))
+        for counts in batch["located"] if located is not None else ():
+            for rule, n in json.loads(counts or "{}").items():
+                located[rule] = located.get(rule, 0) + n
         yield from rows_of(packer.add(conversations))
         advance(len(batch["error"]))
     yield from rows_of(packer.flush())
@@ -1277,10 +1300,11 @@ def _build_chat(
         packer = SFTPacker(block_size, pad_token_id=tok.pad_token_id, overlong=overlong)
         skipped: dict[str, int] = {}
         first: list[str] = []
+        located: dict[str, int] = {}
         with report.task(f"pack {name} (conversations)", total=len(sdocs)) as adv:
             rows = _from_generator(
-                lambda enc=encoded, p=packer, sk=skipped, fi=first, a=adv: _sft_rows(
-                    enc, p, on_error=on_error, skipped=sk, first=fi, advance=a
+                lambda enc=encoded, p=packer, sk=skipped, fi=first, a=adv, lo=located: _sft_rows(
+                    enc, p, on_error=on_error, skipped=sk, first=fi, advance=a, located=lo
                 ),
                 features,
                 work,
@@ -1297,6 +1321,7 @@ def _build_chat(
             "answer_tokens": stats["answer_tokens"],
             "conversations_written": written,
             "skipped": dict(sorted(skipped.items())),
+            "answers_located": dict(sorted(located.items())),
             "packing": stats,
         }
         if skipped:
@@ -1352,6 +1377,10 @@ def _build_chat(
             "template": resolved,
             "end_of_turn": end_of_turn,
             "train_on": train_on,
+            "answers_located": {  # all splits together
+                rule: sum(s["answers_located"].get(rule, 0) for s in splits.values())
+                for rule in sorted({r for s in splits.values() for r in s["answers_located"]})
+            },
             "overlong": overlong,
             "columns": ["input_ids", "labels", "position_ids"],
             "cleaning": (
