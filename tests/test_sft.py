@@ -375,7 +375,10 @@ def test_earlier_answers_the_template_rewrites_are_left_out_the_final_one_traine
     assert [text[s:e] for s, e in spans] == ["See you.<|im_end|>"]
     assert located == {"not_trained": 1, "prefix": 1}
     # ... and the final answer is refused when a user turn follows it and rewrites it
-    with pytest.raises(UserError, match=r"^y:2: .*final assistant message 2 differently"):
+    with pytest.raises(
+        UserError,
+        match=r"^y:2: the chat template renders it differently.*final assistant message 2",
+    ):
         answer_spans(words_tokenizer, TWO_TURNS[:4], where="y:2")
 
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import MODELS
 from rich.console import Console
 
 import llmkit.data.pipeline as pipeline
@@ -28,6 +29,7 @@ from llmkit.data.sft import (
 from llmkit.errors import UserError
 
 SUPPORT = Path(__file__).resolve().parents[1] / "examples" / "support"
+GGUF = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 X = IGNORE_INDEX
 
 TWO_TURNS = [
@@ -43,8 +45,9 @@ CHATML_BLANK_LINE = CHATML.template.replace(
 )
 
 #: Shaped like Qwen3's template: an assistant answer after the last user message is written
-#: with a think block (empty when the text has none), an earlier one without it; the
-#: generation prompt is "<|im_start|>assistant\n".
+#: with a think block (empty when the text has none and it is the last message), an earlier
+#: one without it (its text after "</think>" only); the generation prompt is
+#: "<|im_start|>assistant\n".
 QWEN3_LIKE = (
     "{%- set ns = namespace(last_user=-1) -%}"
     "{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
@@ -55,7 +58,7 @@ QWEN3_LIKE = (
     "{%- if '</think>' in m['content'] -%}"
     "{%- set thought = m['content'].split('</think>')[0].split('<think>')[-1].strip('\\n') -%}"
     "{%- else -%}{%- set thought = '' -%}{%- endif -%}"
-    "{%- if loop.index0 > ns.last_user -%}"
+    "{%- if loop.index0 > ns.last_user and (loop.last or thought) -%}"
     "{{ '<|im_start|>assistant\\n<think>\\n' + thought + '\\n</think>\\n\\n' + answer"
     " + '<|im_end|>\\n' }}"
     "{%- else -%}{{ '<|im_start|>assistant\\n' + answer + '<|im_end|>\\n' }}{%- endif -%}"
@@ -155,6 +158,40 @@ def test_targets_are_the_answers_the_template_renders(bpe, template, answers, lo
     assert ids == bpe.apply_chat_template(TWO_TURNS, tokenize=True)["input_ids"]
     assert trained_runs(bpe, ids, labels) == answers
     assert end_of_turn_token(bpe) == "<|im_end|>"  # the probe no longer fails first
+
+
+@pytest.mark.parametrize(
+    ("messages", "answers", "located"),
+    [
+        (  # the think block of the earlier answer is dropped once a user turn follows it
+            [
+                TWO_TURNS[0],
+                {"role": "assistant", "content": "<think>\nLook it up.\n</think>\n\nOpen Orders."},
+                TWO_TURNS[2],
+                {"role": "assistant", "content": "<think>\nInvoice.\n</think>\n\nTap Invoice."},
+            ],
+            ["Open Orders.<|im_end|>", "<think>\nInvoice.\n</think>\n\nTap Invoice.<|im_end|>"],
+            {"in_rendering": 1, "prefix": 1},
+        ),
+        (  # two answers in a row: the first loses its empty think block once the second follows
+            [TWO_TURNS[0], TWO_TURNS[1], TWO_TURNS[3]],
+            [
+                "Open Orders in the app.<|im_end|>",
+                "<think>\n\n</think>\n\nTap the order, then Invoice.<|im_end|>",
+            ],
+            {"in_rendering": 1, "prompt_text": 1},
+        ),
+    ],
+    ids=["reasoning-in-history", "answers-in-a-row"],
+)
+def test_qwen3_like_reasoning_and_consecutive_answers(bpe, messages, answers, located):
+    bpe.chat_template = QWEN3_LIKE
+    counts: dict[str, int] = {}
+    text, spans = answer_spans(bpe, messages, located=counts)
+    assert counts == located
+    assert [text[s:e] for s, e in spans] == answers
+    ids, labels = render_with_labels(bpe, messages)
+    assert trained_runs(bpe, ids, labels) == answers
 
 
 def test_generation_markers_give_transformers_assistant_mask(bpe):
@@ -330,29 +367,28 @@ def test_an_unknown_sharegpt_role_names_the_record_in_prepare(bpe, tmp_path):
 
 
 # --------------------------------------------------------------------------- one rendering
-@pytest.mark.parametrize("system", [None, "Answer in one sentence."])
-def test_prepare_generate_and_chat_give_the_same_token_ids(bpe, monkeypatch, system):
+def check_same_token_ids(tokenizer, monkeypatch, system: str | None, default_system: str):
     """The same messages give the same token ids through the functions `prepare --format
     chat` (encode_chat_batch), `generate --chat` (encode_chat of chat_messages) and `chat`
     (ChatSession, two turns, its second prompt holding the first answer) call; the template's
-    default system message included when none is given."""
+    default system message (``default_system``) is there when none is given."""
     from llmkit.generation import chat as chat_module
     from llmkit.generation.generate import GenerationSettings, chat_messages, encode_chat
 
-    bpe.chat_template = WITH_DEFAULT_SYSTEM
     head = [{"role": "system", "content": system}] if system else []
     messages = [*head, *TWO_TURNS]
     prepared = pipeline.encode_chat_batch(
-        [json.dumps(messages)], ["c:1"], bpe, train_on="assistant"
+        [json.dumps(messages)], ["c:1"], tokenizer, train_on="assistant"
     )
     ids, labels = prepared["input_ids"][0], prepared["labels"][0]
+    assert prepared["error"] == [None]
     starts = [t for t in range(len(ids)) if labels[t] != X and (t == 0 or labels[t - 1] == X)]
     assert len(starts) == 2
-    default = "You are a helpful support assistant."
-    assert (default in bpe.decode(ids)) is (system is None)
+    assert (default_system in tokenizer.decode(ids)) is (system is None)
 
     # generate --chat: the prompt of the first answer
-    assert encode_chat(bpe, chat_messages(TWO_TURNS[0]["content"], system)) == ids[: starts[0]]
+    first_prompt = encode_chat(tokenizer, chat_messages(TWO_TURNS[0]["content"], system))
+    assert first_prompt == ids[: starts[0]]
 
     # chat: two turns; the model is replaced by the prepared answers, the prompts recorded
     prompts: list[list[int]] = []
@@ -364,7 +400,23 @@ def test_prepare_generate_and_chat_give_the_same_token_ids(bpe, monkeypatch, sys
 
     monkeypatch.setattr(chat_module, "complete", fake_complete)
     monkeypatch.setattr(chat_module, "model_max_positions", lambda model: None)
-    session = chat_module.ChatSession(None, bpe, GenerationSettings(), system=system)
+    session = chat_module.ChatSession(None, tokenizer, GenerationSettings(), system=system)
     for turn in (TWO_TURNS[0], TWO_TURNS[2]):
         session.reply(turn["content"], out=io.StringIO(), err=io.StringIO())
     assert prompts == [ids[: starts[0]], ids[: starts[1]]]
+
+
+@pytest.mark.parametrize("system", [None, "Answer in one sentence."])
+def test_prepare_generate_and_chat_give_the_same_token_ids(bpe, monkeypatch, system):
+    bpe.chat_template = WITH_DEFAULT_SYSTEM
+    check_same_token_ids(bpe, monkeypatch, system, "You are a helpful support assistant.")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GGUF.exists(), reason=f"{GGUF} is absent")
+def test_smollm2_prepare_generate_and_chat_give_the_same_token_ids(monkeypatch):
+    """SmolLM2-135M-Instruct's own template (a default system message naming SmolLM). Slow:
+    reading the GGUF's vocabulary takes about 20 s here."""
+    tok = pipeline.load_pretrained_tokenizer(str(GGUF))
+    for system in (None, "Answer in one sentence."):
+        check_same_token_ids(tok, monkeypatch, system, "named SmolLM")

@@ -98,7 +98,8 @@ def _text(record: dict, key: str, where: str, *, required: bool = True) -> str |
             fields = ", ".join(sorted(record)[:8]) or "none"
             raise UserError(
                 f"{where}: no field {key!r} (fields: {fields})",
-                "a chat record needs messages, prompt/response or instruction/output",
+                "a chat record needs messages, conversations, prompt/response or "
+                "instruction/output",
             )
         return None
     value = record[key]
@@ -447,7 +448,14 @@ def _check_no_control_tokens(pattern: re.Pattern | None, messages: Sequence[dict
 #: How :func:`answer_spans` found each trained answer, by name: the keys of the manifest's
 #: ``answers_located`` count (see :func:`answer_spans`). ``not_trained`` counts the earlier
 #: answers a template rewrites once a later turn follows and that could not be found.
-LOCATE_RULES = ("generation_markers", "prefix", "common_prefix", "in_rendering", "not_trained")
+LOCATE_RULES = (
+    "generation_markers",
+    "prefix",
+    "common_prefix",
+    "prompt_text",
+    "in_rendering",
+    "not_trained",
+)
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -463,17 +471,37 @@ def _locate_answer(
     tokenizer: Any, messages: list[dict[str, str]], i: int, text: str, cursor: int, where: str
 ) -> tuple[tuple[int, int] | None, str]:
     """Assistant message ``i``'s span in ``text`` (the whole conversation rendered) and the
-    rule that found it; ``(None, why)`` when it cannot be located in ``text``.
+    rule that found it (:func:`answer_spans`); ``(None, why)`` when it cannot be located.
 
     Raises:
         UserError: the template does not write the answer even when it is the latest turn, or
-            its generation prompt names another header than the rendered answer's.
+            its generation prompt opens the turn with another header than the rendered answer.
     """
     content = messages[i]["content"].strip()
     before = _render(tokenizer, messages[:i], True, where)  # what generation starts from
     through = _render(tokenizer, messages[: i + 1], False, where)  # answer i as the latest turn
     stop = len(through.rstrip())
     start = _common_prefix(before, through)
+    rule = "prefix" if start == len(before) else "common_prefix"
+    if rule != "prefix":
+        context = _render(tokenizer, messages[:i], False, where)
+        if before.startswith(context) and start < len(context):
+            # The turns before answer i render differently once it follows (Qwen3 writes an
+            # answer's think block only while it is the latest): the answer starts after the
+            # last copy of the generation prompt's text (less trailing whitespace) before it.
+            prompt = before[len(context) :]
+            last = through.rfind(content, 0, stop)
+            ends = [
+                found + len(opening)
+                for opening in (prompt, prompt.rstrip())
+                if opening.strip() and (found := through.rfind(opening, 0, max(last, 0))) >= 0
+            ]
+            if last < 0 or not ends:
+                return None, (
+                    "renders the turns before it differently once it follows and does not write "
+                    "its generation prompt before it"
+                )
+            start, rule = ends[0], "prompt_text"
     answer = through[start:stop]
     if content not in answer:
         raise UserError(
@@ -481,8 +509,7 @@ def _locate_answer(
             "generation prompt (it drops or rewrites the answer), so the answer cannot be located",
             "use a template that writes the assistant's text, or --chat-template chatml",
         )
-    prompt_is_prefix = start == len(before)
-    if not prompt_is_prefix and not answer.lstrip().startswith(content):
+    if rule == "common_prefix" and not answer.lstrip().startswith(content):
         raise UserError(
             f"{where}: the chat template's generation prompt ends {before[start:]!r} where its "
             f"rendered answer {i} has {answer[: answer.find(content)]!r}, so the answer cannot "
@@ -491,17 +518,23 @@ def _locate_answer(
             "rendered, or --chat-template chatml",
         )
     if start >= cursor and text.startswith(through[:stop]):  # rendered stably
-        return (start, stop), "prefix" if prompt_is_prefix else "common_prefix"
+        return (start, stop), rule
     # Rendered differently once later turns follow (Qwen3 drops the think block of answers
-    # before the last user turn): find the answer's text in the whole rendering, after the
-    # same context, and extend it through the end-of-turn text the template writes after it.
+    # before the last user turn), after the same context: the longest ending of the answer, from
+    # a line start, that the whole rendering has there (the template dropped a leading part);
+    # else the answer's text found there, extended through the end-of-turn text after it.
     if start < cursor or not text.startswith(through[:start]):
-        return None, "the conversation before it renders differently"
+        return None, "renders the turns before it differently once later turns follow"
     tail = answer[answer.rfind(content) + len(content) :].strip()  # e.g. "<|im_end|>"
+    line_starts = [0] + [k + 1 for k, char in enumerate(answer) if char == "\n"]
+    for k in line_starts:
+        piece = answer[k:]
+        if piece.strip() != tail and text.startswith(piece, start):
+            return (start, start + len(piece)), "in_rendering"
     found = text.find(content, start)
     gap = text[start:found]
     if found < 0 or (tail in gap if tail else gap.strip()):
-        return None, "its text is not in the whole rendering"
+        return None, "renders it differently once later turns follow and its text is not there"
     end = found + len(content)
     rest = text[end:]
     if tail and rest.lstrip().startswith(tail):
@@ -539,13 +572,22 @@ def answer_spans(
       repeat — a blank line (``<|im_start|>assistant\n\n``) or an opened think block
       (``<think>\n``): the span starts where the two renderings part, provided the rendered
       answer starts there with the message's text (after whitespace).
+    - ``prompt_text``: the turns *before* answer ``i`` render differently once it follows
+      (two answers in a row under Qwen3: the first loses its think block): the span starts
+      after the last copy of the generation prompt's text (or that text less trailing
+      whitespace) before the answer.
     - ``in_rendering``: the template renders answer ``i`` differently once a later turn
-      exists (Qwen3 writes a think block only for answers after the last user message): the
-      context before the answer is the same, so the span starts there, ends after the
-      answer's text found in the whole rendering, and takes the end-of-turn text the template
-      writes after an answer (``<|im_end|>``) when it follows.
-    - ``not_trained``: an earlier answer whose text the template rewrites once a later turn
-      follows (e.g. strips it to ``...``) is left out; the final answer never is.
+      exists (Qwen3 writes a think block only for answers after the last user message, and
+      drops the reasoning of earlier ones): the context before the answer is the same, so the
+      span starts there and holds the longest ending of the answer as rendered when latest,
+      from a line start, that the whole rendering has there (the template dropped a leading
+      part); failing that, the answer's text found there, extended through the end-of-turn
+      text the template writes after an answer (``<|im_end|>``) when it follows. This trains
+      what the whole rendering holds at that place — the earlier answer without its think
+      block, as the template's ``{% generation %}`` mask of Qwen3 does.
+    - ``not_trained``: an earlier answer that cannot be found in the whole rendering (a
+      template that rewrites it, e.g. to ``...``) is left out and counted; the final answer
+      never is: a conversation whose final answer cannot be located is refused.
 
     Why this order and not one rule: the prefix rule is exact (the spans are what a model
     continuing the generation prompt would write) and is kept where it applies, so templates
@@ -553,7 +595,11 @@ def answer_spans(
     templates have (a generation prompt that is not the rendered answer's start; earlier turns
     rewritten) and train what the template actually renders at each place, as its own
     ``{% generation %}`` mask would. Rendering the prefixes is the method of allenai/open-
-    instruct (``open_instruct/finetune.py``, ``encode_with_messages_format``).
+    instruct (``open_instruct/finetune.py``, ``encode_with_messages_format``). Locating each
+    answer's text in the full rendering alone was not chosen as the main rule: it cannot tell
+    the role header from the answer (a think block the model writes, or not) nor an answer's
+    text from the same text elsewhere, which the rendered prefixes settle. Cost: two renders
+    per answer (three where the generation prompt is not a prefix).
 
     Args:
         tokenizer: a tokenizer with a chat template (:func:`ensure_chat_template`).
@@ -610,9 +656,8 @@ def answer_spans(
             if span is None:
                 if i == answers[-1]:
                     raise UserError(
-                        f"{where}: the chat template renders the final assistant message {i} "
-                        f"differently once later turns follow and {rule}, so the answer cannot "
-                        "be located",
+                        f"{where}: the chat template {rule}, so the final assistant message {i} "
+                        "cannot be located",
                         "end the conversation with the assistant's answer, or use "
                         "--chat-template chatml",
                     )
