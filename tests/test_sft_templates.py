@@ -420,3 +420,23 @@ def test_smollm2_prepare_generate_and_chat_give_the_same_token_ids(monkeypatch):
     tok = pipeline.load_pretrained_tokenizer(str(GGUF))
     for system in (None, "Answer in one sentence."):
         check_same_token_ids(tok, monkeypatch, system, "named SmolLM")
+
+
+def test_prepare_cli_takes_a_qwen3_like_tokenizer(bpe, tmp_path):
+    """The command that exited 2 at the end-of-turn probe, before reading a record."""
+    from typer.testing import CliRunner
+
+    from llmkit.cli import app
+
+    bpe.chat_template = QWEN3_LIKE
+    bpe.save_pretrained(str(tmp_path / "tok"))
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"messages": TWO_TURNS}) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["prepare", str(data), "-o", str(out), "--tokenizer", str(tmp_path / "tok")]
+    args += ["--format", "chat", "--block-size", "64", "--val-fraction", "0", "--no-plot"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["chat"]["answers_located"] == {"in_rendering": 1, "prefix": 1}
+    assert manifest["chat"]["end_of_turn"] == "<|im_end|>"
