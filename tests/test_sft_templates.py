@@ -321,7 +321,10 @@ AS_MESSAGES = {"messages": [{"role": "system", "content": "Be brief."}, *TWO_TUR
 
 
 def test_sharegpt_records_are_the_equivalent_messages(bpe):
+    from llmkit.data.readers import is_chat_record
+
     assert detect_chat_format(SHAREGPT) == "sharegpt"
+    assert is_chat_record(SHAREGPT) and not is_chat_record(SHAREGPT | {"text": "a document"})
     share = conversation_from_record(SHAREGPT, where="s:1")
     assert share == AS_MESSAGES["messages"]
     ensure_chat_template(bpe, "chatml")
