@@ -35,10 +35,12 @@ No torch here; jinja2 is imported when a template is rendered.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import re
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +332,19 @@ def render_chat(
             sandbox blocks, uses an undefined name, refuses the conversation through
             ``raise_exception``, or fails otherwise; the message names the template's file.
     """
+    with _guarded(tokenizer, messages, where):
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    if add_generation_prompt and not text.strip():
+        raise template_error(tokenizer, _EmptyPrompt(), where)
+    return text
+
+
+@contextlib.contextmanager
+def _guarded(tokenizer: Any, messages: Any, where: str | None) -> Iterator[None]:
+    """Run a render of ``tokenizer``'s template in :func:`bounded_sandbox`, with the size
+    limits of ``messages``; any failure becomes :func:`template_error`'s one line."""
     token = _LIMIT.set(char_limit(messages))
     ranges = _RANGES.set([0])
     try:
@@ -337,17 +352,70 @@ def render_chat(
         template = tokenizer.get_chat_template()
         if not isinstance(compile_template(template).environment, bounded_sandbox()):
             raise RuntimeError("transformers did not compile the chat template in llmkit's sandbox")
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        yield
+    except UserError:
+        raise
     except Exception as err:  # any template failure: classified below, never a traceback
         raise template_error(tokenizer, err, where) from err
     finally:
         _LIMIT.reset(token)
         _RANGES.reset(ranges)
-    if add_generation_prompt and not text.strip():
-        raise template_error(tokenizer, _EmptyPrompt(), where)
-    return text
+
+
+#: A ``{% generation %}`` tag, as transformers recognizes it (``chat_template_utils.
+#: render_jinja_template``).
+_GENERATION_TAG = re.compile(r"\{\%-?\s*generation\s*-?\%\}")
+
+
+def has_generation_markers(tokenizer: Any) -> bool:
+    """True when ``tokenizer``'s chat template marks the assistant's text with
+    ``{% generation %}...{% endgeneration %}`` (transformers' ``return_assistant_tokens_mask``)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: the default one is rendered
+        template = template.get("default")
+    return isinstance(template, str) and bool(_GENERATION_TAG.search(template))
+
+
+def generation_spans(
+    tokenizer: Any, messages: list[dict[str, str]], *, where: str | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation rendered (``add_generation_prompt=False``) and the character spans of
+    its ``{% generation %}`` blocks, in order.
+
+    The spans are those from which ``tokenizer.apply_chat_template(messages, tokenize=True,
+    return_dict=True, return_assistant_tokens_mask=True)`` builds its ``assistant_masks``
+    (transformers ``tokenization_utils_base.py``: a token is masked when it overlaps a span);
+    they come from ``transformers.utils.chat_template_utils.render_jinja_template``, called as
+    ``apply_chat_template`` calls it, in the same guarded sandbox as :func:`render_chat`.
+    The text is first rendered by :func:`render_chat` (so that the size limit on the whole
+    text applies) and must be the same.
+
+    Raises:
+        UserError: as :func:`render_chat`; the template has no ``{% generation %}`` tag.
+    """
+    if not has_generation_markers(tokenizer):
+        raise UserError(
+            f"{where + ': ' if where else ''}the chat template has no {{% generation %}} tag",
+            "locate the answers with llmkit.data.sft.answer_spans instead",
+        )
+    text = render_chat(tokenizer, messages, where=where)
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    with _guarded(tokenizer, messages, where):
+        rendered, spans = render_jinja_template(
+            conversations=[messages],
+            chat_template=tokenizer.get_chat_template(),
+            return_assistant_tokens_mask=True,
+            add_generation_prompt=False,
+            **tokenizer.special_tokens_map,
+        )
+    if rendered[0] != text:
+        raise UserError(
+            f"{where + ': ' if where else ''}the chat template renders differently when its "
+            "{% generation %} blocks are tracked",
+            "fix the template so that its text does not depend on the tracking",
+        )
+    return text, [(int(s), int(e)) for s, e in spans[0]]
 
 
 class _EmptyPrompt(Exception):

@@ -335,26 +335,51 @@ def test_token_straddling_the_answer_start_is_trained(bpe_tokenizer):
 
 
 @pytest.mark.parametrize(
-    "template",
+    ("template", "message"),
     [
-        # the generation prompt differs from how an answer's turn starts
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>bot\n{% endif %}",
-        # earlier answers are rewritten when a later turn follows (reasoning-stripping style)
+        # the generation prompt opens the turn with another role than the rendered answer
+        (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>bot\n{% endif %}",
+            r"generation prompt ends 'bot\\n' where its rendered answer 2 has 'assistant\\n'",
+        ),
+        # the answer is not written at all
+        (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+            "{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+            r"does not write assistant message 2 after its generation prompt",
+        ),
+    ],
+)
+def test_answers_that_cannot_be_aligned_are_refused(words_tokenizer, template, message):
+    """Only what truly cannot be aligned is refused, one line naming the template's feature."""
+    words_tokenizer.chat_template = template
+    with pytest.raises(UserError, match=rf"^x\.jsonl:3: the chat template.* {message}.*cannot be"):
+        render_with_labels(words_tokenizer, TWO_TURNS, where="x.jsonl:3")
+
+
+def test_earlier_answers_the_template_rewrites_are_left_out_the_final_one_trained(
+    words_tokenizer,
+):
+    """A template that writes '...' for answers before the last turn (reasoning-stripping
+    style): the earlier answer is not in the text, so only the final one is trained."""
+    words_tokenizer.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
         "{% if m['role'] == 'assistant' and not loop.last %}...{% else %}{{ m['content'] }}"
         "{% endif %}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-        # the answer is not written at all
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-        "{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-    ],
-)
-def test_inconsistent_template_is_a_user_error(words_tokenizer, template):
-    words_tokenizer.chat_template = template
-    with pytest.raises(UserError, match=r"^x\.jsonl:3: the chat template does not"):
-        render_with_labels(words_tokenizer, TWO_TURNS, where="x.jsonl:3")
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    located: dict[str, int] = {}
+    text, spans = answer_spans(words_tokenizer, TWO_TURNS, located=located)
+    assert [text[s:e] for s, e in spans] == ["See you.<|im_end|>"]
+    assert located == {"not_trained": 1, "prefix": 1}
+    # ... and the final answer is refused when a user turn follows it and rewrites it
+    with pytest.raises(
+        UserError,
+        match=r"^y:2: the chat template renders it differently.*final assistant message 2",
+    ):
+        answer_spans(words_tokenizer, TWO_TURNS[:4], where="y:2")
 
 
 def test_template_that_refuses_names_the_record(words_tokenizer):

@@ -185,7 +185,8 @@ def prepare_command(
         Format.auto,
         "--format",
         help="text: documents. chat: conversations, JSON records with messages "
-        "[{role, content}], prompt/response or instruction/input/output. auto: chat when every "
+        "[{role, content}], ShareGPT conversations [{from, value}], prompt/response or "
+        "instruction/input/output. auto: chat when every "
         "JSON input's first record is one (and has no --text-field).",
     ),
     chat_template: ChatTemplate | None = typer.Option(

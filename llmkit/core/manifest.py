@@ -82,6 +82,7 @@ class Split(_Part):
     answer_tokens: Any = None  # chat data: target tokens
     conversations_written: Any = None  # chat data
     skipped: Any = None  # chat data
+    answers_located: Any = None  # chat data: answers found, by rule (llmkit.data.sft)
     packing: Any = None  # chat data
 
 
@@ -91,6 +92,7 @@ class Chat(_Part):
     template: Any = None
     end_of_turn: Any = None
     train_on: Any = None
+    answers_located: Any = None
     overlong: Any = None
     columns: Any = None
     cleaning: Any = None

@@ -150,7 +150,9 @@ def encode_chat_batch(
     Returns:
         Columns of N rows: ``input_ids`` and ``labels`` (lists of ints of equal length; empty
         for a conversation that failed), ``error`` and ``hint`` (None, or the UserError's
-        message and hint of a conversation that failed to render).
+        message and hint of a conversation that failed to render), ``reason`` (None, or the
+        error's reason code, :attr:`llmkit.errors.UserError.reason`), ``located`` (JSON of how
+        its answers were found, ``{rule: count}``, :data:`llmkit.data.sft.LOCATE_RULES`).
     """
     from llmkit.data.sft import answer_spans, tokenize_with_labels
 
@@ -158,15 +160,22 @@ def encode_chat_batch(
     spans: list[list[tuple[int, int]]] = []
     errors: list[str | None] = []
     hints: list[str | None] = []
+    reasons: list[str | None] = []
+    located: list[str | None] = []
     for conversation, where in zip(conversations, wheres, strict=True):
+        counts: dict[str, int] = {}
         try:
             text, found = answer_spans(
-                tokenizer, json.loads(conversation), train_on=train_on, where=where
+                tokenizer, json.loads(conversation), train_on=train_on, where=where, located=counts
             )
         except UserError as err:
             errors.append(err.message)
             hints.append(err.hint)
+            reasons.append(err.reason)
+            located.append(None)
             continue
+        reasons.append(None)
+        located.append(json.dumps(counts))
         texts.append(text)
         spans.append(found)
         errors.append(None)
@@ -179,7 +188,14 @@ def encode_chat_batch(
         row_ids, row_labels = ([], []) if error is not None else next(encoded)
         out_ids.append(row_ids)
         out_labels.append(row_labels)
-    return {"input_ids": out_ids, "labels": out_labels, "error": errors, "hint": hints}
+    return {
+        "input_ids": out_ids,
+        "labels": out_labels,
+        "error": errors,
+        "hint": hints,
+        "reason": reasons,
+        "located": located,
+    }
 
 
 def _encode_chat_for_map(batch: dict, tokenizer, train_on: str) -> dict:
@@ -188,13 +204,21 @@ def _encode_chat_for_map(batch: dict, tokenizer, train_on: str) -> dict:
 
 
 def _sft_rows(
-    encoded, packer: SFTPacker, *, on_error: str, skipped: dict, first: list, advance
+    encoded,
+    packer: SFTPacker,
+    *,
+    on_error: str,
+    skipped: dict,
+    first: list,
+    advance,
+    located: dict | None = None,
 ) -> Iterator[dict]:
     """Rows ``{"input_ids", "labels", "position_ids"}`` of the packed conversations of an
     encoded split, in order. A conversation that failed to render stops the run
     (``on_error="fail"``: the first one in order, so the error does not depend on
-    ``num_proc``) or is counted in ``skipped`` by reason (``"skip"``; its message in
-    ``first`` when it is the first)."""
+    ``num_proc``) or is counted in ``skipped`` by its reason code (``"skip"``; the error's
+    ``reason`` field, else the code its message gives; its message in ``first`` when it is
+    the first). How the answers were located is summed into ``located``."""
 
     def rows_of(block: dict) -> Iterator[dict]:
         for i in range(len(block["input_ids"])):
@@ -202,18 +226,26 @@ def _sft_rows(
 
     for batch in encoded.iter(batch_size=BATCH_DOCUMENTS):
         conversations = []
-        for ids, labels, error, hint in zip(
-            batch["input_ids"], batch["labels"], batch["error"], batch["hint"], strict=True
+        for ids, labels, error, hint, code in zip(
+            batch["input_ids"],
+            batch["labels"],
+            batch["error"],
+            batch["hint"],
+            batch["reason"],
+            strict=True,
         ):
             if error is not None:
                 if on_error != "skip":
-                    raise UserError(error, hint)
-                reason = _render_reason(error)
+                    raise UserError(error, hint, reason=code)
+                reason = code or _render_reason(error)
                 skipped[reason] = skipped.get(reason, 0) + 1
                 if not first:
                     first.append(error)
                 continue
             conversations.append((ids, labels))
+        for counts in batch["located"] if located is not None else ():
+            for rule, n in json.loads(counts or "{}").items():
+                located[rule] = located.get(rule, 0) + n
         yield from rows_of(packer.add(conversations))
         advance(len(batch["error"]))
     yield from rows_of(packer.flush())

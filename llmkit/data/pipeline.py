@@ -542,6 +542,8 @@ def _encode_chat_split(docs, tokenizer, *, train_on, num_proc, n_bytes, name, ad
             "labels": List(Value("int32")),
             "error": Value("string"),
             "hint": Value("string"),
+            "reason": Value("string"),
+            "located": Value("string"),
         }
     )
     common = dict(
@@ -1370,6 +1372,7 @@ class _ChatData:
         self.run = run
         self.resolved = run.chat_tokenizer.get("resolved")
         self.added_tokens = list(run.chat_tokenizer.get("added_tokens", ()))
+        self.answers_located: dict[str, int] = {}  # how the answers were found, all splits
 
     def tokenizer(self, train_docs, rows: int, tmp: Path, warnings: list[str]):
         """Step 4: the tokenizer with its chat template, saved in ``tmp``."""
@@ -1448,6 +1451,7 @@ class _ChatData:
         packer = SFTPacker(block_size, pad_token_id=tok.pad_token_id, overlong=overlong)
         skipped: dict[str, int] = {}
         first: list[str] = []
+        located: dict[str, int] = {}
         features = Features(
             {k: List(Value("int32")) for k in ("input_ids", "labels", "position_ids")}
         )
@@ -1460,6 +1464,7 @@ class _ChatData:
                     skipped=skipped,
                     first=first,
                     advance=a,
+                    located=located,
                 ),
                 features,
                 work,
@@ -1476,8 +1481,11 @@ class _ChatData:
             "answer_tokens": stats["answer_tokens"],
             "conversations_written": written,
             "skipped": dict(sorted(skipped.items())),
+            "answers_located": dict(sorted(located.items())),
             "packing": stats,
         }
+        for rule, n in located.items():  # all splits together, for the manifest's chat section
+            self.answers_located[rule] = self.answers_located.get(rule, 0) + n
         if skipped:
             warnings.append(
                 f"{name}: skipped {_fmt_counts(skipped)} conversation(s) (first: {first[0]})"
@@ -1539,6 +1547,7 @@ class _ChatData:
                 "template": self.resolved,
                 "end_of_turn": self.end_of_turn,
                 "train_on": chat["train_on"],
+                "answers_located": dict(sorted(self.answers_located.items())),
                 "overlong": chat["overlong"],
                 "columns": ["input_ids", "labels", "position_ids"],
                 "cleaning": (

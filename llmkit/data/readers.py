@@ -1617,8 +1617,8 @@ def read_conversations(source: InputFile, *, on_error: str = "fail") -> Iterator
     """Yield ``(where, conversation)`` for each chat record of a JSON-lines / JSON file or Hub
     dataset: ``where`` is ``file:line`` (``file: item i`` in a JSON array, ``name: row i``
     on the Hub), ``conversation`` the :func:`conversation_json` of
-    :func:`llmkit.data.sft.conversation_from_record` (formats ``messages``,
-    ``prompt``/``response`` and Alpaca's ``instruction``/``input``/``output``).
+    :func:`llmkit.data.sft.conversation_from_record` (formats ``messages``, ShareGPT's
+    ``conversations``, ``prompt``/``response`` and Alpaca's ``instruction``/``input``/``output``).
 
     The records read are counted by format in ``source.chat_formats``; ``source.sha256`` and
     ``source.documents`` are set when the file has been read to its end.
@@ -1626,7 +1626,8 @@ def read_conversations(source: InputFile, *, on_error: str = "fail") -> Iterator
     Raises:
         UserError: the file is not JSON lines, JSON or a Hub dataset; and as
             :func:`read_documents`. Under ``on_error="fail"`` also a record that is not a
-            conversation — no ``messages`` / ``prompt`` / ``instruction``, an unknown role,
+            conversation — no ``messages`` / ``conversations`` / ``prompt`` / ``instruction``,
+            an unknown role (a ShareGPT ``from`` other than human, gpt, system),
             no assistant message, an empty turn... — named with file and line; under
             ``"skip"`` it is counted in ``source.skipped`` by reason.
     """
@@ -1698,9 +1699,10 @@ def peek_record(source: InputFile) -> object | None:
 
 
 def is_chat_record(record: object, text_field: str = "text") -> bool:
-    """True when ``record`` has the keys of a chat format (``messages``, ``prompt``,
-    ``instruction``; :func:`llmkit.data.sft.detect_chat_format`) and not ``text_field``: a
-    record that holds the text field is a document, whatever else it holds."""
+    """True when ``record`` has the keys of a chat format (``messages``, ``conversations``,
+    ``prompt``, ``instruction``; :func:`llmkit.data.sft.detect_chat_format`) and not
+    ``text_field``: a record that holds the text field is a document, whatever else it
+    holds."""
     from llmkit.data.sft import detect_chat_format
 
     if not isinstance(record, dict) or detect_chat_format(record) is None:
