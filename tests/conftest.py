@@ -99,3 +99,29 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     model.save_pretrained(out)
     tiny_tokenizer.save_pretrained(out)
     return out
+
+
+def _write_prepared(root: Path, tokenizer, block_size: int, n_train: int, n_val: int) -> Path:
+    """A prepared directory of random blocks (``n_train``/``n_val`` rows of ``block_size`` token
+    ids below ``len(tokenizer)``, seed 0), in the layout llmkit prepare writes, with a manifest
+    naming only ``settings.block_size``."""
+    import json
+
+    import numpy as np
+    from datasets import Dataset
+
+    rng = np.random.default_rng(0)
+    vocab = len(tokenizer)
+    for name, n in (("train", n_train), ("validation", n_val)):
+        blocks = rng.integers(0, vocab, size=(n, block_size), dtype=np.int32)
+        Dataset.from_dict({"input_ids": blocks.tolist()}).save_to_disk(str(root / name))
+    tokenizer.save_pretrained(root)
+    (root / "manifest.json").write_text(json.dumps({"settings": {"block_size": block_size}}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def write_prepared():
+    """``write_prepared(root, tokenizer, block_size, n_train, n_val) -> root``: a prepared
+    directory of random blocks for the training tests (no prepare run)."""
+    return _write_prepared

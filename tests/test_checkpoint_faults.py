@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import _write_prepared
 from typer.testing import CliRunner
 
 from llmkit.cli import app
@@ -43,10 +42,10 @@ def _overrides(data: Path, out: Path, **extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_tokenizer):
+def finished(write_prepared, tmp_path_factory, tiny_tokenizer):
     """A finished 10-step run with checkpoints at steps 5 and 10 (and best)."""
     root = tmp_path_factory.mktemp("ckpt")
-    data = _write_prepared(root / "data", tiny_tokenizer, 16, 24, 8)
+    data = write_prepared(root / "data", tiny_tokenizer, 16, 24, 8)
     train(None, _overrides(data, root / "run"), progress=False)
     return root, data, root / "run"
 
@@ -303,8 +302,10 @@ def _disk_full_on(monkeypatch, when, module, attr="save"):
     monkeypatch.setattr(module, attr, writer)
 
 
-def test_disk_full_while_writing_a_checkpoint(tmp_path, tiny_tokenizer, monkeypatch):
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 8)
+def test_disk_full_while_writing_a_checkpoint(
+    write_prepared, tmp_path, tiny_tokenizer, monkeypatch
+):
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 8)
     armed = {"on": False}
     _disk_full_on(monkeypatch, lambda p: armed["on"] and ".tmp-" in str(p), torch)
     out = tmp_path / "run"
@@ -331,12 +332,14 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, tiny_tokenizer, monkeypa
     assert "cannot write checkpoint" in _one_line(result)
 
 
-def test_disk_full_while_writing_the_final_model_then_resume(tmp_path, tiny_tokenizer, monkeypatch):
+def test_disk_full_while_writing_the_final_model_then_resume(
+    write_prepared, tmp_path, tiny_tokenizer, monkeypatch
+):
     """The final model fails to write: one line, no model file under the run directory, the
     run unfinished; --resume latest (space freed) finishes it, with each validation once."""
     import transformers.modeling_utils as modeling_utils
 
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 8)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 8)
     out = run = tmp_path / "run"
     with monkeypatch.context() as m:
         _disk_full_on(m, lambda p: ".final.tmp" in str(p), modeling_utils, "safe_save_file")
@@ -370,14 +373,14 @@ def test_resuming_a_finished_run_from_its_last_checkpoint_logs_each_validation_o
 
 
 @pytest.mark.slow
-def test_two_processes_resume_the_same_curve(tmp_path, tiny_tokenizer):
+def test_two_processes_resume_the_same_curve(write_prepared, tmp_path, tiny_tokenizer):
     """torchrun, 2 CPU processes over gloo: each writes and restores its own RNG state as JSON,
     and the resumed run repeats the straight run's losses and weights exactly (~1 min)."""
     import os
     import subprocess
     import sys
 
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 8)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 8)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     extra = {"train.max_steps": 6, "train.save_interval": 3, "eval.interval": 3}
     extra.update({"model.dropout": 0.1, "train.micro_batch_size": 2})

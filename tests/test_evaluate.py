@@ -302,17 +302,16 @@ def test_cli_empty_split(tiny_model_dir, prepared_dir, tmp_path):
 
 
 def test_data_of_another_tokenizer_is_refused_like_train(
-    tmp_path, tiny_tokenizer, tiny_model_dir, shakespeare
+    write_prepared, tmp_path, tiny_tokenizer, tiny_model_dir, shakespeare
 ):
     """eval used to score it with a warning and exit 0 while train refused the same pair: both
     refuse it now, with the same check (llmkit.core.prepared.check_same_vocabulary)."""
     from llmkit.core.tokenizer import train_bpe_tokenizer
-    from tests.test_train import _write_prepared
 
     text = shakespeare.read_text(encoding="utf-8")[60_000:120_000]
     other = train_bpe_tokenizer(iter(text.split("\n\n")), vocab_size=280)
     assert len(other) < len(tiny_tokenizer)  # fits into the model's embeddings: no size error
-    data = _write_prepared(tmp_path / "data", other, 16, 8, 2)
+    data = write_prepared(tmp_path / "data", other, 16, 8, 2)
     evaluated = run_cli("eval", "-m", str(tiny_model_dir), "-d", str(data), "--json")
     line = assert_one_line_error(evaluated, "vocabulary mismatch", "tokens differ")
     assert evaluated.stdout == ""
@@ -333,7 +332,7 @@ def test_data_of_another_tokenizer_is_refused_like_train(
         "-m",
         str(tiny_model_dir),
         "-d",
-        str(_write_prepared(tmp_path / "same", tiny_tokenizer, 16, 8, 2)),
+        str(write_prepared(tmp_path / "same", tiny_tokenizer, 16, 8, 2)),
         "--json",
     )
     assert ok.exit_code == 0, ok.stderr

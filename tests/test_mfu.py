@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 from llmkit.cli import app
 from llmkit.training import flops
 from llmkit.training.flops import MfuMeter, format_mfu, matmul_dtype, matmul_shapes
-from tests.test_train import _write_prepared
 
 GFLOP = 1e9
 
@@ -123,8 +122,10 @@ TINY = [
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU autocast")
-def test_bf16_run_measures_a_bf16_peak_and_reports_the_run_average(tmp_path, tiny_tokenizer):
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
+def test_bf16_run_measures_a_bf16_peak_and_reports_the_run_average(
+    write_prepared, tmp_path, tiny_tokenizer
+):
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
     run = tmp_path / "r"
     args = ["train", f"data.path={data}", f"out_dir={run}", *TINY, "--no-progress", "--json"]
     result = CliRunner().invoke(app, [*args, "train.mixed_precision=bf16"])
@@ -146,9 +147,11 @@ def test_bf16_run_measures_a_bf16_peak_and_reports_the_run_average(tmp_path, tin
     assert f"| mfu | {final['mfu']:.1%} |" in (run / "README.md").read_text()
 
 
-def test_a_peak_below_the_achieved_rate_prints_unknown_not_above_100(tmp_path, tiny_tokenizer):
+def test_a_peak_below_the_achieved_rate_prints_unknown_not_above_100(
+    write_prepared, tmp_path, tiny_tokenizer
+):
     """train.peak_flops far below what the CPU does: MFU n/a with one warning, never > 100%."""
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
     args = ["train", f"data.path={data}", f"out_dir={tmp_path / 'r'}", *TINY, "--no-progress"]
     result = CliRunner().invoke(app, [*args, "train.peak_flops=1000", "--json"])
     assert result.exit_code == 0, result.stderr

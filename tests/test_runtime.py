@@ -80,16 +80,15 @@ def test_generate_on_a_busy_machine_uses_one_thread(tiny_model_dir, monkeypatch,
 
 
 def test_train_on_a_busy_machine_uses_the_free_cores(
-    tmp_path, tiny_tokenizer, monkeypatch, restore_threads
+    write_prepared, tmp_path, tiny_tokenizer, monkeypatch, restore_threads
 ):
-    from tests.test_train import _write_prepared
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     monkeypatch.setattr(runtime, "load_average", lambda: 5.2)
     monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
     torch.set_num_threads(8)
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
     args = ["train", f"data.path={data}", f"out_dir={tmp_path / 'r'}"]
     args += ["train.micro_batch_size=4", "--dry-run"]
     result = CliRunner().invoke(app, args)

@@ -8,7 +8,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -164,22 +163,10 @@ def test_every_recipe_loads():
         assert recipe.name == path.stem
 
 
-def _write_prepared(root: Path, tokenizer, block_size: int, n_train: int, n_val: int) -> Path:
-    """A prepared directory of random blocks, in the layout llmkit prepare writes."""
-    from datasets import Dataset
-
-    rng = np.random.default_rng(0)
-    vocab = len(tokenizer)
-    for name, n in (("train", n_train), ("validation", n_val)):
-        blocks = rng.integers(0, vocab, size=(n, block_size), dtype=np.int32)
-        Dataset.from_dict({"input_ids": blocks.tolist()}).save_to_disk(str(root / name))
-    tokenizer.save_pretrained(root)
-    (root / "manifest.json").write_text(json.dumps({"settings": {"block_size": block_size}}))
-    return root
-
-
-def test_block_size_above_model_positions_fails_before_building(tmp_path, tiny_tokenizer):
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 32, 8, 2)
+def test_block_size_above_model_positions_fails_before_building(
+    write_prepared, tmp_path, tiny_tokenizer
+):
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 32, 8, 2)
     result = CliRunner().invoke(
         app, ["train", f"data.path={data}", "model.block_size=16", f"out_dir={tmp_path / 'r'}"]
     )
@@ -188,10 +175,10 @@ def test_block_size_above_model_positions_fails_before_building(tmp_path, tiny_t
     assert not (tmp_path / "r").exists()
 
 
-def test_short_run_writes_a_loadable_model(tmp_path, tiny_tokenizer):
+def test_short_run_writes_a_loadable_model(write_prepared, tmp_path, tiny_tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 40, 6)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 40, 6)
     run = tmp_path / "run"
     overrides = [
         f"data.path={data}",
@@ -260,11 +247,11 @@ def test_flops_per_token_is_palm_appendix_b():
 
 
 def test_vocabulary_mismatch_with_a_pretrained_model_fails_before_building(
-    tmp_path, tiny_tokenizer, tiny_model_dir
+    write_prepared, tmp_path, tiny_tokenizer, tiny_model_dir
 ):
     import json as _json
 
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
     cfg = _json.loads((tiny_model_dir / "config.json").read_text())
     small = tmp_path / "small-model"
     small.mkdir()
@@ -279,7 +266,7 @@ def test_vocabulary_mismatch_with_a_pretrained_model_fails_before_building(
     assert "vocabulary mismatch" in line and str(len(tiny_tokenizer)) in line
     assert len(line.splitlines()) == 1 and not (tmp_path / "r").exists()
     # positions: the data's blocks of 80 tokens do not fit the model's 64 positions
-    data80 = _write_prepared(tmp_path / "data80", tiny_tokenizer, 80, 8, 2)
+    data80 = write_prepared(tmp_path / "data80", tiny_tokenizer, 80, 8, 2)
     result = CliRunner().invoke(
         app,
         [
@@ -294,14 +281,14 @@ def test_vocabulary_mismatch_with_a_pretrained_model_fails_before_building(
 
 
 def test_lora_on_a_pretrained_model_exports_merged_weights(
-    tmp_path, tiny_tokenizer, tiny_model_dir
+    write_prepared, tmp_path, tiny_tokenizer, tiny_model_dir
 ):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from llmkit.training.loop import train
 
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 16, 2)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 16, 2)
     run = tmp_path / "lora"
     final = train(
         None,
@@ -336,7 +323,7 @@ def test_lora_on_a_pretrained_model_exports_merged_weights(
 
 
 def test_a_smaller_different_tokenizer_is_refused(
-    tmp_path, tiny_tokenizer, tiny_model_dir, shakespeare
+    write_prepared, tmp_path, tiny_tokenizer, tiny_model_dir, shakespeare
 ):
     """A 200-token BPE fits into the model's embeddings but is another vocabulary: refused
     (found by a fresh-eyes pass: it used to train silently and save a broken model)."""
@@ -345,7 +332,7 @@ def test_a_smaller_different_tokenizer_is_refused(
     text = shakespeare.read_text(encoding="utf-8")[60_000:120_000]
     other = train_bpe_tokenizer(iter(text.split("\n\n")), vocab_size=280)
     assert len(other) < len(tiny_tokenizer)
-    data = _write_prepared(tmp_path / "data", other, 16, 8, 2)
+    data = write_prepared(tmp_path / "data", other, 16, 8, 2)
     result = CliRunner().invoke(
         app,
         [

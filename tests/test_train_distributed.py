@@ -190,10 +190,9 @@ def test_deepspeed_plugin_from_the_recipe(monkeypatch, tmp_path):
         check_strategy(recipe.distributed, cuda=True, lora=False)
 
 
-def test_strategy_checks_before_any_model(tmp_path, tiny_tokenizer, monkeypatch):
-    from test_train import _write_prepared
+def test_strategy_checks_before_any_model(write_prepared, tmp_path, tiny_tokenizer, monkeypatch):
 
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
     base = ["train", f"data.path={data}", f"out_dir={tmp_path / 'r'}"]
     result = CliRunner().invoke(app, [*base, "distributed.strategy=fsdp"])
     assert result.exit_code == 2 and not (tmp_path / "r").exists()

@@ -16,17 +16,20 @@ from llmkit.cli import app
 from llmkit.errors import UserError
 from llmkit.runs import is_finished_run, newest_finished_run
 from llmkit.training.config import load_recipe
-from tests.test_train import _write_prepared as _write_with_validation
 
 
-def _write_prepared(root, tokenizer, block_size: int, n_train: int, n_val: int):
-    """test_train's prepared directory; n_val=0: no validation split (as prepare may write)."""
+@pytest.fixture
+def write_split(write_prepared):
+    """conftest's prepared directory; n_val=0: no validation split (as prepare may write)."""
     import shutil
 
-    out = _write_with_validation(root, tokenizer, block_size, n_train, max(n_val, 1))
-    if not n_val:
-        shutil.rmtree(out / "validation")
-    return out
+    def write(root, tokenizer, block_size: int, n_train: int, n_val: int):
+        out = write_prepared(root, tokenizer, block_size, n_train, max(n_val, 1))
+        if not n_val:
+            shutil.rmtree(out / "validation")
+        return out
+
+    return write
 
 
 TINY = [
@@ -50,13 +53,15 @@ def _one_error_line(result, code: int = 2) -> str:
     return errors[0]
 
 
-def test_failed_overwrite_leaves_no_finished_run(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+def test_failed_overwrite_leaves_no_finished_run(
+    write_split, tmp_path, tiny_tokenizer, monkeypatch, capsys
+):
     from llmkit.core.loading import _candidates, load_model_and_tokenizer
     from llmkit.training.loop import train
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("LLMKIT_MODEL", raising=False)
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 0)  # no validation
+    data = write_split(tmp_path / "data", tiny_tokenizer, 16, 24, 0)  # no validation
     base = [f"data.path={data}", "name=r", *TINY]
     train(None, base, progress=False)
     run = tmp_path / "runs" / "r"
@@ -80,8 +85,8 @@ def test_failed_overwrite_leaves_no_finished_run(tmp_path, tiny_tokenizer, monke
     assert "set train.grad_clip" in _one_error_line(result)
 
 
-def test_run_dir_os_errors_and_bad_names_are_one_line(tmp_path, tiny_tokenizer):
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 0)
+def test_run_dir_os_errors_and_bad_names_are_one_line(write_split, tmp_path, tiny_tokenizer):
+    data = write_split(tmp_path / "data", tiny_tokenizer, 16, 8, 0)
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me")
     for out in (blocker, blocker / "sub"):
@@ -162,14 +167,16 @@ def test_empty_prompt_does_not_trigger_the_attention_mask_warning(tiny_model_dir
     assert len(generate("", model=str(tiny_model_dir), max_new_tokens=2, device="cpu")) == 1
 
 
-def test_sigterm_is_an_interrupt_with_a_useful_message(tmp_path, tiny_tokenizer, monkeypatch):
+def test_sigterm_is_an_interrupt_with_a_useful_message(
+    write_split, tmp_path, tiny_tokenizer, monkeypatch
+):
     from llmkit.cli._common import sigterm_as_interrupt
     from llmkit.training import loop
 
     with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
         os.kill(os.getpid(), signal.SIGTERM)
 
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 0)
+    data = write_split(tmp_path / "data", tiny_tokenizer, 16, 24, 0)
     run = tmp_path / "run"
 
     def stop(step, record):
@@ -218,7 +225,7 @@ def test_eval_table_fits_80_columns():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 on CPU only")
-def test_fp16_on_cpu_warns(tmp_path, tiny_tokenizer, capsys, monkeypatch):
+def test_fp16_on_cpu_warns(write_split, tmp_path, tiny_tokenizer, capsys, monkeypatch):
     import accelerate
 
     from llmkit.training.loop import train
@@ -231,7 +238,7 @@ def test_fp16_on_cpu_warns(tmp_path, tiny_tokenizer, capsys, monkeypatch):
 
     monkeypatch.setattr(accelerate, "Accelerator", no_accelerator)
 
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 0)
+    data = write_split(tmp_path / "data", tiny_tokenizer, 16, 8, 0)
     # the warning is part of the plan, which (like the whole dry run) starts no accelerator
     plan = train(
         None,
@@ -298,8 +305,8 @@ def test_distributed_keys_the_strategy_ignores_are_named():
     ]
 
 
-def test_train_prints_the_ignored_zero_stage(tmp_path, tiny_tokenizer):
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 0)
+def test_train_prints_the_ignored_zero_stage(write_split, tmp_path, tiny_tokenizer):
+    data = write_split(tmp_path / "data", tiny_tokenizer, 16, 8, 0)
     args = ["train", f"data.path={data}", f"out_dir={tmp_path / 'r'}", *TINY]
     result = CliRunner().invoke(app, [*args, "distributed.zero_stage=3", "--dry-run"])
     assert result.exit_code == 0, result.stderr
@@ -308,10 +315,12 @@ def test_train_prints_the_ignored_zero_stage(tmp_path, tiny_tokenizer):
     )
 
 
-def test_overwrite_never_touches_a_directory_llmkit_did_not_write(tmp_path, tiny_tokenizer):
+def test_overwrite_never_touches_a_directory_llmkit_did_not_write(
+    write_split, tmp_path, tiny_tokenizer
+):
     """`out_dir=. --overwrite` in a project directory replaced its README.md and config.json
     (names a run also writes); prepare refused the same case. Now train refuses too."""
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 0)
+    data = write_split(tmp_path / "data", tiny_tokenizer, 16, 8, 0)
     mine = tmp_path / "project"
     mine.mkdir()
     (mine / "README.md").write_text("mine")

@@ -10,7 +10,6 @@ import torch
 from typer.testing import CliRunner
 
 from llmkit.cli import app
-from tests.test_train import _write_prepared
 
 runner = CliRunner()
 
@@ -44,8 +43,8 @@ def tied_llama(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tiny_tokenizer):
-    return _write_prepared(tmp_path_factory.mktemp("data") / "d", tiny_tokenizer, 16, 16, 4)
+def prepared(write_prepared, tmp_path_factory, tiny_tokenizer):
+    return write_prepared(tmp_path_factory.mktemp("data") / "d", tiny_tokenizer, 16, 16, 4)
 
 
 def _args(data, model, run, *extra):

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import _write_prepared
 
 from llmkit.training.loop import train
 
@@ -51,9 +50,11 @@ def _overrides(data: Path, run: Path, micro: int) -> list[str]:
     shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
     reason="torchrun not installed",
 )
-def test_two_processes_match_one_with_twice_the_micro_batch(tmp_path, tiny_tokenizer):
+def test_two_processes_match_one_with_twice_the_micro_batch(
+    write_prepared, tmp_path, tiny_tokenizer
+):
     # 24 blocks, 4 per step: steps 1-6 are exactly one epoch; 9 validation blocks.
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 9)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 9)
     one: dict[int, float] = {}
     single = train(
         None,

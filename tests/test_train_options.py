@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import _write_prepared
 from typer.testing import CliRunner
 
 from llmkit.cli import app
@@ -44,8 +43,8 @@ def _overrides(data: Path, run: Path, **extra) -> list[str]:
 
 
 @pytest.fixture
-def data(tmp_path, tiny_tokenizer):
-    return _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 2)
+def data(write_prepared, tmp_path, tiny_tokenizer):
+    return write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 2)
 
 
 def test_global_batch_size_sets_the_accumulation(tmp_path, data):
@@ -66,8 +65,8 @@ def test_global_batch_size_sets_the_accumulation(tmp_path, data):
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
-def test_stop_by_max_tokens_or_epochs(tmp_path, tiny_tokenizer):
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
+def test_stop_by_max_tokens_or_epochs(write_prepared, tmp_path, tiny_tokenizer):
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
     # 2 blocks x 15 targets = 30 tokens per step: 100 tokens -> 4 steps (rounded up)
     final = train(
         None,
@@ -110,10 +109,10 @@ def test_linear_and_constant_schedules_warm_up_then_decay_or_hold(schedule):
         assert lrs[10:] == pytest.approx([1e-3] * 100)
 
 
-def test_bf16_autocast_trains_float32_weights(tmp_path, tiny_tokenizer):
+def test_bf16_autocast_trains_float32_weights(write_prepared, tmp_path, tiny_tokenizer):
     from safetensors.torch import load_file
 
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)  # small: learnable
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)  # small: learnable
     run = tmp_path / "bf16"
     seen: dict[int, float] = {}
     train(

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import _write_prepared
 
 from llmkit.training import setup as training_setup  # not setup_module: a pytest hook name
 from llmkit.training import step as step_module
@@ -43,9 +42,9 @@ def _records(run: Path) -> list[dict]:
 
 
 @pytest.fixture
-def data(tmp_path, tiny_tokenizer):
+def data(write_prepared, tmp_path, tiny_tokenizer):
     # 8 blocks repeated: a small set a tiny model can memorise, so the loss must fall
-    return _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
+    return write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of fp16")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import _write_prepared
 from typer.testing import CliRunner
 
 from llmkit.cli import app
@@ -75,12 +74,12 @@ def test_every_epoch_visits_every_block_once_and_steps_split_the_same_on_any_wor
     [False, pytest.param(True, marks=pytest.mark.slow)],
     ids=["same-process", "fresh-process"],
 )
-def test_resume_continues_the_same_curve(tmp_path, tiny_tokenizer, fresh_process):
+def test_resume_continues_the_same_curve(write_prepared, tmp_path, tiny_tokenizer, fresh_process):
     """In the same process the RNGs have moved on past step 7 before resuming, so both
     variants prove that the checkpoint, not the process, carries the state; the fresh process
     (@slow: ~20-40 s of imports on 2 busy cores) is the issue's exact test."""
     # 24 blocks, 4 per step: epoch 1 is steps 1-6, so steps 6-10 cross an epoch boundary.
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 9)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 9)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     seen: dict[int, list[int]] = {}
     train(
@@ -154,8 +153,8 @@ def test_resume_continues_the_same_curve(tmp_path, tiny_tokenizer, fresh_process
     assert (broken / "checkpoints" / "best" / "trainer_state.json").is_file()
 
 
-def test_resume_without_checkpoint_is_a_one_line_error(tmp_path, tiny_tokenizer):
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 4)
+def test_resume_without_checkpoint_is_a_one_line_error(write_prepared, tmp_path, tiny_tokenizer):
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 4)
     result = CliRunner().invoke(
         app, ["train", *_overrides(data, tmp_path / "r"), "--resume", "latest"]
     )
@@ -176,9 +175,9 @@ def _nan_on(steps: set[int], monkeypatch):
 
 
 def test_a_non_finite_step_is_skipped_and_training_goes_on(
-    tmp_path, tiny_tokenizer, monkeypatch, capsys
+    write_prepared, tmp_path, tiny_tokenizer, monkeypatch, capsys
 ):
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 4)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 4)
     _nan_on({3}, monkeypatch)
     run = tmp_path / "r"
     skipped = {}
@@ -196,9 +195,9 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(
 
 
 def test_several_non_finite_steps_stop_with_the_last_checkpoint_intact(
-    tmp_path, tiny_tokenizer, monkeypatch
+    write_prepared, tmp_path, tiny_tokenizer, monkeypatch
 ):
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 4)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 4)
     _nan_on(set(range(4, 100)), monkeypatch)
     run = tmp_path / "r"
     ov = _overrides(
@@ -235,8 +234,10 @@ def test_early_stopping_rule_on_a_scripted_curve():
     assert fired == 6 and stop.best == 3.5 and stop.best_step == 4
 
 
-def test_early_stopping_stops_training_and_keeps_the_best(tmp_path, tiny_tokenizer, monkeypatch):
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 4)
+def test_early_stopping_stops_training_and_keeps_the_best(
+    write_prepared, tmp_path, tiny_tokenizer, monkeypatch
+):
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 4)
     curve = iter([5.0, 4.0, 3.95, 3.99, 3.0, 2.0])  # val_loss at steps 2, 4, 6, 8, ...
 
     def scripted(model, blocks, token_bytes, batch_size, device, **kw):
@@ -276,10 +277,10 @@ def test_early_stopping_stops_training_and_keeps_the_best(tmp_path, tiny_tokeniz
     assert [r["step"] for r in _records(run) if "val_loss" in r] == [2, 4, 6, 8]
 
 
-def test_dry_run_counts_parameters_and_writes_nothing(tmp_path, tiny_tokenizer):
+def test_dry_run_counts_parameters_and_writes_nothing(write_prepared, tmp_path, tiny_tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 40, 4)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 40, 4)
     run = tmp_path / "r"
     result = CliRunner().invoke(
         app,
@@ -316,14 +317,14 @@ def test_dry_run_counts_parameters_and_writes_nothing(tmp_path, tiny_tokenizer):
 
 
 def test_checkpoints_of_a_tied_model_print_no_shared_tensor_warning(
-    tmp_path, tiny_tokenizer, caplog
+    write_prepared, tmp_path, tiny_tokenizer, caplog
 ):
     """accelerate warns "Removed shared tensor {'lm_head.weight'}" on every save of a model
     with tied embeddings; the tie comes back on load, so llmkit keeps that line out of the
     run's output (and the checkpoint still resumes, see the tests above)."""
     import logging
 
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 9)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 9)
     run = tmp_path / "run"
     with caplog.at_level(logging.WARNING):
         train(None, _overrides(data, run, **{"train.max_steps": 5}))
@@ -331,11 +332,11 @@ def test_checkpoints_of_a_tied_model_print_no_shared_tensor_warning(
     assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]
 
 
-def test_a_diverged_model_is_not_saved_as_a_finished_run(tmp_path, tiny_tokenizer):
+def test_a_diverged_model_is_not_saved_as_a_finished_run(write_prepared, tmp_path, tiny_tokenizer):
     """learning_rate=1e300: step 1's loss and gradients are finite but its update overflows
     float32, the next steps are non-finite yet fewer than max_bad_steps. The run used to end
     with status 0, 'val_loss nan (best)' and a finished run of inf/NaN weights."""
-    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 4)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 24, 4)
     run = tmp_path / "r"
     ov = _overrides(
         data,
