@@ -1,7 +1,7 @@
 """The ``llmkit`` command: one thin module per subcommand that parses flags and calls a function.
 
 Start-up stays under 0.3 s because nothing here imports torch, transformers, datasets or
-accelerate; each command imports them when it runs (``tests/test_cli.py`` checks this).
+accelerate; each command imports them when it runs (``tests/cli/test_cli.py`` checks this).
 """
 
 from __future__ import annotations

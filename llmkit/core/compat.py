@@ -26,7 +26,7 @@ def reset_accelerate_state() -> None:
     only reset is the private ``_reset_state``. Asked upstream without a public answer:
     huggingface/accelerate#2463 ("How to initialize Accelerator twice"); transformers' own
     ``TrainingArguments`` calls the same private method (huggingface/transformers#29781).
-    Tested by tests/test_train.py (several runs in one process).
+    Tested by tests/training/test_train.py (several runs in one process).
     """
     from accelerate.state import AcceleratorState, GradientState
 

@@ -6,7 +6,7 @@
 The file format is unchanged by this model: the fields are declared in the order the writer
 puts them (for text data and chat data alike, a field one of them lacks is simply not set), and
 :meth:`Manifest.to_json` dumps only the fields that were set, so a manifest read and written
-back is byte-identical (``tests/test_core_manifest.py`` holds that on both kinds). Keys this
+back is byte-identical (``tests/core/test_core_manifest.py`` holds that on both kinds). Keys this
 model does not know (a newer llmkit's) are kept, after the known ones.
 
 Typed strictly are the fields a reader relies on (``settings.block_size``, ``settings.format``,

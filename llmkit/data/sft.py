@@ -786,7 +786,7 @@ def packed_attention_mask(position_ids, dtype=None):
     """A 4D attention mask that keeps each packed conversation to itself.
 
     How to feed a packed row (verified for ``LlamaForCausalLM`` and ``GPT2LMHeadModel``, sdpa
-    and eager attention, transformers 5.24, in ``tests/test_sft.py``):
+    and eager attention, transformers 5.24, in ``tests/data/test_sft.py``):
 
     - **preferred**: ``model(input_ids=x, position_ids=p, attention_mask=None,
       use_cache=False)``, ``p`` sliced like the inputs (``position_ids[:, :-1]`` for inputs

@@ -641,7 +641,7 @@ def run_tasks(
 
 def harness_lm(lm: Any, tokenizer: Any, **kwargs: Any) -> Any:
     """The harness's ``HFLM`` around an already loaded model, with two departures from
-    lm-evaluation-harness 0.4.13 (both pinned by tests/test_eval_harness.py):
+    lm-evaluation-harness 0.4.13 (both pinned by tests/evaluation/test_eval_harness.py):
 
     - **One start token on the perplexity path.** ``loglikelihood_rolling`` (perplexity tasks
       such as wikitext) puts ``prefix_token_id`` (BOS, else EOS) in front of

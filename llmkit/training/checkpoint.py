@@ -259,8 +259,9 @@ def _quiet_tied_weights() -> Iterator[None]:
     safetensors cannot hold two names for one storage, so accelerate (1.x,
     ``utils.other.clean_state_dict_for_safetensors``) saves a tied output matrix once and
     warns. The tie is part of the model's config and is restored when the checkpoint is
-    loaded into the same model (resume is byte-identical, tests/test_train_resume.py), so the
-    warning is noise on every checkpoint of a tied model.
+    loaded into the same model (resume is byte-identical,
+    tests/training/test_train_resume.py), so the warning is noise on every checkpoint of a tied
+    model.
     """
 
     class _Filter(logging.Filter):

@@ -9,7 +9,7 @@ dataclass fields, so a ``prepare.yaml`` can override any of them (:mod:`llmkit.d
 The code is written here from the papers and their reference implementations (named on each
 class: the Gopher paper, TFDS ``c4_utils`` for C4, datatrove for FineWeb); the constants are
 theirs. Where llmkit departs from datatrove on purpose the class docstring says so, and
-``tests/test_peer_datatrove.py`` runs both on the same real documents and checks that every
+``tests/data/test_peer_datatrove.py`` runs both on the same real documents and checks that every
 disagreement is one of the documented deviations (the table is in the README).
 
 Scripts written without spaces between words (Chinese, Japanese, Thai, Lao, Khmer, Myanmar)

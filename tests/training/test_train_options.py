@@ -19,7 +19,7 @@ from llmkit.training.config import load_recipe
 from llmkit.training.loop import train
 from llmkit.training.setup import make_scheduler
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _overrides(data: Path, run: Path, **extra) -> list[str]:

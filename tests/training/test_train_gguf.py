@@ -145,7 +145,7 @@ def test_smollm2_lora_recipe_runs_and_exports(tmp_path, shakespeare):
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     tok = AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
     ids = tok(shakespeare.read_text(encoding="utf-8")[:20_000]).input_ids
     blocks = [ids[i : i + 128] for i in range(0, len(ids) - 128, 128)]

@@ -13,7 +13,7 @@ import pytest
 
 from llmkit.training.loop import train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
 import json, os, sys

@@ -18,7 +18,7 @@ from llmkit.cli import app
 from llmkit.evaluation.harness import parse_tasks, summarize
 
 runner = CliRunner()
-TASKS = Path(__file__).resolve().parents[1] / "examples" / "eval_tasks"
+TASKS = Path(__file__).resolve().parents[2] / "examples" / "eval_tasks"
 TASK = "llmkit_opposites"
 HAVE_HARNESS = importlib.util.find_spec("lm_eval") is not None
 needs_harness = pytest.mark.skipif(

@@ -1,7 +1,7 @@
 """Options `llmkit prepare` used to ignore silently now say so: --text-field on chat data and
 the chat flags (--chat-template, --train-on, --overlong) on text data are one warning line each
 (also in the manifest's warnings); --num-proc 0 has a hint. (An unusable LLMKIT_CACHE:
-tests/test_cache_cmd.py.)"""
+tests/cli/test_cache_cmd.py.)"""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from llmkit.cli import app
 from llmkit.data.pipeline import prepare
 from llmkit.errors import UserError
 
-CONVERSATIONS = Path(__file__).resolve().parents[1] / "examples" / "support" / "conversations.jsonl"
+CONVERSATIONS = Path(__file__).resolve().parents[2] / "examples" / "support" / "conversations.jsonl"
 
 
 def _run(inputs, output, **kwargs):

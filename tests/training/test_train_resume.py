@@ -25,7 +25,7 @@ from llmkit.training.fit import EarlyStopping
 from llmkit.training.loop import train
 from llmkit.training.setup import make_scheduler
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _records(run: Path) -> list[dict]:

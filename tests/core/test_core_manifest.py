@@ -15,7 +15,7 @@ from llmkit.core.prepared import read_manifest
 from llmkit.data import pipeline
 from llmkit.errors import UserError
 
-SUPPORT = Path(__file__).resolve().parents[1] / "examples" / "support"
+SUPPORT = Path(__file__).resolve().parents[2] / "examples" / "support"
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from llmkit.training.config import Recipe, load_recipe
 from llmkit.training.setup import make_scheduler, param_groups
 from llmkit.training.step import count_targets, micro_batch_loss, summed_loss
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _logits_for_losses(losses: list[float]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 
 from llmkit.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _closed_port() -> int:

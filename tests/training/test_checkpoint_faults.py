@@ -384,7 +384,7 @@ def test_two_processes_resume_the_same_curve(write_prepared, tmp_path, tiny_toke
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     extra = {"train.max_steps": 6, "train.save_interval": 3, "eval.interval": 3}
     extra.update({"model.dropout": 0.1, "train.micro_batch_size": 2})
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     env["OMP_NUM_THREADS"] = "1"
 
     def torchrun(out: Path, *args: str) -> None:

@@ -22,7 +22,7 @@ from llmkit.cli import app
 from llmkit.core.prepared import load_prepared
 from llmkit.data.pipeline import prepare
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONVERSATIONS = ROOT / "examples" / "support" / "conversations.jsonl"
 GGUF = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 RECIPE = ROOT / "recipes" / "smollm2-support.yaml"

@@ -28,7 +28,7 @@ from llmkit.data.sft import (
 )
 from llmkit.errors import UserError
 
-SUPPORT = Path(__file__).resolve().parents[1] / "examples" / "support"
+SUPPORT = Path(__file__).resolve().parents[2] / "examples" / "support"
 GGUF = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 X = IGNORE_INDEX
 

@@ -20,7 +20,7 @@ from llmkit.core.prepared import IGNORE_INDEX, load_prepared
 from llmkit.data.sft import CHATML, conversation_from_record
 from llmkit.errors import UserError
 
-SUPPORT = Path(__file__).resolve().parents[1] / "examples" / "support"
+SUPPORT = Path(__file__).resolve().parents[2] / "examples" / "support"
 CONVERSATIONS = SUPPORT / "conversations.jsonl"
 ALPACA = SUPPORT / "alpaca.jsonl"
 EMAIL = re.compile(r"[\w.+-]+@example\.com")
