@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -193,12 +194,32 @@ def test_deepspeed_plugin_from_the_recipe(monkeypatch, tmp_path):
 def test_strategy_checks_before_any_model(tmp_path, tiny_tokenizer, monkeypatch):
     from test_train import _write_prepared
 
+    for key in distributed.LAUNCHER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
     base = ["train", f"data.path={data}", f"out_dir={tmp_path / 'r'}"]
+    # FSDP on CPUs runs under a launcher (its gloo process group); alone it is refused
     result = CliRunner().invoke(app, [*base, "distributed.strategy=fsdp"])
     assert result.exit_code == 2 and not (tmp_path / "r").exists()
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "needs CUDA GPUs" in lines[0] and "strategy=ddp" in lines[0]
+    assert len(lines) == 1 and "needs processes started by a launcher" in lines[0]
+    assert "torchrun --nproc_per_node 2 -m llmkit train" in lines[0]
+    fsdp = _section(strategy="fsdp").distributed
+    check_strategy(fsdp, cuda=False, lora=False, launched=True)  # torchrun on CPUs: fine
+    # DeepSpeed on CPUs too: under a launcher (its CPU accelerator over gloo), not alone
+    ds = _section(strategy="deepspeed").distributed
+    with pytest.raises(UserError, match="deepspeed on CPUs needs processes started by a"):
+        check_strategy(ds, cuda=False, lora=False, launched=False)
+    monkeypatch.setattr(distributed, "require_deepspeed", lambda: None)
+    monkeypatch.setenv("DS_ACCELERATOR", "unset")  # restored after the test
+    monkeypatch.delenv("DS_ACCELERATOR")
+    check_strategy(ds, cuda=False, lora=False, launched=True)
+    assert os.environ["DS_ACCELERATOR"] == "cpu"  # DeepSpeed's CPU accelerator, no warning
+    # --dry-run checks the recipe, not the machine: no GPU, no launcher, no deepspeed needed
+    check_strategy(ds, cuda=False, lora=False, launched=False, machine=False)
+    with pytest.raises(UserError, match="LoRA with distributed.strategy=deepspeed"):
+        check_strategy(ds, cuda=False, lora=True, launched=False, machine=False)
     # with GPUs: LoRA and sharding are refused together, with the fix
     recipe = _section(strategy="fsdp")
     with pytest.raises(UserError, match="LoRA with distributed.strategy=fsdp"):
@@ -259,3 +280,86 @@ def test_dry_run_divides_the_sharded_memory(tiny_tokenizer):
             mem["total"]
             == sum(mem[p] for p in ("weights", "gradients", "optimizer")) + (ddp["activations"])
         )
+
+
+@pytest.mark.parametrize(
+    "strategy, extra, sharded",
+    [
+        ("fsdp", [], "optimizer, gradients, weights"),
+        ("deepspeed", ["distributed.zero_stage=2"], "optimizer, gradients"),
+        ("deepspeed", ["distributed.zero_stage=3"], "optimizer, gradients, weights"),
+    ],
+)
+def test_dry_run_on_a_cpu_shows_sharded_memory_per_process(
+    tmp_path, tiny_tokenizer, monkeypatch, strategy, extra, sharded
+):
+    """No GPU, deepspeed not installed: --dry-run still prints (and returns) the memory per
+    process of the launcher's processes (WORLD_SIZE) instead of refusing the strategy."""
+    from test_train import _write_prepared
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` fails
+    for key in distributed.LAUNCHER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    data = _write_prepared(tmp_path / "data", tiny_tokenizer, 16, 16, 2)
+    base = [
+        "train",
+        f"data.path={data}",
+        f"out_dir={tmp_path / 'r'}",
+        "model.n_layer=1",
+        "model.n_embd=16",
+        "model.n_head=2",
+        "train.micro_batch_size=2",
+        "--dry-run",
+        "--json",
+    ]
+    plans = {}
+    for world in ("1", "4"):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        result = CliRunner().invoke(app, [*base, f"distributed.strategy={strategy}", *extra])
+        assert result.exit_code == 0, result.output
+        plans[world] = json.loads(result.stdout.strip().splitlines()[-1])
+        assert not (tmp_path / "r").exists()
+    one, four = plans["1"]["memory_bytes"], plans["4"]["memory_bytes"]
+    for part in ("weights", "gradients", "optimizer"):
+        want = math.ceil(one[part] / 4) if part in sharded else one[part]
+        assert four[part] == want, part
+    assert four["total"] < one["total"]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    text = CliRunner().invoke(app, [*base[:-1], f"distributed.strategy={strategy}", *extra])
+    assert f"({sharded} sharded over 4)" in " ".join(text.stderr.split())
+
+
+def test_fsdp_is_switched_on_for_cpu_processes_only(monkeypatch):
+    """accelerate keeps MULTI_CPU (plain DDP) when given an FSDP plugin with cpu=True:
+    shard_on_cpu switches both of its state singletons to FSDP with the recipe's plugin;
+    nothing changes on GPUs (accelerate chose FSDP itself) or without an fsdp plugin."""
+    import types
+
+    import accelerate.state
+    from accelerate.utils import DistributedType
+
+    partial = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    monkeypatch.setattr(accelerate.state, "PartialState", lambda: partial)
+
+    def fake(kind, precision="no"):
+        state = types.SimpleNamespace(distributed_type=kind, fsdp_plugin=None)
+        return types.SimpleNamespace(state=state, mixed_precision=precision)
+
+    recipe = _section(strategy="fsdp", reshard_after_forward="false")
+    plugins = accelerator_plugins(
+        recipe.distributed, recipe.train, micro_batch_size=1, accum=1, world=2
+    )
+    acc = fake(DistributedType.MULTI_CPU, "bf16")
+    distributed.shard_on_cpu(acc, plugins)
+    assert acc.state.distributed_type == DistributedType.FSDP
+    assert partial.distributed_type == DistributedType.FSDP
+    assert acc.state.fsdp_plugin is plugins["fsdp_plugin"]
+    assert acc.state.fsdp_plugin.reshard_after_forward is False
+    assert acc.state.fsdp_plugin.mixed_precision_policy.param_dtype == torch.bfloat16
+    for kind, given in ((DistributedType.MULTI_GPU, plugins), (DistributedType.MULTI_CPU, {})):
+        partial.distributed_type = kind
+        acc = fake(kind)
+        distributed.shard_on_cpu(acc, given)
+        assert acc.state.distributed_type == kind and acc.state.fsdp_plugin is None
+        assert partial.distributed_type == kind

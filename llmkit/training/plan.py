@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,7 +235,9 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
         recipe: the resolved recipe.
         logger: a :class:`llmkit.training.logger.MetricLogger` for warnings (silent off rank 0).
         resume: ``--resume`` (``latest``, a checkpoint or a run directory), or None.
-        dry_run: no trackers are looked up.
+        dry_run: no trackers are looked up, no accelerate plugin is built and the
+            ``distributed`` strategy is not checked against this machine (a dry run on a CPU
+            shows the per-process memory of fsdp and deepspeed too).
 
     Raises:
         UserError: data not prepared, vocabulary or positions that do not fit the data, a
@@ -254,7 +257,17 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
     model_config, new_tokens = _model_config(recipe, data, data_block)
 
     cuda = torch.cuda.is_available()
-    check_strategy(recipe.distributed, cuda=cuda, lora=recipe.lora.r > 0)
+    from llmkit.training.distributed import LAUNCHER_ENV
+
+    launched = any(key in os.environ for key in LAUNCHER_ENV)
+    # a dry run builds nothing: it shows the memory of any strategy on any machine
+    check_strategy(
+        recipe.distributed,
+        cuda=cuda,
+        lora=recipe.lora.r > 0,
+        launched=launched,
+        machine=not dry_run,
+    )
     for message in recipe.ignored_settings():  # e.g. zero_stage with strategy ddp
         logger.warn(message)
     if logger.main:
@@ -270,8 +283,12 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
     world = get_int_from_env(WORLD_SIZE_ENV, 1)
     accum = _accumulation(recipe, world, len(data.train))
     b = tcfg.micro_batch_size
-    plugins = accelerator_plugins(
-        recipe.distributed, tcfg, micro_batch_size=b, accum=accum, world=world
+    plugins = (
+        {}
+        if dry_run
+        else accelerator_plugins(
+            recipe.distributed, tcfg, micro_batch_size=b, accum=accum, world=world
+        )
     )
     trackers, missing = ([], []) if dry_run else tracker_names(tcfg.trackers)
     plan = Plan(
