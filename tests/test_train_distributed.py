@@ -363,3 +363,29 @@ def test_fsdp_is_switched_on_for_cpu_processes_only(monkeypatch):
         distributed.shard_on_cpu(acc, given)
         assert acc.state.distributed_type == kind and acc.state.fsdp_plugin is None
         assert partial.distributed_type == kind
+
+
+def test_deepspeed_checkpoint_files_are_vetted_not_unpickled(tmp_path):
+    """DeepSpeed's `latest` and copied conversion script are text that nothing loads; its
+    *_states.pt files go through weights_only=True (with only DeepSpeed's own data classes
+    allowed): tensors pass, a pickle naming anything else is refused before any load."""
+    import argparse
+
+    from llmkit.training import checkpoint as ckpt
+
+    step = tmp_path / "run" / "checkpoints" / "step-00000010"
+    shards = step / "pytorch_model"
+    shards.mkdir(parents=True)
+    (step / "trainer_state.json").write_text('{"step": 10, "tokens": 0}')
+    (step / "rng_state_0.json").write_text("{}")
+    (step / "latest").write_text("pytorch_model")
+    (step / "zero_to_fp32.py").write_text("raise SystemExit('never run')\n")
+    torch.save({"module": {"w": torch.ones(2)}}, shards / "mp_rank_00_model_states.pt")
+    optim = shards / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"step": 10, "m": torch.zeros(2)}}, optim)
+    ckpt.verify_checkpoint(step, 1)  # all vetted, nothing refused
+    torch.save({"optimizer_state_dict": argparse.Namespace(lr=1.0)}, optim)
+    with pytest.raises(UserError) as err:
+        ckpt.verify_checkpoint(step, 1)
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in str(err.value)
+    assert "is refused" in str(err.value) and "Namespace" in str(err.value)
