@@ -8,7 +8,9 @@ the accelerate plugin (FSDP or DeepSpeed) that a recipe's ``distributed`` sectio
   ``CUDA_VISIBLE_DEVICES`` chooses the GPUs, as with any PyTorch program.
 - Plugins: ``strategy: fsdp`` builds accelerate's ``FullyShardedDataParallelPlugin`` (FSDP2,
   each transformer block wrapped on its own, Zhao et al. 2023, "PyTorch FSDP"); ``strategy:
-  deepspeed`` builds ``DeepSpeedPlugin`` (ZeRO, Rajbhandari et al. 2020). Both need GPUs.
+  deepspeed`` builds ``DeepSpeedPlugin`` (ZeRO, Rajbhandari et al. 2020). Both run on GPUs
+  and, under a launcher, on CPU processes over gloo: FSDP through :func:`shard_on_cpu`
+  (accelerate itself would train plain DDP there), DeepSpeed through its CPU accelerator.
 """
 
 from __future__ import annotations
