@@ -351,7 +351,8 @@ for d in (["cpu"] if cpu else ["cuda", "cpu"]):
 rel = abs(ev["cuda"]["perplexity"] - ev["cpu"]["perplexity"]) / ev["cpu"]["perplexity"] if "cuda" in ev else None
 part = {"status": "ok", "model": gguf, "device": dev, "max_new_tokens": new, "generate": gen,
         "eval": ev, "perplexity_rel_diff_gpu_cpu": rel}
-part["ok"] = (rel is None or rel <= 1e-3) and all(g["median_ratio"] >= 0.95 for g in gen.values())
+# on a CPU (--cpu, a smoke test of the section) the speeds are not judged
+part["ok"] = (rel is None or rel <= 1e-3) and (cpu or all(g["median_ratio"] >= 0.95 for g in gen.values()))
 json.dump(part, open(out, "w"))
 PY
 }

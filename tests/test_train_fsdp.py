@@ -104,13 +104,15 @@ def _write_labelled(root: Path, tokenizer, block_size: int, n_train: int, n_val:
     return root
 
 
-def _overrides(data: Path, run: Path, micro: int, accum: int, *extra: str) -> list[str]:
+def _overrides(
+    data: Path, run: Path, micro: int, accum: int, *extra: str, model: Path | None = None
+) -> list[str]:
+    """A 2-layer GPT-2 of width 32 built from scratch, or ``model`` (a pretrained directory)."""
+    shape = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2"]
     return [
         f"data.path={data}",
         f"out_dir={run}",
-        "model.n_layer=2",
-        "model.n_embd=32",
-        "model.n_head=2",
+        *([f"model.name_or_path={model}"] if model else shape),
         f"train.micro_batch_size={micro}",
         f"train.gradient_accumulation_steps={accum}",
         f"train.max_steps={STEPS}",
