@@ -389,3 +389,21 @@ def test_deepspeed_checkpoint_files_are_vetted_not_unpickled(tmp_path):
         ckpt.verify_checkpoint(step, 1)
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in str(err.value)
     assert "is refused" in str(err.value) and "Namespace" in str(err.value)
+
+
+def test_zero3_placeholders_keep_their_weight_decay_group_and_count():
+    """Under ZeRO-3 (deepspeed.zero.Init) every parameter is an empty 1-D placeholder whose real
+    shape is in ds_shape: the matrices must still be decayed and counted (they were all put in
+    the no-decay group and counted as 0 parameters, so ZeRO-3 trained without weight decay)."""
+    from llmkit.training.setup import full_numel, param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    for p in model.parameters():  # what zero.Init leaves behind
+        shape = tuple(p.shape)
+        p.data = torch.empty(0)
+        p.ds_shape, p.ds_numel = torch.Size(shape), math.prod(shape)
+    decay, no_decay = param_groups(model, 0.1)
+    assert [tuple(p.ds_shape) for p in decay["params"]] == [(3, 4)]
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert sorted(tuple(p.ds_shape) for p in no_decay["params"]) == [(3,), (3,), (3,)]
+    assert sum(full_numel(p) for p in model.parameters()) == 12 + 3 + 3 + 3

@@ -35,6 +35,19 @@ COMPILE_BACKEND = "inductor"
 
 
 # --------------------------------------------------------------------------- optimizer
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's shape as the model defines it. Under DeepSpeed ZeRO-3 transformers builds
+    the model inside ``deepspeed.zero.Init``, which leaves each parameter an empty 1-D
+    placeholder (its shape in ``ds_shape``): its own ``shape`` / ``dim()`` / ``numel()`` would
+    put every matrix among the biases (no weight decay at all) and count 0 parameters."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """A parameter's element count as the model defines it (see :func:`full_shape`)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay on matrices (weights, embeddings), none on biases and norm gains.
 
@@ -44,7 +57,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if len(full_shape(p)) >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -294,8 +307,8 @@ def setup(plan: Plan, accelerator, logger: MetricLogger) -> Setup:
     recipe, tcfg, ecfg = plan.recipe, plan.recipe.train, plan.recipe.eval
     set_seed(tcfg.seed)
     model = _build_model(plan, logger)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params = sum(full_numel(p) for p in model.parameters())
+    n_trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     optimizer = make_optimizer(model, tcfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     # after prepare: DeepSpeed ZeRO-3 regroups the parameters into its own flat groups, and
