@@ -207,6 +207,17 @@ def test_strategy_checks_before_any_model(tmp_path, tiny_tokenizer, monkeypatch)
     assert "torchrun --nproc_per_node 2 -m llmkit train" in lines[0]
     fsdp = _section(strategy="fsdp").distributed
     check_strategy(fsdp, cuda=False, lora=False, launched=True)  # torchrun on CPUs: fine
+    # ... but not in fp16 there: no loss scaler is set up for a sharded CPU run
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    fp16 = [*base, "distributed.strategy=fsdp", "train.mixed_precision=fp16"]
+    result = CliRunner().invoke(app, fp16)
+    assert result.exit_code == 2 and not (tmp_path / "r").exists()
+    assert "fp16 with distributed.strategy=fsdp is not supported on CPUs" in result.stderr
+    assert "mixed_precision=bf16" in result.stderr
+    for key in distributed.LAUNCHER_ENV:
+        monkeypatch.delenv(key, raising=False)
     # DeepSpeed on CPUs too: under a launcher (its CPU accelerator over gloo), not alone
     ds = _section(strategy="deepspeed").distributed
     with pytest.raises(UserError, match="deepspeed on CPUs needs processes started by a"):

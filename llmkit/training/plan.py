@@ -241,7 +241,8 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
 
     Raises:
         UserError: data not prepared, vocabulary or positions that do not fit the data, a
-            ``distributed`` strategy this machine cannot run, batch sizes that do not divide,
+            ``distributed`` strategy this machine cannot run (or fp16 with fsdp / deepspeed on
+            CPUs), batch sizes that do not divide,
             nothing to resume or a checkpoint of another batch size.
     """
     from accelerate.utils import get_int_from_env
@@ -272,7 +273,14 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
         logger.warn(message)
     if logger.main:
         announce_threads()  # a busy machine: the thread count the CLI chose, said now
-    if tcfg.mixed_precision == "fp16" and not cuda:
+    if tcfg.mixed_precision == "fp16" and not cuda and recipe.distributed.strategy != "ddp":
+        if not dry_run:  # no loss scaler is set up for sharded CPU runs: gradients underflow
+            raise UserError(
+                f"train.mixed_precision=fp16 with distributed.strategy="
+                f"{recipe.distributed.strategy} is not supported on CPUs (no loss scaling)",
+                "use train.mixed_precision=bf16 or no",
+            )
+    elif tcfg.mixed_precision == "fp16" and not cuda:
         logger.warn(
             "train.mixed_precision=fp16 without a GPU: CPUs without AVX512-FP16 emulate "
             "float16 matmuls, tens of times slower than float32; use bf16 or no"
