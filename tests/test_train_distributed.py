@@ -235,7 +235,11 @@ def test_strategy_checks_before_any_model(tmp_path, tiny_tokenizer, monkeypatch)
     recipe = _section(strategy="fsdp")
     with pytest.raises(UserError, match="LoRA with distributed.strategy=fsdp"):
         check_strategy(recipe.distributed, cuda=True, lora=True)
-    check_strategy(recipe.distributed, cuda=True, lora=False)  # fine
+    check_strategy(recipe.distributed, cuda=True, lora=False)  # fine (launched: the default)
+    # one GPU, no launcher: accelerate would train without sharding, silently; refused
+    with pytest.raises(UserError, match="fsdp on one GPU needs processes started by a") as err:
+        check_strategy(recipe.distributed, cuda=True, lora=False, launched=False)
+    assert "torchrun --nproc_per_node 1" in err.value.hint
     # ill-typed or unknown values: one line naming the key
     for override, needle in (
         ("distributed.strategy=zero", "distributed.strategy"),
@@ -418,3 +422,24 @@ def test_zero3_placeholders_keep_their_weight_decay_group_and_count():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert sorted(tuple(p.ds_shape) for p in no_decay["params"]) == [(3,), (3,), (3,)]
     assert sum(full_numel(p) for p in model.parameters()) == 12 + 3 + 3 + 3
+
+
+def test_gathered_weights_drop_the_copy_of_a_tied_matrix():
+    """A sharded model's gathered weights hold lm_head.weight as a copy of the (tied) input
+    embedding: the final save keeps one name, as the unsharded save does."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmkit.training.finish import drop_tied_copies
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}
+    assert "lm_head.weight" in gathered
+    kept = drop_tied_copies(model, gathered)
+    assert set(kept) == set(gathered) - {"lm_head.weight"}
+    untied = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=50, n_positions=8, n_embd=8, n_layer=1, n_head=2, tie_word_embeddings=False
+        )
+    )
+    state = {k: v.clone() for k, v in untied.state_dict().items()}
+    assert drop_tied_copies(untied, state).keys() == state.keys()

@@ -100,12 +100,13 @@ def check_strategy(
         cuda: a CUDA GPU is visible.
         lora: the recipe trains LoRA adapters.
         launched: a launcher (torchrun, accelerate launch) started this process
-            (:data:`LAUNCHER_ENV`); FSDP on CPUs needs one, for its process group.
+            (:data:`LAUNCHER_ENV`); fsdp and deepspeed need one, for their process group
+            (on several GPUs the CLI relaunches itself under torchrun first).
         machine: check what this machine must have (GPUs, a launcher, deepspeed installed);
             False for ``--dry-run``, which only checks the recipe itself.
 
     Raises:
-        UserError: fsdp or deepspeed on CPUs without a launcher; deepspeed
+        UserError: fsdp or deepspeed without a launcher; deepspeed
             not installed or its config file unreadable; LoRA with fsdp or deepspeed (merging
             sharded weights is not supported: LoRA's trainable state is small, use ddp).
     """
@@ -118,11 +119,16 @@ def check_strategy(
         )
     if not machine:
         return
-    if not cuda and not launched:
+    if not launched and (not cuda or dcfg.strategy == "fsdp"):
+        # On several GPUs the CLI has relaunched itself under torchrun before this point. On a
+        # CPU or one GPU accelerate would silently train without FSDP (it applies the plugin
+        # only to a multi-GPU state): say so instead. (DeepSpeed on one GPU starts its own.)
+        where = "on CPUs" if not cuda else "on one GPU"
+        n = 2 if not cuda else 1
         raise UserError(
-            f"distributed.strategy={dcfg.strategy} on CPUs needs processes started by a "
-            "launcher (it shards the weights over a gloo process group)",
-            "torchrun --nproc_per_node 2 -m llmkit train ... (or use distributed.strategy=ddp)",
+            f"distributed.strategy={dcfg.strategy} {where} needs processes started by a "
+            "launcher (it shards the weights over a process group)",
+            f"torchrun --nproc_per_node {n} -m llmkit train ... (or use distributed.strategy=ddp)",
         )
     if dcfg.strategy == "deepspeed":
         if not cuda:  # DeepSpeed's CPU accelerator (it would pick it itself, with a warning)
