@@ -3,6 +3,9 @@
 #
 #   bash benchmarks/gpu_check.sh [--out FILE] [--cpu] [--only a,b] [--steps N]
 #
+# PY=/path/to/python chooses the interpreter (default .venv/bin/python, else python3); the
+# environment needs llmkit's dependencies (deepspeed optional: without it zero2 is skipped).
+#
 # Sections (each bounded by its own timeout; a failed or skipped one is reported, the rest run):
 #   env       GPU name and memory, driver, torch / CUDA / accelerate / transformers / deepspeed
 #   gpt2      recipes/gpt2-124m.yaml (bf16, model.compile, SDPA attention) for --steps (50)
@@ -31,7 +34,9 @@ PY=${PY:-$ROOT/.venv/bin/python}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 export HF_DATASETS_DISABLE_PROGRESS_BARS=1
-OUT=$ROOT/gpu_check.json
+# the report: --out FILE, else $OUT/gpu_check.json when $OUT names a folder (the device
+# machines' convention), else gpu_check.json here
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then OUT=$OUT/gpu_check.json; else OUT=$ROOT/gpu_check.json; fi
 CPU=0
 ONLY=env,gpt2,fsdp,zero2,plain,smollm2
 STEPS=50
@@ -41,7 +46,7 @@ while [ $# -gt 0 ]; do
     --cpu) CPU=1; shift ;;
     --only) ONLY=$2; shift 2 ;;
     --steps) STEPS=$2; shift 2 ;;
-    -h|--help) sed -n 2,27p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,30p "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
