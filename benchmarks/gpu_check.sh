@@ -46,7 +46,7 @@ while [ $# -gt 0 ]; do
     --cpu) CPU=1; shift ;;
     --only) ONLY=$2; shift 2 ;;
     --steps) STEPS=$2; shift 2 ;;
-    -h|--help) sed -n 2,30p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,28p "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
