@@ -171,6 +171,12 @@ _REGISTERED_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 #: ``torch.load(weights_only=False)``; they are vetted through the ``.metadata`` that indexes
 #: them, :func:`_vet_dcp_bytes`.)
 _PLAIN_SUFFIXES = {".json", ".safetensors", ".txt", ".md"}
+#: Files DeepSpeed's ``save_checkpoint`` writes that no loader unpickles or runs: ``latest`` (the
+#: tag's name, text) and the conversion scripts it copies beside the shards (run by hand only).
+_DEEPSPEED_PLAIN = {"latest", "zero_to_fp32.py", "zero_to_torch.py"}
+#: DeepSpeed's model and optimizer state files (``torch.save`` pickles that name a few
+#: DeepSpeed classes besides tensors and numbers; see :func:`_deepspeed_globals`).
+_DEEPSPEED_STATE = re.compile(r"^(bf16_)?(zero_pp_rank_\d+_)?mp_rank_\d+_(model|optim)_states\.pt$")
 
 
 def rng_state() -> dict[str, Any]:
@@ -593,6 +599,8 @@ def _open_file(ckpt: Path, f: Path) -> set[Path]:
         return _vet_dcp_bytes(ckpt, f, pickle.loads(data))
     elif suffix == ".distcp":
         pass  # checked by the caller: every one must be indexed by a .metadata
+    elif f.name in _DEEPSPEED_PLAIN:
+        pass  # text: read by no loader as a pickle, run by none
     elif suffix not in _PLAIN_SUFFIXES:  # optimizer.bin, scaler.pt, DeepSpeed's *.pt, ...
         _vet_torch_file(f)
     return set()
@@ -608,6 +616,8 @@ def _vet_torch_file(f: Path) -> None:
         from accelerate.utils.other import TORCH_SAFE_GLOBALS
 
         safe = list(TORCH_SAFE_GLOBALS)
+    elif _DEEPSPEED_STATE.match(f.name):
+        safe = _deepspeed_globals()
     with torch.serialization.safe_globals(safe):
         try:
             torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -615,6 +625,21 @@ def _vet_torch_file(f: Path) -> None:
             if "mmap" not in str(err):
                 raise
             torch.load(f, map_location="cpu", weights_only=True)  # not a zip file: no mmap
+
+
+def _deepspeed_globals() -> list[Any]:
+    """The DeepSpeed classes its checkpoint files name (DeepSpeed 0.19, ZeRO stages 1-3): the
+    loss scaler object (pickled even in float32), the ZeRO stage enum and the dataclass that
+    addresses a parameter's fragment in the flat buffer. Plain data holders: unpickling them
+    sets attributes, runs nothing else. Empty when deepspeed is not installed (the files are
+    then refused, and DeepSpeed could not load them anyway)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except Exception:  # missing or broken install
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def _why(err: BaseException) -> str:

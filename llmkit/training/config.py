@@ -288,7 +288,8 @@ def check_lora_targets(
 
 class DistributedConfig(_Section):
     """How several processes share the work, through accelerate: DDP (a full copy of the model
-    per process) or, for models too big for that, FSDP or DeepSpeed ZeRO (GPUs only)."""
+    per process) or, for models too big for that, FSDP or DeepSpeed ZeRO (GPUs, or CPU
+    processes over gloo under a launcher)."""
 
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp",

@@ -8,12 +8,15 @@ the accelerate plugin (FSDP or DeepSpeed) that a recipe's ``distributed`` sectio
   ``CUDA_VISIBLE_DEVICES`` chooses the GPUs, as with any PyTorch program.
 - Plugins: ``strategy: fsdp`` builds accelerate's ``FullyShardedDataParallelPlugin`` (FSDP2,
   each transformer block wrapped on its own, Zhao et al. 2023, "PyTorch FSDP"); ``strategy:
-  deepspeed`` builds ``DeepSpeedPlugin`` (ZeRO, Rajbhandari et al. 2020). Both need GPUs.
+  deepspeed`` builds ``DeepSpeedPlugin`` (ZeRO, Rajbhandari et al. 2020). Both run on GPUs
+  and, under a launcher, on CPU processes over gloo: FSDP through :func:`shard_on_cpu`
+  (accelerate itself would train plain DDP there), DeepSpeed through its CPU accelerator.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,27 +90,49 @@ def require_deepspeed() -> None:
     )
 
 
-def check_strategy(dcfg, *, cuda: bool, lora: bool) -> None:
+def check_strategy(
+    dcfg, *, cuda: bool, lora: bool, launched: bool = True, machine: bool = True
+) -> None:
     """Refuse a ``distributed`` section that cannot run here, before a model is built.
 
+    Args:
+        dcfg: the recipe's ``distributed`` section.
+        cuda: a CUDA GPU is visible.
+        lora: the recipe trains LoRA adapters.
+        launched: a launcher (torchrun, accelerate launch) started this process
+            (:data:`LAUNCHER_ENV`); fsdp and deepspeed need one, for their process group
+            (on several GPUs the CLI relaunches itself under torchrun first).
+        machine: check what this machine must have (GPUs, a launcher, deepspeed installed);
+            False for ``--dry-run``, which only checks the recipe itself.
+
     Raises:
-        UserError: fsdp or deepspeed without a CUDA GPU; deepspeed not installed or its
-            config file unreadable; LoRA with fsdp or deepspeed (merging sharded weights is
-            not supported: LoRA's trainable state is small, use ddp).
+        UserError: fsdp or deepspeed without a launcher; deepspeed
+            not installed or its config file unreadable; LoRA with fsdp or deepspeed (merging
+            sharded weights is not supported: LoRA's trainable state is small, use ddp).
     """
     if dcfg.strategy == "ddp":
         return
-    if not cuda:
-        raise UserError(
-            f"distributed.strategy={dcfg.strategy} needs CUDA GPUs; this machine has none",
-            "use distributed.strategy=ddp (several CPU processes run over gloo)",
-        )
     if lora:
         raise UserError(
             f"LoRA with distributed.strategy={dcfg.strategy} is not supported",
             "use distributed.strategy=ddp: the adapters and their optimizer state are small",
         )
+    if not machine:
+        return
+    if not launched and (not cuda or dcfg.strategy == "fsdp"):
+        # On several GPUs the CLI has relaunched itself under torchrun before this point. On a
+        # CPU or one GPU accelerate would silently train without FSDP (it applies the plugin
+        # only to a multi-GPU state): say so instead. (DeepSpeed on one GPU starts its own.)
+        where = "on CPUs" if not cuda else "on one GPU"
+        n = 2 if not cuda else 1
+        raise UserError(
+            f"distributed.strategy={dcfg.strategy} {where} needs processes started by a "
+            "launcher (it shards the weights over a process group)",
+            f"torchrun --nproc_per_node {n} -m llmkit train ... (or use distributed.strategy=ddp)",
+        )
     if dcfg.strategy == "deepspeed":
+        if not cuda:  # DeepSpeed's CPU accelerator (it would pick it itself, with a warning)
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         require_deepspeed()
         if dcfg.deepspeed_config is not None:
             _read_deepspeed_config(dcfg.deepspeed_config)
@@ -188,3 +213,35 @@ def accelerator_plugins(
     config.setdefault("bf16", {"enabled": tcfg.mixed_precision == "bf16"})
     config.setdefault("fp16", {"enabled": tcfg.mixed_precision == "fp16"})
     return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=config)}
+
+
+def shard_on_cpu(accelerator, plugins: Mapping[str, Any]) -> None:
+    """Make accelerate run its FSDP2 path on CPU processes (gloo).
+
+    accelerate (1.x, ``AcceleratorState.__init__``) turns an ``fsdp_plugin`` into
+    ``DistributedType.FSDP`` only on GPU-like devices; with ``cpu=True`` (the only way it joins
+    CPU processes over gloo) it keeps ``MULTI_CPU`` and silently trains plain DDP. PyTorch's
+    FSDP2 (``torch.distributed.fsdp.fully_shard``) itself runs on CPU tensors over gloo, so
+    here the started state is switched to FSDP with the recipe's plugin: from then on
+    ``prepare`` (``fully_shard`` of each block, then the root), ``no_sync``, ``clip_grad_norm_``,
+    ``save_state`` / ``load_state`` (``torch.distributed.checkpoint``) and ``get_state_dict``
+    take exactly the code path they take on GPUs. Nothing is done on GPUs, for DDP, or when
+    accelerate already chose FSDP.
+
+    Args:
+        accelerator: a started ``accelerate.Accelerator`` (process group up).
+        plugins: what :func:`accelerator_plugins` returned.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    plugin = plugins.get("fsdp_plugin")
+    state = accelerator.state
+    if plugin is None or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state.fsdp_plugin = plugin
+    # both singletons: each later ``AcceleratorState()`` copies the process state's type in
+    PartialState().distributed_type = DistributedType.FSDP
+    state.distributed_type = DistributedType.FSDP

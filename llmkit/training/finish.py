@@ -53,6 +53,8 @@ def finish(plan: Plan, run: Setup, state: FitState) -> dict[str, Any]:
     full_state = accelerator.get_state_dict(run.model) if plan.sharded else None
     logger.close()
     if accelerator.is_main_process:
+        if full_state is not None:
+            full_state = drop_tied_copies(accelerator.unwrap_model(run.model), full_state)
         write_run(
             accelerator.unwrap_model(run.model),
             plan.tokenizer,
@@ -73,6 +75,25 @@ def finish(plan: Plan, run: Setup, state: FitState) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def drop_tied_copies(model, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The gathered weights of a sharded model without the second name of a tied parameter.
+
+    The gathered state holds a tensor per name, so a tied output matrix (``lm_head.weight``,
+    the same parameter as the input embedding) comes back as its own copy and
+    ``save_pretrained`` would write it twice; the unsharded path saves it once. The names that
+    share one parameter in ``model`` (``named_parameters(remove_duplicate=False)``) keep the
+    first; the model's config restores the tie on load.
+    """
+    first: dict[int, str] = {}
+    drop = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            drop.append(name)
+        else:
+            first[id(param)] = name
+    return {k: v for k, v in state_dict.items() if k not in drop}
 
 
 def _refuse_non_finite(plan: Plan, run: Setup, state: FitState) -> None:

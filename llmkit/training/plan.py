@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,11 +235,14 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
         recipe: the resolved recipe.
         logger: a :class:`llmkit.training.logger.MetricLogger` for warnings (silent off rank 0).
         resume: ``--resume`` (``latest``, a checkpoint or a run directory), or None.
-        dry_run: no trackers are looked up.
+        dry_run: no trackers are looked up, no accelerate plugin is built and the
+            ``distributed`` strategy is not checked against this machine (a dry run on a CPU
+            shows the per-process memory of fsdp and deepspeed too).
 
     Raises:
         UserError: data not prepared, vocabulary or positions that do not fit the data, a
-            ``distributed`` strategy this machine cannot run, batch sizes that do not divide,
+            ``distributed`` strategy this machine cannot run (or fp16 with fsdp / deepspeed on
+            CPUs), batch sizes that do not divide,
             nothing to resume or a checkpoint of another batch size.
     """
     from accelerate.utils import get_int_from_env
@@ -256,12 +260,29 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
     check_lora_targets(recipe.lora, model_config, recipe.model.trust_remote_code)
 
     cuda = torch.cuda.is_available()
-    check_strategy(recipe.distributed, cuda=cuda, lora=recipe.lora.r > 0)
+    from llmkit.training.distributed import LAUNCHER_ENV
+
+    launched = any(key in os.environ for key in LAUNCHER_ENV)
+    # a dry run builds nothing: it shows the memory of any strategy on any machine
+    check_strategy(
+        recipe.distributed,
+        cuda=cuda,
+        lora=recipe.lora.r > 0,
+        launched=launched,
+        machine=not dry_run,
+    )
     for message in recipe.ignored_settings():  # e.g. zero_stage with strategy ddp
         logger.warn(message)
     if logger.main:
         announce_threads()  # a busy machine: the thread count the CLI chose, said now
-    if tcfg.mixed_precision == "fp16" and not cuda:
+    if tcfg.mixed_precision == "fp16" and not cuda and recipe.distributed.strategy != "ddp":
+        if not dry_run:  # no loss scaler is set up for sharded CPU runs: gradients underflow
+            raise UserError(
+                f"train.mixed_precision=fp16 with distributed.strategy="
+                f"{recipe.distributed.strategy} is not supported on CPUs (no loss scaling)",
+                "use train.mixed_precision=bf16 or no",
+            )
+    elif tcfg.mixed_precision == "fp16" and not cuda:
         logger.warn(
             "train.mixed_precision=fp16 without a GPU: CPUs without AVX512-FP16 emulate "
             "float16 matmuls, tens of times slower than float32; use bf16 or no"
@@ -272,8 +293,12 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
     world = get_int_from_env(WORLD_SIZE_ENV, 1)
     accum = _accumulation(recipe, world, len(data.train))
     b = tcfg.micro_batch_size
-    plugins = accelerator_plugins(
-        recipe.distributed, tcfg, micro_batch_size=b, accum=accum, world=world
+    plugins = (
+        {}
+        if dry_run
+        else accelerator_plugins(
+            recipe.distributed, tcfg, micro_batch_size=b, accum=accum, world=world
+        )
     )
     trackers, missing = ([], []) if dry_run else tracker_names(tcfg.trackers)
     plan = Plan(

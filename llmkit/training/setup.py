@@ -35,6 +35,19 @@ COMPILE_BACKEND = "inductor"
 
 
 # --------------------------------------------------------------------------- optimizer
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's shape as the model defines it. Under DeepSpeed ZeRO-3 transformers builds
+    the model inside ``deepspeed.zero.Init``, which leaves each parameter an empty 1-D
+    placeholder (its shape in ``ds_shape``): its own ``shape`` / ``dim()`` / ``numel()`` would
+    put every matrix among the biases (no weight decay at all) and count 0 parameters."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """A parameter's element count as the model defines it (see :func:`full_shape`)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay on matrices (weights, embeddings), none on biases and norm gains.
 
@@ -44,7 +57,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if len(full_shape(p)) >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -81,7 +94,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int | Non
             optimizer,
             num_warmup_steps=cfg.warmup_steps,
             num_training_steps=total_steps,
-            scheduler_specific_kwargs={"min_lr": cfg.min_lr},
+            # as a rate of the peak: transformers would read the peak from
+            # ``optimizer.defaults``, which DeepSpeed's ZeRO-3 optimizer does not have
+            scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr / cfg.learning_rate},
         )
     name = "linear" if cfg.lr_schedule == "linear" else "constant_with_warmup"
     return get_scheduler(
@@ -98,6 +113,8 @@ def make_accelerator(plan: Plan):
     """
     from accelerate import Accelerator
 
+    from llmkit.training.distributed import shard_on_cpu
+
     tcfg = plan.recipe.train
     if plan.world == 1:
         # accelerate keeps one state per process and silently keeps the first run's compile
@@ -109,14 +126,26 @@ def make_accelerator(plan: Plan):
         reset_accelerate_state()
     # Several processes (torchrun / accelerate launch) and no GPU: accelerate joins them over
     # gloo only when told cpu=True (without it each process trains alone, unaware of the rest).
+    cuda = torch.cuda.is_available()
+    # DeepSpeed on CPUs: accelerate starts DeepSpeed's engine only when not told cpu=True;
+    # DeepSpeed's CPU accelerator then joins the processes over the backend named here.
+    ds_cpu = not cuda and "deepspeed_plugin" in plan.plugins
+    handlers = []
+    if ds_cpu:
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
-        cpu=plan.world > 1 and not torch.cuda.is_available(),
+        # FSDP on CPUs: under a launcher even with one process (it needs the process group)
+        cpu=not cuda and not ds_cpu and (plan.world > 1 or "fsdp_plugin" in plan.plugins),
+        kwargs_handlers=handlers,
         mixed_precision=tcfg.mixed_precision,
         log_with=plan.trackers or None,
         project_dir=str(plan.run_dir),
         dynamo_backend=COMPILE_BACKEND if plan.recipe.model.compile else None,
         **plan.plugins,
     )
+    shard_on_cpu(accelerator, plan.plugins)
     if accelerator.num_processes != plan.world:
         raise UserError(
             f"accelerate joined {accelerator.num_processes} processes but the launcher "
@@ -277,11 +306,13 @@ def setup(plan: Plan, accelerator, logger: MetricLogger) -> Setup:
     recipe, tcfg, ecfg = plan.recipe, plan.recipe.train, plan.recipe.eval
     set_seed(tcfg.seed)
     model = _build_model(plan, logger)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params = sum(full_numel(p) for p in model.parameters())
+    n_trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     optimizer = make_optimizer(model, tcfg)
-    scheduler = make_scheduler(optimizer, tcfg, plan.total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # after prepare: DeepSpeed ZeRO-3 regroups the parameters into its own flat groups, and
+    # the schedule must set the learning rate of the groups that are stepped
+    scheduler = make_scheduler(optimizer, tcfg, plan.total_steps)
     early = EarlyStopping(ecfg.patience, ecfg.min_delta)
     start_step, start_tokens, resumed_val = 0, 0, {}
     if plan.resume_from is not None:

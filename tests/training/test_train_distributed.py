@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -192,17 +193,52 @@ def test_deepspeed_plugin_from_the_recipe(monkeypatch, tmp_path):
 
 def test_strategy_checks_before_any_model(write_prepared, tmp_path, tiny_tokenizer, monkeypatch):
 
+    for key in distributed.LAUNCHER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 8, 2)
     base = ["train", f"data.path={data}", f"out_dir={tmp_path / 'r'}"]
+    # FSDP on CPUs runs under a launcher (its gloo process group); alone it is refused
     result = CliRunner().invoke(app, [*base, "distributed.strategy=fsdp"])
     assert result.exit_code == 2 and not (tmp_path / "r").exists()
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "needs CUDA GPUs" in lines[0] and "strategy=ddp" in lines[0]
+    assert len(lines) == 1 and "needs processes started by a launcher" in lines[0]
+    assert "torchrun --nproc_per_node 2 -m llmkit train" in lines[0]
+    fsdp = _section(strategy="fsdp").distributed
+    check_strategy(fsdp, cuda=False, lora=False, launched=True)  # torchrun on CPUs: fine
+    # ... but not in fp16 there: no loss scaler is set up for a sharded CPU run
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    fp16 = [*base, "distributed.strategy=fsdp", "train.mixed_precision=fp16"]
+    result = CliRunner().invoke(app, fp16)
+    assert result.exit_code == 2 and not (tmp_path / "r").exists()
+    assert "fp16 with distributed.strategy=fsdp is not supported on CPUs" in result.stderr
+    assert "mixed_precision=bf16" in result.stderr
+    for key in distributed.LAUNCHER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    # DeepSpeed on CPUs too: under a launcher (its CPU accelerator over gloo), not alone
+    ds = _section(strategy="deepspeed").distributed
+    with pytest.raises(UserError, match="deepspeed on CPUs needs processes started by a"):
+        check_strategy(ds, cuda=False, lora=False, launched=False)
+    monkeypatch.setattr(distributed, "require_deepspeed", lambda: None)
+    monkeypatch.setenv("DS_ACCELERATOR", "unset")  # restored after the test
+    monkeypatch.delenv("DS_ACCELERATOR")
+    check_strategy(ds, cuda=False, lora=False, launched=True)
+    assert os.environ["DS_ACCELERATOR"] == "cpu"  # DeepSpeed's CPU accelerator, no warning
+    # --dry-run checks the recipe, not the machine: no GPU, no launcher, no deepspeed needed
+    check_strategy(ds, cuda=False, lora=False, launched=False, machine=False)
+    with pytest.raises(UserError, match="LoRA with distributed.strategy=deepspeed"):
+        check_strategy(ds, cuda=False, lora=True, launched=False, machine=False)
     # with GPUs: LoRA and sharding are refused together, with the fix
     recipe = _section(strategy="fsdp")
     with pytest.raises(UserError, match="LoRA with distributed.strategy=fsdp"):
         check_strategy(recipe.distributed, cuda=True, lora=True)
-    check_strategy(recipe.distributed, cuda=True, lora=False)  # fine
+    check_strategy(recipe.distributed, cuda=True, lora=False)  # fine (launched: the default)
+    # one GPU, no launcher: accelerate would train without sharding, silently; refused
+    with pytest.raises(UserError, match="fsdp on one GPU needs processes started by a") as err:
+        check_strategy(recipe.distributed, cuda=True, lora=False, launched=False)
+    assert "torchrun --nproc_per_node 1" in err.value.hint
     # ill-typed or unknown values: one line naming the key
     for override, needle in (
         ("distributed.strategy=zero", "distributed.strategy"),
@@ -258,3 +294,149 @@ def test_dry_run_divides_the_sharded_memory(tiny_tokenizer):
             mem["total"]
             == sum(mem[p] for p in ("weights", "gradients", "optimizer")) + (ddp["activations"])
         )
+
+
+@pytest.mark.parametrize(
+    "strategy, extra, sharded",
+    [
+        ("fsdp", [], "optimizer, gradients, weights"),
+        ("deepspeed", ["distributed.zero_stage=2"], "optimizer, gradients"),
+        ("deepspeed", ["distributed.zero_stage=3"], "optimizer, gradients, weights"),
+    ],
+)
+def test_dry_run_on_a_cpu_shows_sharded_memory_per_process(
+    write_prepared, tmp_path, tiny_tokenizer, monkeypatch, strategy, extra, sharded
+):
+    """No GPU, deepspeed not installed: --dry-run still prints (and returns) the memory per
+    process of the launcher's processes (WORLD_SIZE) instead of refusing the strategy."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` fails
+    for key in distributed.LAUNCHER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 16, 2)
+    base = [
+        "train",
+        f"data.path={data}",
+        f"out_dir={tmp_path / 'r'}",
+        "model.n_layer=1",
+        "model.n_embd=16",
+        "model.n_head=2",
+        "train.micro_batch_size=2",
+        "--dry-run",
+        "--json",
+    ]
+    plans = {}
+    for world in ("1", "4"):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        result = CliRunner().invoke(app, [*base, f"distributed.strategy={strategy}", *extra])
+        assert result.exit_code == 0, result.output
+        plans[world] = json.loads(result.stdout.strip().splitlines()[-1])
+        assert not (tmp_path / "r").exists()
+    one, four = plans["1"]["memory_bytes"], plans["4"]["memory_bytes"]
+    for part in ("weights", "gradients", "optimizer"):
+        want = math.ceil(one[part] / 4) if part in sharded else one[part]
+        assert four[part] == want, part
+    assert four["total"] < one["total"]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    text = CliRunner().invoke(app, [*base[:-1], f"distributed.strategy={strategy}", *extra])
+    assert f"({sharded} sharded over 4)" in " ".join(text.stderr.split())
+
+
+def test_fsdp_is_switched_on_for_cpu_processes_only(monkeypatch):
+    """accelerate keeps MULTI_CPU (plain DDP) when given an FSDP plugin with cpu=True:
+    shard_on_cpu switches both of its state singletons to FSDP with the recipe's plugin;
+    nothing changes on GPUs (accelerate chose FSDP itself) or without an fsdp plugin."""
+    import types
+
+    import accelerate.state
+    from accelerate.utils import DistributedType
+
+    partial = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    monkeypatch.setattr(accelerate.state, "PartialState", lambda: partial)
+
+    def fake(kind, precision="no"):
+        state = types.SimpleNamespace(distributed_type=kind, fsdp_plugin=None)
+        return types.SimpleNamespace(state=state, mixed_precision=precision)
+
+    recipe = _section(strategy="fsdp", reshard_after_forward="false")
+    plugins = accelerator_plugins(
+        recipe.distributed, recipe.train, micro_batch_size=1, accum=1, world=2
+    )
+    acc = fake(DistributedType.MULTI_CPU, "bf16")
+    distributed.shard_on_cpu(acc, plugins)
+    assert acc.state.distributed_type == DistributedType.FSDP
+    assert partial.distributed_type == DistributedType.FSDP
+    assert acc.state.fsdp_plugin is plugins["fsdp_plugin"]
+    assert acc.state.fsdp_plugin.reshard_after_forward is False
+    assert acc.state.fsdp_plugin.mixed_precision_policy.param_dtype == torch.bfloat16
+    for kind, given in ((DistributedType.MULTI_GPU, plugins), (DistributedType.MULTI_CPU, {})):
+        partial.distributed_type = kind
+        acc = fake(kind)
+        distributed.shard_on_cpu(acc, given)
+        assert acc.state.distributed_type == kind and acc.state.fsdp_plugin is None
+        assert partial.distributed_type == kind
+
+
+def test_deepspeed_checkpoint_files_are_vetted_not_unpickled(tmp_path):
+    """DeepSpeed's `latest` and copied conversion script are text that nothing loads; its
+    *_states.pt files go through weights_only=True (with only DeepSpeed's own data classes
+    allowed): tensors pass, a pickle naming anything else is refused before any load."""
+    import argparse
+
+    from llmkit.training import checkpoint as ckpt
+
+    step = tmp_path / "run" / "checkpoints" / "step-00000010"
+    shards = step / "pytorch_model"
+    shards.mkdir(parents=True)
+    (step / "trainer_state.json").write_text('{"step": 10, "tokens": 0}')
+    (step / "rng_state_0.json").write_text("{}")
+    (step / "latest").write_text("pytorch_model")
+    (step / "zero_to_fp32.py").write_text("raise SystemExit('never run')\n")
+    torch.save({"module": {"w": torch.ones(2)}}, shards / "mp_rank_00_model_states.pt")
+    optim = shards / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"step": 10, "m": torch.zeros(2)}}, optim)
+    ckpt.verify_checkpoint(step, 1)  # all vetted, nothing refused
+    torch.save({"optimizer_state_dict": argparse.Namespace(lr=1.0)}, optim)
+    with pytest.raises(UserError) as err:
+        ckpt.verify_checkpoint(step, 1)
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in str(err.value)
+    assert "is refused" in str(err.value) and "Namespace" in str(err.value)
+
+
+def test_zero3_placeholders_keep_their_weight_decay_group_and_count():
+    """Under ZeRO-3 (deepspeed.zero.Init) every parameter is an empty 1-D placeholder whose real
+    shape is in ds_shape: the matrices must still be decayed and counted (they were all put in
+    the no-decay group and counted as 0 parameters, so ZeRO-3 trained without weight decay)."""
+    from llmkit.training.setup import full_numel, param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    for p in model.parameters():  # what zero.Init leaves behind
+        shape = tuple(p.shape)
+        p.data = torch.empty(0)
+        p.ds_shape, p.ds_numel = torch.Size(shape), math.prod(shape)
+    decay, no_decay = param_groups(model, 0.1)
+    assert [tuple(p.ds_shape) for p in decay["params"]] == [(3, 4)]
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert sorted(tuple(p.ds_shape) for p in no_decay["params"]) == [(3,), (3,), (3,)]
+    assert sum(full_numel(p) for p in model.parameters()) == 12 + 3 + 3 + 3
+
+
+def test_gathered_weights_drop_the_copy_of_a_tied_matrix():
+    """A sharded model's gathered weights hold lm_head.weight as a copy of the (tied) input
+    embedding: the final save keeps one name, as the unsharded save does."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmkit.training.finish import drop_tied_copies
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}
+    assert "lm_head.weight" in gathered
+    kept = drop_tied_copies(model, gathered)
+    assert set(kept) == set(gathered) - {"lm_head.weight"}
+    untied = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=50, n_positions=8, n_embd=8, n_layer=1, n_head=2, tie_word_embeddings=False
+        )
+    )
+    state = {k: v.clone() for k, v in untied.state_dict().items()}
+    assert drop_tied_copies(untied, state).keys() == state.keys()
