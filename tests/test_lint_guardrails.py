@@ -1,7 +1,8 @@
 """The complexity guardrails of pyproject.toml ([tool.ruff.lint]: C901 McCabe complexity over 10,
 PLR0915 over 40 statements) hold where the project says they do, so that a per-file-ignores
 edit cannot quietly take a package out of them. ``make lint`` (run by ``.ci/run`` before the
-tests) is what enforces them on the code; this pins their reach."""
+tests) is what enforces them on the code; this pins their reach: the whole package, except the
+files listed in EXCLUDED, and nothing outside it (tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,39 @@ TOO_BIG = "def f(x):\n" + "".join(f"    if x == {i}:\n        x += {i}\n" for i 
 TOO_BIG += "".join(f"    y{i} = x\n" for i in range(20)) + "    return x\n"
 
 GUARDED = [
+    "llmkit/_probe.py",
+    "llmkit/errors.py",
+    "llmkit/runtime.py",
+    "llmkit/security.py",
+    "llmkit/runs.py",
+    "llmkit/templates.py",
+    "llmkit/core/_probe.py",
+    "llmkit/core/loading.py",
+    "llmkit/data/_probe.py",
+    "llmkit/data/clean.py",
+    "llmkit/data/config.py",
+    "llmkit/data/pii.py",
+    "llmkit/data/filters/_probe.py",
+    "llmkit/data/steps/_probe.py",
+    "llmkit/evaluation/_probe.py",
+    "llmkit/generation/_probe.py",
     "llmkit/training/_probe.py",
     "llmkit/serve/_probe.py",
     "llmkit/export/_probe.py",
     "llmkit/cli/_probe.py",
-    "llmkit/templates.py",
 ]
-# Not yet: being restructured (issue 12); remove from here when they pass.
-NOT_YET = ["llmkit/data/_probe.py", "llmkit/generation/_probe.py"]
+# Not yet: being rewritten on other branches (pyproject.toml says which and why); remove a file
+# from here (and from pyproject.toml) when it passes. The value: the codes that still hold.
+EXCLUDED = {
+    "llmkit/data/readers.py": set(),
+    "llmkit/data/pipeline.py": set(),
+    "llmkit/data/outdir.py": set(),
+    "llmkit/data/encode.py": set(),
+    "llmkit/data/sft.py": set(),
+    "llmkit/data/distributed/_probe.py": set(),
+    "llmkit/cli/prepare.py": {"PLR0915"},
+}
+OUTSIDE = ["tests/_probe.py", "benchmarks/_probe.py"]
 
 
 def _codes(path: str) -> set[str]:
@@ -50,10 +76,15 @@ def _codes(path: str) -> set[str]:
 
 
 @pytest.mark.parametrize("path", GUARDED)
-def test_complexity_rules_hold_in_the_guarded_packages(path):
+def test_complexity_rules_hold_in_the_package(path):
     assert _codes(path) == {"C901", "PLR0915"}
 
 
-@pytest.mark.parametrize("path", NOT_YET)
-def test_packages_being_restructured_are_not_yet_guarded(path):
+@pytest.mark.parametrize("path", sorted(EXCLUDED))
+def test_files_being_rewritten_are_not_yet_guarded(path):
+    assert _codes(path) == EXCLUDED[path]
+
+
+@pytest.mark.parametrize("path", OUTSIDE)
+def test_complexity_rules_stop_at_the_package(path):
     assert _codes(path) == set()

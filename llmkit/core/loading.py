@@ -494,66 +494,101 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
         UserError: a local path that is not a model; a model that needs its own code without
             ``trust_remote_code``; or anything transformers raised while loading, one line.
     """
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from llmkit.core.tokenizer import load_tokenizer
-    from llmkit.security import (
-        announce_remote_code,
-        is_remote_code_error,
-        remote_code_error,
-    )
+    from llmkit.security import announce_remote_code
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: noise on stderr for a CLI
+    source = resolve_source(name)
+    trust_remote_code = trust_remote_code and not source.cached  # never code from a cache
+    kwargs, tok_kwargs = _load_kwargs(name, source, device, dtype, trust_remote_code)
+    if trust_remote_code:
+        announce_remote_code(name, source.where)
+    model = _from_pretrained(name, source.where, kwargs)
+    _check_generation_config(model, name, source.where)
+    if device.type != "cuda":
+        model.to(device)
+    model.eval()
+    tokenizer = load_tokenizer(source.where, trust_remote_code=trust_remote_code, **tok_kwargs)
+    if "gguf_file" in kwargs:
+        _fix_gguf_tokenizer(tokenizer, source.gguf_pre)
+        if source.gguf_cache is not None:
+            save_gguf_cache(model, tokenizer, source.gguf_cache)
+    return model, tokenizer
+
+
+def _load_kwargs(
+    name: str,
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the keyword arguments of ``from_pretrained``, those of ``load_tokenizer``) for
+    ``source``: weights straight onto a CUDA device, the ``.gguf`` file, and for a Hub id
+    the local cache only when the Hub is not reachable (:func:`_prepare_hub`)."""
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if device.type == "cuda":
         kwargs["device_map"] = str(device)  # load the weights straight onto the GPU
-    source = resolve_source(name)
-    where, tok_kwargs = source.where, {}
     kwargs.update(source.kwargs)
-    if source.cached:
-        kwargs["trust_remote_code"] = trust_remote_code = False  # never code from a cache
-    elif source.kind == "gguf":
-        tok_kwargs = {"gguf_file": source.kwargs["gguf_file"]}
-    elif source.kind == "hub":
-        reachable, why = hub_status()
-        if not reachable:  # read the local cache only: no retries, an answer at once
-            _hub_offline()
-            kwargs["local_files_only"] = True
-            tok_kwargs = {"local_files_only": True}
-            if not _hub_cached(name):
-                raise UserError(
-                    f"cannot load {name}: the Hub is not reachable ({why}) and {name} is not "
-                    "in the local Hugging Face cache",
-                    "connect to the network, or pass --model DIR (a save_pretrained directory "
-                    "or a .gguf file)",
-                )
-        elif not _hub_cached(name):
-            from huggingface_hub.utils import enable_progress_bars
+    if source.cached:  # a cached conversion: a save_pretrained directory
+        return kwargs, {}
+    if source.kind == "gguf":
+        return kwargs, {"gguf_file": source.kwargs["gguf_file"]}
+    if source.kind == "hub" and not _prepare_hub(name):
+        kwargs["local_files_only"] = True
+        return kwargs, {"local_files_only": True}
+    return kwargs, {}
 
-            sys.stderr.write(f"downloading {name} from the Hub ({why})\n")
-            enable_progress_bars()  # the first download shows its progress
-    if trust_remote_code:
-        announce_remote_code(name, where)
+
+def _prepare_hub(name: str) -> bool:
+    """Get ready to load the Hub model ``name``: True when the Hub is reachable (a first
+    download announced on stderr, with its progress bars); False when it is not and ``name``
+    is in the local cache (the Hub libraries switched offline: no retries, an answer at once).
+
+    Raises:
+        UserError: the Hub is not reachable and ``name`` is not in the local cache.
+    """
+    reachable, why = hub_status()
+    if not reachable:
+        _hub_offline()
+        if not _hub_cached(name):
+            raise UserError(
+                f"cannot load {name}: the Hub is not reachable ({why}) and {name} is not "
+                "in the local Hugging Face cache",
+                "connect to the network, or pass --model DIR (a save_pretrained directory "
+                "or a .gguf file)",
+            )
+        return False
+    if not _hub_cached(name):
+        from huggingface_hub.utils import enable_progress_bars
+
+        sys.stderr.write(f"downloading {name} from the Hub ({why})\n")
+        enable_progress_bars()  # the first download shows its progress
+    return True
+
+
+def _from_pretrained(name: str, where: str, kwargs: dict[str, Any]) -> Any:
+    """``AutoModelForCausalLM.from_pretrained(where, **kwargs)``, its errors as one line.
+
+    Raises:
+        UserError: a model that needs its own code without ``trust_remote_code``; anything
+            transformers raised while loading.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.security import is_remote_code_error, remote_code_error
+
     try:
         with quiet_gguf_conversion():
-            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+            return AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except UserError:
         raise
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, ImportError...
         if is_remote_code_error(err):
             raise remote_code_error(name, where) from None
         raise UserError(f"cannot load {name}: {_short(err)}") from err
-    _check_generation_config(model, name, where)
-    if device.type != "cuda":
-        model.to(device)
-    model.eval()
-    tokenizer = load_tokenizer(where, trust_remote_code=trust_remote_code, **tok_kwargs)
-    if "gguf_file" in kwargs:
-        _fix_gguf_tokenizer(tokenizer, source.gguf_pre)
-        if source.gguf_cache is not None:
-            save_gguf_cache(model, tokenizer, source.gguf_cache)
-    return model, tokenizer
 
 
 def load_source_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import Counter
-from collections.abc import Sequence
-from functools import lru_cache
+from collections.abc import Callable, Sequence
+from functools import lru_cache, partial
 
 from llmkit.data.clean import DocumentStage, Outcome
 
@@ -126,44 +126,49 @@ def redact(
     (when given) is increased by the replacements made, by kind.
     """
     counts = counts if counts is not None else Counter()
-
-    def sub(kind: str, check=None):
-        def replace(match: re.Match) -> str:
-            if check is not None and not check(match.group(0)):
-                return match.group(0)
-            if kind == "ip" and _VERSION_WORD.search(
-                match.string, max(0, match.start() - 24), match.start()
-            ):
-                return match.group(0)
-            counts[kind] += 1
-            return PLACEHOLDERS[kind]
-
-        return replace
-
-    def email(match: re.Match) -> str:
-        found = match.group(0)
-        end = _email_end(found)
-        if not end:
-            return found
-        counts["email"] += 1
-        return PLACEHOLDERS["email"] + found[end:]
-
     if "@" in text:
-        text = EMAIL.sub(email, text)
+        text = EMAIL.sub(partial(_replace_email, counts), text)
     if ":" in text:
-        text = IPV6.sub(sub("ip", _plausible_ipv6), text)
+        text = IPV6.sub(partial(_replace_ip, counts, _plausible_ipv6), text)
     if "." in text:
-        text = IPV4.sub(sub("ip", _valid_ip), text)
+        text = IPV4.sub(partial(_replace_ip, counts, _valid_ip), text)
+    return _replace_phone_numbers(text, counts, regions)
+
+
+def _replace_email(counts: Counter, match: re.Match) -> str:
+    """The e-mail candidate ``match`` with its address (up to a real top-level domain,
+    :func:`_email_end`) replaced, or unchanged when it has none."""
+    found = match.group(0)
+    end = _email_end(found)
+    if not end:
+        return found
+    counts["email"] += 1
+    return PLACEHOLDERS["email"] + found[end:]
+
+
+def _replace_ip(counts: Counter, check: Callable[[str], bool], match: re.Match) -> str:
+    """The placeholder for the IP address candidate ``match``, or the candidate unchanged when
+    ``check`` rejects it or it follows a version word ("version 2.0.0.1")."""
+    if not check(match.group(0)):
+        return match.group(0)
+    if _VERSION_WORD.search(match.string, max(0, match.start() - 24), match.start()):
+        return match.group(0)
+    counts["ip"] += 1
+    return PLACEHOLDERS["ip"]
+
+
+def _replace_phone_numbers(text: str, counts: Counter, regions: Sequence[str]) -> str:
+    """``text`` with its valid phone numbers (:func:`find_phone_numbers`) replaced."""
     spans = find_phone_numbers(text, regions)
-    if spans:
-        parts, last = [], 0
-        for start, end in spans:
-            parts += [text[last:start], PLACEHOLDERS["phone"]]
-            last = end
-        parts.append(text[last:])
-        counts["phone"] += len(spans)
-        text = "".join(parts)
-    return text
+    if not spans:
+        return text
+    parts, last = [], 0
+    for start, end in spans:
+        parts += [text[last:start], PLACEHOLDERS["phone"]]
+        last = end
+    parts.append(text[last:])
+    counts["phone"] += len(spans)
+    return "".join(parts)
 
 
 def _valid_ip(candidate: str) -> bool:

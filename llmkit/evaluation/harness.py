@@ -570,37 +570,101 @@ def run_tasks(
     _check_numbers(limit, num_fewshot, batch_size)
     _quiet_harness_logs()
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     if loaded_tasks is None:
-        names = parse_tasks(tasks)
-        paths = _include_paths(include_path)
-        tm = task_manager(names, paths)
-        with task_code_guard(trust_remote_code) as refused:
-            loaded_tasks = load_tasks(tm, names, task_specs(tm, names, paths))
-            if refused:  # some code swallowed the refusal: refuse all the same
-                raise _metric_code_error(refused[0])
-    # The tasks are built already; without a manager of its own, simple_evaluate would index
-    # all ~15,000 built-in tasks again (tens of seconds) only to pass them through.
-    empty_manager = TaskManager(include_defaults=False)
+        loaded_tasks = _load_named_tasks(tasks, include_path, trust_remote_code)
     kwargs: dict[str, Any] = {"batch_size": batch_size}
     if max_length is not None:
         kwargs["max_length"] = max_length
-    if chat and not getattr(tokenizer, "chat_template", None):
-        raise UserError(
-            "--chat needs a chat template and the model's tokenizer has none (not a chat model)",
-            "drop --chat, or evaluate an instruct model",
-        )
-    if chat:  # a broken template fails here in one line, not inside the harness
-        from llmkit.templates import render_chat
-
-        render_chat(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    if chat:
+        _check_chat_template(tokenizer)
     from llmkit.core.loading import silence_padding_warning
 
     # The harness pads on the right, after the scored continuation: the warning is noise.
     silence_padding_warning(lm)
     # the model is already loaded: nothing for the harness to fetch or run
     model = harness_lm(lm, tokenizer, trust_remote_code=False, **kwargs)
+    raw = _simple_evaluate(
+        model,
+        loaded_tasks,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        log_samples=log_samples,
+        chat=chat,
+        trust_remote_code=trust_remote_code,
+    )
+    if model.split_joins:
+        sys.stderr.write(
+            f"warning: {model.split_joins} request(s) had a token spanning the join of context "
+            "and continuation; each was scored with the continuation tokenized alone "
+            "(lm-evaluation-harness #1297)\n"
+        )
+    return {
+        "tasks": summarize(raw, samples=log_samples),
+        "limit": limit,
+        "lm_eval_version": getattr(lm_eval, "__version__", None),
+    }
+
+
+def _load_named_tasks(
+    tasks: str | list[str], include_path: str | Path | list | None, trust_remote_code: bool
+) -> list[Any]:
+    """The Task objects of ``tasks`` (names, with the YAMLs under ``include_path``), task
+    code refused unless ``trust_remote_code`` (:func:`task_code_guard`).
+
+    Raises:
+        UserError: an unknown task; task data that cannot be loaded; task code refused.
+    """
+    names = parse_tasks(tasks)
+    paths = _include_paths(include_path)
+    tm = task_manager(names, paths)
+    with task_code_guard(trust_remote_code) as refused:
+        loaded = load_tasks(tm, names, task_specs(tm, names, paths))
+        if refused:  # some code swallowed the refusal: refuse all the same
+            raise _metric_code_error(refused[0])
+    return loaded
+
+
+def _check_chat_template(tokenizer: Any) -> None:
+    """Render one user turn with ``tokenizer``'s chat template, so that ``--chat`` with no
+    template or a broken one fails here in one line, not inside the harness.
+
+    Raises:
+        UserError: the tokenizer has no chat template, or it does not render.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "--chat needs a chat template and the model's tokenizer has none (not a chat model)",
+            "drop --chat, or evaluate an instruct model",
+        )
+    from llmkit.templates import render_chat
+
+    render_chat(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+
+
+def _simple_evaluate(
+    model: Any,
+    loaded_tasks: list[Any],
+    *,
+    limit: int | None,
+    num_fewshot: int | None,
+    log_samples: bool,
+    chat: bool,
+    trust_remote_code: bool,
+) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate`` on built tasks: its progress notes on stderr (stdout is
+    for llmkit's results), metric code guarded while tasks are scored, tasks that execute
+    the model's code refused.
+
+    Raises:
+        UserError: metric code refused; a task marked unsafe.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    # The tasks are built already; without a manager of its own, simple_evaluate would index
+    # all ~15,000 built-in tasks again (tens of seconds) only to pass them through.
+    empty_manager = TaskManager(include_defaults=False)
     try:
         # a metric a task loads while it is scored (e.g. in process_results) is guarded too
         # the harness prints progress notes on stdout ("bootstrapping for stddev: ...");
@@ -626,17 +690,7 @@ def run_tasks(
             raise
         found = re.search(r"task:? (\S+) which is marked as unsafe", str(err))
         raise _unsafe_error(found.group(1) if found else "a task") from None
-    if model.split_joins:
-        sys.stderr.write(
-            f"warning: {model.split_joins} request(s) had a token spanning the join of context "
-            "and continuation; each was scored with the continuation tokenized alone "
-            "(lm-evaluation-harness #1297)\n"
-        )
-    return {
-        "tasks": summarize(raw, samples=log_samples),
-        "limit": limit,
-        "lm_eval_version": getattr(lm_eval, "__version__", None),
-    }
+    return raw
 
 
 def harness_lm(lm: Any, tokenizer: Any, **kwargs: Any) -> Any:

@@ -13,6 +13,7 @@ the oldest exchanges are dropped (the system message is kept), and a note says s
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -122,32 +123,11 @@ def chat_loop(
     if interactive:
         err.write(f"[chat: {COMMANDS}]\n")
     replies = 0
-    while True:
-        if interactive:
-            err.write("you> ")
-            err.flush()
-        line = inp.readline()
-        if not line:
-            break
-        message = line.rstrip("\n")
-        command = message.strip()
-        if not command:
+    for message in _user_messages(inp, err, interactive):
+        if _session_command(session, message.strip(), err):
             continue
-        if command == "/exit":
-            break
-        if command == "/reset":
-            session.reset()
-            err.write("[history cleared]\n")
-            continue
-        if command.startswith("/"):
-            err.write(f"[unknown command {command}; {COMMANDS}]\n")
-            continue
-        try:
-            result = session.reply(message, out=out, err=err)
-        except UserError as error:
-            if not interactive:  # a script: stop with status 2 (SPEC §6), replies so far kept
-                raise
-            err.write(f"error: {error}\n")
+        result = _answer(session, message, out, err, interactive)
+        if result is None:
             continue
         replies += 1
         if interactive:
@@ -157,3 +137,52 @@ def chat_loop(
             )
         err.flush()
     return replies
+
+
+def _user_messages(inp: TextIO, err: TextIO, interactive: bool) -> Iterator[str]:
+    """The non-blank lines of ``inp`` (newline removed) until ``/exit`` or the end of input;
+    a ``you>`` prompt on ``err`` before each read when ``interactive``."""
+    while True:
+        if interactive:
+            err.write("you> ")
+            err.flush()
+        line = inp.readline()
+        if not line:
+            return
+        message = line.rstrip("\n")
+        if message.strip() == "/exit":
+            return
+        if message.strip():
+            yield message
+
+
+def _session_command(session: ChatSession, command: str, err: TextIO) -> bool:
+    """Run ``command`` when it is one (``/reset``; an unknown ``/...`` is answered with the
+    list of commands on ``err``); False when it is a message to answer."""
+    if command == "/reset":
+        session.reset()
+        err.write("[history cleared]\n")
+        return True
+    if command.startswith("/"):
+        err.write(f"[unknown command {command}; {COMMANDS}]\n")
+        return True
+    return False
+
+
+def _answer(
+    session: ChatSession, message: str, out: TextIO, err: TextIO, interactive: bool
+) -> Completion | None:
+    """``session.reply(message)``, or None after one ``error:`` line on ``err`` for a message
+    that cannot be answered in an interactive session.
+
+    Raises:
+        UserError: the message cannot be answered and the session is not interactive (a
+            script: stop with status 2, SPEC §6, replies so far kept).
+    """
+    try:
+        return session.reply(message, out=out, err=err)
+    except UserError as error:
+        if not interactive:
+            raise
+        err.write(f"error: {error}\n")
+        return None

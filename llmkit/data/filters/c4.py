@@ -130,46 +130,66 @@ class C4Filter(_Filter):
         no_space, counts = self._skip_counts(text)
         counts = dict(counts or {})
         removed: Counter = Counter()
-        marks = C4_END_MARKS + C4_CJK_END_MARKS if no_space else C4_END_MARKS
-        kept = []
-        sentences = 0
-        reason = None
-        for line in text.splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            if not no_space and any(len(w) > self.max_word_length for w in line.split()):
-                removed["long_word"] += 1
-                continue
-            if self.remove_citations:
-                line = _C4_CITATION.sub("", line)
-            if self.filter_no_terminal_punct and (not line.endswith(marks) or line.endswith("...")):
-                removed["no_terminal_punct"] += 1
-                continue
-            if not no_space and len(line.split()) < self.min_words_per_line:
-                removed["few_words"] += 1
-                continue
-            low = line.lower()
-            if self.filter_lorem_ipsum and "lorem ipsum" in low:
-                reason = "c4_lorem_ipsum"
-                break
-            if self.filter_javascript and "javascript" in low:
-                removed["javascript"] += 1
-                continue
-            if self.filter_curly_bracket and "{" in line:
-                reason = "c4_curly_bracket"
-                break
-            if self.filter_policy and any(p in low for p in C4_POLICY):
-                removed["policy"] += 1
-                continue
-            sentences += count_sentences(line, no_space)
-            kept.append(line)
+        kept, reason = self._kept_lines(text, no_space, removed)
         counts.update({f"lines_removed/{k}": n for k, n in removed.items()})
-        if reason is None and sentences < self.min_sentences:
+        if reason is None and sum(count_sentences(s, no_space) for s in kept) < self.min_sentences:
             reason = "c4_few_sentences"
         if reason is not None:
             return None, reason, counts or None
         return "\n".join(kept).strip(), None, counts or None
+
+    def _kept_lines(
+        self, text: str, no_space: bool, removed: Counter
+    ) -> tuple[list[str], str | None]:
+        """(the lines kept, the page rule that drops the page or None); ``removed`` is
+        increased by the lines each line rule removes. Stops at the first page rule."""
+        marks = C4_END_MARKS + C4_CJK_END_MARKS if no_space else C4_END_MARKS
+        kept = []
+        for line in text.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            line, rule = self._form_rule(line, marks, no_space)
+            if rule is None:
+                rule, page_rule = self._content_rule(line)
+                if page_rule is not None:
+                    return kept, page_rule
+            if rule is not None:
+                removed[rule] += 1
+            else:
+                kept.append(line)
+        return kept, None
+
+    def _form_rule(
+        self, line: str, marks: tuple[str, ...], no_space: bool
+    ) -> tuple[str, str | None]:
+        """(the line, citation markers removed; the rule of its form that removes it or None):
+        a word over 1,000 characters, no terminal punctuation or an ellipsis at the end,
+        fewer than 5 words."""
+        if not no_space and any(len(w) > self.max_word_length for w in line.split()):
+            return line, "long_word"
+        if self.remove_citations:
+            line = _C4_CITATION.sub("", line)
+        if self.filter_no_terminal_punct and (not line.endswith(marks) or line.endswith("...")):
+            return line, "no_terminal_punct"
+        if not no_space and len(line.split()) < self.min_words_per_line:
+            return line, "few_words"
+        return line, None
+
+    def _content_rule(self, line: str) -> tuple[str | None, str | None]:
+        """(the line rule that removes ``line``, the page rule it breaks), in TFDS's order:
+        "lorem ipsum" drops the page, "javascript" removes the line, a curly bracket drops the
+        page, a policy phrase removes the line."""
+        low = line.lower()
+        if self.filter_lorem_ipsum and "lorem ipsum" in low:
+            return None, "c4_lorem_ipsum"
+        if self.filter_javascript and "javascript" in low:
+            return "javascript", None
+        if self.filter_curly_bracket and "{" in line:
+            return None, "c4_curly_bracket"
+        if self.filter_policy and any(p in low for p in C4_POLICY):
+            return "policy", None
+        return None, None
 
     def check(self, text: str, no_space: bool = False) -> str | None:  # pragma: no cover
         return None

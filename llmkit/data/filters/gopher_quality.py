@@ -69,35 +69,66 @@ class GopherQuality(_Filter):
     )
 
     def check(self, text: str, no_space: bool = False) -> str | None:
-        words = [] if no_space else _words(text)
-        n = len(words)
-        if not no_space:
-            if n < self.min_words:
-                return "gopher_min_words"
-            if n > self.max_words:
-                return "gopher_max_words"
-            mean = sum(len(w) for w in words) / n
-            if mean < self.min_mean_word_length:
-                return "gopher_short_mean_word_length"
-            if mean > self.max_mean_word_length:
-                return "gopher_long_mean_word_length"
-            if text.count("#") / n > self.max_symbol_word_ratio:
-                return "gopher_hash_ratio"
-            if (text.count("...") + text.count("\u2026")) / n > self.max_symbol_word_ratio:
-                return "gopher_ellipsis_ratio"
-        lines = [line for line in text.split("\n") if line.strip()]
-        if lines:
-            bullets = sum(line.lstrip().startswith(_BULLETS) for line in lines)
-            if bullets / len(lines) > self.max_bullet_lines_ratio:
-                return "gopher_bullet_lines"
-            ellipsis = sum(line.rstrip().endswith(("...", "\u2026")) for line in lines)
-            if ellipsis / len(lines) > self.max_ellipsis_lines_ratio:
-                return "gopher_ellipsis_lines"
+        """The first rule of the paper's list that ``text`` breaks, or None; in a no-space
+        script only the line rules (the others count space-separated words)."""
         if no_space:
-            return None
-        if sum(bool(_ALPHA.search(w)) for w in words) / n < self.min_alpha_words_ratio:
-            return "gopher_alpha_words"
-        bare = {strip_punctuation(w).lower() for w in words}
-        if sum(s in bare for s in GOPHER_STOP_WORDS) < self.min_stop_words:
-            return "gopher_stop_words"
+            return self._line_rules(text)
+        words = _words(text)
+        return (
+            self._word_count(words)
+            or self._mean_word_length(words)
+            or self._symbol_ratios(text, len(words))
+            or self._line_rules(text)
+            or self._alpha_words(words)
+            or self._stop_words(words)
+        )
+
+    def _word_count(self, words: list[str]) -> str | None:
+        """Between 50 and 100,000 words."""
+        if len(words) < self.min_words:
+            return "gopher_min_words"
+        if len(words) > self.max_words:
+            return "gopher_max_words"
         return None
+
+    def _mean_word_length(self, words: list[str]) -> str | None:
+        """Mean word length between 3 and 10 characters."""
+        mean = sum(len(w) for w in words) / len(words)
+        if mean < self.min_mean_word_length:
+            return "gopher_short_mean_word_length"
+        if mean > self.max_mean_word_length:
+            return "gopher_long_mean_word_length"
+        return None
+
+    def _symbol_ratios(self, text: str, n_words: int) -> str | None:
+        """At most 0.1 hash symbols and 0.1 ellipses per word."""
+        if text.count("#") / n_words > self.max_symbol_word_ratio:
+            return "gopher_hash_ratio"
+        if (text.count("...") + text.count("\u2026")) / n_words > self.max_symbol_word_ratio:
+            return "gopher_ellipsis_ratio"
+        return None
+
+    def _line_rules(self, text: str) -> str | None:
+        """At most 90% of the non-blank lines start with a bullet, at most 30% end with an
+        ellipsis."""
+        lines = [line for line in text.split("\n") if line.strip()]
+        if not lines:
+            return None
+        bullets = sum(line.lstrip().startswith(_BULLETS) for line in lines)
+        if bullets / len(lines) > self.max_bullet_lines_ratio:
+            return "gopher_bullet_lines"
+        ellipsis = sum(line.rstrip().endswith(("...", "\u2026")) for line in lines)
+        if ellipsis / len(lines) > self.max_ellipsis_lines_ratio:
+            return "gopher_ellipsis_lines"
+        return None
+
+    def _alpha_words(self, words: list[str]) -> str | None:
+        """At least 80% of the words hold an alphabetic character."""
+        alpha = sum(bool(_ALPHA.search(w)) for w in words)
+        return "gopher_alpha_words" if alpha / len(words) < self.min_alpha_words_ratio else None
+
+    def _stop_words(self, words: list[str]) -> str | None:
+        """At least 2 of the stop words, punctuation stripped and in lower case."""
+        bare = {strip_punctuation(w).lower() for w in words}
+        found = sum(s in bare for s in GOPHER_STOP_WORDS)
+        return "gopher_stop_words" if found < self.min_stop_words else None

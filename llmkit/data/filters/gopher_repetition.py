@@ -47,41 +47,49 @@ class GopherRepetition(_Filter):
     name = "gopher_repetition"
     word_rules = ("gopher_top_ngram", "gopher_duplicate_ngram_chars")
 
-    @staticmethod
-    def _duplicates(parts: list[str]) -> tuple[int, int]:
-        """(number of parts that repeat an earlier one, their characters)."""
-        seen: set[str] = set()
-        n = chars = 0
-        for p in parts:
-            if p in seen:
-                n += 1
-                chars += len(p)
-            else:
-                seen.add(p)
-        return n, chars
-
     def check(self, text: str, no_space: bool = False) -> str | None:
+        """The first rule of table A1 that ``text`` breaks, or None; in a no-space script
+        only the paragraph and line rules (the n-gram rules count space-separated words)."""
         total_chars = max(1, len(text))
-        paragraphs = [p for p in re.split(r"\n{2,}", text.strip()) if p.strip()]
-        if paragraphs:
-            n, chars = self._duplicates(paragraphs)
-            if n / len(paragraphs) > self.max_duplicate_paragraphs_ratio:
-                return "gopher_duplicate_paragraphs"
-            if chars / total_chars > self.max_duplicate_paragraphs_chars_ratio:
-                return "gopher_duplicate_paragraph_chars"
-        lines = [line for line in text.split("\n") if line.strip()]
-        if lines:
-            n, chars = self._duplicates(lines)
-            if n / len(lines) > self.max_duplicate_lines_ratio:
-                return "gopher_duplicate_lines"
-            if chars / total_chars > self.max_duplicate_lines_chars_ratio:
-                return "gopher_duplicate_line_chars"
-        if no_space:
-            return None
+        reason = self._duplicate_paragraphs(text, total_chars) or self._duplicate_lines(
+            text, total_chars
+        )
+        if reason or no_space:
+            return reason
         words = _words(text)
         word_chars = sum(len(w) for w in words)
         if not word_chars:
             return None
+        return self._top_ngrams(words, word_chars) or self._duplicate_ngrams(words, word_chars)
+
+    def _duplicate_paragraphs(self, text: str, total_chars: int) -> str | None:
+        """Duplicate paragraphs (split on blank lines): at most 30% of the paragraphs, 20% of
+        the characters."""
+        paragraphs = [p for p in re.split(r"\n{2,}", text.strip()) if p.strip()]
+        if not paragraphs:
+            return None
+        n, chars = _duplicates(paragraphs)
+        if n / len(paragraphs) > self.max_duplicate_paragraphs_ratio:
+            return "gopher_duplicate_paragraphs"
+        if chars / total_chars > self.max_duplicate_paragraphs_chars_ratio:
+            return "gopher_duplicate_paragraph_chars"
+        return None
+
+    def _duplicate_lines(self, text: str, total_chars: int) -> str | None:
+        """Duplicate non-blank lines: at most 30% of the lines, 20% of the characters."""
+        lines = [line for line in text.split("\n") if line.strip()]
+        if not lines:
+            return None
+        n, chars = _duplicates(lines)
+        if n / len(lines) > self.max_duplicate_lines_ratio:
+            return "gopher_duplicate_lines"
+        if chars / total_chars > self.max_duplicate_lines_chars_ratio:
+            return "gopher_duplicate_line_chars"
+        return None
+
+    def _top_ngrams(self, words: list[str], word_chars: int) -> str | None:
+        """The most frequent 2-, 3-, 4-gram (occurring at least twice) covers at most 20%,
+        18%, 16% of the characters of words."""
         for n, limit in sorted(self.max_top_ngram_chars_ratio.items()):
             counts = _ngram_counts(words, int(n))
             if not counts:
@@ -89,21 +97,40 @@ class GopherRepetition(_Filter):
             gram, count = counts.most_common(1)[0]
             if count > 1 and sum(len(w) for w in gram) * count / word_chars > limit:
                 return f"gopher_top_{n}gram"
+        return None
+
+    def _duplicate_ngrams(self, words: list[str], word_chars: int) -> str | None:
+        """The words in duplicated 5- to 10-grams hold at most 15, 14, 13, 12, 11, 10% of the
+        characters of words."""
         for n, limit in sorted(self.max_duplicate_ngram_chars_ratio.items()):
             n = int(n)
-            if len(words) < n:
-                continue
-            # characters of words covered by an n-gram that occurs more than once
-            seen: set[tuple] = set()
-            covered = [False] * len(words)
-            for i in range(len(words) - n + 1):
-                gram = tuple(words[i : i + n])
-                if gram in seen:
-                    for j in range(i, i + n):
-                        covered[j] = True
-                else:
-                    seen.add(gram)
-            dup = sum(len(w) for w, c in zip(words, covered, strict=True) if c)
-            if dup / word_chars > limit:
+            if len(words) >= n and _duplicate_ngram_chars(words, n) / word_chars > limit:
                 return f"gopher_duplicate_{n}gram_chars"
         return None
+
+
+def _duplicates(parts: list[str]) -> tuple[int, int]:
+    """(number of parts that repeat an earlier one, their characters)."""
+    seen: set[str] = set()
+    n = chars = 0
+    for p in parts:
+        if p in seen:
+            n += 1
+            chars += len(p)
+        else:
+            seen.add(p)
+    return n, chars
+
+
+def _duplicate_ngram_chars(words: list[str], n: int) -> int:
+    """Characters of the words covered by an ``n``-gram that occurs more than once (every
+    word of each repeat, overlapping repeats included)."""
+    seen: set[tuple] = set()
+    covered = [False] * len(words)
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i : i + n])
+        if gram in seen:
+            covered[i : i + n] = [True] * n
+        else:
+            seen.add(gram)
+    return sum(len(w) for w, c in zip(words, covered, strict=True) if c)
