@@ -1,0 +1,1 @@
+"""Distributed ``prepare`` (issue 13): placeholder, the design note follows."""
