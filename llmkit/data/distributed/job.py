@@ -1,0 +1,573 @@
+"""The distributed prepare job: stages as plain ``fn(data, rank, world_size)`` callables, run
+by datatrove's executors over a shared work directory (any fsspec path).
+
+Stages, each one job array; each waits for the one before (datatrove's ``depends``):
+
+==========  ============  ==========================================================================
+stage       tasks         what one task does
+==========  ============  ==========================================================================
+signatures  ``tasks``     for its shards (``shard.index % world_size == rank``): read
+                          (:func:`~llmkit.data.distributed.shards.read_shard`), run the chain's
+                          per-document part (:func:`llmkit.data.clean.process_document`), write the
+                          rows and each partition's dedup records
+groups      partitions    the collision groups of one partition
+resolve     1             the greedy resolve over the colliding documents; kept documents per shard
+encode      ``tasks``     for its shards: admit, split by global kept rank
+                          (:func:`llmkit.data.pipeline.split_indices`), encode
+                          (:func:`llmkit.data.pipeline.encode_batch`), write tokens and counts
+pack        ``tasks``     for its shards: the blocks that start in its tokens (running totals)
+==========  ============  ==========================================================================
+
+:func:`assemble` then writes the output (``train/``, ``validation/``, the tokenizer,
+``manifest.json``) in a temporary directory renamed into place.
+
+Every file a task writes goes to a temporary name renamed into place, so a task killed mid-way
+leaves nothing its rerun would read; datatrove's completion markers
+(``logs/<stage>/completions/<rank>``) are written only once a task has finished, so a rerun of
+the same command skips finished tasks. A failing task records one line naming the stage, task
+and shard (``errors/``), which :func:`run_job` raises as a :class:`~llmkit.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import secrets
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llmkit.data.distributed import dedup as ddedup
+from llmkit.data.distributed.pack import running_offsets, shard_blocks, split_stats
+from llmkit.data.distributed.shards import (
+    TARGET_SHARD_BYTES,
+    Shard,
+    plan_shards,
+    read_shard,
+    shard_source,
+)
+from llmkit.data.readers import (
+    DEFAULT_ENCODING,
+    DEFAULT_MAX_DOCUMENT_BYTES,
+    InputFile,
+    discover_inputs,
+)
+from llmkit.errors import UserError
+
+STAGES = ("signatures", "groups", "resolve", "encode", "pack")
+SPLIT_NAMES = ("train", "validation")
+#: Set to ``"<stage>:<rank>"`` to make that task stop (sleep) after its first shard, for the
+#: fault tests (a task killed mid-way).
+ENV_HANG = "LLMKIT_DIST_HANG"
+
+
+@dataclass
+class JobSpec:
+    """Everything a task needs; saved as ``spec.json`` in the work directory.
+
+    ``tokenizer`` is a saved ``transformers`` tokenizer directory (training one across tasks is
+    the wiring step's: see the package docstring).
+    """
+
+    work_dir: str
+    inputs: list[str]
+    tokenizer: str
+    block_size: int = 128
+    val_fraction: float = 0.1
+    seed: int = 1337
+    split_on: str = "blank-lines"
+    text_field: str = "text"
+    on_error: str = "fail"
+    encoding: str = DEFAULT_ENCODING
+    max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES
+    cleaning: dict = field(default_factory=dict)
+    tasks: int = 1
+    partitions: int = 1
+    target_shard_bytes: int = TARGET_SHARD_BYTES
+
+
+# ---------------------------------------------------------------------------------------------
+# The work directory (fsspec).
+
+
+class Work:
+    """The shared work directory: atomic writes (temporary name, then rename)."""
+
+    def __init__(self, url: str):
+        from fsspec.core import url_to_fs
+
+        self.url = url
+        self.fs, self.root = url_to_fs(url)
+
+    def path(self, rel: str) -> str:
+        return f"{self.root.rstrip('/')}/{rel}"
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{target}.tmp-{secrets.token_hex(4)}"
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self.fs.mv(tmp, target)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open(self.path(rel), "rb") as f:
+            return f.read()
+
+    def put(self, rel: str, obj) -> None:
+        self.write_bytes(rel, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def get(self, rel: str):
+        return pickle.loads(self.read_bytes(rel))
+
+    def put_array(self, rel: str, arr: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        self.write_bytes(rel, buf.getvalue())
+
+    def get_array(self, rel: str) -> np.ndarray:
+        return np.load(io.BytesIO(self.read_bytes(rel)), allow_pickle=False)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def listdir(self, rel: str) -> list[str]:
+        if not self.fs.isdir(self.path(rel)):
+            return []
+        return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path(rel), detail=False))
+
+
+def _files_from(plan: dict) -> list[InputFile]:
+    return [
+        InputFile(Path(f["path"]), f["kind"], f["compression"], f["size_bytes"], f["sha256"])
+        for f in plan["files"]
+    ]
+
+
+def plan_job(spec: JobSpec) -> dict:
+    """Discover the inputs, cut them into shards and write ``spec.json`` and ``plan.json``
+    (once: a rerun over the same work directory keeps the first plan, so shard ids stay)."""
+    work = Work(spec.work_dir)
+    if work.exists("plan.json"):
+        return json.loads(work.read_bytes("plan.json"))
+    files = discover_inputs(spec.inputs)
+    from llmkit.data.boilerplate import strip_gutenberg
+
+    cfg = _cleaning(spec)
+    shards = plan_shards(
+        files,
+        target_bytes=spec.target_shard_bytes,
+        split_on=spec.split_on,
+        line_filter=strip_gutenberg if cfg["gutenberg"] else None,
+        encoding=spec.encoding,
+    )
+    plan = {
+        "files": [
+            {
+                "path": str(f.path),
+                "kind": f.kind,
+                "compression": f.compression,
+                "size_bytes": f.size_bytes,
+                "sha256": f.sha256,
+            }
+            for f in files
+        ],
+        "shards": [s.as_dict() for s in shards],
+    }
+    work.write_bytes("spec.json", json.dumps(asdict(spec), indent=1).encode())
+    work.write_bytes("plan.json", json.dumps(plan, indent=1).encode())
+    return plan
+
+
+def _cleaning(spec: JobSpec) -> dict:
+    from llmkit.data.config import default_config, merge
+
+    return merge(default_config(), spec.cleaning or {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages.
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, UserError):
+        return err.message + (f" — {err.hint}" if getattr(err, "hint", None) else "")
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+class Stage:
+    """A plain ``fn(data, rank, world_size)`` callable for datatrove's executors."""
+
+    name = "stage"
+
+    def __init__(self, work_dir: str):
+        self.work_dir = work_dir
+
+    def __call__(self, data, rank: int = 0, world_size: int = 1):
+        work = Work(self.work_dir)
+        spec = JobSpec(**json.loads(work.read_bytes("spec.json")))
+        plan = json.loads(work.read_bytes("plan.json"))
+        files = _files_from(plan)
+        shards = [Shard.from_dict(d) for d in plan["shards"]]
+        work.write_bytes(f"runs/{self.name}-{rank:05d}-{secrets.token_hex(4)}", b"")
+        self.run(work, spec, files, shards, rank, world_size)
+        return data
+
+    def run(self, work, spec, files, shards, rank, world_size) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _per_shard(self, work, files, shards, rank, world_size, fn) -> None:
+        hang = os.environ.get(ENV_HANG) == f"{self.name}:{rank}"
+        mine = [s for s in shards if s.index % world_size == rank]
+        for k, shard in enumerate(mine):
+            try:
+                fn(shard)
+            except Exception as err:
+                msg = (
+                    f"{self.name} task {rank} of {world_size}, {shard.describe(files)}: "
+                    f"{_one_line(err)}"
+                )
+                work.write_bytes(f"errors/{self.name}-{rank:05d}", msg.encode())
+                raise RuntimeError(msg) from None
+            if hang and k == 0:
+                work.write_bytes(f"hang/{self.name}-{rank:05d}", str(os.getpid()).encode())
+                while True:
+                    time.sleep(1)
+
+
+class Signatures(Stage):
+    name = "signatures"
+
+    def run(self, work, spec, files, shards, rank, world_size) -> None:
+        from llmkit.data.boilerplate import strip_gutenberg
+        from llmkit.data.clean import process_document
+        from llmkit.data.config import build_stages
+
+        cfg = _cleaning(spec)
+        stages = build_stages(cfg)
+
+        def one(shard: Shard) -> None:
+            source = shard_source(files, shard)
+            docs = read_shard(
+                files,
+                shard,
+                source=source,
+                split_on=spec.split_on,
+                text_field=spec.text_field,
+                on_error=spec.on_error,
+                line_filter=strip_gutenberg if cfg["gutenberg"] else None,
+                encoding=spec.encoding,
+                max_document_bytes=spec.max_document_bytes,
+            )
+            rows = [process_document(d, stages) for d in docs]
+            by_part = ddedup.shard_records(rows, shard.index, stages, spec.partitions)
+            for p, recs in enumerate(by_part):
+                work.put(f"records/p{p:05d}/s{shard.index:06d}.pkl", recs)
+            work.put(f"rows/s{shard.index:06d}.pkl", {"rows": rows, "source": source})
+            passing = [j for j, row in enumerate(rows) if row["drop_stage"] < 0]
+            work.write_bytes(f"passing/s{shard.index:06d}.json", json.dumps(passing).encode())
+
+        self._per_shard(work, files, shards, rank, world_size, one)
+
+
+class Groups(Stage):
+    name = "groups"
+
+    def run(self, work, spec, files, shards, rank, world_size) -> None:
+        records = []
+        for name in work.listdir(f"records/p{rank:05d}"):
+            if name.endswith(".pkl"):
+                records.extend(work.get(f"records/p{rank:05d}/{name}"))
+        work.put(f"groups/p{rank:05d}.pkl", ddedup.collision_groups(records))
+
+
+class Resolve(Stage):
+    name = "resolve"
+
+    def run(self, work, spec, files, shards, rank, world_size) -> None:
+        from llmkit.data.config import build_stages
+
+        stages = build_stages(_cleaning(spec))
+        groups = []
+        for p in range(spec.partitions):
+            groups.extend(work.get(f"groups/p{p:05d}.pkl"))
+        sigs = None
+        need = ddedup.signatures_needed(stages)
+        if need:  # the signatures of the colliding documents only
+            colliding = {m for _, members in groups for m in members}
+            sigs = {i: {} for i in need}
+            for shard in shards:
+                if not any(s == shard.index for s, _ in colliding):
+                    continue
+                rows = work.get(f"rows/s{shard.index:06d}.pkl")["rows"]
+                for i in need:
+                    bands = stages[i].bands
+                    for j, row in enumerate(rows):
+                        if (shard.index, j) in colliding and row[f"key_{i}"] is not None:
+                            sigs[i][(shard.index, j)] = np.asarray(row[f"key_{i}"][bands:])
+        dropped = ddedup.resolve(groups, stages, sigs)
+        work.put("dropped.pkl", dropped)
+        kept = []
+        for shard in shards:  # documents kept per shard: passed every document stage, not dropped
+            passing = json.loads(work.read_bytes(f"passing/s{shard.index:06d}.json"))
+            kept.append(sum((shard.index, j) not in dropped for j in passing))
+        work.write_bytes("kept.json", json.dumps(kept).encode())
+
+
+class Encode(Stage):
+    name = "encode"
+
+    def run(self, work, spec, files, shards, rank, world_size) -> None:
+        from transformers import AutoTokenizer
+
+        from llmkit.data.config import build_stages
+        from llmkit.data.pipeline import encode_batch, split_indices, tokenizer_appends_eos
+
+        stages = build_stages(_cleaning(spec))
+        dropped = work.get("dropped.pkl")
+        kept_counts = json.loads(work.read_bytes("kept.json"))
+        offsets = running_offsets(kept_counts)
+        _, val_idx = split_indices(sum(kept_counts), spec.val_fraction, spec.seed)
+        tok = AutoTokenizer.from_pretrained(spec.tokenizer)
+        append_eos = not tokenizer_appends_eos(tok)
+
+        def one(shard: Shard) -> None:
+            rows = work.get(f"rows/s{shard.index:06d}.pkl")["rows"]
+            adm = ddedup.admit_rows(rows, shard.index, stages, dropped)
+            texts = [
+                row["text"]
+                for row, (stop, _, _) in zip(rows, adm, strict=True)
+                if stop == len(stages)
+            ]
+            first = offsets[shard.index]
+            in_val = np.isin(np.arange(first, first + len(texts)), val_idx)
+            counts = {}
+            for name, mask in (("train", ~in_val), ("validation", in_val)):
+                sel = [t for t, m in zip(texts, mask, strict=True) if m]
+                ids = encode_batch(sel, tok, eos_token_id=tok.eos_token_id, append_eos=append_eos)
+                flat = (
+                    np.concatenate([np.asarray(x, dtype=np.int32) for x in ids])
+                    if ids
+                    else np.empty(0, dtype=np.int32)
+                )
+                work.put_array(f"tokens/{name}/s{shard.index:06d}.npy", flat)
+                counts[name] = {"documents": len(sel), "tokens": int(flat.size)}
+            work.write_bytes(f"counts/s{shard.index:06d}.json", json.dumps(counts).encode())
+
+        self._per_shard(work, files, shards, rank, world_size, one)
+
+
+class Pack(Stage):
+    name = "pack"
+
+    def run(self, work, spec, files, shards, rank, world_size) -> None:
+        counts = [json.loads(work.read_bytes(f"counts/s{s.index:06d}.json")) for s in shards]
+
+        def following(name: str, index: int) -> Iterator[np.ndarray]:
+            for s in shards[index + 1 :]:
+                if counts[s.index][name]["tokens"]:
+                    yield work.get_array(f"tokens/{name}/s{s.index:06d}.npy")
+
+        def one(shard: Shard) -> None:
+            for name in SPLIT_NAMES:
+                n = [c[name]["tokens"] for c in counts]
+                offsets = running_offsets(n)
+                own = work.get_array(f"tokens/{name}/s{shard.index:06d}.npy")
+                blocks = shard_blocks(
+                    own, offsets[shard.index], sum(n), spec.block_size, following(name, shard.index)
+                )
+                work.put_array(f"blocks/{name}/s{shard.index:06d}.npy", blocks)
+
+        self._per_shard(work, files, shards, rank, world_size, one)
+
+
+STAGE_CLASSES = {c.name: c for c in (Signatures, Groups, Resolve, Encode, Pack)}
+
+
+def stage_tasks(spec: JobSpec) -> dict[str, int]:
+    """Tasks of each stage: ``tasks``, ``partitions``, 1, ``tasks``, ``tasks``."""
+    return {
+        "signatures": spec.tasks,
+        "groups": spec.partitions,
+        "resolve": 1,
+        "encode": spec.tasks,
+        "pack": spec.tasks,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Executors (datatrove).
+
+
+def _machine_share(n: int, machine: int, machines: int) -> tuple[int, int]:
+    """``(local_rank_offset, local_tasks)`` of ``machine`` among ``machines`` for ``n`` tasks."""
+    per = -(-n // machines)
+    offset = min(machine * per, n)
+    return offset, max(0, min(per, n - offset))
+
+
+def build_executors(
+    spec: JobSpec, engine: str = "local", *, machine: int = 0, machines: int = 1, **options
+) -> list:
+    """One datatrove executor per stage (:data:`STAGES` order).
+
+    Args:
+        spec: the job.
+        engine: ``"local"`` (:class:`datatrove.executor.LocalPipelineExecutor`, ``workers``
+            processes; with ``machines`` > 1 this machine runs its share
+            ``local_rank_offset``/``local_tasks`` of every stage), ``"slurm"``
+            (:class:`datatrove.executor.SlurmPipelineExecutor`: ``partition``, ``time``,
+            ``cpus_per_task``, ``mem_per_cpu_gb``, ``sbatch_args``, ``venv_path``...; each
+            stage's job array depends on the one before, ``afterok``) or ``"ray"``
+            (:class:`datatrove.executor.RayPipelineExecutor`, each stage depending on the one
+            before).
+        machine, machines: local engine only: this machine's number and how many share the
+            work directory.
+        options: passed to every executor (``workers`` is capped at each stage's tasks).
+
+    Local executors are not chained with ``depends`` (datatrove's local ``depends`` polls the
+    dependency's completion markers every 2 minutes): :func:`run_job` runs them in order and
+    waits for the other machines' tasks itself. Completion markers and logs of stage ``s``
+    are under ``<work_dir>/logs/<s>``.
+    """
+    from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+
+    work = Work(spec.work_dir)
+    out: list = []
+    for name, n in stage_tasks(spec).items():
+        pipeline = [STAGE_CLASSES[name](spec.work_dir)]
+        common = {"logging_dir": work.url.rstrip("/") + f"/logs/{name}"}
+        if engine == "local":
+            opts = dict(options)
+            if "workers" in opts:
+                opts["workers"] = max(1, min(opts["workers"], n))
+            offset, local = _machine_share(n, machine, machines)
+            ex = LocalPipelineExecutor(
+                pipeline, tasks=n, local_tasks=local, local_rank_offset=offset, **common, **opts
+            )
+        elif engine == "slurm":
+            ex = SlurmPipelineExecutor(
+                pipeline,
+                tasks=n,
+                depends=out[-1] if out else None,
+                job_name=f"llmkit-{name}",
+                **common,
+                **options,
+            )
+        elif engine == "ray":
+            from datatrove.executor import RayPipelineExecutor
+
+            ex = RayPipelineExecutor(
+                pipeline, tasks=n, depends=out[-1] if out else None, **common, **options
+            )
+        else:
+            raise UserError(f"unknown executor {engine!r}", "use local, slurm or ray")
+        out.append(ex)
+    return out
+
+
+def run_job(
+    spec: JobSpec,
+    engine: str = "local",
+    *,
+    machine: int = 0,
+    machines: int = 1,
+    poll_seconds: float = 1.0,
+    **options,
+) -> None:
+    """Plan (once) and run every stage; a rerun skips the tasks already finished.
+
+    With the local engine the stages run one after the other; before a stage starts, every
+    task of the stage before must be complete (on this or another machine sharing the work
+    directory: its completion markers are polled every ``poll_seconds``). With Slurm or Ray,
+    the last stage's executor is run and datatrove submits the chain.
+
+    Raises:
+        UserError: a task failed: its one line (stage, task, shard, what happened).
+    """
+    plan_job(spec)
+    work = Work(spec.work_dir)
+    for name in work.listdir("errors"):
+        work.fs.rm(work.path(f"errors/{name}"))
+    executors = build_executors(spec, engine, machine=machine, machines=machines, **options)
+    try:
+        if engine != "local":
+            executors[-1].run()
+            return
+        for ex in executors:
+            ex.run()
+            while ex.get_incomplete_ranks(skip_completed=True):
+                if work.listdir("errors"):
+                    raise RuntimeError("a task failed on another machine")
+                time.sleep(poll_seconds)
+    except Exception as err:
+        lines = [work.read_bytes(f"errors/{n}").decode() for n in work.listdir("errors")]
+        raise UserError(
+            lines[0] if lines else f"a task failed: {_one_line(err)}",
+            "fix the cause and run the same command again: finished tasks are skipped",
+        ) from None
+
+
+def completed_tasks(spec: JobSpec) -> dict[str, int]:
+    """Completion markers per stage (datatrove's ``logs/<stage>/completions``)."""
+    work = Work(spec.work_dir)
+    return {name: len(work.listdir(f"logs/{name}/completions")) for name in STAGES}
+
+
+def assemble(spec: JobSpec, output: str | Path) -> dict:
+    """Write the prepared directory at ``output`` from the finished job's blocks.
+
+    ``train/`` and ``validation/`` (``input_ids`` rows of ``block_size`` int32, as
+    ``llmkit prepare`` writes them), the tokenizer, and ``manifest.json`` with the splits'
+    counts; built in a hidden directory next to ``output`` and renamed into place.
+    """
+    from datasets import Dataset, Features, List, Value
+    from transformers import AutoTokenizer
+
+    work = Work(spec.work_dir)
+    plan = json.loads(work.read_bytes("plan.json"))
+    shards = [Shard.from_dict(d) for d in plan["shards"]]
+    counts = [json.loads(work.read_bytes(f"counts/s{s.index:06d}.json")) for s in shards]
+    output = Path(output)
+    tmp = output.parent / f".{output.name}.{secrets.token_hex(4)}"
+    tmp.mkdir(parents=True)
+    try:
+        features = Features({"input_ids": List(Value("int32"))})
+        splits = {}
+        for name in SPLIT_NAMES:
+            arrays = [work.get_array(f"blocks/{name}/s{s.index:06d}.npy") for s in shards]
+            blocks = np.concatenate(arrays) if arrays else np.empty((0, spec.block_size))
+
+            def rows(b=blocks):
+                for r in b:
+                    yield {"input_ids": r}
+
+            ds = Dataset.from_generator(rows, features=features, cache_dir=str(tmp / ".cache"))
+            ds.save_to_disk(str(tmp / name), num_shards=1 if len(ds) == 0 else None)
+            total = sum(c[name]["tokens"] for c in counts)
+            splits[name] = {
+                "documents": sum(c[name]["documents"] for c in counts),
+                **split_stats(total, spec.block_size),
+            }
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)
+        AutoTokenizer.from_pretrained(spec.tokenizer).save_pretrained(str(tmp))
+        manifest = {"splits": splits, "executor": {"shards": len(shards), "tasks": spec.tasks}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def shard_order(shards: Sequence[Shard]) -> list[int]:
+    """Shard indexes in global order (for checks)."""
+    return [s.index for s in sorted(shards, key=lambda s: s.index)]
