@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev,eval,html,serve,gguf]'
+	$(PY) -m pip install -q -e '.[dev,eval,html,serve,gguf,distributed,ray]'
 	@# the chat page's browser test needs chromium + chromedriver: installed when apt-get can
 	@# (best effort: the install never fails over it; the test skips without them)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \

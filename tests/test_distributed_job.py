@@ -276,3 +276,39 @@ def test_slurm_submission(tmp_path, corpus, tokenizer_dir, monkeypatch):
     assert not any("--dependency" in x for x in jobs[0][1])
     for prev, (_, args) in zip(ids, jobs[1:], strict=False):
         assert f"--dependency=afterok:{prev}" in args
+
+
+@pytest.mark.slow
+def test_ray_executor_equals_prepare(tmp_path, corpus, tokenizer_dir, reference, monkeypatch):
+    """A local one-node Ray instance (ray.init) running the job: the same rows (about 80 s)."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    _, ref_rows = reference
+    spec = _spec(tmp_path / "work", corpus, tokenizer_dir, 2)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run_job(spec, "ray", mem_per_cpu_gb=0.5)
+    finally:
+        ray.shutdown()
+    assert completed_tasks(spec) == {
+        "signatures": 2,
+        "groups": 2,
+        "resolve": 1,
+        "encode": 2,
+        "pack": 2,
+    }
+    assemble(spec, tmp_path / "out")
+    rows = _rows(tmp_path / "out")
+    for name in SPLITS:
+        assert (rows[name] == ref_rows[name]).all()
+
+
+def test_work_dir_of_another_job_is_refused(tmp_path, corpus, tokenizer_dir):
+    from llmkit.data.distributed.job import plan_job
+
+    spec = _spec(tmp_path / "work", corpus, tokenizer_dir, 2)
+    first = plan_job(spec)
+    assert plan_job(spec) == first  # the same job: the first plan, shard ids kept
+    spec.tasks = 3
+    with pytest.raises(UserError, match=r"holds a job with other settings \(tasks\)"):
+        plan_job(spec)

@@ -1,1 +1,52 @@
-"""Distributed ``prepare`` (issue 13): placeholder, the design note follows."""
+"""``prepare`` across processes and machines on datatrove's executors, with the bytes of one
+process (issue 13). The foundation; ``llmkit prepare --executor local|slurm|ray`` is wired to it
+next (see "Wiring" below).
+
+What is sharded
+    The inputs, into :class:`~llmkit.data.distributed.shards.Shard` s with stable ids in the
+    order the one-process reader walks them: one per compressed file (and per file whose
+    documents depend on more than their own lines: a JSON array, a line filter such as the
+    Gutenberg header/footer rule, ``split_on="none"``, a non-UTF-8 or detected encoding, a NUL
+    byte), document-aligned byte ranges of large plain text files and line-aligned ranges of
+    JSON-lines files, and parquet row groups. Every document is keyed by its global position
+    ``(shard index, index within the shard)``; reading the shards in order gives exactly the
+    one-process reader's documents (``tests/test_distributed_shards.py``).
+
+How determinism is held
+    - cleaning is per document (:func:`llmkit.data.clean.process_document`), so any shard
+      does it the same;
+    - dedup (:mod:`~llmkit.data.distributed.dedup`): the per-document keys are hashed to
+      partitions, collision groups are found per partition, and one resolve replays the
+      one-process greedy order (a document is dropped when it collides with an earlier
+      *kept* one) over the colliding documents' candidate graph; MinHash collisions are not
+      transitive, which "one per cluster" would get wrong;
+    - the split draws from the global kept rank (:func:`llmkit.data.pipeline.split_indices`
+      over the total kept count), so a document's split does not depend on its shard;
+    - packing (:mod:`~llmkit.data.distributed.pack`) cuts by running token totals: each shard
+      writes the blocks that start in its tokens, and their concatenation is
+      concatenate-then-cut with one tail per split (:class:`llmkit.data.pack.Packer`).
+    The job (:mod:`~llmkit.data.distributed.job`) equals ``llmkit prepare --num-proc 1`` row by
+    row for 1, 2 and 5 tasks and for two processes sharing the work directory
+    (``tests/test_distributed_job.py``).
+
+Engine
+    datatrove (Apache-2.0) runs the stages: plain ``fn(data, rank, world_size)`` callables
+    (:class:`~llmkit.data.distributed.job.Stage`), one job array per stage, completion markers
+    under ``<work_dir>/logs/<stage>/completions`` (a rerun skips finished tasks), Slurm
+    ``afterok`` dependencies and Ray dependencies between stages. Every file a task writes
+    goes through a temporary name and a rename, so a task killed mid-way leaves nothing a
+    rerun reads. Optional: ``pip install 'llmkit[distributed]'`` (and ``[ray]``).
+
+Wiring into ``prepare`` (next step, once issue 12's steps land)
+    ``--executor local|slurm|ray --tasks N --work-dir URL`` (+ Slurm partition/time/cpus, Ray
+    address) build a :class:`~llmkit.data.distributed.job.JobSpec` from the same settings
+    model; the stages call the steps' ``run(data, rank, world_size)`` instead of the chain of
+    :mod:`llmkit.data.clean` directly; two stages are still to add: tokenizer training (one
+    task over the train documents in global order, the train split's texts streamed from the
+    shards' rows) before ``encode``, and the chat path (conversations packed whole with
+    :class:`~llmkit.data.pack.SFTPacker`, which is sequential: per-shard packing needs a
+    carried row state, so it runs as one task); the manifest (stages' counts from
+    :func:`~llmkit.data.distributed.dedup.admit_rows` + :func:`llmkit.data.clean.count_document`,
+    inputs from :func:`~llmkit.data.distributed.shards.merge_file_stats`) and
+    ``--keep-dropped``; the intermediate files move from pickle/npy to arrow.
+"""

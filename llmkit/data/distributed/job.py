@@ -152,9 +152,23 @@ def _files_from(plan: dict) -> list[InputFile]:
 
 def plan_job(spec: JobSpec) -> dict:
     """Discover the inputs, cut them into shards and write ``spec.json`` and ``plan.json``
-    (once: a rerun over the same work directory keeps the first plan, so shard ids stay)."""
+    (once: a rerun over the same work directory keeps the first plan, so shard ids stay).
+
+    Raises:
+        UserError: the work directory holds a job with other settings (its completion
+            markers would be taken for this job's).
+    """
     work = Work(spec.work_dir)
     if work.exists("plan.json"):
+        earlier = json.loads(work.read_bytes("spec.json"))
+        now = json.loads(json.dumps(asdict(spec)))
+        if earlier != now:
+            diff = sorted(k for k in now if earlier.get(k) != now[k])
+            raise UserError(
+                f"the work directory {spec.work_dir} holds a job with other settings "
+                f"({', '.join(diff)})",
+                "use another work directory, or remove this one to start over",
+            )
         return json.loads(work.read_bytes("plan.json"))
     files = discover_inputs(spec.inputs)
     from llmkit.data.boilerplate import strip_gutenberg

@@ -106,7 +106,7 @@ class Shard:
 def _cuttable_plain(f: InputFile, split_on: str, line_filter, encoding: str) -> bool:
     if f.compression or f.kind not in ("text", "jsonl"):
         return False
-    if _codec_name(encoding) != "utf_8" or encoding == "auto":
+    if encoding == "auto" or _codec_name(encoding) != "utf_8":
         return False
     return not (f.kind == "text" and (split_on == "none" or line_filter is not None))
 
