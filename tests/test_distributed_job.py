@@ -89,11 +89,11 @@ def reference(tmp_path_factory, corpus, tokenizer_dir):
     return manifest, _rows(out)
 
 
-def _spec(work: Path, corpus: Path, tokenizer_dir: Path, tasks: int) -> JobSpec:
+def _spec(work: Path, corpus: Path, tokenizer_dir: Path | None, tasks: int) -> JobSpec:
     return JobSpec(
         work_dir=str(work),
         inputs=[str(corpus)],
-        tokenizer=str(tokenizer_dir),
+        tokenizer=None if tokenizer_dir is None else str(tokenizer_dir),
         block_size=BLOCK,
         cleaning=CLEAN,
         tasks=tasks,
@@ -140,6 +140,7 @@ def test_local_executor_equals_prepare(tmp_path, corpus, tokenizer_dir, referenc
         "signatures": tasks,
         "groups": tasks,
         "resolve": 1,
+        "tokenizer": 1,
         "encode": tasks,
         "pack": tasks,
     }
@@ -205,11 +206,25 @@ def test_kill_9_then_rerun_skips_finished_tasks(tmp_path, corpus, tokenizer_dir,
     os.kill(pid, signal.SIGKILL)
     p.wait(timeout=30)
     before = completed_tasks(spec)
-    assert before == {"signatures": 3, "groups": 3, "resolve": 1, "encode": 1, "pack": 0}
+    assert before == {
+        "signatures": 3,
+        "groups": 3,
+        "resolve": 1,
+        "tokenizer": 1,
+        "encode": 1,
+        "pack": 0,
+    }
     runs_before = len(work.listdir("runs"))
     run_job(spec, "local", workers=1)
     after = completed_tasks(spec)
-    assert after == {"signatures": 3, "groups": 3, "resolve": 1, "encode": 3, "pack": 3}
+    assert after == {
+        "signatures": 3,
+        "groups": 3,
+        "resolve": 1,
+        "tokenizer": 1,
+        "encode": 3,
+        "pack": 3,
+    }
     # only the unfinished tasks ran again: encode 1 and 2, pack 0-2
     reran = [n.rsplit("-", 2)[0] + "-" + n.rsplit("-", 2)[1] for n in work.listdir("runs")]
     new = len(work.listdir("runs")) - runs_before
@@ -266,9 +281,9 @@ def test_slurm_submission(tmp_path, corpus, tokenizer_dir, monkeypatch):
     )
     executors[-1].run()
     jobs = [(c, a) for c, a in submitted if "launch_pickled_pipeline" in c]
-    assert len(jobs) == 5
+    assert len(jobs) == 6
     arrays = [next(x for x in c.splitlines() if "--array" in x) for c, _ in jobs]
-    assert arrays == [f"#SBATCH --array=0-{n - 1}" for n in (8, 3, 1, 8, 8)]
+    assert arrays == [f"#SBATCH --array=0-{n - 1}" for n in (8, 3, 1, 1, 8, 8)]
     for c, _ in jobs:
         assert "#SBATCH --partition=cpu" in c and "#SBATCH --time=02:00:00" in c
         assert "#SBATCH --cpus-per-task=2" in c and "#SBATCH --mem-per-cpu=3G" in c
@@ -294,6 +309,7 @@ def test_ray_executor_equals_prepare(tmp_path, corpus, tokenizer_dir, reference,
         "signatures": 2,
         "groups": 2,
         "resolve": 1,
+        "tokenizer": 1,
         "encode": 2,
         "pack": 2,
     }
@@ -312,3 +328,38 @@ def test_work_dir_of_another_job_is_refused(tmp_path, corpus, tokenizer_dir):
     spec.tasks = 3
     with pytest.raises(UserError, match=r"holds a job with other settings \(tasks\)"):
         plan_job(spec)
+
+
+def test_trained_tokenizer_equals_prepare(tmp_path, corpus):
+    """Without --tokenizer: the BPE trained on the train documents in global order is
+    prepare's (the same vocabulary and merges), and so are the blocks."""
+    from llmkit.data.pipeline import prepare
+
+    ref = prepare(
+        [str(corpus)],
+        tmp_path / "ref",
+        vocab_size=400,
+        block_size=BLOCK,
+        num_proc=1,
+        clean=CLEAN,
+        plot=False,
+        cache=False,
+    )
+    spec = _spec(tmp_path / "work", corpus, None, 3)
+    spec.vocab_size = 400
+    run_job(spec, "local", workers=1)
+    manifest = assemble(spec, tmp_path / "out")
+    for name in ("tokenizer.json",):
+        mine = (tmp_path / "out" / name).read_text(encoding="utf-8")
+        assert mine == (tmp_path / "ref" / name).read_text(encoding="utf-8")
+    rows, ref_rows = _rows(tmp_path / "out"), _rows(tmp_path / "ref")
+    from datasets import load_from_disk
+
+    from llmkit.data.prepared import is_prepared
+
+    assert is_prepared(tmp_path / "out")
+    assert load_from_disk(str(tmp_path / "out"))["train"].num_rows == len(ref_rows["train"])
+    for name in SPLITS:
+        assert rows[name].shape == ref_rows[name].shape
+        assert (rows[name] == ref_rows[name]).all()
+        assert manifest["splits"][name]["tokens"] == ref["splits"][name]["tokens"]

@@ -20,6 +20,8 @@ How determinism is held
       one-process greedy order (a document is dropped when it collides with an earlier
       *kept* one) over the colliding documents' candidate graph; MinHash collisions are not
       transitive, which "one per cluster" would get wrong;
+    - the tokenizer is trained by one task on the train documents in global order (byte for
+      byte prepare's ``tokenizer.json``);
     - the split draws from the global kept rank (:func:`llmkit.data.pipeline.split_indices`
       over the total kept count), so a document's split does not depend on its shard;
     - packing (:mod:`~llmkit.data.distributed.pack`) cuts by running token totals: each shard
@@ -41,11 +43,10 @@ Wiring into ``prepare`` (next step, once issue 12's steps land)
     ``--executor local|slurm|ray --tasks N --work-dir URL`` (+ Slurm partition/time/cpus, Ray
     address) build a :class:`~llmkit.data.distributed.job.JobSpec` from the same settings
     model; the stages call the steps' ``run(data, rank, world_size)`` instead of the chain of
-    :mod:`llmkit.data.clean` directly; two stages are still to add: tokenizer training (one
-    task over the train documents in global order, the train split's texts streamed from the
-    shards' rows) before ``encode``, and the chat path (conversations packed whole with
-    :class:`~llmkit.data.pack.SFTPacker`, which is sequential: per-shard packing needs a
-    carried row state, so it runs as one task); the manifest (stages' counts from
+    :mod:`llmkit.data.clean` directly; still to add: the chat path (conversations packed
+    whole with :class:`~llmkit.data.pack.SFTPacker`, which is sequential: per-shard packing
+    needs a carried row state, so it runs as one task, or as running totals of rows once
+    each conversation's length is known); the full manifest (stages' counts from
     :func:`~llmkit.data.distributed.dedup.admit_rows` + :func:`llmkit.data.clean.count_document`,
     inputs from :func:`~llmkit.data.distributed.shards.merge_file_stats`) and
     ``--keep-dropped``; the intermediate files move from pickle/npy to arrow.

@@ -1,7 +1,8 @@
 """The distributed prepare job: stages as plain ``fn(data, rank, world_size)`` callables, run
 by datatrove's executors over a shared work directory (any fsspec path).
 
-Stages, each one job array; each waits for the one before (datatrove's ``depends``):
+Stages, each one job array that starts when every task of the one before has finished
+(Slurm and Ray: datatrove's ``depends``; local: :func:`run_job` waits for the markers):
 
 ==========  ============  ==========================================================================
 stage       tasks         what one task does
@@ -12,6 +13,9 @@ signatures  ``tasks``     for its shards (``shard.index % world_size == rank``):
                           rows and each partition's dedup records
 groups      partitions    the collision groups of one partition
 resolve     1             the greedy resolve over the colliding documents; kept documents per shard
+tokenizer   1             without a given tokenizer: a byte-level BPE trained on the train
+                          documents in global order
+                          (:func:`llmkit.data.tokenizer.train_bpe_tokenizer`)
 encode      ``tasks``     for its shards: admit, split by global kept rank
                           (:func:`llmkit.data.pipeline.split_indices`), encode
                           (:func:`llmkit.data.pipeline.encode_batch`), write tokens and counts
@@ -52,6 +56,7 @@ from llmkit.data.distributed.shards import (
     read_shard,
     shard_source,
 )
+from llmkit.data.prepared import DATASET_DICT, MANIFEST, SPLITS
 from llmkit.data.readers import (
     DEFAULT_ENCODING,
     DEFAULT_MAX_DOCUMENT_BYTES,
@@ -60,8 +65,8 @@ from llmkit.data.readers import (
 )
 from llmkit.errors import UserError
 
-STAGES = ("signatures", "groups", "resolve", "encode", "pack")
-SPLIT_NAMES = ("train", "validation")
+STAGES = ("signatures", "groups", "resolve", "tokenizer", "encode", "pack")
+SPLIT_NAMES = SPLITS
 #: Set to ``"<stage>:<rank>"`` to make that task stop (sleep) after its first shard, for the
 #: fault tests (a task killed mid-way).
 ENV_HANG = "LLMKIT_DIST_HANG"
@@ -71,13 +76,14 @@ ENV_HANG = "LLMKIT_DIST_HANG"
 class JobSpec:
     """Everything a task needs; saved as ``spec.json`` in the work directory.
 
-    ``tokenizer`` is a saved ``transformers`` tokenizer directory (training one across tasks is
-    the wiring step's: see the package docstring).
+    ``tokenizer`` is a saved ``transformers`` tokenizer directory, or None to train a
+    byte-level BPE of ``vocab_size`` tokens on the train split (as ``llmkit prepare``).
     """
 
     work_dir: str
     inputs: list[str]
-    tokenizer: str
+    tokenizer: str | None = None
+    vocab_size: int = 1024
     block_size: int = 128
     val_fraction: float = 0.1
     seed: int = 1337
@@ -334,31 +340,82 @@ class Resolve(Stage):
         work.write_bytes("kept.json", json.dumps(kept).encode())
 
 
+def _kept_texts(work, spec, shard, stages, dropped) -> list[str]:
+    rows = work.get(f"rows/s{shard.index:06d}.pkl")["rows"]
+    adm = ddedup.admit_rows(rows, shard.index, stages, dropped)
+    return [row["text"] for row, (stop, _, _) in zip(rows, adm, strict=True) if stop == len(stages)]
+
+
+def _val_indices(work, spec) -> tuple[list[int], np.ndarray]:
+    from llmkit.data.pipeline import split_indices
+
+    kept_counts = json.loads(work.read_bytes("kept.json"))
+    _, val_idx = split_indices(sum(kept_counts), spec.val_fraction, spec.seed)
+    return running_offsets(kept_counts), val_idx
+
+
+class TrainTokenizer(Stage):
+    """One task: the byte-level BPE trained on the train documents in global order (nothing
+    to do when the job names a tokenizer)."""
+
+    name = "tokenizer"
+
+    def run(self, work, spec, files, shards, rank, world_size) -> None:
+        if spec.tokenizer is not None:
+            return
+        import tempfile
+
+        from llmkit.data.config import build_stages
+        from llmkit.data.tokenizer import train_bpe_tokenizer
+
+        stages = build_stages(_cleaning(spec))
+        dropped = work.get("dropped.pkl")
+        offsets, val_idx = _val_indices(work, spec)
+        n_train = sum(json.loads(work.read_bytes("kept.json"))) - len(val_idx)
+
+        def texts() -> Iterator[list[str]]:
+            for shard in shards:
+                kept = _kept_texts(work, spec, shard, stages, dropped)
+                first = offsets[shard.index]
+                in_val = np.isin(np.arange(first, first + len(kept)), val_idx)
+                yield [t for t, v in zip(kept, in_val, strict=True) if not v]
+
+        tok = train_bpe_tokenizer(texts(), spec.vocab_size, length=n_train)
+        with tempfile.TemporaryDirectory() as d:
+            tok.save_pretrained(d)
+            for name in sorted(os.listdir(d)):
+                work.write_bytes(f"tokenizer/{name}", Path(d, name).read_bytes())
+
+
+def _load_tokenizer(work, spec):
+    """The job's tokenizer: ``spec.tokenizer``, or the one the tokenizer stage trained."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    if spec.tokenizer is not None:
+        return AutoTokenizer.from_pretrained(spec.tokenizer)
+    with tempfile.TemporaryDirectory() as d:
+        for name in work.listdir("tokenizer"):
+            Path(d, name).write_bytes(work.read_bytes(f"tokenizer/{name}"))
+        return AutoTokenizer.from_pretrained(d)
+
+
 class Encode(Stage):
     name = "encode"
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:
-        from transformers import AutoTokenizer
-
         from llmkit.data.config import build_stages
-        from llmkit.data.pipeline import encode_batch, split_indices, tokenizer_appends_eos
+        from llmkit.data.pipeline import encode_batch, tokenizer_appends_eos
 
         stages = build_stages(_cleaning(spec))
         dropped = work.get("dropped.pkl")
-        kept_counts = json.loads(work.read_bytes("kept.json"))
-        offsets = running_offsets(kept_counts)
-        _, val_idx = split_indices(sum(kept_counts), spec.val_fraction, spec.seed)
-        tok = AutoTokenizer.from_pretrained(spec.tokenizer)
+        offsets, val_idx = _val_indices(work, spec)
+        tok = _load_tokenizer(work, spec)
         append_eos = not tokenizer_appends_eos(tok)
 
         def one(shard: Shard) -> None:
-            rows = work.get(f"rows/s{shard.index:06d}.pkl")["rows"]
-            adm = ddedup.admit_rows(rows, shard.index, stages, dropped)
-            texts = [
-                row["text"]
-                for row, (stop, _, _) in zip(rows, adm, strict=True)
-                if stop == len(stages)
-            ]
+            texts = _kept_texts(work, spec, shard, stages, dropped)
             first = offsets[shard.index]
             in_val = np.isin(np.arange(first, first + len(texts)), val_idx)
             counts = {}
@@ -401,15 +458,16 @@ class Pack(Stage):
         self._per_shard(work, files, shards, rank, world_size, one)
 
 
-STAGE_CLASSES = {c.name: c for c in (Signatures, Groups, Resolve, Encode, Pack)}
+STAGE_CLASSES = {c.name: c for c in (Signatures, Groups, Resolve, TrainTokenizer, Encode, Pack)}
 
 
 def stage_tasks(spec: JobSpec) -> dict[str, int]:
-    """Tasks of each stage: ``tasks``, ``partitions``, 1, ``tasks``, ``tasks``."""
+    """Tasks of each stage: ``tasks``, ``partitions``, 1, 1, ``tasks``, ``tasks``."""
     return {
         "signatures": spec.tasks,
         "groups": spec.partitions,
         "resolve": 1,
+        "tokenizer": 1,
         "encode": spec.tasks,
         "pack": spec.tasks,
     }
@@ -542,7 +600,6 @@ def assemble(spec: JobSpec, output: str | Path) -> dict:
     counts; built in a hidden directory next to ``output`` and renamed into place.
     """
     from datasets import Dataset, Features, List, Value
-    from transformers import AutoTokenizer
 
     work = Work(spec.work_dir)
     plan = json.loads(work.read_bytes("plan.json"))
@@ -570,9 +627,10 @@ def assemble(spec: JobSpec, output: str | Path) -> dict:
                 **split_stats(total, spec.block_size),
             }
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        AutoTokenizer.from_pretrained(spec.tokenizer).save_pretrained(str(tmp))
+        _load_tokenizer(work, spec).save_pretrained(str(tmp))
         manifest = {"splits": splits, "executor": {"shards": len(shards), "tasks": spec.tasks}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        (tmp / DATASET_DICT).write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
         if output.exists():
             shutil.rmtree(output)
         tmp.rename(output)
