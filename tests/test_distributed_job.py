@@ -133,6 +133,8 @@ def test_local_executor_equals_prepare(tmp_path, corpus, tokenizer_dir, referenc
         for key in ("documents", "tokens", "blocks", "tail_tokens"):
             assert manifest["splits"][name][key] == ref_manifest["splits"][name][key]
     assert manifest["executor"]["shards"] > 5  # files were cut, copies sit in other shards
+    assert manifest["stages"] == ref_manifest["stages"]  # read, every stage: in, out, drops
+    assert manifest["inputs"] == ref_manifest["inputs"]  # documents, sha256, fields per file
     dropped = ref_manifest["stages"]
     assert dropped["deduplicate"]["dropped"].get("duplicate", 0) >= 30
     assert dropped["near_dedup"]["dropped"].get("near_duplicate", 0) >= 10

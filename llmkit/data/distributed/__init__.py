@@ -46,8 +46,8 @@ Wiring into ``prepare`` (next step, once issue 12's steps land)
     :mod:`llmkit.data.clean` directly; still to add: the chat path (conversations packed
     whole with :class:`~llmkit.data.pack.SFTPacker`, which is sequential: per-shard packing
     needs a carried row state, so it runs as one task, or as running totals of rows once
-    each conversation's length is known); the full manifest (stages' counts from
-    :func:`~llmkit.data.distributed.dedup.admit_rows` + :func:`llmkit.data.clean.count_document`,
-    inputs from :func:`~llmkit.data.distributed.shards.merge_file_stats`) and
-    ``--keep-dropped``; the intermediate files move from pickle/npy to arrow.
+    each conversation's length is known); the rest of the manifest (settings, fingerprint,
+    cache, tokenizer, length histograms; ``inputs`` and ``stages`` are already prepare's),
+    ``--keep-dropped``, web-archive URLs; the intermediate files move from pickle/npy to
+    arrow.
 """

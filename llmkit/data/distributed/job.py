@@ -289,7 +289,9 @@ class Signatures(Stage):
             by_part = ddedup.shard_records(rows, shard.index, stages, spec.partitions)
             for p, recs in enumerate(by_part):
                 work.put(f"records/p{p:05d}/s{shard.index:06d}.pkl", recs)
-            work.put(f"rows/s{shard.index:06d}.pkl", {"rows": rows, "source": source})
+            work.put(f"rows/s{shard.index:06d}.pkl", {"rows": rows})
+            read = {"documents_out": len(rows), "bytes_out": sum(r["sizes"][0] for r in rows)}
+            work.put(f"sources/s{shard.index:06d}.pkl", {"source": source, "read": read})
             passing = [j for j, row in enumerate(rows) if row["drop_stage"] < 0]
             work.write_bytes(f"passing/s{shard.index:06d}.json", json.dumps(passing).encode())
 
@@ -415,7 +417,18 @@ class Encode(Stage):
         append_eos = not tokenizer_appends_eos(tok)
 
         def one(shard: Shard) -> None:
-            texts = _kept_texts(work, spec, shard, stages, dropped)
+            from llmkit.data.clean import StageStats, count_document
+
+            rows = work.get(f"rows/s{shard.index:06d}.pkl")["rows"]
+            stats = [StageStats.of(st) for st in stages]
+            texts = []
+            for row, adm in zip(
+                rows, ddedup.admit_rows(rows, shard.index, stages, dropped), strict=True
+            ):
+                count_document(row, *adm, stats)
+                if adm[0] == len(stages):
+                    texts.append(row["text"])
+            work.put(f"stats/s{shard.index:06d}.pkl", stats)
             first = offsets[shard.index]
             in_val = np.isin(np.arange(first, first + len(texts)), val_idx)
             counts = {}
@@ -592,6 +605,45 @@ def completed_tasks(spec: JobSpec) -> dict[str, int]:
     return {name: len(work.listdir(f"logs/{name}/completions")) for name in STAGES}
 
 
+def _merged_stats(work: Work, plan: dict, shards: Sequence[Shard]) -> tuple[list, dict]:
+    """The manifest's ``inputs`` and ``stages`` (``read`` then each stage), added up over the
+    shards as ``llmkit prepare`` counts them in one pass."""
+    from llmkit.data.distributed.shards import merge_file_stats
+
+    files = _files_from(plan)
+    got = [work.get(f"sources/s{s.index:06d}.pkl") for s in shards]
+    merge_file_stats(files, shards, [g["source"] for g in got])
+    read = {
+        "files": len(files),
+        "bytes_in": sum(f.size_bytes for f in files),
+        "documents_out": sum(g["read"]["documents_out"] for g in got),
+        "bytes_out": sum(g["read"]["bytes_out"] for g in got),
+    }
+    skipped: dict = {}
+    for f in files:
+        for reason, n in f.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    read["skipped"] = dict(sorted(skipped.items()))
+    if sum(f.documents_split for f in files):
+        read["documents_split"] = sum(f.documents_split for f in files)
+        read["pieces"] = sum(f.pieces for f in files)
+    records: dict = {}
+    for f in files:
+        for reason, n in f.records_skipped.items():
+            records[reason] = records.get(reason, 0) + n
+    if records:
+        read["records_skipped"] = dict(sorted(records.items()))
+    total = None
+    for s in shards:
+        stats = work.get(f"stats/s{s.index:06d}.pkl")
+        if total is None:
+            total = stats
+        else:
+            for a, b in zip(total, stats, strict=True):
+                a.merge(b)
+    return files, {"read": read, **{st.name: st.as_dict() for st in total or []}}
+
+
 def assemble(spec: JobSpec, output: str | Path) -> dict:
     """Write the prepared directory at ``output`` from the finished job's blocks.
 
@@ -605,6 +657,7 @@ def assemble(spec: JobSpec, output: str | Path) -> dict:
     plan = json.loads(work.read_bytes("plan.json"))
     shards = [Shard.from_dict(d) for d in plan["shards"]]
     counts = [json.loads(work.read_bytes(f"counts/s{s.index:06d}.json")) for s in shards]
+    files, stages = _merged_stats(work, plan, shards)
     output = Path(output)
     tmp = output.parent / f".{output.name}.{secrets.token_hex(4)}"
     tmp.mkdir(parents=True)
@@ -628,7 +681,12 @@ def assemble(spec: JobSpec, output: str | Path) -> dict:
             }
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
         _load_tokenizer(work, spec).save_pretrained(str(tmp))
-        manifest = {"splits": splits, "executor": {"shards": len(shards), "tasks": spec.tasks}}
+        manifest = {
+            "inputs": [f.as_dict() for f in files],
+            "stages": stages,
+            "splits": splits,
+            "executor": {"shards": len(shards), "tasks": spec.tasks},
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         (tmp / DATASET_DICT).write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
         if output.exists():
