@@ -365,3 +365,12 @@ def test_trained_tokenizer_equals_prepare(tmp_path, corpus):
         assert rows[name].shape == ref_rows[name].shape
         assert (rows[name] == ref_rows[name]).all()
         assert manifest["splits"][name]["tokens"] == ref["splits"][name]["tokens"]
+
+
+def test_failing_stage_wide_task_is_one_line(tmp_path, corpus):
+    spec = _spec(tmp_path / "work", corpus, tmp_path / "no-such-tokenizer", 2)
+    with pytest.raises(UserError) as info:
+        run_job(spec, "local", workers=1)
+    msg = info.value.message
+    assert msg.startswith("encode task 0 of 2: ") and "\n" not in msg
+    assert completed_tasks(spec)["tokenizer"] == 1 and completed_tasks(spec)["encode"] == 0

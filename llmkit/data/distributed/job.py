@@ -221,6 +221,10 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
+class _Recorded(RuntimeError):
+    """A task's failure, already written to ``errors/`` as one line."""
+
+
 class Stage:
     """A plain ``fn(data, rank, world_size)`` callable for datatrove's executors."""
 
@@ -236,7 +240,14 @@ class Stage:
         files = _files_from(plan)
         shards = [Shard.from_dict(d) for d in plan["shards"]]
         work.write_bytes(f"runs/{self.name}-{rank:05d}-{secrets.token_hex(4)}", b"")
-        self.run(work, spec, files, shards, rank, world_size)
+        try:
+            self.run(work, spec, files, shards, rank, world_size)
+        except _Recorded:
+            raise
+        except Exception as err:  # a stage-wide step (no shard of its own)
+            msg = f"{self.name} task {rank} of {world_size}: {_one_line(err)}"
+            work.write_bytes(f"errors/{self.name}-{rank:05d}", msg.encode())
+            raise _Recorded(msg) from None
         return data
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:  # pragma: no cover
@@ -254,7 +265,7 @@ class Stage:
                     f"{_one_line(err)}"
                 )
                 work.write_bytes(f"errors/{self.name}-{rank:05d}", msg.encode())
-                raise RuntimeError(msg) from None
+                raise _Recorded(msg) from None
             if hang and k == 0:
                 work.write_bytes(f"hang/{self.name}-{rank:05d}", str(os.getpid()).encode())
                 while True:
