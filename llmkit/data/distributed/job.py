@@ -584,6 +584,11 @@ def run_job(
     directory: its completion markers are polled every ``poll_seconds``). With Slurm or Ray,
     the last stage's executor is run and datatrove submits the chain.
 
+    With ``workers`` > 1 the local engine starts its processes with ``forkserver``
+    (datatrove's default), which imports the calling script again: a script that calls this
+    must do so under ``if __name__ == "__main__":``. With Slurm, this returns once the job
+    arrays are submitted: call :func:`assemble` when they have finished.
+
     Raises:
         UserError: a task failed: its one line (stage, task, shard, what happened).
     """
