@@ -60,7 +60,7 @@ def tiny_model(out: Path) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from llmkit.data.tokenizer import train_bpe_tokenizer
+    from llmkit.core.tokenizer import train_bpe_tokenizer
 
     text = (
         SHAKESPEARE.read_text(encoding="utf-8")[:200_000]
@@ -109,7 +109,8 @@ def bare(model, tok, prompts, max_new_tokens, eos, **generate_kwargs):
 
 def ours(model, tok, prompts, max_new_tokens, batch_size, stream=False):
     """llmkit's run_prompts: as --json (no streaming) or streaming to a sink."""
-    from llmkit.generation.generate import GenerationSettings, run_prompts
+    from llmkit.generation.generate import run_prompts
+    from llmkit.generation.settings import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0)
     sink = io.StringIO()
@@ -176,8 +177,8 @@ def variants(name: str, max_new_tokens: int, rounds: int) -> None:
     cache with ``torch.compile`` (transformers' CompileConfig; on a CPU it must be asked for)."""
     from transformers import CompileConfig
 
-    from llmkit.generation.generate import eos_ids
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
+    from llmkit.generation.batching import eos_ids
 
     loaded = {}
     for dtype in ("float32", "bfloat16"):
@@ -309,7 +310,7 @@ def load_compare(name: str, rounds: int) -> None:
     Target (issue 16): ≤ 2×."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.generation.loading import gguf_cache_dir, load_model_and_tokenizer
+    from llmkit.core.loading import gguf_cache_dir, load_model_and_tokenizer
 
     path = Path(name)
     if path.suffix != ".gguf":
@@ -385,7 +386,7 @@ def startup(name: str, dtype: str, rounds: int, threads: int | None) -> None:
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     floor_code = (
-        "from llmkit.generation.loading import load_model_and_tokenizer;"
+        "from llmkit.core.loading import load_model_and_tokenizer;"
         f"load_model_and_tokenizer({name!r}, device='cpu', dtype={dtype!r})"
     )
     floor_cmd = [sys.executable, "-c", floor_code]
@@ -425,8 +426,8 @@ def main() -> None:
 
     import torch
 
-    from llmkit.generation.generate import eos_ids
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
+    from llmkit.generation.batching import eos_ids
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -114,8 +114,8 @@ def pack_ratio(docs: list[str], work: Path) -> dict[str, float]:
     from datasets import Dataset, Features, List, Value, load_from_disk
 
     import llmkit.data.pipeline as pipeline
+    from llmkit.core.tokenizer import train_bpe_tokenizer
     from llmkit.data.pack import Packer
-    from llmkit.data.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(iter(docs[:3000]), 8192)
     size = mb(nbytes(docs))

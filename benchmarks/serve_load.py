@@ -64,7 +64,7 @@ def tiny_model(out: Path) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from llmkit.data.tokenizer import train_bpe_tokenizer
+    from llmkit.core.tokenizer import train_bpe_tokenizer
 
     text = SUPPORT.read_text(encoding="utf-8")
     tok = train_bpe_tokenizer(iter(text.splitlines()), vocab_size=1024)

@@ -106,7 +106,7 @@ def _prepared(root: Path, vocab: int, n_blocks: int) -> Path:
     """A prepared directory of random (block + 1)-token blocks and a BPE of ``vocab`` tokens."""
     from datasets import Dataset
 
-    from llmkit.data.tokenizer import train_bpe_tokenizer
+    from llmkit.core.tokenizer import train_bpe_tokenizer
 
     text = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
     corpus = text.read_text(encoding="utf-8") if text.exists() else "to be or not to be\n\n" * 5000
@@ -144,7 +144,7 @@ def _overrides(data: Path, run: Path, steps: int, precision: str) -> list[str]:
 
 def llmkit_model(data: Path, precision: str) -> nn.Module:
     """The GPT-2 that ``llmkit train`` builds for these overrides."""
-    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.core.tokenizer import load_tokenizer
     from llmkit.training.config import load_recipe
     from llmkit.training.model import build_config, build_model
 
@@ -288,7 +288,7 @@ def main() -> None:
 
 
 def len_vocab(data: Path) -> int:
-    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.core.tokenizer import load_tokenizer
 
     return len(load_tokenizer(data))
 

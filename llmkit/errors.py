@@ -13,14 +13,19 @@ class UserError(Exception):
     Args:
         message: what is wrong, naming the file, key or value.
         hint: how to fix it (optional).
+        reason: a short fixed code for the kind of mistake (``"missing field"``,
+            ``"malformed json"``), for what counts problems by kind — the manifest's skipped
+            records — so that rewording ``message`` never changes a count's key. None: the
+            error has no code (counters then fall back to their own rule).
     """
 
     exit_code = 2
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, *, reason: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.reason = reason
 
     def __str__(self) -> str:
         if self.hint:

@@ -26,14 +26,21 @@ with one :class:`~llmkit.errors.UserError` naming the template's file and the li
 each at 100,000; nested they would loop 10^10 times). Not bounded: the time spent in nested
 loops over a long string or list that write nothing.
 
+**The end of a turn.** The template's end-of-turn token is found here too, by one rule
+(:func:`end_of_turn_token`; its id :func:`end_of_turn_ids`): ``prepare --format chat`` records
+it as the stop token, and ``generate``, ``chat`` and ``serve`` end a reply on it.
+
 No torch here; jinja2 is imported when a template is rendered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import re
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -254,13 +261,9 @@ def bounded_sandbox() -> type:
 def _install() -> Any:
     """Make transformers compile chat templates in :func:`bounded_sandbox`; returns its
     ``_compile_jinja_template``."""
-    from transformers.utils import chat_template_utils as ctu
+    from llmkit.core.compat import compile_chat_templates_in
 
-    env = bounded_sandbox()
-    if ctu.ImmutableSandboxedEnvironment is not env:
-        ctu.ImmutableSandboxedEnvironment = env
-        ctu._compile_jinja_template.cache_clear()  # templates compiled before: recompile
-    return ctu._compile_jinja_template
+    return compile_chat_templates_in(bounded_sandbox())
 
 
 def _file_holds(path: Path, template: str) -> bool:
@@ -329,6 +332,19 @@ def render_chat(
             sandbox blocks, uses an undefined name, refuses the conversation through
             ``raise_exception``, or fails otherwise; the message names the template's file.
     """
+    with _guarded(tokenizer, messages, where):
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    if add_generation_prompt and not text.strip():
+        raise template_error(tokenizer, _EmptyPrompt(), where)
+    return text
+
+
+@contextlib.contextmanager
+def _guarded(tokenizer: Any, messages: Any, where: str | None) -> Iterator[None]:
+    """Run a render of ``tokenizer``'s template in :func:`bounded_sandbox`, with the size
+    limits of ``messages``; any failure becomes :func:`template_error`'s one line."""
     token = _LIMIT.set(char_limit(messages))
     ranges = _RANGES.set([0])
     try:
@@ -336,17 +352,70 @@ def render_chat(
         template = tokenizer.get_chat_template()
         if not isinstance(compile_template(template).environment, bounded_sandbox()):
             raise RuntimeError("transformers did not compile the chat template in llmkit's sandbox")
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        yield
+    except UserError:
+        raise
     except Exception as err:  # any template failure: classified below, never a traceback
         raise template_error(tokenizer, err, where) from err
     finally:
         _LIMIT.reset(token)
         _RANGES.reset(ranges)
-    if add_generation_prompt and not text.strip():
-        raise template_error(tokenizer, _EmptyPrompt(), where)
-    return text
+
+
+#: A ``{% generation %}`` tag, as transformers recognizes it (``chat_template_utils.
+#: render_jinja_template``).
+_GENERATION_TAG = re.compile(r"\{\%-?\s*generation\s*-?\%\}")
+
+
+def has_generation_markers(tokenizer: Any) -> bool:
+    """True when ``tokenizer``'s chat template marks the assistant's text with
+    ``{% generation %}...{% endgeneration %}`` (transformers' ``return_assistant_tokens_mask``)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: the default one is rendered
+        template = template.get("default")
+    return isinstance(template, str) and bool(_GENERATION_TAG.search(template))
+
+
+def generation_spans(
+    tokenizer: Any, messages: list[dict[str, str]], *, where: str | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation rendered (``add_generation_prompt=False``) and the character spans of
+    its ``{% generation %}`` blocks, in order.
+
+    The spans are those from which ``tokenizer.apply_chat_template(messages, tokenize=True,
+    return_dict=True, return_assistant_tokens_mask=True)`` builds its ``assistant_masks``
+    (transformers ``tokenization_utils_base.py``: a token is masked when it overlaps a span);
+    they come from ``transformers.utils.chat_template_utils.render_jinja_template``, called as
+    ``apply_chat_template`` calls it, in the same guarded sandbox as :func:`render_chat`.
+    The text is first rendered by :func:`render_chat` (so that the size limit on the whole
+    text applies) and must be the same.
+
+    Raises:
+        UserError: as :func:`render_chat`; the template has no ``{% generation %}`` tag.
+    """
+    if not has_generation_markers(tokenizer):
+        raise UserError(
+            f"{where + ': ' if where else ''}the chat template has no {{% generation %}} tag",
+            "locate the answers with llmkit.data.sft.answer_spans instead",
+        )
+    text = render_chat(tokenizer, messages, where=where)
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    with _guarded(tokenizer, messages, where):
+        rendered, spans = render_jinja_template(
+            conversations=[messages],
+            chat_template=tokenizer.get_chat_template(),
+            return_assistant_tokens_mask=True,
+            add_generation_prompt=False,
+            **tokenizer.special_tokens_map,
+        )
+    if rendered[0] != text:
+        raise UserError(
+            f"{where + ': ' if where else ''}the chat template renders differently when its "
+            "{% generation %} blocks are tracked",
+            "fix the template so that its text does not depend on the tracking",
+        )
+    return text, [(int(s), int(e)) for s, e in spans[0]]
 
 
 class _EmptyPrompt(Exception):
@@ -355,7 +424,9 @@ class _EmptyPrompt(Exception):
 
 def template_error(tokenizer: Any, err: BaseException, where: str | None = None) -> UserError:
     """The one-line :class:`UserError` for an exception raised while rendering ``tokenizer``'s
-    chat template (see :func:`render_chat`)."""
+    chat template (see :func:`render_chat`). Its ``reason`` (the code ``prepare`` counts a
+    skipped conversation by) is ``"template refused"`` for the template's own
+    ``raise_exception``, else ``"render failed"``."""
     import jinja2.exceptions as jx
 
     source = template_source(tokenizer)
@@ -368,36 +439,124 @@ def template_error(tokenizer: Any, err: BaseException, where: str | None = None)
         return UserError(
             f"{prefix}{the} was stopped: {detail} ({err.rule})",
             f"a chat template that builds that much is broken or hostile; {fix}",
+            reason="render failed",
         )
     if isinstance(err, _EmptyPrompt):
         return UserError(
             f"{prefix}{the} renders the conversation as empty text: there is no prompt to continue",
             f"{fix} so that it writes the messages, or use a model whose template works",
+            reason="render failed",
         )
     if isinstance(err, jx.TemplateSyntaxError):
         line = f" at line {err.lineno}" if err.lineno else ""
         return UserError(
             f"{prefix}{the} has a Jinja syntax error{line}: {detail}",
             f"{fix}, or use a model whose template works",
+            reason="render failed",
         )
     if isinstance(err, jx.SecurityError):
         return UserError(
             f"{prefix}{the} was stopped by Jinja's sandbox: {detail}",
             "the template tries to reach Python internals; use a template from a source you "
             f"trust ({fix})",
+            reason="render failed",
         )
     if isinstance(err, jx.UndefinedError):
         return UserError(
             f"{prefix}{the} uses an undefined name: {detail}",
             f"{fix}; the variables a template gets are messages, add_generation_prompt and "
             "the tokenizer's special tokens",
+            reason="render failed",
         )
     if type(err) is jx.TemplateError:  # the template's raise_exception(...)
         return UserError(
             f"{prefix}{the} refused the conversation: {detail}",
             "check the roles and their order, or choose another template",
+            reason="template refused",
         )
     return UserError(
         f"{prefix}{the} failed to render: {type(err).__name__}: {detail}",
         f"{fix}, or use a model whose template works",
+        reason="render failed",
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The end of an assistant's turn: one rule, used by prepare (the stop token it records) and by
+# generate/chat/serve (an id that ends a reply).
+
+#: The answer rendered to find what the template writes after an answer: distinctive, so that
+#: no template's own text (a default system prompt, a role name) contains it.
+END_OF_TURN_PROBE = "llmkit end-of-turn probe"
+
+
+def special_token_texts(tokenizer: Any) -> list[str]:
+    """The texts of ``tokenizer``'s special tokens, longest first: the named ones (EOS, BOS,
+    PAD...) and every added token marked special (chat markers such as ``<|im_end|>`` are often
+    only the latter). Whitespace-only tokens are left out."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            found.add(token.content)
+    return sorted((t for t in found if t and not t.isspace()), key=len, reverse=True)
+
+
+def end_of_turn_token(tokenizer: Any) -> str | None:
+    """The special token the chat template writes right after an assistant's answer, or None.
+
+    ``<|im_end|>`` for ChatML (and SmolLM2), ``<|eot_id|>`` for Llama 3, ``<end_of_turn>`` for
+    Gemma, ``<|end|>`` for Phi-3, ``</s>`` for Llama 2. Found by rendering a user message and
+    the answer :data:`END_OF_TURN_PROBE` with the tokenizer's own template and reading what
+    follows the answer, whitespace skipped: the longest special token it starts with. So it
+    works for any template, and does not depend on how the answers of a conversation are
+    located. A model trained on such conversations ends its answers with this token, whatever
+    its config's ``eos_token_id`` says: generation stops on it (:func:`end_of_turn_ids`).
+
+    Raises:
+        UserError: the tokenizer has no chat template, or the template fails on (or refuses)
+            the probe conversation (:func:`render_chat`).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "the tokenizer has no chat template: there is no end of turn to find",
+            "use a tokenizer with a chat template (or prepare --chat-template chatml)",
+        )
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": END_OF_TURN_PROBE},
+    ]
+    text = render_chat(tokenizer, messages, where="end-of-turn probe")
+    if not isinstance(text, str) or END_OF_TURN_PROBE not in text:
+        return None  # the template does not write the answer as given: no guess
+    after = text[text.rindex(END_OF_TURN_PROBE) + len(END_OF_TURN_PROBE) :].lstrip()
+    return next((t for t in special_token_texts(tokenizer) if after.startswith(t)), None)
+
+
+# tokenizer -> (chat_template, end-of-turn ids): rendering a template costs ~1 ms a call, and
+# generate asks once per batch
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The id of :func:`end_of_turn_token`: ``[id]``, or ``[]`` when there is none — no chat
+    template, a template that fails on (or refuses) the probe conversation, or plain text
+    after the answer. Cached per tokenizer and template."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return []
+    try:
+        cached = _END_OF_TURN.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == template:
+        return list(cached[1])
+    try:
+        token = end_of_turn_token(tokenizer)
+    except UserError:  # a template with rules of its own (roles, alternation): no guess
+        token = None
+    found = [] if token is None else [int(tokenizer.convert_tokens_to_ids(token))]
+    try:
+        _END_OF_TURN[tokenizer] = (template, found)
+    except TypeError:
+        pass
+    return list(found)

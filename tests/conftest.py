@@ -72,7 +72,7 @@ def shakespeare_slice(tmp_path_factory, shakespeare) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(shakespeare):
     """A byte-level BPE with 300 tokens trained on the first 60 kB of tiny Shakespeare."""
-    from llmkit.data.tokenizer import train_bpe_tokenizer
+    from llmkit.core.tokenizer import train_bpe_tokenizer
 
     text = shakespeare.read_text(encoding="utf-8")[:60_000]
     return train_bpe_tokenizer(iter(text.split("\n\n")), vocab_size=300)

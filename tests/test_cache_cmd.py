@@ -14,7 +14,7 @@ import pytest
 from conftest import shared_file
 
 from llmkit.cli.cache import parse_age
-from llmkit.data.cache import (
+from llmkit.core.cache import (
     CleanCache,
     cache_entries,
     cache_problem,

@@ -11,9 +11,11 @@ import torch
 from typer.testing import CliRunner
 
 from llmkit.cli import app
+from llmkit.core.loading import load_model_and_tokenizer
+from llmkit.generation.batching import complete_batch
 from llmkit.generation.chat import ChatSession, chat_loop
-from llmkit.generation.generate import GenerationSettings, complete_batch, encode_chat
-from llmkit.generation.loading import load_model_and_tokenizer
+from llmkit.generation.prompts import encode_chat
+from llmkit.generation.settings import GenerationSettings
 
 runner = CliRunner()
 TEMPLATE = (
@@ -25,7 +27,7 @@ TEMPLATE = (
 @pytest.fixture(scope="module")
 def chat_model_dir(tmp_path_factory, tiny_model_dir):
     """The tiny GPT-2 with a simple chat template on its tokenizer."""
-    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.core.tokenizer import load_tokenizer
 
     out = tmp_path_factory.mktemp("chat") / "tiny-chat"
     shutil.copytree(tiny_model_dir, out)
@@ -184,7 +186,8 @@ def chatml_dir(tmp_path_factory, shakespeare):
 
 
 def test_end_of_turn_token_comes_from_the_template(chatml_dir):
-    from llmkit.generation.generate import end_of_turn_ids, eos_ids
+    from llmkit.generation.batching import eos_ids
+    from llmkit.templates import end_of_turn_ids
 
     model, tok, _ = load_model_and_tokenizer(str(chatml_dir), device="cpu")
     assert tok.chat_template == CHATML  # the template saved in the model directory
@@ -195,6 +198,29 @@ def test_end_of_turn_token_comes_from_the_template(chatml_dir):
     assert end_of_turn_ids(tok) == []
     tok.chat_template = None
     assert eos_ids(model, tok) == [0]
+
+
+# ChatML whose generation prompt adds a blank line the rendered answer does not repeat (the
+# generation prompt is not a prefix of the answer), and a Llama 2-like one with a space before
+# its end-of-turn token
+CHATML_BLANK_LINE = CHATML.replace("assistant\n{% endif %}", "assistant\n\n{% endif %}")
+CHATML_SPACED = CHATML.replace("{{ m['content'] }}<|im_end|>", "{{ m['content'] }} <|im_end|>")
+
+
+@pytest.mark.parametrize("template", [CHATML, CHATML_BLANK_LINE, CHATML_SPACED])
+def test_one_end_of_turn_rule_for_prepare_and_generate(chatml_dir, template):
+    """prepare's stop token (``llmkit.data.sft.end_of_turn_token``) and generate's extra EOS id
+    (``end_of_turn_ids``) are one rule (``llmkit.templates``), found from the rendered answer
+    alone: a generation prompt that is not a prefix of the answer no longer breaks prepare's
+    probe, and a space before the marker no longer hides it from generate."""
+    from llmkit.data import sft
+    from llmkit.templates import end_of_turn_ids, end_of_turn_token
+
+    _, tok, _ = load_model_and_tokenizer(str(chatml_dir), device="cpu")
+    tok.chat_template = template
+    assert sft.end_of_turn_token is end_of_turn_token
+    assert end_of_turn_token(tok) == "<|im_end|>"
+    assert end_of_turn_ids(tok) == [2]
 
 
 def test_generated_im_end_ends_the_turn(chatml_dir):

@@ -1,4 +1,4 @@
-"""Optional dependencies: missing or broken, they end in one line (SPEC §6)."""
+"""UserError (one line, SPEC §6; its reason code) and optional dependencies, missing or broken."""
 
 from __future__ import annotations
 
@@ -45,3 +45,68 @@ def test_html_with_a_broken_trafilatura_is_one_line(monkeypatch):
     with pytest.raises(UserError, match=r"^--html needs the trafilatura package, which") as info:
         Normalize(html=True)
     assert info.value.hint == "pip install 'llmkit[html]'"
+
+
+def test_a_user_error_carries_its_reason_code_through_pickling():
+    """Workers (prepare --num-proc) send errors back pickled: hint and reason must survive."""
+    import pickle
+
+    err = pickle.loads(pickle.dumps(UserError("bad line", "fix it", reason="malformed json")))
+    assert (err.message, err.hint, err.reason) == ("bad line", "fix it", "malformed json")
+    assert str(err) == "bad line — fix it"
+    assert UserError("x").reason is None
+
+
+@pytest.mark.parametrize(
+    ("record", "line", "code"),
+    [
+        ([1], None, "not an object"),
+        ({"body": "x"}, None, "missing field"),
+        ({"text": 3}, None, "field not a string"),
+        (None, '{"text": ', "malformed json"),
+    ],
+)
+def test_skipped_text_records_are_counted_by_the_errors_code(tmp_path, record, line, code):
+    """The manifest's skip reason comes from the error's reason field: the same code the
+    message rule gave (manifests unchanged), and a reworded message keeps it."""
+    from llmkit.data.readers import _reason, parse_jsonl_line, record_text
+
+    with pytest.raises(UserError) as caught:
+        if line is None:
+            record_text(record, where="f.jsonl:1", text_field="text")
+        else:
+            parse_jsonl_line(line, path=tmp_path / "f.jsonl", lineno=1, text_field="text")
+    err = caught.value
+    assert err.reason == code
+    assert _reason(err) == code == _reason(UserError(err.message))  # the message rule agrees
+    assert _reason(UserError("worded another way", reason=code)) == code
+
+
+def test_chat_template_errors_carry_the_code_prepare_counted_them_by():
+    """Each kind of template failure carries as ``reason`` the code that prepare's message
+    rule (``data/encode.py::_render_reason``) gives it today, so prepare can count by the
+    field with its manifests unchanged."""
+    import jinja2.exceptions as jx
+
+    from llmkit.data.encode import _render_reason
+    from llmkit.templates import TemplateTooLarge, _EmptyPrompt, template_error
+
+    class Tok:
+        chat_template = "{{ x }}"
+        name_or_path = ""
+
+    failures = [
+        TemplateTooLarge("the output", 10**9, 10**6),
+        _EmptyPrompt(),
+        jx.TemplateSyntaxError("unexpected '}'", 3),
+        jx.SecurityError("access to attribute '__class__' is unsafe"),
+        jx.UndefinedError("'foo' is undefined"),
+        jx.TemplateError("Conversation roles must alternate user/assistant"),
+        RuntimeError("boom"),
+    ]
+    codes = []
+    for failure in failures:
+        err = template_error(Tok(), failure, where="chat.jsonl:3")
+        assert err.reason == _render_reason(err.message), err.message
+        codes.append(err.reason)
+    assert codes == ["render failed"] * 5 + ["template refused", "render failed"]

@@ -282,8 +282,8 @@ def test_rolling_perplexity_has_one_bos_and_equals_llmkit_eval(
     harness scores 16 tokens a window, as llmkit eval's 17-token windows do)."""
     from transformers import AutoTokenizer
 
+    from llmkit.core.loading import load_model_and_tokenizer
     from llmkit.evaluation.harness import run_tasks
-    from llmkit.generation.loading import load_model_and_tokenizer
 
     tok = AutoTokenizer.from_pretrained(bos_model_dir)
     bos = tok.bos_token_id

@@ -126,7 +126,7 @@ class NextIdLossModel:
     """Causal fake for blocks of consecutive ids: the token after id i is i+1, predicted with
     loss exactly i+1 nats (p = e^-(i+1), the rest on one other token). Unlike
     :class:`PositionLossModel` it reads no later input, so it works on the T-1 inputs that
-    block scoring feeds (``llmkit.evaluation.scoring.split_batch``)."""
+    block scoring feeds (``llmkit.core.scoring.split_batch``)."""
 
     def __init__(self, vocab: int = 16):
         self.vocab = vocab
@@ -193,7 +193,7 @@ def test_prepared_split_matches_hand_computation(tiny_model_dir, prepared_dir, t
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM
 
-    from llmkit.data.tokenizer import token_byte_lengths
+    from llmkit.core.tokenizer import token_byte_lengths
 
     blocks = torch.tensor(load_from_disk(str(prepared_dir / "validation"))["input_ids"])
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -305,8 +305,8 @@ def test_data_of_another_tokenizer_is_refused_like_train(
     tmp_path, tiny_tokenizer, tiny_model_dir, shakespeare
 ):
     """eval used to score it with a warning and exit 0 while train refused the same pair: both
-    refuse it now, with the same check (llmkit.data.prepared.check_same_vocabulary)."""
-    from llmkit.data.tokenizer import train_bpe_tokenizer
+    refuse it now, with the same check (llmkit.core.prepared.check_same_vocabulary)."""
+    from llmkit.core.tokenizer import train_bpe_tokenizer
     from tests.test_train import _write_prepared
 
     text = shakespeare.read_text(encoding="utf-8")[60_000:120_000]

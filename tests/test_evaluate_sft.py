@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from llmkit.cli import app
-from llmkit.data.tokenizer import token_byte_lengths
+from llmkit.core.tokenizer import token_byte_lengths
 from llmkit.evaluation.evaluate import evaluate, score_blocks
 
 BLOCK = 64
@@ -104,7 +104,7 @@ def model_dir(request, tmp_path_factory, tiny_model_dir, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def sft_dir(tmp_path_factory, tiny_tokenizer):
-    """A prepared directory by hand (llmkit.data.prepared layout) with labels and
+    """A prepared directory by hand (llmkit.core.prepared layout) with labels and
     position_ids: validation = 2 blocks of 64 tokens, each packing two conversations."""
     from datasets import Dataset, Features, List, Value
 

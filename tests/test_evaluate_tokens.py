@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from llmkit.cli import app
+from llmkit.core.loading import load_model_and_tokenizer
 from llmkit.evaluation.evaluate import evaluate, token_pieces, token_probabilities
-from llmkit.generation.loading import load_model_and_tokenizer
 
 runner = CliRunner()
 TEXT = "ROMEO: But soft, what light through yonder window breaks? Café ☃"

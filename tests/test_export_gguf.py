@@ -58,8 +58,8 @@ def corpus(shakespeare) -> str:
 @pytest.fixture(scope="module")
 def chat_tokenizer(corpus):
     """A 300-token byte-level BPE with ChatML's two special tokens and ChatML as template."""
+    from llmkit.core.tokenizer import train_bpe_tokenizer
     from llmkit.data.sft import ensure_chat_template
-    from llmkit.data.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(
         iter(corpus.split("\n\n")),
@@ -388,7 +388,7 @@ def _perplexity(model, ids: list[int]) -> float:
 @pytest.mark.slow
 @pytest.mark.skipif(not SMOLLM.exists(), reason=f"{SMOLLM} is absent")
 def test_smollm2_gguf_export_f16_keeps_perplexity(tmp_path, shakespeare):
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer(str(SMOLLM), device="cpu", dtype="float32")
     ids = tok(shakespeare.read_text(encoding="utf-8")[:2000])["input_ids"][:256]

@@ -311,22 +311,22 @@ def test_cli_config_error_is_one_line(tmp_path):
     assert r.exit_code == 2 and "unknown prepare setting filters.gophr" in r.stderr
 
 
-def test_per_document_rows_then_in_order_admission_count_like_the_plain_loop():
-    """The pipeline's form (clean.process_document on every document, in any process, then
-    admit_document and count_document in order) gives the plain loop's documents, counts and
-    dropped texts, for every rule set with its own counts."""
+@pytest.mark.parametrize("procs", [1, 2])
+def test_the_steps_under_the_executor_count_like_the_plain_loop(tmp_path, procs):
+    """The pipeline's form (the cleaning steps of build_steps under the executor: the
+    per-document steps on ``procs`` worker processes, then de-duplication's resolve in order)
+    gives the plain loop's documents, counts and dropped texts, for every rule set with its
+    own counts."""
     import gzip
     import json
+    from contextlib import contextmanager
 
-    from llmkit.data.clean import (
-        StageStats,
-        admit_document,
-        count_document,
-        process_document,
-        received_text,
-        run_stages,
-    )
-    from llmkit.data.config import default_config
+    from datasets import Dataset
+
+    from llmkit.data.clean import StageStats, run_stages
+    from llmkit.data.config import build_steps, default_config
+    from llmkit.data.executor import run_pipeline
+    from llmkit.data.steps.base import DroppedWriter, merge_dropped
 
     path = shared_file("dolma_docs/000.json.gz")
     docs = [json.loads(line)["text"] for line in gzip.open(path, "rt", encoding="utf-8")]
@@ -344,17 +344,20 @@ def test_per_document_rows_then_in_order_admission_count_like_the_plain_loop():
         run_stages(docs, plain_stages, plain, lambda t, s, r: plain_dropped.append((s, r, t)))
     )
 
-    stages = build_stages(cfg)
-    stats = [StageStats.of(s) for s in stages]
-    rows = [process_document(d, stages, keep_text=True) for d in docs]  # order-free part
-    kept2, dropped2 = [], []
-    for row in rows:
-        stop, reason, corpus_counts = admit_document(row, stages)
-        count_document(row, stop, reason, corpus_counts, stats)
-        if stop == len(stages):
-            kept2.append(row["text"])
-        else:
-            dropped2.append((stages[stop].name, reason, received_text(row, stop)))
+    @contextmanager
+    def task(description, total=None):
+        yield lambda n=1: None
+
+    steps = build_steps(cfg, DroppedWriter(tmp_path / "dropped"))
+    out, ranks = run_pipeline(
+        steps, Dataset.from_dict({"text": docs}), chat=False, procs=procs, work=tmp_path, task=task
+    )
+    assert ranks == procs
+    kept2 = out["text"]
+    merge_dropped(tmp_path / "dropped", tmp_path / "dropped.jsonl")
+    lines = (tmp_path / "dropped.jsonl").read_text(encoding="utf-8").splitlines()
+    dropped2 = [(r["stage"], r["reason"], r["text"]) for r in map(json.loads, lines)]
+    stats = [step.stats for step in steps if step.stats is not None]
     assert kept2 == kept and dropped2 == plain_dropped
     assert [s.as_dict() for s in stats] == [s.as_dict() for s in plain]
     by_name = {s.name: s.as_dict() for s in stats}

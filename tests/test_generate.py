@@ -14,17 +14,13 @@ import torch
 from typer.testing import CliRunner
 
 from llmkit.cli import app
+from llmkit.core.loading import load_model_and_tokenizer
 from llmkit.errors import UserError
-from llmkit.generation.generate import (
-    GenerationSettings,
-    TextStream,
-    complete,
-    decode_continuation,
-    encode_prompt,
-    generate,
-    generate_completions,
-)
-from llmkit.generation.loading import load_model_and_tokenizer
+from llmkit.generation.batching import complete
+from llmkit.generation.decoding import TextStream, decode_continuation
+from llmkit.generation.generate import generate, generate_completions
+from llmkit.generation.prompts import encode_prompt
+from llmkit.generation.settings import GenerationSettings
 
 runner = CliRunner()
 
@@ -95,7 +91,7 @@ def test_max_new_tokens_counts_new_tokens_only(tiny_model_dir):
 
 
 def tiny_tokenizer_eos(model_dir) -> int:
-    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.core.tokenizer import load_tokenizer
 
     return load_tokenizer(model_dir).eos_token_id
 
@@ -143,6 +139,38 @@ def test_bad_settings_are_user_errors(kw):
         GenerationSettings(**kw)
 
 
+def test_settings_from_flags_is_the_one_place_flags_become_settings(monkeypatch):
+    """Flags not given take the command's defaults (chat's are its own); ``--stop`` absent is
+    no stop string; a misspelt name is a programming error, not silently ignored. Both CLI
+    commands build their settings through it."""
+    from llmkit.cli import chat as chat_cli
+    from llmkit.cli import generate as generate_cli
+    from llmkit.generation.settings import CHAT_DEFAULTS
+
+    chat = GenerationSettings.from_flags(CHAT_DEFAULTS, seed=4, stop=None)
+    assert (chat.max_new_tokens, chat.temperature, chat.top_k, chat.top_p) == (256, 0.7, 50, 0.95)
+    assert (chat.seed, chat.stop) == (4, [])
+    assert GenerationSettings.from_flags(temperature=0) == GenerationSettings(temperature=0)
+    with pytest.raises(TypeError, match="max_tokens"):
+        GenerationSettings.from_flags(max_tokens=3)
+    with pytest.raises(UserError, match="--top-p"):
+        GenerationSettings.from_flags(CHAT_DEFAULTS, top_p=2.0)
+
+    built = []
+    real = GenerationSettings.from_flags.__func__
+
+    def spy(cls, *args, **kwargs):
+        built.append(real(cls, *args, **kwargs))
+        raise UserError("stop here")
+
+    monkeypatch.setattr(GenerationSettings, "from_flags", classmethod(spy))
+    for command in (["generate", "x", "--top-k", "7"], ["chat", "--top-k", "7"]):
+        assert runner.invoke(app, command).exit_code == 2
+    assert [s.top_k for s in built] == [7, 7]
+    assert [s.max_new_tokens for s in built] == [100, 256]  # each command's own default
+    assert generate_cli.DEFAULTS == GenerationSettings() and chat_cli.CHAT_DEFAULTS is CHAT_DEFAULTS
+
+
 def test_a_temperature_too_small_to_sample_with_decodes_greedily(tiny_model_dir):
     """1e-300 divides the logits to inf (a NaN distribution, a traceback in torch.multinomial
     before): below GREEDY_BELOW llmkit decodes greedily, as the server does."""
@@ -183,7 +211,7 @@ def test_stream_of_a_long_line_equals_the_decoded_text(tiny_tokenizer):
     lengths = []
     for i in ids:
         stream.put(torch.tensor([i]))
-        lengths.append(len(stream.pending))
+        lengths.append(stream.decoder.window_size)
     stream.end()
     assert out.getvalue() == text
     assert max(lengths) < 24  # the window was restarted, not grown to the whole line

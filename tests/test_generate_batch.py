@@ -12,17 +12,13 @@ import torch
 from typer.testing import CliRunner
 
 from llmkit.cli import app
+from llmkit.core.loading import load_model_and_tokenizer
 from llmkit.errors import UserError
-from llmkit.generation.generate import (
-    GenerationSettings,
-    complete,
-    complete_batch,
-    encode_chat,
-    eos_ids,
-    find_stop,
-    run_prompts,
-)
-from llmkit.generation.loading import load_model_and_tokenizer
+from llmkit.generation.batching import complete, complete_batch, eos_ids
+from llmkit.generation.decoding import find_stop
+from llmkit.generation.generate import run_prompts
+from llmkit.generation.prompts import encode_chat
+from llmkit.generation.settings import GenerationSettings
 
 runner = CliRunner()
 GREEDY = dict(temperature=0)

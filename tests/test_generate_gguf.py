@@ -15,8 +15,10 @@ pytestmark = [
 
 
 def test_gguf_converted_once_then_loaded_from_cache(tmp_path, monkeypatch):
-    from llmkit.generation.generate import GenerationSettings, complete, run_prompts
-    from llmkit.generation.loading import gguf_cache_dir, load_model_and_tokenizer
+    from llmkit.core.loading import gguf_cache_dir, load_model_and_tokenizer
+    from llmkit.generation.batching import complete
+    from llmkit.generation.generate import run_prompts
+    from llmkit.generation.settings import GenerationSettings
 
     monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path))
     settings = GenerationSettings(max_new_tokens=8, temperature=0)

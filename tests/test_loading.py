@@ -61,7 +61,7 @@ def test_generate_without_model_or_network_answers_at_once(tmp_path):
 
 
 def test_hub_status(monkeypatch):
-    from llmkit.generation import loading
+    from llmkit.core import loading
 
     monkeypatch.setattr(loading, "_HUB_STATUS", {})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -118,7 +118,7 @@ def test_gpt2_gguf_loads_with_its_positions_and_is_cached(tmp_path, monkeypatch,
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkit.generation.loading import gguf_cache_dir, load_model_and_tokenizer
+    from llmkit.core.loading import gguf_cache_dir, load_model_and_tokenizer
 
     monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
     src = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -167,6 +167,37 @@ def test_gpt2_gguf_loads_with_its_positions_and_is_cached(tmp_path, monkeypatch,
         load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
 
 
+def test_training_reads_a_gpt2_gguf_with_its_positions(tmp_path, monkeypatch, tiny_model_dir):
+    """Training resolves a .gguf through the same rule as generate (llmkit.core.loading): a
+    GPT-2 file of 64 positions loads with n_positions 64 and the source's exact logits (it
+    read the file with transformers alone, which keeps 1024 positions and fails); it never
+    reads the cached conversion, which holds the dtype of the load that wrote it."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.core.loading import load_model_and_tokenizer, resolve_source
+    from llmkit.training.model import load_pretrained, load_pretrained_config
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    src = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = _export(src, tok, tmp_path / "tiny-gpt2.gguf")
+    ids = torch.tensor([tok("ROMEO: what, ho!")["input_ids"]])
+    config = load_pretrained_config(str(path))
+    assert config.n_positions == 64
+    model = load_pretrained(str(path), config).eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, src(ids).logits)
+    load_model_and_tokenizer(str(path), device="cpu", dtype="bfloat16")  # a bfloat16 copy
+    assert resolve_source(str(path)).cached
+    assert not resolve_source(str(path), use_cache=False).cached
+    again = load_pretrained(str(path), load_pretrained_config(str(path))).eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, src(ids).logits)
+    with pytest.raises(UserError, match="model.name_or_path .*nothing/x/y does not exist"):
+        load_pretrained_config(str(tmp_path / "nothing" / "x" / "y"))
+
+
 def test_smollm_pre_tokenizer_splits_digits(tmp_path, monkeypatch, shakespeare):
     """A GGUF whose pre-tokenizer is llama.cpp's ``smollm`` (SmolLM2's) splits digits one by one,
     like the tokenizer it was made from; transformers alone merges digit runs."""
@@ -174,8 +205,8 @@ def test_smollm_pre_tokenizer_splits_digits(tmp_path, monkeypatch, shakespeare):
     from tokenizers import pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmkit.data.tokenizer import train_bpe_tokenizer
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
+    from llmkit.core.tokenizer import train_bpe_tokenizer
 
     monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
     text = shakespeare.read_text(encoding="utf-8")[:20_000]
@@ -202,6 +233,12 @@ def test_smollm_pre_tokenizer_splits_digits(tmp_path, monkeypatch, shakespeare):
     for _ in range(2):  # converted, then from the cache
         _, loaded, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
         assert loaded(sample)["input_ids"] == split
+    # the tokenizer alone (prepare --tokenizer X.gguf), from the cache and from the file
+    from llmkit.core.loading import load_source_tokenizer
+
+    assert load_source_tokenizer(str(path))(sample)["input_ids"] == split
+    monkeypatch.setenv("LLMKIT_CACHE", "off")
+    assert load_source_tokenizer(str(path))(sample)["input_ids"] == split
 
 
 # --- CPU threads -----------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from llmkit.cli import app
+from llmkit.core.prepared import load_prepared
 from llmkit.data.clean import ExactDedup, Normalize, StageStats, run_stages
 from llmkit.data.pipeline import prepare, split_indices
-from llmkit.data.prepared import load_prepared
 from llmkit.data.readers import InputFile, discover_inputs, read_documents
 from llmkit.errors import UserError
 

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 import llmkit.data.pipeline as pipeline
 from llmkit.cli import app
-from llmkit.data.prepared import load_prepared
-from llmkit.data.sft import CHATML, IGNORE_INDEX, conversation_from_record
+from llmkit.core.prepared import IGNORE_INDEX, load_prepared
+from llmkit.data.sft import CHATML, conversation_from_record
 from llmkit.errors import UserError
 
 SUPPORT = Path(__file__).resolve().parents[1] / "examples" / "support"
@@ -419,8 +419,8 @@ ZEPHYR_LIKE = (
 
 @pytest.fixture(scope="module")
 def own_template_tokenizer(tmp_path_factory) -> Path:
+    from llmkit.core.tokenizer import train_bpe_tokenizer
     from llmkit.data.sft import conversation_text
-    from llmkit.data.tokenizer import train_bpe_tokenizer
 
     texts = [conversation_text(c) for c in conversations(CONVERSATIONS)]
     tok = train_bpe_tokenizer(

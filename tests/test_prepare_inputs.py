@@ -142,7 +142,7 @@ def test_gutenberg_bom_header_and_footer_are_removed(tmp_path):
     assert entry["gutenberg_lines_removed"] > 300
     kept = m["stages"]["read"]["bytes_out"]
     assert 140_000 < kept < 170_596 - 18_000
-    from llmkit.data.prepared import load_prepared
+    from llmkit.core.prepared import load_prepared
 
     data = load_prepared(tmp_path / "out")
     import pyarrow.compute as pc

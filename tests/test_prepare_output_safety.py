@@ -226,7 +226,7 @@ def test_malformed_json_says_what_was_expected(tmp_path, content, where):
 def test_load_from_disk_of_the_output_gives_both_splits(prepared):
     from datasets import DatasetDict, load_from_disk
 
-    from llmkit.data.prepared import load_prepared
+    from llmkit.core.prepared import load_prepared
 
     dd = load_from_disk(str(prepared))
     assert isinstance(dd, DatasetDict) and list(dd) == ["train", "validation"]

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import llmkit
 import llmkit.data.pipeline as pipeline
 from llmkit.cli import app
-from llmkit.data.prepared import load_prepared
+from llmkit.core.prepared import load_prepared
 
 
 @pytest.fixture(autouse=True)
@@ -133,13 +133,18 @@ def test_every_stage_has_a_progress_bar_and_workers_report_progress(
     monkeypatch.setattr(pipeline._Report, "task", spy)
     m = run(real_corpus[:3], tmp_path / "out", vocab_size=300, block_size=64, num_proc=2)
     n_read = m["stages"]["read"]["documents_out"]
+    # the cleaning steps' three groups (llmkit.data.executor): per-document steps on the
+    # workers, de-duplication's resolve in order, PII on the workers
     clean = [d for d in tasks if d.startswith("clean: normalize, length, ")]
     assert len(clean) == 1
+    resolve = "deduplicate: deduplicate, near_dedup (documents)"
+    pii = "clean: pii (documents)"
     expected = {
         "hash inputs (bytes)",
         "read (bytes)",
         clean[0],
-        "deduplicate and count (documents)",
+        resolve,
+        pii,
         "save the cleaned documents",
         "train tokenizer (documents)",
         "tokenize train (documents)",
@@ -150,6 +155,10 @@ def test_every_stage_has_a_progress_bar_and_workers_report_progress(
     assert set(tasks) == expected
     # the two worker processes' documents reach the bar through shared memory
     assert tasks[clean[0]] == [n_read, n_read]
+    n_deduplicated = m["stages"]["deduplicate"]["documents_in"]
+    assert tasks[resolve] == [n_deduplicated, n_deduplicated]
+    n_pii = m["stages"]["pii"]["documents_in"]
+    assert tasks[pii] == [n_pii, n_pii] and 0 < n_pii < n_read
     assert tasks["read (bytes)"][1] == m["stages"]["read"]["bytes_out"]
     assert tasks["hash inputs (bytes)"] == [m["stages"]["read"]["bytes_in"]] * 2
 

@@ -165,7 +165,7 @@ def test_crafted_tokenizer_never_runs_its_code(crafted):
 
 def test_python_api_refuses_and_names_the_files(crafted):
     import llmkit
-    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.core.tokenizer import load_tokenizer
 
     marker = crafted["marker"]
     with pytest.raises(llmkit.UserError) as err:
@@ -187,7 +187,7 @@ def test_prepared_data_with_a_crafted_tokenizer_is_refused(crafted, tmp_path):
     import shutil
 
     from llmkit import UserError
-    from llmkit.data.prepared import load_prepared
+    from llmkit.core.prepared import load_prepared
 
     data = tmp_path / "data"
     shutil.copytree(crafted["data"], data)

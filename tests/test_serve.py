@@ -48,7 +48,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def local(chat_model_dir):
     """The same model loaded in this process, to compare with llmkit's own generation."""
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer(str(chat_model_dir), device="cpu")
     return model, tok
@@ -146,7 +146,9 @@ def test_a_huge_body_is_413_before_it_is_read(server):
 
 
 def test_chat_equals_llmkit_generation_and_streams_the_same_text(client, local):
-    from llmkit.generation.generate import GenerationSettings, complete_batch, encode_chat
+    from llmkit.generation.batching import complete_batch
+    from llmkit.generation.prompts import encode_chat
+    from llmkit.generation.settings import GenerationSettings
 
     model, tok = local
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hail"}]
@@ -202,7 +204,8 @@ def test_stop_string_ends_the_answer_before_it(client):
 
 
 def test_completions_endpoint_equals_llmkit_generate(client, local):
-    from llmkit.generation.generate import GenerationSettings, complete_batch
+    from llmkit.generation.batching import complete_batch
+    from llmkit.generation.settings import GenerationSettings
 
     model, tok = local
     res = client.completions.create(
@@ -219,7 +222,9 @@ def test_completions_endpoint_equals_llmkit_generate(client, local):
 def test_a_seeded_request_equals_llmkit_generate_with_that_seed(client, local):
     """A seeded request runs in a batch of its own after ``torch.manual_seed(seed)``: its n
     answers are llmkit's ``--seed S --num-return-sequences n`` answers (top_k 0: no limit)."""
-    from llmkit.generation.generate import GenerationSettings, complete_batch, encode_chat
+    from llmkit.generation.batching import complete_batch
+    from llmkit.generation.prompts import encode_chat
+    from llmkit.generation.settings import GenerationSettings
 
     model, tok = local
     messages = [{"role": "user", "content": "Speak"}]

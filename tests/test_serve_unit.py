@@ -13,7 +13,7 @@ from llmkit.serve.schemas import ApiError, Sampling, parse_chat, parse_completio
 
 
 def test_only_compatible_requests_share_a_batch(tiny_model_dir):
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
     from llmkit.serve.worker import BatchWorker, Job, QueueFull, Row
 
     model, tok, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
@@ -57,7 +57,7 @@ def test_a_batch_waits_for_requests_still_being_prepared(tiny_model_dir, announc
     import threading
     import time
 
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
     from llmkit.serve.worker import BatchWorker, Job, Row
 
     model, tok, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")

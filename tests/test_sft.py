@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import MODELS
 
+from llmkit.core.prepared import IGNORE_INDEX
 from llmkit.data.pack import SFTPacker
 from llmkit.data.sft import (
     CHATML,
-    IGNORE_INDEX,
     answer_spans,
     conversation_from_record,
     conversation_text,
@@ -77,7 +77,7 @@ def support_texts() -> list[str]:
 @pytest.fixture()
 def bpe_tokenizer(support_texts):
     """A byte-level BPE trained by llmkit on the support set, ChatML markers in its vocabulary."""
-    from llmkit.data.tokenizer import train_bpe_tokenizer
+    from llmkit.core.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(
         iter(support_texts), vocab_size=400, extra_special_tokens=CHATML.special_tokens
@@ -191,7 +191,7 @@ def test_chatml_installed_without_new_tokens_when_present(words_tokenizer):
 
 
 def test_chatml_tokens_added_to_a_plain_llmkit_tokenizer(support_texts, tmp_path):
-    from llmkit.data.tokenizer import load_tokenizer, token_byte_lengths, train_bpe_tokenizer
+    from llmkit.core.tokenizer import load_tokenizer, token_byte_lengths, train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(iter(support_texts), vocab_size=300)
     assert len(tok) == 300
@@ -300,7 +300,7 @@ def test_template_with_bos_gives_one_bos(support_texts):
     one BOS only, as apply_chat_template tokenizes."""
     from tokenizers import processors
 
-    from llmkit.data.tokenizer import train_bpe_tokenizer
+    from llmkit.core.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(iter(support_texts), 400, extra_special_tokens=LLAMA3_TOKENS)
     bos = tok.convert_tokens_to_ids("<|begin_of_text|>")
@@ -335,26 +335,51 @@ def test_token_straddling_the_answer_start_is_trained(bpe_tokenizer):
 
 
 @pytest.mark.parametrize(
-    "template",
+    ("template", "message"),
     [
-        # the generation prompt differs from how an answer's turn starts
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>bot\n{% endif %}",
-        # earlier answers are rewritten when a later turn follows (reasoning-stripping style)
+        # the generation prompt opens the turn with another role than the rendered answer
+        (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>bot\n{% endif %}",
+            r"generation prompt ends 'bot\\n' where its rendered answer 2 has 'assistant\\n'",
+        ),
+        # the answer is not written at all
+        (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+            "{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+            r"does not write assistant message 2 after its generation prompt",
+        ),
+    ],
+)
+def test_answers_that_cannot_be_aligned_are_refused(words_tokenizer, template, message):
+    """Only what truly cannot be aligned is refused, one line naming the template's feature."""
+    words_tokenizer.chat_template = template
+    with pytest.raises(UserError, match=rf"^x\.jsonl:3: the chat template.* {message}.*cannot be"):
+        render_with_labels(words_tokenizer, TWO_TURNS, where="x.jsonl:3")
+
+
+def test_earlier_answers_the_template_rewrites_are_left_out_the_final_one_trained(
+    words_tokenizer,
+):
+    """A template that writes '...' for answers before the last turn (reasoning-stripping
+    style): the earlier answer is not in the text, so only the final one is trained."""
+    words_tokenizer.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
         "{% if m['role'] == 'assistant' and not loop.last %}...{% else %}{{ m['content'] }}"
         "{% endif %}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-        # the answer is not written at all
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-        "{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-    ],
-)
-def test_inconsistent_template_is_a_user_error(words_tokenizer, template):
-    words_tokenizer.chat_template = template
-    with pytest.raises(UserError, match=r"^x\.jsonl:3: the chat template does not"):
-        render_with_labels(words_tokenizer, TWO_TURNS, where="x.jsonl:3")
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    located: dict[str, int] = {}
+    text, spans = answer_spans(words_tokenizer, TWO_TURNS, located=located)
+    assert [text[s:e] for s, e in spans] == ["See you.<|im_end|>"]
+    assert located == {"not_trained": 1, "prefix": 1}
+    # ... and the final answer is refused when a user turn follows it and rewrites it
+    with pytest.raises(
+        UserError,
+        match=r"^y:2: the chat template renders it differently.*final assistant message 2",
+    ):
+        answer_spans(words_tokenizer, TWO_TURNS[:4], where="y:2")
 
 
 def test_template_that_refuses_names_the_record(words_tokenizer):
@@ -463,7 +488,7 @@ def _tiny_model(kind: str, attn: str, vocab_size: int):
 @pytest.fixture(scope="module")
 def packed_pair(support_texts):
     """Two short support conversations, rendered with ChatML, and one packed row of them."""
-    from llmkit.data.tokenizer import train_bpe_tokenizer
+    from llmkit.core.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(iter(support_texts), 400, extra_special_tokens=CHATML.special_tokens)
     ensure_chat_template(tok)
@@ -482,7 +507,7 @@ def packed_pair(support_texts):
 def _summed_loss(model, batch: dict, **kwargs):
     """Summed next-token cross-entropy over labels != -100 (nats) and the number of targets:
     inputs ids[:, :-1], targets labels[:, 1:] (labels[t] is the target of position t-1, the
-    shift of llmkit.evaluation.scoring.split_batch)."""
+    shift of llmkit.core.scoring.split_batch)."""
     import torch
     import torch.nn.functional as F
 

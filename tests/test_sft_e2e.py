@@ -19,8 +19,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from llmkit.cli import app
+from llmkit.core.prepared import load_prepared
 from llmkit.data.pipeline import prepare
-from llmkit.data.prepared import load_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERSATIONS = ROOT / "examples" / "support" / "conversations.jsonl"

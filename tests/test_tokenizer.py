@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from llmkit.core.tokenizer import load_tokenizer, token_byte_lengths, train_bpe_tokenizer
 from llmkit.data.pipeline import encode_batch, tokenizer_appends_eos
-from llmkit.data.tokenizer import load_tokenizer, token_byte_lengths, train_bpe_tokenizer
 from llmkit.errors import UserError
 
 ROUND_TRIP = [

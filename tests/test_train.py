@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from llmkit.cli import app
+from llmkit.core.scoring import split_batch
 from llmkit.errors import UserError
-from llmkit.evaluation.scoring import split_batch
 from llmkit.training.config import Recipe, load_recipe
 from llmkit.training.setup import make_scheduler, param_groups
 from llmkit.training.step import count_targets, micro_batch_loss, summed_loss
@@ -340,7 +340,7 @@ def test_a_smaller_different_tokenizer_is_refused(
 ):
     """A 200-token BPE fits into the model's embeddings but is another vocabulary: refused
     (found by a fresh-eyes pass: it used to train silently and save a broken model)."""
-    from llmkit.data.tokenizer import train_bpe_tokenizer
+    from llmkit.core.tokenizer import train_bpe_tokenizer
 
     text = shakespeare.read_text(encoding="utf-8")[60_000:120_000]
     other = train_bpe_tokenizer(iter(text.split("\n\n")), vocab_size=280)

@@ -51,7 +51,7 @@ def _one_error_line(result, code: int = 2) -> str:
 
 
 def test_failed_overwrite_leaves_no_finished_run(tmp_path, tiny_tokenizer, monkeypatch, capsys):
-    from llmkit.generation.loading import _candidates, load_model_and_tokenizer
+    from llmkit.core.loading import _candidates, load_model_and_tokenizer
     from llmkit.training.loop import train
 
     monkeypatch.chdir(tmp_path)
@@ -126,7 +126,7 @@ def test_recipe_hints_name_the_real_fix(tmp_path):
 
 
 def test_prompt_too_long_hint_gives_the_real_limit():
-    from llmkit.generation.generate import check_fits
+    from llmkit.generation.prompts import check_fits
 
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=128))
     with pytest.raises(UserError) as err:
@@ -137,7 +137,7 @@ def test_prompt_too_long_hint_gives_the_real_limit():
 
 
 def test_llmkit_model_is_named_and_announced(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
 
     monkeypatch.setenv("LLMKIT_MODEL", str(tmp_path / "nope"))
     with pytest.raises(UserError, match="LLMKIT_MODEL="):

@@ -15,8 +15,8 @@ from test_train import _write_prepared
 from typer.testing import CliRunner
 
 from llmkit.cli import app
+from llmkit.core.metrics import NLLSums
 from llmkit.errors import UserError
-from llmkit.evaluation.metrics import NLLSums
 from llmkit.training import fit as fit_module
 from llmkit.training import step as step_module
 from llmkit.training.batches import micro_batch_samples, step_samples

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from llmkit.cli import app
-from llmkit.evaluation.scoring import split_batch
+from llmkit.core.scoring import split_batch
 from llmkit.training.loop import train
 from llmkit.training.step import micro_batch_loss, summed_loss
 
@@ -189,7 +189,7 @@ def test_training_on_chat_data_learns_the_answers_and_scores_only_them(tmp_path,
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM
 
-    from llmkit.data.tokenizer import token_byte_lengths
+    from llmkit.core.tokenizer import token_byte_lengths
     from llmkit.training.batches import step_samples
 
     data, val_convs = write_sft_prepared(
@@ -288,7 +288,7 @@ def test_added_chat_tokens_grow_the_embeddings(tmp_path, tiny_tokenizer, tiny_mo
 def test_a_different_tokenizer_is_still_refused(
     tmp_path, tiny_tokenizer, tiny_model_dir, shakespeare
 ):
-    from llmkit.data.tokenizer import train_bpe_tokenizer
+    from llmkit.core.tokenizer import train_bpe_tokenizer
 
     text = shakespeare.read_text(encoding="utf-8")[60_000:160_000]
     other = train_bpe_tokenizer(iter(text.split("\n\n")), vocab_size=400)

@@ -51,7 +51,7 @@ def debug() -> bool:
     return os.environ.get("LLMKIT_DEBUG", "") not in ("", "0")
 
 
-#: ``--dtype`` names (llmkit.generation.loading reads the same, case-insensitively).
+#: ``--dtype`` names (llmkit.core.loading reads the same, case-insensitively).
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 _DEVICE = re.compile(r"(auto|cpu|mps|(cuda|xpu)(:\d+)?)")
 

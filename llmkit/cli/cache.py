@@ -1,7 +1,7 @@
 """``llmkit cache info|clear``: what ``$LLMKIT_CACHE`` holds, and removing it.
 
 Like ``pip cache info`` / ``pip cache purge`` and ``huggingface-cli scan-cache`` /
-``delete-cache``. The prepare cache (cleaned documents, :mod:`llmkit.data.cache`) is also
+``delete-cache``. The prepare cache (cleaned documents, :mod:`llmkit.core.cache`) is also
 bounded by ``LLMKIT_CACHE_MAX_GB`` (least recently used entries removed after each write);
 GGUF conversions (``$LLMKIT_CACHE/gguf``) are listed and removed only with ``--gguf``.
 Imports nothing heavy (``llmkit --help`` stays fast).
@@ -54,7 +54,7 @@ def _root() -> Path | None:
         UserError: ``$LLMKIT_CACHE`` names a file (prepare warns and runs uncached; here there
             is nothing to show or clear, and "0 entries" would hide the mistake).
     """
-    from llmkit.data.cache import ENV_CACHE, cache_root
+    from llmkit.core.cache import ENV_CACHE, cache_root
 
     root = cache_root()
     if root is not None and root.exists() and not root.is_dir():
@@ -70,7 +70,7 @@ def _mb(n: int) -> str:
 
 
 def _gguf_entries(root: Path) -> list:
-    from llmkit.data.cache import CacheEntry, _tree_size
+    from llmkit.core.cache import CacheEntry, _tree_size
 
     base = root / "gguf"
     if not base.is_dir():
@@ -89,7 +89,7 @@ def info_command(
 ) -> None:
     """The cache's place, its size, its bound and each prepare entry (least recently used
     first)."""
-    from llmkit.data.cache import ENV_MAX_GB, cache_entries, max_cache_bytes
+    from llmkit.core.cache import ENV_MAX_GB, cache_entries, max_cache_bytes
 
     root = _root()
     if root is None:
@@ -145,7 +145,7 @@ def clear_command(
     ),
 ) -> None:
     """Remove the prepare cache's entries (all, or the old ones with --older-than)."""
-    from llmkit.data.cache import cache_entries, remove_entries
+    from llmkit.core.cache import cache_entries, remove_entries
 
     cutoff = None if older_than is None else time.time() - parse_age(older_than)
     root = _root()

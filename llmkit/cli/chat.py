@@ -10,6 +10,7 @@ from llmkit.cli._common import (
     trust_remote_code_option,
     user_errors,
 )
+from llmkit.generation.settings import CHAT_DEFAULTS  # no torch: the flags' defaults
 
 
 @user_errors
@@ -18,12 +19,22 @@ def chat_command(
         None, "--model", "-m", help="Model directory, .gguf file or Hub id.", show_default=False
     ),
     system: str = typer.Option(None, "--system", help="System message.", show_default=False),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Tokens per reply."),
-    temperature: float = typer.Option(0.7, "--temperature", "-t", help="0 = greedy."),
-    top_k: int = typer.Option(50, "--top-k", help="Sample among the k likeliest; 0 = all."),
-    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold; 1 = off."),
+    max_new_tokens: int = typer.Option(
+        CHAT_DEFAULTS.max_new_tokens, "--max-new-tokens", help="Tokens per reply."
+    ),
+    temperature: float = typer.Option(
+        CHAT_DEFAULTS.temperature, "--temperature", "-t", help="0 = greedy."
+    ),
+    top_k: int = typer.Option(
+        CHAT_DEFAULTS.top_k, "--top-k", help="Sample among the k likeliest; 0 = all."
+    ),
+    top_p: float = typer.Option(
+        CHAT_DEFAULTS.top_p, "--top-p", help="Nucleus sampling threshold; 1 = off."
+    ),
     repetition_penalty: float = typer.Option(
-        1.0, "--repetition-penalty", help="Penalty on tokens already present; 1 = off."
+        CHAT_DEFAULTS.repetition_penalty,
+        "--repetition-penalty",
+        help="Penalty on tokens already present; 1 = off.",
     ),
     stop: list[str] = typer.Option(
         None, "--stop", help="Stop string (repeatable).", show_default=False
@@ -54,17 +65,18 @@ def chat_command(
 
     check_threads(threads)  # the flags first, before torch is imported
     check_device_dtype(device, dtype)
-    settings = GenerationSettings(
+    settings = GenerationSettings.from_flags(
+        CHAT_DEFAULTS,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         seed=seed,
         repetition_penalty=repetition_penalty,
-        stop=list(stop or []),
+        stop=stop,
     )
+    from llmkit.core.loading import load_model_and_tokenizer
     from llmkit.generation.chat import ChatSession, chat_loop
-    from llmkit.generation.loading import load_model_and_tokenizer
     from llmkit.runtime import announce_threads, apply_threads
 
     apply_threads(threads)

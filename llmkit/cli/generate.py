@@ -15,6 +15,9 @@ from llmkit.cli._common import (
     user_errors,
 )
 from llmkit.errors import UserError
+from llmkit.generation.settings import GenerationSettings  # no torch: the flags' defaults
+
+DEFAULTS = GenerationSettings()
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
@@ -107,12 +110,22 @@ def generate_command(
         "finished run under ./runs, else gpt2.",
         show_default=False,
     ),
-    max_new_tokens: int = typer.Option(100, "--max-new-tokens", help="Tokens to generate."),
-    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
-    top_k: int = typer.Option(200, "--top-k", help="Sample among the k likeliest; 0 = all."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold; 1 = off."),
+    max_new_tokens: int = typer.Option(
+        DEFAULTS.max_new_tokens, "--max-new-tokens", help="Tokens to generate."
+    ),
+    temperature: float = typer.Option(
+        DEFAULTS.temperature, "--temperature", "-t", help="0 = greedy."
+    ),
+    top_k: int = typer.Option(
+        DEFAULTS.top_k, "--top-k", help="Sample among the k likeliest; 0 = all."
+    ),
+    top_p: float = typer.Option(
+        DEFAULTS.top_p, "--top-p", help="Nucleus sampling threshold; 1 = off."
+    ),
     repetition_penalty: float = typer.Option(
-        1.0, "--repetition-penalty", help="Penalty on tokens already present; 1 = off."
+        DEFAULTS.repetition_penalty,
+        "--repetition-penalty",
+        help="Penalty on tokens already present; 1 = off.",
     ),
     num_return_sequences: int = typer.Option(
         1, "--num-return-sequences", "-n", help="Completions per prompt (sampling only)."
@@ -165,13 +178,12 @@ def generate_command(
     object per completion instead: prompt, completion, prompt_tokens, new_tokens, finish_reason
     (eos, stop or length), stop, index, seconds and tokens_per_sec.
     """
-    from llmkit.generation.settings import GenerationSettings
     from llmkit.runtime import check_threads
 
     # Every flag is checked before torch is imported (seconds): a mistake is one line at once.
     check_threads(threads)
     check_device_dtype(device, dtype)
-    settings = GenerationSettings(
+    settings = GenerationSettings.from_flags(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
@@ -179,7 +191,7 @@ def generate_command(
         seed=seed,
         repetition_penalty=repetition_penalty,
         num_return_sequences=num_return_sequences,
-        stop=list(stop or []),
+        stop=stop,
     )
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1")

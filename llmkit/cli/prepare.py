@@ -13,64 +13,46 @@ from pathlib import Path
 import typer
 
 from llmkit.cli._common import sigterm_as_interrupt, user_errors
+from llmkit.data.choices import (
+    CHAT_TEMPLATE_CHOICES,
+    FORMATS,
+    NORMALIZATION_FORMS,
+    ON_ERROR,
+    OVERLONG_RULES,
+    PII_MODES,
+    SPLIT_MODES,
+    TRAIN_ON,
+)
 
 
-class SplitOn(str, Enum):
-    """How a plain-text file is cut into documents."""
-
-    blank_lines = "blank-lines"
-    none = "none"
-
-
-class OnError(str, Enum):
-    """What to do with a binary file, invalid UTF-8, a malformed line or a missing field."""
-
-    fail = "fail"
-    skip = "skip"
+def _choice(name: str, values: tuple[str, ...], doc: str) -> type[Enum]:
+    """A flag's choices as the str Enum Typer wants, from the one definition in
+    :mod:`llmkit.data.choices`."""
+    enum = Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
+    enum.__doc__ = doc
+    return enum
 
 
-class Pii(str, Enum):
-    """PII redaction."""
+SplitOn = _choice("SplitOn", SPLIT_MODES, "How a plain-text file is cut into documents.")
+OnError = _choice("OnError", ON_ERROR, "What a bad file, line or record does.")
+Pii = _choice("Pii", PII_MODES, "PII redaction.")
+Format = _choice("Format", FORMATS, "What the input records are.")
+ChatTemplate = _choice("ChatTemplate", CHAT_TEMPLATE_CHOICES, "The chat template of chat data.")
+TrainOn = _choice("TrainOn", TRAIN_ON, "Which tokens of chat data are training targets.")
+Overlong = _choice("Overlong", OVERLONG_RULES, "A conversation longer than the block size.")
+Form = _choice("Form", NORMALIZATION_FORMS, "Unicode normalization form.")
 
-    redact = "redact"
-    keep = "keep"
-
-
-class Format(str, Enum):
-    """What the input records are."""
-
-    auto = "auto"
-    text = "text"
-    chat = "chat"
-
-
-class ChatTemplate(str, Enum):
-    """The chat template of chat data."""
-
-    auto = "auto"
-    tokenizer = "tokenizer"
-    chatml = "chatml"
-
-
-class TrainOn(str, Enum):
-    """Which tokens of chat data are training targets."""
-
-    assistant = "assistant"
-    all = "all"
-
-
-class Overlong(str, Enum):
-    """What happens to a conversation longer than the block size."""
-
-    truncate = "truncate"
-    drop = "drop"
-
-
-class Form(str, Enum):
-    """Unicode normalization form."""
-
-    NFC = "NFC"
-    NFKC = "NFKC"
+#: Settings of :class:`llmkit.data.config.PrepareSettings` by the name of the command's
+#: parameter that sets them (the others have the same name).
+_SETTING_OF = {"data_format": "format", "split": "hub_split"}
+#: Parameters of the command that are not settings (where to write, what to print, the cache).
+_NOT_SETTINGS = ("inputs", "output", "config", "overwrite", "no_cache", "as_json")
+#: Parameters that are run settings (the cleaning flags go through :func:`clean_overrides`).
+_RUN_FLAGS = (
+    "vocab_size tokenizer block_size val_fraction seed split_on text_field encoding "
+    "max_document_bytes on_error data_format chat_template train_on overlong keep_dropped plot "
+    "num_proc split trust_remote_code"
+).split()
 
 
 def clean_overrides(
@@ -87,7 +69,7 @@ def clean_overrides(
     pii_region: str | None = None,
 ) -> dict:
     """The cleaning settings the flags set (those left at None are not set)."""
-    from llmkit.data.config import WEB_FILTERS
+    from llmkit.data.choices import WEB_FILTERS
     from llmkit.errors import UserError
 
     out: dict = {}
@@ -125,8 +107,25 @@ def clean_overrides(
     return out
 
 
+def _given_flags(ctx: typer.Context, values: dict) -> dict:
+    """The settings whose flag was given on the command line (defaults < YAML < flags: a flag
+    left at its default does not override the YAML's value), enums as their values."""
+    from click.core import ParameterSource
+
+    out = {}
+    for name, value in values.items():
+        if name in _NOT_SETTINGS or ctx.get_parameter_source(name) in (
+            ParameterSource.DEFAULT,
+            None,
+        ):
+            continue
+        out[_SETTING_OF.get(name, name)] = value.value if isinstance(value, Enum) else value
+    return out
+
+
 @user_errors
 def prepare_command(
+    ctx: typer.Context,
     inputs: list[str] = typer.Argument(
         ...,
         metavar="INPUT...",
@@ -186,7 +185,8 @@ def prepare_command(
         Format.auto,
         "--format",
         help="text: documents. chat: conversations, JSON records with messages "
-        "[{role, content}], prompt/response or instruction/input/output. auto: chat when every "
+        "[{role, content}], ShareGPT conversations [{from, value}], prompt/response or "
+        "instruction/input/output. auto: chat when every "
         "JSON input's first record is one (and has no --text-field).",
     ),
     chat_template: ChatTemplate | None = typer.Option(
@@ -209,7 +209,10 @@ def prepare_command(
         "dropped (counted in the manifest either way).",
     ),
     config: Path | None = typer.Option(
-        None, "--config", help="prepare.yaml: normalization, filters and thresholds, dedup, PII."
+        None,
+        "--config",
+        help="prepare.yaml: normalization, filters and thresholds, dedup, PII, and any setting "
+        "of these flags by its name (block_size: 256); a flag given wins over the file.",
     ),
     filters: list[str] = typer.Option(
         [],
@@ -305,6 +308,8 @@ def prepare_command(
     one that changes only the tokenizer, block size or split reuses the cleaned documents.
     Progress and the summary go to stderr; with --json the manifest goes to stdout.
     """
+    values = {k: v for k, v in locals().items() if k in _RUN_FLAGS}  # first: only parameters
+    from llmkit.data.config import PrepareSettings
     from llmkit.data.pipeline import prepare
 
     clean = clean_overrides(
@@ -326,34 +331,9 @@ def prepare_command(
         },
         pii_region=pii_region,
     )
+    settings = PrepareSettings.load(config, {**_given_flags(ctx, values), "cleaning": clean})
     with sigterm_as_interrupt():
-        manifest = prepare(
-            inputs,
-            output,
-            vocab_size=vocab_size,
-            tokenizer=tokenizer,
-            block_size=block_size,
-            val_fraction=val_fraction,
-            seed=seed,
-            split_on=split_on.value,
-            text_field=text_field,
-            overwrite=overwrite,
-            num_proc=num_proc,
-            on_error=on_error.value,
-            config=config,
-            clean=clean,
-            keep_dropped=keep_dropped,
-            plot=plot,
-            cache=not no_cache,
-            hub_split=split,
-            format=data_format.value,
-            chat_template=chat_template.value if chat_template else None,
-            train_on=train_on.value if train_on else None,
-            overlong=overlong.value if overlong else None,
-            encoding=encoding,
-            max_document_bytes=max_document_bytes,
-            trust_remote_code=trust_remote_code,
-        )
+        manifest = prepare(inputs, output, overwrite=overwrite, cache=not no_cache, config=settings)
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
 

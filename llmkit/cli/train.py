@@ -144,7 +144,7 @@ def check_before_torch(
     Raises:
         UserError: the first problem, in one line, within a fraction of a second.
     """
-    from llmkit.data.prepared import read_manifest
+    from llmkit.core.prepared import read_manifest
     from llmkit.runtime import check_threads
     from llmkit.training.config import load_recipe
 

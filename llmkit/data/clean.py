@@ -12,12 +12,13 @@ and PII redaction (:mod:`llmkit.data.pii`) are stages of the same two kinds:
   ``stage.admit(key) -> (reason, counts)`` that must see the keys of the whole corpus in
   document order (the first of a group of duplicates is kept).
 
-Stages know nothing about files, datasets or processes, so the per-document work runs the same
-under a plain loop, a ``datasets`` map over many processes, or another executor (SPEC §8); only
-``admit`` is sequential. :func:`run_stages` is the plain loop; the pipeline
-(:mod:`llmkit.data.pipeline`) runs :func:`process_document` under ``datasets.Dataset.map`` and
-then the ``admit`` calls in order. Both count, per stage, the documents and UTF-8 bytes in and
-out, the documents dropped by reason and the stage's own counts (:class:`StageStats`).
+Stages know nothing about files, datasets or processes. A document stage is a step
+(:class:`llmkit.data.steps.base.DocumentStep`, ``run(documents, rank, world_size)``), and a
+corpus stage becomes two (:mod:`llmkit.data.steps.dedup`: its signature on any rank, then its
+``admit`` in corpus order); :mod:`llmkit.data.executor` runs the steps over worker processes.
+:func:`run_stages` is the plain loop, the reference the steps are tested against. Both count,
+per stage, the documents and UTF-8 bytes in and out, the documents dropped by reason and the
+stage's own counts (:class:`StageStats`).
 
 Calling a stage, ``stage(text) -> (text, None)`` or ``(None, reason)``, runs it on one document
 and adds its counts to ``stage.counts``: handy in a notebook and in tests.
@@ -26,83 +27,23 @@ and adds its counts to ``stage.counts``: handy in a notebook and in tests.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import unicodedata
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from llmkit.data.choices import NORMALIZATION_FORMS
+from llmkit.data.document import utf8_len
+from llmkit.data.steps.base import Counted as _Counted
+from llmkit.data.steps.base import DocumentStep, Outcome, StageStats, shape_counts  # noqa: F401
 from llmkit.errors import require
 
-NORMALIZATION_FORMS = ("NFC", "NFKC")
 
-#: What a document stage returns for one document: the kept text (None when dropped), the
-#: drop reason (None when kept), and the stage's counts for this document (None when none).
-Outcome = tuple[str | None, str | None, dict[str, int] | None]
+class DocumentStage(DocumentStep):
+    """A stage that is a pure function of one document (see the module docstring and
+    :class:`llmkit.data.steps.base.DocumentStep`, which runs it over documents)."""
 
-
-def shape_counts(template: Mapping[str, Any], counts: Mapping[str, int]) -> dict:
-    """The manifest form of a stage's counts: ``"group/key"`` counts nested under ``group``.
-
-    ``template`` gives the entries present even when nothing was counted (``{}`` for a group,
-    ``0`` for a total): ``shape_counts({"replaced": {}, "documents_changed": 0},
-    {"replaced/email": 2, "documents_changed": 1})`` is ``{"replaced": {"email": 2},
-    "documents_changed": 1}``. Groups are sorted by key.
-    """
-    out: dict = {k: (dict(v) if isinstance(v, dict) else v) for k, v in template.items()}
-    for key, n in counts.items():
-        group, sep, sub = key.partition("/")
-        if sep:
-            entry = out.setdefault(group, {})
-            entry[sub] = entry.get(sub, 0) + n
-        else:
-            out[key] = out.get(key, 0) + n
-    return {k: dict(sorted(v.items())) if isinstance(v, dict) else v for k, v in out.items()}
-
-
-class _Counted:
-    """``counts`` (a Counter created on first use), ``extra()`` and ``count_group()``."""
-
-    #: The stage's own manifest entries and their empty values (see :func:`shape_counts`).
-    count_template: dict = {}
-
-    @property
-    def counts(self) -> Counter:
-        """What calling the stage has counted so far (``"key"`` or ``"group/key"``)."""
-        found = self.__dict__.get("_counts")
-        if found is None:
-            found = self.__dict__["_counts"] = Counter()
-        return found
-
-    def count_group(self, group: str) -> Counter:
-        """The counts of one group, e.g. ``count_group("replaced") == {"email": 2}``."""
-        prefix = group + "/"
-        cut = len(prefix)
-        return Counter({k[cut:]: n for k, n in self.counts.items() if k.startswith(prefix)})
-
-    def extra(self) -> dict:
-        """The stage's own manifest entries from ``counts``."""
-        return shape_counts(self.count_template, self.counts)
-
-
-class DocumentStage(_Counted):
-    """A stage that is a pure function of one document (see the module docstring)."""
-
-    name = "stage"
     stateless = True
-
-    def apply(self, text: str) -> Outcome:  # pragma: no cover - overridden
-        """``(text, None, counts)`` to keep ``text`` (possibly changed), ``(None, reason,
-        counts)`` to drop it. Pure: the same text always gives the same outcome."""
-        raise NotImplementedError
-
-    def __call__(self, text: str) -> tuple[str | None, str | None]:
-        out, reason, counts = self.apply(text)
-        if counts:
-            self.counts.update(counts)
-        return out, reason
 
 
 class CorpusStage(_Counted):
@@ -130,47 +71,6 @@ class CorpusStage(_Counted):
         if counts:
             self.counts.update(counts)
         return (text, None) if reason is None else (None, reason)
-
-
-@dataclass
-class StageStats:
-    """What one stage did: documents and UTF-8 bytes in and out, drops counted by reason, and
-    the stage's own counts (``counts``, shaped by ``template``, see :func:`shape_counts`)."""
-
-    name: str
-    documents_in: int = 0
-    documents_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    counts: Counter = field(default_factory=Counter)
-    template: dict = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, stage) -> StageStats:
-        """Empty statistics for ``stage``."""
-        return cls(stage.name, template=dict(getattr(stage, "count_template", {})))
-
-    def as_dict(self) -> dict:
-        """The manifest entry of the stage."""
-        entry = {
-            "documents_in": self.documents_in,
-            "documents_out": self.documents_out,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "dropped": dict(sorted(self.dropped.items())),
-        }
-        entry.update(shape_counts(self.template, self.counts))
-        return entry
-
-    def merge(self, other: StageStats) -> None:
-        """Add the counts of ``other`` (the same stage run on another shard) to these."""
-        self.documents_in += other.documents_in
-        self.documents_out += other.documents_out
-        self.bytes_in += other.bytes_in
-        self.bytes_out += other.bytes_out
-        self.dropped.update(other.dropped)
-        self.counts.update(other.counts)
 
 
 def normalize_text(text: str, form: str = "NFC") -> str:
@@ -264,6 +164,7 @@ class Normalize(DocumentStage):
     """
 
     name = "normalize"
+    rewrites_messages = True
 
     def __init__(
         self,
@@ -342,11 +243,6 @@ class ExactDedup(CorpusStage):
         return None, None
 
 
-def utf8_len(text: str) -> int:
-    """Length of ``text`` in UTF-8 bytes."""
-    return len(text.encode("utf-8"))
-
-
 def run_stages(
     documents: Iterable[str],
     stages: Sequence,
@@ -389,129 +285,3 @@ def run_stages(
             kept = out
         if kept is not None:
             yield kept
-
-
-# ---------------------------------------------------------------------------------------------
-# The per-document part of a chain, as one row of columns (run under datasets.map).
-
-
-def process_document(text: str, stages: Sequence, *, keep_text: bool = False) -> dict:
-    """Run every document stage of ``stages`` on ``text`` and compute every corpus stage's key.
-
-    Corpus stages are assumed to keep the document (their :meth:`~CorpusStage.admit` runs
-    later, in order, :func:`admit_document`), so the stages after them run speculatively; what
-    they did counts only if the document gets that far.
-
-    Args:
-        text: one document as read.
-        stages: the chain (document and corpus stages, in order).
-        keep_text: also return the text each stage received where it is needed to write a
-            dropped document for audit (``--keep-dropped``).
-
-    Returns:
-        A row: ``text`` (after the last stage; None when a document stage dropped it),
-        ``n_bytes`` (its UTF-8 bytes, 0 when dropped), ``sizes`` (UTF-8 bytes entering stage 0,
-        then leaving each stage reached), ``drop_stage`` (index of the document stage that
-        dropped it, -1 when none), ``drop_reason``, ``counts`` (JSON ``{"i": {key: n}}`` of
-        the stages' counts, None when none), ``key_i`` for every corpus stage ``i`` (None when
-        not reached), and with ``keep_text`` ``dropped_text`` (the text the dropping stage
-        received) and ``text_i`` (the text corpus stage ``i`` received, None when it equals
-        ``text``, or ``dropped_text`` when ``text`` is None).
-    """
-    size = utf8_len(text)
-    sizes = [size]
-    row: dict = {"drop_stage": -1, "drop_reason": None}
-    counts: dict[str, dict[str, int]] = {}
-    seen_at: dict[int, str] = {}
-    current: str | None = text
-    for i, stage in enumerate(stages):
-        if stage.stateless:
-            out, reason, c = stage.apply(current)
-            if c:
-                counts[str(i)] = c
-            if out is None:
-                row["drop_stage"], row["drop_reason"] = i, reason or "unspecified"
-                if keep_text:
-                    row["dropped_text"] = current
-                break
-            if out is not current:
-                size = utf8_len(out)
-            current = out
-        else:
-            row[f"key_{i}"] = stage.key(current)
-            if keep_text:
-                seen_at[i] = current
-        sizes.append(size)
-    else:
-        row["text"], row["n_bytes"] = current, size
-    if row["drop_stage"] >= 0:
-        row["text"], row["n_bytes"] = None, 0
-    row["sizes"] = sizes
-    row["counts"] = json.dumps(counts, sort_keys=True) if counts else None
-    if keep_text:
-        row.setdefault("dropped_text", None)
-        fallback = row["text"] if row["text"] is not None else row["dropped_text"]
-        for i, received in seen_at.items():
-            row[f"text_{i}"] = None if received == fallback else received
-    return row
-
-
-def admit_document(row: Mapping, stages: Sequence) -> tuple[int, str | None, list]:
-    """The sequential part for one row of :func:`process_document`, in document order.
-
-    Calls :meth:`~CorpusStage.admit` of each corpus stage the document reaches, stopping at
-    the first that drops it.
-
-    Returns:
-        ``(stop, reason, corpus_counts)``: ``stop`` is the index of the stage that dropped the
-        document, or ``len(stages)`` when it is kept; ``corpus_counts`` lists ``(i, counts)``
-        of the corpus stages called.
-    """
-    stop = row["drop_stage"] if row["drop_stage"] >= 0 else len(stages)
-    reason = row["drop_reason"]
-    called = []
-    for i, stage in enumerate(stages[:stop]):
-        if stage.stateless:
-            continue
-        why, c = stage.admit(row[f"key_{i}"])
-        if c:
-            called.append((i, c))
-        if why is not None:
-            return i, why, called
-    return stop, reason, called
-
-
-def count_document(
-    row: Mapping, stop: int, reason: str | None, corpus_counts: list, stats: Sequence[StageStats]
-) -> None:
-    """Add one document's row (:func:`process_document`) to the per-stage ``stats``.
-
-    Stage ``i`` is counted when the document reached it (``i <= stop``); the stage that
-    dropped it (``i == stop``) counts the drop by ``reason``.
-    """
-    sizes = row["sizes"]
-    doc_counts = json.loads(row["counts"]) if row["counts"] else {}
-    for i in range(min(stop + 1, len(stats))):
-        st = stats[i]
-        st.documents_in += 1
-        st.bytes_in += sizes[i]
-        if i == stop:
-            st.dropped[reason or "unspecified"] += 1
-        else:
-            st.documents_out += 1
-            st.bytes_out += sizes[i + 1]
-        c = doc_counts.get(str(i))
-        if c:
-            st.counts.update(c)
-    for i, c in corpus_counts:
-        stats[i].counts.update(c)
-
-
-def received_text(row: Mapping, stage_index: int) -> str | None:
-    """The text stage ``stage_index`` received, from a row made with ``keep_text``."""
-    if row["drop_stage"] == stage_index:
-        return row["dropped_text"]
-    stored = row.get(f"text_{stage_index}")
-    if stored is not None:
-        return stored
-    return row["text"] if row["text"] is not None else row["dropped_text"]

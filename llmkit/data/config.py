@@ -22,16 +22,22 @@ The thresholds and their sources are documented on the filter classes
 (:mod:`llmkit.data.filters`). Only ``length`` is on by default: the other rule sets were written
 for web pages and drop most of a play or a collection of short stories (tinyshakespeare's
 speeches are mostly under Gopher's 50 words); ``--filter web`` turns on the four web rule sets.
-An unknown key is an error naming the closest valid one; a value of the wrong type is an error.
+The settings are typed pydantic models, as the training recipe's (:mod:`llmkit.training.config`):
+:class:`CleaningSettings` (the sections above) inside :class:`PrepareSettings` (every setting of
+a run: the flags of ``llmkit prepare``, whose top-level keys such as ``block_size`` or
+``vocab_size`` a ``prepare.yaml`` may also set). Every allowed value is defined once
+(:mod:`llmkit.data.choices`, the filter classes' fields), validated once on construction; an
+unknown key is an error naming the closest valid one; a value of the wrong type is an error
+naming the key and the type. Precedence: defaults < YAML < flags (:meth:`PrepareSettings.load`).
 
-Chat data (``llmkit prepare --format chat``) goes through the same stages, adapted by
-:func:`build_stages` (``kind="chat"``): the stages that rewrite text (normalize, PII) run on
-each message's content (:class:`ContentStage`); the filters and both de-duplications judge the
-conversation as one text, :func:`llmkit.data.sft.conversation_text` (``role: content`` per
-message; :class:`ConversationTextStage`, :class:`ConversationCorpusStage`). Two defaults differ
-for chat (:func:`default_config`): near-duplicate removal is off — instruction sets hold the
-same answer to paraphrased questions on purpose (the support example set has three phrasings
-per answer), and the FineWeb MinHash settings, tuned on web pages, merge such short
+Chat data (``llmkit prepare --format chat``) goes through the same steps (:func:`build_steps`;
+a :class:`llmkit.data.document.Document` carries a conversation's messages): the steps that
+rewrite text (normalize, PII) run on each message's content; the filters and both
+de-duplications judge the conversation as one text, :func:`llmkit.data.sft.conversation_text`
+(``role: content`` per message; :class:`llmkit.data.steps.base.DocumentStep`). Two defaults
+differ for chat (:func:`default_config`): near-duplicate removal is off — instruction sets hold
+the same answer to paraphrased questions on purpose (the support example set has three
+phrasings per answer), and the FineWeb MinHash settings, tuned on web pages, merge such short
 conversations (2 of its 81 at the defaults) — and exact de-duplication stays on. The web rule
 sets stay off as for text; named explicitly they judge the whole conversation and only drop it
 (C4's line removal cannot be mapped back onto the messages and is not applied).
@@ -39,201 +45,479 @@ sets stay off as for text; named explicitly they judge the whole conversation an
 
 from __future__ import annotations
 
-import copy
 import difflib
-import json
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
-from llmkit.data.clean import CorpusStage, DocumentStage, Outcome
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from llmkit.data.choices import (
+    CHAT_TEMPLATE_CHOICES,
+    FILTER_NAMES,
+    FORMATS,
+    NORMALIZATION_FORMS,
+    ON_ERROR,
+    OVERLONG_RULES,
+    PII_MODES,
+    SPLIT_MODES,
+    TRAIN_ON,
+    WEB_FILTERS,  # noqa: F401 (re-exported: the names that "web" turns on)
+)
+from llmkit.data.readers import DEFAULT_ENCODING, DEFAULT_MAX_DOCUMENT_BYTES
 from llmkit.errors import UserError
 
-#: Rule sets turned on by the name ``web``.
-WEB_FILTERS = ("gopher_quality", "gopher_repetition", "c4", "fineweb")
 DEFAULT_ENABLED = ("length",)
 #: Kinds of data, each with its defaults (:func:`default_config`) and stages (:func:`build_stages`).
 KINDS = ("text", "chat")
 #: Settings whose default differs for chat data (see the module docstring).
 CHAT_DEFAULTS = {"dedup": {"near": False}}
+#: Upper bounds of the MinHash settings (larger values only exhaust memory).
+MAX_NGRAM_SIZE = 4096
+MAX_NUM_PERM = 4096
+#: The smallest byte-level BPE vocabulary: 256 byte symbols and <|endoftext|>.
+MIN_VOCAB_SIZE = 257
+#: Upper bounds of --vocab-size and --block-size (larger values are mistakes that would only
+#: fail deep inside the tokenizer trainer or ``datasets``).
+MAX_VOCAB_SIZE = 2**24
+MAX_BLOCK_SIZE = 2**20
 
 
-def _filter_defaults() -> dict:
+class _Section(BaseModel):
+    """A settings section: unknown keys rejected, values of another type rejected (strict: no
+    ``"5"`` for 5; an int is taken for a float)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+
+def _one_of(flag: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{flag} {value!r} is not one of: {', '.join(choices)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cleaning: normalize, filters, dedup, PII.
+
+
+class NormalizeSettings(_Section):
+    """The normalize step (:class:`llmkit.data.clean.Normalize`)."""
+
+    form: str = Field("NFC", description="Unicode normalization form, NFC or NFKC (UAX #15).")
+    fix_mojibake: bool = Field(True, description="Repair mojibake with ftfy.")
+    whitespace: bool = Field(True, description="Line ends, trailing spaces, blank-line runs.")
+    html: bool = Field(False, description="Keep only the main text of HTML (trafilatura).")
+
+    @field_validator("form")
+    @classmethod
+    def _known_form(cls, form: str) -> str:
+        if form not in NORMALIZATION_FORMS:
+            raise UserError(f"normalize.form {form!r} is not NFC or NFKC")
+        return form
+
+
+def _filter_model(name: str, cls: type) -> type[BaseModel]:
+    """The settings model of one filter: ``enabled`` and the fields of its class (thresholds
+    and their defaults are defined once, on the filter class, :mod:`llmkit.data.filters`)."""
+    hints = get_type_hints(cls)
+    spec: dict[str, Any] = {"enabled": (bool, name in DEFAULT_ENABLED)}
+    for f in fields(cls):
+        if f.default_factory is not MISSING:
+            spec[f.name] = (hints[f.name], Field(default_factory=f.default_factory))
+        else:
+            spec[f.name] = (hints[f.name], f.default)
+    model = create_model(f"{cls.__name__}Settings", __base__=_Section, **spec)
+    model.__doc__ = f"The {name} filter (:class:`llmkit.data.filters.{cls.__name__}`)."
+    return model
+
+
+def _filters_model() -> type[BaseModel]:
     from llmkit.data.filters import FILTERS
 
-    out = {}
-    for name, cls in FILTERS.items():
-        entry = {"enabled": name in DEFAULT_ENABLED}
-        inst = cls()
-        for f in fields(cls):
-            entry[f.name] = copy.deepcopy(getattr(inst, f.name))
-        out[name] = entry
+    spec = {
+        name: (model, Field(default_factory=model))
+        for name, model in ((n, _filter_model(n, c)) for n, c in FILTERS.items())
+    }
+    return create_model("FiltersSettings", __base__=_Section, **spec)
+
+
+#: Every filter's settings, by name, in the order they run.
+FiltersSettings = _filters_model()
+
+
+class DedupSettings(_Section):
+    """Exact and MinHash near-duplicate removal (:mod:`llmkit.data.dedup`)."""
+
+    exact: bool = Field(True, description="Drop exact duplicates (whitespace-collapsed).")
+    near: bool = Field(True, description="MinHash LSH near-duplicate removal.")
+    ngram_size: int = Field(5, description="Words per shingle.")
+    num_perm: int = Field(112, description="MinHash permutations.")
+    bands: int | None = Field(14, description="LSH bands.")
+    rows: int | None = Field(8, description="Rows per band.")
+    threshold: float | None = Field(
+        None, description="Verify candidates: near duplicate at this estimated Jaccard or more."
+    )
+    seed: int = Field(1, description="Seed of the MinHash permutations.")
+    normalize: bool = Field(False, description="Numbers as 0, no accents before shingling.")
+
+    @model_validator(mode="after")
+    def _in_range(self) -> DedupSettings:
+        if not self.near:
+            return self
+        if not 1 <= self.ngram_size <= MAX_NGRAM_SIZE:
+            raise UserError(
+                f"dedup.ngram_size {self.ngram_size} is outside [1, {MAX_NGRAM_SIZE}]",
+                "give the words per n-gram, e.g. 5",
+            )
+        if not 1 <= self.num_perm <= MAX_NUM_PERM:
+            raise UserError(
+                f"dedup.num_perm {self.num_perm} is outside [1, {MAX_NUM_PERM}]",
+                "give the MinHash permutations, e.g. 112",
+            )
+        for key in ("bands", "rows"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise UserError(f"dedup.{key} {getattr(self, key)} must be at least 1")
+        if (self.bands is None) != (self.rows is None):
+            raise UserError("dedup.bands and dedup.rows go together", "give both, or neither")
+        if self.bands is not None and self.bands * self.rows > self.num_perm:
+            raise UserError(
+                f"dedup.bands x rows = {self.bands * self.rows} exceeds num_perm {self.num_perm}",
+                "raise --minhash-perm or lower bands/rows",
+            )
+        if self.bands is None and self.threshold is None:
+            raise UserError("without dedup.bands and rows, give dedup.threshold")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise UserError(f"dedup.threshold {self.threshold} is outside (0, 1]")
+        return self
+
+
+def _default_regions() -> list:
+    from llmkit.data.pii import DEFAULT_REGIONS
+
+    return list(DEFAULT_REGIONS)
+
+
+class CleaningSettings(_Section):
+    """Every cleaning setting (the sections of a ``prepare.yaml``, module docstring)."""
+
+    normalize: NormalizeSettings = Field(default_factory=NormalizeSettings)
+    gutenberg: bool = Field(True, description="Strip Project Gutenberg headers and footers.")
+    filters: FiltersSettings = Field(default_factory=FiltersSettings)  # type: ignore[valid-type]
+    dedup: DedupSettings = Field(default_factory=DedupSettings)
+    pii: str = Field("redact", description="redact (e-mails, IPs, phone numbers) or keep.")
+    pii_region: list = Field(
+        default_factory=_default_regions,
+        description="ISO 3166 regions whose national phone numbers are found.",
+    )
+
+    @field_validator("pii")
+    @classmethod
+    def _known_pii(cls, pii: str) -> str:
+        if pii not in PII_MODES:
+            raise UserError(f"pii {pii!r} is not redact or keep")
+        return pii
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CleaningSettings:
+        if self.pii == "redact":
+            from llmkit.data.pii import check_regions
+
+            try:
+                check_regions([str(r) for r in self.pii_region])
+            except ValueError as err:
+                raise UserError(
+                    f"pii_region: {err}", "give ISO 3166 region codes such as US,GB,DE"
+                ) from None
+        lang = self.filters.language
+        if lang.enabled and not lang.languages:
+            raise UserError("filters.language.languages is empty", "list the languages to keep")
+        return self
+
+    @classmethod
+    def build(cls, layers: list[dict], kind: str = "text") -> CleaningSettings:
+        """The defaults of ``kind`` (:data:`CHAT_DEFAULTS` for chat), updated by each of
+        ``layers`` in turn (YAML, then flags); validated once, at the end."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}: {kind!r}")
+        merged: dict = cls().model_dump()
+        for layer in [CHAT_DEFAULTS] * (kind == "chat") + list(layers):
+            merged = _merge(cls, merged, layer)
+        return _validated(cls, merged)
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole run.
+
+
+class PrepareSettings(_Section):
+    """Every setting of ``llmkit prepare`` (its flags; see :func:`llmkit.data.pipeline.prepare`
+    for each one's meaning). The cleaning settings are in :attr:`cleaning`, built for text
+    data; :meth:`cleaning_for` rebuilds them with the chat defaults once the data is known to
+    be conversations. Fields are validated in this order, so the first mistake is reported."""
+
+    max_document_bytes: int | None = Field(
+        DEFAULT_MAX_DOCUMENT_BYTES, description="Cut longer documents (UTF-8 bytes); None: never."
+    )
+    encoding: str = Field(DEFAULT_ENCODING, description="utf-8, auto or a codec name.")
+    format: str = Field("auto", description="auto, text or chat.")
+    chat_template: str | None = Field(None, description="auto (None), tokenizer or chatml.")
+    train_on: str | None = Field(None, description="assistant (None) or all.")
+    overlong: str | None = Field(None, description="truncate (None) or drop.")
+    on_error: str = Field("fail", description="fail or skip.")
+    vocab_size: int = Field(1024, description="Tokens of the trained byte-level BPE.")
+    tokenizer: str | None = Field(None, description="A pretrained tokenizer instead.")
+    block_size: int = Field(128, description="Tokens per training block.")
+    val_fraction: float = Field(0.1, description="Share of documents held out, in [0, 1).")
+    split_on: str = Field("blank-lines", description="blank-lines or none.")
+    text_field: str | None = Field(None, description="Field holding the text (None: text).")
+    num_proc: int | None = Field(None, description="Worker processes (None: every core).")
+    seed: int = Field(1337, description="Seed of the train/validation split.")
+    keep_dropped: bool = Field(False, description="Write dropped.jsonl.")
+    plot: bool = Field(True, description="Write lengths.png.")
+    hub_split: str = Field("train", description="Split read from Hub dataset inputs.")
+    trust_remote_code: bool = Field(False, description="Let a tokenizer run its own code.")
+    cleaning: CleaningSettings = Field(default_factory=CleaningSettings)
+
+    _cleaning_layers: list = PrivateAttr(default_factory=list)
+
+    @field_validator("max_document_bytes")
+    @classmethod
+    def _max_document_bytes(cls, value: int | None) -> int | None:
+        from llmkit.data.readers import check_max_document_bytes
+
+        check_max_document_bytes(value)
+        return value
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        if value != "auto":
+            from llmkit.data.readers import _codec_name
+
+            _codec_name(value)  # an unknown encoding fails before anything is read
+        return value
+
+    @field_validator("format", "chat_template", "train_on", "overlong", "on_error", "split_on")
+    @classmethod
+    def _a_choice(cls, value: str | None, info) -> str | None:
+        if value is not None:
+            flag = "--" + info.field_name.replace("_", "-")
+            _one_of(flag, value, _CHOICES[info.field_name])
+        return value
+
+    @model_validator(mode="after")
+    def _in_range(self) -> PrepareSettings:
+        if self.tokenizer is None and self.vocab_size < MIN_VOCAB_SIZE:
+            raise UserError(
+                f"--vocab-size {self.vocab_size} is too small",
+                f"a byte-level BPE needs 256 byte symbols plus <|endoftext|>: use at least "
+                f"{MIN_VOCAB_SIZE}",
+            )
+        if self.tokenizer is None and self.vocab_size > MAX_VOCAB_SIZE:
+            raise UserError(
+                f"--vocab-size {self.vocab_size} is too large",
+                f"use at most {MAX_VOCAB_SIZE:,} (2**24); 1024-65536 is usual",
+            )
+        if self.block_size < 2:
+            raise UserError(
+                f"--block-size {self.block_size} is too small",
+                "a block needs at least 2 tokens (one input and its next-token target)",
+            )
+        if self.block_size > MAX_BLOCK_SIZE:
+            raise UserError(
+                f"--block-size {self.block_size} is too large",
+                f"use at most {MAX_BLOCK_SIZE:,} (2**20) tokens per block",
+            )
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(
+                f"--val-fraction {self.val_fraction} is outside [0, 1)",
+                "give the share of documents held out for validation, e.g. 0.1",
+            )
+        if self.text_field is not None and not self.text_field:
+            raise UserError("--text-field is empty", "name the JSON field holding the text")
+        if self.num_proc is not None and self.num_proc < 1:
+            from llmkit.data.pipeline import default_num_proc
+
+            raise UserError(
+                f"--num-proc {self.num_proc} must be at least 1",
+                f"give 1 to {default_num_proc()} worker processes, or leave it out to use every "
+                f"usable core ({default_num_proc()} here)",
+            )
+        if self.seed < 0:
+            raise UserError(f"--seed {self.seed} is negative", "give a seed of 0 or more")
+        return self
+
+    @classmethod
+    def load(
+        cls, config: str | Path | dict | None = None, flags: dict | None = None
+    ) -> PrepareSettings:
+        """Defaults < ``config`` (a ``prepare.yaml`` path, or its content as a dict) <
+        ``flags`` (the settings given on the command line; a ``cleaning`` entry there holds
+        the cleaning settings the flags set, :func:`llmkit.cli.prepare.clean_overrides`).
+
+        Raises:
+            UserError: an unreadable or invalid YAML file; an unknown key (naming the closest
+                valid one); a value of the wrong type or out of range.
+        """
+        data = _read_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
+        if not isinstance(data, dict):
+            raise UserError(f"prepare config: expected a mapping, got {data!r}")
+        flags = dict(flags or {})
+        run_layers = []
+        clean_layers = []
+        for layer in (data, flags):
+            clean = layer.pop("cleaning", None) or {}
+            clean.update({k: layer.pop(k) for k in list(layer) if k in _CLEANING_KEYS})
+            for key in layer:
+                if key not in cls.model_fields or key == "cleaning":
+                    valid = [*_CLEANING_KEYS, *(k for k in cls.model_fields if k != "cleaning")]
+                    close = difflib.get_close_matches(str(key), valid, n=1)
+                    hint = f"did you mean {close[0]}?" if close else f"valid: {', '.join(valid)}"
+                    raise UserError(f"unknown prepare setting {key}", hint)
+            run_layers.append(layer)
+            clean_layers.append(clean)
+        cleaning = CleaningSettings.build(clean_layers)
+        merged = {k: v for layer in run_layers for k, v in layer.items()}
+        settings = _validated(cls, {**merged, "cleaning": cleaning})
+        settings._cleaning_layers = clean_layers
+        return settings
+
+    def cleaning_for(self, kind: str) -> CleaningSettings:
+        """The cleaning settings for ``kind`` of data (chat: :data:`CHAT_DEFAULTS` first)."""
+        if kind == "text":
+            return self.cleaning
+        return CleaningSettings.build(self._cleaning_layers, kind)
+
+
+_CHOICES = {
+    "format": FORMATS,
+    "chat_template": CHAT_TEMPLATE_CHOICES,
+    "train_on": TRAIN_ON,
+    "overlong": OVERLONG_RULES,
+    "on_error": ON_ERROR,
+    "split_on": SPLIT_MODES,
+}
+_CLEANING_KEYS = tuple(CleaningSettings.model_fields)
+assert tuple(FiltersSettings.model_fields) == FILTER_NAMES
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers and errors.
+
+
+def _section_of(model: type[BaseModel], key: str) -> type[BaseModel] | None:
+    ann = model.model_fields[key].annotation
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _merge(model: type[BaseModel], base: dict, override: Any, where: str = "") -> dict:
+    """``base`` (a dump of ``model``) updated by ``override``, section by section; a value that
+    is not a section replaces the base's (a threshold table such as
+    ``max_top_ngram_chars_ratio`` is replaced whole). Unknown keys are errors."""
+    if not isinstance(override, dict):
+        raise UserError(
+            f"{where.rstrip('.') or 'prepare config'}: expected a mapping, got {override!r}"
+        )
+    out = dict(base)
+    for key, value in override.items():
+        if key not in model.model_fields:
+            valid = list(model.model_fields)
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean {where}{close[0]}?" if close else f"valid: {', '.join(valid)}"
+            raise UserError(f"unknown prepare setting {where}{key}", hint)
+        section = _section_of(model, key)
+        if section is not None:
+            out[key] = _merge(section, base[key], value, f"{where}{key}.")
+        else:
+            out[key] = value
     return out
 
 
-def _default_pii_regions() -> tuple[str, ...]:
-    from llmkit.data.pii import DEFAULT_REGIONS
+_TYPE_NAMES = {
+    "int_type": "int",
+    "float_type": "float",
+    "bool_type": "bool",
+    "string_type": "str",
+    "list_type": "list",
+    "dict_type": "dict",
+    "int_from_float": "int",
+}
 
-    return DEFAULT_REGIONS
+
+def _validated(model: type[BaseModel], data: dict):
+    """``model`` built from ``data``; a type error as one :class:`UserError` naming the key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        got = first.get("input")
+        expected = _TYPE_NAMES.get(first["type"])
+        if expected is None:
+            raise UserError(
+                f"{loc}: {first['msg']}", "fix the value in the prepare config"
+            ) from None
+        raise UserError(
+            f"{loc}: expected {expected}, got {type(got).__name__} {got!r}",
+            "fix the value in the prepare config",
+        ) from None
+
+
+def _read_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise UserError(f"cannot read {p}: {err.strerror}", "check the --config path") from err
+    except yaml.YAMLError as err:
+        raise UserError(f"{p} is not valid YAML: {err}".replace("\n", " ")) from err
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The dict form (what the manifest records and the stages are built from).
 
 
 def default_config(kind: str = "text") -> dict:
     """Every cleaning setting with its default value, for ``kind`` ``"text"`` or ``"chat"``
-    (:data:`CHAT_DEFAULTS`)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}: {kind!r}")
-    cfg = {
-        "normalize": {"form": "NFC", "fix_mojibake": True, "whitespace": True, "html": False},
-        "gutenberg": True,
-        "filters": _filter_defaults(),
-        "dedup": {
-            "exact": True,
-            "near": True,
-            "ngram_size": 5,
-            "num_perm": 112,
-            "bands": 14,
-            "rows": 8,
-            "threshold": None,
-            "seed": 1,
-            "normalize": False,
-        },
-        "pii": "redact",
-        "pii_region": list(_default_pii_regions()),
-    }
-    return merge(cfg, CHAT_DEFAULTS) if kind == "chat" else cfg
-
-
-#: Keys whose default is None and the types they accept.
-_NULLABLE = {
-    "max_chars": int,
-    "min_words": int,
-    "max_words": int,
-    "threshold": float,
-    "bands": int,
-    "rows": int,
-}
-
-
-def _check_type(where: str, key: str, default, value):
-    if value is None and (default is None or key in _NULLABLE):
-        return None
-    expected = _NULLABLE.get(key) if default is None else type(default)
-    if expected is None:
-        return value
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
-        raise UserError(
-            f"{where}{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}",
-            "fix the value in the prepare config",
-        )
-    return value
+    (:data:`CHAT_DEFAULTS`), as a dict."""
+    return CleaningSettings.build([], kind).model_dump()
 
 
 def merge(base: dict, override: dict, where: str = "") -> dict:
-    """``base`` updated by ``override``, recursively; unknown keys and wrong types are errors."""
-    if not isinstance(override, dict):
-        raise UserError(f"{where or 'prepare config'}: expected a mapping, got {override!r}")
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if key not in base:
-            close = difflib.get_close_matches(str(key), list(base), n=1)
-            hint = f"did you mean {where}{close[0]}?" if close else f"valid: {', '.join(base)}"
-            raise UserError(f"unknown prepare setting {where}{key}", hint)
-        if (
-            isinstance(base[key], dict)
-            and key not in ("max_top_ngram_chars_ratio",)
-            and not (key.startswith("max_duplicate_ngram"))
-        ):
-            out[key] = merge(base[key], value, f"{where}{key}.")
-        else:
-            out[key] = _check_type(where, key, base[key], value)
-    return out
+    """``base`` (cleaning settings as a dict) updated by ``override``, recursively; unknown keys
+    and wrong types are errors."""
+    return _validated(
+        CleaningSettings, _merge(CleaningSettings, base, override, where)
+    ).model_dump()
 
 
 def load_config(path: str | Path | None, overrides: dict | None = None, kind: str = "text") -> dict:
-    """Defaults (of ``kind``, :func:`default_config`), then the YAML file at ``path`` (if any),
-    then ``overrides`` (from flags)."""
-    cfg = default_config(kind)
-    if path is not None:
-        import yaml
-
-        p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except OSError as err:
-            raise UserError(f"cannot read {p}: {err.strerror}", "check the --config path") from err
-        except yaml.YAMLError as err:
-            raise UserError(f"{p} is not valid YAML: {err}".replace("\n", " ")) from err
-        cfg = merge(cfg, data)
-    if overrides:
-        cfg = merge(cfg, overrides)
-    validate(cfg)
-    return cfg
-
-
-#: Upper bounds of the MinHash settings (larger values only exhaust memory).
-MAX_NGRAM_SIZE = 4096
-MAX_NUM_PERM = 4096
+    """The cleaning settings as a dict: defaults (of ``kind``, :func:`default_config`), then
+    the YAML file at ``path`` (if any; its cleaning sections), then ``overrides`` (from flags)."""
+    layers = [_read_yaml(path)] if path is not None else []
+    return CleaningSettings.build([*layers, *([overrides] if overrides else [])], kind).model_dump()
 
 
 def validate(cfg: dict) -> None:
-    """Values that are of the right type but out of range."""
-    form = cfg["normalize"]["form"]
-    if form not in ("NFC", "NFKC"):
-        raise UserError(f"normalize.form {form!r} is not NFC or NFKC")
-    if cfg["pii"] not in ("redact", "keep"):
-        raise UserError(f"pii {cfg['pii']!r} is not redact or keep")
-    if cfg["pii"] == "redact":
-        from llmkit.data.pii import check_regions
-
-        try:
-            check_regions([str(r) for r in cfg["pii_region"]])
-        except ValueError as err:
-            raise UserError(
-                f"pii_region: {err}", "give ISO 3166 region codes such as US,GB,DE"
-            ) from None
-    d = cfg["dedup"]
-    if d["near"]:
-        if not 1 <= d["ngram_size"] <= MAX_NGRAM_SIZE:
-            raise UserError(
-                f"dedup.ngram_size {d['ngram_size']} is outside [1, {MAX_NGRAM_SIZE}]",
-                "give the words per n-gram, e.g. 5",
-            )
-        if not 1 <= d["num_perm"] <= MAX_NUM_PERM:
-            raise UserError(
-                f"dedup.num_perm {d['num_perm']} is outside [1, {MAX_NUM_PERM}]",
-                "give the MinHash permutations, e.g. 112",
-            )
-        for key in ("bands", "rows"):
-            if d[key] is not None and d[key] < 1:
-                raise UserError(f"dedup.{key} {d[key]} must be at least 1")
-        if (d["bands"] is None) != (d["rows"] is None):
-            raise UserError("dedup.bands and dedup.rows go together", "give both, or neither")
-        if d["bands"] is not None and d["bands"] * d["rows"] > d["num_perm"]:
-            raise UserError(
-                f"dedup.bands x rows = {d['bands'] * d['rows']} exceeds num_perm {d['num_perm']}",
-                "raise --minhash-perm or lower bands/rows",
-            )
-        if d["bands"] is None and d["threshold"] is None:
-            raise UserError("without dedup.bands and rows, give dedup.threshold")
-        if d["threshold"] is not None and not 0 < d["threshold"] <= 1:
-            raise UserError(f"dedup.threshold {d['threshold']} is outside (0, 1]")
-    lang = cfg["filters"]["language"]
-    if lang["enabled"] and not lang["languages"]:
-        raise UserError("filters.language.languages is empty", "list the languages to keep")
+    """Raise :class:`UserError` for cleaning settings (a dict) that are out of range."""
+    _validated(CleaningSettings, cfg)
 
 
-def build_stages(cfg: dict, kind: str = "text") -> list:
-    """The document stages of ``cfg``, in order: normalize, filters, dedup, PII.
-
-    For ``kind="chat"`` each stage is adapted to conversations carried as their JSON list of
-    messages (:func:`llmkit.data.readers.conversation_json`): normalize and PII by
-    :class:`ContentStage`, the filters by :class:`ConversationTextStage`, the de-duplications
-    by :class:`ConversationCorpusStage`.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}: {kind!r}")
+def build_stages(cfg: dict) -> list:
+    """The cleaning rules of ``cfg``, in order: normalize, filters, dedup, PII (for the plain
+    loop, :func:`llmkit.data.clean.run_stages`; the pipeline runs them as steps,
+    :func:`build_steps`)."""
     from llmkit.data.clean import ExactDedup, Normalize
     from llmkit.data.dedup import MinHashDedup
     from llmkit.data.filters import FILTERS
@@ -261,112 +545,36 @@ def build_stages(cfg: dict, kind: str = "text") -> list:
         )
     if cfg["pii"] == "redact":
         stages.append(RedactPII(regions=[str(r) for r in cfg["pii_region"]]))
-    if kind == "chat":
-        stages = [chat_stage(stage) for stage in stages]
     return stages
 
 
-# ---------------------------------------------------------------------------------------------
-# The stages on conversations.
+def build_steps(cfg: CleaningSettings | dict, dropped_writer=None) -> list:
+    """The cleaning steps of ``cfg`` (:mod:`llmkit.data.steps`), in order: normalize, the
+    filters turned on, the de-duplication signatures, then their global resolve steps, PII.
 
-#: Stages that rewrite a text: on chat data they run on every message's content.
-CONTENT_STAGES = ("normalize", "pii")
-
-
-def _messages(text: str) -> list[dict[str, str]]:
-    return json.loads(text)
-
-
-def _conversation_text(text: str) -> str:
-    from llmkit.data.sft import conversation_text
-
-    return conversation_text(_messages(text))
-
-
-class _Wrapping:
-    """A stage that runs another (``inner``) on a conversation: same name, counts and
-    settings as the inner stage."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.name = inner.name
-        self.count_template = dict(getattr(inner, "count_template", {}))
-
-    def settings(self) -> dict:
-        """The inner stage's settings (what the manifest records)."""
-        return self.inner.settings() if hasattr(self.inner, "settings") else {}
-
-
-class ContentStage(_Wrapping, DocumentStage):
-    """A text-rewriting document stage (normalize, PII) run on each message's content.
-
-    The conversation is kept with every content rewritten, or dropped when the stage drops one
-    message (``"empty"`` becomes ``"empty message"``: a turn with nothing left in it breaks the
-    conversation; any other reason ``"<reason> (a message)"``). Counts: grouped counts
-    (``replaced/email``) add up over the messages; a plain count (``documents_changed``) counts
-    the conversation once.
+    The same steps clean documents and conversations (:class:`llmkit.data.document.Document`
+    carries either; :class:`llmkit.data.steps.base.DocumentStep` runs a formatter on each
+    message and a filter on the conversation's text). ``dropped_writer`` (a
+    :class:`llmkit.data.steps.base.DroppedWriter`) receives every dropped document.
     """
+    from llmkit.data.steps.dedup import dedup_steps
 
-    stateless = True
-
-    def apply(self, text: str) -> Outcome:
-        from llmkit.data.readers import conversation_json
-
-        messages = _messages(text)
-        out: list[dict[str, str]] = []
-        counts: dict[str, int] = {}
-        changed = False
-        for message in messages:
-            content, reason, c = self.inner.apply(message["content"])
-            if content is None:
-                why = "empty message" if reason == "empty" else f"{reason} (a message)"
-                return None, why, None
-            for key, n in (c or {}).items():
-                counts[key] = counts.get(key, 0) + n if "/" in key else max(counts.get(key, 0), n)
-            changed = changed or content != message["content"]
-            out.append({"role": message["role"], "content": content})
-        return (conversation_json(out) if changed else text), None, counts or None
-
-
-class ConversationTextStage(_Wrapping, DocumentStage):
-    """A filter judging a conversation by its :func:`~llmkit.data.sft.conversation_text`.
-
-    Only the filter's verdict is used: the conversation is kept unchanged or dropped with the
-    filter's reason. A filter that would rewrite the text (C4's line removal) does not rewrite
-    the conversation. The filter's own counts are kept only for a conversation it passed
-    unchanged (e.g. ``rules_skipped``), never counts of a rewriting that did not happen.
-    """
-
-    stateless = True
-
-    def apply(self, text: str) -> Outcome:
-        plain = _conversation_text(text)
-        out, reason, counts = self.inner.apply(plain)
-        if out is None:
-            return None, reason, None
-        return text, None, (counts if out == plain else None)
-
-
-class ConversationCorpusStage(_Wrapping, CorpusStage):
-    """A de-duplication keyed on the conversation's :func:`~llmkit.data.sft.conversation_text`
-    (roles included: the same words said by another role are another conversation)."""
-
-    stateless = False
-
-    def key(self, text: str) -> Any:
-        return self.inner.key(_conversation_text(text))
-
-    def key_feature(self) -> Any:
-        return self.inner.key_feature()
-
-    def admit(self, key: Any) -> tuple[str | None, dict[str, int] | None]:
-        return self.inner.admit(key)
-
-
-def chat_stage(stage):
-    """``stage`` adapted to conversations (see :func:`build_stages`)."""
-    if not stage.stateless:
-        return ConversationCorpusStage(stage)
-    if stage.name in CONTENT_STAGES:
-        return ContentStage(stage)
-    return ConversationTextStage(stage)
+    if isinstance(cfg, CleaningSettings):
+        cfg = cfg.model_dump()
+    stages = build_stages(cfg)
+    steps: list = []
+    resolves: list = []
+    for i, stage in enumerate(stages):
+        if stage.stateless:
+            steps.append(stage)
+            continue
+        # consecutive de-duplications: every signature, then every resolve (one barrier)
+        signature, resolve = dedup_steps(stage)
+        steps.append(signature)
+        resolves.append(resolve)
+        if i + 1 == len(stages) or stages[i + 1].stateless:
+            steps += resolves
+            resolves = []
+    for step in steps:
+        step.dropped_writer = dropped_writer
+    return steps

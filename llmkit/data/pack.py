@@ -16,11 +16,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from llmkit.core.prepared import IGNORE_INDEX
+from llmkit.data.choices import OVERLONG_RULES
+
 TOKEN_DTYPE = np.int32
-#: The label of a position that is not a target (PyTorch's ``cross_entropy`` ``ignore_index``).
-IGNORE_INDEX = -100
-#: What :class:`SFTPacker` does with a conversation longer than ``block_size``.
-OVERLONG_RULES = ("truncate", "drop")
 
 
 class Packer:

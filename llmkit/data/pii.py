@@ -188,6 +188,7 @@ class RedactPII(DocumentStage):
     """
 
     name = "pii"
+    rewrites_messages = True
     count_template = {"replaced": {}, "documents_changed": 0}
 
     def __init__(self, regions: Sequence[str] = DEFAULT_REGIONS):

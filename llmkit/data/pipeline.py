@@ -5,17 +5,14 @@ executor (SPEC §8):
 
 1. read (:mod:`llmkit.data.readers`): files, directories, globs or Hub datasets to a stream of
    documents, written as it comes to an arrow-backed ``datasets.Dataset`` (one process);
-2. clean: the chain of stages of :mod:`llmkit.data.clean` configured by
-   :mod:`llmkit.data.config` — normalize, the named filters (:mod:`llmkit.data.filters`),
-   exact and near-duplicate removal (:mod:`llmkit.data.dedup`), PII redaction
-   (:mod:`llmkit.data.pii`). The per-document work (every document stage, and the dedup
-   keys: hashes and MinHash signatures) runs under ``Dataset.map`` on ``num_proc``
-   processes (:func:`llmkit.data.clean.process_document`), each document becoming a row of
-   columns (its text, sizes, drop reason, counts, keys); then one pass in document order
-   admits or drops each document at the dedup stages and adds up the counts from the columns
-   (:func:`llmkit.data.clean.admit_document`). So the result does not depend on
-   ``num_proc``. The kept documents are saved as a dataset (never a Python list), and cached
-   (:mod:`llmkit.data.cache`);
+2. clean: the steps (:mod:`llmkit.data.steps`) that :func:`llmkit.data.config.build_steps`
+   makes of the settings — normalize, the named filters (:mod:`llmkit.data.filters`), the
+   signatures of exact and near-duplicate removal (:mod:`llmkit.data.dedup`) — on
+   ``num_proc`` processes, then behind a barrier de-duplication's resolve steps in document
+   order, then PII redaction (:mod:`llmkit.data.pii`) on ``num_proc`` processes again; run
+   by :mod:`llmkit.data.executor`, so the result does not depend on ``num_proc``. The kept
+   documents are saved as a dataset (never a Python list), and cached
+   (:mod:`llmkit.core.cache`);
 3. split: whole documents to train / validation, from ``seed`` (:func:`split_indices`);
 4. tokenizer: a byte-level BPE trained on the train documents, or a pretrained one;
 5. encode (:func:`encode_batch`): batched, one EOS after every document;
@@ -24,34 +21,32 @@ executor (SPEC §8):
 Chat data (``format="chat"``, or detected: :func:`llmkit.data.readers.resolve_format`) takes
 the same road with conversations instead of documents: read as records (``messages``,
 ``prompt``/``response``, Alpaca's ``instruction``/``output``) into their JSON list of messages
-with their ``file:line``; cleaned by the same stages adapted to conversations
-(:func:`llmkit.data.config.build_stages`); split by conversation; then rendered with a chat
-template and labelled (:func:`encode_chat_batch`) and packed whole with
-:class:`llmkit.data.pack.SFTPacker` (:func:`_build_chat`), so that each row carries
-``input_ids``, ``labels`` and ``position_ids``.
+with their ``file:line``; cleaned by the same steps (a :class:`llmkit.data.document.Document`
+carries the messages); split by conversation; then rendered with a chat template and labelled
+(:func:`encode_chat_batch`) and packed whole with :class:`llmkit.data.pack.SFTPacker`
+(:func:`_build_chat`), so that each row carries ``input_ids``, ``labels`` and
+``position_ids``.
 
-The result is the layout of :mod:`llmkit.data.prepared`, built in a hidden temporary directory
+The result is the layout of :mod:`llmkit.core.prepared`, built in a hidden temporary directory
 next to the output and renamed into place only when complete.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import secrets
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
-from llmkit.data.cache import (
+from llmkit.core.cache import (
     CACHE_FORMAT,
     DOCUMENTS,
     DROPPED,
@@ -65,45 +60,52 @@ from llmkit.data.cache import (
     max_cache_bytes,
     tokenizer_identity,
 )
-from llmkit.data.clean import (
-    StageStats,
-    admit_document,
-    count_document,
-    process_document,
-    received_text,
+from llmkit.core.prepared import DATASET_DICT, MANIFEST, SPLITS, is_prepared
+from llmkit.data.clean import StageStats
+from llmkit.data.config import PrepareSettings
+from llmkit.data.encode import (  # noqa: F401 (re-exported: llmkit.data.pipeline's API)
+    BATCH_BYTES,
+    BATCH_DOCUMENTS,
+    _block_rows,
+    _chat_tokenizer,
+    _encode_chat_for_map,
+    _encode_for_map,
+    _encode_raw,
+    _sft_rows,
+    _tokenizers_single_threaded,
+    batch_rows,
+    chat_training_text,
+    encode_batch,
+    encode_chat_batch,
+    load_pretrained_tokenizer,
+    tokenizer_appends_eos,
 )
-from llmkit.data.pack import OVERLONG_RULES, Packer, SFTPacker
-from llmkit.data.prepared import DATASET_DICT, MANIFEST, SPLITS, is_prepared
+from llmkit.data.outdir import (
+    _check_inputs_outside_output,
+    _check_output,
+    _concerns_output,
+    _missing_parents,
+    _move_into_place,
+    _os_error_in,
+    _output_error,
+    _remove_dirs,
+    _remove_stale_temporaries,
+    _wrapped,
+)
+from llmkit.data.pack import Packer, SFTPacker
 from llmkit.data.readers import (
-    _GLOB_CHARS,
     DEFAULT_ENCODING,
     DEFAULT_MAX_DOCUMENT_BYTES,
-    FORMATS,
-    ON_ERROR,
-    SPLIT_MODES,
     InputFile,
-    _walk,
     discover_inputs,
-    file_kind,
     read_conversations,
     read_documents,
     resolve_format,
 )
-from llmkit.data.sft import TRAIN_ON
 from llmkit.errors import UserError
 
-E = TypeVar("E", bound=BaseException)
-
-#: Documents per batch in the encode and pack steps (memory holds one batch of documents).
-BATCH_DOCUMENTS = 1000
 #: Documents per batch in the clean step (a batch of whole books must fit in memory too).
 BATCH_CLEAN = 100
-#: Text (UTF-8 bytes) per batch in the tokenizer-training, encode and pack steps: a batch
-#: holds at most BATCH_DOCUMENTS documents and, when they are long, only as many as fit in
-#: this much text (at least one; :func:`batch_rows`). Encoding takes about 200 bytes per token
-#: while a batch is in flight (the Rust encodings, then the ids as Python ints): measured here,
-#: 16 MiB batches of 1 MiB documents peaked at 1.2 GB, so 4 MiB keeps it near 0.3 GB.
-BATCH_BYTES = 4 << 20
 #: Text (UTF-8 bytes) per worker process below which the clean step runs in fewer processes:
 #: starting a pool and concatenating its shards (about 0.5 s here) costs more than it saves on
 #: a small corpus (cleaning runs at 0.3-3 MB/s per core, depending on the filters).
@@ -111,32 +113,10 @@ PARALLEL_MIN_BYTES = 2 << 20
 #: The same for the encode step, whose single process already encodes on every core (the
 #: ``tokenizers`` Rust encoder is multi-threaded); worker processes only add the Python part.
 PARALLEL_MIN_BYTES_ENCODE = 32 << 20
-#: The smallest byte-level BPE vocabulary: 256 byte symbols and <|endoftext|>.
-MIN_VOCAB_SIZE = 257
-#: Upper bounds of --vocab-size and --block-size (larger values are mistakes that would only
-#: fail deep inside the tokenizer trainer or ``datasets``).
-MAX_VOCAB_SIZE = 2**24
-MAX_BLOCK_SIZE = 2**20
-#: What ``llmkit prepare`` writes at the top of OUTPUT besides the splits (the tokenizer files
-#: vary with the tokenizer; see :func:`_written_by_prepare`).
-_OWN_NAMES = frozenset(
-    {
-        MANIFEST,
-        DATASET_DICT,
-        "lengths.png",
-        "dropped.jsonl",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "vocab.json",
-        "vocab.txt",
-        "merges.txt",
-        "chat_template.jinja",
-    }
-)
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure steps: split, encode.
+# Split (encode and pack: llmkit.data.encode).
 
 
 def split_indices(
@@ -159,269 +139,6 @@ def split_indices(
         n_val = 0
     order = np.random.default_rng(seed).permutation(n_documents)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def _encode_raw(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # a fast tokenizer: the Rust encoder, without offsets
-        encodings = backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
-        return [e.ids for e in encodings]
-    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-
-
-def tokenizer_appends_eos(tokenizer) -> bool:
-    """True when ``tokenizer`` itself ends an encoded text with its EOS token."""
-    eos = tokenizer.eos_token_id
-    with_special = _encode_raw(tokenizer, ["a"], True)[0]
-    without = _encode_raw(tokenizer, ["a"], False)[0]
-    return bool(with_special) and with_special[-1] == eos and (not without or without[-1] != eos)
-
-
-def encode_batch(
-    texts: list[str], tokenizer, *, eos_token_id: int, append_eos: bool = True
-) -> list[list[int]]:
-    """Token ids of each document, with exactly one EOS at its end.
-
-    The tokenizer's own special tokens are added (a tokenizer that adds BOS gives one BOS per
-    document); ``eos_token_id`` is appended when ``append_eos`` is true, which it must be
-    unless the tokenizer already appends EOS itself (:func:`tokenizer_appends_eos`).
-
-    Args:
-        texts: a batch of documents.
-        tokenizer: a ``transformers`` tokenizer (the fast Rust encoder is used when present).
-        eos_token_id: the id that ends each document.
-        append_eos: append ``eos_token_id`` to each document.
-
-    Returns:
-        One list of token ids per document.
-    """
-    ids = _encode_raw(tokenizer, texts, True)
-    if append_eos:
-        for row in ids:
-            row.append(eos_token_id)
-    return ids
-
-
-def _encode_for_map(batch: dict, tokenizer, eos_token_id: int, append_eos: bool) -> dict:
-    """``datasets.map`` form of :func:`encode_batch` (top level, so that it pickles)."""
-    ids = encode_batch(batch["text"], tokenizer, eos_token_id=eos_token_id, append_eos=append_eos)
-    return {"input_ids": ids}
-
-
-# ---------------------------------------------------------------------------------------------
-# Output directory: built under a temporary name, renamed into place.
-
-
-def _check_output(output: Path, overwrite: bool) -> None:
-    for parent in output.parents:
-        if parent.exists() and not parent.is_dir():
-            raise UserError(
-                f"cannot create {output}: {parent} is a file, not a directory",
-                "choose another --output",
-            )
-    if output.exists() and not output.is_dir():
-        raise UserError(f"{output} exists and is not a directory", "choose another --output")
-    if output.is_dir() and any(output.iterdir()):
-        if not overwrite:
-            raise UserError(
-                f"{output} already exists and is not empty",
-                "pass --overwrite to replace it, or choose another --output",
-            )
-        if not is_prepared(output):
-            raise UserError(
-                f"{output} is not a directory written by llmkit prepare; refusing to replace it",
-                "choose another --output, or empty or remove it yourself",
-            )
-
-
-def _written_by_prepare(output: Path) -> set[Path]:
-    """Files (resolved) under ``output`` that an earlier ``llmkit prepare`` wrote there.
-
-    The manifest lists them (``files``); a manifest from before that list is judged by name:
-    the splits, the manifest and plot, and the tokenizer files.
-    """
-    if not is_prepared(output):
-        return set()
-    try:
-        listed = json.loads((output / MANIFEST).read_text(encoding="utf-8")).get("files")
-    except (OSError, ValueError, AttributeError):
-        listed = None
-    if isinstance(listed, list) and all(isinstance(x, str) for x in listed):
-        return {(output / x).resolve() for x in listed}
-    own = set()
-    for path in output.rglob("*"):
-        rel = path.relative_to(output)
-        top = rel.parts[0]
-        if top in SPLITS or (
-            len(rel.parts) == 1 and (top in _OWN_NAMES or top.startswith("tokenizer"))
-        ):
-            own.add(path.resolve())
-    return own
-
-
-def _inside(path: Path, directory: Path) -> bool:
-    return path == directory or directory in path.parents
-
-
-def _check_inputs_outside_output(inputs: Sequence[str | Path], output: Path) -> None:
-    """Refuse inputs that lie inside ``output`` (which --overwrite would delete).
-
-    A file or directory named as an input may not be ``output`` or lie inside it. A file that
-    a glob or a directory search finds inside ``output`` is refused too, unless an earlier
-    ``llmkit prepare`` wrote it there (those are skipped, as before).
-    """
-    out = output.resolve()
-    own: set[Path] | None = None
-
-    def refuse(what: str) -> UserError:
-        return UserError(
-            f"input {what} lies inside --output {output}, which llmkit prepare replaces",
-            "move the input out of the output directory, or choose another --output",
-        )
-
-    def check_found(path: Path, what: str) -> None:
-        nonlocal own
-        resolved = path.resolve()
-        if not _inside(resolved, out):
-            return
-        if own is None:
-            own = _written_by_prepare(out)
-        if resolved not in own:
-            raise refuse(what)
-
-    for item in inputs:
-        path = Path(item)
-        if not path.exists() and _GLOB_CHARS & set(str(item)):
-            for match in glob.glob(str(item), recursive=True):
-                m = Path(match)
-                if m.is_file() and file_kind(m) is not None:
-                    check_found(m, f"{m} (matched by {item})")
-            continue
-        if not path.exists():
-            continue  # discover_inputs names it
-        resolved = path.resolve()
-        if _inside(resolved, out):
-            raise refuse(str(path))
-        if path.is_dir() and _inside(out, resolved) and out.is_dir():
-            # OUTPUT inside an input directory: its own files are skipped, anyone else's
-            # would be read and then deleted.
-            for f in _walk(out):
-                if file_kind(f) is not None:
-                    check_found(f, f"{f} (in directory {path})")
-
-
-def _remove_dirs(created: list[Path]) -> None:
-    """Remove the (empty) directories this run created, innermost first."""
-    for parent in created:
-        try:
-            parent.rmdir()
-        except OSError:
-            break
-
-
-def _wrapped(err: BaseException, kind: type[E]) -> E | None:
-    """``err`` if it is a ``kind``, or the ``kind`` a library wrapped into it (following
-    ``__cause__`` / ``__context__``, e.g. through ``datasets``' DatasetGenerationError)."""
-    seen = set()
-    cur: BaseException | None = err
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, kind):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def _os_error_in(err: BaseException) -> OSError | None:
-    """``err`` if it is an OSError, or the OSError a library wrapped into it."""
-    return _wrapped(err, OSError)
-
-
-def _concerns_output(err: OSError, output: Path, tmp: Path | None) -> bool:
-    """True when ``err`` names no file, or one at the output (not an input being read)."""
-    names = [n for n in (err.filename, err.filename2) if n is not None]
-    if not names:
-        return True
-    for n in names:
-        path = Path(os.path.abspath(n))
-        if _inside(path, output) or _inside(output, path):  # OUTPUT, inside it, or a parent
-            return True
-        if tmp is not None and _inside(path, tmp):
-            return True
-        if path.parent == output.parent and path.name.startswith(f".{output.name}."):
-            return True  # the temporary or the old OUTPUT renamed aside
-    return False
-
-
-def _output_error(
-    err: OSError, output: Path, tmp: Path | None, verb: str = "cannot write"
-) -> UserError:
-    """A one-line UserError for an OSError creating, writing or renaming ``output``."""
-    import errno
-
-    reason = err.strerror or str(err) or type(err).__name__
-    where = ""
-    if err.filename is not None:
-        name = str(err.filename)
-        if tmp is not None and name.startswith(str(tmp)):
-            name = str(output) + name[len(str(tmp)) :]
-        if Path(name) != output:
-            where = f" ({name})"
-    hints = {
-        errno.EACCES: "check the permissions, or choose another --output",
-        errno.EPERM: "check the permissions, or choose another --output",
-        errno.EROFS: "the file system is read-only: choose another --output",
-        errno.ENOSPC: "the disk is full: free space or choose another --output",
-        errno.EDQUOT: "the disk quota is exceeded: free space or choose another --output",
-        errno.ENOTDIR: "a parent of --output is a file: choose another --output",
-        errno.EEXIST: "a parent of --output is a file: choose another --output",
-    }
-    hints[errno.ENOENT] = f"is {output.parent} a writable directory? or choose another --output"
-    hint = hints.get(err.errno, "choose another --output")
-    return UserError(f"{verb} {output}: {reason}{where}", hint)
-
-
-def _missing_parents(path: Path) -> list[Path]:
-    missing = []
-    for parent in path.parents:
-        if parent.exists():
-            break
-        missing.append(parent)
-    return missing
-
-
-def _remove_stale_temporaries(output: Path) -> None:
-    """Delete ``.NAME.tmp-PID-*`` directories left by a killed run whose process is gone."""
-    for tmp in output.parent.glob(f".{glob.escape(output.name)}.tmp-*-*"):
-        try:
-            pid = int(tmp.name[len(f".{output.name}.tmp-") :].split("-")[0])
-        except ValueError:
-            continue
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:  # alive under another user, or cannot tell: leave it
-            continue
-
-
-def _move_into_place(tmp: Path, output: Path) -> None:
-    """Rename ``tmp`` to ``output``; an existing ``output`` is renamed aside, then deleted."""
-    if output.is_dir() and not any(output.iterdir()):
-        output.rmdir()
-    if not output.exists():
-        os.rename(tmp, output)
-        return
-    old = output.parent / f".{output.name}.old-{secrets.token_hex(4)}"
-    os.rename(output, old)
-    try:
-        os.rename(tmp, output)
-    except BaseException:
-        os.rename(old, output)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,75 +241,6 @@ def _from_generator(generator: Callable[[], Iterator[dict]], features, cache: Pa
 # The pipeline.
 
 
-def _validate_settings(
-    *,
-    vocab_size: int,
-    tokenizer: str | None,
-    block_size: int,
-    val_fraction: float,
-    split_on: str,
-    text_field: str,
-    num_proc: int | None,
-    on_error: str = "fail",
-    seed: int = 0,
-    format: str = "auto",
-    chat_template: str = "auto",
-    train_on: str = "assistant",
-    overlong: str = "truncate",
-) -> None:
-    from llmkit.data.sft import CHAT_TEMPLATES, OWN_TEMPLATE
-
-    if format not in FORMATS:
-        raise UserError(f"--format {format!r} is not one of: {', '.join(FORMATS)}")
-    templates = ("auto", OWN_TEMPLATE, *CHAT_TEMPLATES)
-    if chat_template not in templates:
-        raise UserError(f"--chat-template {chat_template!r} is not one of: {', '.join(templates)}")
-    if train_on not in TRAIN_ON:
-        raise UserError(f"--train-on {train_on!r} is not one of: {', '.join(TRAIN_ON)}")
-    if overlong not in OVERLONG_RULES:
-        raise UserError(f"--overlong {overlong!r} is not one of: {', '.join(OVERLONG_RULES)}")
-    if on_error not in ON_ERROR:
-        raise UserError(f"--on-error {on_error!r} is not one of: {', '.join(ON_ERROR)}")
-    if tokenizer is None and vocab_size < MIN_VOCAB_SIZE:
-        raise UserError(
-            f"--vocab-size {vocab_size} is too small",
-            f"a byte-level BPE needs 256 byte symbols plus <|endoftext|>: use at least "
-            f"{MIN_VOCAB_SIZE}",
-        )
-    if tokenizer is None and vocab_size > MAX_VOCAB_SIZE:
-        raise UserError(
-            f"--vocab-size {vocab_size} is too large",
-            f"use at most {MAX_VOCAB_SIZE:,} (2**24); 1024-65536 is usual",
-        )
-    if block_size < 2:
-        raise UserError(
-            f"--block-size {block_size} is too small",
-            "a block needs at least 2 tokens (one input and its next-token target)",
-        )
-    if block_size > MAX_BLOCK_SIZE:
-        raise UserError(
-            f"--block-size {block_size} is too large",
-            f"use at most {MAX_BLOCK_SIZE:,} (2**20) tokens per block",
-        )
-    if not 0 <= val_fraction < 1:
-        raise UserError(
-            f"--val-fraction {val_fraction} is outside [0, 1)",
-            "give the share of documents held out for validation, e.g. 0.1",
-        )
-    if split_on not in SPLIT_MODES:
-        raise UserError(f"--split-on {split_on!r} is not one of: {', '.join(SPLIT_MODES)}")
-    if not text_field:
-        raise UserError("--text-field is empty", "name the JSON field holding the text")
-    if num_proc is not None and num_proc < 1:
-        raise UserError(
-            f"--num-proc {num_proc} must be at least 1",
-            f"give 1 to {default_num_proc()} worker processes, or leave it out to use every "
-            f"usable core ({default_num_proc()} here)",
-        )
-    if seed < 0:
-        raise UserError(f"--seed {seed} is negative", "give a seed of 0 or more")
-
-
 #: Document-length histogram: bin edges in UTF-8 bytes, powers of 2 from 1 B to 1 GiB.
 LENGTH_BINS = np.array([0] + [2**k for k in range(31)], dtype=np.int64)
 
@@ -605,6 +253,11 @@ class LengthHistogram:
 
     def add(self, n_bytes: int) -> None:
         self.counts[int(np.searchsorted(LENGTH_BINS, n_bytes, side="right")) - 1] += 1
+
+    def add_all(self, n_bytes: np.ndarray) -> None:
+        """:meth:`add` each of ``n_bytes``."""
+        bins = np.searchsorted(LENGTH_BINS, n_bytes, side="right") - 1
+        self.counts += np.bincount(bins, minlength=len(LENGTH_BINS))[: len(LENGTH_BINS)]
 
     def as_list(self) -> list[int]:
         return self.counts.tolist()
@@ -636,6 +289,7 @@ def _read_rows(
     line_filter: Callable | None,
     read_stats: dict,
     advance: Callable,
+    histogram: LengthHistogram | None = None,
     encoding: str = DEFAULT_ENCODING,
     max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
 ) -> Iterator[dict]:
@@ -650,6 +304,8 @@ def _read_rows(
                 size = len(text.encode("utf-8"))
                 read_stats["documents_out"] += 1
                 read_stats["bytes_out"] += size
+                if histogram is not None:
+                    histogram.add(size)
                 advance(size if source.kind != "hub" else 1)
                 yield {"text": text, "where": where}
             continue
@@ -666,193 +322,100 @@ def _read_rows(
             size = len(text.encode("utf-8"))
             read_stats["documents_out"] += 1
             read_stats["bytes_out"] += size
+            if histogram is not None:
+                histogram.add(size)
             advance(size if source.kind != "hub" else 1)
             yield {"text": text, "where": url} if urls else {"text": text}
 
 
-#: Documents done per worker rank of the running clean map, shared with forked workers (a
-#: ``multiprocessing`` RawArray, one slot per rank, so no lock is needed); None when none runs.
-#: Under a start method other than fork the workers do not see it, and the bar jumps at the end.
-_PROGRESS = None
-
-
-def _clean_columns(stages: Sequence, keep_text: bool) -> list[str]:
-    """The columns :func:`_clean_batch` writes (a chat run's ``where`` passes through)."""
-    cols = ["text", "n_bytes", "sizes", "drop_stage", "drop_reason", "counts"]
-    corpus = [i for i, s in enumerate(stages) if not s.stateless]
-    cols += [f"key_{i}" for i in corpus]
-    if keep_text:
-        cols += ["dropped_text"] + [f"text_{i}" for i in corpus]
-    return cols
-
-
-def _clean_features(stages: Sequence, keep_text: bool, chat: bool = False):
-    from datasets import Features, List, Value
-
-    features = {
-        **({"where": Value("string")} if chat else {}),
-        "text": Value("string"),
-        "n_bytes": Value("int64"),
-        "sizes": List(Value("int64")),
-        "drop_stage": Value("int32"),
-        "drop_reason": Value("string"),
-        "counts": Value("string"),
-    }
-    for i, stage in enumerate(stages):
-        if not stage.stateless:
-            features[f"key_{i}"] = stage.key_feature()
-    if keep_text:
-        features["dropped_text"] = Value("string")
-        for i, stage in enumerate(stages):
-            if not stage.stateless:
-                features[f"text_{i}"] = Value("string")
-    return Features(features)
-
-
-def _clean_batch(batch: dict, rank: int | None, *, stages, keep_text: bool, columns) -> dict:
-    """``datasets.map`` form of :func:`llmkit.data.clean.process_document` (top level, so
-    that it pickles by reference into the worker processes)."""
-    rows = [process_document(text, stages, keep_text=keep_text) for text in batch["text"]]
-    if _PROGRESS is not None:
-        _PROGRESS[rank or 0] += len(rows)
-    return {c: [row.get(c) for row in rows] for c in columns}
-
-
-@contextmanager
-def _worker_progress(advance: Callable, ranks: int) -> Iterator[None]:
-    """Advance a progress bar from the documents the map's workers report in
-    :data:`_PROGRESS` (polled by a thread every 0.2 s)."""
-    global _PROGRESS
-    from multiprocessing.sharedctypes import RawArray
-
-    _PROGRESS = RawArray("q", ranks)
-    slots = _PROGRESS
-    stop = threading.Event()
-    done = 0
-
-    def poll() -> None:
-        nonlocal done
-        while not stop.wait(0.2):
-            now = sum(slots)
-            if now > done:
-                advance(now - done)
-                done = now
-
-    thread = threading.Thread(target=poll, name="llmkit-progress", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        if sum(slots) > done:
-            advance(sum(slots) - done)
-        _PROGRESS = None
-
-
-def _clean_map(raw, stages: list, *, keep_text: bool, procs: int, work: Path, advance):
-    """Every document through :func:`process_document`, on ``procs`` processes (a chat run's
-    ``where`` column is kept as it is)."""
-    columns = _clean_columns(stages, keep_text)
-    chat = "where" in raw.column_names
-    kwargs = dict(
-        batched=True,
-        batch_size=BATCH_CLEAN,
-        writer_batch_size=BATCH_CLEAN,
-        with_rank=True,
-        remove_columns=[c for c in raw.column_names if c != "where"],
-        features=_clean_features(stages, keep_text, chat),
-        fn_kwargs={"stages": stages, "keep_text": keep_text, "columns": columns},
-        cache_file_name=str(work / "cleaned.arrow"),
-        new_fingerprint="llmkit-cleaned",
-        num_proc=procs if procs > 1 else None,
-    )
-    with _worker_progress(advance, procs):
-        return raw.map(_clean_batch, **kwargs)
-
-
-def _read_and_clean(
-    files: list[InputFile],
-    *,
-    work: Path,
-    report: _Report,
-    split_on: str,
-    text_field: str,
-    on_error: str,
-    cfg: dict,
-    keep_dropped: bool,
-    dropped_path: Path | None,
-    num_proc: int,
-    documents_dir: Path,
-    kind: str = "text",
-    encoding: str = DEFAULT_ENCODING,
-    max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
-) -> tuple[object, dict]:
-    """Steps 1-2: read ``files``, clean the documents, save the kept ones at
-    ``documents_dir``; returns them (memory-mapped) and the counts of both steps.
-
-    ``work`` holds the intermediate arrow files. With ``keep_dropped`` each dropped document
-    is written to ``dropped_path`` (JSON lines: stage, reason, text as the stage received it),
-    in document order; a dropped conversation (``kind="chat"``) as its ``where``
-    (``file:line``) and ``messages`` as the stage received them.
-    """
-    from datasets import Features, Value, load_from_disk
+def _read(run: _Run, work: Path) -> tuple[object, dict, LengthHistogram]:
+    """Step 1: every input's documents (conversations) in order, written as they come to an
+    arrow-backed dataset in ``work`` (rows ``text``, and ``where`` for web pages and
+    conversations); returns it, the manifest's ``read`` counts and the lengths as read."""
+    from datasets import Features, Value
 
     from llmkit.data.boilerplate import strip_gutenberg
-    from llmkit.data.config import build_stages
 
-    chat = kind == "chat"
-    stages = build_stages(cfg, kind)
+    s, files = run.settings, run.files
+    histogram = LengthHistogram()
     read_stats = {
         "files": len(files),
         "bytes_in": sum(f.size_bytes for f in files),
         "documents_out": 0,
         "bytes_out": 0,
     }
-    hub = any(f.kind == "hub" for f in files)
     web = any(f.kind == "warc" for f in files)  # documents carry their URL ("where")
-    with report.task(
-        "read (documents)" if hub else "read (bytes)",
-        total=None if hub else read_stats["bytes_in"],
+    with run.report.task(
+        "read (documents)" if run.hub else "read (bytes)",
+        total=None if run.hub else read_stats["bytes_in"],
     ) as advance:
         raw = _from_generator(
             lambda: _read_rows(
                 files,
-                kind=kind,
-                split_on=split_on,
-                text_field=text_field,
-                on_error=on_error,
-                line_filter=strip_gutenberg if cfg["gutenberg"] else None,
+                kind=run.kind,
+                split_on=s.split_on,
+                text_field=run.text_field,
+                on_error=s.on_error,
+                line_filter=strip_gutenberg if run.cfg["gutenberg"] else None,
                 read_stats=read_stats,
                 advance=advance,
-                encoding=encoding,
-                max_document_bytes=max_document_bytes,
+                histogram=histogram,
+                encoding=s.encoding,
+                max_document_bytes=s.max_document_bytes,
             ),
             Features(
                 {
                     "text": Value("string"),
-                    **({"where": Value("string")} if chat or web else {}),
+                    **({"where": Value("string")} if run.chat is not None or web else {}),
                 }
             ),
             work,
             "documents",
         )
-    skipped: dict = {}
-    for f in files:
-        for reason, n in f.skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    read_stats["skipped"] = dict(sorted(skipped.items()))
+    read_stats["skipped"] = _sum_counts(f.skipped for f in files)
     split = sum(f.documents_split for f in files)
     if split:
         read_stats["documents_split"] = split
         read_stats["pieces"] = sum(f.pieces for f in files)
-    records: dict = {}
-    for f in files:
-        for reason, n in f.records_skipped.items():
-            records[reason] = records.get(reason, 0) + n
+    records = _sum_counts(f.records_skipped for f in files)
     if records:
-        read_stats["records_skipped"] = dict(sorted(records.items()))
-    stats = [StageStats.of(s) for s in stages]
+        read_stats["records_skipped"] = records
+    return raw, read_stats, histogram
+
+
+def _sum_counts(counts) -> dict:
+    total: dict = {}
+    for c in counts:
+        for reason, n in c.items():
+            total[reason] = total.get(reason, 0) + n
+    return dict(sorted(total.items()))
+
+
+def _read_and_clean(
+    run: _Run, *, work: Path, dropped_path: Path | None, documents_dir: Path
+) -> tuple[object, dict]:
+    """Steps 1-2: read the inputs (:func:`_read`), run the cleaning steps over them
+    (:func:`llmkit.data.config.build_steps` under :func:`llmkit.data.executor.run_pipeline`),
+    save the kept documents at ``documents_dir``; returns them (memory-mapped) and the
+    counts of both steps.
+
+    ``work`` holds the intermediate arrow files. With ``keep_dropped`` each dropped document
+    is written to ``dropped_path`` (JSON lines: stage, reason, text as the stage received it),
+    in document order; a dropped conversation as its ``where`` (``file:line``) and
+    ``messages`` as the stage received them.
+    """
+    from datasets import load_from_disk
+
+    from llmkit.data.config import build_steps
+    from llmkit.data.executor import run_pipeline
+    from llmkit.data.steps.base import DroppedWriter, merge_dropped
+
+    files, report, chat = run.files, run.report, run.chat is not None
+    raw, read_stats, read_lengths = _read(run, work)
+    skipped = read_stats["skipped"]
+    split = read_stats.get("documents_split", 0)
+    kept_lengths = LengthHistogram()
+    stats: list[StageStats] = []  # of the cleaning steps, once they ran
 
     def nothing_left() -> UserError:
         what = "conversations" if chat else "documents"
@@ -869,62 +432,31 @@ def _read_and_clean(
     if len(raw) == 0:
         raise nothing_left()
 
-    procs = _procs_for(num_proc, read_stats["bytes_out"], len(raw))
-    names = ", ".join(s.name for s in stages)
-    with report.task(f"clean: {names} (documents)", total=len(raw)) as advance:
-        cleaned = _clean_map(
-            raw, stages, keep_text=keep_dropped, procs=procs, work=work, advance=advance
-        )
-
-    # In document order: admit at the dedup stages, add up the counts, write the dropped.
-    histograms = {"read": LengthHistogram(), "kept": LengthHistogram()}
-    kept = np.zeros(len(cleaned), dtype=bool)
-    columns = [c for c in cleaned.column_names if keep_dropped or c != "text"]
-    dropped_file = open(dropped_path, "w", encoding="utf-8") if keep_dropped else None
-    try:
-        with report.task("deduplicate and count (documents)", total=len(cleaned)) as advance:
-            start = 0
-            for batch in cleaned.select_columns(columns).iter(batch_size=BATCH_DOCUMENTS):
-                n = len(batch["sizes"])
-                for j in range(n):
-                    row = {c: batch[c][j] for c in columns}
-                    histograms["read"].add(row["sizes"][0])
-                    stop, reason, corpus_counts = admit_document(row, stages)
-                    count_document(row, stop, reason, corpus_counts, stats)
-                    if stop == len(stages):
-                        kept[start + j] = True
-                        histograms["kept"].add(row["n_bytes"])
-                    elif dropped_file is not None:
-                        record = {"stage": stages[stop].name, "reason": reason}
-                        if chat:
-                            record["where"] = row["where"]
-                            record["messages"] = json.loads(received_text(row, stop))
-                        else:
-                            if row.get("where"):
-                                record["url"] = row["where"]
-                            record["text"] = received_text(row, stop)
-                        dropped_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-                start += n
-                advance(n)
-    finally:
-        if dropped_file is not None:
-            dropped_file.close()
-    n_kept = int(kept.sum())
+    procs = _procs_for(run.num_proc, read_stats["bytes_out"], len(raw))
+    writer = DroppedWriter(work / "dropped") if dropped_path is not None else None
+    steps = build_steps(run.cfg, writer)
+    cleaned, _ = run_pipeline(
+        steps, raw, chat=chat, procs=procs, work=work / "clean", task=report.task
+    )
+    stats = [step.stats for step in steps if step.stats is not None]
+    if dropped_path is not None:
+        merge_dropped(work / "dropped", dropped_path)
+    n_bytes = cleaned.data.column("n_bytes").to_numpy()
+    kept_lengths.add_all(n_bytes)
+    n_kept = len(cleaned)
     if n_kept == 0:
         raise nothing_left()
     with report.task("save the cleaned documents"):
-        docs = cleaned.select(
-            np.flatnonzero(kept), indices_cache_file_name=str(work / "kept-indices.arrow")
-        ).select_columns(["text", "n_bytes", *(["where"] if chat else [])])
+        docs = cleaned.select_columns(["text", "n_bytes", *(["where"] if chat else [])])
         docs.save_to_disk(str(documents_dir))
     del raw, cleaned, docs
     summary = (
-        f"read {len(files)} {'input(s)' if hub else 'file(s)'}, {read_stats['bytes_in']:,} "
+        f"read {len(files)} {'input(s)' if run.hub else 'file(s)'}, {read_stats['bytes_in']:,} "
         f"bytes: {read_stats['documents_out']:,} {'conversations' if chat else 'documents'}, "
         f"{n_kept:,} kept ({_drops(stats)})"
         + (f"; skipped input lines: {_fmt_counts(skipped)}" if skipped else "")
         + (
-            f"; {split:,} document(s) over {max_document_bytes:,} bytes cut into "
+            f"; {split:,} document(s) over {run.settings.max_document_bytes:,} bytes cut into "
             f"{read_stats['pieces']:,} pieces"
             if split
             else ""
@@ -936,8 +468,8 @@ def _read_and_clean(
         "stages": {"read": read_stats, **{st.name: st.as_dict() for st in stats}},
         "length_histogram": {
             "bin_edges_bytes": LENGTH_BINS.tolist(),
-            "read": histograms["read"].as_list(),
-            "kept": histograms["kept"].as_list(),
+            "read": read_lengths.as_list(),
+            "kept": kept_lengths.as_list(),
         },
         "warnings": [
             f"{f.path}: skipped {_fmt_counts(f.skipped)} (first: {f.first_error})"
@@ -948,42 +480,6 @@ def _read_and_clean(
         "documents": n_kept,
     }
     return load_from_disk(str(documents_dir)), info
-
-
-def _block_rows(
-    encoded, packer: Packer, advance: Callable, batch_size: int = BATCH_DOCUMENTS
-) -> Iterator[dict]:
-    """Rows ``{"input_ids"}`` of full blocks of an encoded split (documents in order)."""
-    import pyarrow.compute as pc
-
-    for table in encoded.with_format("arrow").iter(batch_size=batch_size):
-        flat = pc.list_flatten(table.column("input_ids")).to_numpy()
-        for block in packer.add_tokens(flat):
-            yield {"input_ids": block}
-        advance(table.num_rows)
-
-
-@contextmanager
-def _tokenizers_single_threaded() -> Iterator[None]:
-    """``TOKENIZERS_PARALLELISM=false`` for the duration (restored after): set before forking
-    worker processes, each with a pickled tokenizer running one thread, so that `tokenizers`
-    does not warn about a fork after its thread pool started."""
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
-
-
-def batch_rows(max_document_bytes: int) -> int:
-    """Documents per batch when the longest is ``max_document_bytes`` long:
-    :data:`BATCH_DOCUMENTS`, or fewer so that a batch holds about :data:`BATCH_BYTES` of text
-    at most (never fewer than 1)."""
-    return max(1, min(BATCH_DOCUMENTS, BATCH_BYTES // max(1, int(max_document_bytes))))
 
 
 def _encode_split(
@@ -1031,84 +527,7 @@ def _encode_split(
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat data: tokenizer text, encode with labels, pack whole conversations.
-
-
-def chat_training_text(messages: Sequence[dict[str, str]]) -> str:
-    """What a byte-level BPE trained for chat data learns from one conversation: each message
-    as ``role\n content\n`` — the text ChatML writes between its marker tokens (which are
-    special tokens of the tokenizer, never merged with text)."""
-    return "".join(f"{m['role']}\n{m['content']}\n" for m in messages)
-
-
-def _render_reason(message: str) -> str:
-    """The manifest's reason for a conversation the chat template could not render."""
-    if "special token" in message:
-        return "special token in text"
-    if "refused" in message:
-        return "template refused"
-    if "consistently" in message or "cannot be located" in message:
-        return "template inconsistent"
-    if "starts with an assistant" in message:
-        return "assistant first"
-    return "render failed"
-
-
-def encode_chat_batch(
-    conversations: Sequence[str], wheres: Sequence[str], tokenizer, *, train_on: str
-) -> dict[str, list]:
-    """Render and tokenize a batch of conversations with their labels (the encode step).
-
-    Each conversation (its JSON list of messages) is rendered with the tokenizer's chat
-    template and its trained character spans found (:func:`llmkit.data.sft.answer_spans`, one
-    at a time, so that one bad conversation does not stop the others); the renderings are then
-    tokenized in one batched call (:func:`llmkit.data.sft.tokenize_with_labels`).
-
-    Args:
-        conversations: N conversations, each a JSON list of ``{"role", "content"}``.
-        wheres: their places (``file:line``) for error messages.
-        tokenizer: a fast tokenizer with a chat template.
-        train_on: ``"assistant"`` (labels on the answers and their end-of-turn token only) or
-            ``"all"``.
-
-    Returns:
-        Columns of N rows: ``input_ids`` and ``labels`` (lists of ints of equal length; empty
-        for a conversation that failed), ``error`` and ``hint`` (None, or the UserError's
-        message and hint of a conversation that failed to render).
-    """
-    from llmkit.data.sft import answer_spans, tokenize_with_labels
-
-    texts: list[str] = []
-    spans: list[list[tuple[int, int]]] = []
-    errors: list[str | None] = []
-    hints: list[str | None] = []
-    for conversation, where in zip(conversations, wheres, strict=True):
-        try:
-            text, found = answer_spans(
-                tokenizer, json.loads(conversation), train_on=train_on, where=where
-            )
-        except UserError as err:
-            errors.append(err.message)
-            hints.append(err.hint)
-            continue
-        texts.append(text)
-        spans.append(found)
-        errors.append(None)
-        hints.append(None)
-    ids, labels = tokenize_with_labels(tokenizer, texts, spans)
-    encoded = iter(zip(ids, labels, strict=True))
-    out_ids: list[list[int]] = []
-    out_labels: list[list[int]] = []
-    for error in errors:
-        row_ids, row_labels = ([], []) if error is not None else next(encoded)
-        out_ids.append(row_ids)
-        out_labels.append(row_labels)
-    return {"input_ids": out_ids, "labels": out_labels, "error": errors, "hint": hints}
-
-
-def _encode_chat_for_map(batch: dict, tokenizer, train_on: str) -> dict:
-    """``datasets.map`` form of :func:`encode_chat_batch` (top level, so that it pickles)."""
-    return encode_chat_batch(batch["text"], batch["where"], tokenizer, train_on=train_on)
+# Encode a split of conversations on worker processes.
 
 
 def _encode_chat_split(docs, tokenizer, *, train_on, num_proc, n_bytes, name, advance, cache):
@@ -1123,6 +542,8 @@ def _encode_chat_split(docs, tokenizer, *, train_on, num_proc, n_bytes, name, ad
             "labels": List(Value("int32")),
             "error": Value("string"),
             "hint": Value("string"),
+            "reason": Value("string"),
+            "located": Value("string"),
         }
     )
     common = dict(
@@ -1143,281 +564,6 @@ def _encode_chat_split(docs, tokenizer, *, train_on, num_proc, n_bytes, name, ad
         encoded = docs.map(_encode_chat_for_map, num_proc=procs, **common)
     advance(len(docs))
     return encoded
-
-
-def _sft_rows(
-    encoded, packer: SFTPacker, *, on_error: str, skipped: dict, first: list, advance
-) -> Iterator[dict]:
-    """Rows ``{"input_ids", "labels", "position_ids"}`` of the packed conversations of an
-    encoded split, in order. A conversation that failed to render stops the run
-    (``on_error="fail"``: the first one in order, so the error does not depend on
-    ``num_proc``) or is counted in ``skipped`` by reason (``"skip"``; its message in
-    ``first`` when it is the first)."""
-
-    def rows_of(block: dict) -> Iterator[dict]:
-        for i in range(len(block["input_ids"])):
-            yield {k: block[k][i] for k in ("input_ids", "labels", "position_ids")}
-
-    for batch in encoded.iter(batch_size=BATCH_DOCUMENTS):
-        conversations = []
-        for ids, labels, error, hint in zip(
-            batch["input_ids"], batch["labels"], batch["error"], batch["hint"], strict=True
-        ):
-            if error is not None:
-                if on_error != "skip":
-                    raise UserError(error, hint)
-                reason = _render_reason(error)
-                skipped[reason] = skipped.get(reason, 0) + 1
-                if not first:
-                    first.append(error)
-                continue
-            conversations.append((ids, labels))
-        yield from rows_of(packer.add(conversations))
-        advance(len(batch["error"]))
-    yield from rows_of(packer.flush())
-
-
-def _build_chat(
-    split_docs: dict,
-    split_bytes: dict,
-    tmp: Path,
-    report: _Report,
-    *,
-    tok,
-    vocab_size: int,
-    tokenizer_path: str | None,
-    block_size: int,
-    num_proc: int,
-    on_error: str,
-    cfg: dict,
-    warnings: list[str],
-    template: str,
-    train_on: str,
-    overlong: str,
-    resolved: str | None = None,
-    added_tokens: Sequence[str] = (),
-) -> dict:
-    """Steps 4–6 for chat data; returns the manifest's ``splits``, ``tokenizer``, ``chat`` and
-    ``warnings``.
-
-    4. tokenizer: a byte-level BPE trained on the train conversations
-       (:func:`chat_training_text`) holding ChatML's marker tokens, with the ChatML template;
-       or the pretrained ``tok``, whose template :func:`prepare` already chose (``resolved``,
-       and the marker tokens it had to add, ``added_tokens``). Saved with its template.
-    5. encode: :func:`encode_chat_batch`, labels on the answers (``train_on``).
-    6. pack: :class:`llmkit.data.pack.SFTPacker` per split, whole conversations per row,
-       ``overlong`` ones truncated or dropped.
-    """
-    from datasets import Features, List, Value
-
-    from llmkit.data.config import WEB_FILTERS
-    from llmkit.data.sft import CHATML, end_of_turn_token, ensure_chat_template
-
-    work = tmp / ".cache"
-    if tok is None:
-        from llmkit.data.tokenizer import train_bpe_tokenizer
-
-        train_docs = split_docs["train"]
-        with report.task("train tokenizer (conversations)", total=len(train_docs)) as advance:
-
-            def texts() -> Iterator[list[str]]:
-                for batch in train_docs.iter(batch_size=BATCH_DOCUMENTS):
-                    yield [chat_training_text(json.loads(c)) for c in batch["text"]]
-                    advance(len(batch["text"]))
-
-            tok = train_bpe_tokenizer(
-                texts(),
-                vocab_size,
-                length=len(train_docs),
-                extra_special_tokens=CHATML.special_tokens,
-            )
-        resolved = ensure_chat_template(tok, CHATML.name if template == "auto" else template)
-        report.log(
-            f"trained a byte-level BPE tokenizer: {len(tok):,} tokens (with "
-            f"{', '.join(CHATML.special_tokens)})"
-        )
-    else:
-        report.log(f"tokenizer {tokenizer_path}: {len(tok):,} tokens")
-        if added_tokens:
-            warnings.append(
-                f"the {resolved} template's tokens {', '.join(added_tokens)} were added to the "
-                f"vocabulary ({len(tok):,} tokens now): the model's embeddings grow by "
-                f"{len(added_tokens)} untrained rows (llmkit train resizes them)"
-            )
-    tok.save_pretrained(str(tmp))  # with its chat_template: train and chat use the same one
-    end_of_turn = end_of_turn_token(tok)
-    report.log(
-        f"chat template: {resolved}"
-        + (" (the tokenizer's own)" if resolved == "tokenizer" else "")
-        + f", end of turn {end_of_turn!r}, loss on "
-        + ("the assistant's answers" if train_on == "assistant" else "every token")
-    )
-    web = [name for name in WEB_FILTERS if cfg["filters"][name]["enabled"]]
-    if web:
-        warnings.append(
-            f"{', '.join(web)} (written for web pages) judged whole conversations and may drop "
-            "short chats; C4's line removal is not applied to conversations"
-        )
-
-    features = Features({k: List(Value("int32")) for k in ("input_ids", "labels", "position_ids")})
-    splits: dict[str, dict] = {}
-    for name in SPLITS:
-        sdocs = split_docs[name]
-        with report.task(f"render and tokenize {name} (conversations)", total=len(sdocs)) as adv:
-            encoded = _encode_chat_split(
-                sdocs,
-                tok,
-                train_on=train_on,
-                num_proc=num_proc,
-                n_bytes=split_bytes[name],
-                name=name,
-                advance=adv,
-                cache=work,
-            )
-        packer = SFTPacker(block_size, pad_token_id=tok.pad_token_id, overlong=overlong)
-        skipped: dict[str, int] = {}
-        first: list[str] = []
-        with report.task(f"pack {name} (conversations)", total=len(sdocs)) as adv:
-            rows = _from_generator(
-                lambda enc=encoded, p=packer, sk=skipped, fi=first, a=adv: _sft_rows(
-                    enc, p, on_error=on_error, skipped=sk, first=fi, advance=a
-                ),
-                features,
-                work,
-                f"chat-rows-{name}",
-            )
-        stats = packer.stats()
-        written = stats["conversations"] - stats["dropped"] - stats["no_answer"]
-        splits[name] = {
-            "documents": len(sdocs),
-            "conversations": len(sdocs),
-            "bytes": split_bytes[name],
-            "tokens": stats["tokens"],
-            "blocks": stats["rows"],
-            "answer_tokens": stats["answer_tokens"],
-            "conversations_written": written,
-            "skipped": dict(sorted(skipped.items())),
-            "packing": stats,
-        }
-        if skipped:
-            warnings.append(
-                f"{name}: skipped {_fmt_counts(skipped)} conversation(s) (first: {first[0]})"
-            )
-        if stats["truncated"] or stats["dropped"]:
-            what = "truncated" if overlong == "truncate" else "dropped"
-            warnings.append(
-                f"{name}: {stats['truncated'] + stats['dropped']:,} conversation(s) longer than "
-                f"--block-size {block_size} were {what}"
-            )
-        if stats["no_answer"]:
-            warnings.append(
-                f"{name}: {stats['no_answer']:,} conversation(s) left no answer token to train "
-                "on and were not written"
-            )
-        if name == "train" and stats["rows"] == 0:
-            raise UserError(
-                f"no training conversation left to write ({stats['conversations']:,} packed: "
-                f"{stats['dropped']:,} longer than --block-size {block_size}, "
-                f"{stats['no_answer']:,} without an answer token"
-                + (f"; skipped {_fmt_counts(skipped)}" if skipped else "")
-                + ")",
-                "raise --block-size"
-                + (", use --overlong truncate" if overlong == "drop" else "")
-                + ", or check the conversations",
-            )
-        rows.save_to_disk(str(tmp / name), num_shards=1 if len(rows) == 0 else None)
-        report.log(
-            f"{name}: {written:,} conversations, {stats['tokens']:,} tokens "
-            f"({stats['answer_tokens']:,} trained) -> {stats['rows']:,} rows of {block_size} "
-            f"({stats['pad_tokens']:,} padding)"
-        )
-        del encoded, rows
-    for warning in warnings:
-        report.log(f"[yellow]warning:[/yellow] {warning}")
-    return {
-        "splits": splits,
-        "tokenizer": {
-            "trained": tokenizer_path is None,
-            "path": tokenizer_path,
-            "type": "byte-level BPE" if tokenizer_path is None else type(tok).__name__,
-            "vocab_size": len(tok),
-            "eos_token_id": tok.eos_token_id,
-            "bos_token_id": tok.bos_token_id,
-            "pad_token_id": tok.pad_token_id,
-            "chat_template": resolved,
-            "end_of_turn": end_of_turn,
-            "added_tokens": list(added_tokens),
-        },
-        "chat": {
-            "template": resolved,
-            "end_of_turn": end_of_turn,
-            "train_on": train_on,
-            "overlong": overlong,
-            "columns": ["input_ids", "labels", "position_ids"],
-            "cleaning": (
-                "normalize and pii on each message's content; filters and de-duplication on "
-                "the conversation as text ('role: content' per message); near-duplicate "
-                "removal off unless asked (dedup.near)"
-            ),
-        },
-        "warnings": warnings,
-    }
-
-
-def load_pretrained_tokenizer(name: str, *, trust_remote_code: bool = False):
-    """A pretrained tokenizer: a directory (or Hub id, online) as
-    :func:`llmkit.data.tokenizer.load_tokenizer`, or a ``.gguf`` model file.
-
-    A ``.gguf`` file's tokenizer is taken from the directory where
-    :mod:`llmkit.generation.loading` cached its conversion (:func:`llmkit.data.cache.
-    gguf_cache_dir`) when there is one, else read from the GGUF's metadata by transformers
-    (``gguf_file=``; about 20 s for SmolLM2's 49k-token vocabulary here).
-
-    ``trust_remote_code``: see :func:`llmkit.data.tokenizer.load_tokenizer` (False: a
-    tokenizer that needs its own Python code is refused, never run).
-
-    Raises:
-        UserError: nothing loadable at ``name``; a ``.gguf`` without the gguf package; a
-            tokenizer that needs its own code without ``trust_remote_code``.
-    """
-    import importlib.util
-
-    from llmkit.data.cache import gguf_cache_dir
-    from llmkit.data.tokenizer import load_tokenizer
-
-    path = Path(name).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        cached = gguf_cache_dir(path)
-        if cached is not None and (cached / "tokenizer.json").is_file():
-            return load_tokenizer(cached, trust_remote_code=trust_remote_code)
-        if importlib.util.find_spec("gguf") is None:
-            raise UserError(
-                f"{name} is a GGUF file and the gguf package is not installed",
-                "pip install 'llmkit[gguf]' (or pip install gguf)",
-            )
-        return load_tokenizer(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
-    return load_tokenizer(name, trust_remote_code=trust_remote_code)
-
-
-def _chat_tokenizer(tok, template: str, name: str) -> dict:
-    """Give a pretrained tokenizer its chat template (:func:`llmkit.data.sft.
-    ensure_chat_template`) before anything is read; returns ``{"resolved", "added_tokens"}``.
-
-    Raises:
-        UserError: a slow tokenizer (no character offsets to place the labels); the template
-            asked for cannot be had.
-    """
-    from llmkit.data.sft import ensure_chat_template
-
-    if not getattr(tok, "is_fast", False):
-        raise UserError(
-            f"the tokenizer at {name} is a slow (Python) tokenizer: chat data needs a fast one",
-            "use a tokenizer directory that holds tokenizer.json",
-        )
-    before = set(tok.get_vocab())
-    resolved = ensure_chat_template(tok, template)
-    added = sorted(set(tok.get_vocab()) - before)
-    return {"resolved": resolved, "added_tokens": added}
 
 
 def _ignored_options(
@@ -1482,7 +628,7 @@ def _cleaning_fingerprint(
     encoding: str = DEFAULT_ENCODING,
     max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
 ) -> str:
-    """The fingerprint of what decides the cleaned documents (see :mod:`llmkit.data.cache`)."""
+    """The fingerprint of what decides the cleaned documents (see :mod:`llmkit.core.cache`)."""
     return fingerprint(
         {
             "format": CACHE_FORMAT,
@@ -1534,6 +680,99 @@ def _up_to_date(output: Path, full: str) -> dict | None:
     return manifest
 
 
+def _given(**kwargs) -> dict:
+    """The keyword settings of :func:`prepare` set to something other than their default."""
+    fields = PrepareSettings.model_fields
+    return {k: v for k, v in kwargs.items() if v != fields[k].default}
+
+
+@dataclass
+class _Run:
+    """What :func:`prepare` decided before building anything (:func:`_plan`): the settings,
+    the inputs found, the kind of data, and the cache to use. Every later stage takes it
+    instead of the settings one by one."""
+
+    settings: PrepareSettings
+    output: Path
+    files: list[InputFile]
+    kind: str  # "text" or "chat"
+    cfg: dict  # the cleaning settings for this kind, as the manifest records them
+    num_proc: int
+    report: _Report
+    warnings: list[str]  # found before building (options ignored, the cache)
+    cache: bool
+    chat: dict | None = None  # chat data: template, train_on, overlong (as given or default)
+    tok: object = None  # a pretrained tokenizer, loaded before reading
+    chat_tokenizer: dict = field(default_factory=dict)  # its template: resolved, added_tokens
+    hashes: list[str] | None = None
+    clean_cache: CleanCache | None = None
+
+    @property
+    def hub(self) -> bool:
+        return any(f.kind == "hub" for f in self.files)
+
+    @property
+    def text_field(self) -> str:
+        return "text" if self.settings.text_field is None else self.settings.text_field
+
+    def cleaning_settings(self) -> dict:
+        """What decides the cleaned documents (:func:`_cleaning_fingerprint`)."""
+        from llmkit import __version__
+
+        s, text = self.settings, self.chat is None
+        return dict(
+            version=__version__,
+            kind=self.kind,
+            split_on=s.split_on if text else None,
+            text_field=self.text_field if text else None,
+            on_error=s.on_error,
+            cfg=self.cfg,
+            keep_dropped=s.keep_dropped,
+            encoding=s.encoding if text else DEFAULT_ENCODING,
+            max_document_bytes=s.max_document_bytes if text else None,
+        )
+
+    def later_settings(self) -> dict:
+        """What decides the rest of the output (:func:`_full_fingerprint`)."""
+        s = self.settings
+        return dict(
+            vocab_size=s.vocab_size if s.tokenizer is None else None,
+            tokenizer=tokenizer_identity(s.tokenizer),
+            block_size=s.block_size,
+            val_fraction=s.val_fraction,
+            seed=s.seed,
+            plot=s.plot,
+            chat=dict(self.chat) if self.chat is not None else None,  # as given, not resolved
+        )
+
+    def manifest_settings(self) -> dict:
+        """The manifest's ``settings``: every setting as it was used."""
+        s, chat = self.settings, self.chat
+        text = chat is None
+        return {
+            "format": self.kind,
+            "vocab_size": s.vocab_size if s.tokenizer is None else None,
+            "tokenizer": s.tokenizer,
+            "block_size": s.block_size,
+            "val_fraction": s.val_fraction,
+            "seed": s.seed,
+            "split_on": s.split_on if text else None,
+            "text_field": self.text_field if text else None,
+            "encoding": s.encoding if text else None,
+            "max_document_bytes": s.max_document_bytes if text else None,
+            "chat_template": chat["template"] if chat is not None else None,
+            "train_on": chat["train_on"] if chat is not None else None,
+            "overlong": chat["overlong"] if chat is not None else None,
+            "num_proc": self.num_proc,
+            "on_error": s.on_error,
+            "keep_dropped": s.keep_dropped,
+            "plot": s.plot,
+            "hub_split": s.hub_split if self.hub else None,
+            "normalization": self.cfg["normalize"]["form"],
+            "cleaning": self.cfg,
+        }
+
+
 def prepare(
     inputs: Sequence[str | Path],
     output: str | Path,
@@ -1548,7 +787,7 @@ def prepare(
     overwrite: bool = False,
     num_proc: int | None = None,
     on_error: str = "fail",
-    config: str | Path | dict | None = None,
+    config: str | Path | dict | PrepareSettings | None = None,
     clean: dict | None = None,
     keep_dropped: bool = False,
     plot: bool = True,
@@ -1565,13 +804,13 @@ def prepare(
 ) -> dict:
     """Clean, split, tokenize and pack raw text (or conversations) into a prepared directory.
 
-    Writes the layout of :mod:`llmkit.data.prepared` at ``output``: ``manifest.json``, the
+    Writes the layout of :mod:`llmkit.core.prepared` at ``output``: ``manifest.json``, the
     tokenizer, and ``train/`` and ``validation/`` datasets whose rows are ``block_size`` int32
     token ids. Everything is built in a hidden directory next to ``output`` and renamed into
     place at the end; on any error nothing at ``output`` changes.
 
     With ``cache`` (the default), a run whose ``output`` already holds a manifest with the same
-    fingerprint (same input bytes, settings and llmkit version; :mod:`llmkit.data.cache`) does
+    fingerprint (same input bytes, settings and llmkit version; :mod:`llmkit.core.cache`) does
     nothing and returns that manifest; and the cleaned documents of an earlier run with the
     same inputs and reading and cleaning settings are reused from ``$LLMKIT_CACHE``, so that a
     change of tokenizer, block size, split or seed skips reading and cleaning.
@@ -1599,9 +838,13 @@ def prepare(
             text). The output is the same for any value.
         on_error: ``"fail"`` (default) stops at a binary file, invalid UTF-8, a malformed JSON
             line or a missing field, naming file and line; ``"skip"`` skips and counts them.
-        config: a ``prepare.yaml`` (path) or a dict of cleaning settings
-            (:mod:`llmkit.data.config`): normalization, Gutenberg stripping, filters,
-            deduplication, PII.
+        config: a ``prepare.yaml`` (path) or a dict of settings (:mod:`llmkit.data.config`):
+            the cleaning sections (normalization, Gutenberg stripping, filters,
+            deduplication, PII) and any of the keyword settings here by name; updated by
+            ``clean`` and by the keywords given a value other than their default. Or every
+            setting at once, a :class:`llmkit.data.config.PrepareSettings` (what the CLI
+            builds from defaults < ``--config`` < flags): the keyword settings and ``clean``
+            are then not used.
         clean: cleaning settings that override ``config`` (what the CLI flags set).
         keep_dropped: also write ``dropped.jsonl``: each dropped document with its stage and
             reason, for audit.
@@ -1617,7 +860,7 @@ def prepare(
             :mod:`llmkit.data.sft`). Chat data is cleaned message by message (see
             :mod:`llmkit.data.config`), split by conversation, rendered with a chat template
             and packed whole into rows with ``labels`` and ``position_ids`` (see
-            :mod:`llmkit.data.prepared`).
+            :mod:`llmkit.core.prepared`).
         chat_template: chat data only: ``"auto"`` (the pretrained tokenizer's own template,
             else ChatML), ``"tokenizer"`` (the tokenizer's own; an error when it has none) or
             ``"chatml"`` (:data:`llmkit.data.sft.CHATML`, its marker tokens added to a
@@ -1659,53 +902,50 @@ def prepare(
     """
     from rich.console import Console
 
-    from llmkit import __version__
-
     started = time.perf_counter()
     console = console if console is not None else Console(stderr=True)
-    from llmkit.data.readers import check_max_document_bytes
-
-    chat_flags = {
-        "--chat-template": chat_template,
-        "--train-on": train_on,
-        "--overlong": overlong,
-    }
-    chat_flags_given = [name for name, value in chat_flags.items() if value is not None]
-    text_field_given = text_field is not None
-    text_field = "text" if text_field is None else text_field
-    chat_template = "auto" if chat_template is None else chat_template
-    train_on = "assistant" if train_on is None else train_on
-    overlong = "truncate" if overlong is None else overlong
-    check_max_document_bytes(max_document_bytes)
-    if encoding != "auto":
-        from llmkit.data.readers import _codec_name
-
-        _codec_name(encoding)  # an unknown encoding fails before anything is read
-    _validate_settings(
-        vocab_size=vocab_size,
-        tokenizer=tokenizer,
-        block_size=block_size,
-        val_fraction=val_fraction,
-        split_on=split_on,
-        text_field=text_field,
-        num_proc=num_proc,
-        on_error=on_error,
-        seed=seed,
-        format=format,
-        chat_template=chat_template,
-        train_on=train_on,
-        overlong=overlong,
-    )
-    if num_proc is None:
-        num_proc = default_num_proc()
-    from llmkit.data.config import default_config, load_config, merge, validate
-
-    if isinstance(config, dict):
-        cfg = merge(default_config(), config)
-        cfg = merge(cfg, clean or {})
-        validate(cfg)
+    if isinstance(config, PrepareSettings):
+        settings = config
     else:
-        cfg = load_config(config, clean)
+        given = _given(
+            vocab_size=vocab_size,
+            tokenizer=tokenizer,
+            block_size=block_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            split_on=split_on,
+            text_field=text_field,
+            num_proc=num_proc,
+            on_error=on_error,
+            keep_dropped=keep_dropped,
+            plot=plot,
+            hub_split=hub_split,
+            format=format,
+            chat_template=chat_template,
+            train_on=train_on,
+            overlong=overlong,
+            encoding=encoding,
+            max_document_bytes=max_document_bytes,
+            trust_remote_code=trust_remote_code,
+        )
+        settings = PrepareSettings.load(config, given | ({"cleaning": clean} if clean else {}))
+    run = _plan(inputs, output, settings, _Report(console), cache)
+    done = _up_to_date_output(run)
+    if done is not None:
+        return done
+    _claim_output(run, overwrite)
+    with _building(run.output) as tmp:
+        with _quiet_datasets(), run.report.progress:
+            manifest = _build(run, tmp)
+        manifest = _finish(run, tmp, manifest)
+    _print_summary(console, manifest, run.output, time.perf_counter() - started)
+    return manifest
+
+
+def _plan(inputs, output, settings: PrepareSettings, report: _Report, cache: bool) -> _Run:
+    """Find the inputs, tell text from chat data, and warn about options that do not apply;
+    nothing is read yet."""
+    s = settings
     output = Path(os.path.abspath(output))
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -1713,85 +953,93 @@ def prepare(
         _check_inputs_outside_output(inputs, output)
     except OSError as err:
         raise _output_error(err, output, None, "cannot read") from None
-    files = discover_inputs(inputs, exclude=[output], hub_split=hub_split)
-    kind = resolve_format(files, format, text_field)
-    early_warnings = _ignored_options(
+    files = discover_inputs(inputs, exclude=[output], hub_split=s.hub_split)
+    text_field = "text" if s.text_field is None else s.text_field
+    kind = resolve_format(files, s.format, text_field)
+    chat_flags = {"--chat-template": s.chat_template, "--train-on": s.train_on}
+    chat_flags["--overlong"] = s.overlong
+    warnings = _ignored_options(
         kind,
-        format,
-        text_field=text_field if text_field_given else None,
-        chat_flags=chat_flags_given,
-        encoding=encoding,
+        s.format,
+        text_field=s.text_field,
+        chat_flags=[name for name, value in chat_flags.items() if value is not None],
+        encoding=s.encoding,
         kinds=[f.kind for f in files],
     )
     chat = None
     if kind == "chat":
-        chat = {"template": chat_template, "train_on": train_on, "overlong": overlong}
-        if isinstance(config, dict):
-            cfg = merge(merge(default_config("chat"), config), clean or {})
-            validate(cfg)
-        else:
-            cfg = load_config(config, clean, kind="chat")
-        if tokenizer is None and chat_template == "tokenizer":
+        chat = {
+            "template": s.chat_template or "auto",
+            "train_on": s.train_on or "assistant",
+            "overlong": s.overlong or "truncate",
+        }
+        if s.tokenizer is None and chat["template"] == "tokenizer":
             raise UserError(
                 "--chat-template tokenizer needs a pretrained tokenizer with its own template",
                 "pass --tokenizer PATH (an instruct model's), or use --chat-template chatml",
             )
-    report = _Report(console)
-    for warning in early_warnings:
+    for warning in warnings:
         report.log(f"[yellow]warning:[/yellow] {warning}")
-    hub = any(f.kind == "hub" for f in files)
-    cleaning_settings = dict(
-        version=__version__,
+    return _Run(
+        settings=s,
+        output=output,
+        files=files,
         kind=kind,
-        split_on=split_on if chat is None else None,
-        text_field=text_field if chat is None else None,
-        on_error=on_error,
-        cfg=cfg,
-        keep_dropped=keep_dropped,
-        encoding=encoding if chat is None else DEFAULT_ENCODING,
-        max_document_bytes=max_document_bytes if chat is None else None,
+        cfg=s.cleaning_for(kind).model_dump(),
+        num_proc=default_num_proc() if s.num_proc is None else s.num_proc,
+        report=report,
+        warnings=warnings,
+        cache=cache,
+        chat=chat,
     )
-    later_settings = dict(
-        vocab_size=vocab_size if tokenizer is None else None,
-        tokenizer=tokenizer_identity(tokenizer),
-        block_size=block_size,
-        val_fraction=val_fraction,
-        seed=seed,
-        plot=plot,
-        chat=dict(chat) if chat is not None else None,  # the settings, not what is resolved
-    )
-    hashes: list[str] | None = None
-    clean_cache: CleanCache | None = None
-    if cache and not hub:
-        max_cache_bytes()  # a bad LLMKIT_CACHE_MAX_GB fails before anything is read
-        with report.progress:
-            hashes = _hash_inputs(files, report)
-        fp_clean = _cleaning_fingerprint(files, hashes, **cleaning_settings)
-        fp_full = _full_fingerprint(fp_clean, **later_settings)
-        done = _up_to_date(output, fp_full)
-        if done is not None:
-            report.log(
-                f"{output} is up to date (same input bytes, settings and llmkit version, "
-                f"fingerprint {fp_full[:12]}): nothing to do"
-            )
-            return done
-        root = cache_root()
-        problem = cache_problem(root) if root is not None else None
-        if problem is not None:
-            early_warnings.append(problem)
-            report.log(f"[yellow]warning:[/yellow] {problem}")
-        elif root is not None:
-            clean_cache = CleanCache(root, fp_clean)
-    try:
-        _check_output(output, overwrite)
-    except OSError as err:
-        raise _output_error(err, output, None, "cannot read") from None
-    tok = None
-    if tokenizer is not None:  # fail before reading the corpus
-        tok = load_pretrained_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
-        if chat is not None:
-            chat.update(_chat_tokenizer(tok, chat_template, tokenizer))
 
+
+def _up_to_date_output(run: _Run) -> dict | None:
+    """With the cache on: hash the inputs; the manifest of an output that is up to date (then
+    there is nothing to do), else None, and the cleaned-documents cache entry to use."""
+    if not run.cache or run.hub:
+        return None
+    max_cache_bytes()  # a bad LLMKIT_CACHE_MAX_GB fails before anything is read
+    with run.report.progress:
+        run.hashes = _hash_inputs(run.files, run.report)
+    fp_clean = _cleaning_fingerprint(run.files, run.hashes, **run.cleaning_settings())
+    fp_full = _full_fingerprint(fp_clean, **run.later_settings())
+    done = _up_to_date(run.output, fp_full)
+    if done is not None:
+        run.report.log(
+            f"{run.output} is up to date (same input bytes, settings and llmkit version, "
+            f"fingerprint {fp_full[:12]}): nothing to do"
+        )
+        return done
+    root = cache_root()
+    problem = cache_problem(root) if root is not None else None
+    if problem is not None:
+        run.warnings.append(problem)
+        run.report.log(f"[yellow]warning:[/yellow] {problem}")
+    elif root is not None:
+        run.clean_cache = CleanCache(root, fp_clean)
+    return None
+
+
+def _claim_output(run: _Run, overwrite: bool) -> None:
+    """Check that the output may be written, and load a pretrained tokenizer (with its chat
+    template): both fail before the corpus is read."""
+    try:
+        _check_output(run.output, overwrite)
+    except OSError as err:
+        raise _output_error(err, run.output, None, "cannot read") from None
+    name = run.settings.tokenizer
+    if name is not None:
+        run.tok = load_pretrained_tokenizer(name, trust_remote_code=run.settings.trust_remote_code)
+        if run.chat is not None:
+            run.chat_tokenizer = _chat_tokenizer(run.tok, run.chat["template"], name)
+
+
+@contextmanager
+def _building(output: Path) -> Iterator[Path]:
+    """A hidden temporary directory next to ``output``, renamed into place when the block
+    ends; on any error it is removed (with the parents it created) and ``output`` is as it
+    was. An OS error about the output becomes one UserError."""
     created_parents = _missing_parents(output)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
@@ -1802,59 +1050,7 @@ def prepare(
         _remove_dirs(created_parents)
         raise _output_error(err, output, tmp, "cannot create") from None
     try:
-        with _quiet_datasets(), report.progress:
-            manifest = _build(
-                files,
-                tmp,
-                report,
-                tok=tok,
-                vocab_size=vocab_size,
-                tokenizer_path=tokenizer,
-                block_size=block_size,
-                val_fraction=val_fraction,
-                seed=seed,
-                split_on=split_on,
-                text_field=text_field,
-                num_proc=num_proc,
-                on_error=on_error,
-                cfg=cfg,
-                keep_dropped=keep_dropped,
-                clean_cache=clean_cache,
-                cache=cache,
-                hashes=hashes,
-                hub=hub,
-                hub_split=hub_split,
-                plot=plot,
-                chat=chat,
-                encoding=encoding,
-                max_document_bytes=max_document_bytes,
-            )
-        if early_warnings:
-            manifest["warnings"] = [*early_warnings, *manifest.get("warnings", [])]
-        fingerprints = None
-        read_hashes = [entry.get("sha256") for entry in manifest["inputs"]]
-        if not hub and (hashes is None or read_hashes == hashes):
-            fp_clean = _cleaning_fingerprint(files, read_hashes, **cleaning_settings)
-            fingerprints = {
-                "cleaning": fp_clean,
-                "full": _full_fingerprint(fp_clean, **later_settings),
-            }
-        manifest = {
-            "llmkit_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "fingerprint": fingerprints,
-            **manifest,
-        }
-        # So that datasets.load_from_disk(OUTPUT) gives a DatasetDict (DatasetDict's format).
-        (tmp / DATASET_DICT).write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
-        if plot:
-            from llmkit.data.report import plot_lengths
-
-            plot_lengths(manifest["length_histogram"], tmp / "lengths.png")
-        written = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
-        manifest["files"] = sorted([*written, MANIFEST])
-        manifest = json.loads(json.dumps(manifest))  # what a reader gets back (str keys)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        yield tmp
         _move_into_place(tmp, output)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1864,65 +1060,120 @@ def prepare(
             if os_err is not None and _concerns_output(os_err, output, tmp):
                 raise _output_error(os_err, output, tmp) from None
         raise
-    _print_summary(console, manifest, output, time.perf_counter() - started)
+
+
+def _build(run: _Run, tmp: Path) -> dict:
+    """The named stages into ``tmp``, the same for documents and conversations (which differ
+    only in their tokenizer, encode and pack: :class:`_TextData`, :class:`_ChatData`);
+    returns the manifest without version, time, fingerprint and files."""
+    data = _ChatData(run) if run.chat is not None else _TextData(run)
+    work = tmp / ".cache"
+    docs, info, cache_entry = _cleaned_documents(run, tmp)  # 1-2. read and clean
+    warnings: list[str] = list(info["warnings"])
+    split_docs, split_bytes, rows = _split(run, docs, work, warnings)  # 3. split
+    tok = data.tokenizer(split_docs["train"], rows, tmp, warnings)  # 4. tokenizer
+    splits = {}
+    for name in SPLITS:  # 5-6. encode and pack each split
+        blocks, splits[name] = data.encode_and_pack(
+            tok, name, split_docs[name], split_bytes[name], rows, work, warnings
+        )
+        # An empty split still gets one (empty) shard, or load_from_disk cannot read it back.
+        blocks.save_to_disk(str(tmp / name), num_shards=1 if len(blocks) == 0 else None)
+        run.report.log(data.describe(name, splits[name]))
+        del blocks
+    for warning in warnings:
+        run.report.log(f"[yellow]warning:[/yellow] {warning}")
+    del docs, split_docs  # release the memory-mapped cache files
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "inputs": info["inputs"],
+        "settings": run.manifest_settings(),
+        "cache": cache_entry,
+        "stages": info["stages"],
+        "length_histogram": info["length_histogram"],
+        "splits": splits,
+        "tokenizer": data.tokenizer_entry(tok),
+        **data.extra(info),
+        "warnings": warnings,
+    }
+
+
+def _split(run: _Run, docs, work: Path, warnings: list[str]) -> tuple[dict, dict, int]:
+    """Whole documents (or conversations) to train and validation (:func:`split_indices`):
+    ``(documents by split, UTF-8 bytes by split, documents per batch from here on)``."""
+    s = run.settings
+    n_bytes = docs.data.column("n_bytes").to_numpy()
+    rows = batch_rows(int(n_bytes.max()) if len(n_bytes) else 1)
+    train_idx, val_idx = split_indices(len(docs), s.val_fraction, s.seed)
+    split_docs = {
+        name: docs.select(idx, indices_cache_file_name=str(work / f"indices-{name}.arrow"))
+        for name, idx in (("train", train_idx), ("validation", val_idx))
+    }
+    split_bytes = {
+        "train": int(n_bytes[train_idx].sum()),
+        "validation": int(n_bytes[val_idx].sum()),
+    }
+    unit = "conversation" if run.chat is not None else "document"
+    run.report.log(
+        f"split by {unit} (seed {s.seed}): {len(train_idx):,} train, {len(val_idx):,} validation"
+    )
+    if s.val_fraction > 0 and len(val_idx) == 0:
+        warnings.append(f"only one {unit}: the validation split is empty")
+    return split_docs, split_bytes, rows
+
+
+def _finish(run: _Run, tmp: Path, manifest: dict) -> dict:
+    """Complete the manifest (version, time, fingerprints, warnings found before building,
+    files) and write it with ``dataset_dict.json`` and ``lengths.png`` into ``tmp``."""
+    from llmkit import __version__
+
+    if run.warnings:
+        manifest["warnings"] = [*run.warnings, *manifest.get("warnings", [])]
+    fingerprints = None
+    read_hashes = [entry.get("sha256") for entry in manifest["inputs"]]
+    if not run.hub and (run.hashes is None or read_hashes == run.hashes):
+        fp_clean = _cleaning_fingerprint(run.files, read_hashes, **run.cleaning_settings())
+        fingerprints = {
+            "cleaning": fp_clean,
+            "full": _full_fingerprint(fp_clean, **run.later_settings()),
+        }
+    manifest = {
+        "llmkit_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": fingerprints,
+        **manifest,
+    }
+    # So that datasets.load_from_disk(OUTPUT) gives a DatasetDict (DatasetDict's format).
+    (tmp / DATASET_DICT).write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
+    if run.settings.plot:
+        from llmkit.data.report import plot_lengths
+
+        plot_lengths(manifest["length_histogram"], tmp / "lengths.png")
+    written = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
+    manifest["files"] = sorted([*written, MANIFEST])
+    manifest = json.loads(json.dumps(manifest))  # what a reader gets back (str keys)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
 
-def _cleaned_documents(
-    files: list[InputFile],
-    tmp: Path,
-    report: _Report,
-    *,
-    clean_cache: CleanCache | None,
-    cache: bool,
-    hashes: list[str] | None,
-    hub: bool,
-    keep_dropped: bool,
-    **read_and_clean,
-) -> tuple[object, dict, dict]:
+def _cleaned_documents(run: _Run, tmp: Path) -> tuple[object, dict, dict]:
     """Steps 1-2, or their result from the cache: ``(documents, info, cache_entry)``.
 
     ``cache_entry`` is the manifest's ``cache``: ``used`` (the cleaned documents came from
     the cache), ``stored`` (they were stored there), ``path``, and ``note`` when neither.
     """
     dropped = tmp / DROPPED
-    if clean_cache is not None:
-        found = clean_cache.load()
-        if found is not None and keep_dropped and not (clean_cache.path / DROPPED).is_file():
-            found = None  # an entry damaged by hand: read and clean again
-        if found is not None:
-            docs, info = found
-            if keep_dropped:
-                shutil.copyfile(clean_cache.path / DROPPED, dropped)
-            for entry, f in zip(info["inputs"], files, strict=True):
-                entry["path"] = str(f.path)
-            report.log(f"{info['summary']}; reused from the cache {clean_cache.path}")
-            return docs, info, {"used": True, "stored": False, "path": str(clean_cache.path)}
+    found = _from_cache(run, dropped)
+    if found is not None:
+        return found
     work = tmp / ".cache"
-    entry: Path | None = None
-    note = None
-    if clean_cache is not None:
-        try:
-            entry = clean_cache.new_entry()
-        except OSError as err:
-            note = f"cannot write the cache {clean_cache.root}: {err.strerror or err}"
-            report.log(f"[yellow]warning:[/yellow] {note}: the cleaned documents are not cached")
-    elif hub:
-        note = "Hub datasets are not cached"
-    elif not cache:
-        note = "off (--no-cache)"
-    else:
-        root = cache_root()
-        note = "off (LLMKIT_CACHE=off)" if root is None else (cache_problem(root) or "off")
+    entry, note = _new_cache_entry(run)
     try:
         docs, info = _read_and_clean(
-            files,
+            run,
             work=work,
-            report=report,
-            keep_dropped=keep_dropped,
-            dropped_path=dropped if keep_dropped else None,
+            dropped_path=dropped if run.settings.keep_dropped else None,
             documents_dir=(entry / DOCUMENTS) if entry is not None else work / "kept",
-            **read_and_clean,
         )
     except BaseException:
         if entry is not None:
@@ -1930,11 +1181,54 @@ def _cleaned_documents(
         raise
     if entry is None:
         return docs, info, {"used": False, "stored": False, "path": None, "note": note}
-    read_hashes = [f.sha256 for f in files]
+    return _store_in_cache(run, entry, docs, info, dropped, work)
+
+
+def _from_cache(run: _Run, dropped: Path) -> tuple[object, dict, dict] | None:
+    """The cleaned documents of an earlier run with the same fingerprint, or None."""
+    clean_cache, keep_dropped = run.clean_cache, run.settings.keep_dropped
+    if clean_cache is None:
+        return None
+    found = clean_cache.load()
+    if found is None or (keep_dropped and not (clean_cache.path / DROPPED).is_file()):
+        return None  # none, or an entry damaged by hand: read and clean again
+    docs, info = found
+    if keep_dropped:
+        shutil.copyfile(clean_cache.path / DROPPED, dropped)
+    for entry, f in zip(info["inputs"], run.files, strict=True):
+        entry["path"] = str(f.path)
+    run.report.log(f"{info['summary']}; reused from the cache {clean_cache.path}")
+    return docs, info, {"used": True, "stored": False, "path": str(clean_cache.path)}
+
+
+def _new_cache_entry(run: _Run) -> tuple[Path | None, str | None]:
+    """A new cache entry to clean into, or None and why the documents are not cached."""
+    clean_cache = run.clean_cache
+    if clean_cache is not None:
+        try:
+            return clean_cache.new_entry(), None
+        except OSError as err:
+            note = f"cannot write the cache {clean_cache.root}: {err.strerror or err}"
+            run.report.log(
+                f"[yellow]warning:[/yellow] {note}: the cleaned documents are not cached"
+            )
+            return None, note
+    if run.hub:
+        return None, "Hub datasets are not cached"
+    if not run.cache:
+        return None, "off (--no-cache)"
+    root = cache_root()
+    return None, "off (LLMKIT_CACHE=off)" if root is None else (cache_problem(root) or "off")
+
+
+def _store_in_cache(run: _Run, entry: Path, docs, info: dict, dropped: Path, work: Path):
+    """Commit the cache entry the documents were saved in (then evict the least recently
+    used entries over the bound); when it cannot be, keep them in ``work`` instead."""
+    clean_cache, report = run.clean_cache, run.report
     try:
-        if read_hashes != hashes:
+        if [f.sha256 for f in run.files] != run.hashes:
             raise OSError(0, "an input changed while it was read")
-        if keep_dropped:
+        if run.settings.keep_dropped:
             shutil.copyfile(dropped, entry / DROPPED)
         clean_cache.commit(entry, info)
     except OSError as err:
@@ -1956,191 +1250,73 @@ def _cleaned_documents(
     return docs, info, {"used": False, "stored": True, "path": str(clean_cache.path)}
 
 
-def _build(
-    files: list[InputFile],
-    tmp: Path,
-    report: _Report,
-    *,
-    tok,
-    vocab_size: int,
-    tokenizer_path: str | None,
-    block_size: int,
-    val_fraction: float,
-    seed: int,
-    split_on: str,
-    text_field: str,
-    num_proc: int,
-    on_error: str,
-    cfg: dict,
-    keep_dropped: bool,
-    clean_cache: CleanCache | None,
-    cache: bool,
-    hashes: list[str] | None,
-    hub: bool,
-    hub_split: str,
-    plot: bool,
-    chat: dict | None = None,
-    encoding: str = DEFAULT_ENCODING,
-    max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
-) -> dict:
-    """Steps 1–6 into ``tmp``; returns the manifest without version, time and fingerprint.
+class _TextData:
+    """What documents do in steps 4-6: a byte-level BPE trained on the train documents (or
+    the pretrained tokenizer), one EOS after every document, packed into blocks
+    (:class:`llmkit.data.pack.Packer`)."""
 
-    ``chat`` (chat data): ``{"template", "train_on", "overlong"}`` as :func:`prepare` takes
-    them; steps 4–6 are then :func:`_build_chat`'s.
-    """
-    from datasets import Features, List, Value
+    unit = "documents"
 
-    work = tmp / ".cache"
-    kind = "chat" if chat is not None else "text"
+    def __init__(self, run: _Run):
+        self.run = run
 
-    # 1–2. read and clean (or reuse) -> an arrow-backed dataset of documents.
-    docs, info, cache_entry = _cleaned_documents(
-        files,
-        tmp,
-        report,
-        clean_cache=clean_cache,
-        cache=cache,
-        hashes=hashes,
-        hub=hub,
-        keep_dropped=keep_dropped,
-        split_on=split_on,
-        text_field=text_field,
-        on_error=on_error,
-        cfg=cfg,
-        num_proc=num_proc,
-        kind=kind,
-        **(
-            {"encoding": encoding, "max_document_bytes": max_document_bytes} if chat is None else {}
-        ),
-    )
-    warnings: list[str] = list(info["warnings"])
+    def tokenizer(self, train_docs, rows: int, tmp: Path, warnings: list[str]):
+        """Step 4: the tokenizer, saved in ``tmp``."""
+        run = self.run
+        tok = run.tok
+        if tok is None:
+            from llmkit.core.tokenizer import train_bpe_tokenizer
 
-    # 3. split by document.
-    n_bytes = docs.data.column("n_bytes").to_numpy()
-    rows = batch_rows(int(n_bytes.max()) if len(n_bytes) else 1)  # per batch from here on
-    train_idx, val_idx = split_indices(len(docs), val_fraction, seed)
-    split_docs = {
-        name: docs.select(idx, indices_cache_file_name=str(work / f"indices-{name}.arrow"))
-        for name, idx in (("train", train_idx), ("validation", val_idx))
-    }
-    split_bytes = {
-        "train": int(n_bytes[train_idx].sum()),
-        "validation": int(n_bytes[val_idx].sum()),
-    }
-    unit = "conversation" if chat is not None else "document"
-    report.log(
-        f"split by {unit} (seed {seed}): {len(train_idx):,} train, {len(val_idx):,} validation"
-    )
-    if val_fraction > 0 and len(val_idx) == 0:
-        warnings.append(f"only one {unit}: the validation split is empty")
-    settings = {
-        "format": kind,
-        "vocab_size": vocab_size if tokenizer_path is None else None,
-        "tokenizer": tokenizer_path,
-        "block_size": block_size,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "split_on": split_on if chat is None else None,
-        "text_field": text_field if chat is None else None,
-        "encoding": encoding if chat is None else None,
-        "max_document_bytes": max_document_bytes if chat is None else None,
-        "chat_template": chat["template"] if chat is not None else None,
-        "train_on": chat["train_on"] if chat is not None else None,
-        "overlong": chat["overlong"] if chat is not None else None,
-        "num_proc": num_proc,
-        "on_error": on_error,
-        "keep_dropped": keep_dropped,
-        "plot": plot,
-        "hub_split": hub_split if hub else None,
-        "normalization": cfg["normalize"]["form"],
-        "cleaning": cfg,
-    }
-    common = {
-        "inputs": info["inputs"],
-        "settings": settings,
-        "cache": cache_entry,
-        "stages": info["stages"],
-        "length_histogram": info["length_histogram"],
-    }
-    if chat is not None:
-        manifest = _build_chat(
-            split_docs,
-            split_bytes,
-            tmp,
-            report,
-            tok=tok,
-            vocab_size=vocab_size,
-            tokenizer_path=tokenizer_path,
-            block_size=block_size,
-            num_proc=num_proc,
-            on_error=on_error,
-            cfg=cfg,
-            warnings=warnings,
-            **chat,
-        )
-        formats: dict[str, int] = {}
-        for entry in info["inputs"]:
-            for fmt, n in (entry.get("chat_formats") or {}).items():
-                formats[fmt] = formats.get(fmt, 0) + n
-        manifest["chat"]["record_formats"] = dict(sorted(formats.items()))
-        del docs, split_docs  # release the memory-mapped cache files
-        shutil.rmtree(work, ignore_errors=True)
-        return {**common, **manifest}
+            with run.report.task("train tokenizer (documents)", total=len(train_docs)) as adv:
 
-    # 4. tokenizer.
-    if tok is None:
-        from llmkit.data.tokenizer import train_bpe_tokenizer
+                def texts() -> Iterator[list[str]]:
+                    for batch in train_docs.iter(batch_size=rows):
+                        yield batch["text"]
+                        adv(len(batch["text"]))
 
-        train_docs = split_docs["train"]
-        with report.task("train tokenizer (documents)", total=len(train_docs)) as advance:
+                vocab_size = run.settings.vocab_size
+                tok = train_bpe_tokenizer(texts(), vocab_size, length=len(train_docs))
+            run.report.log(f"trained a byte-level BPE tokenizer: {len(tok):,} tokens")
+        else:
+            run.report.log(f"tokenizer {run.settings.tokenizer}: {len(tok):,} tokens")
+        tok.save_pretrained(str(tmp))
+        self.appends_eos = tokenizer_appends_eos(tok)
+        self.adds_bos = False
+        if tok.bos_token_id is not None:
+            probe = _encode_raw(tok, ["a"], True)[0]
+            self.adds_bos = bool(probe) and probe[0] == tok.bos_token_id
+        return tok
 
-            def texts() -> Iterator[list[str]]:
-                for batch in train_docs.iter(batch_size=rows):
-                    yield batch["text"]
-                    advance(len(batch["text"]))
+    def encode_and_pack(self, tok, name, docs, n_bytes, rows, work, warnings):
+        """Steps 5-6 for one split: ``(blocks, the manifest's entry of the split)``."""
+        from datasets import Features, List, Value
 
-            tok = train_bpe_tokenizer(texts(), vocab_size, length=len(train_docs))
-        report.log(f"trained a byte-level BPE tokenizer: {len(tok):,} tokens")
-    else:
-        report.log(f"tokenizer {tokenizer_path}: {len(tok):,} tokens")
-    tok.save_pretrained(str(tmp))
-    eos_token_id = tok.eos_token_id
-    appends_eos = tokenizer_appends_eos(tok)
-    bos_token_id = tok.bos_token_id
-    adds_bos = False
-    if bos_token_id is not None:
-        probe = _encode_raw(tok, ["a"], True)[0]
-        adds_bos = bool(probe) and probe[0] == bos_token_id
-
-    # 5–6. encode and pack each split.
-    block_features = Features({"input_ids": List(Value("int32"))})
-    splits: dict[str, dict] = {}
-    for name in SPLITS:
-        sdocs = split_docs[name]
+        run = self.run
+        block_size = run.settings.block_size
         packer = Packer(block_size)
-        with report.task(f"tokenize {name} (documents)", total=len(sdocs)) as advance:
+        with run.report.task(f"tokenize {name} (documents)", total=len(docs)) as advance:
             encoded = _encode_split(
-                sdocs,
+                docs,
                 tok,
-                eos_token_id=eos_token_id,
-                append_eos=not appends_eos,
-                num_proc=num_proc,
-                n_bytes=split_bytes[name],
+                eos_token_id=tok.eos_token_id,
+                append_eos=not self.appends_eos,
+                num_proc=run.num_proc,
+                n_bytes=n_bytes,
                 name=name,
                 advance=advance,
                 cache=work,
                 batch_size=rows,
             )
-        with report.task(f"pack {name} (documents)", total=len(sdocs)) as advance:
+        with run.report.task(f"pack {name} (documents)", total=len(docs)) as advance:
             blocks = _from_generator(
-                lambda enc=encoded, p=packer, adv=advance: _block_rows(enc, p, adv, rows),
-                block_features,
+                lambda: _block_rows(encoded, packer, advance, rows),
+                Features({"input_ids": List(Value("int32"))}),
                 work,
                 f"blocks-{name}",
             )
-        splits[name] = {
-            "documents": len(sdocs),
-            "bytes": split_bytes[name],
+        entry = {
+            "documents": len(docs),
+            "bytes": n_bytes,
             "tokens": packer.tokens_in,
             "blocks": packer.blocks_out,
             "tail_tokens": packer.tail_tokens,
@@ -2151,38 +1327,237 @@ def _build(
                 f"{block_size}",
                 f"use a smaller --block-size (at most {packer.tokens_in}) or give more text",
             )
-        if name == "validation" and len(sdocs) and packer.blocks_out == 0:
+        if name == "validation" and len(docs) and packer.blocks_out == 0:
             warnings.append(
                 f"the validation split has {packer.tokens_in:,} tokens, fewer than one block of "
                 f"{block_size}: it is empty (use a larger --val-fraction or a smaller "
                 "--block-size)"
             )
-        # An empty split still gets one (empty) shard, or load_from_disk cannot read it back.
-        blocks.save_to_disk(str(tmp / name), num_shards=1 if len(blocks) == 0 else None)
-        report.log(
-            f"{name}: {packer.tokens_in:,} tokens -> {packer.blocks_out:,} blocks of "
-            f"{block_size} (tail {packer.tail_tokens} tokens)"
-        )
-    for warning in warnings:
-        report.log(f"[yellow]warning:[/yellow] {warning}")
+        return blocks, entry
 
-    del docs, split_docs, encoded, blocks  # release the memory-mapped cache files
-    shutil.rmtree(work, ignore_errors=True)
-    return {
-        **common,
-        "splits": splits,
-        "tokenizer": {
-            "trained": tokenizer_path is None,
-            "path": tokenizer_path,
-            "type": "byte-level BPE" if tokenizer_path is None else type(tok).__name__,
+    def describe(self, name: str, entry: dict) -> str:
+        return (
+            f"{name}: {entry['tokens']:,} tokens -> {entry['blocks']:,} blocks of "
+            f"{self.run.settings.block_size} (tail {entry['tail_tokens']} tokens)"
+        )
+
+    def tokenizer_entry(self, tok) -> dict:
+        path = self.run.settings.tokenizer
+        return {
+            "trained": path is None,
+            "path": path,
+            "type": "byte-level BPE" if path is None else type(tok).__name__,
             "vocab_size": len(tok),
-            "eos_token_id": eos_token_id,
-            "bos_token_id": bos_token_id,
-            "adds_bos": adds_bos,
-            "eos_added_by_tokenizer": appends_eos,
-        },
-        "warnings": warnings,
-    }
+            "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "adds_bos": self.adds_bos,
+            "eos_added_by_tokenizer": self.appends_eos,
+        }
+
+    def extra(self, info: dict) -> dict:
+        return {}
+
+
+class _ChatData:
+    """What conversations do in steps 4-6: a byte-level BPE trained on the train
+    conversations (:func:`chat_training_text`) holding ChatML's marker tokens, with the
+    ChatML template, or the pretrained tokenizer whose template :func:`_claim_output` chose;
+    each conversation rendered and labelled (:func:`encode_chat_batch`, loss on the answers
+    with ``train_on="assistant"``), packed whole (:class:`llmkit.data.pack.SFTPacker`,
+    ``overlong`` ones truncated or dropped)."""
+
+    unit = "conversations"
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.resolved = run.chat_tokenizer.get("resolved")
+        self.added_tokens = list(run.chat_tokenizer.get("added_tokens", ()))
+        self.answers_located: dict[str, int] = {}  # how the answers were found, all splits
+
+    def tokenizer(self, train_docs, rows: int, tmp: Path, warnings: list[str]):
+        """Step 4: the tokenizer with its chat template, saved in ``tmp``."""
+        from llmkit.data.config import WEB_FILTERS
+        from llmkit.data.sft import CHATML, end_of_turn_token, ensure_chat_template
+
+        run = self.run
+        template = run.chat["template"]
+        tok = run.tok
+        if tok is None:
+            from llmkit.core.tokenizer import train_bpe_tokenizer
+
+            total = len(train_docs)
+            with run.report.task("train tokenizer (conversations)", total=total) as advance:
+
+                def texts() -> Iterator[list[str]]:
+                    for batch in train_docs.iter(batch_size=BATCH_DOCUMENTS):
+                        yield [chat_training_text(json.loads(c)) for c in batch["text"]]
+                        advance(len(batch["text"]))
+
+                tok = train_bpe_tokenizer(
+                    texts(),
+                    run.settings.vocab_size,
+                    length=total,
+                    extra_special_tokens=CHATML.special_tokens,
+                )
+            self.resolved = ensure_chat_template(
+                tok, CHATML.name if template == "auto" else template
+            )
+            run.report.log(
+                f"trained a byte-level BPE tokenizer: {len(tok):,} tokens (with "
+                f"{', '.join(CHATML.special_tokens)})"
+            )
+        else:
+            run.report.log(f"tokenizer {run.settings.tokenizer}: {len(tok):,} tokens")
+            if self.added_tokens:
+                warnings.append(
+                    f"the {self.resolved} template's tokens {', '.join(self.added_tokens)} were "
+                    f"added to the vocabulary ({len(tok):,} tokens now): the model's embeddings "
+                    f"grow by {len(self.added_tokens)} untrained rows (llmkit train resizes them)"
+                )
+        tok.save_pretrained(str(tmp))  # with its chat_template: train and chat use the same one
+        self.end_of_turn = end_of_turn_token(tok)
+        train_on = run.chat["train_on"]
+        run.report.log(
+            f"chat template: {self.resolved}"
+            + (" (the tokenizer's own)" if self.resolved == "tokenizer" else "")
+            + f", end of turn {self.end_of_turn!r}, loss on "
+            + ("the assistant's answers" if train_on == "assistant" else "every token")
+        )
+        web = [name for name in WEB_FILTERS if run.cfg["filters"][name]["enabled"]]
+        if web:
+            warnings.append(
+                f"{', '.join(web)} (written for web pages) judged whole conversations and may "
+                "drop short chats; C4's line removal is not applied to conversations"
+            )
+        return tok
+
+    def encode_and_pack(self, tok, name, docs, n_bytes, rows, work, warnings):
+        """Steps 5-6 for one split: ``(rows, the manifest's entry of the split)``."""
+        from datasets import Features, List, Value
+
+        run = self.run
+        block_size, overlong = run.settings.block_size, run.chat["overlong"]
+        with run.report.task(f"render and tokenize {name} (conversations)", total=len(docs)) as a:
+            encoded = _encode_chat_split(
+                docs,
+                tok,
+                train_on=run.chat["train_on"],
+                num_proc=run.num_proc,
+                n_bytes=n_bytes,
+                name=name,
+                advance=a,
+                cache=work,
+            )
+        packer = SFTPacker(block_size, pad_token_id=tok.pad_token_id, overlong=overlong)
+        skipped: dict[str, int] = {}
+        first: list[str] = []
+        located: dict[str, int] = {}
+        features = Features(
+            {k: List(Value("int32")) for k in ("input_ids", "labels", "position_ids")}
+        )
+        with run.report.task(f"pack {name} (conversations)", total=len(docs)) as a:
+            packed = _from_generator(
+                lambda: _sft_rows(
+                    encoded,
+                    packer,
+                    on_error=run.settings.on_error,
+                    skipped=skipped,
+                    first=first,
+                    advance=a,
+                    located=located,
+                ),
+                features,
+                work,
+                f"chat-rows-{name}",
+            )
+        stats = packer.stats()
+        written = stats["conversations"] - stats["dropped"] - stats["no_answer"]
+        entry = {
+            "documents": len(docs),
+            "conversations": len(docs),
+            "bytes": n_bytes,
+            "tokens": stats["tokens"],
+            "blocks": stats["rows"],
+            "answer_tokens": stats["answer_tokens"],
+            "conversations_written": written,
+            "skipped": dict(sorted(skipped.items())),
+            "answers_located": dict(sorted(located.items())),
+            "packing": stats,
+        }
+        for rule, n in located.items():  # all splits together, for the manifest's chat section
+            self.answers_located[rule] = self.answers_located.get(rule, 0) + n
+        if skipped:
+            warnings.append(
+                f"{name}: skipped {_fmt_counts(skipped)} conversation(s) (first: {first[0]})"
+            )
+        if stats["truncated"] or stats["dropped"]:
+            what = "truncated" if overlong == "truncate" else "dropped"
+            warnings.append(
+                f"{name}: {stats['truncated'] + stats['dropped']:,} conversation(s) longer than "
+                f"--block-size {block_size} were {what}"
+            )
+        if stats["no_answer"]:
+            warnings.append(
+                f"{name}: {stats['no_answer']:,} conversation(s) left no answer token to train "
+                "on and were not written"
+            )
+        if name == "train" and stats["rows"] == 0:
+            raise UserError(
+                f"no training conversation left to write ({stats['conversations']:,} packed: "
+                f"{stats['dropped']:,} longer than --block-size {block_size}, "
+                f"{stats['no_answer']:,} without an answer token"
+                + (f"; skipped {_fmt_counts(skipped)}" if skipped else "")
+                + ")",
+                "raise --block-size"
+                + (", use --overlong truncate" if overlong == "drop" else "")
+                + ", or check the conversations",
+            )
+        return packed, entry
+
+    def describe(self, name: str, entry: dict) -> str:
+        return (
+            f"{name}: {entry['conversations_written']:,} conversations, {entry['tokens']:,} "
+            f"tokens ({entry['answer_tokens']:,} trained) -> {entry['blocks']:,} rows of "
+            f"{self.run.settings.block_size} ({entry['packing']['pad_tokens']:,} padding)"
+        )
+
+    def tokenizer_entry(self, tok) -> dict:
+        path = self.run.settings.tokenizer
+        return {
+            "trained": path is None,
+            "path": path,
+            "type": "byte-level BPE" if path is None else type(tok).__name__,
+            "vocab_size": len(tok),
+            "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "chat_template": self.resolved,
+            "end_of_turn": self.end_of_turn,
+            "added_tokens": self.added_tokens,
+        }
+
+    def extra(self, info: dict) -> dict:
+        formats: dict[str, int] = {}
+        for entry in info["inputs"]:
+            for fmt, n in (entry.get("chat_formats") or {}).items():
+                formats[fmt] = formats.get(fmt, 0) + n
+        chat = self.run.chat
+        return {
+            "chat": {
+                "template": self.resolved,
+                "end_of_turn": self.end_of_turn,
+                "train_on": chat["train_on"],
+                "answers_located": dict(sorted(self.answers_located.items())),
+                "overlong": chat["overlong"],
+                "columns": ["input_ids", "labels", "position_ids"],
+                "cleaning": (
+                    "normalize and pii on each message's content; filters and de-duplication "
+                    "on the conversation as text ('role: content' per message); near-duplicate "
+                    "removal off unless asked (dedup.near)"
+                ),
+                "record_formats": dict(sorted(formats.items())),
+            }
+        }
 
 
 def _fmt_counts(counts: dict) -> str:

@@ -72,6 +72,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmkit.data.choices import FORMATS, ON_ERROR, SPLIT_MODES
 from llmkit.errors import UserError
 
 #: File kind by extension.
@@ -98,11 +99,6 @@ COMPRESSIONS: dict[str, Callable[[io.BufferedIOBase], io.BufferedIOBase]] = {
     ".xz": lambda f: lzma.LZMAFile(f, mode="rb"),
     ".zst": _zstd,
 }
-SPLIT_MODES = ("blank-lines", "none")
-ON_ERROR = ("fail", "skip")
-#: What the records of the inputs are: ``auto`` (detected, :func:`resolve_format`), ``text``
-#: (documents) or ``chat`` (conversations, :func:`read_conversations`).
-FORMATS = ("auto", "text", "chat")
 #: File kinds that can hold chat records.
 CHAT_KINDS = ("jsonl", "hub")
 #: Non-blank lines of a JSON-lines file looked at to detect its format.
@@ -900,6 +896,7 @@ def record_text(record, *, where: str, text_field: str) -> str:
         raise UserError(
             f"{where}: expected a JSON object, found {type(record).__name__}",
             "each line must be one JSON object",
+            reason="not an object",
         )
     try:
         value = get_field(record, text_field)
@@ -908,11 +905,13 @@ def record_text(record, *, where: str, text_field: str) -> str:
         raise UserError(
             f"{where}: no field {text_field!r} (fields: {keys})",
             "choose the field holding the text with --text-field (a.b for nested fields)",
+            reason="missing field",
         ) from None
     if not isinstance(value, str):
         raise UserError(
             f"{where}: field {text_field!r} is {type(value).__name__}, not a string",
             "choose the field holding the text with --text-field",
+            reason="field not a string",
         )
     return value
 
@@ -934,11 +933,16 @@ def parse_jsonl_line(line: str, *, path: Path, lineno: int, text_field: str) -> 
             f"{where}: malformed JSON ({err.msg} at column {err.colno})",
             "expected JSON lines (one object per line) or one JSON array of objects; "
             "--on-error skip skips such lines",
+            reason="malformed json",
         ) from None
     return record_text(record, where=where, text_field=text_field)
 
 
 def _reason(err: UserError) -> str:
+    """The manifest's reason for a skipped text record: the error's ``reason`` code, else (an
+    error raised without one) a rule on its message."""
+    if err.reason is not None:
+        return err.reason
     msg = err.message
     if "malformed JSON" in msg:
         return "malformed json"
@@ -1031,6 +1035,7 @@ def _json_array_records(
                 raise UserError(
                     f"{where}: expected a JSON object, found {type(record).__name__}",
                     "a .json file must hold JSON lines or one JSON array of objects",
+                    reason="not an object",
                 )
             yield where, convert(record, where)
         except UserError as err:
@@ -1581,7 +1586,11 @@ def check_max_document_bytes(max_document_bytes: int | None) -> None:
 
 
 def _chat_reason(err: UserError) -> str:
-    """The manifest's reason for a skipped chat record (``InputFile.skipped``)."""
+    """The manifest's reason for a skipped chat record (``InputFile.skipped``): the error's
+    ``reason`` code, else (the chat record errors of :mod:`llmkit.data.sft` carry none yet) a
+    rule on its message."""
+    if err.reason is not None:
+        return err.reason
     msg = err.message
     for needle, reason in (
         ("expected a JSON object", "not an object"),
@@ -1608,8 +1617,8 @@ def read_conversations(source: InputFile, *, on_error: str = "fail") -> Iterator
     """Yield ``(where, conversation)`` for each chat record of a JSON-lines / JSON file or Hub
     dataset: ``where`` is ``file:line`` (``file: item i`` in a JSON array, ``name: row i``
     on the Hub), ``conversation`` the :func:`conversation_json` of
-    :func:`llmkit.data.sft.conversation_from_record` (formats ``messages``,
-    ``prompt``/``response`` and Alpaca's ``instruction``/``input``/``output``).
+    :func:`llmkit.data.sft.conversation_from_record` (formats ``messages``, ShareGPT's
+    ``conversations``, ``prompt``/``response`` and Alpaca's ``instruction``/``input``/``output``).
 
     The records read are counted by format in ``source.chat_formats``; ``source.sha256`` and
     ``source.documents`` are set when the file has been read to its end.
@@ -1617,7 +1626,8 @@ def read_conversations(source: InputFile, *, on_error: str = "fail") -> Iterator
     Raises:
         UserError: the file is not JSON lines, JSON or a Hub dataset; and as
             :func:`read_documents`. Under ``on_error="fail"`` also a record that is not a
-            conversation — no ``messages`` / ``prompt`` / ``instruction``, an unknown role,
+            conversation — no ``messages`` / ``conversations`` / ``prompt`` / ``instruction``,
+            an unknown role (a ShareGPT ``from`` other than human, gpt, system),
             no assistant message, an empty turn... — named with file and line; under
             ``"skip"`` it is counted in ``source.skipped`` by reason.
     """
@@ -1689,9 +1699,10 @@ def peek_record(source: InputFile) -> object | None:
 
 
 def is_chat_record(record: object, text_field: str = "text") -> bool:
-    """True when ``record`` has the keys of a chat format (``messages``, ``prompt``,
-    ``instruction``; :func:`llmkit.data.sft.detect_chat_format`) and not ``text_field``: a
-    record that holds the text field is a document, whatever else it holds."""
+    """True when ``record`` has the keys of a chat format (``messages``, ``conversations``,
+    ``prompt``, ``instruction``; :func:`llmkit.data.sft.detect_chat_format`) and not
+    ``text_field``: a record that holds the text field is a document, whatever else it
+    holds."""
     from llmkit.data.sft import detect_chat_format
 
     if not isinstance(record, dict) or detect_chat_format(record) is None:

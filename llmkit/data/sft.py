@@ -2,10 +2,12 @@
 
 From a JSON record to the training tensors, in four pure steps:
 
-1. :func:`conversation_from_record`: a record in one of three formats becomes a list of
+1. :func:`conversation_from_record`: a record in one of four formats becomes a list of
    ``{"role", "content"}`` messages — ``messages`` (the OpenAI / Hugging Face chat format),
-   ``prompt``/``response`` (or ``prompt``/``completion``), or Alpaca's
-   ``instruction``/``input``/``output`` (Taori et al. 2023, Stanford Alpaca, ``alpaca_data.json``);
+   ShareGPT's ``conversations`` of ``{"from", "value"}`` turns, ``prompt``/``response`` (or
+   ``prompt``/``completion``), or Alpaca's ``instruction``/``input``/``output`` (Taori et al.
+   2023, Stanford Alpaca, ``alpaca_data.json``) — one small transform per format, each ending
+   in the same checks (:data:`RECORD_TRANSFORMS`);
 2. :func:`ensure_chat_template`: the tokenizer's own chat template, or a named default
    (``chatml``) installed with its marker tokens;
 3. :func:`render_with_labels`: the conversation rendered with the template and tokenized exactly
@@ -18,16 +20,19 @@ From a JSON record to the training tensors, in four pure steps:
 How a packed row is fed to a model so that each conversation attends only to itself is in
 :func:`packed_attention_mask`'s docstring.
 
-Finding the answers works for any template, without ``{% generation %}`` markers: the character
-span of assistant turn ``i`` runs from the end of the conversation before it rendered with
-``add_generation_prompt=True`` to the end of the conversation through it, less trailing
-whitespace; tokens overlapping a span (by the tokenizer's character offsets) are the answer's.
-Rendering the prefixes ``messages[:i]`` (with the generation prompt before an assistant turn)
-is the method of allenai/open-instruct (``open_instruct/finetune.py``,
-``encode_with_messages_format``), which counts the prefixes' tokens; mapping character spans to
-tokens by offsets instead is the rule of transformers' ``return_assistant_tokens_mask``
-(``tokenization_utils_base.py``, ``apply_chat_template``), and stays right when a token
-straddles a turn's edge.
+Finding the answers uses the template's own ``{% generation %}`` markers where it has them, and
+otherwise works for any template by rendering prefixes of the conversation (:func:`answer_spans`
+gives the rules and why): the character span of assistant turn ``i`` runs from the end of the
+conversation before it rendered with ``add_generation_prompt=True`` (or, where the generation
+prompt adds a blank line or an opened think block, from where that prompt and the rendered
+answer part) to the end of its end-of-turn marker; an earlier answer that the template renders
+differently once later turns exist (Qwen3) is found by its text in the whole rendering. Tokens
+overlapping a span (by the tokenizer's character offsets) are the answer's. Rendering the
+prefixes ``messages[:i]`` is the method of allenai/open-instruct (``open_instruct/
+finetune.py``, ``encode_with_messages_format``), which counts the prefixes' tokens; mapping
+character spans to tokens by offsets instead is the rule of transformers'
+``return_assistant_tokens_mask`` (``tokenization_utils_base.py``, ``apply_chat_template``), and
+stays right when a token straddles a turn's edge.
 """
 
 from __future__ import annotations
@@ -37,17 +42,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llmkit.core.prepared import IGNORE_INDEX
+from llmkit.data.choices import TRAIN_ON
 from llmkit.errors import UserError
-from llmkit.templates import render_chat  # every template failure is one line
+from llmkit.templates import end_of_turn_token as end_of_turn_token  # one rule, re-exported
+from llmkit.templates import (  # every template failure is one line
+    generation_spans,
+    has_generation_markers,
+    render_chat,
+)
+from llmkit.templates import special_token_texts as _special_strings
 
-#: The label of a token that is not a target (PyTorch's ``cross_entropy`` ``ignore_index``).
-IGNORE_INDEX = -100
 #: Roles a message may have.
 ROLES = ("system", "user", "assistant")
-#: What :func:`render_with_labels` trains on: the assistant's answers only, or every token.
-TRAIN_ON = ("assistant", "all")
 #: The record formats :func:`conversation_from_record` reads, by name.
-CHAT_FORMATS = ("messages", "prompt-response", "alpaca")
+CHAT_FORMATS = ("messages", "sharegpt", "prompt-response", "alpaca")
 _RESPONSE_KEYS = ("response", "completion")
 
 
@@ -55,16 +64,26 @@ _RESPONSE_KEYS = ("response", "completion")
 # Records to conversations.
 
 
-def detect_chat_format(record: Any) -> str | None:
-    """The chat format of a record: ``"messages"``, ``"prompt-response"``, ``"alpaca"``, or None.
+#: ShareGPT's speakers (the ``from`` of a turn) and the roles they become. Only these three:
+#: ShareGPT dumps also hold ``bing``, ``chatgpt``, ``tool``, ``function_call``... whose meaning
+#: varies from set to set, so they are refused rather than guessed.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
-    Only the presence of the keys is looked at (``messages``; ``prompt``; ``instruction``), in
-    that order of precedence; :func:`conversation_from_record` checks the values.
+
+def detect_chat_format(record: Any) -> str | None:
+    """The chat format of a record: ``"messages"``, ``"sharegpt"``, ``"prompt-response"``,
+    ``"alpaca"``, or None.
+
+    Only the presence of the keys is looked at (``messages``; ``conversations``; ``prompt``;
+    ``instruction``), in that order of precedence; :func:`conversation_from_record` checks the
+    values.
     """
     if not isinstance(record, dict):
         return None
     if "messages" in record:
         return "messages"
+    if "conversations" in record:
+        return "sharegpt"
     if "prompt" in record:
         return "prompt-response"
     if "instruction" in record:
@@ -79,7 +98,8 @@ def _text(record: dict, key: str, where: str, *, required: bool = True) -> str |
             fields = ", ".join(sorted(record)[:8]) or "none"
             raise UserError(
                 f"{where}: no field {key!r} (fields: {fields})",
-                "a chat record needs messages, prompt/response or instruction/output",
+                "a chat record needs messages, conversations, prompt/response or "
+                "instruction/output",
             )
         return None
     value = record[key]
@@ -100,14 +120,16 @@ def _with_system(record: dict, where: str, prompt: str, answer: str) -> list[dic
     ]
 
 
-def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+def _check_messages(messages: Any, where: str, field: str = "messages") -> list[dict[str, str]]:
     if not isinstance(messages, list):
         raise UserError(
-            f"{where}: field 'messages' is {type(messages).__name__}, not a list",
-            'expected "messages": [{"role": "user", "content": "..."}, ...]',
+            f"{where}: field {field!r} is {type(messages).__name__}, not a list",
+            'expected "messages": [{"role": "user", "content": "..."}, ...]'
+            if field == "messages"
+            else 'expected "conversations": [{"from": "human", "value": "..."}, ...]',
         )
     if not messages:
-        raise UserError(f"{where}: field 'messages' is empty", "a conversation needs messages")
+        raise UserError(f"{where}: field {field!r} is empty", "a conversation needs messages")
     out: list[dict[str, str]] = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -148,6 +170,66 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     return out
 
 
+def _from_messages(record: dict, where: str) -> list[dict[str, str]]:
+    """``messages``: already ``{"role", "content"}`` turns."""
+    return _check_messages(record["messages"], where)
+
+
+def _from_sharegpt(record: dict, where: str) -> list[dict[str, str]]:
+    """ShareGPT: ``conversations`` of ``{"from", "value"}`` turns, speakers mapped by
+    :data:`SHAREGPT_ROLES`."""
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        return _check_messages(turns, where, "conversations")  # raises: not a list
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise UserError(
+                f"{where}: conversations[{i}] is {type(turn).__name__}, not an object",
+                'each ShareGPT turn is {"from": ..., "value": ...}',
+            )
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            what = "has no 'from' role" if speaker is None else f"has the unknown role {speaker!r}"
+            raise UserError(
+                f"{where}: conversations[{i}] {what}",
+                f"ShareGPT roles are {', '.join(SHAREGPT_ROLES)} (as user, assistant, system)",
+            )
+        value = turn.get("value")
+        if not isinstance(value, str):
+            what = "no 'value'" if value is None else f"a value of type {type(value).__name__}"
+            raise UserError(
+                f"{where}: conversations[{i}] ({speaker}) has {what}, not a string",
+                "value must be plain text",
+            )
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return _check_messages(messages, where, "conversations")
+
+
+def _from_prompt_response(record: dict, where: str) -> list[dict[str, str]]:
+    """``prompt`` and ``response`` (or ``completion``), optional ``system``."""
+    prompt = _text(record, "prompt", where)
+    key = next((k for k in _RESPONSE_KEYS if k in record), "response")
+    return _with_system(record, where, prompt, _text(record, key, where))
+
+
+def _from_alpaca(record: dict, where: str) -> list[dict[str, str]]:
+    """Alpaca: the instruction, then a blank line and the input when there is one."""
+    instruction = _text(record, "instruction", where)
+    extra = _text(record, "input", where, required=False)
+    prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    return _with_system(record, where, prompt, _text(record, "output", where))
+
+
+#: One transform per record format (:data:`CHAT_FORMATS`): ``(record, where) -> messages``.
+RECORD_TRANSFORMS: dict[str, Callable[[dict, str], list[dict[str, str]]]] = {
+    "messages": _from_messages,
+    "sharegpt": _from_sharegpt,
+    "prompt-response": _from_prompt_response,
+    "alpaca": _from_alpaca,
+}
+
+
 def conversation_from_record(record: Any, *, where: str) -> list[dict[str, str]]:
     """The conversation held by one JSON record, as ``[{"role", "content"}, ...]``.
 
@@ -156,6 +238,10 @@ def conversation_from_record(record: Any, *, where: str) -> list[dict[str, str]]
     - ``messages``: a list of ``{"role", "content"}`` objects, roles ``system``, ``user`` and
       ``assistant``; a system message only first; the first other message is the user's; at
       least one assistant message. Other keys of a message (``name``...) are dropped.
+    - ShareGPT: ``conversations``, a list of ``{"from", "value"}`` objects; ``from`` is
+      ``human`` (user), ``gpt`` (assistant) or ``system``, any other is refused
+      (:data:`SHAREGPT_ROLES`); then as ``messages``. The format of the Vicuna training set
+      (lm-sys/FastChat, ``fastchat/data``), read by axolotl and LLaMA-Factory.
     - ``prompt`` and ``response`` (or ``completion``), optional ``system``: one exchange.
     - Alpaca: ``instruction``, optional ``input``, ``output``, optional ``system``: the prompt
       is the instruction, followed by a blank line and the input when the input is not empty.
@@ -171,8 +257,9 @@ def conversation_from_record(record: Any, *, where: str) -> list[dict[str, str]]
 
     Raises:
         UserError: one line naming ``where`` and what is wrong: not an object, none of the
-            formats, a field missing, not a string or blank, an unknown role, a system
-            message after the first, no user message first, no assistant message.
+            formats, a field missing, not a string or blank, an unknown role (a ShareGPT
+            ``from`` other than human, gpt, system), a system message after the first, no
+            user message first, no assistant message.
     """
     if not isinstance(record, dict):
         raise UserError(
@@ -180,22 +267,14 @@ def conversation_from_record(record: Any, *, where: str) -> list[dict[str, str]]
             "each line must be one JSON object",
         )
     kind = detect_chat_format(record)
-    if kind == "messages":
-        return _check_messages(record["messages"], where)
-    if kind == "prompt-response":
-        prompt = _text(record, "prompt", where)
-        key = next((k for k in _RESPONSE_KEYS if k in record), "response")
-        return _with_system(record, where, prompt, _text(record, key, where))
-    if kind == "alpaca":
-        instruction = _text(record, "instruction", where)
-        extra = _text(record, "input", where, required=False)
-        prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-        return _with_system(record, where, prompt, _text(record, "output", where))
-    fields = ", ".join(sorted(record)[:8]) or "none"
-    raise UserError(
-        f"{where}: not a chat record (fields: {fields})",
-        "expected messages, prompt/response or instruction/input/output",
-    )
+    if kind is None:
+        fields = ", ".join(sorted(record)[:8]) or "none"
+        raise UserError(
+            f"{where}: not a chat record (fields: {fields})",
+            "expected messages, conversations (ShareGPT), prompt/response or "
+            "instruction/input/output",
+        )
+    return RECORD_TRANSFORMS[kind](record, where)
 
 
 def conversation_text(messages: Sequence[dict[str, str]]) -> str:
@@ -272,7 +351,7 @@ def ensure_chat_template(tokenizer: Any, name: str | None = None) -> str:
     and a pretrained model's embeddings must be resized to match
     (``model.resize_token_embeddings(len(tokenizer))``) before training; the new rows start
     untrained. A tokenizer trained by llmkit can hold them from the start
-    (:func:`llmkit.data.tokenizer.train_bpe_tokenizer` with ``extra_special_tokens=
+    (:func:`llmkit.core.tokenizer.train_bpe_tokenizer` with ``extra_special_tokens=
     CHATML.special_tokens``), and then nothing is added.
 
     Modifies ``tokenizer`` in place (its ``chat_template``, its added tokens); saved with it by
@@ -310,35 +389,6 @@ def ensure_chat_template(tokenizer: Any, name: str | None = None) -> str:
     return spec.name
 
 
-def _special_strings(tokenizer: Any) -> list[str]:
-    """The special tokens' texts, longest first (the control tokens of a template)."""
-    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
-        if token.special:
-            found.add(token.content)
-    return sorted((t for t in found if t and not t.isspace()), key=len, reverse=True)
-
-
-def end_of_turn_token(tokenizer: Any) -> str | None:
-    """The special token the chat template writes right after an assistant's answer, or None.
-
-    ``<|im_end|>`` for ChatML (and SmolLM2), ``<|eot_id|>`` for Llama 3, ``</s>`` for Llama 2.
-    Found by rendering a probe conversation, so it works for any template. Generation should
-    stop on it (add its id to the EOS ids), or the model runs on into the next turn.
-
-    Raises:
-        UserError: the tokenizer has no chat template, or the template refuses the probe.
-    """
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
-    text, (span,) = answer_spans(tokenizer, probe, where="end-of-turn probe")
-    answer = text[span[0] : span[1]]
-    after = answer[answer.rfind("Yes") + len("Yes") :].lstrip()
-    for token in _special_strings(tokenizer):
-        if after.startswith(token):
-            return token
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # Rendering with labels.
 
@@ -366,6 +416,103 @@ def _check_no_control_tokens(pattern: re.Pattern | None, messages: Sequence[dict
             )
 
 
+#: How :func:`answer_spans` found each trained answer, by name: the keys of the manifest's
+#: ``answers_located`` count (see :func:`answer_spans`). ``not_trained`` counts the earlier
+#: answers a template rewrites once a later turn follows and that could not be found.
+LOCATE_RULES = (
+    "generation_markers",
+    "prefix",
+    "common_prefix",
+    "prompt_text",
+    "in_rendering",
+    "not_trained",
+)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of ``a`` and ``b``."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _locate_answer(
+    tokenizer: Any, messages: list[dict[str, str]], i: int, text: str, cursor: int, where: str
+) -> tuple[tuple[int, int] | None, str]:
+    """Assistant message ``i``'s span in ``text`` (the whole conversation rendered) and the
+    rule that found it (:func:`answer_spans`); ``(None, why)`` when it cannot be located.
+
+    Raises:
+        UserError: the template does not write the answer even when it is the latest turn, or
+            its generation prompt opens the turn with another header than the rendered answer.
+    """
+    content = messages[i]["content"].strip()
+    before = _render(tokenizer, messages[:i], True, where)  # what generation starts from
+    through = _render(tokenizer, messages[: i + 1], False, where)  # answer i as the latest turn
+    stop = len(through.rstrip())
+    start = _common_prefix(before, through)
+    rule = "prefix" if start == len(before) else "common_prefix"
+    if rule != "prefix":
+        context = _render(tokenizer, messages[:i], False, where)
+        if before.startswith(context) and start < len(context):
+            # The turns before answer i render differently once it follows (Qwen3 writes an
+            # answer's think block only while it is the latest): the answer starts after the
+            # last copy of the generation prompt's text (less trailing whitespace) before it.
+            prompt = before[len(context) :]
+            last = through.rfind(content, 0, stop)
+            ends = [
+                found + len(opening)
+                for opening in (prompt, prompt.rstrip())
+                if opening.strip() and (found := through.rfind(opening, 0, max(last, 0))) >= 0
+            ]
+            if last < 0 or not ends:
+                return None, (
+                    "renders the turns before it differently once it follows and does not write "
+                    "its generation prompt before it"
+                )
+            start, rule = ends[0], "prompt_text"
+    answer = through[start:stop]
+    if content not in answer:
+        raise UserError(
+            f"{where}: the chat template does not write assistant message {i} after its "
+            "generation prompt (it drops or rewrites the answer), so the answer cannot be located",
+            "use a template that writes the assistant's text, or --chat-template chatml",
+        )
+    if rule == "common_prefix" and not answer.lstrip().startswith(content):
+        raise UserError(
+            f"{where}: the chat template's generation prompt ends {before[start:]!r} where its "
+            f"rendered answer {i} has {answer[: answer.find(content)]!r}, so the answer cannot "
+            "be located",
+            "use a template whose generation prompt opens the assistant's turn as it is "
+            "rendered, or --chat-template chatml",
+        )
+    if start >= cursor and text.startswith(through[:stop]):  # rendered stably
+        return (start, stop), rule
+    # Rendered differently once later turns follow (Qwen3 drops the think block of answers
+    # before the last user turn), after the same context: the longest ending of the answer, from
+    # a line start, that the whole rendering has there (the template dropped a leading part);
+    # else the answer's text found there, extended through the end-of-turn text after it.
+    if start < cursor or not text.startswith(through[:start]):
+        return None, "renders the turns before it differently once later turns follow"
+    tail = answer[answer.rfind(content) + len(content) :].strip()  # e.g. "<|im_end|>"
+    line_starts = [0] + [k + 1 for k, char in enumerate(answer) if char == "\n"]
+    for k in line_starts:
+        piece = answer[k:]
+        if piece.strip() != tail and text.startswith(piece, start):
+            return (start, start + len(piece)), "in_rendering"
+    found = text.find(content, start)
+    gap = text[start:found]
+    if found < 0 or (tail in gap if tail else gap.strip()):
+        return None, "renders it differently once later turns follow and its text is not there"
+    end = found + len(content)
+    rest = text[end:]
+    if tail and rest.lstrip().startswith(tail):
+        end += len(rest) - len(rest.lstrip()) + len(tail)
+    return (start, end), "in_rendering"
+
+
 def answer_spans(
     tokenizer: Any,
     messages: Sequence[dict[str, str]],
@@ -373,14 +520,57 @@ def answer_spans(
     train_on: str = "assistant",
     where: str = "conversation",
     _control: re.Pattern | None | bool = True,
+    located: dict[str, int] | None = None,
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans that are trained on.
 
-    For ``train_on="assistant"``, one span per assistant message: from the end of
-    ``render(messages[:i], add_generation_prompt=True)`` to the end of
-    ``render(messages[:i+1])`` with trailing whitespace removed — the answer, the end-of-turn
-    marker the template writes after it (``<|im_end|>``), and no role marker, generation
-    prompt or trailing newline. For ``train_on="all"``, one span over the whole text.
+    For ``train_on="all"``, one span over the whole text. For ``train_on="assistant"``, one
+    span per assistant answer, found by the first of these rules that applies (its name is
+    counted in ``located``; :data:`LOCATE_RULES`):
+
+    - ``generation_markers``: the template marks the assistant's text with
+      ``{% generation %}...{% endgeneration %}`` — its own mask, as transformers'
+      ``return_assistant_tokens_mask`` uses it (:func:`llmkit.templates.generation_spans`), taken
+      as the template writes it (each span exactly; a template whose blocks leave out the
+      end-of-turn token trains no end-of-turn).
+    - ``prefix``: ``render(messages[:i], add_generation_prompt=True)`` is a prefix of
+      ``render(messages[:i+1])``, itself a prefix of the whole rendering; the span runs from the
+      end of the first to the end of the second less trailing whitespace — the answer and the
+      end-of-turn marker after it (``<|im_end|>``), no role marker, generation prompt or
+      trailing newline. The rule of every template that renders turns the same whatever
+      follows (ChatML, Llama 3...); earlier llmkit versions accepted only this one.
+    - ``common_prefix``: the generation prompt adds something the rendered answer does not
+      repeat — a blank line (``<|im_start|>assistant\n\n``) or an opened think block
+      (``<think>\n``): the span starts where the two renderings part, provided the rendered
+      answer starts there with the message's text (after whitespace).
+    - ``prompt_text``: the turns *before* answer ``i`` render differently once it follows
+      (two answers in a row under Qwen3: the first loses its think block): the span starts
+      after the last copy of the generation prompt's text (or that text less trailing
+      whitespace) before the answer.
+    - ``in_rendering``: the template renders answer ``i`` differently once a later turn
+      exists (Qwen3 writes a think block only for answers after the last user message, and
+      drops the reasoning of earlier ones): the context before the answer is the same, so the
+      span starts there and holds the longest ending of the answer as rendered when latest,
+      from a line start, that the whole rendering has there (the template dropped a leading
+      part); failing that, the answer's text found there, extended through the end-of-turn
+      text the template writes after an answer (``<|im_end|>``) when it follows. This trains
+      what the whole rendering holds at that place — the earlier answer without its think
+      block, as the template's ``{% generation %}`` mask of Qwen3 does.
+    - ``not_trained``: an earlier answer that cannot be found in the whole rendering (a
+      template that rewrites it, e.g. to ``...``) is left out and counted; the final answer
+      never is: a conversation whose final answer cannot be located is refused.
+
+    Why this order and not one rule: the prefix rule is exact (the spans are what a model
+    continuing the generation prompt would write) and is kept where it applies, so templates
+    that worked before give the same labels; the others relax only the two shapes popular
+    templates have (a generation prompt that is not the rendered answer's start; earlier turns
+    rewritten) and train what the template actually renders at each place, as its own
+    ``{% generation %}`` mask would. Rendering the prefixes is the method of allenai/open-
+    instruct (``open_instruct/finetune.py``, ``encode_with_messages_format``). Locating each
+    answer's text in the full rendering alone was not chosen as the main rule: it cannot tell
+    the role header from the answer (a think block the model writes, or not) nor an answer's
+    text from the same text elsewhere, which the rendered prefixes settle. Cost: two renders
+    per answer (three where the generation prompt is not a prefix).
 
     Args:
         tokenizer: a tokenizer with a chat template (:func:`ensure_chat_template`).
@@ -389,6 +579,8 @@ def answer_spans(
         where: the conversation's place (``file:line``), for error messages.
         _control: internal: the control-token pattern, computed once per batch by
             :func:`render_batch_with_labels`.
+        located: a dict to count the rule of each answer into (keys from
+            :data:`LOCATE_RULES`); None: not counted.
 
     Returns:
         ``(text, spans)``: the full rendering (``add_generation_prompt=False``) and a list of
@@ -397,9 +589,11 @@ def answer_spans(
     Raises:
         UserError: no chat template; ``train_on`` unknown; a message contains one of the
             tokenizer's special tokens as text; the template raises on the conversation; an
-            assistant message comes first; or the template does not render consistently (a
-            rendered prefix is not a prefix of the full rendering, or an answer's text is not
-            inside its span).
+            assistant message comes first; or an answer truly cannot be located, named by the
+            template's feature: the template does not write the answer's text when it is the
+            latest turn, its generation prompt opens the turn with another header than the
+            rendered answer, or the final answer is rendered differently than when it is the
+            latest turn and its text is not in the whole rendering.
     """
     if train_on not in TRAIN_ON:
         raise UserError(f"train_on {train_on!r} is not one of {', '.join(TRAIN_ON)}")
@@ -414,34 +608,37 @@ def answer_spans(
     text = _render(tokenizer, messages, False, where)
     if train_on == "all":
         return text, [(0, len(text))]
+    if messages and messages[0]["role"] == "assistant":
+        raise UserError(
+            f"{where}: the conversation starts with an assistant message", "the user speaks first"
+        )
+    counts: dict[str, int] = {}
     spans: list[tuple[int, int]] = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        if i == 0:
-            raise UserError(
-                f"{where}: the conversation starts with an assistant message",
-                "the user speaks first",
+    if has_generation_markers(tokenizer):
+        _, marked = generation_spans(tokenizer, messages, where=where)
+        spans = [(s, e) for s, e in marked if e > s]
+        counts["generation_markers"] = len(spans)
+    if not spans:
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for i in answers:
+            span, rule = _locate_answer(
+                tokenizer, messages, i, text, spans[-1][1] if spans else 0, where
             )
-        before = _render(tokenizer, messages[:i], True, where)
-        through = _render(tokenizer, messages[: i + 1], False, where)
-        if not (text.startswith(through) and through.startswith(before)):
-            raise UserError(
-                f"{where}: the chat template does not render message {i} consistently (the "
-                "conversation up to it, with the generation prompt, is not a prefix of the "
-                "whole), so the answer cannot be located",
-                "use a template that renders earlier turns the same whatever follows them, "
-                "or --chat-template chatml",
-            )
-        start = len(before)
-        end = start + len(through[start:].rstrip())
-        if message["content"].strip() not in text[start:end]:
-            raise UserError(
-                f"{where}: the chat template does not write assistant message {i} after its "
-                "generation prompt, so the answer cannot be located",
-                "use another chat template (--chat-template chatml)",
-            )
-        spans.append((start, end))
+            if span is None:
+                if i == answers[-1]:
+                    raise UserError(
+                        f"{where}: the chat template {rule}, so the final assistant message {i} "
+                        "cannot be located",
+                        "end the conversation with the assistant's answer, or use "
+                        "--chat-template chatml",
+                    )
+                rule = "not_trained"
+            else:
+                spans.append(span)
+            counts[rule] = counts.get(rule, 0) + 1
+    if located is not None:
+        for rule, n in counts.items():
+            located[rule] = located.get(rule, 0) + n
     return text, spans
 
 
@@ -563,7 +760,7 @@ def render_with_labels(
     token with its id.
 
     Labels are not shifted: ``labels[t]`` is the target of position ``t-1``
-    (``llmkit.evaluation.scoring.split_batch`` shifts).
+    (``llmkit.core.scoring.split_batch`` shifts).
 
     Args:
         tokenizer: a fast tokenizer with a chat template (:func:`ensure_chat_template`).

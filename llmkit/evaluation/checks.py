@@ -7,7 +7,7 @@ from pathlib import Path
 
 from llmkit.errors import UserError
 
-#: Splits of a prepared directory (:data:`llmkit.data.prepared.SPLITS`).
+#: Splits of a prepared directory (:data:`llmkit.core.prepared.SPLITS`).
 SPLITS = ("train", "validation")
 
 

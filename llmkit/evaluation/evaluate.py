@@ -4,7 +4,7 @@ Two ways to cut the tokens into model inputs, both scoring every target token ex
 
 - **blocks** (a directory from ``llmkit prepare``): each block of T tokens is one input and scores
   its T-1 next-token targets with the function validation during training calls
-  (:func:`llmkit.evaluation.scoring.score_blocks`).
+  (:func:`llmkit.core.scoring.score_blocks`).
   Prepared chat data carries ``labels`` (-100 where not scored) and ``position_ids`` (packed
   conversations): only the answers are scored, each conversation seeing only itself.
 - **sliding windows** (a text file or a directory of ``.txt``): each document is tokenized whole,
@@ -17,7 +17,7 @@ Two ways to cut the tokens into model inputs, both scoring every target token ex
   overlap by one token); and the result is total nats over total scored tokens, not a mean of
   per-window means.
 
-All totals go through :class:`llmkit.evaluation.metrics.NLLSums`: ``loss`` is nats per token,
+All totals go through :class:`llmkit.core.metrics.NLLSums`: ``loss`` is nats per token,
 ``perplexity = exp(loss)``, ``bits_per_byte = nats / (ln 2 × UTF-8 bytes of the scored tokens)``.
 """
 
@@ -31,10 +31,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from llmkit.core.metrics import NLLSums, nll_sums, shift_labels
+from llmkit.core.prepared import IGNORE_INDEX
+from llmkit.core.scoring import score_blocks
 from llmkit.errors import UserError
 from llmkit.evaluation.checks import check_windows
-from llmkit.evaluation.metrics import IGNORE_INDEX, NLLSums, nll_sums, shift_labels
-from llmkit.evaluation.scoring import score_blocks
 from llmkit.runtime import announce_threads
 
 Progress = Callable[[int, int], None]
@@ -94,7 +95,7 @@ def _logits(
     """(B, T, vocab_size) logits of ``model``, any callable returning an object with ``.logits``.
 
     ``position_ids`` (B, T) is passed only when given: packed rows, with ``attention_mask``
-    None (as :func:`llmkit.evaluation.scoring.score_blocks` calls the model).
+    None (as :func:`llmkit.core.scoring.score_blocks` calls the model).
     """
     kwargs: dict[str, Any] = {}
     if position_ids is not None:
@@ -258,9 +259,9 @@ def _eval_prepared(
     trust_remote_code: bool = False,
     model_name: str = "the model",
 ) -> NLLSums:
-    from llmkit.data.prepared import SPLITS, check_same_vocabulary, load_prepared
-    from llmkit.data.tokenizer import token_byte_lengths
-    from llmkit.generation.loading import model_max_positions
+    from llmkit.core.loading import model_max_positions
+    from llmkit.core.prepared import SPLITS, check_same_vocabulary, load_prepared
+    from llmkit.core.tokenizer import token_byte_lengths
 
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}", f"use one of {', '.join(SPLITS)}")
@@ -302,8 +303,8 @@ def _eval_text(
     batch_size: int,
     progress: Progress | None,
 ) -> NLLSums:
-    from llmkit.data.tokenizer import token_byte_lengths
-    from llmkit.generation.loading import model_max_positions
+    from llmkit.core.loading import model_max_positions
+    from llmkit.core.tokenizer import token_byte_lengths
 
     positions = model_max_positions(lm)
     if max_length is None:
@@ -365,7 +366,7 @@ def evaluate(
         stride: new tokens scored per window for text (default: ``max_length``); smaller gives
             each token more context and costs ``max_length / stride`` times more compute.
         batch_size: blocks or windows per forward pass (does not change the result).
-        device, dtype: see :func:`llmkit.generation.loading.load_model_and_tokenizer`.
+        device, dtype: see :func:`llmkit.core.loading.load_model_and_tokenizer`.
         progress: called with (done, total) after each batch.
         trust_remote_code: let a model (or the data's tokenizer) that ships Python code of its
             own run it; False (default) refuses it and runs none of its code.
@@ -379,8 +380,8 @@ def evaluate(
             split with no blocks; blocks or ``max_length`` over the model's positions; a
             tokenizer larger than the model's vocabulary; ``stride`` outside 1..max_length.
     """
-    from llmkit.data.prepared import is_prepared
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
+    from llmkit.core.prepared import is_prepared
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1")
@@ -465,7 +466,7 @@ def token_probabilities(
     Raises:
         UserError: empty text; ``top`` negative.
     """
-    from llmkit.generation.loading import model_max_positions
+    from llmkit.core.loading import model_max_positions
 
     if not text:
         raise UserError("--tokens '' is empty", "give some text to score")
@@ -540,7 +541,7 @@ def token_view(
 ) -> dict[str, Any]:
     """Load ``model`` and return :func:`token_probabilities` of ``text``, with ``"model"``
     (``trust_remote_code``: see :func:`evaluate`)."""
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
 
     if not text:
         raise UserError("--tokens '' is empty", "give some text to score")

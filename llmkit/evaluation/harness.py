@@ -1,7 +1,7 @@
 """Benchmarks from lm-evaluation-harness through its Python API (SPEC §5), the optional extra
 ``pip install 'llmkit[eval]'``.
 
-The model is loaded once by llmkit (:func:`llmkit.generation.loading.load_model_and_tokenizer`:
+The model is loaded once by llmkit (:func:`llmkit.core.loading.load_model_and_tokenizer`:
 a run, a ``save_pretrained`` directory, a ``.gguf`` file or a Hub id) and handed, already
 loaded, to the harness's ``HFLM`` wrapper; ``lm_eval.simple_evaluate`` then runs the tasks.
 Nothing is loaded twice and no model code is fetched. Two departures from ``HFLM`` on
@@ -227,11 +227,9 @@ def task_code_guard(trust_remote_code: bool) -> Iterator[list[MetricCodeRefused]
     if trust_remote_code:
         yield []
         return
-    try:
-        from lm_eval.tasks import _yaml_loader as loader
-    except ImportError:
-        loader = None
-    original = getattr(loader, "_import_func_in_yml", None)
+    from llmkit.core.compat import lm_eval_import_func, set_lm_eval_import_func
+
+    original = lm_eval_import_func()
     if original is None:  # fail closed: a harness whose loader we cannot guard runs no task
         raise UserError(
             "this lm_eval release resolves task code in a way llmkit does not know "
@@ -250,13 +248,13 @@ def task_code_guard(trust_remote_code: bool) -> Iterator[list[MetricCodeRefused]
         return original(qual, base_dir)
 
     metrics = _EvaluateGuard()
-    loader._import_func_in_yml = guarded
+    set_lm_eval_import_func(guarded)
     try:
         metrics.install()
         yield metrics.refused
     finally:
         metrics.uninstall()
-        loader._import_func_in_yml = original
+        set_lm_eval_import_func(original)
 
 
 def _metric_code_error(err: MetricCodeRefused, task: str | None = None) -> UserError:
@@ -414,9 +412,10 @@ def task_specs(tm: Any, names: list[str], include_paths: list[Path]) -> list[str
     """What to hand the harness for each name: the name itself, or, for a single task defined
     by a YAML under an include path, its full config with local data paths resolved against
     the YAML's directory (see the module docstring)."""
-    try:
-        from lm_eval.tasks._yaml_loader import load_yaml  # the harness's YAML reader (0.4.10+)
-    except ImportError:  # another layout: names only, data paths as the harness reads them
+    from llmkit.core.compat import lm_eval_load_yaml
+
+    load_yaml = lm_eval_load_yaml()  # the harness's YAML reader (0.4.10+)
+    if load_yaml is None:  # another layout: names only, data paths as the harness reads them
         return list(names)
     specs: list[str | dict] = []
     for name in names:
@@ -596,7 +595,7 @@ def run_tasks(
         from llmkit.templates import render_chat
 
         render_chat(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
-    from llmkit.generation.generate import silence_padding_warning
+    from llmkit.core.loading import silence_padding_warning
 
     # The harness pads on the right, after the scored continuation: the warning is noise.
     silence_padding_warning(lm)
@@ -744,7 +743,7 @@ def evaluate_tasks(
 
     Args:
         model: a run, ``save_pretrained`` directory, ``.gguf`` file or Hub id (None: the
-            default search of :func:`llmkit.generation.loading.load_model_and_tokenizer`).
+            default search of :func:`llmkit.core.loading.load_model_and_tokenizer`).
         device, dtype: as for ``load_model_and_tokenizer``.
         trust_remote_code: let the model (``auto_map``) and the include-path tasks
             (``!function``) run Python code of their own; False (default) refuses them.
@@ -760,7 +759,7 @@ def evaluate_tasks(
             an unknown task or include path; task data that cannot be loaded; the model does
             not load; bad numbers.
     """
-    from llmkit.generation.loading import load_model_and_tokenizer, model_max_positions
+    from llmkit.core.loading import load_model_and_tokenizer, model_max_positions
 
     require_harness()
     _check_numbers(limit, num_fewshot, batch_size)

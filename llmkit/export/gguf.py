@@ -29,13 +29,13 @@ Where llmkit departs from ``convert_hf_to_gguf.py`` on purpose:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llmkit.core.atomic import atomic_output
 from llmkit.errors import UserError, require
 
 #: ``--outtype`` values: the type of the 2-D weights (see :func:`_tensor_type`). ``q8_0``: Q8_0
@@ -108,7 +108,7 @@ def load_for_export(model: str, *, trust_remote_code: bool = False) -> tuple[Any
     Raises:
         UserError: nothing loadable at ``model`` (one line from the loader).
     """
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
 
     path = Path(model).expanduser()
     if (
@@ -128,8 +128,8 @@ def load_for_export(model: str, *, trust_remote_code: bool = False) -> tuple[Any
 
 def _load_adapter_run(path: Path, trust_remote_code: bool):
     """A LoRA run saved unmerged: base model (``base_model_name_or_path``) + adapter, merged."""
-    from llmkit.data.tokenizer import load_tokenizer
-    from llmkit.generation.loading import load_model_and_tokenizer
+    from llmkit.core.loading import load_model_and_tokenizer
+    from llmkit.core.tokenizer import load_tokenizer
 
     try:
         base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))[
@@ -646,21 +646,13 @@ def export_gguf(
     ctx = _context_length(cfg, arch)
     tensors = _gguf_tensors(mdl, arch)
 
-    # Both files under temporary names beside their targets, renamed once the GGUF reads back.
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    mf_tmp = mf.with_name(f".{mf.name}.tmp-{os.getpid()}")
-    try:
-        expected = _write_gguf(tmp, name, cfg, arch, vocab, tensors, outtype)
-        _verify(tmp, expected, arch, len(vocab.tokens))
-        mf_tmp.write_text(modelfile_text(out.name, tok, vocab, ctx), encoding="utf-8")
-        os.replace(tmp, out)
-        os.replace(mf_tmp, mf)
+    try:  # the Modelfile is renamed into place after the .gguf, each only when both are whole
+        with atomic_output(mf) as mf_tmp, atomic_output(out) as tmp:
+            expected = _write_gguf(tmp, name, cfg, arch, vocab, tensors, outtype)
+            _verify(tmp, expected, arch, len(vocab.tokens))
+            mf_tmp.write_text(modelfile_text(out.name, tok, vocab, ctx), encoding="utf-8")
     except OSError as err:
         raise UserError(f"cannot write {out}: {err.strerror or err}") from None
-    finally:
-        for leftover in (tmp, mf_tmp):
-            if leftover.exists():
-                leftover.unlink()
     return ExportResult(
         path=out,
         modelfile=mf,

@@ -1,8 +1,9 @@
 """An interactive chat with an instruct model: history, ``/reset``, ``/exit`` (SPEC §4).
 
 Each user line is appended to the conversation, the whole conversation is rendered with the
-model's chat template (:func:`~llmkit.generation.generate.encode_chat`) and the reply streamed
-as it is generated, then kept in the history. The same loop reads a terminal or a script's
+model's chat template (:func:`~llmkit.generation.prompts.encode_chat`) and the reply streamed
+as it is generated (only text that can no longer change: the streamed reply is exactly the
+reply kept), then kept in the history. The same loop reads a terminal or a script's
 standard input: one user message per line.
 
 When the conversation no longer fits in the model's positions with ``max_new_tokens`` more,
@@ -15,15 +16,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from llmkit.core.loading import model_max_positions
 from llmkit.errors import UserError
-from llmkit.generation.generate import (
-    Completion,
-    GenerationSettings,
-    chat_messages,
-    complete,
-    encode_chat,
-)
-from llmkit.generation.loading import model_max_positions
+from llmkit.generation.batching import Completion, complete
+from llmkit.generation.prompts import chat_messages, encode_chat
+from llmkit.generation.settings import GenerationSettings
 
 COMMANDS = "/reset clears the history, /exit (or end of input) ends the session"
 

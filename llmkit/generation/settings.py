@@ -1,4 +1,8 @@
-"""Decoding settings of ``generate`` and ``chat``, validated on construction.
+"""Decoding settings of ``generate``, ``chat`` and ``serve``, validated on construction.
+
+Flags (and a server request's fields) become settings in one place,
+:meth:`GenerationSettings.from_flags`, over the defaults of the command: the class's own for
+``generate`` and the library, :data:`CHAT_DEFAULTS` for ``chat``.
 
 No torch here: the CLI builds and checks them before torch is imported, so a bad flag is one
 line within a fraction of a second.
@@ -7,7 +11,7 @@ line within a fraction of a second.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from llmkit.errors import UserError
@@ -39,7 +43,31 @@ class GenerationSettings:
     num_return_sequences: int = 1
     """Completions sampled per prompt (needs sampling: temperature > 0)."""
     stop: list[str] = field(default_factory=list)
-    """Stop strings: a completion ends just before the first one it produces."""
+    """Stop strings: a completion ends just before the first one it produces (None: none)."""
+
+    @classmethod
+    def from_flags(
+        cls, defaults: GenerationSettings | None = None, /, **flags: Any
+    ) -> GenerationSettings:
+        """The settings a command's flags ask for: the one place where flags (``generate``,
+        ``chat``, the library's :func:`llmkit.generate` arguments, a ``serve`` request's
+        fields) become settings.
+
+        Args:
+            defaults: the values of the flags not given (default: the class's defaults, those
+                of ``llmkit generate``; :data:`CHAT_DEFAULTS` for ``llmkit chat``).
+            flags: values by field name; ``stop`` may be None (no stop string), ``top_k`` 0 or
+                None (no limit).
+
+        Raises:
+            UserError: a value out of its range (see the fields).
+            TypeError: a name that is not a field (a programming error, not a user's).
+        """
+        unknown = sorted(set(flags) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown generation settings: {', '.join(unknown)}")
+        values = {**asdict(defaults if defaults is not None else cls()), **flags}
+        return cls(**values)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -71,7 +99,7 @@ class GenerationSettings:
                 "give the same text each time",
                 "sample with --temperature > 0",
             )
-        self.stop = [str(x) for x in self.stop]
+        self.stop = [str(x) for x in self.stop or []]
         if any(x == "" for x in self.stop):
             raise UserError("--stop '' is empty", "give a non-empty stop string, e.g. --stop '\\n'")
 
@@ -102,3 +130,8 @@ class GenerationSettings:
         if self.num_return_sequences > 1:
             kwargs["num_return_sequences"] = int(self.num_return_sequences)
         return kwargs
+
+
+CHAT_DEFAULTS = GenerationSettings(max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.95)
+"""``llmkit chat``'s defaults: longer replies and nucleus sampling, as chat models' own
+generation configs usually ask; ``llmkit generate`` uses the class's defaults."""

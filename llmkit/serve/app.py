@@ -41,7 +41,7 @@ class ServerState:
     """The model (once loaded), the worker, and what the routes need to answer.
 
     Args:
-        model: what :func:`~llmkit.generation.loading.load_model_and_tokenizer` loads.
+        model: what :func:`~llmkit.core.loading.load_model_and_tokenizer` loads.
         served_name: the id in ``/v1/models`` and in responses (default: the model's name).
         device, dtype: as for loading.
         max_batch_size, max_queue, batch_wait: see :class:`~llmkit.serve.worker.BatchWorker`.
@@ -98,7 +98,7 @@ class ServerState:
         try:
             import torch
 
-            from llmkit.generation.loading import load_model_and_tokenizer, model_max_positions
+            from llmkit.core.loading import load_model_and_tokenizer, model_max_positions
             from llmkit.runtime import announce_threads, apply_threads
             from llmkit.serve.worker import BatchWorker
 
@@ -187,7 +187,7 @@ class ServerState:
             ApiError: 400 for a prompt over the context, token ids outside the vocabulary,
                 a model without a chat template or a template that refuses the conversation.
         """
-        from llmkit.generation.generate import chat_text, encode_prompt
+        from llmkit.generation.prompts import chat_text, encode_prompt
 
         if parsed.kind == "chat":
             if not self.has_template:

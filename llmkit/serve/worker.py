@@ -7,13 +7,13 @@ requests are still being prepared (parsed, tokenized) or new ones keep arriving 
 job with the same
 :meth:`~llmkit.serve.schemas.Sampling.batch_key` while the rows fit in ``max_batch_size``;
 jobs it skips keep their place. The batch runs as one left-padded ``model.generate`` call
-through llmkit's own :func:`~llmkit.generation.generate.left_pad` and ``eos_ids`` — the same
+through llmkit's own :func:`~llmkit.generation.batching.left_pad` and ``eos_ids`` — the same
 inputs ``llmkit generate --batch-size`` builds, so a greedy row gives the tokens it gives
 alone (SPEC §4).
 
 One stopping criterion (:class:`_Rows`) is called by ``generate`` after every step. It finishes
 each row on its own: at an EOS id (``stop``), a stop string (``stop``; text streamed by llmkit's
-:class:`~llmkit.generation.generate.TextStream`, which holds back what may be the start of one),
+:class:`~llmkit.generation.decoding.TextStream`, which holds back what may be the start of one),
 the row's own ``max_tokens`` (``length``), or its job's cancel flag (the client left). ``generate``
 ends when every row is finished, so a batch whose clients all left stops after the step in
 progress. Text reaches the request's asyncio queue through ``loop.call_soon_threadsafe``.
@@ -32,13 +32,10 @@ from typing import Any
 import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
-from llmkit.generation.generate import (
-    GenerationSettings,
-    TextStream,
-    eos_ids,
-    left_pad,
-    silence_padding_warning,
-)
+from llmkit.core.loading import silence_padding_warning
+from llmkit.generation.batching import eos_ids, left_pad
+from llmkit.generation.decoding import TextStream
+from llmkit.generation.settings import GenerationSettings
 from llmkit.serve.schemas import ApiError, Sampling
 
 _ids = itertools.count()
@@ -279,10 +276,10 @@ class BatchWorker:
         for job in batch:
             job.started = now
         s = batch[0].sampling
-        settings = GenerationSettings(
+        settings = GenerationSettings.from_flags(
             max_new_tokens=max(r.max_tokens for _, r in rows),
             temperature=s.temperature,
-            top_k=s.top_k or None,
+            top_k=s.top_k,  # 0: no limit
             top_p=s.top_p,
         )
         input_ids, attention_mask = left_pad([r.prompt_ids for _, r in rows], self.pad)  # (B, T0)

@@ -15,10 +15,11 @@ read back without unpickling anything that could run code.
 Under FSDP / DeepSpeed the weights and optimizer state are accelerate's sharded layout instead
 (a ``torch.distributed.checkpoint`` directory / DeepSpeed's files).
 
-A checkpoint is first written to ``.tmp-<name>`` and renamed into place only when every process
-has finished writing, so a crash, Ctrl-C or a full disk mid-write leaves the previous
-checkpoints intact; ``trainer_state.json`` is written inside the temporary directory, so a
-checkpoint without it never exists under its final name. A write that fails (disk full, no
+A checkpoint is first written to ``.tmp-<name>`` and renamed into place
+(:func:`llmkit.core.atomic.replace`) only when every process has finished writing, so a crash,
+Ctrl-C or a full disk mid-write leaves the previous checkpoints intact; ``trainer_state.json``
+is written inside the temporary directory, so a checkpoint without it never exists under its
+final name. A write that fails (disk full, no
 permission) removes the temporary directory and ends the run with one line naming the
 checkpoint and what to do.
 
@@ -57,7 +58,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -65,6 +65,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from llmkit.core import atomic, compat
 from llmkit.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -153,7 +154,10 @@ def clean_temporaries(run_dir: Path) -> None:
     root = run_dir / CHECKPOINTS
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(".tmp-") or p.name.startswith(".old-"):
+            # .tmp-NAME: written by every process (one name for all ranks, so not a
+            # llmkit.core.atomic temporary); .NAME.old-HEX: atomic.replace's aside copy of best;
+            # .old-NAME: the aside copy of llmkit before it
+            if p.name.startswith((".tmp-", ".old-")) or ".old-" in p.name:
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -303,7 +307,7 @@ def save_checkpoint(
             line naming it and the space left; the temporary directory is removed and the
             earlier checkpoints are untouched. Raised on every process.
     """
-    if getattr(accelerator, "_custom_objects", None):  # accelerate would pickle them
+    if compat.accelerate_registered_objects(accelerator):  # accelerate would pickle them
         raise RuntimeError("objects registered for checkpointing would be pickled")
     root = run_dir / CHECKPOINTS
     final = root / name
@@ -323,7 +327,7 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
         raise _not_written(run_dir, final, failure)
     if accelerator.is_main_process:
-        _publish(tmp, final)
+        atomic.replace(tmp, final)  # only best is ever replaced: the old one moved aside first
         if keep_last is not None:
             prune_checkpoints(run_dir, keep_last)
     accelerator.wait_for_everyone()
@@ -363,19 +367,6 @@ def _not_written(run_dir: Path, final: Path, failure: BaseException | None) -> U
         "free space on that disk or lower train.keep_last (checkpoints kept), then "
         + ("--resume latest" if kept else "start again"),
     )
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the written ``tmp`` to ``final``; only ``best`` is ever replaced: the old one is
-    moved aside first, so that a crash leaves one of the two whole."""
-    if final.exists():
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def _anyone(accelerator, failed: bool) -> bool:

@@ -8,18 +8,17 @@ the full weights.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit import __version__
+from llmkit.core.atomic import atomic_files
+from llmkit.core.atomic import write_text as atomic_write_text
 from llmkit.errors import UserError
 from llmkit.runs import RUN_MARKER
 from llmkit.training import checkpoint as ckpt
 from llmkit.training.config import Recipe
 from llmkit.training.flops import format_mfu
-from llmkit.training.rundir import atomic_write_text
 
 if TYPE_CHECKING:
     from llmkit.training.fit import FitState
@@ -59,7 +58,7 @@ def finish(plan: Plan, run: Setup, state: FitState) -> dict[str, Any]:
             plan.tokenizer,
             plan.run_dir,
             plan.recipe,
-            plan.data.manifest,
+            plan.data.manifest.as_dict(),
             run.resolved,
             final,
             state_dict=full_state,
@@ -127,15 +126,13 @@ def save_final(model, tokenizer, run_dir: Path, state_dict=None) -> None:
             naming the run directory, the space left and the checkpoint to resume from; the
             hidden directory is removed, so no model file appears in the run directory.
     """
-    tmp = run_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        with atomic_files(run_dir, "final") as tmp:  # run_dir/.final.tmp-<pid>-<hex>
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
     except Exception as err:
         if not ckpt.write_failure(err):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
         where = getattr(err, "filename", None)
         what = f" ({Path(where).name})" if where else ""
         kept = ckpt.list_checkpoints(run_dir)
@@ -148,9 +145,6 @@ def save_final(model, tokenizer, run_dir: Path, state_dict=None) -> None:
             else "free space on that disk (or set train.save_interval to keep checkpoints), "
             "then train again",
         ) from None
-    for f in tmp.iterdir():
-        os.replace(f, run_dir / f.name)
-    tmp.rmdir()
 
 
 def write_run(

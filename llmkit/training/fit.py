@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llmkit import __version__
+from llmkit.core.metrics import NLLSums
+from llmkit.core.scoring import score_blocks
 from llmkit.errors import UserError
-from llmkit.evaluation.metrics import NLLSums
-from llmkit.evaluation.scoring import score_blocks
 from llmkit.training import checkpoint as ckpt
 from llmkit.training.batches import micro_batch_samples, step_samples
 from llmkit.training.flops import format_mfu

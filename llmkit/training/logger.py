@@ -10,12 +10,12 @@ several destinations).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from llmkit.core.atomic import write_text
 from llmkit.training.flops import format_mfu
 
 
@@ -63,9 +63,7 @@ class MetricLogger:
             return
         if resume_step is not None:
             kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= resume_step]
-            tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-            os.replace(tmp, metrics_path)
+            write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = metrics_path.open("a" if resume_step is not None else "w", encoding="utf-8")
 
     @contextmanager

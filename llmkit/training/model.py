@@ -4,7 +4,6 @@ pretrained (a directory, a .gguf file, a Hub id), optionally with LoRA adapters 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from llmkit.errors import UserError
 from llmkit.training.config import ModelConfig
@@ -101,27 +100,18 @@ def set_dropout(config, p: float) -> None:
             setattr(config, key, p)
 
 
-def _source(name: str) -> tuple[str, dict[str, Any]]:
-    """``(where, kwargs)`` for ``from_pretrained``: a directory, a .gguf file or a Hub id.
+def _source(name: str):
+    """Where ``model.name_or_path`` is (:func:`llmkit.core.loading.resolve_source`: the one rule
+    for a directory, a .gguf file or a Hub id, shared with generate, eval and export).
 
     Raises:
         UserError: a path that does not exist or is not a model.
     """
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(
-                f"model.name_or_path {name} is not a model directory (no config.json)",
-                "point it at a save_pretrained directory",
-            )
-        return str(path), {}
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise UserError(f"model.name_or_path {name} is a file but not a .gguf model")
-        return str(path.parent), {"gguf_file": path.name}
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf"):
-        raise UserError(f"model.name_or_path {name} does not exist", "check the path")
-    return name, {}
+    from llmkit.core.loading import resolve_source
+
+    return resolve_source(
+        name, label="model.name_or_path ", hint_flag="model.name_or_path", use_cache=False
+    )
 
 
 def load_pretrained_config(name: str, trust_remote_code: bool = False):
@@ -138,11 +128,14 @@ def load_pretrained_config(name: str, trust_remote_code: bool = False):
 
     from llmkit.security import announce_remote_code, is_remote_code_error, remote_code_error
 
-    where, kwargs = _source(name)
+    source = _source(name)
+    where = source.where
     if trust_remote_code:
         announce_remote_code(name, where)
-    try:
-        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
+    try:  # a .gguf's kwargs carry the config corrections of llmkit's GGUF reading
+        return AutoConfig.from_pretrained(
+            where, trust_remote_code=trust_remote_code, **source.kwargs
+        )
     except Exception as err:  # OSError, ValueError, ImportError (gguf missing) ...
         if is_remote_code_error(err):
             raise remote_code_error(name, where) from None
@@ -153,10 +146,12 @@ def load_pretrained_config(name: str, trust_remote_code: bool = False):
 def load_pretrained(name: str, config, trust_remote_code: bool = False):
     """``AutoModelForCausalLM.from_pretrained`` in float32 with SDPA and ``config``'s dropout.
 
-    A .gguf file is de-quantized whole by transformers to float32 (``GgufConfig(dequantize=
-    True)``: without it, transformers 5 keeps the weights in packed GGUF blocks wherever a
-    GGUF matmul kernel is installed, and packed weights cannot train). The loaded model is
-    then a plain dense model, and its GGUF quantizer marker is removed
+    A .gguf file (never its cached conversion: that copy holds the dtype of the load that wrote
+    it, see :func:`llmkit.core.loading.resolve_source`) is de-quantized whole by transformers
+    to float32 (``GgufConfig(dequantize=True)``: without it, transformers 5 keeps the weights
+    in packed GGUF blocks wherever a GGUF matmul kernel is installed, and packed weights cannot
+    train). The loaded model is then a plain dense model, and its GGUF quantizer marker is
+    removed
     (``HfQuantizer.remove_quantization_config``) so that ``save_pretrained`` writes it
     (transformers refuses to serialize a model that carries a GGUF quantizer).
 
@@ -170,10 +165,12 @@ def load_pretrained(name: str, config, trust_remote_code: bool = False):
 
     from llmkit.security import is_remote_code_error, remote_code_error
 
-    where, kwargs = _source(name)
-    if "gguf_file" in kwargs:
+    source = _source(name)
+    where, kwargs = source.where, {}
+    if source.kind == "gguf":  # the config (its corrections included) is passed whole
         from transformers import GgufConfig
 
+        kwargs["gguf_file"] = source.kwargs["gguf_file"]
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -235,7 +232,7 @@ def _model_tokenizer_file(name_or_path: str) -> Path | None:
     directory, or in the cached conversion of a ``.gguf`` file. None otherwise (Hub ids)."""
     path = Path(name_or_path)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        from llmkit.generation.loading import gguf_cache_dir
+        from llmkit.core.cache import gguf_cache_dir
 
         path = gguf_cache_dir(path) or path
     candidate = path / "tokenizer.json"
@@ -263,7 +260,7 @@ def check_same_tokenizer(
     Raises:
         UserError: "vocabulary mismatch", with the tokens or sizes that differ.
     """
-    from llmkit.data.prepared import VOCAB_HINT, check_same_vocabulary
+    from llmkit.core.prepared import VOCAB_HINT, check_same_vocabulary
 
     hint = VOCAB_HINT
     file = _model_tokenizer_file(model_name)

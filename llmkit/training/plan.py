@@ -37,7 +37,7 @@ class Plan:
     recipe: Recipe
     """The resolved recipe (defaults < YAML < overrides)."""
     data: Any
-    """The prepared data (``llmkit.data.prepared.load_prepared``): train / validation splits,
+    """The prepared data (``llmkit.core.prepared.load_prepared``): train / validation splits,
     tokenizer, manifest."""
     model_config: Any
     """The transformers config of the model to train (pretrained, or built from the recipe)."""
@@ -195,7 +195,7 @@ def _model_config(recipe: Recipe, data, data_block: int) -> tuple[Any, list[int]
     model_vocab = int(getattr(config, "vocab_size", 0) or 0)
     path = recipe.data.path
     new_tokens = added_token_rows(tokenizer, model_vocab, mcfg.name_or_path, path)
-    trained = bool(data.manifest.get("tokenizer", {}).get("trained"))
+    trained = data.manifest.tokenizer.trained
     check_same_tokenizer(tokenizer, model_vocab, mcfg.name_or_path, path, trained)
     return config, new_tokens
 
@@ -243,12 +243,12 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
     """
     from accelerate.utils import get_int_from_env
 
-    from llmkit.data.prepared import load_prepared, read_manifest
+    from llmkit.core.prepared import load_prepared, read_manifest
     from llmkit.training.distributed import accelerator_plugins, check_strategy
 
     tcfg = recipe.train
     manifest = read_manifest(recipe.data.path)
-    data_block = int(manifest["settings"]["block_size"])
+    data_block = manifest.block_size
     resume_from = ckpt.resolve_resume(resume, recipe.run_dir) if resume else None
     data = load_prepared(recipe.data.path, trust_remote_code=recipe.model.trust_remote_code)
     model_config, new_tokens = _model_config(recipe, data, data_block)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llmkit.core.atomic import atomic_output
+
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` (unreadable lines skipped)."""
@@ -46,10 +48,11 @@ def plot_loss_curve(records: list[dict[str, Any]], out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        with atomic_output(out) as tmp:
+            fig.savefig(tmp, format="png")  # the temporary's name ends in .tmp-<pid>-<hex>
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -1,9 +1,9 @@
-"""The run directory: what a run writes there, making it ready, writing into it atomically,
-and what an interrupted run leaves (the message that says how to continue)."""
+"""The run directory: what a run writes there, making it ready, and what an interrupted run
+leaves (the message that says how to continue). Files are written into it through
+:mod:`llmkit.core.atomic`."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -37,7 +37,8 @@ _RUN_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-_RUN_FILE_PATTERNS = ("model-*.safetensors", "pytorch_model-*.bin", ".*.tmp")
+# ".*.tmp-*": temporaries of llmkit.core.atomic (".*.tmp": those of llmkit before it)
+_RUN_FILE_PATTERNS = ("model-*.safetensors", "pytorch_model-*.bin", ".*.tmp", ".*.tmp-*")
 # What only a run of llmkit train writes: ``--overwrite`` replaces a directory holding one of
 # them, never another directory whose README.md or config.json happen to share a name.
 _RUN_EVIDENCE = (RUN_MARKER, "llmkit_config.yaml", "metrics.jsonl", ckpt.CHECKPOINTS)
@@ -109,13 +110,6 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> Non
         probe.unlink()
     except OSError as err:
         raise _os_error(err, run_dir) from None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a hidden temporary file beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from llmkit.core.atomic import write_text as atomic_write_text
 from llmkit.errors import UserError
 from llmkit.training import checkpoint as ckpt
 from llmkit.training.fit import EarlyStopping
@@ -27,7 +28,6 @@ from llmkit.training.flops import (
 )
 from llmkit.training.logger import MetricLogger
 from llmkit.training.plan import Plan
-from llmkit.training.rundir import atomic_write_text
 
 #: torch.compile backend for ``model.compile: true`` (tests swap in ``eager`` to skip the C++
 #: code generation that makes inductor take minutes on a small CPU).
@@ -104,10 +104,9 @@ def make_accelerator(plan: Plan):
         # backend (or refuses another precision): a second train() in the same process (a
         # notebook, the tests) starts from a fresh one. Not under a launcher: the process
         # group belongs to the state there.
-        from accelerate.state import AcceleratorState, GradientState
+        from llmkit.core.compat import reset_accelerate_state
 
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
     # Several processes (torchrun / accelerate launch) and no GPU: accelerate joins them over
     # gloo only when told cpu=True (without it each process trains alone, unaware of the rest).
     accelerator = Accelerator(
@@ -272,8 +271,8 @@ def setup(plan: Plan, accelerator, logger: MetricLogger) -> Setup:
     """
     from accelerate.utils import set_seed
 
-    from llmkit.data.tokenizer import token_byte_lengths
-    from llmkit.evaluation.scoring import block_columns
+    from llmkit.core.scoring import block_columns
+    from llmkit.core.tokenizer import token_byte_lengths
 
     recipe, tcfg, ecfg = plan.recipe, plan.recipe.train, plan.recipe.eval
     set_seed(tcfg.seed)

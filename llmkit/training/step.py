@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmkit.evaluation.metrics import IGNORE_INDEX
-from llmkit.evaluation.scoring import split_batch
+from llmkit.core.prepared import IGNORE_INDEX
+from llmkit.core.scoring import split_batch
 
 
 def count_targets(micro_batches: Sequence[dict[str, torch.Tensor]]) -> int:

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from llmkit.evaluation.metrics import IGNORE_INDEX, NLLSums, nll_sums
+from llmkit.core.metrics import NLLSums, nll_sums
+from llmkit.core.prepared import IGNORE_INDEX
 
 #: The columns of a prepared split that are read: ``input_ids`` always; ``labels`` and
 #: ``position_ids`` when ``llmkit prepare`` wrote them (chat / instruction data).
@@ -98,7 +99,7 @@ def score_blocks(
             optionally ``labels`` and ``position_ids``), or a (N, T) tensor / sequence of
             equal-length id lists.
         token_bytes: (vocab_size,) UTF-8 bytes per token id
-            (:func:`llmkit.data.tokenizer.token_byte_lengths`).
+            (:func:`llmkit.core.tokenizer.token_byte_lengths`).
         batch_size: blocks per forward pass.
         device: where the model is.
         progress: called with (blocks done, total blocks) after each batch.
@@ -109,9 +110,9 @@ def score_blocks(
 
     Returns:
         Total nats, scored target tokens and their UTF-8 bytes (for loss, perplexity, bits per
-        byte: :class:`llmkit.evaluation.metrics.NLLSums`).
+        byte: :class:`llmkit.core.metrics.NLLSums`).
     """
-    from llmkit.generation.generate import silence_padding_warning
+    from llmkit.core.loading import silence_padding_warning
 
     # Packed blocks hold EOS (= pad) as real text and no attention mask is passed on purpose.
     silence_padding_warning(model)

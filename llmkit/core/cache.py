@@ -23,7 +23,7 @@ not depend on it.
 The cleaned documents (an arrow ``datasets.Dataset`` with ``text`` and ``n_bytes``) and the
 counts of the read and clean stages are kept under ``$LLMKIT_CACHE/prepare/<cleaning
 fingerprint>/`` (``$LLMKIT_CACHE`` defaults to ``~/.cache/llmkit``, the root that
-:mod:`llmkit.generation.loading` uses for converted GGUF models; ``LLMKIT_CACHE=off`` turns the
+:mod:`llmkit.core.loading` uses for converted GGUF models; ``LLMKIT_CACHE=off`` turns the
 cache off). A rerun that changes only the tokenizer, block size, split or seed reuses them and
 skips reading and cleaning. A run whose output directory already holds a manifest with the same
 full fingerprint does nothing at all. An entry is written to a temporary directory and
@@ -44,16 +44,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmkit.core import atomic
 from llmkit.errors import UserError
 
-#: The environment variable naming the cache root (shared with llmkit.generation.loading).
+#: The environment variable naming the cache root (shared with llmkit.core.loading).
 ENV_CACHE = "LLMKIT_CACHE"
 #: Bump when the layout of a cache entry changes: older entries are then ignored.
 CACHE_FORMAT = 1
@@ -231,7 +231,7 @@ def tokenizer_identity(tokenizer: str | None) -> dict | None:
 
 
 def gguf_cache_dir(path: Path) -> Path | None:
-    """Where :mod:`llmkit.generation.loading` caches the conversion of a ``.gguf`` model (a
+    """Where :mod:`llmkit.core.loading` caches the conversion of a ``.gguf`` model (a
     ``save_pretrained`` directory with its tokenizer): ``<root>/gguf/<stem>-<size>-<mtime>``,
     named by size and modification time so that a changed file is converted again. None when
     the cache is off."""
@@ -278,15 +278,18 @@ class CleanCache:
         return documents, info
 
     def new_entry(self) -> Path:
-        """A fresh temporary directory next to the entry, to fill and :meth:`commit`."""
+        """A fresh temporary directory next to the entry (:func:`llmkit.core.atomic.temp_path`),
+        to fill and :meth:`commit`; those of dead processes for the same key are deleted."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{self.key}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        atomic.remove_stale(self.root, self.key)
+        tmp = atomic.temp_path(self.root, self.key)
         tmp.mkdir()
         return tmp
 
     def commit(self, tmp: Path, info: dict) -> None:
         """Write ``info`` into ``tmp`` and rename it to the entry (a concurrent run that got
-        there first wins; ``tmp`` is then removed)."""
+        there first wins; ``tmp`` is then removed). Not :func:`llmkit.core.atomic.replace`:
+        a complete entry is kept, not replaced, as the same key means the same content."""
         info = {"format": CACHE_FORMAT, "key": self.key, **info}
         (tmp / INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         try:

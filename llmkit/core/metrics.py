@@ -6,7 +6,7 @@ total bytes — never a mean of per-batch means, so batch size and padding canno
 - ``loss``: nats per target token, ``Σ -ln p(x_i | x_<i) / N_tokens``.
 - ``perplexity``: ``exp(loss)``.
 - ``bits_per_byte``: ``Σ -ln p / (ln 2 × Σ bytes)``, the UTF-8 bytes of the scored target tokens
-  (``llmkit.data.tokenizer.token_byte_lengths``); it compares models whose tokenizers differ
+  (``llmkit.core.tokenizer.token_byte_lengths``); it compares models whose tokenizers differ
   (Gao et al. 2020, "The Pile", §3.1 uses bits per UTF-8 byte for this reason).
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from llmkit.core.prepared import IGNORE_INDEX
 
 
 @dataclass

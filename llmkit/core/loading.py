@@ -37,19 +37,18 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmkit.data.cache import cache_root, gguf_cache_dir  # noqa: F401 - one rule, torch-free
+from llmkit.core.cache import cache_root, gguf_cache_dir  # noqa: F401 - one rule, torch-free
+from llmkit.core.compat import quiet_gguf_conversion
 from llmkit.errors import UserError, require
 
 ENV_MODEL = "LLMKIT_MODEL"
-ENV_CACHE = "LLMKIT_CACHE"  # read by llmkit.data.cache.cache_root
 DEFAULT_HUB_MODEL = "gpt2"
 FIX_HINT = (
     "pass --model DIR (a save_pretrained directory or a .gguf file), set LLMKIT_MODEL, "
@@ -156,6 +155,28 @@ def model_max_positions(model: Any) -> int | None:
     return None
 
 
+_SILENCED: weakref.WeakSet = weakref.WeakSet()
+
+
+def silence_padding_warning(model: Any) -> None:
+    """Turn off transformers' "pass an attention_mask" warning on ``model`` (and the module it
+    wraps): llmkit always builds the mask itself (generation's ``left_pad``; scoring of packed
+    blocks passes none on purpose). Once per model: walking its modules costs several
+    milliseconds, which every ``generate`` call would pay."""
+    try:
+        if model in _SILENCED:
+            return
+    except TypeError:  # not weak-referenceable: silence it each time
+        pass
+    for m in model.modules() if hasattr(model, "modules") else ():
+        if hasattr(m, "warn_if_padding_and_no_attention_mask"):
+            m.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
+    try:
+        _SILENCED.add(model)
+    except TypeError:
+        pass
+
+
 def _candidates(model: str | None) -> list[Candidate]:
     if model is not None:
         return [Candidate(str(model), "--model")]
@@ -173,11 +194,100 @@ def _candidates(model: str | None) -> list[Candidate]:
 
 
 def _looks_like_path(name: str) -> bool:
-    """True when ``name`` is meant as a local path rather than a Hub id ``org/name``."""
+    """True when ``name`` is meant as a local path rather than a Hub id ``org/name``: it starts
+    with ``/ . ~``, ends in ``.gguf``, holds a backslash or more than one ``/`` (a Hub id has
+    at most one), or its first component is an existing directory."""
     if name.startswith(("/", ".", "~")) or name.endswith(".gguf") or "\\" in name:
+        return True
+    if name.count("/") > 1:
         return True
     first = Path(name).parts[0] if Path(name).parts else ""
     return "/" in name and Path(first).is_dir()
+
+
+@dataclass
+class ModelSource:
+    """Where the model named by one string lives: the one rule for "is this a directory, a
+    ``.gguf`` file or a Hub id" (generate, chat, eval, serve, export and train use it).
+
+    ``from_pretrained(where, **kwargs)`` loads it: for a ``.gguf`` file ``where`` is its
+    directory and ``kwargs`` holds ``gguf_file`` and the config corrections of
+    :func:`_gguf_fixes`; for a ``.gguf`` file whose conversion is cached (current version),
+    ``where`` is the cached ``save_pretrained`` directory and ``kwargs`` is empty.
+    """
+
+    name: str  # as given
+    kind: str  # "directory", "gguf" or "hub"
+    where: str
+    kwargs: dict[str, Any]
+    gguf_pre: str | None = None  # the .gguf's pre-tokenizer (tokenizer.ggml.pre)
+    gguf_cache: Path | None = None  # where the .gguf's conversion is (or will be) cached
+    cached: bool = False  # where is that cached conversion
+
+
+def resolve_source(
+    name: str, *, label: str = "", hint_flag: str = "--model", use_cache: bool = True
+) -> ModelSource:
+    """Classify ``name`` as a model directory, a ``.gguf`` file or a Hub id (no loading).
+
+    Args:
+        name: as the user gave it (``~`` expanded).
+        label: put before ``name`` in errors (``"model.name_or_path "`` for a recipe).
+        hint_flag: what the hints tell the user to point at a model.
+        use_cache: read a ``.gguf`` from its cached conversion when there is a current one.
+            Training passes False: the copy holds the weights in the dtype of the load that
+            wrote it (bfloat16 after an ``auto`` load on a GPU), not the file's exact values.
+
+    Raises:
+        UserError: a directory without ``config.json``; a file that is not ``.gguf``; a
+            ``.gguf`` file without the ``gguf`` package; a path (:func:`_looks_like_path`) that
+            does not exist; a cached conversion that names Python code (altered).
+    """
+    from llmkit.security import auto_map_files
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"{label}{name} is not a model directory (no config.json)",
+                f"point {hint_flag} at a save_pretrained directory, a run of `llmkit train` "
+                "or a .gguf file",
+            )
+        return ModelSource(name, "directory", str(path), {})
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UserError(
+                f"{label}{name} is a file but not a .gguf model",
+                f"point {hint_flag} at a save_pretrained directory or a .gguf file",
+            )
+        require(
+            "gguf",
+            f"{name} is a GGUF file and reading it needs the gguf package",
+            "pip install 'llmkit[gguf]' (or pip install gguf)",
+        )
+        cache = gguf_cache_dir(path)
+        if use_cache and cache is not None and _is_current_gguf_cache(cache):
+            planted = auto_map_files(cache)
+            if planted:  # llmkit writes no auto_map: someone altered the cached conversion
+                raise UserError(
+                    f"the cached conversion of {name} in {cache} was altered: it names Python "
+                    f"code ({', '.join(planted)}) that llmkit never writes there",
+                    "delete it (`llmkit cache clear --gguf`, or remove that directory) and "
+                    "load the .gguf again",
+                )
+            return ModelSource(name, "gguf", str(cache), {}, gguf_cache=cache, cached=True)
+        overrides, pre = _gguf_fixes(path)
+        return ModelSource(
+            name,
+            "gguf",
+            str(path.parent),
+            {"gguf_file": path.name, **overrides},
+            gguf_pre=pre,
+            gguf_cache=cache,
+        )
+    if _looks_like_path(name):
+        raise UserError(f"{label}{name} does not exist", "check the path")
+    return ModelSource(name, "hub", name, {})
 
 
 def _short(err: BaseException, limit: int = 160) -> str:
@@ -243,28 +353,6 @@ def _fix_gguf_tokenizer(tokenizer: Any, pre: str | None) -> None:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]
     )
-
-
-@contextmanager
-def _quiet_gguf_conversion() -> Iterator[None]:
-    """Silence transformers' "Converting and de-quantizing GGUF tensors" bar (a bare tqdm that
-    ``disable_progress_bar`` does not reach): noise on a CLI's stderr."""
-    import functools
-
-    try:
-        from transformers import modeling_gguf_pytorch_utils as mod
-    except ImportError:
-        yield
-        return
-    original = getattr(mod, "tqdm", None)
-    if original is None:
-        yield
-        return
-    mod.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        mod.tqdm = original
 
 
 _HUB_STATUS: dict[str, tuple[bool, str]] = {}
@@ -347,30 +435,26 @@ def save_gguf_cache(model: Any, tokenizer: Any, cache: Path) -> bool:
     ``save_pretrained`` refuses a model that still carries transformers' GGUF quantizer
     (``hf_quantizer``; GGUF is not serializable), although its weights are already de-quantized
     to ``model.dtype``: the marker and the config's ``quantization_config`` are cleared first.
-    Written to a temporary directory and renamed, so a crash leaves no half cache.
+    Written through :func:`llmkit.core.atomic.atomic_output`, so a crash leaves no half cache.
 
     Returns:
         True when saved; False (a warning on stderr) when it could not be, e.g. a read-only disk.
     """
-    import shutil
+    from llmkit.core.atomic import atomic_output
 
-    tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
     try:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        tmp.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _GGUF_CACHE_MARKER).write_text(
-            f'{{"version": {_GGUF_CACHE_VERSION}}}\n', encoding="utf-8"
-        )
-        if cache.exists():
-            shutil.rmtree(cache)
-        tmp.rename(cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(cache, directory=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / _GGUF_CACHE_MARKER).write_text(
+                f'{{"version": {_GGUF_CACHE_VERSION}}}\n', encoding="utf-8"
+            )
         return True
     except Exception as err:  # a cache is an optimisation: never fail the load over it
-        shutil.rmtree(tmp, ignore_errors=True)
         sys.stderr.write(f"warning: could not cache the converted GGUF in {cache}: {_short(err)}\n")
         return False
 
@@ -413,61 +497,25 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.core.tokenizer import load_tokenizer
     from llmkit.security import (
         announce_remote_code,
-        auto_map_files,
         is_remote_code_error,
         remote_code_error,
     )
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: noise on stderr for a CLI
-    path = Path(name).expanduser()
-    cache: Path | None = None
-    pre: str | None = None
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if device.type == "cuda":
         kwargs["device_map"] = str(device)  # load the weights straight onto the GPU
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(
-                f"{name} is not a model directory (no config.json)",
-                "point --model at a save_pretrained directory, a run of `llmkit train` "
-                "or a .gguf file",
-            )
-        where, tok_kwargs = str(path), {}
-    elif path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise UserError(
-                f"{name} is a file but not a .gguf model",
-                "point --model at a save_pretrained directory or a .gguf file",
-            )
-        require(
-            "gguf",
-            f"{name} is a GGUF file and reading it needs the gguf package",
-            "pip install 'llmkit[gguf]' (or pip install gguf)",
-        )
-        cache = gguf_cache_dir(path)
-        if cache is not None and _is_current_gguf_cache(cache):
-            planted = auto_map_files(cache)
-            if planted:  # llmkit writes no auto_map: someone altered the cached conversion
-                raise UserError(
-                    f"the cached conversion of {name} in {cache} was altered: it names Python "
-                    f"code ({', '.join(planted)}) that llmkit never writes there",
-                    "delete it (`llmkit cache clear --gguf`, or remove that directory) and "
-                    "load the .gguf again",
-                )
-            where, tok_kwargs = str(cache), {}
-            kwargs["trust_remote_code"] = trust_remote_code = False  # never code from a cache
-        else:
-            where, tok_kwargs = str(path.parent), {"gguf_file": path.name}
-            kwargs["gguf_file"] = path.name
-            overrides, pre = _gguf_fixes(path)
-            kwargs.update(overrides)
-    elif _looks_like_path(name):
-        raise UserError(f"{name} does not exist", "check the path")
-    else:
-        where, tok_kwargs = name, {}  # a Hub id
+    source = resolve_source(name)
+    where, tok_kwargs = source.where, {}
+    kwargs.update(source.kwargs)
+    if source.cached:
+        kwargs["trust_remote_code"] = trust_remote_code = False  # never code from a cache
+    elif source.kind == "gguf":
+        tok_kwargs = {"gguf_file": source.kwargs["gguf_file"]}
+    elif source.kind == "hub":
         reachable, why = hub_status()
         if not reachable:  # read the local cache only: no retries, an answer at once
             _hub_offline()
@@ -488,7 +536,7 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
     if trust_remote_code:
         announce_remote_code(name, where)
     try:
-        with _quiet_gguf_conversion():
+        with quiet_gguf_conversion():
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except UserError:
         raise
@@ -502,10 +550,37 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
     model.eval()
     tokenizer = load_tokenizer(where, trust_remote_code=trust_remote_code, **tok_kwargs)
     if "gguf_file" in kwargs:
-        _fix_gguf_tokenizer(tokenizer, pre)
-        if cache is not None:
-            save_gguf_cache(model, tokenizer, cache)
+        _fix_gguf_tokenizer(tokenizer, source.gguf_pre)
+        if source.gguf_cache is not None:
+            save_gguf_cache(model, tokenizer, source.gguf_cache)
     return model, tokenizer
+
+
+def load_source_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of the model (or tokenizer) named ``name``, read as
+    :func:`load_model_and_tokenizer` reads it, without the weights.
+
+    A ``.gguf`` file goes through :func:`resolve_source`: its current cached conversion when
+    there is one, else its metadata with llmkit's corrections (:func:`_fix_gguf_tokenizer`:
+    SmolLM's digit split). Anything else (a directory, which may hold only a tokenizer; a Hub
+    id) is :func:`llmkit.core.tokenizer.load_tokenizer`.
+
+    Raises:
+        UserError: as :func:`resolve_source` for a ``.gguf``; as ``load_tokenizer`` otherwise.
+    """
+    from llmkit.core.tokenizer import load_tokenizer
+
+    path = Path(name).expanduser()
+    if not (path.is_file() and path.suffix.lower() == ".gguf"):
+        return load_tokenizer(name, trust_remote_code=trust_remote_code)
+    source = resolve_source(name)
+    if source.cached:  # never code from a cache
+        return load_tokenizer(source.where, trust_remote_code=False)
+    tokenizer = load_tokenizer(
+        source.where, gguf_file=source.kwargs["gguf_file"], trust_remote_code=trust_remote_code
+    )
+    _fix_gguf_tokenizer(tokenizer, source.gguf_pre)
+    return tokenizer
 
 
 def load_model_and_tokenizer(

@@ -11,8 +11,10 @@
       dataset_dict.json        {"splits": [...]}: ``datasets.load_from_disk(DIR)`` gives a
                                DatasetDict of both splits
 
-Two kinds of data, told apart by ``manifest["settings"]["format"]`` (:attr:`PreparedData.
-format`; a manifest without the key is text) and by the columns (:attr:`PreparedData.
+``manifest.json`` is typed by :class:`llmkit.core.manifest.Manifest`.
+
+Two kinds of data, told apart by ``manifest.settings.format`` (:attr:`PreparedData.format`; a
+manifest without the key is text) and by the columns (:attr:`PreparedData.
 has_labels`):
 
 - **text** (documents): one column ``input_ids``. Within a split, documents are concatenated
@@ -32,7 +34,7 @@ has_labels`):
     so that a model given them and no attention mask attends within each conversation only
     (:func:`llmkit.data.sft.packed_attention_mask`).
 
-  ``manifest["chat"]`` names the template (``template``: ``"tokenizer"`` for the tokenizer's
+  ``manifest.chat`` names the template (``template``: ``"tokenizer"`` for the tokenizer's
   own, or ``"chatml"``), its ``end_of_turn`` token (the stop token when generating) and the
   counts of the packing per split (``splits.<name>.packing``).
 
@@ -47,12 +49,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmkit.core.manifest import Manifest
 from llmkit.errors import UserError
 
 MANIFEST = "manifest.json"
 #: ``DatasetDict.save_to_disk``'s index of the splits.
 DATASET_DICT = "dataset_dict.json"
 SPLITS = ("train", "validation")
+#: The label of a position that is not a target: ``labels`` of chat data hold it where no loss
+#: is taken, and scoring masks targets with it. -100 is PyTorch's ``cross_entropy``
+#: ``ignore_index`` default (``torch.nn.functional.cross_entropy``), as transformers uses it.
+#: Defined here, once, in a module without torch (prepare's packers use it).
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -63,17 +71,17 @@ class PreparedData:
     train: Any  # datasets.Dataset, rows of block_size int32 ids (+ labels, position_ids: chat)
     validation: Any  # datasets.Dataset (may have 0 rows), the same columns
     tokenizer: Any
-    manifest: dict
+    manifest: Manifest
 
     @property
     def block_size(self) -> int:
         """Tokens per block."""
-        return int(self.manifest["settings"]["block_size"])
+        return self.manifest.block_size
 
     @property
     def format(self) -> str:
         """``"text"`` or ``"chat"`` (see the module docstring)."""
-        return data_format(self.manifest)
+        return self.manifest.format
 
     @property
     def has_labels(self) -> bool:
@@ -82,24 +90,21 @@ class PreparedData:
         return "labels" in self.train.column_names
 
 
-def data_format(manifest: dict) -> str:
-    """The kind of data a manifest describes: ``"chat"`` or ``"text"`` (also for manifests
-    written before chat data existed)."""
-    return (manifest.get("settings") or {}).get("format") or "text"
-
-
 def is_prepared(path: str | Path) -> bool:
     """True when ``path`` looks like a directory written by ``llmkit prepare``."""
     p = Path(path)
     return (p / MANIFEST).is_file() and (p / "train").is_dir()
 
 
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of a prepared directory.
+def read_manifest(path: str | Path) -> Manifest:
+    """The manifest of a prepared directory, typed (:class:`llmkit.core.manifest.Manifest`).
 
     Raises:
-        UserError: ``path`` is not a directory written by ``llmkit prepare``.
+        UserError: ``path`` is not a directory written by ``llmkit prepare``; its manifest is
+            not JSON, or lacks (or mistypes) a field readers rely on, naming the field.
     """
+    from pydantic import ValidationError
+
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p} does not exist", "run `llmkit prepare INPUT --output DIR` first")
@@ -109,7 +114,14 @@ def read_manifest(path: str | Path) -> dict:
             "run `llmkit prepare INPUT --output DIR` and point at DIR",
         )
     try:
-        return json.loads((p / MANIFEST).read_text(encoding="utf-8"))
+        text = (p / MANIFEST).read_text(encoding="utf-8")
+        return Manifest.model_validate_json(text)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "the top level"
+        raise UserError(
+            f"cannot read {p / MANIFEST}: {where}: {first['msg'].lower()}", "rerun llmkit prepare"
+        ) from None
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read {p / MANIFEST}: {err}", "rerun llmkit prepare") from err
 
@@ -161,7 +173,7 @@ def load_prepared(path: str | Path, *, trust_remote_code: bool = False) -> Prepa
     """
     from datasets import load_from_disk
 
-    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.core.tokenizer import load_tokenizer
 
     p = Path(path)
     manifest = read_manifest(p)
@@ -190,7 +202,7 @@ def damaged(path: Path, file: Path | str, reason: str) -> UserError:
     )
 
 
-def _load_split(p: Path, name: str, manifest: dict, load_from_disk) -> Any:
+def _load_split(p: Path, name: str, manifest: Manifest, load_from_disk) -> Any:
     """``load_from_disk(p / name)``, with a damaged split as one :func:`damaged` line.
 
     Arrow files are read whole when loaded (datasets maps them), so a truncated file fails
@@ -205,8 +217,8 @@ def _load_split(p: Path, name: str, manifest: dict, load_from_disk) -> Any:
         raise damaged(p, missing, "is missing") from None
     except (OSError, ValueError, KeyError, TypeError) as err:  # pyarrow's errors derive from these
         raise damaged(p, _bad_file(split), f"cannot be read ({_short(err)})") from None
-    expected = ((manifest.get("splits") or {}).get(name) or {}).get("blocks")
-    if isinstance(expected, int) and len(ds) != expected:
+    expected = manifest.split_blocks(name)
+    if expected is not None and len(ds) != expected:
         files = sorted(split.glob("*.arrow"))
         where = files[-1] if len(files) == 1 else split
         raise damaged(

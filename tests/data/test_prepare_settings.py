@@ -1,0 +1,93 @@
+"""prepare's settings model (llmkit.data.config.PrepareSettings): one definition of every allowed
+value, validated once, unknown keys named with the closest valid one, defaults < YAML < flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+from llmkit.cli import prepare as cli
+from llmkit.data import choices
+from llmkit.data.config import PrepareSettings
+from llmkit.errors import UserError
+
+
+def test_every_choice_is_defined_once_and_the_cli_and_the_modules_use_it():
+    from llmkit.data import pack, readers, sft
+    from llmkit.data.filters import FILTERS
+
+    assert [e.value for e in cli.Format] == list(choices.FORMATS) == ["auto", "text", "chat"]
+    assert [e.value for e in cli.SplitOn] == list(readers.SPLIT_MODES)
+    assert [e.value for e in cli.Overlong] == list(pack.OVERLONG_RULES)
+    assert [e.value for e in cli.TrainOn] == list(sft.TRAIN_ON)
+    assert choices.CHAT_TEMPLATE_CHOICES == ("auto", sft.OWN_TEMPLATE, *sft.CHAT_TEMPLATES)
+    assert choices.FILTER_NAMES == tuple(FILTERS)
+    assert readers.FORMATS is choices.FORMATS and pack.OVERLONG_RULES is choices.OVERLONG_RULES
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        ({"blok_size": 64}, "unknown prepare setting blok_size — did you mean block_size?"),
+        ({"dedup": {"num_prem": 64}}, "unknown prepare setting dedup.num_prem — did you mean "),
+        ({"block_size": "64"}, "block_size: expected int, got str '64'"),
+        ({"keep_dropped": 1}, "keep_dropped: expected bool, got int 1"),
+        ({"overlong": "wrap"}, "--overlong 'wrap' is not one of: truncate, drop"),
+        ({"block_size": 1}, "--block-size 1 is too small"),
+        ({"filters": {"c4": {"enabled": "yes"}}}, "filters.c4.enabled: expected bool"),
+    ],
+)
+def test_a_bad_setting_is_one_user_error_naming_it(layer, message):
+    with pytest.raises(UserError) as err:
+        PrepareSettings.load(None, layer)
+    assert str(err.value).startswith(message)
+
+
+def test_yaml_then_flags(tmp_path):
+    cfg = tmp_path / "prepare.yaml"
+    cfg.write_text(
+        "block_size: 64\nseed: 3\nfilters: {c4: {enabled: true}}\ndedup: {near: false}\n"
+    )
+    s = PrepareSettings.load(cfg)
+    assert (s.block_size, s.seed, s.vocab_size) == (64, 3, 1024)
+    assert s.cleaning.filters.c4.enabled and not s.cleaning.dedup.near
+    s = PrepareSettings.load(cfg, {"block_size": 32, "cleaning": {"dedup": {"near": True}}})
+    assert (s.block_size, s.seed) == (32, 3) and s.cleaning.dedup.near
+    assert s.cleaning.filters.c4.enabled
+    # chat data: its defaults (near dedup off) sit under the YAML and the flags
+    assert s.cleaning_for("chat").dedup.near and s.cleaning_for("chat").filters.c4.enabled
+    assert not PrepareSettings.load(None).cleaning_for("chat").dedup.near
+
+
+def test_cli_flags_win_over_the_yaml_and_a_flag_left_at_its_default_does_not(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("\n\n".join(f"Paragraph {i} of some text, with words." for i in range(300)))
+    cfg = tmp_path / "prepare.yaml"
+    cfg.write_text("block_size: 16\nvocab_size: 300\nplot: false\n")
+    runner = CliRunner()
+    out = tmp_path / "o"
+    args = ["prepare", str(text), "-o", str(out), "--config", str(cfg), "--no-cache", "--json"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    settings = json.loads(r.stdout)["settings"]
+    assert (settings["block_size"], settings["vocab_size"], settings["plot"]) == (16, 300, False)
+    r = runner.invoke(app, [*args, "--block-size", "32", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["settings"]["block_size"] == 32
+
+
+def test_cli_unknown_yaml_key_is_one_line_exit_2(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("some text\n")
+    cfg = tmp_path / "prepare.yaml"
+    cfg.write_text("vocab_sise: 300\n")
+    r = CliRunner().invoke(
+        app, ["prepare", str(text), "-o", str(tmp_path / "o"), "--config", str(cfg)]
+    )
+    assert r.exit_code == 2
+    assert r.stderr.splitlines() == [
+        "error: unknown prepare setting vocab_sise — did you mean vocab_size?"
+    ]
