@@ -357,7 +357,7 @@ def test_trained_tokenizer_equals_prepare(tmp_path, corpus):
     rows, ref_rows = _rows(tmp_path / "out"), _rows(tmp_path / "ref")
     from datasets import load_from_disk
 
-    from llmkit.data.prepared import is_prepared
+    from llmkit.core.prepared import is_prepared
 
     assert is_prepared(tmp_path / "out")
     assert load_from_disk(str(tmp_path / "out"))["train"].num_rows == len(ref_rows["train"])

@@ -15,7 +15,7 @@ groups      partitions    the collision groups of one partition
 resolve     1             the greedy resolve over the colliding documents; kept documents per shard
 tokenizer   1             without a given tokenizer: a byte-level BPE trained on the train
                           documents in global order
-                          (:func:`llmkit.data.tokenizer.train_bpe_tokenizer`)
+                          (:func:`llmkit.core.tokenizer.train_bpe_tokenizer`)
 encode      ``tasks``     for its shards: admit, split by global kept rank
                           (:func:`llmkit.data.pipeline.split_indices`), encode
                           (:func:`llmkit.data.pipeline.encode_batch`), write tokens and counts
@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmkit.core.prepared import DATASET_DICT, MANIFEST, SPLITS
 from llmkit.data.distributed import dedup as ddedup
 from llmkit.data.distributed.pack import running_offsets, shard_blocks, split_stats
 from llmkit.data.distributed.shards import (
@@ -56,7 +57,6 @@ from llmkit.data.distributed.shards import (
     read_shard,
     shard_source,
 )
-from llmkit.data.prepared import DATASET_DICT, MANIFEST, SPLITS
 from llmkit.data.readers import (
     DEFAULT_ENCODING,
     DEFAULT_MAX_DOCUMENT_BYTES,
@@ -378,8 +378,8 @@ class TrainTokenizer(Stage):
             return
         import tempfile
 
+        from llmkit.core.tokenizer import train_bpe_tokenizer
         from llmkit.data.config import build_stages
-        from llmkit.data.tokenizer import train_bpe_tokenizer
 
         stages = build_stages(_cleaning(spec))
         dropped = work.get("dropped.pkl")
