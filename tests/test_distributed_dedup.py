@@ -9,16 +9,21 @@ import numpy as np
 import pytest
 from conftest import shared_file
 
-from llmkit.data.clean import admit_document, process_document
-from llmkit.data.config import build_stages, default_config, merge
+from llmkit.data.config import build_steps, default_config, merge
 from llmkit.data.distributed.dedup import (
-    admit_rows,
     collision_groups,
+    decided_steps,
     resolve,
+    rules_of,
     shard_records,
     signatures_needed,
+    split_steps,
+    tag_keys,
 )
+from llmkit.data.document import Document
 from llmkit.data.readers import discover_inputs, read_documents
+from llmkit.data.steps.base import run_chain
+from llmkit.data.steps.dedup import key_name
 
 
 def _edit(text: str, every: int, rng: random.Random) -> str:
@@ -56,94 +61,147 @@ def corpus() -> list[str]:
     return out
 
 
-def _rows(docs, stages):
-    """The per-document part (pure: each row depends on its document only)."""
-    stages = copy.deepcopy(stages)
-    return [process_document(d, stages) for d in docs]
+def _one_process(docs, steps):
+    """The reference: the cleaning steps' ``run()`` in one process (what ``prepare`` runs with
+    ``--num-proc 1``); per document, the stage that dropped it and why (None: kept), and the
+    steps' statistics."""
+    steps = copy.deepcopy(steps)
+    fate = {}
+    for step in steps:
+        step.dropped_writer = _Fate(fate)
+    kept = {d.id for d in run_chain(steps, [Document(t, j) for j, t in enumerate(docs)])}
+    assert all(j in kept or j in fate for j in range(len(docs)))
+    return fate, [s.stats.as_dict() for s in steps if s.stats is not None]
 
 
-def _one_process(rows, stages):
-    stages = copy.deepcopy(stages)  # fresh indexes
-    return [admit_document(row, stages) for row in rows]
+class _Fate:
+    def __init__(self, fate):
+        self.fate = fate
+
+    def write(self, doc, stage, reason, rank=0):
+        self.fate[doc.id] = (stage, reason)
+
+    def close(self):
+        pass
 
 
-def _distributed(rows, stages, n_shards, n_partitions):
-    """Shards of consecutive documents; each shard's records, then each partition's groups,
-    then the one resolve; then each shard's admissions."""
-    bounds = [round(k * len(rows) / n_shards) for k in range(n_shards + 1)]
-    shards = [rows[bounds[k] : bounds[k + 1]] for k in range(n_shards)]
+def _distributed(docs, steps, n_shards, n_partitions):
+    """Shards of consecutive documents: each shard's steps before the barrier and its
+    records, then each partition's groups, then the one resolve, then each shard's decided
+    resolve steps and the steps after the barrier; the fates and the statistics added up."""
+    steps = copy.deepcopy(steps)
+    before, resolves, after = split_steps(steps)
+    rules = rules_of(resolves)
+    bounds = [round(k * len(docs) / n_shards) for k in range(n_shards + 1)]
+    fate = {}
+    reached = []
     parts = [[] for _ in range(n_partitions)]
-    for s, r in enumerate(shards):
-        for p, recs in enumerate(shard_records(r, s, stages, n_partitions)):
+    totals = None
+    per_shard_before = []
+    for s in range(n_shards):
+        for step in before:
+            step.reset_stats()
+            step.dropped_writer = _Fate(fate)
+        shard_docs = [Document(docs[j], j) for j in range(bounds[s], bounds[s + 1])]
+        out = list(run_chain(before, shard_docs))
+        reached.append(out)
+        per_shard_before.append([st.stats for st in before if st.stats is not None])
+        for p, recs in enumerate(shard_records([d.metadata for d in out], s, rules, n_partitions)):
             parts[p].extend(recs)
     groups = [g for p in parts for g in collision_groups(p)]
     sigs = {
         i: {
-            (s, j): np.asarray(row[f"key_{i}"][stages[i].bands :])
-            for s, r in enumerate(shards)
-            for j, row in enumerate(r)
-            if row.get(f"key_{i}") is not None
+            (s, j): np.asarray(d.metadata[key_name(rules[i])][rules[i].bands :])
+            for s, out in enumerate(reached)
+            for j, d in enumerate(out)
+            if d.metadata[key_name(rules[i])] is not None
         }
-        for i in signatures_needed(stages)
+        for i in signatures_needed(rules)
     }
-    dropped = resolve(groups, stages, sigs)
-    return [a for s, r in enumerate(shards) for a in admit_rows(r, s, stages, dropped)]
+    dropped = resolve(groups, rules, sigs)
+    for s, out in enumerate(reached):
+        decided = decided_steps(resolves, dropped)
+        for step in decided + after:
+            step.reset_stats()
+            step.dropped_writer = _Fate(fate)
+        for j, d in enumerate(out):
+            tag_keys(d.metadata, rules, (s, j))
+        list(run_chain(decided + after, out))
+        stats = per_shard_before[s] + [st.stats for st in decided + after if st.stats is not None]
+        if totals is None:
+            totals = stats
+        else:
+            for a, b in zip(totals, stats, strict=True):
+                a.merge(b)
+    return fate, [st.as_dict() for st in totals]
 
 
 def _chain(**dedup):
     cfg = merge(default_config(), {"dedup": dedup}) if dedup else default_config()
-    return build_stages(cfg)
+    return build_steps(cfg)
 
 
 @pytest.fixture(scope="module")
 def default_case(corpus):
-    stages = _chain()
-    rows = _rows(corpus, stages)
-    return stages, rows, _one_process(rows, stages)
+    steps = _chain()
+    return steps, _one_process(corpus, steps)
 
 
 @pytest.mark.parametrize("n", [1, 2, 5])
-def test_kept_set_equals_one_process(default_case, n):
-    stages, rows, ref = default_case
-    got = _distributed(rows, stages, n, n)
-    assert got == ref  # (stop, reason, counts) per document
-    reasons = [r for _, r, _ in ref]
+def test_kept_set_equals_one_process(corpus, default_case, n):
+    steps, (ref_fate, ref_stats) = default_case
+    fate, stats = _distributed(corpus, steps, n, n)
+    assert fate == ref_fate  # the stage and reason of every dropped document
+    assert stats == ref_stats  # every step's documents, bytes, drops and counts
+    reasons = [r for _, r in ref_fate.values()]
     assert reasons.count("duplicate") >= 150
     assert reasons.count("near_duplicate") >= 50
-    assert sum(stop == len(stages) for stop, _, _ in ref) > 2000
+    assert len(corpus) - len(ref_fate) > 2000
 
 
-def test_non_transitive_collisions_are_replayed(default_case):
+def test_non_transitive_collisions_are_replayed(corpus, default_case):
     """The corpus holds B~A, C~B with C kept after B was dropped: 'one per cluster' would
     drop C; llmkit's greedy rule keeps it, and so does the distributed resolve."""
-    stages, rows, ref = default_case
-    near = next(i for i, s in enumerate(stages) if type(s).__name__ == "MinHashDedup")
-    groups = [g for g in collision_groups(shard_records(rows, 0, stages, 1)[0]) if g[0] == near]
-    dropped = {j for j, (stop, _, _) in enumerate(ref) if stop == near}
+    steps, (ref_fate, _) = default_case
+    before, resolves, _ = split_steps(copy.deepcopy(steps))
+    rules = rules_of(resolves)
+    near = next(i for i, r in enumerate(rules) if r.name == "near_dedup")
+    docs = [Document(t, j) for j, t in enumerate(corpus)]
+    reached = list(run_chain(before, docs))
+    ids = [d.id for d in reached]
+    recs = shard_records([d.metadata for d in reached], 0, rules, 1)[0]
+    groups = [g for g in collision_groups(recs) if g[0] == near]
+    dropped = {
+        ids[j]
+        for j, (stage, _) in ((k, ref_fate.get(ids[k], (None, None))) for k in range(len(ids)))
+        if stage == "near_dedup"
+    }
     kept_next_to_dropped = [
-        m
+        ids[m]
         for _, members in groups
         for _, m in members
-        if ref[m][0] == len(stages) and any(x in dropped for _, x in members)
+        if ids[m] not in ref_fate and any(ids[x] in dropped for _, x in members)
     ]
     assert kept_next_to_dropped  # the case exists in the corpus
-    assert _distributed(rows, stages, 3, 4) == ref
+    assert _distributed(corpus, steps, 3, 4)[0] == ref_fate
 
 
-def test_a_wrong_rule_is_caught(default_case):
+def test_a_wrong_rule_is_caught(corpus, default_case):
     """Resolving each partition on its own (no global order over the candidate graph) differs."""
-    stages, rows, ref = default_case
-    parts = shard_records(rows, 0, stages, 4)
+    steps, _ = default_case
+    before, resolves, _ = split_steps(copy.deepcopy(steps))
+    rules = rules_of(resolves)
+    reached = list(run_chain(before, [Document(t, j) for j, t in enumerate(corpus)]))
+    parts = shard_records([d.metadata for d in reached], 0, rules, 4)
     local = {}
     for p in parts:
-        local.update(resolve(collision_groups(p), stages))
-    assert local != resolve(collision_groups([r for p in parts for r in p]), stages)
+        local.update(resolve(collision_groups(p), rules))
+    assert local != resolve(collision_groups([r for p in parts for r in p]), rules)
 
 
 @pytest.mark.slow
 def test_with_threshold_and_other_partition_counts(corpus):
-    stages = _chain(threshold=0.6)
-    rows = _rows(corpus, stages)
-    ref = _one_process(rows, stages)
+    steps = _chain(threshold=0.6)
+    ref = _one_process(corpus, steps)
     for shards, parts in ((2, 7), (5, 1)):
-        assert _distributed(rows, stages, shards, parts) == ref
+        assert _distributed(corpus, steps, shards, parts) == ref

@@ -142,6 +142,7 @@ def test_local_executor_equals_prepare(tmp_path, corpus, tokenizer_dir, referenc
         "signatures": tasks,
         "groups": tasks,
         "resolve": 1,
+        "admit": tasks,
         "tokenizer": 1,
         "encode": tasks,
         "pack": tasks,
@@ -212,6 +213,7 @@ def test_kill_9_then_rerun_skips_finished_tasks(tmp_path, corpus, tokenizer_dir,
         "signatures": 3,
         "groups": 3,
         "resolve": 1,
+        "admit": 3,
         "tokenizer": 1,
         "encode": 1,
         "pack": 0,
@@ -223,6 +225,7 @@ def test_kill_9_then_rerun_skips_finished_tasks(tmp_path, corpus, tokenizer_dir,
         "signatures": 3,
         "groups": 3,
         "resolve": 1,
+        "admit": 3,
         "tokenizer": 1,
         "encode": 3,
         "pack": 3,
@@ -283,9 +286,9 @@ def test_slurm_submission(tmp_path, corpus, tokenizer_dir, monkeypatch):
     )
     executors[-1].run()
     jobs = [(c, a) for c, a in submitted if "launch_pickled_pipeline" in c]
-    assert len(jobs) == 6
+    assert len(jobs) == 7
     arrays = [next(x for x in c.splitlines() if "--array" in x) for c, _ in jobs]
-    assert arrays == [f"#SBATCH --array=0-{n - 1}" for n in (8, 3, 1, 1, 8, 8)]
+    assert arrays == [f"#SBATCH --array=0-{n - 1}" for n in (8, 3, 1, 8, 1, 8, 8)]
     for c, _ in jobs:
         assert "#SBATCH --partition=cpu" in c and "#SBATCH --time=02:00:00" in c
         assert "#SBATCH --cpus-per-task=2" in c and "#SBATCH --mem-per-cpu=3G" in c
@@ -311,6 +314,7 @@ def test_ray_executor_equals_prepare(tmp_path, corpus, tokenizer_dir, reference,
         "signatures": 2,
         "groups": 2,
         "resolve": 1,
+        "admit": 2,
         "tokenizer": 1,
         "encode": 2,
         "pack": 2,

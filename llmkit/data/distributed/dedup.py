@@ -1,38 +1,36 @@
 """Exact and MinHash de-duplication across shards, with llmkit's greedy rule, for any number of
 tasks.
 
-llmkit's rule (:meth:`llmkit.data.clean.ExactDedup.admit`,
-:meth:`llmkit.data.dedup.MinHashDedup.admit`, run in document order by
-:func:`llmkit.data.clean.admit_document`): a document is dropped when it collides with an
-earlier document that was *kept*. With MinHash, collisions are not transitive (A~B, B~C, not
-A~C: the one-process pass keeps A, drops B, and keeps C, since B was not kept), so "one per
-cluster" (union-find, as datatrove's and NeMo Curator's MinHash pipelines do) is another rule.
-Here it is replayed exactly, in three steps:
+The cleaning steps (:func:`llmkit.data.config.build_steps`) put every de-duplication rule in
+two steps (:mod:`llmkit.data.steps.dedup`): a per-document :class:`~llmkit.data.steps.dedup.
+SignatureStep` (``metadata["key_<name>"] = rule.key(text)``), run on any rank, and a
+:class:`~llmkit.data.steps.dedup.ResolveStep` that calls the rule's sequential ``admit`` over
+every document in corpus order: a document is dropped when it collides with an earlier
+document that was *kept*. With MinHash, collisions are not transitive (A~B, B~C, not A~C:
+one process keeps A, drops B, and keeps C, since B was not kept), so "one per cluster"
+(union-find, as datatrove's and NeMo Curator's MinHash pipelines do) is another rule. Here
+the resolve steps are replayed exactly, in three steps:
 
-1. **signatures** (:func:`shard_records`, one task per shard): each document's keys, exactly
-   those the one-process chain computes (:func:`llmkit.data.clean.process_document` rows: the
-   exact key, :func:`llmkit.data.clean.dedup_key`; the MinHash band hashes,
-   :meth:`~llmkit.data.dedup.MinHashDedup.band_hashes`), each record ``(stage, key, position)``
-   sent to partition ``hash(key) % partitions`` (:func:`partition_of`). A document that a
-   document stage dropped before a dedup stage sends nothing for it.
+1. **records** (:func:`shard_records`, per shard): each document's signature keys, as the
+   signature steps left them, each record ``(rule, key, shard, index)`` sent to partition
+   ``hash(key) % partitions`` (:func:`partition_of`);
 2. **collision groups** (:func:`collision_groups`, one task per partition): the records of a
-   partition grouped by ``(stage, key)``; only groups of two documents or more are kept.
+   partition grouped by ``(rule, key)``; only groups of two documents or more are kept;
 3. **resolve** (:func:`resolve`, one task): over the colliding documents only, in global
-   position order, stage after stage: a document is dropped at a stage when one of its groups
+   position order, rule after rule: a document is dropped by a rule when one of its groups
    already holds a kept document (with a MinHash ``threshold``: a kept document of its groups
    whose signature agrees on at least ``threshold`` of its values), else it is kept and marks
    its groups. A document no group holds collides with nothing and is kept. This is the
    one-process pass restricted to the documents whose decision can differ from "keep", so the
    kept set is the same for any number of shards and partitions.
 
-:func:`admit_rows` then gives each row the ``(stop, reason, corpus_counts)`` that
-:func:`~llmkit.data.clean.admit_document` gives it in one process, so the stage counts of the
-manifest add up the same.
+Each shard then runs the real :class:`~llmkit.data.steps.dedup.ResolveStep` s over its own
+documents with the decisions taken here (:class:`Decided`, which stands in for the rule), so
+the statistics, drop reasons and counts are the steps' own, added up over shards.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -40,33 +38,40 @@ import numpy as np
 
 from llmkit.data.clean import ExactDedup
 from llmkit.data.dedup import MinHashDedup
+from llmkit.data.steps.dedup import ResolveStep, SignatureStep, key_name
 
 #: A document's global position: (shard index, index within the shard).
 Position = tuple[int, int]
 
-#: Drop reasons of the dedup stages (the strings their ``admit`` returns).
+#: Drop reasons of the de-duplication rules (the strings their ``admit`` returns).
 REASONS = {ExactDedup: "duplicate", MinHashDedup: "near_duplicate"}
 
 
-def _inner(stage):
-    """The dedup stage itself (chat data wraps it in a ConversationCorpusStage)."""
-    return getattr(stage, "inner", stage)
-
-
-def corpus_stages(stages: Sequence) -> list[int]:
-    """Indexes of the corpus (order-dependent) stages of a chain.
+def split_steps(steps: Sequence) -> tuple[list, list, list]:
+    """``steps`` (:func:`llmkit.data.config.build_steps`) cut at the barrier: the steps that
+    run per shard before it (normalize, filters, signatures), the resolve steps, and the
+    per-shard steps after it (PII).
 
     Raises:
-        ValueError: a corpus stage this module cannot replay (not exact or MinHash dedup).
+        ValueError: more than one barrier, or a global step other than an exact or MinHash
+            resolve (this module cannot replay it).
     """
-    out = []
-    for i, stage in enumerate(stages):
-        if stage.stateless:
-            continue
-        if type(_inner(stage)) not in REASONS:
-            raise ValueError(f"cannot distribute the corpus stage {type(stage).__name__}")
-        out.append(i)
-    return out
+    first = next((i for i, s in enumerate(steps) if s.global_order), len(steps))
+    end = first
+    while end < len(steps) and steps[end].global_order:
+        end += 1
+    before, resolves, after = list(steps[:first]), list(steps[first:end]), list(steps[end:])
+    if any(s.global_order for s in after):
+        raise ValueError("cannot distribute two de-duplication barriers")
+    for step in resolves:
+        if not isinstance(step, ResolveStep) or type(step.rule) not in REASONS:
+            raise ValueError(f"cannot distribute the global step {step.name!r}")
+    return before, resolves, after
+
+
+def rules_of(resolves: Sequence[ResolveStep]) -> list:
+    """The de-duplication rules of the resolve steps, in order."""
+    return [step.rule for step in resolves]
 
 
 def partition_of(key: bytes, partitions: int) -> int:
@@ -77,96 +82,88 @@ def partition_of(key: bytes, partitions: int) -> int:
     return int.from_bytes(key[:8], "little") % partitions
 
 
-def _stage_keys(stage, key) -> list[bytes]:
-    """The group keys of one document at one stage (empty: it can collide with nothing)."""
+def group_keys(rule, key) -> list[bytes]:
+    """The group keys of one document under one rule (empty: it can collide with nothing):
+    the exact key, or a MinHash key's band hashes as 8 bytes each."""
     if key is None:
         return []
-    inner = _inner(stage)
-    if isinstance(inner, ExactDedup):
+    if isinstance(rule, ExactDedup):
         return [bytes(key)]
-    return [int(h).to_bytes(8, "little", signed=True) for h in key[: inner.bands]]
-
-
-def _reaches(row: Mapping, i: int) -> bool:
-    return row["drop_stage"] < 0 or row["drop_stage"] > i
+    return [int(h).to_bytes(8, "little", signed=True) for h in key[: rule.bands]]
 
 
 def shard_records(
-    rows: Iterable[Mapping], shard: int, stages: Sequence, partitions: int
+    keys: Iterable[Mapping], shard: int, rules: Sequence, partitions: int
 ) -> list[list[tuple[int, bytes, int, int]]]:
     """Step 1 for one shard: the records of its documents, by partition.
 
     Args:
-        rows: the shard's :func:`~llmkit.data.clean.process_document` rows, in order.
+        keys: per document of the shard that reached the barrier, in order, its signature
+            keys (``{"key_<name>": key}``, as the signature steps leave them in metadata).
         shard: the shard's index.
-        stages: the chain (the same objects' settings as in one process).
+        rules: the de-duplication rules (:func:`rules_of`).
         partitions: number of partitions.
 
     Returns:
-        ``out[p]`` = ``[(stage_index, key, shard, index), ...]`` for partition ``p``.
+        ``out[p]`` = ``[(rule_index, key, shard, index), ...]`` for partition ``p``.
     """
-    corpus = corpus_stages(stages)
     out: list[list[tuple[int, bytes, int, int]]] = [[] for _ in range(partitions)]
-    for index, row in enumerate(rows):
-        for i in corpus:
-            if not _reaches(row, i):
-                continue
-            for k in _stage_keys(stages[i], row[f"key_{i}"]):
+    names = [key_name(rule) for rule in rules]
+    for index, doc_keys in enumerate(keys):
+        for i, rule in enumerate(rules):
+            for k in group_keys(rule, doc_keys[names[i]]):
                 out[partition_of(k, partitions)].append((i, k, shard, index))
     return out
 
 
 def collision_groups(records: Iterable[tuple[int, bytes, int, int]]) -> list[tuple[int, list]]:
-    """Step 2 for one partition: ``[(stage_index, sorted positions), ...]`` for each key held
-    by two documents or more, in a deterministic order (by stage, then key)."""
+    """Step 2 for one partition: ``[(rule_index, sorted positions), ...]`` for each key held
+    by two documents or more, in a deterministic order (by rule, then key)."""
     groups: dict[tuple[int, bytes], set[Position]] = defaultdict(set)
-    for stage, key, shard, index in records:
-        groups[(stage, key)].add((shard, index))
+    for rule, key, shard, index in records:
+        groups[(rule, key)].add((shard, index))
     return [
-        (stage, sorted(members))
-        for (stage, _), members in sorted(groups.items())
-        if len(members) > 1
+        (rule, sorted(members)) for (rule, _), members in sorted(groups.items()) if len(members) > 1
     ]
 
 
-def signatures_needed(stages: Sequence) -> set[int]:
-    """Corpus stages whose resolve needs the MinHash signatures (those with a threshold)."""
+def signatures_needed(rules: Sequence) -> set[int]:
+    """Rules whose resolve needs the MinHash signatures (those with a threshold)."""
     return {
         i
-        for i in corpus_stages(stages)
-        if isinstance(_inner(stages[i]), MinHashDedup) and _inner(stages[i]).threshold is not None
+        for i, rule in enumerate(rules)
+        if isinstance(rule, MinHashDedup) and rule.threshold is not None
     }
 
 
 def resolve(
     groups: Iterable[tuple[int, Sequence[Position]]],
-    stages: Sequence,
+    rules: Sequence,
     signatures: Mapping[int, Mapping[Position, np.ndarray]] | None = None,
 ) -> dict[Position, tuple[int, str]]:
-    """Step 3: the documents dropped by the dedup stages, ``{position: (stage, reason)}``.
+    """Step 3: the documents dropped by the rules, ``{position: (rule_index, reason)}``.
 
     Args:
         groups: every partition's :func:`collision_groups` (in any order).
-        stages: the chain.
-        signatures: for a MinHash stage with a ``threshold``, ``{stage: {position:
+        rules: the de-duplication rules (:func:`rules_of`).
+        signatures: for a MinHash rule with a ``threshold``, ``{rule: {position:
             signature}}`` of the colliding documents (the values after the band hashes in
             its key).
 
     Memory: one entry per colliding document and group membership.
     """
-    by_stage: dict[int, list[Sequence[Position]]] = defaultdict(list)
-    for stage, members in groups:
-        by_stage[stage].append(members)
+    by_rule: dict[int, list[Sequence[Position]]] = defaultdict(list)
+    for rule, members in groups:
+        by_rule[rule].append(members)
     dropped: dict[Position, tuple[int, str]] = {}
-    for i in corpus_stages(stages):
-        inner = _inner(stages[i])
-        reason = REASONS[type(inner)]
+    for i, rule in enumerate(rules):
+        reason = REASONS[type(rule)]
         member_of: dict[Position, list[int]] = defaultdict(list)
-        for g, members in enumerate(by_stage.get(i, ())):
+        for g, members in enumerate(by_rule.get(i, ())):
             for m in members:
                 if m not in dropped:
                     member_of[m].append(g)
-        threshold = getattr(inner, "threshold", None)
+        threshold = getattr(rule, "threshold", None)
         kept_in: dict[int, list[Position]] = defaultdict(list)
         sigs = (signatures or {}).get(i, {})
         for doc in sorted(member_of):
@@ -187,34 +184,48 @@ def resolve(
     return dropped
 
 
-def admit_rows(
-    rows: Iterable[Mapping],
-    shard: int,
-    stages: Sequence,
-    dropped: Mapping[Position, tuple[int, str]],
-) -> list[tuple[int, str | None, list]]:
-    """What :func:`~llmkit.data.clean.admit_document` returns for each row of a shard, given
-    :func:`resolve`'s decisions (the counts a MinHash stage adds for a document too short to
-    index included)."""
-    corpus = corpus_stages(stages)
+class Decided:
+    """Stands in for a de-duplication rule in a shard's :class:`ResolveStep`: ``admit`` gives
+    the decision :func:`resolve` took for the document. The step's signature metadata is then
+    ``(position, key)``; a key of None (a document too short to index) goes to the real rule,
+    whose ``admit(None)`` only counts it."""
+
+    def __init__(self, rule, index: int, dropped: Mapping[Position, tuple[int, str]]):
+        self.rule, self.index, self.dropped = rule, index, dropped
+        self.name = rule.name
+        self.count_template = dict(getattr(rule, "count_template", {}))
+
+    def admit(self, tagged) -> tuple[str | None, dict[str, int] | None]:
+        position, key = tagged
+        if key is None:
+            return self.rule.admit(None)
+        decided = self.dropped.get(position)
+        if decided is not None and decided[0] == self.index:
+            return decided[1], None
+        return None, None
+
+
+def decided_steps(
+    resolves: Sequence[ResolveStep], dropped: Mapping[Position, tuple[int, str]]
+) -> list[ResolveStep]:
+    """Fresh resolve steps (statistics at zero) that apply :func:`resolve`'s decisions; a
+    document's metadata must hold ``(position, key)`` under each step's key
+    (:func:`tag_keys`)."""
     out = []
-    for index, row in enumerate(rows):
-        stop = row["drop_stage"] if row["drop_stage"] >= 0 else len(stages)
-        reason = row["drop_reason"]
-        called = []
-        decided = dropped.get((shard, index))
-        for i in corpus:
-            if i >= stop:
-                break
-            if isinstance(_inner(stages[i]), MinHashDedup) and row[f"key_{i}"] is None:
-                called.append((i, {"not_indexed_too_short": 1}))
-            if decided is not None and decided[0] == i:
-                stop, reason = i, decided[1]
-                break
-        out.append((stop, reason, called))
+    for i, step in enumerate(resolves):
+        fresh = ResolveStep(Decided(step.rule, i, dropped))
+        fresh.dropped_writer = step.dropped_writer
+        out.append(fresh)
     return out
 
 
-def key_digest(key: bytes) -> str:
-    """A short printable form of a key (for logs)."""
-    return hashlib.blake2b(key, digest_size=4).hexdigest()
+def tag_keys(metadata: dict, rules: Sequence, position: Position) -> None:
+    """Pair each signature key in ``metadata`` with the document's global position."""
+    for rule in rules:
+        name = key_name(rule)
+        metadata[name] = (position, metadata.get(name))
+
+
+def signature_steps(steps: Sequence) -> list[SignatureStep]:
+    """The signature steps of ``steps``."""
+    return [s for s in steps if isinstance(s, SignatureStep)]

@@ -37,7 +37,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import secrets
 import shutil
 import time
@@ -65,7 +64,7 @@ from llmkit.data.readers import (
 )
 from llmkit.errors import UserError
 
-STAGES = ("signatures", "groups", "resolve", "tokenizer", "encode", "pack")
+STAGES = ("signatures", "groups", "resolve", "admit", "tokenizer", "encode", "pack")
 SPLIT_NAMES = SPLITS
 #: Set to ``"<stage>:<rank>"`` to make that task stop (sleep) after its first shard, for the
 #: fault tests (a task killed mid-way).
@@ -102,6 +101,13 @@ class JobSpec:
 # The work directory (fsspec).
 
 
+def _foreign(path: str, what: str) -> UserError:
+    return UserError(
+        f"{path} is {what}: not written by llmkit, refused (nothing in it was run)",
+        "someone else may have written to the work directory: use one only you can write",
+    )
+
+
 class Work:
     """The shared work directory: atomic writes (temporary name, then rename)."""
 
@@ -126,11 +132,41 @@ class Work:
         with self.fs.open(self.path(rel), "rb") as f:
             return f.read()
 
-    def put(self, rel: str, obj) -> None:
-        self.write_bytes(rel, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    def put_json(self, rel: str, obj) -> None:
+        self.write_bytes(rel, json.dumps(obj).encode("utf-8"))
 
-    def get(self, rel: str):
-        return pickle.loads(self.read_bytes(rel))
+    def get_json(self, rel: str):
+        """A JSON file of the job (never anything that runs code when read).
+
+        Raises:
+            UserError: the file is not JSON (not written by this job).
+        """
+        data = self.read_bytes(rel)
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _foreign(self.path(rel), "not JSON") from None
+
+    def put_table(self, rel: str, table) -> None:
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.write_bytes(rel, buf.getvalue())
+
+    def get_table(self, rel: str):
+        """A parquet file of the job (plain columns; parquet holds no code).
+
+        Raises:
+            UserError: the file is not parquet.
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+        except (pa.ArrowInvalid, OSError):
+            raise _foreign(self.path(rel), "not parquet") from None
 
     def put_array(self, rel: str, arr: np.ndarray) -> None:
         buf = io.BytesIO()
@@ -138,7 +174,16 @@ class Work:
         self.write_bytes(rel, buf.getvalue())
 
     def get_array(self, rel: str) -> np.ndarray:
-        return np.load(io.BytesIO(self.read_bytes(rel)), allow_pickle=False)
+        """A ``.npy`` array of numbers, read with ``allow_pickle=False`` (an object array, a
+        pickle, is refused).
+
+        Raises:
+            UserError: the file is not a plain ``.npy`` array.
+        """
+        try:
+            return np.load(io.BytesIO(self.read_bytes(rel)), allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            raise _foreign(self.path(rel), "not a plain .npy array") from None
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
@@ -166,7 +211,7 @@ def plan_job(spec: JobSpec) -> dict:
     """
     work = Work(spec.work_dir)
     if work.exists("plan.json"):
-        earlier = json.loads(work.read_bytes("spec.json"))
+        earlier = work.get_json("spec.json")
         now = json.loads(json.dumps(asdict(spec)))
         if earlier != now:
             diff = sorted(k for k in now if earlier.get(k) != now[k])
@@ -175,7 +220,7 @@ def plan_job(spec: JobSpec) -> dict:
                 f"({', '.join(diff)})",
                 "use another work directory, or remove this one to start over",
             )
-        return json.loads(work.read_bytes("plan.json"))
+        return work.get_json("plan.json")
     files = discover_inputs(spec.inputs)
     from llmkit.data.boilerplate import strip_gutenberg
 
@@ -235,8 +280,8 @@ class Stage:
 
     def __call__(self, data, rank: int = 0, world_size: int = 1):
         work = Work(self.work_dir)
-        spec = JobSpec(**json.loads(work.read_bytes("spec.json")))
-        plan = json.loads(work.read_bytes("plan.json"))
+        spec = JobSpec(**work.get_json("spec.json"))
+        plan = work.get_json("plan.json")
         files = _files_from(plan)
         shards = [Shard.from_dict(d) for d in plan["shards"]]
         work.write_bytes(f"runs/{self.name}-{rank:05d}-{secrets.token_hex(4)}", b"")
@@ -272,20 +317,102 @@ class Stage:
                     time.sleep(1)
 
 
+def _steps(spec: JobSpec) -> tuple[list, list, list]:
+    """The cleaning steps of the job's settings (:func:`llmkit.data.config.build_steps`), cut
+    at the de-duplication barrier (:func:`~llmkit.data.distributed.dedup.split_steps`)."""
+    from llmkit.data.config import build_steps
+
+    return ddedup.split_steps(build_steps(_cleaning(spec)))
+
+
+def _stats_json(steps) -> list[dict]:
+    return [
+        {
+            "name": st.name,
+            "documents_in": st.documents_in,
+            "documents_out": st.documents_out,
+            "bytes_in": st.bytes_in,
+            "bytes_out": st.bytes_out,
+            "dropped": dict(st.dropped),
+            "counts": dict(st.counts),
+            "template": st.template,
+        }
+        for st in (step.stats for step in steps)
+        if st is not None
+    ]
+
+
+def _stats_from(entries: list[dict]) -> list:
+    from collections import Counter
+
+    from llmkit.data.steps.base import StageStats
+
+    out = []
+    for e in entries:
+        e = dict(e)
+        e["dropped"], e["counts"] = Counter(e["dropped"]), Counter(e["counts"])
+        out.append(StageStats(**e))
+    return out
+
+
+def _source_json(source: InputFile) -> dict:
+    from dataclasses import fields
+
+    return {
+        f.name: str(v) if isinstance(v := getattr(source, f.name), Path) else v
+        for f in fields(source)
+    }
+
+
+def _source_from(entry: dict) -> InputFile:
+    from collections import Counter
+
+    entry = dict(entry)
+    entry["path"] = Path(entry["path"])
+    for name in ("skipped", "fields", "removed_lines", "chat_formats", "records_skipped"):
+        entry[name] = Counter(entry[name])
+    return InputFile(**entry)
+
+
+def _row_schema(rules):
+    """The arrow schema of a shard's rows: the text, its UTF-8 bytes and each rule's key."""
+    from datasets import Features, Value
+
+    from llmkit.data.steps.dedup import key_name
+
+    return Features(
+        {
+            "text": Value("string"),
+            "n_bytes": Value("int64"),
+            **{key_name(rule): rule.key_feature() for rule in rules},
+        }
+    ).arrow_schema
+
+
 class Signatures(Stage):
+    """Per shard: read, run the steps before the barrier (normalize, filters, signatures:
+    their ``run()``), write the rows that reach the barrier (parquet), each partition's
+    de-duplication records (parquet) and the steps' statistics (JSON)."""
+
     name = "signatures"
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:
+        import pyarrow as pa
+
         from llmkit.data.boilerplate import strip_gutenberg
-        from llmkit.data.clean import process_document
-        from llmkit.data.config import build_stages
+        from llmkit.data.document import Document
+        from llmkit.data.steps.base import run_chain
+        from llmkit.data.steps.dedup import key_name
 
         cfg = _cleaning(spec)
-        stages = build_stages(cfg)
+        before, resolves, _ = _steps(spec)
+        rules = ddedup.rules_of(resolves)
+        names = [key_name(rule) for rule in rules]
+        schema = _row_schema(rules)
 
         def one(shard: Shard) -> None:
             source = shard_source(files, shard)
-            docs = read_shard(
+            texts = read_shard(
                 files,
                 shard,
                 source=source,
@@ -296,15 +423,40 @@ class Signatures(Stage):
                 encoding=spec.encoding,
                 max_document_bytes=spec.max_document_bytes,
             )
-            rows = [process_document(d, stages) for d in docs]
-            by_part = ddedup.shard_records(rows, shard.index, stages, spec.partitions)
+            read = {"documents_out": 0, "bytes_out": 0}
+
+            def documents():
+                for j, text in enumerate(texts):
+                    doc = Document(text, j)
+                    read["documents_out"] += 1
+                    read["bytes_out"] += doc.n_bytes
+                    yield doc
+
+            for step in before:
+                step.reset_stats()
+            rows = [
+                {"text": d.text, "n_bytes": d.n_bytes, **{k: d.metadata.get(k) for k in names}}
+                for d in run_chain(before, documents(), rank, world_size)
+            ]
+            by_part = ddedup.shard_records(rows, shard.index, rules, spec.partitions)
             for p, recs in enumerate(by_part):
-                work.put(f"records/p{p:05d}/s{shard.index:06d}.pkl", recs)
-            work.put(f"rows/s{shard.index:06d}.pkl", {"rows": rows})
-            read = {"documents_out": len(rows), "bytes_out": sum(r["sizes"][0] for r in rows)}
-            work.put(f"sources/s{shard.index:06d}.pkl", {"source": source, "read": read})
-            passing = [j for j, row in enumerate(rows) if row["drop_stage"] < 0]
-            work.write_bytes(f"passing/s{shard.index:06d}.json", json.dumps(passing).encode())
+                cols = list(zip(*recs, strict=True)) if recs else [[], [], [], []]
+                table = pa.table(
+                    {
+                        "rule": pa.array(cols[0], pa.int32()),
+                        "key": pa.array(cols[1], pa.binary()),
+                        "shard": pa.array(cols[2], pa.int64()),
+                        "index": pa.array(cols[3], pa.int64()),
+                    }
+                )
+                work.put_table(f"records/p{p:05d}/s{shard.index:06d}.parquet", table)
+            work.put_table(
+                f"rows/s{shard.index:06d}.parquet", pa.Table.from_pylist(rows, schema=schema)
+            )
+            work.put_json(
+                f"sources/s{shard.index:06d}.json",
+                {"source": _source_json(source), "read": read, "stats": _stats_json(before)},
+            )
 
         self._per_shard(work, files, shards, rank, world_size, one)
 
@@ -315,56 +467,104 @@ class Groups(Stage):
     def run(self, work, spec, files, shards, rank, world_size) -> None:
         records = []
         for name in work.listdir(f"records/p{rank:05d}"):
-            if name.endswith(".pkl"):
-                records.extend(work.get(f"records/p{rank:05d}/{name}"))
-        work.put(f"groups/p{rank:05d}.pkl", ddedup.collision_groups(records))
+            if name.endswith(".parquet"):
+                t = work.get_table(f"records/p{rank:05d}/{name}").to_pydict()
+                records.extend(zip(t["rule"], t["key"], t["shard"], t["index"], strict=True))
+        groups = ddedup.collision_groups(records)
+        work.put_json(f"groups/p{rank:05d}.json", [[r, members] for r, members in groups])
 
 
 class Resolve(Stage):
+    """One task: the greedy resolve over the colliding documents (``dropped.json``)."""
+
     name = "resolve"
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:
-        from llmkit.data.config import build_stages
+        from llmkit.data.steps.dedup import key_name
 
-        stages = build_stages(_cleaning(spec))
+        rules = ddedup.rules_of(_steps(spec)[1])
         groups = []
         for p in range(spec.partitions):
-            groups.extend(work.get(f"groups/p{p:05d}.pkl"))
+            for r, members in work.get_json(f"groups/p{p:05d}.json"):
+                groups.append((r, [tuple(m) for m in members]))
         sigs = None
-        need = ddedup.signatures_needed(stages)
+        need = ddedup.signatures_needed(rules)
         if need:  # the signatures of the colliding documents only
             colliding = {m for _, members in groups for m in members}
             sigs = {i: {} for i in need}
             for shard in shards:
                 if not any(s == shard.index for s, _ in colliding):
                     continue
-                rows = work.get(f"rows/s{shard.index:06d}.pkl")["rows"]
+                rows = work.get_table(f"rows/s{shard.index:06d}.parquet").to_pydict()
                 for i in need:
-                    bands = stages[i].bands
-                    for j, row in enumerate(rows):
-                        if (shard.index, j) in colliding and row[f"key_{i}"] is not None:
-                            sigs[i][(shard.index, j)] = np.asarray(row[f"key_{i}"][bands:])
-        dropped = ddedup.resolve(groups, stages, sigs)
-        work.put("dropped.pkl", dropped)
-        kept = []
-        for shard in shards:  # documents kept per shard: passed every document stage, not dropped
-            passing = json.loads(work.read_bytes(f"passing/s{shard.index:06d}.json"))
-            kept.append(sum((shard.index, j) not in dropped for j in passing))
-        work.write_bytes("kept.json", json.dumps(kept).encode())
+                    bands, keys = rules[i].bands, rows[key_name(rules[i])]
+                    for j, key in enumerate(keys):
+                        if (shard.index, j) in colliding and key is not None:
+                            sigs[i][(shard.index, j)] = np.asarray(key[bands:])
+        dropped = ddedup.resolve(groups, rules, sigs)
+        work.put_json(
+            "dropped.json", [[s, j, r, why] for (s, j), (r, why) in sorted(dropped.items())]
+        )
 
 
-def _kept_texts(work, spec, shard, stages, dropped) -> list[str]:
-    rows = work.get(f"rows/s{shard.index:06d}.pkl")["rows"]
-    adm = ddedup.admit_rows(rows, shard.index, stages, dropped)
-    return [row["text"] for row, (stop, _, _) in zip(rows, adm, strict=True) if stop == len(stages)]
+def _dropped(work) -> dict:
+    return {(s, j): (r, why) for s, j, r, why in work.get_json("dropped.json")}
 
 
-def _val_indices(work, spec) -> tuple[list[int], np.ndarray]:
+class Admit(Stage):
+    """Per shard: the resolve steps with the global decisions, then the steps after the
+    barrier (PII), their ``run()`` over the shard's rows; the kept texts (parquet), the
+    steps' statistics and the kept count (JSON)."""
+
+    name = "admit"
+
+    def run(self, work, spec, files, shards, rank, world_size) -> None:
+        import pyarrow as pa
+
+        from llmkit.data.document import Document
+        from llmkit.data.steps.base import run_chain
+        from llmkit.data.steps.dedup import key_name
+
+        _, resolves, after = _steps(spec)
+        rules = ddedup.rules_of(resolves)
+        dropped = _dropped(work)
+
+        def one(shard: Shard) -> None:
+            rows = work.get_table(f"rows/s{shard.index:06d}.parquet").to_pylist()
+            steps = ddedup.decided_steps(resolves, dropped) + after
+            for step in after:
+                step.reset_stats()
+
+            def documents():
+                for j, row in enumerate(rows):
+                    doc = Document(row["text"], j, {key_name(r): row[key_name(r)] for r in rules})
+                    doc._n_bytes = row["n_bytes"]
+                    ddedup.tag_keys(doc.metadata, rules, (shard.index, j))
+                    yield doc
+
+            # world_size 1: the decided resolve steps need no global order any more
+            kept = [d.text for d in run_chain(steps, documents())]
+            work.put_table(
+                f"kept/s{shard.index:06d}.parquet", pa.table({"text": pa.array(kept, pa.string())})
+            )
+            work.put_json(
+                f"admitted/s{shard.index:06d}.json",
+                {"kept": len(kept), "stats": _stats_json(steps)},
+            )
+
+        self._per_shard(work, files, shards, rank, world_size, one)
+
+
+def _kept_texts(work, shard) -> list[str]:
+    return work.get_table(f"kept/s{shard.index:06d}.parquet").column("text").to_pylist()
+
+
+def _val_indices(work, spec, shards) -> tuple[list[int], np.ndarray, list[int]]:
     from llmkit.data.pipeline import split_indices
 
-    kept_counts = json.loads(work.read_bytes("kept.json"))
+    kept_counts = [work.get_json(f"admitted/s{s.index:06d}.json")["kept"] for s in shards]
     _, val_idx = split_indices(sum(kept_counts), spec.val_fraction, spec.seed)
-    return running_offsets(kept_counts), val_idx
+    return running_offsets(kept_counts), val_idx, kept_counts
 
 
 class TrainTokenizer(Stage):
@@ -379,16 +579,13 @@ class TrainTokenizer(Stage):
         import tempfile
 
         from llmkit.core.tokenizer import train_bpe_tokenizer
-        from llmkit.data.config import build_stages
 
-        stages = build_stages(_cleaning(spec))
-        dropped = work.get("dropped.pkl")
-        offsets, val_idx = _val_indices(work, spec)
-        n_train = sum(json.loads(work.read_bytes("kept.json"))) - len(val_idx)
+        offsets, val_idx, kept_counts = _val_indices(work, spec, shards)
+        n_train = sum(kept_counts) - len(val_idx)
 
         def texts() -> Iterator[list[str]]:
             for shard in shards:
-                kept = _kept_texts(work, spec, shard, stages, dropped)
+                kept = _kept_texts(work, shard)
                 first = offsets[shard.index]
                 in_val = np.isin(np.arange(first, first + len(kept)), val_idx)
                 yield [t for t, v in zip(kept, in_val, strict=True) if not v]
@@ -418,28 +615,14 @@ class Encode(Stage):
     name = "encode"
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:
-        from llmkit.data.config import build_stages
-        from llmkit.data.pipeline import encode_batch, tokenizer_appends_eos
+        from llmkit.data.encode import encode_batch, tokenizer_appends_eos
 
-        stages = build_stages(_cleaning(spec))
-        dropped = work.get("dropped.pkl")
-        offsets, val_idx = _val_indices(work, spec)
+        offsets, val_idx, _ = _val_indices(work, spec, shards)
         tok = _load_tokenizer(work, spec)
         append_eos = not tokenizer_appends_eos(tok)
 
         def one(shard: Shard) -> None:
-            from llmkit.data.clean import StageStats, count_document
-
-            rows = work.get(f"rows/s{shard.index:06d}.pkl")["rows"]
-            stats = [StageStats.of(st) for st in stages]
-            texts = []
-            for row, adm in zip(
-                rows, ddedup.admit_rows(rows, shard.index, stages, dropped), strict=True
-            ):
-                count_document(row, *adm, stats)
-                if adm[0] == len(stages):
-                    texts.append(row["text"])
-            work.put(f"stats/s{shard.index:06d}.pkl", stats)
+            texts = _kept_texts(work, shard)
             first = offsets[shard.index]
             in_val = np.isin(np.arange(first, first + len(texts)), val_idx)
             counts = {}
@@ -453,7 +636,7 @@ class Encode(Stage):
                 )
                 work.put_array(f"tokens/{name}/s{shard.index:06d}.npy", flat)
                 counts[name] = {"documents": len(sel), "tokens": int(flat.size)}
-            work.write_bytes(f"counts/s{shard.index:06d}.json", json.dumps(counts).encode())
+            work.put_json(f"counts/s{shard.index:06d}.json", counts)
 
         self._per_shard(work, files, shards, rank, world_size, one)
 
@@ -462,7 +645,7 @@ class Pack(Stage):
     name = "pack"
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:
-        counts = [json.loads(work.read_bytes(f"counts/s{s.index:06d}.json")) for s in shards]
+        counts = [work.get_json(f"counts/s{s.index:06d}.json") for s in shards]
 
         def following(name: str, index: int) -> Iterator[np.ndarray]:
             for s in shards[index + 1 :]:
@@ -482,15 +665,18 @@ class Pack(Stage):
         self._per_shard(work, files, shards, rank, world_size, one)
 
 
-STAGE_CLASSES = {c.name: c for c in (Signatures, Groups, Resolve, TrainTokenizer, Encode, Pack)}
+STAGE_CLASSES = {
+    c.name: c for c in (Signatures, Groups, Resolve, Admit, TrainTokenizer, Encode, Pack)
+}
 
 
 def stage_tasks(spec: JobSpec) -> dict[str, int]:
-    """Tasks of each stage: ``tasks``, ``partitions``, 1, 1, ``tasks``, ``tasks``."""
+    """Tasks of each stage: ``tasks``, ``partitions``, 1, ``tasks``, 1, ``tasks``, ``tasks``."""
     return {
         "signatures": spec.tasks,
         "groups": spec.partitions,
         "resolve": 1,
+        "admit": spec.tasks,
         "tokenizer": 1,
         "encode": spec.tasks,
         "pack": spec.tasks,
@@ -627,8 +813,8 @@ def _merged_stats(work: Work, plan: dict, shards: Sequence[Shard]) -> tuple[list
     from llmkit.data.distributed.shards import merge_file_stats
 
     files = _files_from(plan)
-    got = [work.get(f"sources/s{s.index:06d}.pkl") for s in shards]
-    merge_file_stats(files, shards, [g["source"] for g in got])
+    got = [work.get_json(f"sources/s{s.index:06d}.json") for s in shards]
+    merge_file_stats(files, shards, [_source_from(g["source"]) for g in got])
     read = {
         "files": len(files),
         "bytes_in": sum(f.size_bytes for f in files),
@@ -651,7 +837,8 @@ def _merged_stats(work: Work, plan: dict, shards: Sequence[Shard]) -> tuple[list
         read["records_skipped"] = dict(sorted(records.items()))
     total = None
     for s in shards:
-        stats = work.get(f"stats/s{s.index:06d}.pkl")
+        admitted = work.get_json(f"admitted/s{s.index:06d}.json")
+        stats = _stats_from(got[s.index]["stats"] + admitted["stats"])
         if total is None:
             total = stats
         else:
@@ -670,9 +857,9 @@ def assemble(spec: JobSpec, output: str | Path) -> dict:
     from datasets import Dataset, Features, List, Value
 
     work = Work(spec.work_dir)
-    plan = json.loads(work.read_bytes("plan.json"))
+    plan = work.get_json("plan.json")
     shards = [Shard.from_dict(d) for d in plan["shards"]]
-    counts = [json.loads(work.read_bytes(f"counts/s{s.index:06d}.json")) for s in shards]
+    counts = [work.get_json(f"counts/s{s.index:06d}.json") for s in shards]
     files, stages = _merged_stats(work, plan, shards)
     output = Path(output)
     tmp = output.parent / f".{output.name}.{secrets.token_hex(4)}"
