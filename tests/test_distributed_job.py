@@ -285,8 +285,9 @@ def test_slurm_submission(tmp_path, corpus, tokenizer_dir, monkeypatch):
         slurm_logs_folder=str(tmp_path / "slurm_logs"),
     )
     executors[-1].run()
-    jobs = [(c, a) for c, a in submitted if "launch_pickled_pipeline" in c]
+    jobs = [(c, a) for c, a in submitted if "llmkit.data.distributed.launch" in c]
     assert len(jobs) == 7
+    assert not any("launch_pickled_pipeline" in c for c, _ in submitted)  # no unpickling
     arrays = [next(x for x in c.splitlines() if "--array" in x) for c, _ in jobs]
     assert arrays == [f"#SBATCH --array=0-{n - 1}" for n in (8, 3, 1, 8, 1, 8, 8)]
     for c, _ in jobs:

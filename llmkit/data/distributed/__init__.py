@@ -13,13 +13,17 @@ What is sharded
     one-process reader's documents (``tests/test_distributed_shards.py``).
 
 How determinism is held
-    - cleaning is per document (:func:`llmkit.data.clean.process_document`), so any shard
-      does it the same;
-    - dedup (:mod:`~llmkit.data.distributed.dedup`): the per-document keys are hashed to
+    - cleaning is prepare's own steps (:func:`llmkit.data.config.build_steps`), their
+      ``run(data, rank, world_size)`` per shard: the steps before the de-duplication barrier
+      (normalize, filters, signatures) in the ``signatures`` stage, the steps after it (PII)
+      in the ``admit`` stage; so any shard does it the same;
+    - dedup (:mod:`~llmkit.data.distributed.dedup`): the signature keys are hashed to
       partitions, collision groups are found per partition, and one resolve replays the
-      one-process greedy order (a document is dropped when it collides with an earlier
-      *kept* one) over the colliding documents' candidate graph; MinHash collisions are not
-      transitive, which "one per cluster" would get wrong;
+      one-process greedy order of :class:`~llmkit.data.steps.dedup.ResolveStep` (a document
+      is dropped when it collides with an earlier *kept* one) over the colliding documents'
+      candidate graph; MinHash collisions are not transitive, which "one per cluster" would
+      get wrong; each shard then runs the real resolve steps with those decisions, so the
+      statistics are the steps' own;
     - the tokenizer is trained by one task on the train documents in global order (byte for
       byte prepare's ``tokenizer.json``);
     - the split draws from the global kept rank (:func:`llmkit.data.pipeline.split_indices`
@@ -39,15 +43,20 @@ Engine
     goes through a temporary name and a rename, so a task killed mid-way leaves nothing a
     rerun reads. Optional: ``pip install 'llmkit[distributed]'`` (and ``[ray]``).
 
-Wiring into ``prepare`` (next step, once issue 12's steps land)
-    ``--executor local|slurm|ray --tasks N --work-dir URL`` (+ Slurm partition/time/cpus, Ray
-    address) build a :class:`~llmkit.data.distributed.job.JobSpec` from the same settings
-    model; the stages call the steps' ``run(data, rank, world_size)`` instead of the chain of
-    :mod:`llmkit.data.clean` directly; still to add: the chat path (conversations packed
+Nothing read from the work directory runs code
+    The work directory is shared, and other users of a cluster may be able to write it, so
+    every intermediate file is JSON, parquet or a ``.npy`` array read with
+    ``allow_pickle=False``; a file that is not what its name says is refused in one line
+    (:class:`~llmkit.errors.UserError`). datatrove's Slurm array tasks would unpickle
+    ``executor.pik`` from the logging directory: :class:`~llmkit.data.distributed.launch.
+    SafeSlurmExecutor` makes them run ``python -m llmkit.data.distributed.launch`` instead
+    (``tests/test_distributed_security.py``).
+
+Not distributed yet
+    The chat path (conversations packed
     whole with :class:`~llmkit.data.pack.SFTPacker`, which is sequential: per-shard packing
     needs a carried row state, so it runs as one task, or as running totals of rows once
     each conversation's length is known); the rest of the manifest (settings, fingerprint,
     cache, tokenizer, length histograms; ``inputs`` and ``stages`` are already prepare's),
-    ``--keep-dropped``, web-archive URLs; the intermediate files move from pickle/npy to
-    arrow.
+    ``--keep-dropped``, web archives and Hub datasets as inputs.
 """

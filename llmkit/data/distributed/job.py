@@ -8,17 +8,20 @@ Stages, each one job array that starts when every task of the one before has fin
 stage       tasks         what one task does
 ==========  ============  ==========================================================================
 signatures  ``tasks``     for its shards (``shard.index % world_size == rank``): read
-                          (:func:`~llmkit.data.distributed.shards.read_shard`), run the chain's
-                          per-document part (:func:`llmkit.data.clean.process_document`), write the
-                          rows and each partition's dedup records
-groups      partitions    the collision groups of one partition
-resolve     1             the greedy resolve over the colliding documents; kept documents per shard
+                          (:func:`~llmkit.data.distributed.shards.read_shard`), run the steps
+                          before the de-duplication barrier (:func:`llmkit.data.config.
+                          build_steps`, their ``run()``), write the rows that reach it (parquet),
+                          each partition's dedup records (parquet) and the statistics (JSON)
+groups      partitions    the collision groups of one partition (JSON)
+resolve     1             the greedy resolve over the colliding documents (``dropped.json``)
+admit       ``tasks``     for its shards: the resolve steps with those decisions, then the steps
+                          after the barrier (PII); the kept texts (parquet), statistics, count
 tokenizer   1             without a given tokenizer: a byte-level BPE trained on the train
                           documents in global order
                           (:func:`llmkit.core.tokenizer.train_bpe_tokenizer`)
-encode      ``tasks``     for its shards: admit, split by global kept rank
+encode      ``tasks``     for its shards: split by global kept rank
                           (:func:`llmkit.data.pipeline.split_indices`), encode
-                          (:func:`llmkit.data.pipeline.encode_batch`), write tokens and counts
+                          (:func:`llmkit.data.encode.encode_batch`), write tokens (``.npy``)
 pack        ``tasks``     for its shards: the blocks that start in its tokens (running totals)
 ==========  ============  ==========================================================================
 
@@ -704,7 +707,8 @@ def build_executors(
         engine: ``"local"`` (:class:`datatrove.executor.LocalPipelineExecutor`, ``workers``
             processes; with ``machines`` > 1 this machine runs its share
             ``local_rank_offset``/``local_tasks`` of every stage), ``"slurm"``
-            (:class:`datatrove.executor.SlurmPipelineExecutor`: ``partition``, ``time``,
+            (:class:`datatrove.executor.SlurmPipelineExecutor`, its array tasks running
+            :mod:`llmkit.data.distributed.launch` rather than a pickle: ``partition``, ``time``,
             ``cpus_per_task``, ``mem_per_cpu_gb``, ``sbatch_args``, ``venv_path``...; each
             stage's job array depends on the one before, ``afterok``) or ``"ray"``
             (:class:`datatrove.executor.RayPipelineExecutor`, each stage depending on the one
@@ -718,7 +722,7 @@ def build_executors(
     waits for the other machines' tasks itself. Completion markers and logs of stage ``s``
     are under ``<work_dir>/logs/<s>``.
     """
-    from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+    from datatrove.executor import LocalPipelineExecutor
 
     work = Work(spec.work_dir)
     out: list = []
@@ -734,7 +738,9 @@ def build_executors(
                 pipeline, tasks=n, local_tasks=local, local_rank_offset=offset, **common, **opts
             )
         elif engine == "slurm":
-            ex = SlurmPipelineExecutor(
+            from llmkit.data.distributed.launch import SafeSlurmExecutor
+
+            ex = SafeSlurmExecutor(
                 pipeline,
                 tasks=n,
                 depends=out[-1] if out else None,
