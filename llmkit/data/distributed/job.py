@@ -601,17 +601,21 @@ class TrainTokenizer(Stage):
 
 
 def _load_tokenizer(work, spec):
-    """The job's tokenizer: ``spec.tokenizer``, or the one the tokenizer stage trained."""
+    """The job's tokenizer: ``spec.tokenizer`` (loaded as ``prepare`` loads it, never running
+    code it ships), or the one the tokenizer stage trained (``trust_remote_code=False``: a
+    ``tokenizer_config.json`` planted in the work directory that names code is refused)."""
     import tempfile
 
     from transformers import AutoTokenizer
 
+    from llmkit.data.encode import load_pretrained_tokenizer
+
     if spec.tokenizer is not None:
-        return AutoTokenizer.from_pretrained(spec.tokenizer)
+        return load_pretrained_tokenizer(spec.tokenizer, trust_remote_code=False)
     with tempfile.TemporaryDirectory() as d:
         for name in work.listdir("tokenizer"):
             Path(d, name).write_bytes(work.read_bytes(f"tokenizer/{name}"))
-        return AutoTokenizer.from_pretrained(d)
+        return AutoTokenizer.from_pretrained(d, trust_remote_code=False)
 
 
 class Encode(Stage):
@@ -853,31 +857,82 @@ def _merged_stats(work: Work, plan: dict, shards: Sequence[Shard]) -> tuple[list
     return files, {"read": read, **{st.name: st.as_dict() for st in total or []}}
 
 
-def assemble(spec: JobSpec, output: str | Path) -> dict:
+def _tokenizer_entry(spec: JobSpec, tok) -> dict:
+    """The manifest's ``tokenizer``, as ``llmkit prepare`` writes it for text data."""
+    from llmkit.data.encode import _encode_raw, tokenizer_appends_eos
+
+    adds_bos = False
+    if tok.bos_token_id is not None:
+        probe = _encode_raw(tok, ["a"], True)[0]
+        adds_bos = bool(probe) and probe[0] == tok.bos_token_id
+    return {
+        "trained": spec.tokenizer is None,
+        "path": spec.tokenizer,
+        "type": "byte-level BPE" if spec.tokenizer is None else type(tok).__name__,
+        "vocab_size": len(tok),
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "adds_bos": adds_bos,
+        "eos_added_by_tokenizer": tokenizer_appends_eos(tok),
+    }
+
+
+def _default_settings(spec: JobSpec) -> dict:
+    return {
+        "format": "text",
+        "vocab_size": spec.vocab_size if spec.tokenizer is None else None,
+        "tokenizer": spec.tokenizer,
+        "block_size": spec.block_size,
+        "val_fraction": spec.val_fraction,
+        "seed": spec.seed,
+        "split_on": spec.split_on,
+        "text_field": spec.text_field,
+        "encoding": spec.encoding,
+        "max_document_bytes": spec.max_document_bytes,
+        "on_error": spec.on_error,
+        "cleaning": _cleaning(spec),
+        "tasks": spec.tasks,
+    }
+
+
+def assemble(spec: JobSpec, output: str | Path, settings: dict | None = None) -> dict:
     """Write the prepared directory at ``output`` from the finished job's blocks.
 
     ``train/`` and ``validation/`` (``input_ids`` rows of ``block_size`` int32, as
-    ``llmkit prepare`` writes them), the tokenizer, and ``manifest.json`` with the splits'
-    counts; built in a hidden directory next to ``output`` and renamed into place.
+    ``llmkit prepare`` writes them), the tokenizer, and ``manifest.json`` (``settings``: the
+    given dict, else the job's; ``inputs``, ``stages``, ``splits``, ``tokenizer`` as prepare
+    counts them); built under a temporary name beside ``output`` and renamed into place
+    (:func:`llmkit.core.atomic.atomic_output`), so ``output`` is either as it was or whole.
+
+    Raises:
+        UserError: a file of the work directory is not what the job wrote (refused, nothing
+            in it run); ``output`` is unchanged.
     """
+    from datetime import datetime, timezone
+
     from datasets import Dataset, Features, List, Value
+
+    from llmkit import __version__
+    from llmkit.core.atomic import atomic_output
 
     work = Work(spec.work_dir)
     plan = work.get_json("plan.json")
     shards = [Shard.from_dict(d) for d in plan["shards"]]
     counts = [work.get_json(f"counts/s{s.index:06d}.json") for s in shards]
     files, stages = _merged_stats(work, plan, shards)
+    blocks = {}
+    for name in SPLIT_NAMES:
+        arrays = [work.get_array(f"blocks/{name}/s{s.index:06d}.npy") for s in shards]
+        blocks[name] = np.concatenate(arrays) if arrays else np.empty((0, spec.block_size))
+    tok = _load_tokenizer(work, spec)
     output = Path(output)
-    tmp = output.parent / f".{output.name}.{secrets.token_hex(4)}"
-    tmp.mkdir(parents=True)
-    try:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(output, directory=True) as tmp:
         features = Features({"input_ids": List(Value("int32"))})
         splits = {}
         for name in SPLIT_NAMES:
-            arrays = [work.get_array(f"blocks/{name}/s{s.index:06d}.npy") for s in shards]
-            blocks = np.concatenate(arrays) if arrays else np.empty((0, spec.block_size))
 
-            def rows(b=blocks):
+            def rows(b=blocks[name]):
                 for r in b:
                     yield {"input_ids": r}
 
@@ -888,22 +943,21 @@ def assemble(spec: JobSpec, output: str | Path) -> dict:
                 "documents": sum(c[name]["documents"] for c in counts),
                 **split_stats(total, spec.block_size),
             }
+            del ds
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        _load_tokenizer(work, spec).save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
         manifest = {
+            "llmkit_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "inputs": [f.as_dict() for f in files],
+            "settings": settings if settings is not None else _default_settings(spec),
             "stages": stages,
             "splits": splits,
+            "tokenizer": _tokenizer_entry(spec, tok),
             "executor": {"shards": len(shards), "tasks": spec.tasks},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         (tmp / DATASET_DICT).write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
