@@ -58,6 +58,33 @@ _RUN_FLAGS = (
 ).split()
 
 
+def _filter_overrides(filters: list[str], no_filters: list[str], languages: str | None) -> dict:
+    """The ``filters`` section the flags set: ``--filter``/``--no-filter`` names (repeated or
+    comma-separated; ``web`` is the four web rule sets), ``--languages`` (turns on
+    ``language``)."""
+    from llmkit.data.choices import WEB_FILTERS
+    from llmkit.errors import UserError
+
+    flt: dict = {}
+    for names, enabled in ((filters, True), (no_filters, False)):
+        given = [n.strip() for item in names for n in item.split(",") if n.strip()]
+        for name in given:
+            for one in WEB_FILTERS if name == "web" else (name,):
+                flt.setdefault(one, {})["enabled"] = enabled
+    if languages is not None:
+        langs = [code.strip() for code in languages.split(",") if code.strip()]
+        if not langs:
+            raise UserError("--languages is empty", "give codes such as en,zh")
+        flt.setdefault("language", {}).update({"enabled": True, "languages": langs})
+    return flt
+
+
+def _set(out: dict, **entries) -> dict:
+    """``out`` with the ``entries`` that were given (not None, not empty)."""
+    out.update({k: v for k, v in entries.items() if v is not None and v != {}})
+    return out
+
+
 def clean_overrides(
     *,
     filters: list[str],
@@ -72,42 +99,18 @@ def clean_overrides(
     pii_region: str | None = None,
 ) -> dict:
     """The cleaning settings the flags set (those left at None are not set)."""
-    from llmkit.data.choices import WEB_FILTERS
-    from llmkit.errors import UserError
-
-    out: dict = {}
-    flt: dict = {}
-    for names, enabled in ((filters, True), (no_filters, False)):
-        for item in names:
-            for name in (n.strip() for n in item.split(",") if n.strip()):
-                for one in WEB_FILTERS if name == "web" else (name,):
-                    flt.setdefault(one, {})["enabled"] = enabled
-    if languages is not None:
-        langs = [code.strip() for code in languages.split(",") if code.strip()]
-        if not langs:
-            raise UserError("--languages is empty", "give codes such as en,zh")
-        flt.setdefault("language", {}).update({"enabled": True, "languages": langs})
-    if flt:
-        out["filters"] = flt
-    if pii is not None:
-        out["pii"] = pii
+    regions = None
     if pii_region is not None:
-        out["pii_region"] = [r.strip() for r in pii_region.split(",") if r.strip()]
-    norm: dict = {}
-    if normalization is not None:
-        norm["form"] = normalization
-    if html is not None:
-        norm["html"] = html
-    if norm:
-        out["normalize"] = norm
-    dedup = {k: v for k, v in minhash.items() if v is not None}
-    if near_dedup is not None:
-        dedup["near"] = near_dedup
-    if dedup:
-        out["dedup"] = dedup
-    if gutenberg is not None:
-        out["gutenberg"] = gutenberg
-    return out
+        regions = [r.strip() for r in pii_region.split(",") if r.strip()]
+    return _set(
+        {},
+        filters=_filter_overrides(filters, no_filters, languages),
+        pii=pii,
+        pii_region=regions,
+        normalize=_set({}, form=normalization, html=html),
+        dedup=_set({k: v for k, v in minhash.items() if v is not None}, near=near_dedup),
+        gutenberg=gutenberg,
+    )
 
 
 def _given_flags(ctx: typer.Context, values: dict) -> dict:
