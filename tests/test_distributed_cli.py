@@ -164,3 +164,22 @@ def test_bad_distributed_settings(tmp_path, corpus, args, message):
     result = cli(str(corpus), "--output", str(tmp_path / "o"), *args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+@pytest.mark.slow
+def test_ray_executor_equals_num_proc_1(tmp_path, corpus, reference, monkeypatch):
+    """``--executor ray`` on a one-node Ray instance this test starts (about a minute)."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        out = tmp_path / "out"
+        args = ("--executor", "ray", "--tasks", "2", "--work-dir", str(tmp_path / "work"))
+        result = cli(str(corpus), "--output", str(out), *args, *COMMON)
+        assert result.exit_code == 0, result.output
+    finally:
+        ray.shutdown()
+    got, ref = _rows(out), _rows(reference)
+    for name in ("train", "validation"):
+        assert (got[name] == ref[name]).all()
+    assert got["manifest"]["stages"] == ref["manifest"]["stages"]
