@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev,eval,html,serve,gguf]'
+	$(PY) -m pip install -q -e '.[dev,eval,html,serve,gguf,distributed,ray]'
 	@# DeepSpeed (sharded training, tests/training/test_train_deepspeed.py): only when it installs
 	@# cleanly from the package index; the tests that need it skip without it
 	@$(PY) -m pip install -q -e '.[deepspeed]' >/dev/null 2>&1 || \

@@ -50,7 +50,6 @@ EXCLUDED = {
     "llmkit/data/encode.py": set(),
     "llmkit/data/sft.py": set(),
     "llmkit/data/distributed/_probe.py": set(),
-    "llmkit/cli/prepare.py": {"PLR0915"},
 }
 OUTSIDE = ["tests/_probe.py", "benchmarks/_probe.py"]
 

@@ -15,6 +15,7 @@ import typer
 from llmkit.cli._common import sigterm_as_interrupt, user_errors
 from llmkit.data.choices import (
     CHAT_TEMPLATE_CHOICES,
+    EXECUTORS,
     FORMATS,
     NORMALIZATION_FORMS,
     ON_ERROR,
@@ -41,6 +42,7 @@ ChatTemplate = _choice("ChatTemplate", CHAT_TEMPLATE_CHOICES, "The chat template
 TrainOn = _choice("TrainOn", TRAIN_ON, "Which tokens of chat data are training targets.")
 Overlong = _choice("Overlong", OVERLONG_RULES, "A conversation longer than the block size.")
 Form = _choice("Form", NORMALIZATION_FORMS, "Unicode normalization form.")
+Executor = _choice("Executor", EXECUTORS, "datatrove's executor that runs prepare.")
 
 #: Settings of :class:`llmkit.data.config.PrepareSettings` by the name of the command's
 #: parameter that sets them (the others have the same name).
@@ -51,8 +53,36 @@ _NOT_SETTINGS = ("inputs", "output", "config", "overwrite", "no_cache", "as_json
 _RUN_FLAGS = (
     "vocab_size tokenizer block_size val_fraction seed split_on text_field encoding "
     "max_document_bytes on_error data_format chat_template train_on overlong keep_dropped plot "
-    "num_proc split trust_remote_code"
+    "num_proc split trust_remote_code executor tasks work_dir slurm_partition slurm_time "
+    "slurm_cpus ray_address"
 ).split()
+
+
+def _filter_overrides(filters: list[str], no_filters: list[str], languages: str | None) -> dict:
+    """The ``filters`` section the flags set: ``--filter``/``--no-filter`` names (repeated or
+    comma-separated; ``web`` is the four web rule sets), ``--languages`` (turns on
+    ``language``)."""
+    from llmkit.data.choices import WEB_FILTERS
+    from llmkit.errors import UserError
+
+    flt: dict = {}
+    for names, enabled in ((filters, True), (no_filters, False)):
+        given = [n.strip() for item in names for n in item.split(",") if n.strip()]
+        for name in given:
+            for one in WEB_FILTERS if name == "web" else (name,):
+                flt.setdefault(one, {})["enabled"] = enabled
+    if languages is not None:
+        langs = [code.strip() for code in languages.split(",") if code.strip()]
+        if not langs:
+            raise UserError("--languages is empty", "give codes such as en,zh")
+        flt.setdefault("language", {}).update({"enabled": True, "languages": langs})
+    return flt
+
+
+def _set(out: dict, **entries) -> dict:
+    """``out`` with the ``entries`` that were given (not None, not empty)."""
+    out.update({k: v for k, v in entries.items() if v is not None and v != {}})
+    return out
 
 
 def clean_overrides(
@@ -69,42 +99,18 @@ def clean_overrides(
     pii_region: str | None = None,
 ) -> dict:
     """The cleaning settings the flags set (those left at None are not set)."""
-    from llmkit.data.choices import WEB_FILTERS
-    from llmkit.errors import UserError
-
-    out: dict = {}
-    flt: dict = {}
-    for names, enabled in ((filters, True), (no_filters, False)):
-        for item in names:
-            for name in (n.strip() for n in item.split(",") if n.strip()):
-                for one in WEB_FILTERS if name == "web" else (name,):
-                    flt.setdefault(one, {})["enabled"] = enabled
-    if languages is not None:
-        langs = [code.strip() for code in languages.split(",") if code.strip()]
-        if not langs:
-            raise UserError("--languages is empty", "give codes such as en,zh")
-        flt.setdefault("language", {}).update({"enabled": True, "languages": langs})
-    if flt:
-        out["filters"] = flt
-    if pii is not None:
-        out["pii"] = pii
+    regions = None
     if pii_region is not None:
-        out["pii_region"] = [r.strip() for r in pii_region.split(",") if r.strip()]
-    norm: dict = {}
-    if normalization is not None:
-        norm["form"] = normalization
-    if html is not None:
-        norm["html"] = html
-    if norm:
-        out["normalize"] = norm
-    dedup = {k: v for k, v in minhash.items() if v is not None}
-    if near_dedup is not None:
-        dedup["near"] = near_dedup
-    if dedup:
-        out["dedup"] = dedup
-    if gutenberg is not None:
-        out["gutenberg"] = gutenberg
-    return out
+        regions = [r.strip() for r in pii_region.split(",") if r.strip()]
+    return _set(
+        {},
+        filters=_filter_overrides(filters, no_filters, languages),
+        pii=pii,
+        pii_region=regions,
+        normalize=_set({}, form=normalization, html=html),
+        dedup=_set({k: v for k, v in minhash.items() if v is not None}, near=near_dedup),
+        gutenberg=gutenberg,
+    )
 
 
 def _given_flags(ctx: typer.Context, values: dict) -> dict:
@@ -287,6 +293,35 @@ def prepare_command(
     split: str = typer.Option(
         "train", "--split", help="Split read from a Hub dataset input (owner/name[:config])."
     ),
+    executor: Executor | None = typer.Option(
+        None,
+        "--executor",
+        help="Run on datatrove's executor across processes (local) or machines (slurm, ray), "
+        "with the output of one process; default: in this process. Text data only for now.",
+    ),
+    tasks: int = typer.Option(
+        1, "--tasks", help="--executor: tasks of each stage (input shards, dedup partitions)."
+    ),
+    work_dir: str | None = typer.Option(
+        None,
+        "--work-dir",
+        help="--executor: work directory every task reads and writes (shared by all machines; "
+        "any fsspec path, e.g. /shared/job or s3://bucket/job). Run the same command again to "
+        "resume: finished tasks are skipped.",
+    ),
+    slurm_partition: str | None = typer.Option(
+        None, "--slurm-partition", help="--executor slurm: partition of the job arrays."
+    ),
+    slurm_time: str | None = typer.Option(
+        None, "--slurm-time", help="--executor slurm: time limit of each task (e.g. 04:00:00)."
+    ),
+    slurm_cpus: int = typer.Option(1, "--slurm-cpus", help="--executor slurm: CPUs per task."),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="--executor ray: address of a running Ray cluster (default: RAY_ADDRESS, else a "
+        "local Ray instance).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
     trust_remote_code: bool = typer.Option(
         False,
@@ -333,9 +368,39 @@ def prepare_command(
     )
     settings = PrepareSettings.load(config, {**_given_flags(ctx, values), "cleaning": clean})
     with sigterm_as_interrupt():
-        manifest = prepare(inputs, output, overwrite=overwrite, cache=not no_cache, config=settings)
+        if settings.executor is not None:
+            manifest = _distributed(inputs, output, settings, overwrite)
+            if manifest is None:
+                return
+        else:
+            manifest = prepare(
+                inputs, output, overwrite=overwrite, cache=not no_cache, config=settings
+            )
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
+
+
+def _distributed(inputs: list[str], output: Path, settings, overwrite: bool) -> dict | None:
+    """``prepare`` on ``--executor`` (:mod:`llmkit.data.distributed.prepare`); None when the
+    job was submitted and has not finished (Slurm)."""
+    from llmkit.data.distributed.prepare import prepare_distributed
+
+    manifest = prepare_distributed(inputs, output, settings, overwrite=overwrite)
+    if manifest is None:
+        typer.echo(
+            f"submitted to {settings.executor}; once the jobs have finished, run the same "
+            f"command again to write {output} (finished tasks are skipped)",
+            err=True,
+        )
+        return None
+    blocks = {name: split["blocks"] for name, split in manifest["splits"].items()}
+    typer.echo(
+        f"wrote {output}: {blocks['train']:,} train and {blocks['validation']:,} validation "
+        f"blocks from {manifest['executor']['shards']} shards on {settings.executor} "
+        f"({settings.tasks} tasks per stage)",
+        err=True,
+    )
+    return manifest
 
 
 def register(app: typer.Typer) -> None:

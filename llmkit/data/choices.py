@@ -30,3 +30,6 @@ WEB_FILTERS = ("gopher_quality", "gopher_repetition", "c4", "fineweb")
 #: Filter names, in the order they run (:data:`llmkit.data.filters.FILTERS`, held in step
 #: by a test).
 FILTER_NAMES = ("length", "language", "gopher_quality", "gopher_repetition", "c4", "fineweb")
+#: Engines that run ``prepare`` across processes or machines (datatrove's executors;
+#: :mod:`llmkit.data.distributed`); without one, prepare runs in this process.
+EXECUTORS = ("local", "slurm", "ray")

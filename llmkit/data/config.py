@@ -63,6 +63,7 @@ from pydantic import (
 
 from llmkit.data.choices import (
     CHAT_TEMPLATE_CHOICES,
+    EXECUTORS,
     FILTER_NAMES,
     FORMATS,
     NORMALIZATION_FORMS,
@@ -284,6 +285,17 @@ class PrepareSettings(_Section):
     plot: bool = Field(True, description="Write lengths.png.")
     hub_split: str = Field("train", description="Split read from Hub dataset inputs.")
     trust_remote_code: bool = Field(False, description="Let a tokenizer run its own code.")
+    executor: str | None = Field(
+        None, description="local, slurm or ray: datatrove's executor (None: this process)."
+    )
+    tasks: int = Field(1, description="Tasks of each --executor stage (shards, partitions).")
+    work_dir: str | None = Field(
+        None, description="--executor: the shared work directory (any fsspec path)."
+    )
+    slurm_partition: str | None = Field(None, description="--executor slurm: the partition.")
+    slurm_time: str | None = Field(None, description="--executor slurm: time limit per task.")
+    slurm_cpus: int = Field(1, description="--executor slurm: CPUs per task.")
+    ray_address: str | None = Field(None, description="--executor ray: the cluster's address.")
     cleaning: CleaningSettings = Field(default_factory=CleaningSettings)
 
     _cleaning_layers: list = PrivateAttr(default_factory=list)
@@ -305,7 +317,9 @@ class PrepareSettings(_Section):
             _codec_name(value)  # an unknown encoding fails before anything is read
         return value
 
-    @field_validator("format", "chat_template", "train_on", "overlong", "on_error", "split_on")
+    @field_validator(
+        "format", "chat_template", "train_on", "overlong", "on_error", "split_on", "executor"
+    )
     @classmethod
     def _a_choice(cls, value: str | None, info) -> str | None:
         if value is not None:
@@ -353,6 +367,40 @@ class PrepareSettings(_Section):
             )
         if self.seed < 0:
             raise UserError(f"--seed {self.seed} is negative", "give a seed of 0 or more")
+        return self
+
+    @model_validator(mode="after")
+    def _distributed(self) -> PrepareSettings:
+        if self.tasks < 1 or self.slurm_cpus < 1:
+            flag = "--tasks" if self.tasks < 1 else "--slurm-cpus"
+            raise UserError(f"{flag} must be at least 1", f"give {flag} 1 or more")
+        given = [
+            flag
+            for flag, value in (
+                ("--tasks", self.tasks != 1),
+                ("--work-dir", self.work_dir),
+                ("--slurm-partition", self.slurm_partition),
+                ("--slurm-time", self.slurm_time),
+                ("--slurm-cpus", self.slurm_cpus != 1),
+                ("--ray-address", self.ray_address),
+            )
+            if value
+        ]
+        if self.executor is None and given:
+            raise UserError(
+                f"{given[0]} applies to --executor only", "add --executor local|slurm|ray"
+            )
+        if self.executor is not None and not self.work_dir:
+            raise UserError(
+                f"--executor {self.executor} needs --work-dir",
+                "give a directory every task can read and write (any fsspec path)",
+            )
+        if self.executor == "slurm" and not (self.slurm_partition and self.slurm_time):
+            missing = "--slurm-partition" if not self.slurm_partition else "--slurm-time"
+            raise UserError(
+                f"--executor slurm needs {missing}",
+                "e.g. --slurm-partition cpu --slurm-time 04:00:00",
+            )
         return self
 
     @classmethod
@@ -404,6 +452,7 @@ _CHOICES = {
     "overlong": OVERLONG_RULES,
     "on_error": ON_ERROR,
     "split_on": SPLIT_MODES,
+    "executor": EXECUTORS,
 }
 _CLEANING_KEYS = tuple(CleaningSettings.model_fields)
 assert tuple(FiltersSettings.model_fields) == FILTER_NAMES

@@ -1,0 +1,73 @@
+"""What each Slurm array task of a distributed ``prepare`` runs: one stage's ranks, rebuilt from
+plain arguments, never from a pickle.
+
+datatrove's :class:`~datatrove.executor.SlurmPipelineExecutor` writes the whole executor with
+``dill`` to ``<logging_dir>/executor.pik`` and each array task runs ``launch_pickled_pipeline``
+on it, so whoever can write the shared work directory could make every task run their code.
+llmkit's rule is that nothing it loads runs code, so :class:`~llmkit.data.distributed.job.
+SafeSlurmExecutor` submits ``python -m llmkit.data.distributed.launch STAGE WORK_DIR --tasks N
+--tasks-per-job K --max-array-size M`` instead (Slurm keeps the script as submitted): the stage
+is one of llmkit's own classes (:data:`~llmkit.data.distributed.job.STAGE_CLASSES`), its
+settings come from the work directory's ``spec.json`` (JSON), and the rank from
+``SLURM_ARRAY_TASK_ID`` and ``ranks_to_run.json`` (JSON) as datatrove computes it. The
+``executor.pik`` datatrove still writes is never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+
+from datatrove.executor import SlurmPipelineExecutor
+
+#: The command datatrove's sbatch script runs, replaced by :class:`SafeSlurmExecutor`.
+PICKLED_LAUNCH = "launch_pickled_pipeline "
+
+
+class SafeSlurmExecutor(SlurmPipelineExecutor):
+    """datatrove's Slurm executor whose array tasks run this module (``python -m
+    llmkit.data.distributed.launch``) instead of unpickling ``executor.pik``. Its pipeline
+    is one :class:`~llmkit.data.distributed.job.Stage`."""
+
+    def get_launch_file_contents(self, sbatch_args: dict, run_script: str) -> str:
+        if PICKLED_LAUNCH in run_script:
+            stage = self.pipeline[0]
+            argv = [sys.executable, "-m", "llmkit.data.distributed.launch", stage.name]
+            argv += [stage.work_dir, "--tasks", str(self.tasks)]
+            argv += ["--tasks-per-job", str(self.tasks_per_job)]
+            argv += ["--max-array-size", str(self.max_array_size)]
+            command = " ".join(shlex.quote(x) for x in argv)
+            run_script = run_script[: run_script.index(PICKLED_LAUNCH)] + command
+        return super().get_launch_file_contents(sbatch_args, run_script)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run this array task's ranks of one stage; returns the exit status."""
+    from llmkit.data.distributed.job import STAGE_CLASSES, Work
+
+    parser = argparse.ArgumentParser("python -m llmkit.data.distributed.launch")
+    parser.add_argument("stage", choices=sorted(STAGE_CLASSES))
+    parser.add_argument("work_dir")
+    parser.add_argument("--tasks", type=int, required=True)
+    parser.add_argument("--tasks-per-job", type=int, default=1)
+    parser.add_argument("--max-array-size", type=int, default=1001)
+    args = parser.parse_args(argv)
+    work = Work(args.work_dir)
+    executor = SlurmPipelineExecutor(
+        [STAGE_CLASSES[args.stage](args.work_dir)],
+        tasks=args.tasks,
+        time="0",  # resources only matter when submitting
+        partition="",
+        tasks_per_job=args.tasks_per_job,
+        max_array_size=args.max_array_size,
+        logging_dir=work.url.rstrip("/") + f"/logs/{args.stage}",
+        requeue_signals=None,
+    )
+    executor.run()  # inside the array task: runs its ranks (SLURM_ARRAY_TASK_ID)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

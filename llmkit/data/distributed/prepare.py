@@ -1,0 +1,186 @@
+"""``llmkit prepare --executor local|slurm|ray``: the settings of a run (:class:`llmkit.data.
+config.PrepareSettings`) turned into a distributed job (:mod:`llmkit.data.distributed.job`),
+run on datatrove's executor, and its output written where ``prepare`` writes it.
+
+What the distributed path does not support yet is refused before anything runs, in one line
+naming the option (:func:`unsupported`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from llmkit.data.config import PrepareSettings
+from llmkit.errors import UserError
+
+
+def _input_problem(inputs: Sequence[str], settings: PrepareSettings) -> str | None:
+    """What in the inputs the distributed path cannot read yet (None: nothing)."""
+    from llmkit.data.readers import discover_inputs, resolve_format
+
+    files = discover_inputs(list(inputs))
+    for f in files:
+        if f.kind == "hub":
+            return f"the Hub dataset input {f.path}"
+        if f.kind == "warc":
+            return f"the web archive input {f.path}"
+    if settings.format == "auto":
+        if resolve_format(files, "auto", settings.text_field or "text") == "chat":
+            return "chat data (--format auto found conversations in the inputs)"
+    return None
+
+
+def unsupported(inputs: Sequence[str], settings: PrepareSettings) -> str | None:
+    """The first option (or kind of input) of this run that ``--executor`` does not support
+    yet, as the words of the error; None when the run can be distributed."""
+    tok = settings.tokenizer
+    for what, given in (
+        ("--format chat", settings.format == "chat"),
+        ("--chat-template", settings.chat_template is not None),
+        ("--train-on", settings.train_on is not None),
+        ("--overlong", settings.overlong is not None),
+        ("--keep-dropped", settings.keep_dropped),
+        ("--trust-remote-code", settings.trust_remote_code),
+        (f"--tokenizer {tok} (a .gguf file)", tok is not None and tok.endswith(".gguf")),
+        (
+            f"--tokenizer {tok} (not a local directory)",
+            tok is not None and not tok.endswith(".gguf") and not Path(tok).is_dir(),
+        ),
+    ):
+        if given:
+            return what
+    return _input_problem(inputs, settings)
+
+
+#: Input shards per task that :func:`shard_bytes` aims at (the tasks of a stage finish
+#: closer together with several small shards each than with one large one).
+SHARDS_PER_TASK = 4
+#: The smallest shard :func:`shard_bytes` cuts (smaller ones cost more in files than they
+#: save in balance).
+MIN_SHARD_BYTES = 16 << 10
+
+
+def shard_bytes(inputs: Sequence[str], tasks: int) -> int:
+    """Bytes per input shard: the inputs' size over ``SHARDS_PER_TASK`` shards per task,
+    between :data:`MIN_SHARD_BYTES` and :data:`~llmkit.data.distributed.shards.
+    TARGET_SHARD_BYTES` (a compressed file is always one shard)."""
+    from llmkit.data.distributed.shards import TARGET_SHARD_BYTES
+    from llmkit.data.readers import discover_inputs
+
+    total = sum(f.size_bytes for f in discover_inputs(list(inputs)))
+    return max(MIN_SHARD_BYTES, min(TARGET_SHARD_BYTES, total // (SHARDS_PER_TASK * tasks)))
+
+
+def job_spec(inputs: Sequence[str], settings: PrepareSettings):
+    """The :class:`~llmkit.data.distributed.job.JobSpec` of a run's settings (``tasks``
+    tasks per stage, as many dedup partitions, shards of :func:`shard_bytes`)."""
+    from llmkit.data.distributed.job import JobSpec
+
+    return JobSpec(
+        target_shard_bytes=shard_bytes(inputs, settings.tasks),
+        work_dir=str(settings.work_dir),
+        inputs=[str(i) for i in inputs],
+        tokenizer=None if settings.tokenizer is None else str(Path(settings.tokenizer).resolve()),
+        vocab_size=settings.vocab_size,
+        block_size=settings.block_size,
+        val_fraction=settings.val_fraction,
+        seed=settings.seed,
+        split_on=settings.split_on,
+        text_field=settings.text_field or "text",
+        on_error=settings.on_error,
+        encoding=settings.encoding,
+        max_document_bytes=settings.max_document_bytes,
+        cleaning=settings.cleaning.model_dump(),
+        tasks=settings.tasks,
+        partitions=settings.tasks,
+    )
+
+
+def engine_options(settings: PrepareSettings) -> dict:
+    """The options of datatrove's executor for ``settings.executor``: local ``workers``
+    (``--num-proc``, else one per task up to the usable cores), Slurm ``partition``, ``time``,
+    ``cpus_per_task`` and its logs under the work directory."""
+    if settings.executor == "local":
+        from llmkit.data.pipeline import default_num_proc
+
+        return {"workers": settings.num_proc or min(settings.tasks, default_num_proc())}
+    if settings.executor == "slurm":
+        return {
+            "partition": settings.slurm_partition,
+            "time": settings.slurm_time,
+            "cpus_per_task": settings.slurm_cpus,
+            "slurm_logs_folder": str(settings.work_dir).rstrip("/") + "/logs/slurm",
+        }
+    return {}
+
+
+def _connect_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+
+
+def prepare_distributed(
+    inputs: Sequence[str], output: str | Path, settings: PrepareSettings, *, overwrite: bool
+) -> dict | None:
+    """Run ``prepare`` on ``settings.executor`` and write ``output``; returns its manifest, or
+    None when the job was submitted (Slurm) and is not finished: the same command run again
+    once it has finished writes the output (finished tasks are skipped).
+
+    Raises:
+        UserError: an option or input not supported with ``--executor`` yet (naming it);
+            ``output`` may not be written (as ``prepare``); datatrove is not installed; a task
+            failed (its one line: stage, task, shard).
+    """
+    from llmkit.data.outdir import _check_output
+
+    what = unsupported(inputs, settings)
+    if what is not None:
+        raise UserError(
+            f"--executor {settings.executor} does not support {what} yet",
+            "run without --executor (in this process), or leave it out",
+        )
+    _check_output(Path(output), overwrite)
+    try:
+        import datatrove  # noqa: F401
+    except ImportError as err:
+        raise UserError(
+            f"--executor needs datatrove ({err.name} is not installed)",
+            "pip install 'llmkit[distributed]'",
+        ) from None
+    from llmkit.data.distributed.job import assemble, completed_tasks, run_job, stage_tasks
+
+    spec = job_spec(inputs, settings)
+    if settings.executor == "ray":
+        _connect_ray(settings.ray_address)
+    run_job(spec, settings.executor, **engine_options(settings))
+    if completed_tasks(spec) != stage_tasks(spec):
+        return None
+    return assemble(spec, output, settings=manifest_settings(settings))
+
+
+def manifest_settings(settings: PrepareSettings) -> dict:
+    """The manifest's ``settings`` of a distributed run (as ``prepare`` writes them, with the
+    executor's)."""
+    return {
+        "format": "text",
+        "vocab_size": settings.vocab_size if settings.tokenizer is None else None,
+        "tokenizer": settings.tokenizer,
+        "block_size": settings.block_size,
+        "val_fraction": settings.val_fraction,
+        "seed": settings.seed,
+        "split_on": settings.split_on,
+        "text_field": settings.text_field or "text",
+        "encoding": settings.encoding,
+        "max_document_bytes": settings.max_document_bytes,
+        "on_error": settings.on_error,
+        "keep_dropped": False,
+        "plot": False,
+        "normalization": settings.cleaning.normalize.form,
+        "cleaning": settings.cleaning.model_dump(),
+        "executor": settings.executor,
+        "tasks": settings.tasks,
+        "work_dir": settings.work_dir,
+    }
