@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmkit.core import atomic
 from llmkit.core.cache import (
     CACHE_FORMAT,
     DOCUMENTS,
@@ -85,11 +85,9 @@ from llmkit.data.outdir import (
     _check_output,
     _concerns_output,
     _missing_parents,
-    _move_into_place,
     _os_error_in,
     _output_error,
     _remove_dirs,
-    _remove_stale_temporaries,
     _wrapped,
 )
 from llmkit.data.pack import Packer, SFTPacker
@@ -1041,17 +1039,17 @@ def _building(output: Path) -> Iterator[Path]:
     ends; on any error it is removed (with the parents it created) and ``output`` is as it
     was. An OS error about the output becomes one UserError."""
     created_parents = _missing_parents(output)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = atomic.temp_path(output.parent, output.name)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(output)
+        atomic.remove_stale(output.parent, output.name)
         tmp.mkdir()
     except OSError as err:
         _remove_dirs(created_parents)
         raise _output_error(err, output, tmp, "cannot create") from None
     try:
         yield tmp
-        _move_into_place(tmp, output)
+        atomic.replace(tmp, output)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_dirs(created_parents)
