@@ -5,12 +5,12 @@ the temporary directory renamed into place, and OS errors about it as one-line u
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from llmkit.core.manifest import Manifest
 from llmkit.core.prepared import DATASET_DICT, MANIFEST, SPLITS, is_prepared
 from llmkit.data.readers import _GLOB_CHARS, _walk, file_kind
 from llmkit.errors import UserError
@@ -66,10 +66,10 @@ def _written_by_prepare(output: Path) -> set[Path]:
     if not is_prepared(output):
         return set()
     try:
-        listed = json.loads((output / MANIFEST).read_text(encoding="utf-8")).get("files")
-    except (OSError, ValueError, AttributeError):
+        listed = Manifest.model_validate_json((output / MANIFEST).read_text(encoding="utf-8")).files
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
         listed = None
-    if isinstance(listed, list) and all(isinstance(x, str) for x in listed):
+    if listed is not None:
         return {(output / x).resolve() for x in listed}
     own = set()
     for path in output.rglob("*"):
