@@ -11,7 +11,6 @@ import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 from llmkit.data.pack import Packer, SFTPacker
 from llmkit.errors import UserError
@@ -117,19 +116,6 @@ def chat_training_text(messages: Sequence[dict[str, str]]) -> str:
     return "".join(f"{m['role']}\n{m['content']}\n" for m in messages)
 
 
-def _render_reason(message: str) -> str:
-    """The manifest's reason for a conversation the chat template could not render."""
-    if "special token" in message:
-        return "special token in text"
-    if "refused" in message:
-        return "template refused"
-    if "consistently" in message or "cannot be located" in message:
-        return "template inconsistent"
-    if "starts with an assistant" in message:
-        return "assistant first"
-    return "render failed"
-
-
 def encode_chat_batch(
     conversations: Sequence[str], wheres: Sequence[str], tokenizer, *, train_on: str
 ) -> dict[str, list]:
@@ -217,8 +203,8 @@ def _sft_rows(
     encoded split, in order. A conversation that failed to render stops the run
     (``on_error="fail"``: the first one in order, so the error does not depend on
     ``num_proc``) or is counted in ``skipped`` by its reason code (``"skip"``; the error's
-    ``reason`` field, else the code its message gives; its message in ``first`` when it is
-    the first). How the answers were located is summed into ``located``."""
+    ``reason`` field, else ``"render failed"``; its message in ``first`` when it is the
+    first). How the answers were located is summed into ``located``."""
 
     def rows_of(block: dict) -> Iterator[dict]:
         for i in range(len(block["input_ids"])):
@@ -237,7 +223,7 @@ def _sft_rows(
             if error is not None:
                 if on_error != "skip":
                     raise UserError(error, hint, reason=code)
-                reason = code or _render_reason(error)
+                reason = code or "render failed"  # every record error carries its code
                 skipped[reason] = skipped.get(reason, 0) + 1
                 if not first:
                     first.append(error)
