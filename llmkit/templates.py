@@ -414,6 +414,7 @@ def generation_spans(
             f"{where + ': ' if where else ''}the chat template renders differently when its "
             "{% generation %} blocks are tracked",
             "fix the template so that its text does not depend on the tracking",
+            reason="render failed",
         )
     return text, [(int(s), int(e)) for s, e in spans[0]]
 

@@ -11,7 +11,6 @@ import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 from llmkit.data.pack import Packer, SFTPacker
 from llmkit.errors import UserError
@@ -117,19 +116,6 @@ def chat_training_text(messages: Sequence[dict[str, str]]) -> str:
     return "".join(f"{m['role']}\n{m['content']}\n" for m in messages)
 
 
-def _render_reason(message: str) -> str:
-    """The manifest's reason for a conversation the chat template could not render."""
-    if "special token" in message:
-        return "special token in text"
-    if "refused" in message:
-        return "template refused"
-    if "consistently" in message or "cannot be located" in message:
-        return "template inconsistent"
-    if "starts with an assistant" in message:
-        return "assistant first"
-    return "render failed"
-
-
 def encode_chat_batch(
     conversations: Sequence[str], wheres: Sequence[str], tokenizer, *, train_on: str
 ) -> dict[str, list]:
@@ -217,8 +203,8 @@ def _sft_rows(
     encoded split, in order. A conversation that failed to render stops the run
     (``on_error="fail"``: the first one in order, so the error does not depend on
     ``num_proc``) or is counted in ``skipped`` by its reason code (``"skip"``; the error's
-    ``reason`` field, else the code its message gives; its message in ``first`` when it is
-    the first). How the answers were located is summed into ``located``."""
+    ``reason`` field, else ``"render failed"``; its message in ``first`` when it is the
+    first). How the answers were located is summed into ``located``."""
 
     def rows_of(block: dict) -> Iterator[dict]:
         for i in range(len(block["input_ids"])):
@@ -237,7 +223,7 @@ def _sft_rows(
             if error is not None:
                 if on_error != "skip":
                     raise UserError(error, hint, reason=code)
-                reason = code or _render_reason(error)
+                reason = code or "render failed"  # every record error carries its code
                 skipped[reason] = skipped.get(reason, 0) + 1
                 if not first:
                     first.append(error)
@@ -252,13 +238,13 @@ def _sft_rows(
 
 
 def load_pretrained_tokenizer(name: str, *, trust_remote_code: bool = False):
-    """A pretrained tokenizer: a directory (or Hub id, online) as
-    :func:`llmkit.core.tokenizer.load_tokenizer`, or a ``.gguf`` model file.
+    """A pretrained tokenizer, read as the model's own loader reads it:
+    :func:`llmkit.core.loading.load_source_tokenizer`.
 
-    A ``.gguf`` file's tokenizer is taken from the directory where
-    :mod:`llmkit.core.loading` cached its conversion (:func:`llmkit.core.cache.
-    gguf_cache_dir`) when there is one, else read from the GGUF's metadata by transformers
-    (``gguf_file=``; about 20 s for SmolLM2's 49k-token vocabulary here).
+    A directory (or Hub id, online) is :func:`llmkit.core.tokenizer.load_tokenizer`; a
+    ``.gguf`` model file is its cached conversion when there is a current one, else its
+    metadata with llmkit's corrections (SmolLM2's digit split), so that the ids prepare writes
+    are the ids the model sees whether the cache is warm or cold.
 
     ``trust_remote_code``: see :func:`llmkit.core.tokenizer.load_tokenizer` (False: a
     tokenizer that needs its own Python code is refused, never run).
@@ -267,23 +253,9 @@ def load_pretrained_tokenizer(name: str, *, trust_remote_code: bool = False):
         UserError: nothing loadable at ``name``; a ``.gguf`` without the gguf package; a
             tokenizer that needs its own code without ``trust_remote_code``.
     """
-    import importlib.util
+    from llmkit.core.loading import load_source_tokenizer
 
-    from llmkit.core.cache import gguf_cache_dir
-    from llmkit.core.tokenizer import load_tokenizer
-
-    path = Path(name).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        cached = gguf_cache_dir(path)
-        if cached is not None and (cached / "tokenizer.json").is_file():
-            return load_tokenizer(cached, trust_remote_code=trust_remote_code)
-        if importlib.util.find_spec("gguf") is None:
-            raise UserError(
-                f"{name} is a GGUF file and the gguf package is not installed",
-                "pip install 'llmkit[gguf]' (or pip install gguf)",
-            )
-        return load_tokenizer(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
-    return load_tokenizer(name, trust_remote_code=trust_remote_code)
+    return load_source_tokenizer(name, trust_remote_code=trust_remote_code)
 
 
 def _chat_tokenizer(tok, template: str, name: str) -> dict:

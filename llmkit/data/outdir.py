@@ -5,14 +5,12 @@ the temporary directory renamed into place, and OS errors about it as one-line u
 from __future__ import annotations
 
 import glob
-import json
 import os
-import secrets
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from llmkit.core.manifest import Manifest
 from llmkit.core.prepared import DATASET_DICT, MANIFEST, SPLITS, is_prepared
 from llmkit.data.readers import _GLOB_CHARS, _walk, file_kind
 from llmkit.errors import UserError
@@ -68,10 +66,10 @@ def _written_by_prepare(output: Path) -> set[Path]:
     if not is_prepared(output):
         return set()
     try:
-        listed = json.loads((output / MANIFEST).read_text(encoding="utf-8")).get("files")
-    except (OSError, ValueError, AttributeError):
+        listed = Manifest.model_validate_json((output / MANIFEST).read_text(encoding="utf-8")).files
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
         listed = None
-    if isinstance(listed, list) and all(isinstance(x, str) for x in listed):
+    if listed is not None:
         return {(output / x).resolve() for x in listed}
     own = set()
     for path in output.rglob("*"):
@@ -213,37 +211,3 @@ def _missing_parents(path: Path) -> list[Path]:
             break
         missing.append(parent)
     return missing
-
-
-def _remove_stale_temporaries(output: Path) -> None:
-    """Delete ``.NAME.tmp-PID-*`` directories left by a killed run whose process is gone."""
-    for tmp in output.parent.glob(f".{glob.escape(output.name)}.tmp-*-*"):
-        try:
-            pid = int(tmp.name[len(f".{output.name}.tmp-") :].split("-")[0])
-        except ValueError:
-            continue
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:  # alive under another user, or cannot tell: leave it
-            continue
-
-
-def _move_into_place(tmp: Path, output: Path) -> None:
-    """Rename ``tmp`` to ``output``; an existing ``output`` is renamed aside, then deleted."""
-    if output.is_dir() and not any(output.iterdir()):
-        output.rmdir()
-    if not output.exists():
-        os.rename(tmp, output)
-        return
-    old = output.parent / f".{output.name}.old-{secrets.token_hex(4)}"
-    os.rename(output, old)
-    try:
-        os.rename(tmp, output)
-    except BaseException:
-        os.rename(old, output)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmkit.core import atomic
 from llmkit.core.cache import (
     CACHE_FORMAT,
     DOCUMENTS,
@@ -60,6 +60,7 @@ from llmkit.core.cache import (
     max_cache_bytes,
     tokenizer_identity,
 )
+from llmkit.core.manifest import Manifest
 from llmkit.core.prepared import DATASET_DICT, MANIFEST, SPLITS, is_prepared
 from llmkit.data.clean import StageStats
 from llmkit.data.config import PrepareSettings
@@ -85,11 +86,9 @@ from llmkit.data.outdir import (
     _check_output,
     _concerns_output,
     _missing_parents,
-    _move_into_place,
     _os_error_in,
     _output_error,
     _remove_dirs,
-    _remove_stale_temporaries,
     _wrapped,
 )
 from llmkit.data.pack import Packer, SFTPacker
@@ -667,17 +666,15 @@ def _up_to_date(output: Path, full: str) -> dict | None:
     if not is_prepared(output):
         return None
     try:
-        manifest = json.loads((output / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = Manifest.model_validate_json((output / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
         return None
-    if not isinstance(manifest, dict) or (manifest.get("fingerprint") or {}).get("full") != full:
+    if (manifest.fingerprint or {}).get("full") != full:
         return None
-    files = manifest.get("files")
-    if not isinstance(files, list) or not all(
-        isinstance(f, str) and (output / f).is_file() for f in files
-    ):
+    files = manifest.files
+    if files is None or not all((output / f).is_file() for f in files):
         return None
-    return manifest
+    return manifest.as_dict()
 
 
 def _given(**kwargs) -> dict:
@@ -1041,17 +1038,17 @@ def _building(output: Path) -> Iterator[Path]:
     ends; on any error it is removed (with the parents it created) and ``output`` is as it
     was. An OS error about the output becomes one UserError."""
     created_parents = _missing_parents(output)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = atomic.temp_path(output.parent, output.name)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(output)
+        atomic.remove_stale(output.parent, output.name)
         tmp.mkdir()
     except OSError as err:
         _remove_dirs(created_parents)
         raise _output_error(err, output, tmp, "cannot create") from None
     try:
         yield tmp
-        _move_into_place(tmp, output)
+        atomic.replace(tmp, output)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_dirs(created_parents)
@@ -1151,9 +1148,9 @@ def _finish(run: _Run, tmp: Path, manifest: dict) -> dict:
         plot_lengths(manifest["length_histogram"], tmp / "lengths.png")
     written = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
     manifest["files"] = sorted([*written, MANIFEST])
-    manifest = json.loads(json.dumps(manifest))  # what a reader gets back (str keys)
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return manifest
+    text = Manifest.model_validate(manifest).to_json()
+    (tmp / MANIFEST).write_text(text, encoding="utf-8")
+    return json.loads(text)  # what a reader gets back (str keys)
 
 
 def _cleaned_documents(run: _Run, tmp: Path) -> tuple[object, dict, dict]:

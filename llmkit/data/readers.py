@@ -939,20 +939,10 @@ def parse_jsonl_line(line: str, *, path: Path, lineno: int, text_field: str) -> 
 
 
 def _reason(err: UserError) -> str:
-    """The manifest's reason for a skipped text record: the error's ``reason`` code, else (an
-    error raised without one) a rule on its message."""
-    if err.reason is not None:
-        return err.reason
-    msg = err.message
-    if "malformed JSON" in msg:
-        return "malformed json"
-    if "no field" in msg:
-        return "missing field"
-    if "not a string" in msg:
-        return "field not a string"
-    if "expected a JSON object" in msg:
-        return "not an object"
-    return "bad record"
+    """The manifest's reason for a skipped text record: the error's ``reason`` code (every
+    record error of :func:`record_text` and the readers carries one), else ``"bad record"``.
+    Never read from the message."""
+    return err.reason or "bad record"
 
 
 def _count_fields(source: InputFile, record) -> None:
@@ -1587,24 +1577,10 @@ def check_max_document_bytes(max_document_bytes: int | None) -> None:
 
 def _chat_reason(err: UserError) -> str:
     """The manifest's reason for a skipped chat record (``InputFile.skipped``): the error's
-    ``reason`` code, else (the chat record errors of :mod:`llmkit.data.sft` carry none yet) a
-    rule on its message."""
-    if err.reason is not None:
-        return err.reason
-    msg = err.message
-    for needle, reason in (
-        ("expected a JSON object", "not an object"),
-        ("not a chat record", "not a chat record"),
-        ("no field", "missing field"),
-        ("no assistant message", "no assistant message"),
-        ("role", "bad role"),
-        ("does not start with a user message", "bad turn order"),
-        ("system message after", "bad turn order"),
-        ("is empty", "empty text"),
-    ):
-        if needle in msg:
-            return reason
-    return "bad chat record"
+    ``reason`` code (every record error of :mod:`llmkit.data.sft` and of the readers carries
+    one), else ``"bad chat record"``. Never read from the message, so rewording a message never
+    changes a manifest."""
+    return err.reason or "bad chat record"
 
 
 def conversation_json(messages: Sequence[dict[str, str]]) -> str:

@@ -100,13 +100,19 @@ def _text(record: dict, key: str, where: str, *, required: bool = True) -> str |
                 f"{where}: no field {key!r} (fields: {fields})",
                 "a chat record needs messages, conversations, prompt/response or "
                 "instruction/output",
+                reason="missing field",
             )
         return None
     value = record[key]
     if not isinstance(value, str):
-        raise UserError(f"{where}: field {key!r} is {type(value).__name__}, not a string")
+        raise UserError(
+            f"{where}: field {key!r} is {type(value).__name__}, not a string",
+            reason="bad chat record",
+        )
     if required and not value.strip():
-        raise UserError(f"{where}: field {key!r} is empty", "every turn needs some text")
+        raise UserError(
+            f"{where}: field {key!r} is empty", "every turn needs some text", reason="empty text"
+        )
     return value
 
 
@@ -127,33 +133,47 @@ def _check_messages(messages: Any, where: str, field: str = "messages") -> list[
             'expected "messages": [{"role": "user", "content": "..."}, ...]'
             if field == "messages"
             else 'expected "conversations": [{"from": "human", "value": "..."}, ...]',
+            reason="bad chat record",
         )
     if not messages:
-        raise UserError(f"{where}: field {field!r} is empty", "a conversation needs messages")
+        raise UserError(
+            f"{where}: field {field!r} is empty",
+            "a conversation needs messages",
+            reason="empty text",
+        )
     out: list[dict[str, str]] = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise UserError(
                 f"{where}: message {i} is {type(message).__name__}, not an object",
                 'each message is {"role": ..., "content": ...}',
+                reason="bad chat record",
             )
         role = message.get("role")
         if role not in ROLES:
             what = "has no 'role'" if role is None else f"has role {role!r}"
-            raise UserError(f"{where}: message {i} {what}", f"roles are {', '.join(ROLES)}")
+            raise UserError(
+                f"{where}: message {i} {what}", f"roles are {', '.join(ROLES)}", reason="bad role"
+            )
         content = message.get("content")
         if not isinstance(content, str):
             what = "no 'content'" if content is None else f"content {type(content).__name__}"
             raise UserError(
                 f"{where}: message {i} ({role}) has {what}, not a string",
                 "content must be plain text",
+                reason="bad chat record",
             )
         if not content.strip():
-            raise UserError(f"{where}: message {i} ({role}) is empty", "every turn needs text")
+            raise UserError(
+                f"{where}: message {i} ({role}) is empty",
+                "every turn needs text",
+                reason="empty text",
+            )
         if role == "system" and i != 0:
             raise UserError(
                 f"{where}: message {i} is a system message after the first message",
                 "a system message may only come first",
+                reason="bad turn order",
             )
         out.append({"role": role, "content": content})
     first = 1 if out[0]["role"] == "system" else 0
@@ -161,11 +181,13 @@ def _check_messages(messages: Any, where: str, field: str = "messages") -> list[
         raise UserError(
             f"{where}: the conversation does not start with a user message",
             "after an optional system message, the user speaks first",
+            reason="bad turn order",
         )
     if not any(m["role"] == "assistant" for m in out):
         raise UserError(
             f"{where}: no assistant message (nothing to learn from)",
             "each conversation needs at least one assistant answer",
+            reason="no assistant message",
         )
     return out
 
@@ -187,6 +209,7 @@ def _from_sharegpt(record: dict, where: str) -> list[dict[str, str]]:
             raise UserError(
                 f"{where}: conversations[{i}] is {type(turn).__name__}, not an object",
                 'each ShareGPT turn is {"from": ..., "value": ...}',
+                reason="bad chat record",
             )
         speaker = turn.get("from")
         if speaker not in SHAREGPT_ROLES:
@@ -194,6 +217,7 @@ def _from_sharegpt(record: dict, where: str) -> list[dict[str, str]]:
             raise UserError(
                 f"{where}: conversations[{i}] {what}",
                 f"ShareGPT roles are {', '.join(SHAREGPT_ROLES)} (as user, assistant, system)",
+                reason="bad role",
             )
         value = turn.get("value")
         if not isinstance(value, str):
@@ -201,6 +225,7 @@ def _from_sharegpt(record: dict, where: str) -> list[dict[str, str]]:
             raise UserError(
                 f"{where}: conversations[{i}] ({speaker}) has {what}, not a string",
                 "value must be plain text",
+                reason="bad chat record",
             )
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
     return _check_messages(messages, where, "conversations")
@@ -265,6 +290,7 @@ def conversation_from_record(record: Any, *, where: str) -> list[dict[str, str]]
         raise UserError(
             f"{where}: expected a JSON object, found {type(record).__name__}",
             "each line must be one JSON object",
+            reason="not an object",
         )
     kind = detect_chat_format(record)
     if kind is None:
@@ -273,6 +299,7 @@ def conversation_from_record(record: Any, *, where: str) -> list[dict[str, str]]
             f"{where}: not a chat record (fields: {fields})",
             "expected messages, conversations (ShareGPT), prompt/response or "
             "instruction/input/output",
+            reason="not a chat record",
         )
     return RECORD_TRANSFORMS[kind](record, where)
 
@@ -413,6 +440,7 @@ def _check_no_control_tokens(pattern: re.Pattern | None, messages: Sequence[dict
                 f"{where}: message {i} ({message['role']}) contains the special token "
                 f"{found.group()!r}",
                 "remove it from the text: the tokenizer would read it as a chat marker",
+                reason="special token in text",
             )
 
 
@@ -479,6 +507,7 @@ def _locate_answer(
             f"{where}: the chat template does not write assistant message {i} after its "
             "generation prompt (it drops or rewrites the answer), so the answer cannot be located",
             "use a template that writes the assistant's text, or --chat-template chatml",
+            reason="template inconsistent",
         )
     if rule == "common_prefix" and not answer.lstrip().startswith(content):
         raise UserError(
@@ -487,6 +516,7 @@ def _locate_answer(
             "be located",
             "use a template whose generation prompt opens the assistant's turn as it is "
             "rendered, or --chat-template chatml",
+            reason="template inconsistent",
         )
     if start >= cursor and text.startswith(through[:stop]):  # rendered stably
         return (start, stop), rule
@@ -610,7 +640,9 @@ def answer_spans(
         return text, [(0, len(text))]
     if messages and messages[0]["role"] == "assistant":
         raise UserError(
-            f"{where}: the conversation starts with an assistant message", "the user speaks first"
+            f"{where}: the conversation starts with an assistant message",
+            "the user speaks first",
+            reason="assistant first",
         )
     counts: dict[str, int] = {}
     spans: list[tuple[int, int]] = []
@@ -631,6 +663,7 @@ def answer_spans(
                         "cannot be located",
                         "end the conversation with the assistant's answer, or use "
                         "--chat-template chatml",
+                        reason="template inconsistent",
                     )
                 rule = "not_trained"
             else:

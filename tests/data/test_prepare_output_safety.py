@@ -150,6 +150,7 @@ def test_output_in_an_unwritable_place_is_one_line(tmp_path):
 def test_os_errors_writing_the_output_are_one_line_and_keep_the_old_output(work, monkeypatch, code):
     """An OSError while renaming into place (plain) and while writing blocks (wrapped by
     ``datasets``): one line naming OUTPUT; the old OUTPUT and the inputs are untouched."""
+    import llmkit.core.atomic as atomic
     import llmkit.data.pipeline as pipeline
 
     (work / "prep" / "mytext.txt").unlink()
@@ -159,7 +160,7 @@ def test_os_errors_writing_the_output_are_one_line_and_keep_the_old_output(work,
     def rename_fails(tmp, output):
         raise OSError(code, "simulated", str(tmp / "train"))
 
-    monkeypatch.setattr(pipeline, "_move_into_place", rename_fails)
+    monkeypatch.setattr(atomic, "replace", rename_fails)
     result = cli(str(work / "other.txt"), "-o", str(work / "prep"), "--overwrite")
     line = assert_one_error_line(result, f"cannot write {work / 'prep'}", "simulated")
     assert str(work / "prep" / "train") in line and ".tmp-" not in line
