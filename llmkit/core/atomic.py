@@ -78,17 +78,22 @@ def remove_stale(directory: Path, name: str) -> list[Path]:
 def replace(tmp: Path, target: Path) -> None:
     """Rename the finished ``tmp`` to ``target``, replacing what is there.
 
-    A file (or a missing or empty ``target``) is one ``os.replace``. An existing directory
+    A file (or a missing or empty ``target``) is one ``os.replace``. A symbolic link is
+    replaced by ``tmp`` itself (the link is removed, what it pointed to is left alone). An
+    existing directory
     cannot be renamed over: it is renamed aside to ``.NAME.old-<hex>`` first, ``tmp`` renamed
     into place, then the old one deleted, so that a crash between the two renames leaves both
     whole (and a failed second rename puts the old one back).
     """
     tmp, target = Path(tmp), Path(target)
-    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+    link = target.is_symlink()
+    if target.is_dir() and not link and not any(target.iterdir()):
         target.rmdir()
-    if not (target.is_dir() and not target.is_symlink()):
+    if not link and not target.is_dir():
         os.replace(tmp, target)
         return
+    # a directory, or a symbolic link (to anything: a directory cannot be renamed over a link):
+    # set aside, then the link itself is removed, never what it points to
     old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
     os.replace(target, old)
     try:
@@ -96,7 +101,10 @@ def replace(tmp: Path, target: Path) -> None:
     except BaseException:
         os.replace(old, target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if link:
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

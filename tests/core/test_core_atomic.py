@@ -105,3 +105,28 @@ def test_atomic_files_move_into_an_existing_directory_or_nothing(tmp_path):
             raise OSError(28, "No space left on device")
     assert (run / "config.json").read_text() == "new"
     assert _listing(run) == ["config.json", "metrics.jsonl", "model.safetensors"]
+
+
+@pytest.mark.parametrize("points_to", ["directory", "file", "nothing"])
+def test_a_symbolic_link_is_replaced_and_what_it_points_to_is_left_alone(tmp_path, points_to):
+    """``--output LINK --overwrite``: the new directory takes the link's place, the link's
+    target is untouched and nothing is left beside it (a directory over a link failed with
+    'Not a directory'; before that, prepare left a dangling ``.old`` link)."""
+    pointed = tmp_path / "v3"
+    if points_to == "directory":
+        pointed.mkdir()
+        (pointed / "keep.txt").write_text("v3")
+    elif points_to == "file":
+        pointed.write_text("v3")
+    link = tmp_path / "current"
+    link.symlink_to(pointed)
+    with atomic.atomic_output(link, directory=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert not link.is_symlink() and (link / "new.txt").read_text() == "new"
+    if points_to == "directory":
+        assert (pointed / "keep.txt").read_text() == "v3"
+    elif points_to == "file":
+        assert pointed.read_text() == "v3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["current"] + (["v3"] if points_to != "nothing" else [])
+    )
