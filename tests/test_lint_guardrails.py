@@ -32,6 +32,9 @@ GUARDED = [
     "llmkit/data/clean.py",
     "llmkit/data/config.py",
     "llmkit/data/pii.py",
+    "llmkit/data/pipeline.py",
+    "llmkit/data/encode.py",
+    "llmkit/cli/prepare.py",
     "llmkit/data/filters/_probe.py",
     "llmkit/data/steps/_probe.py",
     "llmkit/evaluation/_probe.py",
@@ -45,9 +48,7 @@ GUARDED = [
 # from here (and from pyproject.toml) when it passes. The value: the codes that still hold.
 EXCLUDED = {
     "llmkit/data/readers.py": set(),
-    "llmkit/data/pipeline.py": set(),
     "llmkit/data/outdir.py": set(),
-    "llmkit/data/encode.py": set(),
     "llmkit/data/sft.py": set(),
     "llmkit/data/distributed/_probe.py": set(),
 }
