@@ -1167,35 +1167,8 @@ def _parquet_documents(source: InputFile, text_field: str, on_error: str) -> Ite
                 f"cannot read {source.path} as parquet: {err}",
                 "the file is truncated or not in the format its extension says",
             ) from err
-        names = pf.schema_arrow.names
-        column = text_field if text_field in names else text_field.split(".")[0]
-        if column not in names:
-            raise UserError(
-                f"{source.path}: no column {text_field!r} (columns: {', '.join(names[:8])})",
-                "choose the column holding the text with --text-field",
-            )
-        source.fields.update({n: pf.metadata.num_rows for n in names})
-        row = 0
-        for batch in pf.iter_batches(batch_size=1000, columns=[column]):
-            for value in batch.column(0).to_pylist():
-                row += 1
-                if column != text_field:
-                    try:
-                        value = get_field({column: value}, text_field)
-                    except KeyError:
-                        value = None
-                if not isinstance(value, str):
-                    source.problem(
-                        UserError(
-                            f"{source.path}: row {row}: field {text_field!r} is "
-                            f"{type(value).__name__}, not a string",
-                            "choose the column holding the text with --text-field",
-                        ),
-                        "missing field" if value is None else "field not a string",
-                        on_error,
-                    )
-                    continue
-                yield value
+        source.fields.update({n: pf.metadata.num_rows for n in pf.schema_arrow.names})
+        yield from parquet_texts(pf, source, text_field, on_error)
         if source.compression:
             hashing.drain()
         else:
@@ -1205,6 +1178,55 @@ def _parquet_documents(source: InputFile, text_field: str, on_error: str) -> Ite
         source.sha256 = digest.hexdigest()
     finally:
         raw_file.close()
+
+
+def parquet_texts(
+    pf,
+    source: InputFile,
+    text_field: str,
+    on_error: str,
+    *,
+    row_group: int | None = None,
+    first_row: int = 0,
+) -> Iterator[str]:
+    """The strings of ``text_field`` (a column, or ``column.key`` inside a struct column) of
+    an open ``pyarrow.parquet.ParquetFile``, 1000 rows at a time: every row group, or only
+    ``row_group`` (whose first row is row ``first_row + 1`` of the file, for messages). A row
+    whose field is missing or not a string is a problem of ``source`` (one line naming the
+    row; counted and skipped under ``on_error="skip"``).
+
+    Raises:
+        UserError: the file has no such column.
+    """
+    names = pf.schema_arrow.names
+    column = text_field if text_field in names else text_field.split(".")[0]
+    if column not in names:
+        raise UserError(
+            f"{source.path}: no column {text_field!r} (columns: {', '.join(names[:8])})",
+            "choose the column holding the text with --text-field",
+        )
+    groups = None if row_group is None else [row_group]
+    row = first_row
+    for batch in pf.iter_batches(batch_size=1000, row_groups=groups, columns=[column]):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if column != text_field:
+                try:
+                    value = get_field({column: value}, text_field)
+                except KeyError:
+                    value = None
+            if not isinstance(value, str):
+                source.problem(
+                    UserError(
+                        f"{source.path}: row {row}: field {text_field!r} is "
+                        f"{type(value).__name__}, not a string",
+                        "choose the column holding the text with --text-field",
+                    ),
+                    "missing field" if value is None else "field not a string",
+                    on_error,
+                )
+                continue
+            yield value
 
 
 def _short(err: BaseException) -> str:

@@ -44,7 +44,7 @@ from llmkit.data.readers import (
     _Partial,
     _reason,
     check_max_document_bytes,
-    get_field,
+    parquet_texts,
     read_documents,
     record_text,
     split_document,
@@ -321,36 +321,11 @@ def _row_group_documents(source: InputFile, shard: Shard, on_error: str) -> Iter
 
     text_field = source._text_field
     pf = pq.ParquetFile(source.path)
-    names = pf.schema_arrow.names
-    column = text_field if text_field in names else text_field.split(".")[0]
-    if column not in names:
-        raise UserError(
-            f"{source.path}: no column {text_field!r} (columns: {', '.join(names[:8])})",
-            "choose the column holding the text with --text-field",
-        )
     if shard.row_group == 0:  # counted once per file, as the one-process reader does
-        source.fields.update({n: pf.metadata.num_rows for n in names})
-    row = shard.first_row
-    for batch in pf.iter_batches(batch_size=1000, row_groups=[shard.row_group], columns=[column]):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            if column != text_field:
-                try:
-                    value = get_field({column: value}, text_field)
-                except KeyError:
-                    value = None
-            if not isinstance(value, str):
-                source.problem(
-                    UserError(
-                        f"{source.path}: row {row}: field {text_field!r} is "
-                        f"{type(value).__name__}, not a string",
-                        "choose the column holding the text with --text-field",
-                    ),
-                    "missing field" if value is None else "field not a string",
-                    on_error,
-                )
-                continue
-            yield value
+        source.fields.update({n: pf.metadata.num_rows for n in pf.schema_arrow.names})
+    yield from parquet_texts(
+        pf, source, text_field, on_error, row_group=shard.row_group, first_row=shard.first_row
+    )
 
 
 def shard_source(files: Sequence[InputFile], shard: Shard) -> InputFile:
