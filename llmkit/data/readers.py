@@ -62,6 +62,7 @@ import glob
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import lzma
 import os
@@ -971,10 +972,26 @@ def _jsonl_records(
 ) -> Iterator[tuple[str, str]]:
     """``(where, document)`` of each record of a JSON-lines file (or a JSON array file)."""
     lines = iter_lines(source, on_error, encoding=encoding)
-    for lineno, line in lines:
-        if lineno == 1 and line.lstrip().startswith("["):
-            yield from _json_array_records(source, line, lines, on_error, convert, reason)
-            return
+    first = next(lines, None)
+    if first is None:
+        return
+    if first[0] == 1 and first[1].lstrip().startswith("["):
+        yield from _json_array_records(source, first[1], lines, on_error, convert, reason)
+        return
+    yield from json_line_records(source, itertools.chain([first], lines), on_error, convert, reason)
+
+
+def json_line_records(
+    source: InputFile,
+    numbered_lines: Iterable[tuple[int, str]],
+    on_error: str,
+    convert: Convert,
+    reason: Callable[[UserError], str],
+) -> Iterator[tuple[str, str]]:
+    """``(where, document)`` of each ``(line number, line)`` of JSON lines: blank lines
+    skipped; malformed JSON and records ``convert`` refuses are problems of ``source`` (one
+    line naming ``file:line``; counted and skipped under ``on_error="skip"``)."""
+    for lineno, line in numbered_lines:
         if not line.strip():
             continue
         where = f"{source.path}:{lineno}"

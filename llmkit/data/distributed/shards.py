@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -39,11 +38,11 @@ from llmkit.data.readers import (
     READ_CHUNK,
     InputFile,
     _codec_name,
-    _count_fields,
     _group_lines,
     _Partial,
     _reason,
     check_max_document_bytes,
+    json_line_records,
     parquet_texts,
     read_documents,
     record_text,
@@ -290,30 +289,16 @@ def _range_documents(
         lines = _range_lines(source, shard, on_error, chunk)
         yield from _group_lines(lines, max_bytes, blank_split=True, source=source)
         return
-    lineno = shard.first_line - 1
-    for line in _range_lines(source, shard, on_error, 1 << 62):
-        lineno += 1
-        if not line.strip():
-            continue
-        where = f"{source.path}:{lineno}"
-        try:
-            record = json.loads(line.rstrip("\n"))
-        except ValueError as err:
-            source.problem(
-                UserError(
-                    f"{where}: malformed JSON ({err.msg} at column {err.colno})",
-                    "expected JSON lines (one object per line) or one JSON array of objects; "
-                    "--on-error skip skips such lines",
-                ),
-                "malformed json",
-                on_error,
-            )
-            continue
-        _count_fields(source, record)
-        try:
-            yield record_text(record, where=where, text_field=source._text_field)
-        except UserError as err:
-            source.problem(err, _reason(err), on_error)
+    text_field = source._text_field
+    lines = enumerate(_range_lines(source, shard, on_error, 1 << 62), start=shard.first_line)
+    for _, document in json_line_records(
+        source,
+        lines,
+        on_error,
+        lambda record, where: record_text(record, where=where, text_field=text_field),
+        _reason,
+    ):
+        yield document
 
 
 def _row_group_documents(source: InputFile, shard: Shard, on_error: str) -> Iterator[str]:
