@@ -107,6 +107,12 @@ def _bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + div + (1 if rank < mod else 0)
 
 
+def _reset_stats(steps) -> None:
+    for step in steps:
+        if step.stats is not None:
+            step.reset_stats()
+
+
 def _run_rank(rank: int, world_size: int) -> list[StageStats | None]:
     """One rank: its slice of the documents through the steps, the kept ones written to
     ``<folder>/<name>-<rank>.arrow``; returns the steps' statistics."""
@@ -114,6 +120,8 @@ def _run_rank(rank: int, world_size: int) -> list[StageStats | None]:
 
     steps, dataset, cols_in, cols_out, folder, name = _JOB  # type: ignore[misc]
     start, end = _bounds(len(dataset), rank, world_size)
+    if world_size > 1:  # a pool worker may run several ranks: return this rank's counts only
+        _reset_stats(steps)
 
     def documents() -> Iterator[Document]:
         part = dataset.select(range(start, end))
@@ -171,9 +179,15 @@ def _worker_progress(advance: Callable, ranks: int) -> Iterator[None]:
         _PROGRESS = None
 
 
+def _pool(processes: int):
+    """The worker pool of a group (forked: the job is inherited, not pickled)."""
+    import multiprocessing
+
+    return multiprocessing.get_context("fork").Pool(processes)
+
+
 def _run_group(steps, dataset, cols_in: Columns, cols_out: Columns, *, procs, folder, name):
     global _JOB
-    import multiprocessing
 
     from datasets import Dataset, concatenate_datasets
 
@@ -183,7 +197,7 @@ def _run_group(steps, dataset, cols_in: Columns, cols_out: Columns, *, procs, fo
         if world_size == 1:
             _run_rank(0, 1)  # in this process: the steps' own stats are the totals
         else:
-            with multiprocessing.get_context("fork").Pool(world_size) as pool:
+            with _pool(world_size) as pool:
                 per_rank = pool.starmap(_run_rank, [(r, world_size) for r in range(world_size)])
             for i, step in enumerate(steps):
                 if step.stats is None:

@@ -311,8 +311,12 @@ def test_cli_config_error_is_one_line(tmp_path):
     assert r.exit_code == 2 and "unknown prepare setting filters.gophr" in r.stderr
 
 
-@pytest.mark.parametrize("procs", [1, 2])
-def test_the_steps_under_the_executor_count_like_the_plain_loop(tmp_path, procs):
+@pytest.mark.parametrize("procs, workers", [(1, 1), (2, 2), (2, 1)])
+def test_the_steps_under_the_executor_count_like_the_plain_loop(
+    tmp_path, monkeypatch, procs, workers
+):
+    """workers=1: one pool process runs both ranks (a pool may do so whenever one worker is
+    faster); its counts were summed twice (seen as a flaky failure in CI)."""
     """The pipeline's form (the cleaning steps of build_steps under the executor: the
     per-document steps on ``procs`` worker processes, then de-duplication's resolve in order)
     gives the plain loop's documents, counts and dropped texts, for every rule set with its
@@ -348,6 +352,13 @@ def test_the_steps_under_the_executor_count_like_the_plain_loop(tmp_path, procs)
     def task(description, total=None):
         yield lambda n=1: None
 
+    import multiprocessing
+
+    from llmkit.data import executor
+
+    monkeypatch.setattr(
+        executor, "_pool", lambda n: multiprocessing.get_context("fork").Pool(workers)
+    )
     steps = build_steps(cfg, DroppedWriter(tmp_path / "dropped"))
     out, ranks = run_pipeline(
         steps, Dataset.from_dict({"text": docs}), chat=False, procs=procs, work=tmp_path, task=task
