@@ -92,6 +92,10 @@ MIN_VOCAB_SIZE = 257
 MAX_VOCAB_SIZE = 2**24
 MAX_BLOCK_SIZE = 2**20
 
+#: The most tasks per ``--executor`` stage: one job array of 10,000 tasks already outgrows
+#: Slurm's default ``MaxArraySize`` (1001) tenfold; a planning mistake, not a corpus, asks for more.
+MAX_TASKS = 10_000
+
 
 class _Section(BaseModel):
     """A settings section: unknown keys rejected, values of another type rejected (strict: no
@@ -374,6 +378,11 @@ class PrepareSettings(_Section):
         if self.tasks < 1 or self.slurm_cpus < 1:
             flag = "--tasks" if self.tasks < 1 else "--slurm-cpus"
             raise UserError(f"{flag} must be at least 1", f"give {flag} 1 or more")
+        if self.tasks > MAX_TASKS:
+            raise UserError(
+                f"--tasks {self.tasks:,} is more than {MAX_TASKS:,}",
+                "one task per shard or partition: a few per core of the cluster is enough",
+            )
         given = [
             flag
             for flag, value in (

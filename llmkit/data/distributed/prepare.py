@@ -115,6 +115,29 @@ def engine_options(settings: PrepareSettings) -> dict:
     return {}
 
 
+def check_work_dir(work_dir: str | None, output: str | Path) -> None:
+    """Refuse a local work directory that is a file, or that is ``output``, inside it or holds
+    it: ``output`` is replaced whole when the job ends, and the job's state (the tasks already
+    finished) lives in the work directory. Paths with a scheme (``s3://``...) are not checked.
+
+    Raises:
+        UserError: naming the two paths.
+    """
+    if not work_dir or "://" in work_dir:
+        return
+    work, out = Path(work_dir).resolve(), Path(output).resolve()
+    if work.exists() and not work.is_dir():
+        raise UserError(
+            f"--work-dir {work_dir} is a file", "give a directory (it is created if missing)"
+        )
+    if work == out or out in work.parents or work in out.parents:
+        raise UserError(
+            f"--work-dir {work_dir} and --output {output} overlap (the output is replaced "
+            "whole when the job ends; the work directory keeps the finished tasks)",
+            "give the work directory a path of its own, beside the output",
+        )
+
+
 def _connect_ray(address: str | None) -> None:
     import ray
 
@@ -143,6 +166,7 @@ def prepare_distributed(
             "run without --executor (in this process), or leave it out",
         )
     _check_output(Path(output), overwrite)
+    check_work_dir(settings.work_dir, output)
     try:
         import datatrove  # noqa: F401
     except ImportError as err:

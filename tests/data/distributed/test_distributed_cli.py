@@ -158,12 +158,32 @@ def test_web_archive_and_chat_inputs_are_refused(tmp_path):
         (["--executor", "slurm", "--work-dir", "w"], "--executor slurm needs --slurm-partition"),
         (["--executor", "spark", "--work-dir", "w"], "--executor"),
         (["--executor", "local", "--work-dir", "w", "--tasks", "0"], "--tasks must be at least 1"),
+        (  # grew memory without bound (1.9 GB in 25 s) before it was bounded
+            ["--executor", "local", "--work-dir", "w", "--tasks", "99999999999"],
+            "--tasks 99,999,999,999 is more than 10,000",
+        ),
     ],
 )
 def test_bad_distributed_settings(tmp_path, corpus, args, message):
     result = cli(str(corpus), "--output", str(tmp_path / "o"), *args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "file"])
+def test_a_work_dir_that_is_the_output_or_a_file_is_refused(tmp_path, corpus, where):
+    """--work-dir equal to --output was accepted: the output replaced the job's state (and a
+    non-empty directory was replaced without --overwrite); a file was a FileExistsError
+    traceback. Now one line, exit 2, and nothing is written."""
+    out = tmp_path / "o"
+    work = {"same": out, "inside": out / "work", "file": tmp_path / "f.txt"}[where]
+    if where == "file":
+        work.write_text("not a directory")
+    result = cli(str(corpus), "--output", str(out), "--executor", "local", "--work-dir", str(work))
+    assert result.exit_code == 2, result.output
+    assert ("overlap" if where != "file" else "is a file") in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 @pytest.mark.slow
