@@ -37,11 +37,16 @@ def is_finished_run(path: str | Path) -> bool:
 
 
 def newest_finished_run(root: str | Path = "runs") -> Path | None:
-    """The finished run under ``root`` whose marker was written last, or None."""
+    """The finished run under ``root`` whose marker was written last, or None (hidden
+    directories, such as a run ``--overwrite`` set aside, are not looked at)."""
     root = Path(root)
     if not root.is_dir():
         return None
-    runs = [p for p in root.iterdir() if p.is_dir() and is_finished_run(p)]
+    runs = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and is_finished_run(p)
+    ]
     if not runs:
         return None
     return max(runs, key=lambda p: (p / RUN_MARKER).stat().st_mtime)

@@ -19,6 +19,7 @@ from llmkit.runs import RUN_MARKER
 from llmkit.training import checkpoint as ckpt
 from llmkit.training.config import Recipe
 from llmkit.training.flops import format_mfu
+from llmkit.training.rundir import drop_previous_run
 
 if TYPE_CHECKING:
     from llmkit.training.fit import FitState
@@ -218,3 +219,4 @@ def write_run(
             indent=2,
         ),
     )
+    drop_previous_run(run_dir)  # the run --overwrite set aside, now replaced for good

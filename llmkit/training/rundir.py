@@ -4,6 +4,7 @@ leaves (the message that says how to continue). Files are written into it throug
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -73,11 +74,35 @@ def _clear_previous_run(run_dir: Path) -> None:
     doomed = [run_dir / name for name in _RUN_FILES]
     for pattern in _RUN_FILE_PATTERNS:
         doomed += sorted(run_dir.glob(pattern))
+    keep = previous_run_dir(run_dir) if is_finished_run(run_dir) else None
+    if keep is not None:  # a finished run is set aside until the new one finishes
+        _remove(keep)
+        keep.mkdir()
     for child in doomed:  # RUN_MARKER first
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        elif child.exists() or child.is_symlink():
-            child.unlink()
+        if keep is not None and (child.exists() or child.is_symlink()):
+            os.replace(child, keep / child.name)
+        else:
+            _remove(child)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def previous_run_dir(run_dir: Path) -> Path:
+    """Where ``--overwrite`` keeps the finished run it replaces (``.NAME.previous`` beside
+    ``run_dir``) until the new run finishes: an interrupted or failed new run loses nothing
+    (move its files back to restore it). Hidden: :func:`llmkit.runs.newest_finished_run`
+    never picks it."""
+    return run_dir.with_name(f".{run_dir.name}.previous")
+
+
+def drop_previous_run(run_dir: Path) -> None:
+    """The new run has finished: delete the run ``--overwrite`` set aside, if any."""
+    _remove(previous_run_dir(run_dir))
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
@@ -124,5 +149,12 @@ def interrupted_message(run_dir: Path, step: int | None) -> str:
         return (
             f"interrupted{at}; {run_dir} is not a finished run, its checkpoint {last[-1]} "
             f"is intact: continue with --resume latest"
+        )
+    kept = previous_run_dir(run_dir)
+    if kept.is_dir():
+        return (
+            f"interrupted{at}; {run_dir} is not a finished run and holds no checkpoint yet; "
+            f"the finished run --overwrite replaced is kept in {kept} (move its files back to "
+            "restore it)"
         )
     return f"interrupted{at}; {run_dir} is not a finished run and holds no checkpoint yet"

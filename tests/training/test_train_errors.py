@@ -83,6 +83,13 @@ def test_failed_overwrite_leaves_no_finished_run(
     # grad_clip=0: now the hint suggests it
     result = CliRunner().invoke(app, ["train", *base, *nan, "train.grad_clip=0", "--overwrite"])
     assert "set train.grad_clip" in _one_error_line(result)
+    # the finished run both failed overwrites replaced is kept aside, whole (it was deleted
+    # before the new run started: an interrupted --overwrite lost the model)
+    kept = tmp_path / "runs" / ".r.previous"
+    assert is_finished_run(kept) and (kept / "model.safetensors").exists()
+    result = CliRunner().invoke(app, ["train", *base, "--overwrite", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert is_finished_run(run) and not kept.exists()  # dropped once the new run finished
 
 
 def test_run_dir_os_errors_and_bad_names_are_one_line(write_split, tmp_path, tiny_tokenizer):
