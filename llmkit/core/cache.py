@@ -289,16 +289,18 @@ class CleanCache:
     def commit(self, tmp: Path, info: dict) -> None:
         """Write ``info`` into ``tmp`` and rename it to the entry (a concurrent run that got
         there first wins; ``tmp`` is then removed). Not :func:`llmkit.core.atomic.replace`:
-        a complete entry is kept, not replaced, as the same key means the same content."""
+        a complete entry is kept, not replaced, as the same key means the same content; an
+        entry that does not load (damaged) is replaced."""
         info = {"format": CACHE_FORMAT, "key": self.key, **info}
         (tmp / INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         try:
             os.rename(tmp, self.path)
         except OSError:
-            if (self.path / INFO).is_file():  # another run stored the same entry first
+            if self.load() is not None:  # another run stored the same entry first
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
-            shutil.rmtree(self.path, ignore_errors=True)  # a broken entry: replace it
+            # a damaged entry (a file truncated or replaced by hand): replace it
+            shutil.rmtree(self.path, ignore_errors=True)
             os.rename(tmp, self.path)
 
     @staticmethod

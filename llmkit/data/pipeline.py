@@ -1228,6 +1228,9 @@ def _store_in_cache(run: _Run, entry: Path, docs, info: dict, dropped: Path, wor
         if run.settings.keep_dropped:
             shutil.copyfile(dropped, entry / DROPPED)
         clean_cache.commit(entry, info)
+        stored = clean_cache.load()
+        if stored is None:
+            raise OSError(0, "the entry does not read back")
     except OSError as err:
         # The documents were saved in the entry: save them in the work directory instead.
         from datasets import load_from_disk
@@ -1237,7 +1240,7 @@ def _store_in_cache(run: _Run, entry: Path, docs, info: dict, dropped: Path, wor
         CleanCache.discard([entry])
         reason = f"not stored: {err.strerror or err}"
         return docs, info, {"used": False, "stored": False, "path": None, "note": reason}
-    docs = clean_cache.load()[0]
+    docs = stored[0]
     removed, freed = evict(clean_cache.root.parent, max_cache_bytes(), keep=clean_cache.path)
     if removed:
         report.log(

@@ -211,6 +211,36 @@ def test_rerun_is_up_to_date_and_does_nothing(small, tmp_path, cache_in_tmp):
     assert forced.exit_code == 2 and "already exists" in forced.stderr
 
 
+@pytest.mark.parametrize("damage", ["truncated arrow", "pickle info"])
+def test_a_damaged_cache_entry_is_cleaned_again_and_replaced(small, tmp_path, cache_in_tmp, damage):
+    """A cache entry damaged by hand was a TypeError traceback on every later run (it was
+    cleaned again, then the damaged entry kept as 'stored by another run' and read back as
+    None). Now the documents are cleaned again, the entry replaced, and the rows are the
+    same; a pickle put in the entry is never loaded."""
+    import pickle
+
+    first = run([small], tmp_path / "a", vocab_size=300, block_size=16)
+    entry = Path(first["cache"]["path"])
+    marker = tmp_path / "pwned"
+    if damage == "truncated arrow":
+        arrow = next((entry / "documents").glob("*.arrow"))
+        arrow.write_bytes(arrow.read_bytes()[:100])
+    else:
+
+        class Evil:
+            def __reduce__(self):
+                return (open, (str(marker), "w"))
+
+        (entry / "cleaned.json").write_bytes(pickle.dumps(Evil()))
+    again = cli(str(small), "-o", str(tmp_path / "b"), "--vocab-size", "300", "--block-size", "16")
+    assert again.exit_code == 0, again.output
+    second = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert second["cache"] == {"used": False, "stored": True, "path": str(entry)}
+    assert second["splits"] == first["splits"] and not marker.exists()
+    third = run([small], tmp_path / "c", vocab_size=300, block_size=16)
+    assert third["cache"]["used"]  # the replaced entry is whole
+
+
 def test_changing_only_the_tokenizer_or_blocks_reuses_the_cleaned_documents(
     small, tmp_path, cache_in_tmp
 ):
