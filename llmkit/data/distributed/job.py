@@ -895,6 +895,21 @@ def _default_settings(spec: JobSpec) -> dict:
     }
 
 
+def _blocks(work: Work, rel: str, spec: JobSpec) -> np.ndarray:
+    """A shard's packed blocks: integers, ``(rows, block_size)``.
+
+    Raises:
+        UserError: the file holds another shape or type (not what the job wrote).
+    """
+    arr = work.get_array(rel)
+    if arr.ndim != 2 or arr.shape[1] != spec.block_size or arr.dtype.kind not in "iu":
+        raise _foreign(
+            work.path(rel),
+            f"an array of {arr.dtype} {tuple(arr.shape)}, not blocks of {spec.block_size} ids",
+        )
+    return arr
+
+
 def assemble(spec: JobSpec, output: str | Path, settings: dict | None = None) -> dict:
     """Write the prepared directory at ``output`` from the finished job's blocks.
 
@@ -922,7 +937,7 @@ def assemble(spec: JobSpec, output: str | Path, settings: dict | None = None) ->
     files, stages = _merged_stats(work, plan, shards)
     blocks = {}
     for name in SPLIT_NAMES:
-        arrays = [work.get_array(f"blocks/{name}/s{s.index:06d}.npy") for s in shards]
+        arrays = [_blocks(work, f"blocks/{name}/s{s.index:06d}.npy", spec) for s in shards]
         blocks[name] = np.concatenate(arrays) if arrays else np.empty((0, spec.block_size))
     tok = _load_tokenizer(work, spec)
     output = Path(output)

@@ -179,10 +179,17 @@ def prepare_distributed(
     spec = job_spec(inputs, settings)
     if settings.executor == "ray":
         _connect_ray(settings.ray_address)
-    run_job(spec, settings.executor, **engine_options(settings))
-    if completed_tasks(spec) != stage_tasks(spec):
-        return None
-    return assemble(spec, output, settings=manifest_settings(settings))
+    try:
+        run_job(spec, settings.executor, **engine_options(settings))
+        if completed_tasks(spec) != stage_tasks(spec):
+            return None
+        return assemble(spec, output, settings=manifest_settings(settings))
+    except (TypeError, KeyError, AttributeError) as err:  # a JSON file of another shape
+        raise UserError(
+            f"the work directory {settings.work_dir} holds files llmkit did not write "
+            f"({type(err).__name__}: {err})",
+            "use a new or empty --work-dir, one only you can write",
+        ) from None
 
 
 def manifest_settings(settings: PrepareSettings) -> dict:

@@ -186,6 +186,24 @@ def test_a_work_dir_that_is_the_output_or_a_file_is_refused(tmp_path, corpus, wh
     assert not out.exists()
 
 
+@pytest.mark.parametrize("damage", ["plan of another shape", "blocks of another shape"])
+def test_work_files_of_another_shape_are_refused_in_one_line(tmp_path, corpus, damage):
+    """A JSON file of the right syntax but another shape was a TypeError traceback; an array
+    of the wrong shape became the train split silently (3 rows of 7 zeros, block_size 32)."""
+    work = tmp_path / "w"
+    args = ("--executor", "local", "--work-dir", str(work), "--no-cache", *COMMON)
+    first = cli(str(corpus), "--output", str(tmp_path / "o1"), *args)
+    assert first.exit_code == 0, first.output
+    if damage == "plan of another shape":
+        (work / "plan.json").write_text('{"shards": [{"index": "x"}]}')
+    else:
+        np.save(work / "blocks" / "train" / "s000000.npy", np.zeros((3, 7)))
+    again = cli(str(corpus), "--output", str(tmp_path / "o2"), *args)
+    assert again.exit_code == 2, again.output
+    assert len(again.output.strip().splitlines()) == 1 and str(work) in again.output
+    assert not (tmp_path / "o2").exists()
+
+
 @pytest.mark.slow
 def test_ray_executor_equals_num_proc_1(tmp_path, corpus, reference, monkeypatch):
     """``--executor ray`` on a one-node Ray instance this test starts (about a minute)."""
