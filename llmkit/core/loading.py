@@ -493,14 +493,50 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
     Raises:
         UserError: a local path that is not a model; a model that needs its own code without
             ``trust_remote_code``; or anything transformers raised while loading, one line.
+            A cached GGUF conversion that cannot be loaded is not an error: it is deleted
+            with a one-line warning and the ``.gguf`` converted again
+            (:func:`discard_gguf_cache`).
     """
     from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise on stderr for a CLI
+    source = resolve_source(name)
+    if not source.cached:
+        return _load_resolved(name, source, device, dtype, trust_remote_code)
+    try:
+        return _load_resolved(name, source, device, dtype, trust_remote_code)
+    except UserError as err:  # a damaged cached conversion: convert the .gguf again
+        discard_gguf_cache(name, source.gguf_cache, err)
+    source = resolve_source(name, use_cache=False)
+    return _load_resolved(name, source, device, dtype, trust_remote_code)
+
+
+def discard_gguf_cache(name: str, cache: Path | None, err: BaseException) -> None:
+    """A cached GGUF conversion at ``cache`` could not be read (``err``; e.g. a truncated
+    ``model.safetensors``: "incomplete metadata"): warn on stderr in one line and delete it,
+    so the ``.gguf`` is converted (and cached) again. A cache that cannot be deleted is left,
+    and the ``.gguf`` is read directly this time."""
+    import shutil
+
+    sys.stderr.write(
+        f"warning: the cached conversion of {name} in {cache} cannot be read "
+        f"({_short(err)}); converting the .gguf again\n"
+    )
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _load_resolved(
+    name: str,
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+):
+    """:func:`_load_one` for a resolved ``source``: ``(model, tokenizer)``."""
     from llmkit.core.tokenizer import load_tokenizer
     from llmkit.security import announce_remote_code
 
-    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise on stderr for a CLI
-    source = resolve_source(name)
     trust_remote_code = trust_remote_code and not source.cached  # never code from a cache
     kwargs, tok_kwargs = _load_kwargs(name, source, device, dtype, trust_remote_code)
     if trust_remote_code:
@@ -610,7 +646,11 @@ def load_source_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
         return load_tokenizer(name, trust_remote_code=trust_remote_code)
     source = resolve_source(name)
     if source.cached:  # never code from a cache
-        return load_tokenizer(source.where, trust_remote_code=False)
+        try:
+            return load_tokenizer(source.where, trust_remote_code=False)
+        except UserError as err:  # a damaged cached conversion: read the .gguf again
+            discard_gguf_cache(name, source.gguf_cache, err)
+            source = resolve_source(name, use_cache=False)
     tokenizer = load_tokenizer(
         source.where, gguf_file=source.kwargs["gguf_file"], trust_remote_code=trust_remote_code
     )

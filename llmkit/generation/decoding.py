@@ -21,6 +21,14 @@ Three rules, used by every path that turns generated ids into text (``generate``
   huggingface/tokenizers #1141 and exo-explore/exo PR #1691): emoji came out doubled and
   U+FFFD reached the terminal. Here the pieces emitted, joined, always equal the full decode of
   the ids (:meth:`StreamDecoder.finish` checks the end against it).
+- **A text never ends in half a character.** When generation ends (length, EOS or a stop
+  string) on an incomplete UTF-8 sequence — the first one to three bytes of a character whose
+  remaining bytes were never generated (byte-level BPE pieces or ``<0xF0>`` byte-fallback
+  tokens) — those trailing bytes are dropped from the text (:func:`drop_incomplete_tail`), so
+  the completion and the streamed text end without the U+FFFD they would decode to. Only that
+  incomplete tail is dropped: a complete character is never cut, and a U+FFFD the model
+  produced as a whole (a ``�`` token, the bytes EF BF BD, or bytes that can never form a
+  character) is kept.
 - **Stop strings** end a text just before the first one it holds (:func:`find_stop`: the
   earliest, the longest at equal position); while streaming, an ending that may be the start
   of a stop string is held back until the next text settles it.
@@ -39,6 +47,7 @@ sampled small model produces readily.
 
 from __future__ import annotations
 
+import codecs
 import re
 from typing import Any, TextIO
 
@@ -54,6 +63,25 @@ _REPLACEMENT = "\ufffd"
 #: A byte-fallback token's name: ``<0x00>`` ... ``<0xFF>`` (SentencePiece's ``byte_fallback``,
 #: tokenizers' ``ByteFallback`` decoder, which reads exactly this six-character form).
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _byte_level_symbols() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, symbol → byte: printable Latin-1 bytes (``!``..``~``,
+    ``¡``..``¬``, ``®``..``ÿ``) stand for themselves, every other byte for chr(256 + n), n
+    counting those bytes in order (the table of openai/gpt-2 ``encoder.py``
+    ``bytes_to_unicode``, which tokenizers' ``ByteLevel`` decoder uses; written out here)."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_LEVEL = _byte_level_symbols()
 
 #: New tokens a :class:`StreamDecoder` window holds before it restarts from its last token.
 WINDOW = 16
@@ -86,8 +114,98 @@ def decoding_context(tokenizer: Any, ids: list[int]) -> list[int]:
     return list(ids[-k:])
 
 
+def _is_byte_level(tokenizer: Any) -> bool:
+    """True for a GPT-2-style byte-level BPE tokenizer (every token a string of byte symbols):
+    a slow tokenizer with a ``byte_decoder``, or a fast one whose decoder is (or holds)
+    tokenizers' ``ByteLevel``."""
+    if isinstance(getattr(tokenizer, "byte_decoder", None), dict):
+        return True
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
+        return False
+    try:
+        state = decoder.__getstate__()
+    except Exception:  # noqa: BLE001 - a decoder that cannot say what it is: not byte-level
+        return False
+    return b'"ByteLevel"' in state if isinstance(state, bytes) else False
+
+
+def _token_bytes(tokenizer: Any, token_id: int, byte_level: bool) -> bytes | None:
+    """The UTF-8 bytes a token stands for, when it stands for bytes (a byte-fallback token, or
+    any token of a byte-level tokenizer); None otherwise (a token that is text)."""
+    if is_byte_token(tokenizer, token_id):
+        return bytes([int(tokenizer.convert_ids_to_tokens(int(token_id))[3:5], 16)])
+    if not byte_level:
+        return None
+    token = tokenizer.convert_ids_to_tokens(int(token_id))
+    if not isinstance(token, str) or not token or any(c not in _BYTE_LEVEL for c in token):
+        return None
+    return bytes(_BYTE_LEVEL[c] for c in token)
+
+
+def _incomplete_tail(tokenizer: Any, ids: list[int]) -> tuple[int, int]:
+    """``(pending, drop)``: how many trailing bytes of ``ids`` are an incomplete UTF-8 sequence
+    (0 to 3: the start of a character whose other bytes are missing), and, when those bytes
+    are all byte-fallback tokens, how many trailing ids hold them (special tokens after them,
+    which decode to nothing, included); else ``drop`` is 0."""
+    byte_level = _is_byte_level(tokenizer)
+    skipped = set(getattr(tokenizer, "all_special_ids", None) or [])  # decode to nothing
+    tail = b""
+    fallback_ids: list[int] = []  # ids from the end to each trailing byte-fallback byte
+    only_fallback = True
+    for back, token_id in enumerate(reversed(ids), start=1):
+        if len(tail) >= 4:
+            break
+        if token_id in skipped:
+            continue
+        piece = _token_bytes(tokenizer, token_id, byte_level)
+        if piece is None:
+            break
+        if only_fallback and is_byte_token(tokenizer, token_id):
+            fallback_ids.append(back)
+        else:
+            only_fallback = False
+        tail = piece + tail
+    if not tail:
+        return 0, 0
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder.decode(tail, final=False)
+    pending = len(decoder.getstate()[0])  # bytes held for a character not yet whole
+    drop = fallback_ids[pending - 1] if 0 < pending <= len(fallback_ids) else 0
+    return pending, drop
+
+
+def drop_incomplete_tail(
+    tokenizer: Any, context_ids: list[int], new_ids: list[int], text: str
+) -> str:
+    """``text`` (the decode of ``new_ids`` after ``context_ids``) less the text of trailing
+    bytes that are an incomplete UTF-8 sequence: the first one to three bytes of a character
+    whose remaining bytes were never generated (``F0 9F`` of 😀 when generation stopped there).
+    They would read as U+FFFD; a stream holds them back and drops them at the end, so the
+    returned completion drops them too.
+
+    Nothing else changes: a complete character is never cut, and a U+FFFD that is a token of
+    its own, the complete bytes EF BF BD, or bytes that can never start a character (``80``, an
+    interrupted ``F0 41``) are kept. Byte-fallback bytes are dropped as tokens and the rest
+    decoded again (tokenizers' ``ByteFallback`` turns a whole run with an invalid byte into
+    U+FFFD, so ``<0x41><0xF0>`` reads ``A`` without its last token); a byte-level tokenizer's
+    pending bytes read as one trailing U+FFFD (the "maximal subpart" rule of Unicode's
+    chapter 3, U+FFFD substitution, which Python's and Rust's lossy decoders both follow), which
+    is removed.
+    """
+    if not text.endswith(_REPLACEMENT) or not new_ids:
+        return text
+    pending, drop = _incomplete_tail(tokenizer, list(new_ids))
+    if not pending:
+        return text
+    if drop:
+        return _decode_after(tokenizer, context_ids, list(new_ids)[:-drop])
+    return text[:-1]
+
+
 def decode_continuation(tokenizer: Any, context_ids: list[int], new_ids: list[int]) -> str:
-    """The text of ``new_ids`` as it reads after ``context_ids``.
+    """The text of ``new_ids`` as it reads after ``context_ids``, less an incomplete UTF-8
+    sequence at its end (:func:`drop_incomplete_tail`): the text generation ended with.
 
     Decoding the new ids together with the last context token(s) (:func:`decoding_context`)
     keeps a leading space that a SentencePiece decoder drops at the start of a string
@@ -97,6 +215,12 @@ def decode_continuation(tokenizer: Any, context_ids: list[int], new_ids: list[in
         context_ids: token ids that precede (the prompt's; its last tokens are enough).
         new_ids: the generated ids.
     """
+    text = _decode_after(tokenizer, context_ids, new_ids)
+    return drop_incomplete_tail(tokenizer, context_ids, new_ids, text)
+
+
+def _decode_after(tokenizer: Any, context_ids: list[int], new_ids: list[int]) -> str:
+    """The text of ``new_ids`` after ``context_ids`` as decoded, incomplete tail included."""
     ctx = decoding_context(tokenizer, list(context_ids))
     prefix = _decode(tokenizer, ctx)
     full = _decode(tokenizer, ctx + list(new_ids))
@@ -189,6 +313,16 @@ class StreamDecoder:
             n = min(n, len(self._continuation(drop=run)))
         return n
 
+    def _final(self, text: str) -> str:
+        """The window's continuation ``text`` as it would end if generation ended now: less an
+        incomplete UTF-8 sequence at its end (:func:`drop_incomplete_tail`'s rule)."""
+        if not text.endswith(_REPLACEMENT):
+            return text
+        pending, drop = _incomplete_tail(self.tokenizer, self._window[-self._new :])
+        if not pending:
+            return text
+        return self._continuation(drop=drop) if drop else text[:-1]
+
     def push(self, ids: list[int]) -> str:
         """Take the next generated ids; return the text they settle ("" for none)."""
         if self.stopped or not ids:
@@ -201,10 +335,12 @@ class StreamDecoder:
         settled = self._settled(text)
         fresh = text[self._taken : settled]
         self._taken = max(self._taken, settled)
-        tail = text[self._taken :]  # may still change
+        tail = self._final(text)[self._taken :]  # may still change
+        open_end = len(text) > self._taken  # text not settled yet: no restart here
         ready = self._held + fresh
-        # a stop string is looked for in the text as it reads now, unsettled tail included:
-        # generation ends here when one is found, so that text is final
+        # a stop string is looked for in the text as it would end now, unsettled tail included
+        # (less an incomplete character, as :func:`drop_incomplete_tail` drops it): generation
+        # ends here when one is found, so that text is final
         found = find_stop(ready + tail, self.stops) if self.stops else None
         if found is not None:
             self.stopped, self.stop, self._held = True, found[1], ""
@@ -212,7 +348,7 @@ class StreamDecoder:
         keep = _held_back(ready, self.stops) if self.stops else 0
         self._held = ready[len(ready) - keep :] if keep else ""
         out = self._emit(ready[: len(ready) - keep])
-        if not tail and self._new >= WINDOW:
+        if not open_end and self._new >= WINDOW:
             self._maybe_restart()
         return out
 

@@ -167,6 +167,44 @@ def test_gpt2_gguf_loads_with_its_positions_and_is_cached(tmp_path, monkeypatch,
         load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
 
 
+def test_a_damaged_cached_gguf_conversion_is_converted_again(
+    tmp_path, monkeypatch, tiny_model_dir, capsys
+):
+    """A cached conversion whose model.safetensors was truncated (a full disk, a killed copy)
+    used to fail every later load ("incomplete metadata", exit 2, no hint): it is deleted with
+    one warning line, the .gguf converted again (same logits as the source) and cached anew."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.core.loading import gguf_cache_dir, load_model_and_tokenizer, load_source_tokenizer
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    src = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = _export(src, tok, tmp_path / "tiny-gpt2.gguf")
+    ids = torch.tensor([tok("ROMEO: what, ho!")["input_ids"]])
+    with torch.no_grad():
+        ref = src(ids).logits
+    load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
+    weights = gguf_cache_dir(path) / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(5)
+    capsys.readouterr()
+    model, _, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+    err = capsys.readouterr().err
+    (warning,) = [line for line in err.splitlines() if "cached conversion" in line]
+    assert "cannot be read" in warning and "converting the .gguf again" in warning
+    assert weights.stat().st_size == size  # cached again, whole
+    # the tokenizer alone (prepare --tokenizer, eval) recovers from a damaged cache too
+    (gguf_cache_dir(path) / "tokenizer.json").write_text("{not json")
+    tok2 = load_source_tokenizer(str(path))
+    assert tok2("ROMEO: what, ho!")["input_ids"] == ids[0].tolist()
+    assert not (gguf_cache_dir(path) / "tokenizer.json").exists()
+
+
 def test_training_reads_a_gpt2_gguf_with_its_positions(tmp_path, monkeypatch, tiny_model_dir):
     """Training resolves a .gguf through the same rule as generate (llmkit.core.loading): a
     GPT-2 file of 64 positions loads with n_positions 64 and the source's exact logits (it

@@ -304,3 +304,64 @@ def test_decoding_cost_per_token_is_flat_with_stop_strings(tok):
         assert not criterion(torch.tensor([prompt + script[:k]]))[0]
     for decoded in (streamed, counting.decoded):
         assert decoded < 60 * n < n * n / 2  # the final full decode included
+
+
+def _cuts_inside_a_character(tok, script: list[int]) -> list[int]:
+    """The lengths k at which ``script[:k]`` ends on part of a character: its plain decode
+    (nothing dropped) ends in U+FFFD."""
+    raw = [tok.decode(script[:k], skip_special_tokens=True) for k in range(1, len(script))]
+    return [k for k, text in enumerate(raw, start=1) if text.endswith("\ufffd")]
+
+
+@pytest.mark.parametrize("ending", ["length", "eos"])
+def test_generation_ending_inside_a_character_drops_the_incomplete_bytes(tok, ending):
+    """Generation that ends (by length or EOS) after the first bytes of an emoji/CJK character:
+    stdout and the completion are the same text, without the U+FFFD those bytes decode to, and
+    every complete character before them is kept."""
+    script = ids_of(tok, TEXT)
+    cuts = _cuts_inside_a_character(tok, script)
+    if "<unk>" in tok.convert_ids_to_tokens(script):
+        assert cuts == []  # metaspace: unknown characters are <unk>, never bytes
+        return
+    assert len(cuts) >= 4  # inside 😀, 😀, 字 (byte fallback), 🎉, 𝄞 ...
+    full = decode_continuation(tok, ids_of(tok, "Hi"), script)
+    for k in cuts:
+        model = scripted_model(tok, script[:k])
+        out, err = io.StringIO(), io.StringIO()
+        limit = k if ending == "length" else k + 2
+        settings = GenerationSettings(max_new_tokens=limit, temperature=0)
+        (result,) = run_prompts(model, tok, ["Hi"], settings, stream=True, out=out, err=err)
+        assert result.finish_reason == ending
+        ctx = ids_of(tok, "Hi")[-1:]
+        if "<0xF0>" in tok.get_vocab():
+            # byte fallback turns a whole run with an incomplete character into U+FFFD: the
+            # text is that of the longest shorter script without U+FFFD (TEXT has none)
+            j = max(j for j in range(k) if "\ufffd" not in tok.decode(ctx + script[:j]))
+        else:  # byte-level: the incomplete bytes read as one U+FFFD after the whole text
+            j = k
+        raw = tok.decode(ctx + script[:j], skip_special_tokens=True)
+        expected = raw.rstrip("\ufffd")[len(tok.decode(ctx)) :]
+        assert result.completion == expected, (k, raw)
+        assert out.getvalue() == "Hi" + expected + "\n"
+        assert full.startswith(expected) and "\ufffd" not in out.getvalue()
+
+
+@pytest.mark.parametrize("text", ["a\ufffd", "\ufffd", "中\ufffd"])
+def test_a_complete_replacement_character_is_kept(tok, text):
+    """U+FFFD that the model produced whole (its own token or its complete bytes EF BF BD) is
+    text, not an unfinished character: it stays, in the completion and the stream alike."""
+    ids = ids_of(tok, text)
+    if "<unk>" in tok.convert_ids_to_tokens(ids):
+        pytest.skip("metaspace: U+FFFD is not in this vocabulary")
+    assert decode_continuation(tok, ids_of(tok, "Hi"), ids).endswith("\ufffd")
+    decoder = StreamDecoder(tok, ids_of(tok, "Hi"), [])
+    assert (decoder.push(ids) + decoder.finish()).endswith("\ufffd")
+
+
+def test_a_byte_that_can_never_start_a_character_is_kept(tok):
+    """A lone continuation byte (0x80) is invalid, not incomplete: it reads U+FFFD, kept."""
+    vocab = tok.get_vocab()
+    byte = vocab.get("<0x80>", vocab.get("Ģ"))  # byte fallback / GPT-2's symbol for 0x80
+    if byte is None:
+        pytest.skip("metaspace: no byte tokens")
+    assert decode_continuation(tok, ids_of(tok, "Hi"), ids_of(tok, "a") + [byte]).endswith("\ufffd")
