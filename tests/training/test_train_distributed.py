@@ -226,7 +226,7 @@ def test_strategy_checks_before_any_model(write_prepared, tmp_path, tiny_tokeniz
     monkeypatch.delenv("DS_ACCELERATOR")
     check_strategy(ds, cuda=False, lora=False, launched=True)
     assert os.environ["DS_ACCELERATOR"] == "cpu"  # DeepSpeed's CPU accelerator, no warning
-    # --dry-run checks the recipe, not the machine: no GPU, no launcher, no deepspeed needed
+    # machine=False: the recipe's own checks only (make_plan runs them first, then the machine's)
     check_strategy(ds, cuda=False, lora=False, launched=False, machine=False)
     with pytest.raises(UserError, match="LoRA with distributed.strategy=deepspeed"):
         check_strategy(ds, cuda=False, lora=True, launched=False, machine=False)
@@ -307,10 +307,12 @@ def test_dry_run_divides_the_sharded_memory(tiny_tokenizer):
 def test_dry_run_on_a_cpu_shows_sharded_memory_per_process(
     write_prepared, tmp_path, tiny_tokenizer, monkeypatch, strategy, extra, sharded
 ):
-    """No GPU, deepspeed not installed: --dry-run still prints (and returns) the memory per
-    process of the launcher's processes (WORLD_SIZE) instead of refusing the strategy."""
+    """No GPU: --dry-run under a launcher (WORLD_SIZE) prints (and returns) the memory per
+    process of the launcher's processes (deepspeed stands installed here: without it the dry
+    run refuses as a real run does, see the test below)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` fails
+    monkeypatch.setattr(distributed, "require_deepspeed", lambda: None)
+    monkeypatch.setenv("DS_ACCELERATOR", "unset")  # check_strategy sets it; restored after
     for key in distributed.LAUNCHER_ENV:
         monkeypatch.delenv(key, raising=False)
     data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 16, 2)
@@ -340,6 +342,59 @@ def test_dry_run_on_a_cpu_shows_sharded_memory_per_process(
     monkeypatch.setenv("WORLD_SIZE", "4")
     text = CliRunner().invoke(app, [*base[:-1], f"distributed.strategy={strategy}", *extra])
     assert f"({sharded} sharded over 4)" in " ".join(text.stderr.split())
+
+
+@pytest.mark.parametrize(
+    "override, launcher, needle",
+    [
+        ("distributed.strategy=fsdp", False, "fsdp on CPUs needs processes started by a launcher"),
+        (
+            "distributed.strategy=deepspeed",
+            False,
+            "deepspeed on CPUs needs processes started by a launcher",
+        ),
+        ("distributed.strategy=deepspeed", True, "needs the deepspeed package"),
+        (
+            "distributed.strategy=fsdp train.mixed_precision=fp16",
+            True,
+            "fp16 with distributed.strategy=fsdp is not supported on CPUs",
+        ),
+    ],
+)
+def test_dry_run_refuses_what_a_run_refuses_after_the_memory(
+    write_prepared, tmp_path, tiny_tokenizer, monkeypatch, override, launcher, needle
+):
+    """--dry-run makes every check a real run makes: where the run stops on this machine (no
+    launcher, deepspeed missing, fp16 sharded on CPUs) the dry run prints the plan (memory per
+    process, for the launch about to be done), then the run's one-line error, and exits 2."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` fails
+    for key in distributed.LAUNCHER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    if launcher:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 16, 2)
+    base = [
+        "train",
+        f"data.path={data}",
+        f"out_dir={tmp_path / 'r'}",
+        "model.n_layer=1",
+        "model.n_embd=16",
+        "model.n_head=2",
+        "train.micro_batch_size=2",
+        *override.split(),
+    ]
+    run = CliRunner().invoke(app, base)
+    dry = CliRunner().invoke(app, [*base, "--dry-run", "--json"])
+    assert run.exit_code == 2 and dry.exit_code == 2, dry.output
+    assert not (tmp_path / "r").exists()
+    run_error = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    dry_lines = dry.stderr.strip().splitlines()
+    assert len(run_error) == 1 and needle in run_error[0]
+    assert dry_lines[-1] == run_error[0]  # the same one line, last
+    assert [line for line in dry_lines if line.startswith("error:")] == run_error
+    assert any("memory per process" in line for line in dry_lines[:-1])  # shown first
+    assert dry.stdout.strip() == ""  # no JSON plan: the command failed
 
 
 def test_fsdp_is_switched_on_for_cpu_processes_only(monkeypatch):
