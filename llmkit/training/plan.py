@@ -387,6 +387,62 @@ def dry_run(plan: Plan, logger) -> dict[str, Any]:
     return shown
 
 
+#: Up to this many blocks the dry run builds the whole model on the meta device (a fraction
+#: of a second: GPT-2 XL has 48); above it, it counts from models of 1, 2 and 3 blocks.
+FULL_COUNT_LAYERS = 64
+
+
+def _meta_counts(config, lcfg, new_tokens, trust_remote_code: bool) -> tuple[int, int]:
+    """(parameters, trainable parameters) of ``config``'s model built on the meta device (no
+    memory), with LoRA adapters when ``lcfg.r > 0``."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    if lcfg.r == 0:
+        n = sum(p.numel() for p in model.parameters())
+        return n, n
+    from llmkit.training.model import add_lora
+
+    model = add_lora(model, lcfg, new_tokens)
+    return (
+        sum(p.numel() for p in model.parameters()),
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+
+
+def count_parameters(
+    config, lcfg, new_tokens: list[int] | None = None, *, trust_remote_code: bool = False
+) -> tuple[int, int]:
+    """(parameters, trainable parameters) of the model ``config`` describes, without memory.
+
+    Up to :data:`FULL_COUNT_LAYERS` blocks the whole model is built on the meta device. Above,
+    building it is what took the time (a Python object per module: ``model.n_layer=100000``
+    ran for minutes with memory growing), so models of 1, 2 and 3 blocks are built instead;
+    when the second and third add the same count (blocks of one size) the total is
+    ``c1 + (L - 1) x (c2 - c1)``, exact for such models. Otherwise (blocks of unequal sizes)
+    the whole model is built as before.
+
+    Args:
+        config: a transformers config (``num_hidden_layers`` = L).
+        lcfg: the recipe's ``lora`` section (``r > 0``: adapters counted, base frozen).
+        new_tokens: ids the data adds to a pretrained vocabulary (trainable embedding rows).
+        trust_remote_code: let an ``auto_map`` config run its own code.
+    """
+    n_layer = int(getattr(config, "num_hidden_layers", 0) or 0)
+    if n_layer <= FULL_COUNT_LAYERS:
+        return _meta_counts(config, lcfg, new_tokens, trust_remote_code)
+    counts = []
+    for layers in (1, 2, 3):
+        small = copy.deepcopy(config)
+        small.num_hidden_layers = layers
+        counts.append(_meta_counts(small, lcfg, new_tokens, trust_remote_code))
+    (p1, t1), (p2, t2), (p3, t3) = counts
+    if p3 - p2 != p2 - p1 or t3 - t2 != t2 - t1:
+        return _meta_counts(config, lcfg, new_tokens, trust_remote_code)
+    return p1 + (n_layer - 1) * (p2 - p1), t1 + (n_layer - 1) * (t2 - t1)
+
+
 def _dry_run(
     console,
     recipe: Recipe,
@@ -407,20 +463,9 @@ def _dry_run(
     Under FSDP or DeepSpeed the sharded parts are divided by the number of processes: ZeRO
     stage 1 the optimizer state, 2 also the gradients, 3 (and FSDP) also the weights
     (Rajbhandari et al. 2020, "ZeRO", §5, figure 1)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            model_config, trust_remote_code=recipe.model.trust_remote_code
-        )
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = n_params
-    if lcfg.r > 0:
-        from llmkit.training.model import add_lora
-
-        model = add_lora(model, lcfg, new_tokens)
-        n_params = sum(p.numel() for p in model.parameters())
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params, n_trainable = count_parameters(
+        model_config, lcfg, new_tokens, trust_remote_code=recipe.model.trust_remote_code
+    )
     tcfg = recipe.train
     memory = estimate_memory(
         n_params=n_params,

@@ -397,6 +397,58 @@ def test_dry_run_refuses_what_a_run_refuses_after_the_memory(
     assert dry.stdout.strip() == ""  # no JSON plan: the command failed
 
 
+def test_dry_run_counts_a_huge_model_without_building_it(
+    write_prepared, tmp_path, tiny_tokenizer, monkeypatch
+):
+    """model.n_layer=100000 model.n_embd=65536 (about 5e15 parameters, 20 PB of float32
+    weights): the dry run used to build all 100,000 blocks on the meta device (minutes, memory
+    growing); it now counts from 1-3 blocks. The count is GPT-2's, from its shapes: embeddings
+    V x d + P x d, per block 12 d^2 + 13 d (two layer norms 4d, qkv 3d^2 + 3d, attention
+    output d^2 + d, MLP 8d^2 + 5d), final layer norm 2d, output layer tied."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for key in distributed.LAUNCHER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 16, 2)
+    n_layer, d = 100_000, 65_536
+    args = [
+        "train",
+        f"data.path={data}",
+        f"out_dir={tmp_path / 'r'}",
+        "model.type=gpt2",
+        f"model.n_layer={n_layer}",
+        f"model.n_embd={d}",
+        "model.n_head=512",
+        "train.micro_batch_size=2",
+        "--dry-run",
+        "--json",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout.strip().splitlines()[-1])
+    vocab, positions = len(tiny_tokenizer), 16
+    want = vocab * d + positions * d + n_layer * (12 * d * d + 13 * d) + 2 * d
+    assert plan["parameters"] == plan["trainable_parameters"] == want
+    assert plan["memory_bytes"]["weights"] == 4 * want > 10**15  # far beyond any machine
+    assert not (tmp_path / "r").exists()
+    # the count from a few blocks is the count of the whole model where both can be built
+    from llmkit.training.model import build_config
+    from llmkit.training.plan import _meta_counts, count_parameters
+
+    recipe = load_recipe(None, ["model.type=gpt2", "model.n_embd=16", "model.n_head=2"])
+    config = build_config(recipe.model, vocab_size=300, block_size=16, eos_token_id=0)
+    config.num_hidden_layers = 70  # above FULL_COUNT_LAYERS: counted from 1-3 blocks
+    assert count_parameters(config, recipe.lora) == _meta_counts(config, recipe.lora, [], False)
+    lora = load_recipe(None, ["lora.r=4"]).lora
+    assert count_parameters(config, lora) == _meta_counts(config, lora, [], False)
+    # LoRA on a tied output layer is refused from a one-block model's names, as quickly
+    from llmkit.training.config import tied_lora_targets
+
+    config.num_hidden_layers = n_layer
+    lora = load_recipe(None, ["lora.r=4", "lora.target_modules=[c_attn,lm_head]"]).lora
+    assert tied_lora_targets(lora, config) == ["lm_head"]
+    assert config.num_hidden_layers == n_layer  # the caller's config is left as it was
+
+
 def test_fsdp_is_switched_on_for_cpu_processes_only(monkeypatch):
     """accelerate keeps MULTI_CPU (plain DDP) when given an FSDP plugin with cpu=True:
     shard_on_cpu switches both of its state singletons to FSDP with the recipe's plugin;
