@@ -564,7 +564,8 @@ def run_tasks(
 
     Raises:
         UserError: the extra is not installed; an unknown task; task data that cannot be
-            loaded; ``limit`` < 1, ``num_fewshot`` < 0 or ``batch_size`` < 1.
+            loaded; ``limit`` < 1, ``num_fewshot`` < 0 or ``batch_size`` < 1; more few-shot
+            examples than a task's few-shot split holds (:func:`check_fewshot`).
     """
     require_harness()
     _check_numbers(limit, num_fewshot, batch_size)
@@ -573,6 +574,7 @@ def run_tasks(
 
     if loaded_tasks is None:
         loaded_tasks = _load_named_tasks(tasks, include_path, trust_remote_code)
+    check_fewshot(loaded_tasks, num_fewshot)
     kwargs: dict[str, Any] = {"batch_size": batch_size}
     if max_length is not None:
         kwargs["max_length"] = max_length
@@ -686,6 +688,14 @@ def _simple_evaluate(
     except MetricCodeRefused as err:
         raise _metric_code_error(err) from None
     except ValueError as err:
+        if "Sample larger than population" in str(err):
+            # check_fewshot bounds the shots beforehand; the harness also leaves out every
+            # copy of the scored document when drawing from its own split (duplicate rows)
+            raise UserError(
+                f"--num-fewshot {num_fewshot} is more than a task's few-shot documents hold "
+                "once the scored document's duplicates are left out",
+                "lower --num-fewshot",
+            ) from None
         if "marked as unsafe" not in str(err):
             raise
         found = re.search(r"task:? (\S+) which is marked as unsafe", str(err))
@@ -766,6 +776,56 @@ def harness_lm(lm: Any, tokenizer: Any, **kwargs: Any) -> Any:
     return LlmkitHFLM(pretrained=lm, tokenizer=tokenizer, **kwargs)
 
 
+def _leaf_tasks(objects: Any) -> list[Any]:
+    """The Task objects in what :func:`load_tasks` returned (groups are nested dicts of
+    their tasks and subgroups)."""
+    if isinstance(objects, dict):
+        return [t for value in objects.values() for t in _leaf_tasks(value)]
+    if isinstance(objects, (list, tuple)):
+        return [t for value in objects for t in _leaf_tasks(value)]
+    return [objects] if hasattr(objects, "fewshot_docs") else []
+
+
+def check_fewshot(loaded_tasks: Any, num_fewshot: int | None) -> None:
+    """Refuse more few-shot examples than a task can draw, before anything is scored.
+
+    The harness (lm_eval 0.4.13, ``api/samplers.py`` ``ContextSampler.sample``) draws the
+    examples with ``random.sample`` from the task's few-shot documents (its
+    ``fewshot_split``, else training, validation, then test documents), one more when that
+    split is the evaluated one (the document scored is then left out): asking for more died
+    in a ``ValueError: Sample larger than population`` traceback. The shots per task are
+    ``num_fewshot`` (None: the task's own ``num_fewshot``; a task whose config says 0 keeps
+    0, as ``simple_evaluate`` does).
+
+    Args:
+        loaded_tasks: what :func:`load_tasks` returned (tasks and groups).
+        num_fewshot: ``--num-fewshot`` (None: each task's default).
+
+    Raises:
+        UserError: naming the task, the count asked for and the most it allows.
+    """
+    for task in _leaf_tasks(loaded_tasks):
+        get = getattr(task, "get_config", None)
+        default = get("num_fewshot") if get else None
+        shots = default if num_fewshot is None or default == 0 else num_fewshot
+        if not shots:
+            continue
+        sampler = getattr(task, "sampler", None)
+        pool = sampler.fewshot_docs() if sampler is not None else task.fewshot_docs()
+        size = len(pool) if pool is not None else 0
+        split = getattr(getattr(task, "fewshot_cfg", None), "split", None)
+        same = split is not None and split == (get("test_split") if get else None)
+        most = max(size - 1, 0) if same else size
+        if shots > most:
+            name = get("task") if get else type(task).__name__
+            source = "--num-fewshot" if num_fewshot is not None else "its num_fewshot"
+            raise UserError(
+                f"{source} {shots} is more than task {name!r} can draw: its few-shot "
+                f"documents hold {size}" + (" (the scored one left out)" if same else ""),
+                f"use --num-fewshot {most} or less",
+            )
+
+
 def _check_numbers(limit: int | None, num_fewshot: int | None, batch_size: int) -> None:
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit} must be at least 1", "or leave it out for all documents")
@@ -825,6 +885,7 @@ def evaluate_tasks(
         loaded = load_tasks(tm, names, task_specs(tm, names, paths))
         if refused:  # some code swallowed the refusal: refuse all the same
             raise _metric_code_error(refused[0])
+    check_fewshot(loaded, num_fewshot)  # before the model loads
     lm, tokenizer, source = load_model_and_tokenizer(
         model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
     )

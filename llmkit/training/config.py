@@ -243,9 +243,15 @@ def tied_lora_targets(
         from peft.tuners.tuners_utils import check_target_module_exists
     except ImportError as err:
         raise UserError("lora.r > 0 needs peft", "pip install peft") from err
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
+    # the embeddings' names do not depend on the depth: one block (model.n_layer=100000 built
+    # every block, for minutes)
+    model_config = copy.deepcopy(model_config)
+    model_config.num_hidden_layers = 1
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
     tied = [model.get_input_embeddings(), model.get_output_embeddings()]

@@ -103,7 +103,8 @@ def check_strategy(
             (:data:`LAUNCHER_ENV`); fsdp and deepspeed need one, for their process group
             (on several GPUs the CLI relaunches itself under torchrun first).
         machine: check what this machine must have (GPUs, a launcher, deepspeed installed);
-            False for ``--dry-run``, which only checks the recipe itself.
+            False: only the recipe itself is checked (``make_plan`` does that first, then
+            checks the machine; a dry run prints its plan before raising the latter).
 
     Raises:
         UserError: fsdp or deepspeed without a launcher; deepspeed

@@ -60,6 +60,10 @@ class Plan:
     """Experiment trackers to use (installed)."""
     missing_trackers: list[str] = field(default_factory=list)
     """Trackers asked for whose package is not installed (a warning, not an error)."""
+    refusal: UserError | None = None
+    """``--dry-run`` only: why a real run of this plan would stop on this machine (no launcher
+    for fsdp / deepspeed, deepspeed missing, fp16 sharded on CPUs); :func:`dry_run` raises it
+    after printing the plan, so the dry run still shows the memory per process."""
 
     @property
     def run_dir(self) -> Path:
@@ -228,6 +232,37 @@ def _accumulation(recipe: Recipe, world: int, n_train: int) -> int:
     return accum
 
 
+def _machine_checks(recipe: Recipe, *, cuda: bool, launched: bool, dry_run: bool):
+    """The ``distributed`` section's checks: the recipe's own (raised at once), then this
+    machine's (a launcher, deepspeed installed, no fp16 sharded on CPUs).
+
+    Returns:
+        None, or with ``dry_run`` the machine's refusal, for :func:`dry_run` to raise after
+        printing the plan.
+
+    Raises:
+        UserError: the recipe's mistakes; without ``dry_run`` the machine's refusal too.
+    """
+    from llmkit.training.distributed import check_strategy
+
+    dcfg, lora = recipe.distributed, recipe.lora.r > 0
+    check_strategy(dcfg, cuda=cuda, lora=lora, launched=launched, machine=False)
+    try:
+        check_strategy(dcfg, cuda=cuda, lora=lora, launched=launched)
+        if recipe.train.mixed_precision == "fp16" and not cuda and dcfg.strategy != "ddp":
+            # no loss scaler is set up for sharded CPU runs: gradients underflow
+            raise UserError(
+                f"train.mixed_precision=fp16 with distributed.strategy={dcfg.strategy} is not "
+                "supported on CPUs (no loss scaling)",
+                "use train.mixed_precision=bf16 or no",
+            )
+    except UserError as err:
+        if not dry_run:
+            raise
+        return err
+    return None
+
+
 def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: bool = False) -> Plan:
     """Check everything that can be checked without building a model, and derive the numbers.
 
@@ -235,9 +270,11 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
         recipe: the resolved recipe.
         logger: a :class:`llmkit.training.logger.MetricLogger` for warnings (silent off rank 0).
         resume: ``--resume`` (``latest``, a checkpoint or a run directory), or None.
-        dry_run: no trackers are looked up, no accelerate plugin is built and the
-            ``distributed`` strategy is not checked against this machine (a dry run on a CPU
-            shows the per-process memory of fsdp and deepspeed too).
+        dry_run: no trackers are looked up and no accelerate plugin is built. The
+            ``distributed`` strategy is checked against this machine as for a real run, but a
+            refusal of the machine is kept in :attr:`Plan.refusal` instead of raised, so that
+            :func:`dry_run` prints the plan (the memory per process of fsdp and deepspeed, also
+            on a CPU) and then refuses the same way a real run does.
 
     Raises:
         UserError: data not prepared, vocabulary or positions that do not fit the data, a
@@ -248,7 +285,7 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
     from accelerate.utils import get_int_from_env
 
     from llmkit.core.prepared import load_prepared, read_manifest
-    from llmkit.training.distributed import accelerator_plugins, check_strategy
+    from llmkit.training.distributed import accelerator_plugins
 
     tcfg = recipe.train
     manifest = read_manifest(recipe.data.path)
@@ -263,26 +300,12 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
     from llmkit.training.distributed import LAUNCHER_ENV
 
     launched = any(key in os.environ for key in LAUNCHER_ENV)
-    # a dry run builds nothing: it shows the memory of any strategy on any machine
-    check_strategy(
-        recipe.distributed,
-        cuda=cuda,
-        lora=recipe.lora.r > 0,
-        launched=launched,
-        machine=not dry_run,
-    )
+    refusal = _machine_checks(recipe, cuda=cuda, launched=launched, dry_run=dry_run)
     for message in recipe.ignored_settings():  # e.g. zero_stage with strategy ddp
         logger.warn(message)
     if logger.main:
         announce_threads()  # a busy machine: the thread count the CLI chose, said now
-    if tcfg.mixed_precision == "fp16" and not cuda and recipe.distributed.strategy != "ddp":
-        if not dry_run:  # no loss scaler is set up for sharded CPU runs: gradients underflow
-            raise UserError(
-                f"train.mixed_precision=fp16 with distributed.strategy="
-                f"{recipe.distributed.strategy} is not supported on CPUs (no loss scaling)",
-                "use train.mixed_precision=bf16 or no",
-            )
-    elif tcfg.mixed_precision == "fp16" and not cuda:
+    if tcfg.mixed_precision == "fp16" and not cuda and recipe.distributed.strategy == "ddp":
         logger.warn(
             "train.mixed_precision=fp16 without a GPU: CPUs without AVX512-FP16 emulate "
             "float16 matmuls, tens of times slower than float32; use bf16 or no"
@@ -314,6 +337,7 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
         plugins=plugins,
         trackers=trackers,
         missing_trackers=missing,
+        refusal=refusal,
     )
     plan.total_steps = plan_steps(
         tcfg,
@@ -335,12 +359,17 @@ def make_plan(recipe: Recipe, logger, *, resume: str | None = None, dry_run: boo
 
 def dry_run(plan: Plan, logger) -> dict[str, Any]:
     """Print the plan (on the main process) and return it: parameters, memory, tokens per
-    step, steps. The model is built on the meta device only (no memory)."""
+    step, steps. The model is built on the meta device only (no memory).
+
+    Raises:
+        UserError: :attr:`Plan.refusal`, after the plan is printed: a real run of this plan
+            would stop there on this machine (``--dry-run`` makes every check a run makes).
+    """
     config = plan.model_config
     if plan.new_tokens:  # the model as it will be trained: embeddings grown to the data's size
         config = copy.deepcopy(config)
         config.vocab_size = len(plan.tokenizer)
-    return _dry_run(
+    shown = _dry_run(
         logger.console if logger.main else None,
         plan.recipe,
         config,
@@ -353,6 +382,65 @@ def dry_run(plan: Plan, logger) -> dict[str, Any]:
         total_steps=plan.total_steps,
         new_tokens=plan.new_tokens,
     )
+    if plan.refusal is not None:
+        raise plan.refusal
+    return shown
+
+
+#: Up to this many blocks the dry run builds the whole model on the meta device (a fraction
+#: of a second: GPT-2 XL has 48); above it, it counts from models of 1, 2 and 3 blocks.
+FULL_COUNT_LAYERS = 64
+
+
+def _meta_counts(config, lcfg, new_tokens, trust_remote_code: bool) -> tuple[int, int]:
+    """(parameters, trainable parameters) of ``config``'s model built on the meta device (no
+    memory), with LoRA adapters when ``lcfg.r > 0``."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    if lcfg.r == 0:
+        n = sum(p.numel() for p in model.parameters())
+        return n, n
+    from llmkit.training.model import add_lora
+
+    model = add_lora(model, lcfg, new_tokens)
+    return (
+        sum(p.numel() for p in model.parameters()),
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+
+
+def count_parameters(
+    config, lcfg, new_tokens: list[int] | None = None, *, trust_remote_code: bool = False
+) -> tuple[int, int]:
+    """(parameters, trainable parameters) of the model ``config`` describes, without memory.
+
+    Up to :data:`FULL_COUNT_LAYERS` blocks the whole model is built on the meta device. Above,
+    building it is what took the time (a Python object per module: ``model.n_layer=100000``
+    ran for minutes with memory growing), so models of 1, 2 and 3 blocks are built instead;
+    when the second and third add the same count (blocks of one size) the total is
+    ``c1 + (L - 1) x (c2 - c1)``, exact for such models. Otherwise (blocks of unequal sizes)
+    the whole model is built as before.
+
+    Args:
+        config: a transformers config (``num_hidden_layers`` = L).
+        lcfg: the recipe's ``lora`` section (``r > 0``: adapters counted, base frozen).
+        new_tokens: ids the data adds to a pretrained vocabulary (trainable embedding rows).
+        trust_remote_code: let an ``auto_map`` config run its own code.
+    """
+    n_layer = int(getattr(config, "num_hidden_layers", 0) or 0)
+    if n_layer <= FULL_COUNT_LAYERS:
+        return _meta_counts(config, lcfg, new_tokens, trust_remote_code)
+    counts = []
+    for layers in (1, 2, 3):
+        small = copy.deepcopy(config)
+        small.num_hidden_layers = layers
+        counts.append(_meta_counts(small, lcfg, new_tokens, trust_remote_code))
+    (p1, t1), (p2, t2), (p3, t3) = counts
+    if p3 - p2 != p2 - p1 or t3 - t2 != t2 - t1:
+        return _meta_counts(config, lcfg, new_tokens, trust_remote_code)
+    return p1 + (n_layer - 1) * (p2 - p1), t1 + (n_layer - 1) * (t2 - t1)
 
 
 def _dry_run(
@@ -375,20 +463,9 @@ def _dry_run(
     Under FSDP or DeepSpeed the sharded parts are divided by the number of processes: ZeRO
     stage 1 the optimizer state, 2 also the gradients, 3 (and FSDP) also the weights
     (Rajbhandari et al. 2020, "ZeRO", §5, figure 1)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            model_config, trust_remote_code=recipe.model.trust_remote_code
-        )
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = n_params
-    if lcfg.r > 0:
-        from llmkit.training.model import add_lora
-
-        model = add_lora(model, lcfg, new_tokens)
-        n_params = sum(p.numel() for p in model.parameters())
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params, n_trainable = count_parameters(
+        model_config, lcfg, new_tokens, trust_remote_code=recipe.model.trust_remote_code
+    )
     tcfg = recipe.train
     memory = estimate_memory(
         n_params=n_params,

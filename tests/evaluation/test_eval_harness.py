@@ -386,3 +386,32 @@ def test_a_token_spanning_the_join_is_scored_with_the_continuation_alone(bos_mod
     lls = [loglikelihood(context, ld), loglikelihood(whole[:2], whole[2:])]
     ppl = task["metrics"]["perplexity"]["value"]
     assert ppl == pytest.approx(math.exp(-sum(lls) / 2), rel=1e-4)
+
+
+@needs_harness
+def test_num_fewshot_bounded_by_the_fewshot_documents(tiny_model_dir, tmp_path):
+    """--num-fewshot above what a task's few-shot documents hold was a `ValueError: Sample
+    larger than population` traceback from the harness's random.sample; now one line naming
+    the task and the most it allows, before the model loads. opposites has no few-shot split:
+    the harness draws from its 12 test documents (the scored one not left out); with
+    fewshot_split: test it leaves the scored one out, so 11 at most."""
+    n_docs = len(documents())
+    args = ["eval", "-m", str(tiny_model_dir), "--tasks", TASK, "--include-path", str(TASKS)]
+    for shots in (1_000_000, n_docs + 1):
+        res = runner.invoke(app, [*args, "--num-fewshot", str(shots)])
+        line = one_line_error(res, f"--num-fewshot {shots}", repr(TASK), f"hold {n_docs}")
+        assert f"use --num-fewshot {n_docs} or less" in line
+    res = runner.invoke(app, [*args, "--num-fewshot", str(n_docs), "--limit", "1", "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["tasks"][TASK]["num_fewshot"] == n_docs
+    # a few-shot split that is the evaluated one: the scored document is left out
+    own = tmp_path / "tasks"
+    own.mkdir()
+    (own / "opposites.jsonl").write_text((TASKS / "opposites.jsonl").read_text())
+    yaml = (TASKS / "opposites.yaml").read_text().replace("task: llmkit_opposites", "task: own")
+    (own / "own.yaml").write_text(yaml + "fewshot_split: test\n")
+    args = ["eval", "-m", str(tiny_model_dir), "--tasks", "own", "--include-path", str(own)]
+    res = runner.invoke(app, [*args, "--num-fewshot", str(n_docs)])
+    one_line_error(res, "'own'", f"hold {n_docs} (the scored one left out)")
+    res = runner.invoke(app, [*args, "--num-fewshot", str(n_docs - 1), "--limit", "1"])
+    assert res.exit_code == 0, res.stderr

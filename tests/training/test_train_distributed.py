@@ -226,7 +226,7 @@ def test_strategy_checks_before_any_model(write_prepared, tmp_path, tiny_tokeniz
     monkeypatch.delenv("DS_ACCELERATOR")
     check_strategy(ds, cuda=False, lora=False, launched=True)
     assert os.environ["DS_ACCELERATOR"] == "cpu"  # DeepSpeed's CPU accelerator, no warning
-    # --dry-run checks the recipe, not the machine: no GPU, no launcher, no deepspeed needed
+    # machine=False: the recipe's own checks only (make_plan runs them first, then the machine's)
     check_strategy(ds, cuda=False, lora=False, launched=False, machine=False)
     with pytest.raises(UserError, match="LoRA with distributed.strategy=deepspeed"):
         check_strategy(ds, cuda=False, lora=True, launched=False, machine=False)
@@ -307,10 +307,12 @@ def test_dry_run_divides_the_sharded_memory(tiny_tokenizer):
 def test_dry_run_on_a_cpu_shows_sharded_memory_per_process(
     write_prepared, tmp_path, tiny_tokenizer, monkeypatch, strategy, extra, sharded
 ):
-    """No GPU, deepspeed not installed: --dry-run still prints (and returns) the memory per
-    process of the launcher's processes (WORLD_SIZE) instead of refusing the strategy."""
+    """No GPU: --dry-run under a launcher (WORLD_SIZE) prints (and returns) the memory per
+    process of the launcher's processes (deepspeed stands installed here: without it the dry
+    run refuses as a real run does, see the test below)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` fails
+    monkeypatch.setattr(distributed, "require_deepspeed", lambda: None)
+    monkeypatch.setenv("DS_ACCELERATOR", "unset")  # check_strategy sets it; restored after
     for key in distributed.LAUNCHER_ENV:
         monkeypatch.delenv(key, raising=False)
     data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 16, 2)
@@ -340,6 +342,111 @@ def test_dry_run_on_a_cpu_shows_sharded_memory_per_process(
     monkeypatch.setenv("WORLD_SIZE", "4")
     text = CliRunner().invoke(app, [*base[:-1], f"distributed.strategy={strategy}", *extra])
     assert f"({sharded} sharded over 4)" in " ".join(text.stderr.split())
+
+
+@pytest.mark.parametrize(
+    "override, launcher, needle",
+    [
+        ("distributed.strategy=fsdp", False, "fsdp on CPUs needs processes started by a launcher"),
+        (
+            "distributed.strategy=deepspeed",
+            False,
+            "deepspeed on CPUs needs processes started by a launcher",
+        ),
+        ("distributed.strategy=deepspeed", True, "needs the deepspeed package"),
+        (
+            "distributed.strategy=fsdp train.mixed_precision=fp16",
+            True,
+            "fp16 with distributed.strategy=fsdp is not supported on CPUs",
+        ),
+    ],
+)
+def test_dry_run_refuses_what_a_run_refuses_after_the_memory(
+    write_prepared, tmp_path, tiny_tokenizer, monkeypatch, override, launcher, needle
+):
+    """--dry-run makes every check a real run makes: where the run stops on this machine (no
+    launcher, deepspeed missing, fp16 sharded on CPUs) the dry run prints the plan (memory per
+    process, for the launch about to be done), then the run's one-line error, and exits 2."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` fails
+    for key in distributed.LAUNCHER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    if launcher:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 16, 2)
+    base = [
+        "train",
+        f"data.path={data}",
+        f"out_dir={tmp_path / 'r'}",
+        "model.n_layer=1",
+        "model.n_embd=16",
+        "model.n_head=2",
+        "train.micro_batch_size=2",
+        *override.split(),
+    ]
+    run = CliRunner().invoke(app, base)
+    dry = CliRunner().invoke(app, [*base, "--dry-run", "--json"])
+    assert run.exit_code == 2 and dry.exit_code == 2, dry.output
+    assert not (tmp_path / "r").exists()
+    run_error = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    dry_lines = dry.stderr.strip().splitlines()
+    assert len(run_error) == 1 and needle in run_error[0]
+    assert dry_lines[-1] == run_error[0]  # the same one line, last
+    assert [line for line in dry_lines if line.startswith("error:")] == run_error
+    assert any("memory per process" in line for line in dry_lines[:-1])  # shown first
+    assert dry.stdout.strip() == ""  # no JSON plan: the command failed
+
+
+def test_dry_run_counts_a_huge_model_without_building_it(
+    write_prepared, tmp_path, tiny_tokenizer, monkeypatch
+):
+    """model.n_layer=100000 model.n_embd=65536 (about 5e15 parameters, 20 PB of float32
+    weights): the dry run used to build all 100,000 blocks on the meta device (minutes, memory
+    growing); it now counts from 1-3 blocks. The count is GPT-2's, from its shapes: embeddings
+    V x d + P x d, per block 12 d^2 + 13 d (two layer norms 4d, qkv 3d^2 + 3d, attention
+    output d^2 + d, MLP 8d^2 + 5d), final layer norm 2d, output layer tied."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for key in distributed.LAUNCHER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    data = write_prepared(tmp_path / "data", tiny_tokenizer, 16, 16, 2)
+    n_layer, d = 100_000, 65_536
+    args = [
+        "train",
+        f"data.path={data}",
+        f"out_dir={tmp_path / 'r'}",
+        "model.type=gpt2",
+        f"model.n_layer={n_layer}",
+        f"model.n_embd={d}",
+        "model.n_head=512",
+        "train.micro_batch_size=2",
+        "--dry-run",
+        "--json",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout.strip().splitlines()[-1])
+    vocab, positions = len(tiny_tokenizer), 16
+    want = vocab * d + positions * d + n_layer * (12 * d * d + 13 * d) + 2 * d
+    assert plan["parameters"] == plan["trainable_parameters"] == want
+    assert plan["memory_bytes"]["weights"] == 4 * want > 10**15  # far beyond any machine
+    assert not (tmp_path / "r").exists()
+    # the count from a few blocks is the count of the whole model where both can be built
+    from llmkit.training.model import build_config
+    from llmkit.training.plan import _meta_counts, count_parameters
+
+    recipe = load_recipe(None, ["model.type=gpt2", "model.n_embd=16", "model.n_head=2"])
+    config = build_config(recipe.model, vocab_size=300, block_size=16, eos_token_id=0)
+    config.num_hidden_layers = 70  # above FULL_COUNT_LAYERS: counted from 1-3 blocks
+    assert count_parameters(config, recipe.lora) == _meta_counts(config, recipe.lora, [], False)
+    lora = load_recipe(None, ["lora.r=4"]).lora
+    assert count_parameters(config, lora) == _meta_counts(config, lora, [], False)
+    # LoRA on a tied output layer is refused from a one-block model's names, as quickly
+    from llmkit.training.config import tied_lora_targets
+
+    config.num_hidden_layers = n_layer
+    lora = load_recipe(None, ["lora.r=4", "lora.target_modules=[c_attn,lm_head]"]).lora
+    assert tied_lora_targets(lora, config) == ["lm_head"]
+    assert config.num_hidden_layers == n_layer  # the caller's config is left as it was
 
 
 def test_fsdp_is_switched_on_for_cpu_processes_only(monkeypatch):
