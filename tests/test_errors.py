@@ -302,3 +302,23 @@ def test_rewording_a_message_keeps_the_manifests_counts(tmp_path, monkeypatch):
     }
     skipped = [s["skipped"] for s in manifest["splits"].values() if s["skipped"]]
     assert skipped == [{"special token in text": 1}]
+
+
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_a_broken_yaml_file_is_one_line_with_its_place_and_a_hint(tmp_path, command):
+    """prepare printed PyYAML's whole multi-part message squashed into one line, with no hint;
+    train named the place but gave no hint. Both now say the same, through one reader."""
+    from typer.testing import CliRunner
+
+    from llmkit.cli import app
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1\n", encoding="utf-8")
+    args = ["prepare", str(tmp_path / "x.txt"), "--output", str(tmp_path / "o"), "--config"]
+    result = CliRunner().invoke(
+        app, [*(args if command == "prepare" else ["train", "--config"]), str(bad)]
+    )
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: cannot parse {bad} line 2, column 1: expected ','")
+    assert " — fix the file at that place" in line

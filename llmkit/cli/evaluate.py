@@ -277,7 +277,9 @@ def eval_command(
         data, split=split, batch_size=batch_size, max_length=max_length, stride=stride, top=top
     )
     if limit is not None and limit < 1:
-        raise UserError(f"--limit {limit} must be at least 1")
+        raise UserError(
+            f"--limit {limit} must be at least 1", "give --limit 1 or more (documents per task)"
+        )
     if num_fewshot is not None and num_fewshot < 0:
         raise UserError(f"--num-fewshot {num_fewshot} is negative", "use 0 for zero-shot")
     apply_threads(threads)

@@ -530,16 +530,9 @@ def _validated(model: type[BaseModel], data: dict):
 
 
 def _read_yaml(path: str | Path) -> dict:
-    import yaml
+    from llmkit.core.yamlfile import read_yaml
 
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except OSError as err:
-        raise UserError(f"cannot read {p}: {err.strerror}", "check the --config path") from err
-    except yaml.YAMLError as err:
-        raise UserError(f"{p} is not valid YAML: {err}".replace("\n", " ")) from err
-    return data
+    return read_yaml(path) or {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from llmkit.core.yamlfile import read_yaml
 from llmkit.errors import UserError
 
 
@@ -562,17 +563,7 @@ def _read_yaml(p: Path) -> dict[str, Any]:
         )
     if not p.is_file():
         raise UserError(f"recipe {p} does not exist", "see recipes/ for examples")
-    try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"cannot parse {p}{where}: {problem}") from err
-    except UnicodeDecodeError as err:
-        raise UserError(f"cannot parse {p}: not UTF-8 text (byte {err.start})") from err
-    except OSError as err:
-        raise UserError(f"cannot read {p}: {err.strerror}") from err
+    loaded = read_yaml(p)
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
