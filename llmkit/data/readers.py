@@ -1523,6 +1523,18 @@ def read_warc(source: InputFile, on_error: str = "fail") -> Iterator[WarcDocumen
         raw_file.close()
 
 
+def document_pieces(source: InputFile, doc: str, max_document_bytes: int | None) -> list[str]:
+    """``doc`` cut into pieces of at most ``max_document_bytes`` (:func:`split_document`;
+    None: whole), counted on ``source`` (``documents_split``, ``pieces``) when it is cut."""
+    if max_document_bytes is None or len(doc) <= max_document_bytes // 4:
+        return [doc]
+    pieces = split_document(doc, max_document_bytes)
+    if len(pieces) > 1:
+        source.documents_split += 1
+        source.pieces += len(pieces)
+    return pieces
+
+
 def read_documents(
     source: InputFile,
     *,
@@ -1587,14 +1599,7 @@ def read_documents(
         url = None
         if isinstance(doc, WarcDocument):
             url, doc = doc.url, doc.text
-        if max_document_bytes is not None and len(doc) > max_document_bytes // 4:
-            pieces = split_document(doc, max_document_bytes)
-            if len(pieces) > 1:
-                source.documents_split += 1
-                source.pieces += len(pieces)
-        else:
-            pieces = [doc]
-        for piece in pieces:
+        for piece in document_pieces(source, doc, max_document_bytes):
             count += 1
             yield (url, piece) if with_url else piece
     source.documents = count

@@ -42,11 +42,11 @@ from llmkit.data.readers import (
     _Partial,
     _reason,
     check_max_document_bytes,
+    document_pieces,
     json_line_records,
     parquet_texts,
     read_documents,
     record_text,
-    split_document,
 )
 from llmkit.errors import UserError
 
@@ -379,14 +379,7 @@ def read_shard(
         docs = _row_group_documents(source, shard, on_error)
     count = 0
     for doc in docs:
-        if max_document_bytes is not None and len(doc) > max_document_bytes // 4:
-            pieces = split_document(doc, max_document_bytes)
-            if len(pieces) > 1:
-                source.documents_split += 1
-                source.pieces += len(pieces)
-        else:
-            pieces = [doc]
-        for piece in pieces:
+        for piece in document_pieces(source, doc, max_document_bytes):
             count += 1
             yield piece
     source.documents = count
