@@ -1250,6 +1250,19 @@ def _store_in_cache(run: _Run, entry: Path, docs, info: dict, dropped: Path, wor
     return docs, info, {"used": False, "stored": True, "path": str(clean_cache.path)}
 
 
+def _tokenizer_basics(path: str | None, tok) -> dict:
+    """The manifest's ``tokenizer`` fields shared by text and chat data (``path`` None: the
+    tokenizer was trained by this run)."""
+    return {
+        "trained": path is None,
+        "path": path,
+        "type": "byte-level BPE" if path is None else type(tok).__name__,
+        "vocab_size": len(tok),
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.bos_token_id,
+    }
+
+
 class _TextData:
     """What documents do in steps 4-6: a byte-level BPE trained on the train documents (or
     the pretrained tokenizer), one EOS after every document, packed into blocks
@@ -1342,14 +1355,8 @@ class _TextData:
         )
 
     def tokenizer_entry(self, tok) -> dict:
-        path = self.run.settings.tokenizer
         return {
-            "trained": path is None,
-            "path": path,
-            "type": "byte-level BPE" if path is None else type(tok).__name__,
-            "vocab_size": len(tok),
-            "eos_token_id": tok.eos_token_id,
-            "bos_token_id": tok.bos_token_id,
+            **_tokenizer_basics(self.run.settings.tokenizer, tok),
             "adds_bos": self.adds_bos,
             "eos_added_by_tokenizer": self.appends_eos,
         }
@@ -1522,14 +1529,8 @@ class _ChatData:
         )
 
     def tokenizer_entry(self, tok) -> dict:
-        path = self.run.settings.tokenizer
         return {
-            "trained": path is None,
-            "path": path,
-            "type": "byte-level BPE" if path is None else type(tok).__name__,
-            "vocab_size": len(tok),
-            "eos_token_id": tok.eos_token_id,
-            "bos_token_id": tok.bos_token_id,
+            **_tokenizer_basics(self.run.settings.tokenizer, tok),
             "pad_token_id": tok.pad_token_id,
             "chat_template": self.resolved,
             "end_of_turn": self.end_of_turn,
