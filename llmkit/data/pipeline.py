@@ -371,6 +371,16 @@ def _read(run: _Run, work: Path) -> tuple[object, dict, LengthHistogram]:
             work,
             "documents",
         )
+    add_read_counts(read_stats, files)
+    return raw, read_stats, histogram
+
+
+def add_read_counts(read_stats: dict, files: Sequence[InputFile]) -> None:
+    """Add to the manifest's ``read`` counts what the readers counted in ``files`` once they
+    were read: ``skipped`` (lines, by reason), ``documents_split`` and ``pieces`` (documents
+    over ``max_document_bytes``; only when some were), ``records_skipped`` (web-archive
+    records not read; only when some were). Shared by the distributed job, whose files'
+    counts are the sums over its shards."""
     read_stats["skipped"] = _sum_counts(f.skipped for f in files)
     split = sum(f.documents_split for f in files)
     if split:
@@ -379,7 +389,6 @@ def _read(run: _Run, work: Path) -> tuple[object, dict, LengthHistogram]:
     records = _sum_counts(f.records_skipped for f in files)
     if records:
         read_stats["records_skipped"] = records
-    return raw, read_stats, histogram
 
 
 def _sum_counts(counts) -> dict:
@@ -409,27 +418,12 @@ def _read_and_clean(
     from llmkit.data.executor import run_pipeline
     from llmkit.data.steps.base import DroppedWriter, merge_dropped
 
-    files, report, chat = run.files, run.report, run.chat is not None
+    report, chat = run.report, run.chat is not None
     raw, read_stats, read_lengths = _read(run, work)
-    skipped = read_stats["skipped"]
-    split = read_stats.get("documents_split", 0)
     kept_lengths = LengthHistogram()
     stats: list[StageStats] = []  # of the cleaning steps, once they ran
-
-    def nothing_left() -> UserError:
-        what = "conversations" if chat else "documents"
-        return UserError(
-            f"no {what} left after cleaning ({read_stats['documents_out']} read; "
-            f"{_drops(stats)}" + (f"; skipped {_fmt_counts(skipped)}" if skipped else "") + ")",
-            "give JSON records of conversations (messages, prompt/response or "
-            "instruction/output), or loosen the filters"
-            if chat
-            else "give files that hold text (the right --text-field for structured files), or "
-            "loosen the filters",
-        )
-
     if len(raw) == 0:
-        raise nothing_left()
+        raise nothing_left(run, read_stats, stats)
 
     procs = _procs_for(run.num_proc, read_stats["bytes_out"], len(raw))
     writer = DroppedWriter(work / "dropped") if dropped_path is not None else None
@@ -444,11 +438,48 @@ def _read_and_clean(
     kept_lengths.add_all(n_bytes)
     n_kept = len(cleaned)
     if n_kept == 0:
-        raise nothing_left()
+        raise nothing_left(run, read_stats, stats)
     with report.task("save the cleaned documents"):
         docs = cleaned.select_columns(["text", "n_bytes", *(["where"] if chat else [])])
         docs.save_to_disk(str(documents_dir))
     del raw, cleaned, docs
+    info = cleaned_info(run, read_stats, stats, read_lengths, kept_lengths, n_kept)
+    report.log(f"{info['summary']}; cleaned in {procs} process{'es' if procs > 1 else ''}")
+    return load_from_disk(str(documents_dir)), info
+
+
+def nothing_left(run: _Run, read_stats: dict, stats: Sequence[StageStats]) -> UserError:
+    """The error of a run that kept no document (conversation) after cleaning."""
+    chat, skipped = run.chat is not None, read_stats["skipped"]
+    what = "conversations" if chat else "documents"
+    return UserError(
+        f"no {what} left after cleaning ({read_stats['documents_out']} read; "
+        f"{_drops(stats)}" + (f"; skipped {_fmt_counts(skipped)}" if skipped else "") + ")",
+        "give JSON records of conversations (messages, prompt/response or "
+        "instruction/output), or loosen the filters"
+        if chat
+        else "give files that hold text (the right --text-field for structured files), or "
+        "loosen the filters",
+    )
+
+
+def cleaned_info(
+    run: _Run,
+    read_stats: dict,
+    stats: Sequence[StageStats],
+    read_lengths: LengthHistogram,
+    kept_lengths: LengthHistogram,
+    n_kept: int,
+) -> dict:
+    """What steps 1-2 found, for the manifest and the log (also what the cache keeps):
+    ``inputs``, ``stages`` (``read`` then each cleaning step), ``length_histogram`` (UTF-8
+    bytes per document in :data:`LENGTH_BINS`, as read and as kept), ``warnings`` (one per
+    file with skipped lines), ``summary`` (the line logged) and ``documents`` (kept).
+    Shared by the distributed job (:func:`llmkit.data.distributed.job.assemble`), whose
+    counts are the sums over its shards."""
+    files, chat = run.files, run.chat is not None
+    skipped = read_stats["skipped"]
+    split = read_stats.get("documents_split", 0)
     summary = (
         f"read {len(files)} {'input(s)' if run.hub else 'file(s)'}, {read_stats['bytes_in']:,} "
         f"bytes: {read_stats['documents_out']:,} {'conversations' if chat else 'documents'}, "
@@ -461,8 +492,7 @@ def _read_and_clean(
             else ""
         )
     )
-    report.log(f"{summary}; cleaned in {procs} process{'es' if procs > 1 else ''}")
-    info = {
+    return {
         "inputs": [f.as_dict() for f in files],
         "stages": {"read": read_stats, **{st.name: st.as_dict() for st in stats}},
         "length_histogram": {
@@ -478,7 +508,6 @@ def _read_and_clean(
         "summary": summary,
         "documents": n_kept,
     }
-    return load_from_disk(str(documents_dir)), info
 
 
 def _encode_split(
@@ -1110,13 +1139,18 @@ def _split(run: _Run, docs, work: Path, warnings: list[str]) -> tuple[dict, dict
         "train": int(n_bytes[train_idx].sum()),
         "validation": int(n_bytes[val_idx].sum()),
     }
-    unit = "conversation" if run.chat is not None else "document"
-    run.report.log(
-        f"split by {unit} (seed {s.seed}): {len(train_idx):,} train, {len(val_idx):,} validation"
-    )
-    if s.val_fraction > 0 and len(val_idx) == 0:
-        warnings.append(f"only one {unit}: the validation split is empty")
+    note_split(run, len(train_idx), len(val_idx), warnings)
     return split_docs, split_bytes, rows
+
+
+def note_split(run: _Run, n_train: int, n_val: int, warnings: list[str]) -> None:
+    """Log the split's sizes; warn (into ``warnings``) when validation came out empty.
+    Shared by the distributed job."""
+    s = run.settings
+    unit = "conversation" if run.chat is not None else "document"
+    run.report.log(f"split by {unit} (seed {s.seed}): {n_train:,} train, {n_val:,} validation")
+    if s.val_fraction > 0 and n_val == 0:
+        warnings.append(f"only one {unit}: the validation split is empty")
 
 
 def _finish(run: _Run, tmp: Path, manifest: dict) -> dict:
@@ -1289,16 +1323,22 @@ class _TextData:
 
                 vocab_size = run.settings.vocab_size
                 tok = train_bpe_tokenizer(texts(), vocab_size, length=len(train_docs))
-            run.report.log(f"trained a byte-level BPE tokenizer: {len(tok):,} tokens")
-        else:
-            run.report.log(f"tokenizer {run.settings.tokenizer}: {len(tok):,} tokens")
         tok.save_pretrained(str(tmp))
+        self.use(tok)
+        return tok
+
+    def use(self, tok) -> None:
+        """Log the tokenizer (trained, or the one given) and note how it ends and starts a
+        document (for :meth:`tokenizer_entry`)."""
+        if self.run.tok is None:
+            self.run.report.log(f"trained a byte-level BPE tokenizer: {len(tok):,} tokens")
+        else:
+            self.run.report.log(f"tokenizer {self.run.settings.tokenizer}: {len(tok):,} tokens")
         self.appends_eos = tokenizer_appends_eos(tok)
         self.adds_bos = False
         if tok.bos_token_id is not None:
             probe = _encode_raw(tok, ["a"], True)[0]
             self.adds_bos = bool(probe) and probe[0] == tok.bos_token_id
-        return tok
 
     def encode_and_pack(self, tok, name, docs, n_bytes, rows, work, warnings):
         """Steps 5-6 for one split: ``(blocks, the manifest's entry of the split)``."""
@@ -1327,26 +1367,41 @@ class _TextData:
                 work,
                 f"blocks-{name}",
             )
-        entry = {
-            "documents": len(docs),
-            "bytes": n_bytes,
-            "tokens": packer.tokens_in,
-            "blocks": packer.blocks_out,
-            "tail_tokens": packer.tail_tokens,
-        }
-        if name == "train" and packer.blocks_out == 0:
+        entry = self.split_entry(
+            name,
+            {
+                "documents": len(docs),
+                "bytes": n_bytes,
+                "tokens": packer.tokens_in,
+                "blocks": packer.blocks_out,
+                "tail_tokens": packer.tail_tokens,
+            },
+            warnings,
+        )
+        return blocks, entry
+
+    def split_entry(self, name: str, entry: dict, warnings: list[str]) -> dict:
+        """The manifest's ``entry`` of split ``name`` (``documents``, UTF-8 ``bytes``,
+        ``tokens`` packed into ``blocks`` rows and ``tail_tokens``), checked: warns when
+        validation has no block. Shared by the distributed job.
+
+        Raises:
+            UserError: the train split has fewer tokens than one block.
+        """
+        block_size = self.run.settings.block_size
+        documents, tokens, blocks = entry["documents"], entry["tokens"], entry["blocks"]
+        if name == "train" and blocks == 0:
             raise UserError(
-                f"the training split has {packer.tokens_in:,} tokens, fewer than one block of "
-                f"{block_size}",
-                f"use a smaller --block-size (at most {packer.tokens_in}) or give more text",
+                f"the training split has {tokens:,} tokens, fewer than one block of {block_size}",
+                f"use a smaller --block-size (at most {tokens}) or give more text",
             )
-        if name == "validation" and len(docs) and packer.blocks_out == 0:
+        if name == "validation" and documents and blocks == 0:
             warnings.append(
-                f"the validation split has {packer.tokens_in:,} tokens, fewer than one block of "
+                f"the validation split has {tokens:,} tokens, fewer than one block of "
                 f"{block_size}: it is empty (use a larger --val-fraction or a smaller "
                 "--block-size)"
             )
-        return blocks, entry
+        return entry
 
     def describe(self, name: str, entry: dict) -> str:
         return (
