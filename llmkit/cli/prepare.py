@@ -369,7 +369,7 @@ def prepare_command(
     settings = PrepareSettings.load(config, {**_given_flags(ctx, values), "cleaning": clean})
     with sigterm_as_interrupt():
         if settings.executor is not None:
-            manifest = _distributed(inputs, output, settings, overwrite)
+            manifest = _distributed(inputs, output, settings, overwrite, not no_cache)
             if manifest is None:
                 return
         else:
@@ -380,26 +380,20 @@ def prepare_command(
         typer.echo(json.dumps(manifest, indent=2))
 
 
-def _distributed(inputs: list[str], output: Path, settings, overwrite: bool) -> dict | None:
-    """``prepare`` on ``--executor`` (:mod:`llmkit.data.distributed.prepare`); None when the
-    job was submitted and has not finished (Slurm)."""
+def _distributed(
+    inputs: list[str], output: Path, settings, overwrite: bool, cache: bool
+) -> dict | None:
+    """``prepare`` on ``--executor`` (:mod:`llmkit.data.distributed.prepare`), printing what
+    ``prepare`` prints; None when the job was submitted and has not finished (Slurm)."""
     from llmkit.data.distributed.prepare import prepare_distributed
 
-    manifest = prepare_distributed(inputs, output, settings, overwrite=overwrite)
+    manifest = prepare_distributed(inputs, output, settings, overwrite=overwrite, cache=cache)
     if manifest is None:
         typer.echo(
             f"submitted to {settings.executor}; once the jobs have finished, run the same "
             f"command again to write {output} (finished tasks are skipped)",
             err=True,
         )
-        return None
-    blocks = {name: split["blocks"] for name, split in manifest["splits"].items()}
-    typer.echo(
-        f"wrote {output}: {blocks['train']:,} train and {blocks['validation']:,} validation "
-        f"blocks from {manifest['executor']['shards']} shards on {settings.executor} "
-        f"({settings.tasks} tasks per stage)",
-        err=True,
-    )
     return manifest
 
 

@@ -384,21 +384,26 @@ class PrepareSettings(_Section):
                 "one task per shard or partition: a few per core of the cluster is enough",
             )
         given = [
-            flag
-            for flag, value in (
-                ("--tasks", self.tasks != 1),
-                ("--work-dir", self.work_dir),
-                ("--slurm-partition", self.slurm_partition),
-                ("--slurm-time", self.slurm_time),
-                ("--slurm-cpus", self.slurm_cpus != 1),
-                ("--ray-address", self.ray_address),
+            (flag, engine)
+            for flag, engine, value in (
+                ("--tasks", None, self.tasks != 1),
+                ("--work-dir", None, self.work_dir),
+                ("--slurm-partition", "slurm", self.slurm_partition),
+                ("--slurm-time", "slurm", self.slurm_time),
+                ("--slurm-cpus", "slurm", self.slurm_cpus != 1),
+                ("--ray-address", "ray", self.ray_address),
             )
             if value
         ]
-        if self.executor is None and given:
-            raise UserError(
-                f"{given[0]} applies to --executor only", "add --executor local|slurm|ray"
-            )
+        for flag, engine in given:  # an engine's option set for another was silently ignored
+            if self.executor is None or (engine is not None and engine != self.executor):
+                key = flag[2:].replace("-", "_")
+                where = f"--executor {engine}" if engine else "--executor"
+                now = f", not --executor {self.executor}" if self.executor else ""
+                raise UserError(
+                    f"{flag} ({key} in --config) applies to {where} only{now}",
+                    f"leave it out, or add --executor {engine or 'local|slurm|ray'}",
+                )
         if self.executor is not None and not self.work_dir:
             raise UserError(
                 f"--executor {self.executor} needs --work-dir",

@@ -52,11 +52,17 @@ Nothing read from the work directory runs code
     SafeSlurmExecutor` makes them run ``python -m llmkit.data.distributed.launch`` instead
     (``tests/data/distributed/test_distributed_security.py``).
 
+The output and its manifest
+    :func:`~llmkit.data.distributed.job.assemble` writes what ``prepare --num-proc 1`` writes,
+    every file byte for byte but ``manifest.json`` (rows, tokenizer, ``dropped.jsonl`` in
+    the order one process drops, ``lengths.png``), and the manifest from prepare's own
+    functions, equal on every key but ``created`` and the executor's (``executor``,
+    ``settings.executor/tasks/work_dir``); the fingerprint is prepare's, so either path's
+    output is up to date for the other (``tests/data/distributed/test_distributed_cli.py``).
+
 Not distributed yet
     The chat path (conversations packed
     whole with :class:`~llmkit.data.pack.SFTPacker`, which is sequential: per-shard packing
     needs a carried row state, so it runs as one task, or as running totals of rows once
-    each conversation's length is known); the rest of the manifest (settings, fingerprint,
-    cache, tokenizer, length histograms; ``inputs`` and ``stages`` are already prepare's),
-    ``--keep-dropped``, web archives and Hub datasets as inputs.
+    each conversation's length is known); web archives and Hub datasets as inputs.
 """

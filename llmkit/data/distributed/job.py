@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmkit.core.prepared import DATASET_DICT, MANIFEST, SPLITS
+from llmkit.core.prepared import SPLITS
 from llmkit.data.distributed import dedup as ddedup
 from llmkit.data.distributed.pack import running_offsets, shard_blocks, split_stats
 from llmkit.data.distributed.shards import (
@@ -78,8 +78,14 @@ ENV_HANG = "LLMKIT_DIST_HANG"
 class JobSpec:
     """Everything a task needs; saved as ``spec.json`` in the work directory.
 
-    ``tokenizer`` is a saved ``transformers`` tokenizer directory, or None to train a
-    byte-level BPE of ``vocab_size`` tokens on the train split (as ``llmkit prepare``).
+    ``tokenizer`` is the pretrained tokenizer given (a directory, a ``.gguf`` file or a Hub
+    id, as ``llmkit prepare --tokenizer`` takes it), or None to train a byte-level BPE of
+    ``vocab_size`` tokens on the train split (as ``llmkit prepare``). A given one is loaded
+    once, before the job, and saved in the work directory's ``tokenizer/``
+    (:func:`put_tokenizer`), which every stage loads; ``tokenizer_files`` identifies its
+    bytes (:func:`llmkit.core.cache.tokenizer_identity`), so that a changed tokenizer is not
+    mixed with tokens encoded by the old one. ``keep_dropped``: the stages also write each
+    dropped document (``dropped/``), for ``dropped.jsonl``.
     """
 
     work_dir: str
@@ -95,6 +101,8 @@ class JobSpec:
     encoding: str = DEFAULT_ENCODING
     max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES
     cleaning: dict = field(default_factory=dict)
+    keep_dropped: bool = False
+    tokenizer_files: dict | None = None
     tasks: int = 1
     partitions: int = 1
     target_shard_bytes: int = TARGET_SHARD_BYTES
@@ -320,12 +328,38 @@ class Stage:
                     time.sleep(1)
 
 
-def _steps(spec: JobSpec) -> tuple[list, list, list]:
-    """The cleaning steps of the job's settings (:func:`llmkit.data.config.build_steps`), cut
-    at the de-duplication barrier (:func:`~llmkit.data.distributed.dedup.split_steps`)."""
+def _steps(spec: JobSpec, writer=None) -> tuple[list, list, list]:
+    """The cleaning steps of the job's settings (:func:`llmkit.data.config.build_steps`, the
+    dropped documents to ``writer``), cut at the de-duplication barrier
+    (:func:`~llmkit.data.distributed.dedup.split_steps`)."""
     from llmkit.data.config import build_steps
 
-    return ddedup.split_steps(build_steps(_cleaning(spec)))
+    return ddedup.split_steps(build_steps(_cleaning(spec), writer))
+
+
+def _dropped_writer(spec: JobSpec):
+    """With ``keep_dropped``: a :class:`~llmkit.data.steps.base.DroppedWriter` into a local
+    temporary folder (its files go to the work directory per shard, :func:`_put_dropped`);
+    else None."""
+    if not spec.keep_dropped:
+        return None
+    import tempfile
+
+    from llmkit.data.steps.base import DroppedWriter
+
+    return DroppedWriter(tempfile.mkdtemp(prefix="llmkit-dropped-"))
+
+
+def _put_dropped(work: Work, writer, shard: Shard) -> None:
+    """Move what ``writer`` holds (the documents one shard's steps dropped, keyed by their
+    index in the shard as read) to ``dropped/s<shard>/`` of the work directory; a rerun of
+    the shard writes the same names."""
+    if writer is None:
+        return
+    writer.close()
+    for path in sorted(writer.folder.glob("*.jsonl")):
+        work.write_bytes(f"dropped/s{shard.index:06d}/{path.name}", path.read_bytes())
+        path.unlink()
 
 
 def _stats_json(steps) -> list[dict]:
@@ -378,13 +412,15 @@ def _source_from(entry: dict) -> InputFile:
 
 
 def _row_schema(rules):
-    """The arrow schema of a shard's rows: the text, its UTF-8 bytes and each rule's key."""
+    """The arrow schema of a shard's rows: the document's index in the shard as read (``id``),
+    the text, its UTF-8 bytes and each rule's key."""
     from datasets import Features, Value
 
     from llmkit.data.steps.dedup import key_name
 
     return Features(
         {
+            "id": Value("int64"),
             "text": Value("string"),
             "n_bytes": Value("int64"),
             **{key_name(rule): rule.key_feature() for rule in rules},
@@ -404,11 +440,13 @@ class Signatures(Stage):
 
         from llmkit.data.boilerplate import strip_gutenberg
         from llmkit.data.document import Document
+        from llmkit.data.pipeline import LengthHistogram
         from llmkit.data.steps.base import run_chain
         from llmkit.data.steps.dedup import key_name
 
         cfg = _cleaning(spec)
-        before, resolves, _ = _steps(spec)
+        writer = _dropped_writer(spec)
+        before, resolves, _ = _steps(spec, writer)
         rules = ddedup.rules_of(resolves)
         names = [key_name(rule) for rule in rules]
         schema = _row_schema(rules)
@@ -427,20 +465,28 @@ class Signatures(Stage):
                 max_document_bytes=spec.max_document_bytes,
             )
             read = {"documents_out": 0, "bytes_out": 0}
+            lengths = LengthHistogram()
 
             def documents():
                 for j, text in enumerate(texts):
                     doc = Document(text, j)
                     read["documents_out"] += 1
                     read["bytes_out"] += doc.n_bytes
+                    lengths.add(doc.n_bytes)
                     yield doc
 
             for step in before:
                 step.reset_stats()
             rows = [
-                {"text": d.text, "n_bytes": d.n_bytes, **{k: d.metadata.get(k) for k in names}}
+                {
+                    "id": d.id,
+                    "text": d.text,
+                    "n_bytes": d.n_bytes,
+                    **{k: d.metadata.get(k) for k in names},
+                }
                 for d in run_chain(before, documents(), rank, world_size)
             ]
+            _put_dropped(work, writer, shard)
             by_part = ddedup.shard_records(rows, shard.index, rules, spec.partitions)
             for p, recs in enumerate(by_part):
                 cols = list(zip(*recs, strict=True)) if recs else [[], [], [], []]
@@ -458,7 +504,12 @@ class Signatures(Stage):
             )
             work.put_json(
                 f"sources/s{shard.index:06d}.json",
-                {"source": _source_json(source), "read": read, "stats": _stats_json(before)},
+                {
+                    "source": _source_json(source),
+                    "read": read,
+                    "lengths": lengths.as_list(),
+                    "stats": _stats_json(before),
+                },
             )
 
         self._per_shard(work, files, shards, rank, world_size, one)
@@ -525,10 +576,12 @@ class Admit(Stage):
         import pyarrow as pa
 
         from llmkit.data.document import Document
+        from llmkit.data.pipeline import LengthHistogram
         from llmkit.data.steps.base import run_chain
         from llmkit.data.steps.dedup import key_name
 
-        _, resolves, after = _steps(spec)
+        writer = _dropped_writer(spec)
+        _, resolves, after = _steps(spec, writer)
         rules = ddedup.rules_of(resolves)
         dropped = _dropped(work)
 
@@ -540,19 +593,25 @@ class Admit(Stage):
 
             def documents():
                 for j, row in enumerate(rows):
-                    doc = Document(row["text"], j, {key_name(r): row[key_name(r)] for r in rules})
+                    metadata = {key_name(r): row[key_name(r)] for r in rules}
+                    doc = Document(row["text"], row["id"], metadata)  # id: as read, for dropped
                     doc._n_bytes = row["n_bytes"]
                     ddedup.tag_keys(doc.metadata, rules, (shard.index, j))
                     yield doc
 
             # world_size 1: the decided resolve steps need no global order any more
-            kept = [d.text for d in run_chain(steps, documents())]
+            lengths = LengthHistogram()
+            kept = []
+            for d in run_chain(steps, documents()):
+                kept.append(d.text)
+                lengths.add(d.n_bytes)
+            _put_dropped(work, writer, shard)
             work.put_table(
                 f"kept/s{shard.index:06d}.parquet", pa.table({"text": pa.array(kept, pa.string())})
             )
             work.put_json(
                 f"admitted/s{shard.index:06d}.json",
-                {"kept": len(kept), "stats": _stats_json(steps)},
+                {"kept": len(kept), "lengths": lengths.as_list(), "stats": _stats_json(steps)},
             )
 
         self._per_shard(work, files, shards, rank, world_size, one)
@@ -571,13 +630,18 @@ def _val_indices(work, spec, shards) -> tuple[list[int], np.ndarray, list[int]]:
 
 
 class TrainTokenizer(Stage):
-    """One task: the byte-level BPE trained on the train documents in global order (nothing
-    to do when the job names a tokenizer)."""
+    """One task: the byte-level BPE trained on the train documents in global order; with a
+    given tokenizer, its files in ``tokenizer/`` (:func:`put_tokenizer`) when the driver
+    has not put them there."""
 
     name = "tokenizer"
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:
-        if spec.tokenizer is not None:
+        if spec.tokenizer is not None:  # given: put there by the driver (put_tokenizer)
+            if not work.listdir("tokenizer"):  # run_job called without it: load it here
+                from llmkit.data.encode import load_pretrained_tokenizer
+
+                put_tokenizer(work, load_pretrained_tokenizer(spec.tokenizer))
             return
         import tempfile
 
@@ -600,9 +664,23 @@ class TrainTokenizer(Stage):
                 work.write_bytes(f"tokenizer/{name}", Path(d, name).read_bytes())
 
 
+def put_tokenizer(work: Work, tok) -> None:
+    """Save a given (pretrained) tokenizer, loaded once by the driver, as the job's
+    ``tokenizer/`` directory (``save_pretrained``'s files), which every stage loads
+    (:func:`_load_tokenizer`): a ``.gguf`` file or a Hub id is resolved once, not by each
+    task (a task may have no Hub access, or a cold conversion cache)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        for name in sorted(os.listdir(d)):
+            work.write_bytes(f"tokenizer/{name}", Path(d, name).read_bytes())
+
+
 def _load_tokenizer(work, spec):
-    """The job's tokenizer: ``spec.tokenizer`` (loaded as ``prepare`` loads it, never running
-    code it ships), or the one the tokenizer stage trained (``trust_remote_code=False``: a
+    """The job's tokenizer from the work directory's ``tokenizer/``: the one given
+    (:func:`put_tokenizer`; loaded as ``prepare`` loads a tokenizer directory) or the one the
+    tokenizer stage trained; never running code (``trust_remote_code=False``: a
     ``tokenizer_config.json`` planted in the work directory that names code is refused)."""
     import tempfile
 
@@ -610,11 +688,11 @@ def _load_tokenizer(work, spec):
 
     from llmkit.data.encode import load_pretrained_tokenizer
 
-    if spec.tokenizer is not None:
-        return load_pretrained_tokenizer(spec.tokenizer, trust_remote_code=False)
     with tempfile.TemporaryDirectory() as d:
         for name in work.listdir("tokenizer"):
             Path(d, name).write_bytes(work.read_bytes(f"tokenizer/{name}"))
+        if spec.tokenizer is not None:
+            return load_pretrained_tokenizer(d, trust_remote_code=False)
         return AutoTokenizer.from_pretrained(d, trust_remote_code=False)
 
 
@@ -642,7 +720,11 @@ class Encode(Stage):
                     else np.empty(0, dtype=np.int32)
                 )
                 work.put_array(f"tokens/{name}/s{shard.index:06d}.npy", flat)
-                counts[name] = {"documents": len(sel), "tokens": int(flat.size)}
+                counts[name] = {
+                    "documents": len(sel),
+                    "bytes": sum(len(t.encode("utf-8")) for t in sel),
+                    "tokens": int(flat.size),
+                }
             work.put_json(f"counts/s{shard.index:06d}.json", counts)
 
         self._per_shard(work, files, shards, rank, world_size, one)
@@ -817,10 +899,12 @@ def completed_tasks(spec: JobSpec) -> dict[str, int]:
     return {name: len(work.listdir(f"logs/{name}/completions")) for name in STAGES}
 
 
-def _merged_stats(work: Work, plan: dict, shards: Sequence[Shard]) -> tuple[list, dict]:
-    """The manifest's ``inputs`` and ``stages`` (``read`` then each stage), added up over the
-    shards as ``llmkit prepare`` counts them in one pass."""
+def _merged_stats(work: Work, plan: dict, shards: Sequence[Shard]) -> tuple[list, dict, list]:
+    """What the shards counted, added up as ``llmkit prepare`` counts them in one pass:
+    ``(files, read, stats)``: the input files with their readers' counts, the manifest's
+    ``read`` stage, and the cleaning steps' :class:`~llmkit.data.steps.base.StageStats`."""
     from llmkit.data.distributed.shards import merge_file_stats
+    from llmkit.data.pipeline import add_read_counts
 
     files = _files_from(plan)
     got = [work.get_json(f"sources/s{s.index:06d}.json") for s in shards]
@@ -831,20 +915,7 @@ def _merged_stats(work: Work, plan: dict, shards: Sequence[Shard]) -> tuple[list
         "documents_out": sum(g["read"]["documents_out"] for g in got),
         "bytes_out": sum(g["read"]["bytes_out"] for g in got),
     }
-    skipped: dict = {}
-    for f in files:
-        for reason, n in f.skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    read["skipped"] = dict(sorted(skipped.items()))
-    if sum(f.documents_split for f in files):
-        read["documents_split"] = sum(f.documents_split for f in files)
-        read["pieces"] = sum(f.pieces for f in files)
-    records: dict = {}
-    for f in files:
-        for reason, n in f.records_skipped.items():
-            records[reason] = records.get(reason, 0) + n
-    if records:
-        read["records_skipped"] = dict(sorted(records.items()))
+    add_read_counts(read, files)
     total = None
     for s in shards:
         admitted = work.get_json(f"admitted/s{s.index:06d}.json")
@@ -854,45 +925,21 @@ def _merged_stats(work: Work, plan: dict, shards: Sequence[Shard]) -> tuple[list
         else:
             for a, b in zip(total, stats, strict=True):
                 a.merge(b)
-    return files, {"read": read, **{st.name: st.as_dict() for st in total or []}}
+    return files, read, total or []
 
 
-def _tokenizer_entry(spec: JobSpec, tok) -> dict:
-    """The manifest's ``tokenizer``, as ``llmkit prepare`` writes it for text data."""
-    from llmkit.data.encode import _encode_raw, tokenizer_appends_eos
+def _lengths(work: Work, shards: Sequence[Shard], rel: str):
+    """The document-length histogram of ``rel`` (``sources`` as read, ``admitted`` as kept),
+    added up over the shards (:class:`llmkit.data.pipeline.LengthHistogram`)."""
+    from llmkit.data.pipeline import LengthHistogram
 
-    adds_bos = False
-    if tok.bos_token_id is not None:
-        probe = _encode_raw(tok, ["a"], True)[0]
-        adds_bos = bool(probe) and probe[0] == tok.bos_token_id
-    return {
-        "trained": spec.tokenizer is None,
-        "path": spec.tokenizer,
-        "type": "byte-level BPE" if spec.tokenizer is None else type(tok).__name__,
-        "vocab_size": len(tok),
-        "eos_token_id": tok.eos_token_id,
-        "bos_token_id": tok.bos_token_id,
-        "adds_bos": adds_bos,
-        "eos_added_by_tokenizer": tokenizer_appends_eos(tok),
-    }
-
-
-def _default_settings(spec: JobSpec) -> dict:
-    return {
-        "format": "text",
-        "vocab_size": spec.vocab_size if spec.tokenizer is None else None,
-        "tokenizer": spec.tokenizer,
-        "block_size": spec.block_size,
-        "val_fraction": spec.val_fraction,
-        "seed": spec.seed,
-        "split_on": spec.split_on,
-        "text_field": spec.text_field,
-        "encoding": spec.encoding,
-        "max_document_bytes": spec.max_document_bytes,
-        "on_error": spec.on_error,
-        "cleaning": _cleaning(spec),
-        "tasks": spec.tasks,
-    }
+    total = LengthHistogram()
+    for s in shards:
+        counts = np.asarray(work.get_json(f"{rel}/s{s.index:06d}.json")["lengths"], np.int64)
+        if counts.shape != total.counts.shape:
+            raise _foreign(work.path(f"{rel}/s{s.index:06d}.json"), "of another shape")
+        total.counts += counts
+    return total
 
 
 def _blocks(work: Work, rel: str, spec: JobSpec) -> np.ndarray:
@@ -910,70 +957,171 @@ def _blocks(work: Work, rel: str, spec: JobSpec) -> np.ndarray:
     return arr
 
 
-def assemble(spec: JobSpec, output: str | Path, settings: dict | None = None) -> dict:
-    """Write the prepared directory at ``output`` from the finished job's blocks.
+def _write_dropped(work: Work, shards: Sequence[Shard], out: Path) -> None:
+    """``dropped.jsonl`` at ``out``: each shard's dropped documents (every step's file) merged
+    in the order they were read (:func:`llmkit.data.steps.base.merge_dropped`), the shards in
+    order: the file ``llmkit prepare --keep-dropped`` writes in one process."""
+    import tempfile
 
-    ``train/`` and ``validation/`` (``input_ids`` rows of ``block_size`` int32, as
-    ``llmkit prepare`` writes them), the tokenizer, and ``manifest.json`` (``settings``: the
-    given dict, else the job's; ``inputs``, ``stages``, ``splits``, ``tokenizer`` as prepare
-    counts them); built under a temporary name beside ``output`` and renamed into place
-    (:func:`llmkit.core.atomic.atomic_output`), so ``output`` is either as it was or whole.
+    from llmkit.data.steps.base import merge_dropped
+
+    with open(out, "wb") as dst, tempfile.TemporaryDirectory() as d:
+        for s in shards:
+            folder = Path(d, f"s{s.index:06d}")
+            folder.mkdir()
+            for name in work.listdir(f"dropped/s{s.index:06d}"):
+                if name.endswith(".jsonl"):
+                    (folder / name).write_bytes(work.read_bytes(f"dropped/s{s.index:06d}/{name}"))
+            merge_dropped(folder, Path(d, "merged.jsonl"))
+            dst.write(Path(d, "merged.jsonl").read_bytes())
+            shutil.rmtree(folder)
+
+
+def settings_of(spec: JobSpec, **more):
+    """The :class:`~llmkit.data.config.PrepareSettings` of a job (``more``: other settings,
+    e.g. ``plot``)."""
+    from llmkit.data.config import PrepareSettings
+
+    return PrepareSettings.load(
+        None,
+        {
+            "vocab_size": spec.vocab_size,
+            "tokenizer": spec.tokenizer,
+            "block_size": spec.block_size,
+            "val_fraction": spec.val_fraction,
+            "seed": spec.seed,
+            "split_on": spec.split_on,
+            "text_field": spec.text_field,
+            "on_error": spec.on_error,
+            "encoding": spec.encoding,
+            "max_document_bytes": spec.max_document_bytes,
+            "keep_dropped": spec.keep_dropped,
+            "cleaning": dict(spec.cleaning or {}),
+            **more,
+        },
+    )
+
+
+def _run_of(spec: JobSpec, output: str | Path):
+    """The in-process run (:func:`llmkit.data.pipeline._plan`) of a job's settings, for
+    :func:`assemble` called without one (no plot, quiet, its given tokenizer loaded)."""
+    from rich.console import Console
+
+    from llmkit.data.encode import load_pretrained_tokenizer
+    from llmkit.data.pipeline import _plan, _Report
+
+    settings = settings_of(spec, plot=False)
+    run = _plan(spec.inputs, output, settings, _Report(Console(quiet=True)), cache=False)
+    if spec.tokenizer is not None:
+        run.tok = load_pretrained_tokenizer(spec.tokenizer, trust_remote_code=False)
+    return run
+
+
+def assemble(spec: JobSpec, output: str | Path, settings: dict | None = None, run=None) -> dict:
+    """Write the prepared directory at ``output`` from the finished job, as ``llmkit
+    prepare`` writes it in one process.
+
+    ``train/`` and ``validation/`` (``input_ids`` rows of ``block_size`` int32), the
+    tokenizer's files (byte for byte the ones the job used), ``dropped.jsonl`` (with
+    ``keep_dropped``), ``lengths.png`` (with ``plot``), ``dataset_dict.json`` and
+    ``manifest.json``: the in-process manifest's every entry, from the same functions
+    (:func:`llmkit.data.pipeline.cleaned_info`, ``_finish``...): fingerprints, inputs,
+    settings, cache, stages, length histograms, splits, tokenizer, warnings, files; plus
+    ``executor`` (``shards``, ``tasks``). ``settings`` entries are added to the manifest's
+    ``settings`` (the executor's). ``run``: the in-process run
+    (:func:`llmkit.data.pipeline._plan`) this job stands for; None: made from ``spec``
+    (quiet, without plot). Built in a temporary directory beside ``output`` and renamed into
+    place, so ``output`` is either as it was or whole.
 
     Raises:
         UserError: a file of the work directory is not what the job wrote (refused, nothing
-            in it run); ``output`` is unchanged.
+            in it run); no document left after cleaning; fewer train tokens than one block
+            (as ``prepare``); ``output`` is unchanged.
     """
-    from datetime import datetime, timezone
+    from datasets import Features, List, Value
 
-    from datasets import Dataset, Features, List, Value
+    from llmkit.core.cache import DROPPED
+    from llmkit.data import pipeline as pl
 
-    from llmkit import __version__
-    from llmkit.core.atomic import atomic_output
-
+    if run is None:
+        run = _run_of(spec, output)
     work = Work(spec.work_dir)
     plan = work.get_json("plan.json")
     shards = [Shard.from_dict(d) for d in plan["shards"]]
+    files, read, stats = _merged_stats(work, plan, shards)
+    run.files = files
+    kept = [work.get_json(f"admitted/s{s.index:06d}.json")["kept"] for s in shards]
+    if sum(kept) == 0:
+        raise pl.nothing_left(run, read, stats)
+    info = pl.cleaned_info(
+        run, read, stats, _lengths(work, shards, "sources"), _lengths(work, shards, "admitted"),
+        sum(kept),
+    )  # fmt: skip
     counts = [work.get_json(f"counts/s{s.index:06d}.json") for s in shards]
-    files, stages = _merged_stats(work, plan, shards)
-    blocks = {}
+    blocks = {}  # every file read and checked before anything is logged or written
     for name in SPLIT_NAMES:
         arrays = [_blocks(work, f"blocks/{name}/s{s.index:06d}.npy", spec) for s in shards]
         blocks[name] = np.concatenate(arrays) if arrays else np.empty((0, spec.block_size))
-    tok = _load_tokenizer(work, spec)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(output, directory=True) as tmp:
+    tok = run.tok if spec.tokenizer is not None else _load_tokenizer(work, spec)
+    run.report.log(f"{info['summary']}; cleaned in {spec.tasks} task(s) over {len(shards)} shards")
+    warnings: list[str] = list(info["warnings"])
+    n_split = {name: sum(c[name]["documents"] for c in counts) for name in SPLIT_NAMES}
+    pl.note_split(run, n_split["train"], n_split["validation"], warnings)
+    data = pl._TextData(run)
+    data.use(tok)
+    splits = {}
+    for name in SPLIT_NAMES:
+        entry = {
+            "documents": n_split[name],
+            "bytes": sum(c[name]["bytes"] for c in counts),
+            **split_stats(sum(c[name]["tokens"] for c in counts), spec.block_size),
+        }
+        splits[name] = data.split_entry(name, entry, warnings)
+    with pl._building(run.output) as tmp:
         features = Features({"input_ids": List(Value("int32"))})
-        splits = {}
         for name in SPLIT_NAMES:
 
             def rows(b=blocks[name]):
                 for r in b:
                     yield {"input_ids": r}
 
-            ds = Dataset.from_generator(rows, features=features, cache_dir=str(tmp / ".cache"))
-            ds.save_to_disk(str(tmp / name), num_shards=1 if len(ds) == 0 else None)
-            total = sum(c[name]["tokens"] for c in counts)
-            splits[name] = {
-                "documents": sum(c[name]["documents"] for c in counts),
-                **split_stats(total, spec.block_size),
-            }
+            with pl._quiet_datasets():  # as prepare writes them (its dataset fingerprint too)
+                ds = pl._from_generator(rows, features, tmp / ".cache", f"blocks-{name}")
+                ds.save_to_disk(str(tmp / name), num_shards=1 if len(ds) == 0 else None)
+            run.report.log(data.describe(name, splits[name]))
             del ds
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        tok.save_pretrained(str(tmp))
+        for name in work.listdir("tokenizer"):
+            (tmp / name).write_bytes(work.read_bytes(f"tokenizer/{name}"))
+        if spec.keep_dropped:
+            _write_dropped(work, shards, tmp / DROPPED)
+        for warning in warnings:
+            run.report.log(f"[yellow]warning:[/yellow] {warning}")
         manifest = {
-            "llmkit_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "inputs": [f.as_dict() for f in files],
-            "settings": settings if settings is not None else _default_settings(spec),
-            "stages": stages,
+            "inputs": info["inputs"],
+            "settings": {**run.manifest_settings(), **(settings or {})},
+            "cache": _cache_entry(run),
+            "stages": info["stages"],
+            "length_histogram": info["length_histogram"],
             "splits": splits,
-            "tokenizer": _tokenizer_entry(spec, tok),
+            "tokenizer": data.tokenizer_entry(tok),
+            "warnings": warnings,
             "executor": {"shards": len(shards), "tasks": spec.tasks},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        (tmp / DATASET_DICT).write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
+        manifest = pl._finish(run, tmp, manifest)
     return manifest
+
+
+def _cache_entry(run) -> dict:
+    """The manifest's ``cache`` of a distributed run: the cleaned-documents cache is not used
+    (the work directory holds them); the note says why, as ``prepare`` says it when off."""
+    from llmkit.data.pipeline import _new_cache_entry
+
+    if run.clean_cache is None:
+        note = _new_cache_entry(run)[1]  # off: --no-cache, LLMKIT_CACHE=off, unwritable...
+    else:
+        note = "not used with --executor (the work directory holds the cleaned documents)"
+    return {"used": False, "stored": False, "path": None, "note": note}
 
 
 def shard_order(shards: Sequence[Shard]) -> list[int]:

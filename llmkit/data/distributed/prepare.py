@@ -1,6 +1,9 @@
 """``llmkit prepare --executor local|slurm|ray``: the settings of a run (:class:`llmkit.data.
 config.PrepareSettings`) turned into a distributed job (:mod:`llmkit.data.distributed.job`),
-run on datatrove's executor, and its output written where ``prepare`` writes it.
+run on datatrove's executor, and its output written where ``prepare`` writes it, as
+``prepare`` writes it: the in-process run is planned first (:func:`llmkit.data.pipeline._plan`:
+its inputs, warnings, fingerprint and up-to-date check, its pretrained tokenizer loaded once),
+and the job's output is assembled with the in-process run's manifest functions.
 
 What the distributed path does not support yet is refused before anything runs, in one line
 naming the option (:func:`unsupported`).
@@ -8,7 +11,12 @@ naming the option (:func:`unsupported`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 from llmkit.data.config import PrepareSettings
@@ -34,19 +42,12 @@ def _input_problem(inputs: Sequence[str], settings: PrepareSettings) -> str | No
 def unsupported(inputs: Sequence[str], settings: PrepareSettings) -> str | None:
     """The first option (or kind of input) of this run that ``--executor`` does not support
     yet, as the words of the error; None when the run can be distributed."""
-    tok = settings.tokenizer
     for what, given in (
         ("--format chat", settings.format == "chat"),
         ("--chat-template", settings.chat_template is not None),
         ("--train-on", settings.train_on is not None),
         ("--overlong", settings.overlong is not None),
-        ("--keep-dropped", settings.keep_dropped),
         ("--trust-remote-code", settings.trust_remote_code),
-        (f"--tokenizer {tok} (a .gguf file)", tok is not None and tok.endswith(".gguf")),
-        (
-            f"--tokenizer {tok} (not a local directory)",
-            tok is not None and not tok.endswith(".gguf") and not Path(tok).is_dir(),
-        ),
     ):
         if given:
             return what
@@ -74,14 +75,20 @@ def shard_bytes(inputs: Sequence[str], tasks: int) -> int:
 
 def job_spec(inputs: Sequence[str], settings: PrepareSettings):
     """The :class:`~llmkit.data.distributed.job.JobSpec` of a run's settings (``tasks``
-    tasks per stage, as many dedup partitions, shards of :func:`shard_bytes`)."""
+    tasks per stage, as many dedup partitions, shards of :func:`shard_bytes`; a given
+    tokenizer by its absolute path when it is a local one, and the hashes of its files)."""
+    from llmkit.core.cache import tokenizer_identity
     from llmkit.data.distributed.job import JobSpec
 
+    tok = settings.tokenizer
+    if tok is not None and Path(tok).exists():
+        tok = str(Path(tok).resolve())
     return JobSpec(
         target_shard_bytes=shard_bytes(inputs, settings.tasks),
         work_dir=str(settings.work_dir),
         inputs=[str(i) for i in inputs],
-        tokenizer=None if settings.tokenizer is None else str(Path(settings.tokenizer).resolve()),
+        tokenizer=tok,
+        tokenizer_files=tokenizer_identity(settings.tokenizer),
         vocab_size=settings.vocab_size,
         block_size=settings.block_size,
         val_fraction=settings.val_fraction,
@@ -92,6 +99,7 @@ def job_spec(inputs: Sequence[str], settings: PrepareSettings):
         encoding=settings.encoding,
         max_document_bytes=settings.max_document_bytes,
         cleaning=settings.cleaning.model_dump(),
+        keep_dropped=settings.keep_dropped,
         tasks=settings.tasks,
         partitions=settings.tasks,
     )
@@ -145,28 +153,95 @@ def _connect_ray(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
 
 
+@contextmanager
+def engine_logs(work_url: str) -> Iterator[str]:
+    """Within the block, what datatrove (and anything else) writes to stderr goes to
+    ``<work_dir>/logs/console-<time>.log`` instead of the terminal; yields its path.
+
+    datatrove logs with loguru: each task's sink is ``sys.stderr`` as it is when the task
+    starts (:func:`datatrove.utils.logging.add_task_logger`, INFO and up, beside the task's
+    own DEBUG log file ``logs/<stage>/logs/task_<rank>.log``), and worker processes write to
+    file descriptor 2; so both are pointed at the file, and datatrove's default sink is set
+    again (:func:`datatrove.utils.logging.setup_default_logger`) on the way in and out. A
+    work directory with a scheme (``s3://``...) gets the file when the block ends."""
+    import tempfile
+
+    from datatrove.utils.logging import setup_default_logger
+
+    name = f"logs/console-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    local = "://" not in work_url
+    if local:
+        path = Path(work_url, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        path = Path(tempfile.mkdtemp(prefix="llmkit-logs-"), "console.log")
+    with open(path, "a", encoding="utf-8", buffering=1) as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            with redirect_stderr(log):
+                setup_default_logger()
+                try:
+                    yield str(path) if local else f"{work_url.rstrip('/')}/{name}"
+                finally:
+                    sys.stderr.flush()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            setup_default_logger()
+    if not local:
+        from llmkit.data.distributed.job import Work
+
+        Work(work_url).write_bytes(name, path.read_bytes())
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
 def prepare_distributed(
-    inputs: Sequence[str], output: str | Path, settings: PrepareSettings, *, overwrite: bool
+    inputs: Sequence[str],
+    output: str | Path,
+    settings: PrepareSettings,
+    *,
+    overwrite: bool,
+    cache: bool = True,
+    console=None,
 ) -> dict | None:
-    """Run ``prepare`` on ``settings.executor`` and write ``output``; returns its manifest, or
-    None when the job was submitted (Slurm) and is not finished: the same command run again
-    once it has finished writes the output (finished tasks are skipped).
+    """Run ``prepare`` on ``settings.executor`` and write ``output`` as :func:`llmkit.data.
+    pipeline.prepare` writes it (the same files, manifest and log lines); returns its
+    manifest, or None when the job was submitted (Slurm) and is not finished: the same
+    command run again once it has finished writes the output (finished tasks are skipped).
+
+    As in one process: with ``cache``, an ``output`` written with the same fingerprint (the
+    same input bytes, settings and llmkit version, by this path or the in-process one: the
+    bytes are the same) is up to date and nothing runs; a pretrained tokenizer (a directory,
+    a ``.gguf`` file, a Hub id) is loaded once, here, and saved in the work directory for
+    the tasks. datatrove's own log lines go to files under the work directory
+    (:func:`engine_logs`); ``console`` (default: stderr) gets prepare's.
 
     Raises:
         UserError: an option or input not supported with ``--executor`` yet (naming it);
             ``output`` may not be written (as ``prepare``); datatrove is not installed; a task
-            failed (its one line: stage, task, shard).
+            failed (its one line: stage, task, shard); the errors of ``prepare`` (no
+            document left, too few tokens for one block...).
     """
-    from llmkit.data.outdir import _check_output
+    from rich.console import Console
 
+    from llmkit.data import pipeline as pl
+
+    started = time.perf_counter()
     what = unsupported(inputs, settings)
     if what is not None:
         raise UserError(
             f"--executor {settings.executor} does not support {what} yet",
             "run without --executor (in this process), or leave it out",
         )
-    _check_output(Path(output), overwrite)
+    console = console if console is not None else Console(stderr=True)
+    run = pl._plan(inputs, output, settings, pl._Report(console), cache)
+    done = pl._up_to_date_output(run)
+    if done is not None:
+        return done
     check_work_dir(settings.work_dir, output)
+    pl._claim_output(run, overwrite)  # the output may be written; a given tokenizer loaded
     try:
         import datatrove  # noqa: F401
     except ImportError as err:
@@ -174,43 +249,46 @@ def prepare_distributed(
             f"--executor needs datatrove ({err.name} is not installed)",
             "pip install 'llmkit[distributed]'",
         ) from None
-    from llmkit.data.distributed.job import assemble, completed_tasks, run_job, stage_tasks
+    from llmkit.data.distributed.job import (
+        Work,
+        assemble,
+        completed_tasks,
+        plan_job,
+        put_tokenizer,
+        run_job,
+        stage_tasks,
+    )
 
     spec = job_spec(inputs, settings)
-    if settings.executor == "ray":
-        _connect_ray(settings.ray_address)
     try:
-        run_job(spec, settings.executor, **engine_options(settings))
+        plan_job(spec)
+        if run.tok is not None:
+            put_tokenizer(Work(spec.work_dir), run.tok)
+        with engine_logs(str(settings.work_dir)):
+            if settings.executor == "ray":
+                _connect_ray(settings.ray_address)
+            run_job(spec, settings.executor, **engine_options(settings))
         if completed_tasks(spec) != stage_tasks(spec):
             return None
-        return assemble(spec, output, settings=manifest_settings(settings))
+        with pl._quiet_datasets():
+            manifest = assemble(spec, output, settings=executor_settings(settings), run=run)
     except (TypeError, KeyError, AttributeError) as err:  # a JSON file of another shape
         raise UserError(
             f"the work directory {settings.work_dir} holds files llmkit did not write "
             f"({type(err).__name__}: {err})",
             "use a new or empty --work-dir, one only you can write",
         ) from None
+    pl._print_summary(console, manifest, run.output, time.perf_counter() - started)
+    return manifest
 
 
-def manifest_settings(settings: PrepareSettings) -> dict:
-    """The manifest's ``settings`` of a distributed run (as ``prepare`` writes them, with the
-    executor's)."""
+def executor_settings(settings: PrepareSettings) -> dict:
+    """What a distributed run adds to the manifest's ``settings`` (beside every setting of
+    ``prepare``): ``executor``, ``tasks``, ``work_dir``; and ``num_proc``: the local
+    executor's worker processes (None on Slurm and Ray, where it does not apply)."""
+    workers = engine_options(settings).get("workers")
     return {
-        "format": "text",
-        "vocab_size": settings.vocab_size if settings.tokenizer is None else None,
-        "tokenizer": settings.tokenizer,
-        "block_size": settings.block_size,
-        "val_fraction": settings.val_fraction,
-        "seed": settings.seed,
-        "split_on": settings.split_on,
-        "text_field": settings.text_field or "text",
-        "encoding": settings.encoding,
-        "max_document_bytes": settings.max_document_bytes,
-        "on_error": settings.on_error,
-        "keep_dropped": False,
-        "plot": False,
-        "normalization": settings.cleaning.normalize.form,
-        "cleaning": settings.cleaning.model_dump(),
+        "num_proc": workers,
         "executor": settings.executor,
         "tasks": settings.tasks,
         "work_dir": settings.work_dir,

@@ -1,15 +1,23 @@
-"""``llmkit prepare --executor local``: the output's train/validation rows, split counts and
-stage counts equal ``llmkit prepare --num-proc 1`` for 1, 2 and 5 tasks; the settings are also
-read from ``--config``; options not supported yet are refused in one line naming them."""
+"""``llmkit prepare --executor local``: the output equals ``llmkit prepare --num-proc 1`` for 1,
+2 and 5 tasks, every file byte for byte (rows, tokenizer, ``dropped.jsonl``, ``lengths.png``)
+and the manifest on every key but the executor's own and the time; a rerun is up to date
+whichever path wrote the output; a pretrained tokenizer directory or ``.gguf`` gives the rows
+of one process; datatrove's log lines go to the work directory, not stderr; the settings are
+also read from ``--config``; options not supported yet, or set for another executor, are
+refused in one line naming them."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_file
+from conftest import MODELS, shared_file
 from typer.testing import CliRunner
 
 from llmkit.cli import app
@@ -17,6 +25,11 @@ from llmkit.cli import app
 pytest.importorskip("datatrove")
 
 COMMON = ("--vocab-size", "300", "--block-size", "32", "--no-plot", "--keep-gutenberg")
+#: What the comparison runs add: the plot and the dropped documents are part of the output.
+FULL = ("--vocab-size", "300", "--block-size", "32", "--keep-gutenberg", "--keep-dropped")
+#: The manifest entries a distributed run may differ in from ``--num-proc 1``: the time it
+#: was written and the executor's own settings. Anything else that differs is drift.
+MAY_DIFFER = {"created", "executor", "settings.executor", "settings.tasks", "settings.work_dir"}
 
 
 def cli(*args: str):
@@ -47,9 +60,35 @@ def corpus(tmp_path_factory, shakespeare_slice) -> Path:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("ref") / "out"
-    result = cli(str(corpus), "--output", str(out), "--num-proc", "1", "--no-cache", *COMMON)
+    result = cli(str(corpus), "--output", str(out), "--num-proc", "1", "--no-cache", *FULL)
     assert result.exit_code == 0, result.output
     return out
+
+
+def differing(a, b, prefix: str = "") -> set[str]:
+    """The dotted keys at which two JSON values differ (a key in one only counts)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = set()
+        for k in a.keys() | b.keys():
+            if k not in a or k not in b:
+                out.add(prefix + k)
+            else:
+                out |= differing(a[k], b[k], f"{prefix}{k}.")
+        return out
+    return set() if a == b else {prefix.rstrip(".")}
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def assert_same_output(got: Path, ref: Path) -> None:
+    """Every file byte for byte but the manifest, which differs only in :data:`MAY_DIFFER`."""
+    a, b = files_of(got), files_of(ref)
+    assert sorted(a) == sorted(b)
+    assert [f for f in a if a[f] != b[f]] == ["manifest.json"]
+    ma, mb = json.loads(a["manifest.json"]), json.loads(b["manifest.json"])
+    assert differing(ma, mb) == MAY_DIFFER
 
 
 def _rows(out: Path) -> dict:
@@ -78,9 +117,20 @@ def test_local_executor_equals_num_proc_1(tmp_path, corpus, reference, tasks):
         str(tmp_path / "work"),
         "--num-proc",
         "1",
-        *COMMON,
+        "--no-cache",
+        *FULL,
     )
     assert result.exit_code == 0, result.output
+    assert_same_output(out, reference)
+    for name in ("dropped.jsonl", "lengths.png", "tokenizer.json"):  # the files compared
+        assert (out / name).stat().st_size > 0
+    dropped = [json.loads(x) for x in (out / "dropped.jsonl").read_text().splitlines()]
+    reasons = [(d["stage"], d["reason"]) for d in dropped]
+    assert reasons.count(("deduplicate", "duplicate")) >= 15
+    assert reasons.count(("near_dedup", "near_duplicate")) >= 5
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["executor"] == "local" and manifest["settings"]["tasks"] == tasks
+    assert manifest["fingerprint"]["full"] and manifest["length_histogram"]["kept"]
     got, ref = _rows(out), _rows(reference)
     for name in ("train", "validation"):
         assert got[name].shape == ref[name].shape and len(got[name]) > 5
@@ -116,11 +166,9 @@ def test_settings_from_config_and_rerun(tmp_path, corpus, reference):
 @pytest.mark.parametrize(
     ("args", "named"),
     [
-        (["--keep-dropped"], "--keep-dropped"),
         (["--format", "chat"], "--format chat"),
         (["--train-on", "all"], "--train-on"),
         (["--trust-remote-code"], "--trust-remote-code"),
-        (["--tokenizer", "gpt2"], "--tokenizer gpt2 (not a local directory)"),
     ],
 )
 def test_unsupported_options_are_refused_in_one_line(tmp_path, corpus, args, named):
@@ -153,7 +201,7 @@ def test_web_archive_and_chat_inputs_are_refused(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--tasks", "2"], "--tasks applies to --executor only"),
+        (["--tasks", "2"], "--tasks (tasks in --config) applies to --executor only"),
         (["--executor", "local"], "--executor local needs --work-dir"),
         (["--executor", "slurm", "--work-dir", "w"], "--executor slurm needs --slurm-partition"),
         (["--executor", "spark", "--work-dir", "w"], "--executor"),
@@ -202,6 +250,177 @@ def test_work_files_of_another_shape_are_refused_in_one_line(tmp_path, corpus, d
     assert again.exit_code == 2, again.output
     assert len(again.output.strip().splitlines()) == 1 and str(work) in again.output
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_rerun_is_up_to_date_whichever_path_wrote_the_output(tmp_path, corpus, reference):
+    """The fingerprint of ``--executor local`` is the one of ``--num-proc 1`` (the bytes are the
+    same): either path's output is up to date for the other, and nothing runs."""
+    import shutil
+
+    work = tmp_path / "work"
+    dist = ("--executor", "local", "--tasks", "2", "--work-dir", str(work), "--num-proc", "1")
+    one = tmp_path / "one"
+    shutil.copytree(reference, one)
+    again = cli(str(corpus), "--output", str(one), *dist, *FULL)
+    assert again.exit_code == 0, again.output
+    assert f"{one} is up to date" in again.output and "nothing to do" in again.output
+    assert not work.exists() and files_of(one) == files_of(reference)  # nothing ran
+
+    two = tmp_path / "two"
+    first = cli(str(corpus), "--output", str(two), *dist, *FULL)
+    assert first.exit_code == 0 and "up to date" not in first.output
+    fingerprint = json.loads((two / "manifest.json").read_text())["fingerprint"]
+    assert fingerprint == json.loads((reference / "manifest.json").read_text())["fingerprint"]
+    written, runs = files_of(two), len(list((work / "runs").iterdir()))
+    for args in (dist, ("--num-proc", "1")):
+        rerun = cli(str(corpus), "--output", str(two), *args, *FULL)
+        assert rerun.exit_code == 0, rerun.output
+        assert f"{two} is up to date" in rerun.output
+    assert files_of(two) == written and len(list((work / "runs").iterdir())) == runs
+
+
+@pytest.mark.parametrize(
+    ("args", "config", "message"),
+    [
+        (
+            ["--executor", "local", "--slurm-partition", "cpu"],
+            "",
+            "--slurm-partition (slurm_partition in --config) applies to --executor slurm only, "
+            "not --executor local",
+        ),
+        (
+            ["--executor", "local"],
+            "slurm_time: '01:00:00'\n",
+            "--slurm-time (slurm_time in --config) applies to --executor slurm only, "
+            "not --executor local",
+        ),
+        (
+            ["--executor", "ray", "--slurm-cpus", "4"],
+            "",
+            "--slurm-cpus (slurm_cpus in --config) applies to --executor slurm only, "
+            "not --executor ray",
+        ),
+        (
+            ["--executor", "slurm", "--slurm-partition", "cpu", "--slurm-time", "1:00:00"],
+            "ray_address: 'ray://head:10001'\n",
+            "--ray-address (ray_address in --config) applies to --executor ray only, "
+            "not --executor slurm",
+        ),
+        (
+            [],
+            "slurm_partition: cpu\n",
+            "--slurm-partition (slurm_partition in --config) applies to --executor slurm only",
+        ),
+        (["--ray-address", "auto"], "", "--ray-address (ray_address in --config) applies to "),
+    ],
+)
+def test_an_engine_option_of_another_executor_is_refused(tmp_path, corpus, args, config, message):
+    """An engine's option given with another executor, or with none, was silently ignored."""
+    cfg = tmp_path / "prepare.yaml"
+    cfg.write_text(config)
+    out, work = tmp_path / "o", tmp_path / "w"
+    wd = ["--work-dir", str(work)] if "--executor" in args else []
+    result = cli(str(corpus), "--output", str(out), "--config", str(cfg), *wd, *args)
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    assert "\n" not in line and line.startswith("error: ") and message in line
+    assert not out.exists() and not work.exists()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    tiny_tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _same_as_one_process(tmp_path: Path, inputs: Path, *args: str) -> None:
+    """``--executor local --tasks 2`` writes what ``--num-proc 1`` writes, with ``args``."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    common = ("--block-size", "32", "--no-cache", "--keep-gutenberg", *args)
+    first = cli(str(inputs), "--output", str(ref), "--num-proc", "1", *common)
+    assert first.exit_code == 0, first.output
+    dist = ("--executor", "local", "--tasks", "2", "--work-dir", str(tmp_path / "work"))
+    second = cli(str(inputs), "--output", str(out), "--num-proc", "1", *dist, *common)
+    assert second.exit_code == 0, second.output
+    assert_same_output(out, ref)
+    got = _rows(out)
+    assert len(got["train"]) > 10 and (got["train"] == _rows(ref)["train"]).all()
+
+
+def test_a_tokenizer_directory_gives_the_rows_of_one_process(tmp_path, corpus, tokenizer_dir):
+    _same_as_one_process(tmp_path, corpus, "--tokenizer", str(tokenizer_dir))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["path"] == str(tokenizer_dir)
+    assert not manifest["tokenizer"]["trained"]
+    assert (tmp_path / "work" / "tokenizer" / "tokenizer.json").is_file()  # saved once
+
+
+GGUF = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GGUF.exists(), reason=f"{GGUF} is absent (the shared GGUF model)")
+def test_a_gguf_tokenizer_gives_the_rows_of_one_process(tmp_path, shakespeare_slice):
+    """The GGUF's tokenizer is read once (about 20 s) and saved in the work directory; its
+    corrections (SmolLM2's one-digit split) survive: numbers after runs of spaces included."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    text = shakespeare_slice.read_text(encoding="utf-8")[:20_000]
+    numbers = "\n\n".join(f"In  {1990 + i} there were   {i * 137} cats." for i in range(40))
+    (inputs / "a.txt").write_text(text + "\n\n" + numbers, encoding="utf-8")
+    _same_as_one_process(tmp_path, inputs, "--tokenizer", str(GGUF))
+
+
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_engine_log_lines_go_to_the_work_dir(tmp_path, shakespeare_slice, workers):
+    """A run printed about 150 datatrove INFO lines and object reprs on stderr; now it prints
+    prepare's own lines, and datatrove's go to files under the work directory. With two
+    worker processes (slow: each stage starts its pool), their stderr (file descriptor 2) is
+    redirected too."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    command = [
+        sys.executable, "-m", "llmkit", "prepare", str(shakespeare_slice), "--output", str(out),
+        "--executor", "local", "--tasks", "2", "--num-proc", str(workers), "--work-dir",
+        str(work), "--no-cache", *COMMON,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[3]), "COLUMNS": "100"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    noise = [x for x in lines if "datatrove" in x or "| INFO" in x or "PIPELINE" in x]
+    assert noise == [] and len(lines) < 40, done.stderr  # prepare's lines and tables
+    starts = (
+        "read 1 file(s)",
+        "split by document",
+        "trained a byte-level",
+        "train:",
+        "validation:",
+    )
+    assert [x.split(" ")[0] for x in lines[:5]] == [s.split(" ")[0] for s in starts]
+    assert lines[5].startswith("llmkit prepare -> ") and "tokens per byte" in lines[-1]
+    logs = list((work / "logs").glob("console-*.log"))
+    assert len(logs) == 1
+    text = logs[0].read_text(encoding="utf-8")
+    # datatrove's console lines: every task's with one worker, the first worker's with two
+    assert text.count("Launching pipeline for rank=") == (12 if workers == 1 else 7)
+    assert len(list((work / "logs" / "signatures" / "logs").glob("task_*.log"))) == 2
+
+
+def test_a_failed_task_is_one_line(tmp_path):
+    """datatrove's traceback goes to the work directory's log; the user gets one line."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a.txt").write_text("one document\n\nanother one\n", encoding="utf-8")
+    (inputs / "b.txt").write_bytes(b"fine\n\nnot \xff\xfe UTF-8\n")
+    args = ("--executor", "local", "--tasks", "2", "--work-dir", str(tmp_path / "work"))
+    result = cli(str(inputs), "--output", str(tmp_path / "o"), *args, "--no-cache", *COMMON)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: signatures task "), result.output
+    assert "b.txt" in lines[0] and not (tmp_path / "o").exists()
+    logs = list((tmp_path / "work" / "logs").glob("console-*.log"))
+    assert "Traceback" in logs[0].read_text(encoding="utf-8")
 
 
 @pytest.mark.slow

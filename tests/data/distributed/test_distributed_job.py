@@ -373,9 +373,12 @@ def test_trained_tokenizer_equals_prepare(tmp_path, corpus):
 
 
 def test_failing_stage_wide_task_is_one_line(tmp_path, corpus):
+    """A tokenizer that cannot be loaded: the tokenizer stage (which puts a given tokenizer in
+    the work directory when the driver has not) fails in one line; nothing is encoded."""
     spec = _spec(tmp_path / "work", corpus, tmp_path / "no-such-tokenizer", 2)
     with pytest.raises(UserError) as info:
         run_job(spec, "local", workers=1)
     msg = info.value.message
-    assert msg.startswith("encode task 0 of 2: ") and "\n" not in msg
-    assert completed_tasks(spec)["tokenizer"] == 1 and completed_tasks(spec)["encode"] == 0
+    assert msg.startswith("tokenizer task 0 of 1: ") and "\n" not in msg
+    assert "no-such-tokenizer" in msg
+    assert completed_tasks(spec)["admit"] == 2 and completed_tasks(spec)["tokenizer"] == 0
