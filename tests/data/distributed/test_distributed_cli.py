@@ -356,6 +356,24 @@ def test_a_tokenizer_directory_gives_the_rows_of_one_process(tmp_path, corpus, t
     assert (tmp_path / "work" / "tokenizer" / "tokenizer.json").is_file()  # saved once
 
 
+def test_skipped_lines_give_the_warnings_of_one_process(tmp_path, shakespeare_slice):
+    """Bad lines in a JSON-lines file cut into several shards (--on-error skip): the manifest's
+    counts, first error and warnings are one process's (the comparison covers them)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    speeches = shakespeare_slice.read_text(encoding="utf-8").split("\n\n")
+    lines = [json.dumps({"text": x}) for x in speeches]
+    lines[40] = '{"text": "cut'  # malformed
+    lines[300] = json.dumps({"body": "no text field"})
+    (inputs / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _same_as_one_process(tmp_path, inputs, "--on-error", "skip", "--vocab-size", "300")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["executor"]["shards"] >= 3  # the file was cut
+    assert manifest["inputs"][0]["first_error"].startswith(f"{inputs / 'a.jsonl'}:41: ")
+    assert len(manifest["warnings"]) == 1 and "skipped" in manifest["warnings"][0]
+    assert sum(manifest["stages"]["read"]["skipped"].values()) == 2
+
+
 GGUF = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
