@@ -25,8 +25,10 @@ encode      ``tasks``     for its shards: split by global kept rank
 pack        ``tasks``     for its shards: the blocks that start in its tokens (running totals)
 ==========  ============  ==========================================================================
 
-:func:`assemble` then writes the output (``train/``, ``validation/``, the tokenizer,
-``manifest.json``) in a temporary directory renamed into place.
+:func:`assemble` then writes the output as ``llmkit prepare`` writes it in one process
+(``train/``, ``validation/``, the tokenizer, ``dropped.jsonl``, ``lengths.png``,
+``manifest.json``, from prepare's own functions) in a temporary directory renamed into
+place.
 
 Every file a task writes goes to a temporary name renamed into place, so a task killed mid-way
 leaves nothing its rerun would read; datatrove's completion markers

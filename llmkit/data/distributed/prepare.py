@@ -264,10 +264,13 @@ def prepare_distributed(
         plan_job(spec)
         if run.tok is not None:
             put_tokenizer(Work(spec.work_dir), run.tok)
-        with engine_logs(str(settings.work_dir)):
-            if settings.executor == "ray":
-                _connect_ray(settings.ray_address)
-            run_job(spec, settings.executor, **engine_options(settings))
+        with engine_logs(str(settings.work_dir)) as log:
+            try:
+                if settings.executor == "ray":
+                    _connect_ray(settings.ray_address)
+                run_job(spec, settings.executor, **engine_options(settings))
+            except UserError as err:  # a task's one line; its traceback is in the log
+                raise UserError(err.message, f"{err.hint} (datatrove's log: {log})") from None
         if completed_tasks(spec) != stage_tasks(spec):
             return None
         with pl._quiet_datasets():

@@ -439,6 +439,7 @@ def test_a_failed_task_is_one_line(tmp_path):
     assert "b.txt" in lines[0] and not (tmp_path / "o").exists()
     logs = list((tmp_path / "work" / "logs").glob("console-*.log"))
     assert "Traceback" in logs[0].read_text(encoding="utf-8")
+    assert lines[0].endswith(f"(datatrove's log: {logs[0]})")  # where the traceback is
 
 
 @pytest.mark.slow
