@@ -425,6 +425,24 @@ def test_engine_log_lines_go_to_the_work_dir(tmp_path, shakespeare_slice, worker
     assert len(list((work / "logs" / "signatures" / "logs").glob("task_*.log"))) == 2
 
 
+def test_a_work_dir_with_a_scheme(tmp_path, corpus, reference):
+    """An fsspec work directory (here ``memory://``, in this process): the same output, and
+    datatrove's console lines saved there when the job ends."""
+    import uuid
+
+    import fsspec
+
+    work = f"memory://llmkit-{uuid.uuid4().hex}"
+    out = tmp_path / "out"
+    args = ("--executor", "local", "--tasks", "2", "--work-dir", work, "--num-proc", "1")
+    result = cli(str(corpus), "--output", str(out), *args, "--no-cache", *FULL)
+    assert result.exit_code == 0, result.output
+    assert_same_output(out, reference)
+    fs = fsspec.filesystem("memory")
+    logs = fs.glob(work.removeprefix("memory://") + "/logs/console-*.log")
+    assert len(logs) == 1 and b"Launching pipeline for rank=" in fs.cat(logs[0])
+
+
 def test_a_failed_task_is_one_line(tmp_path):
     """datatrove's traceback goes to the work directory's log; the user gets one line."""
     inputs = tmp_path / "in"
