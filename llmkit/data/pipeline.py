@@ -337,12 +337,7 @@ def _read(run: _Run, work: Path) -> tuple[object, dict, LengthHistogram]:
 
     s, files = run.settings, run.files
     histogram = LengthHistogram()
-    read_stats = {
-        "files": len(files),
-        "bytes_in": sum(f.size_bytes for f in files),
-        "documents_out": 0,
-        "bytes_out": 0,
-    }
+    read_stats = read_counts(files)
     web = any(f.kind == "warc" for f in files)  # documents carry their URL ("where")
     with run.report.task(
         "read (documents)" if run.hub else "read (bytes)",
@@ -373,6 +368,18 @@ def _read(run: _Run, work: Path) -> tuple[object, dict, LengthHistogram]:
         )
     add_read_counts(read_stats, files)
     return raw, read_stats, histogram
+
+
+def read_counts(files: Sequence[InputFile], documents_out: int = 0, bytes_out: int = 0) -> dict:
+    """The manifest's ``read`` counts: ``files``, ``bytes_in`` (their size on disk),
+    ``documents_out`` and ``bytes_out`` (UTF-8) read from them; :func:`add_read_counts` adds
+    the rest once they are read."""
+    return {
+        "files": len(files),
+        "bytes_in": sum(f.size_bytes for f in files),
+        "documents_out": documents_out,
+        "bytes_out": bytes_out,
+    }
 
 
 def add_read_counts(read_stats: dict, files: Sequence[InputFile]) -> None:

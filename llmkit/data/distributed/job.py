@@ -906,17 +906,16 @@ def _merged_stats(work: Work, plan: dict, shards: Sequence[Shard]) -> tuple[list
     ``(files, read, stats)``: the input files with their readers' counts, the manifest's
     ``read`` stage, and the cleaning steps' :class:`~llmkit.data.steps.base.StageStats`."""
     from llmkit.data.distributed.shards import merge_file_stats
-    from llmkit.data.pipeline import add_read_counts
+    from llmkit.data.pipeline import add_read_counts, read_counts
 
     files = _files_from(plan)
     got = [work.get_json(f"sources/s{s.index:06d}.json") for s in shards]
     merge_file_stats(files, shards, [_source_from(g["source"]) for g in got])
-    read = {
-        "files": len(files),
-        "bytes_in": sum(f.size_bytes for f in files),
-        "documents_out": sum(g["read"]["documents_out"] for g in got),
-        "bytes_out": sum(g["read"]["bytes_out"] for g in got),
-    }
+    read = read_counts(
+        files,
+        documents_out=sum(g["read"]["documents_out"] for g in got),
+        bytes_out=sum(g["read"]["bytes_out"] for g in got),
+    )
     add_read_counts(read, files)
     total = None
     for s in shards:
