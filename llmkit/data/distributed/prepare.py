@@ -175,26 +175,33 @@ def engine_logs(work_url: str) -> Iterator[str]:
         path.parent.mkdir(parents=True, exist_ok=True)
     else:
         path = Path(tempfile.mkdtemp(prefix="llmkit-logs-"), "console.log")
-    with open(path, "a", encoding="utf-8", buffering=1) as log:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(log.fileno(), 2)
-        try:
-            with redirect_stderr(log):
+    try:
+        with open(path, "a", encoding="utf-8", buffering=1) as log:
+            sys.stderr.flush()
+            try:
+                saved = os.dup(2)
+            except OSError:  # no file descriptor 2: nothing to point elsewhere
+                saved = None
+            if saved is not None:
+                os.dup2(log.fileno(), 2)
+            try:
+                with redirect_stderr(log):
+                    setup_default_logger()
+                    try:
+                        yield str(path) if local else f"{work_url.rstrip('/')}/{name}"
+                    finally:
+                        sys.stderr.flush()
+            finally:
+                if saved is not None:
+                    os.dup2(saved, 2)
+                    os.close(saved)
                 setup_default_logger()
-                try:
-                    yield str(path) if local else f"{work_url.rstrip('/')}/{name}"
-                finally:
-                    sys.stderr.flush()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            setup_default_logger()
-    if not local:
-        from llmkit.data.distributed.job import Work
+    finally:  # a failed job's log too: it holds the traceback
+        if not local:
+            from llmkit.data.distributed.job import Work
 
-        Work(work_url).write_bytes(name, path.read_bytes())
-        shutil.rmtree(path.parent, ignore_errors=True)
+            Work(work_url).write_bytes(name, path.read_bytes())
+            shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def prepare_distributed(

@@ -443,21 +443,30 @@ def test_a_work_dir_with_a_scheme(tmp_path, corpus, reference):
     assert len(logs) == 1 and b"Launching pipeline for rank=" in fs.cat(logs[0])
 
 
-def test_a_failed_task_is_one_line(tmp_path):
-    """datatrove's traceback goes to the work directory's log; the user gets one line."""
+@pytest.mark.parametrize("scheme", [False, True])
+def test_a_failed_task_is_one_line(tmp_path, scheme):
+    """datatrove's traceback goes to the work directory's log (with a scheme too: saved there
+    although the job failed); the user gets one line naming it."""
+    import uuid
+
+    import fsspec
+
     inputs = tmp_path / "in"
     inputs.mkdir()
     (inputs / "a.txt").write_text("one document\n\nanother one\n", encoding="utf-8")
     (inputs / "b.txt").write_bytes(b"fine\n\nnot \xff\xfe UTF-8\n")
-    args = ("--executor", "local", "--tasks", "2", "--work-dir", str(tmp_path / "work"))
+    work = f"memory://llmkit-{uuid.uuid4().hex}" if scheme else str(tmp_path / "work")
+    args = ("--executor", "local", "--tasks", "2", "--work-dir", work, "--num-proc", "1")
     result = cli(str(inputs), "--output", str(tmp_path / "o"), *args, "--no-cache", *COMMON)
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: signatures task "), result.output
     assert "b.txt" in lines[0] and not (tmp_path / "o").exists()
-    logs = list((tmp_path / "work" / "logs").glob("console-*.log"))
-    assert "Traceback" in logs[0].read_text(encoding="utf-8")
-    assert lines[0].endswith(f"(datatrove's log: {logs[0]})")  # where the traceback is
+    fs, root = fsspec.core.url_to_fs(work)
+    logs = fs.glob(f"{root}/logs/console-*.log")
+    assert len(logs) == 1 and b"Traceback" in fs.cat(logs[0])
+    named = f"{work}/logs/{logs[0].rsplit('/', 1)[1]}"
+    assert lines[0].endswith(f"(datatrove's log: {named})")  # where the traceback is
 
 
 @pytest.mark.slow
