@@ -1,0 +1,270 @@
+"""``llmkit prepare --executor ray|slurm`` on real clusters that the tests start on this machine
+and stop by process id: a 2-node Ray cluster (``ray start --head`` plus ``ray start
+--address``) inside a network namespace that has only loopback, and a one-node Slurm
+(munged + slurmctld + slurmd from Debian's ``slurm-wlm``) with its configuration, state and
+sockets in a temporary directory. Each run's output equals ``llmkit prepare --num-proc 1``
+row by row, and its manifest apart from the timing and executor fields.
+
+Both are slow (a minute or more each) and skip, saying why, where ``unshare``, Ray or Slurm's
+daemons are not available (``make install`` installs ``slurm-wlm`` when it can).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import shared_file
+
+pytest.importorskip("datatrove")
+
+COMMON = ("--vocab-size", "300", "--block-size", "32", "--no-plot", "--keep-gutenberg")
+#: Manifest fields that depend on when, where and how the job ran, not on its output.
+RUN_FIELDS = {"created", "executor", "cache"}
+RUN_SETTINGS = {"executor", "tasks", "work_dir", "num_proc"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shakespeare_slice) -> Path:
+    """Shakespeare's speeches, Dolma web pages (JSON lines), and a file of exact and edited
+    copies of the speeches (so duplicates fall in other shards than their first occurrence)."""
+    d = tmp_path_factory.mktemp("corpus")
+    speeches = shakespeare_slice.read_text(encoding="utf-8")
+    (d / "a.txt").write_text(speeches, encoding="utf-8")
+    (d / "b.jsonl").write_bytes(shared_file("dolma_cc_jsonl/cc_en_head-0174.jsonl").read_bytes())
+    rng = random.Random(5)
+    docs = [x for x in speeches.split("\n\n") if len(x.split()) > 30]
+    copies = rng.sample(docs, 15)
+    for x in rng.sample(docs, 10):
+        words = x.split(" ")
+        words[len(words) // 2] = "lamp"
+        copies.append(" ".join(words))
+    rng.shuffle(copies)
+    (d / "c_copies.txt").write_text("\n\n".join(copies), encoding="utf-8")
+    return d
+
+
+def _env(**extra: str) -> dict:
+    """This process's environment with this worktree's llmkit first on the path."""
+    root = str(Path(__file__).resolve().parents[3])
+    path = os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH")) if x)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def _llmkit(*args: str) -> list[str]:
+    return [sys.executable, "-m", "llmkit", "prepare", *args]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus) -> Path:
+    """``llmkit prepare --num-proc 1``: the output every executor must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    args = (str(corpus), "--output", str(out), "--num-proc", "1", "--no-cache", *COMMON)
+    done = subprocess.run(_llmkit(*args), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def assert_same_output(out: Path, ref: Path) -> dict:
+    """``out`` holds ``ref``'s train/validation rows and tokenizer, and every manifest field
+    both have except :data:`RUN_FIELDS` and :data:`RUN_SETTINGS`; returns ``out``'s manifest."""
+    from datasets import load_from_disk
+
+    for split in ("train", "validation"):
+        got = np.asarray(load_from_disk(str(out / split))["input_ids"])
+        want = np.asarray(load_from_disk(str(ref / split))["input_ids"])
+        assert got.shape == want.shape and len(want) > 5
+        assert (got == want).all(), f"{split}: rows differ"
+    assert (out / "tokenizer.json").read_bytes() == (ref / "tokenizer.json").read_bytes()
+    got_m = json.loads((out / "manifest.json").read_text())
+    ref_m = json.loads((ref / "manifest.json").read_text())
+    skip = RUN_FIELDS | {f"settings.{k}" for k in RUN_SETTINGS}
+    got_f, ref_f = _flat(got_m), _flat(ref_m)
+    shared = {k for k in got_f.keys() & ref_f.keys() if k.split(".")[0] not in skip}
+    shared -= skip
+    assert {k for k in shared if k.startswith("splits.")} >= {"splits.train.tokens"}
+    assert {k.split(".")[0] for k in shared} >= {"inputs", "stages", "splits", "settings"}
+    assert {k: got_f[k] for k in shared} == {k: ref_f[k] for k in shared}
+    stages = ref_m["stages"]
+    assert stages["deduplicate"]["dropped"]["duplicate"] >= 15  # copies in another shard
+    assert stages["near_dedup"]["dropped"]["near_duplicate"] >= 5
+    return got_m
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes this module starts: each carries a marker in its environment, which every process
+# it starts inherits, so what is left of them can be found whatever its name or group.
+
+
+def _carrying(marker: str) -> list[int]:
+    """Live processes (not zombies) whose environment holds ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, to the process group ``proc`` leads (started with
+    ``start_new_session``), and reap it."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _assert_none_left(marker: str, pids: list[int] | None = None) -> None:
+    """Nothing carrying ``marker`` is alive 10 s after the stop (SIGKILL is sent to any of
+    ``pids`` still there first, so a failure here does not leak them)."""
+    deadline = time.monotonic() + 10
+    while (left := _carrying(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"processes left running: {left}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray: two nodes on loopback.
+
+RAY_PORT = 6379  # the namespace is new: nothing else listens there
+
+RAY_SCRIPT = """\
+ip link set lo up
+cd {base}
+TMPDIR={base}/tmp-head {ray} start --head --node-ip-address 127.0.0.1 --port {port} \\
+  --num-cpus 1 --temp-dir {base}/head --include-dashboard false --disable-usage-stats
+TMPDIR={base}/tmp-worker {ray} start --address 127.0.0.1:{port} --node-ip-address 127.0.0.1 \\
+  --num-cpus 1 --temp-dir {base}/worker --disable-usage-stats
+{python} -c {nodes} > {base}/nodes.json
+TMPDIR={base}/tmp-driver {prepare}
+"""
+
+RAY_NODES = """\
+import json, time, ray
+ray.init(address="127.0.0.1:{port}", log_to_driver=False)
+for _ in range(60):
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    if len(alive) >= 2:
+        break
+    time.sleep(1)
+print(json.dumps([{{"id": n["NodeID"], "cpus": n["Resources"].get("CPU")}} for n in alive]))
+"""
+
+
+def _can_unshare() -> str | None:
+    """Why a network + PID namespace cannot be made here (None: it can)."""
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        return "unshare or ip (util-linux, iproute2) is not installed"
+    probe = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "ip", "link", "set", "lo", "up"]
+    done = subprocess.run(probe, capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"cannot make a network namespace here ({done.stderr.strip()[:200]})"
+    return None
+
+
+@pytest.mark.slow
+def test_two_node_ray_cluster_on_loopback(corpus, reference):
+    """``ray start --head`` and ``ray start --address`` (1 CPU each, their own temporary
+    directories) plus ``llmkit prepare --executor ray --tasks 2 --ray-address``, all in one
+    shell inside ``unshare --net --pid``: a network namespace that has only loopback (Ray
+    binds to the machine's interface address otherwise) and a PID namespace, so that every
+    process Ray starts (its workers lead process groups of their own) dies with the shell.
+    Each node's tasks log under that node's ``TMPDIR`` (datatrove writes its task logs under
+    ``tempfile.gettempdir()``, which Ray's workers inherit from ``ray start``), so both nodes
+    are seen to have run tasks. About two minutes."""
+    pytest.importorskip("ray")
+    why = _can_unshare()
+    if why:
+        pytest.skip(why)
+    ray_cli = Path(sys.executable).with_name("ray")
+    if not ray_cli.exists():
+        pytest.skip(f"{ray_cli} is absent (pip install 'llmkit[ray]')")
+    # Ray's socket paths must fit in 107 bytes: a short directory of our own under /tmp
+    base = Path(tempfile.mkdtemp(prefix="lkray-", dir="/tmp"))
+    for sub in ("tmp-head", "tmp-worker", "tmp-driver"):
+        (base / sub).mkdir()
+    out, work = base / "out", base / "work"
+    ray_args = ("--executor", "ray", "--tasks", "2", "--work-dir", str(work))
+    ray_args += ("--ray-address", f"127.0.0.1:{RAY_PORT}")
+    prepare = _llmkit(str(corpus), "--output", str(out), *ray_args, *COMMON)
+    script = RAY_SCRIPT.format(
+        base=base,
+        ray=shlex.quote(str(ray_cli)),
+        port=RAY_PORT,
+        python=shlex.quote(sys.executable),
+        nodes=shlex.quote(RAY_NODES.format(port=RAY_PORT)),
+        prepare=shlex.join(prepare),
+    )
+    (base / "run.sh").write_text(script)
+    marker = f"LLMKIT_TEST_CLUSTER={uuid.uuid4().hex}"
+    env = _env(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env[marker.split("=")[0]] = marker.split("=")[1]
+    log = base / "run.log"
+    cmd = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"]
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [*cmd, "sh", "-eu", str(base / "run.sh")],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            rc = proc.wait(timeout=900)
+        finally:
+            _stop_group(proc)
+            _assert_none_left(marker.split("=")[1])
+    try:
+        assert rc == 0, log.read_text(errors="replace")[-4000:]
+        nodes = json.loads((base / "nodes.json").read_text())
+        assert len(nodes) == 2 and [n["cpus"] for n in nodes] == [1.0, 1.0]
+        ran = {
+            node: sorted(p.name for p in (base / node / "ray_logs" / "logs").glob("task_*.log"))
+            for node in ("tmp-head", "tmp-worker")
+        }
+        assert ran["tmp-head"] and ran["tmp-worker"], f"tasks ran on one node only: {ran}"
+        manifest = assert_same_output(out, reference)
+        assert manifest["settings"]["executor"] == "ray" and manifest["settings"]["tasks"] == 2
+        assert not (work / "errors").exists() or not list((work / "errors").iterdir())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
