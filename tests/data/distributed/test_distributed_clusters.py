@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -266,5 +267,153 @@ def test_two_node_ray_cluster_on_loopback(corpus, reference):
         manifest = assert_same_output(out, reference)
         assert manifest["settings"]["executor"] == "ray" and manifest["settings"]["tasks"] == 2
         assert not (work / "errors").exists() or not list((work / "errors").iterdir())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slurm: one node, Debian's slurm-wlm, everything under a temporary directory.
+
+SLURM_CONF = """\
+ClusterName=llmkit-test
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={base}/munge.sock
+CredType=cred/munge
+StateSaveLocation={base}/state
+SlurmdSpoolDir={base}/spool
+SlurmctldPidFile={base}/slurmctld.pid
+SlurmdPidFile={base}/slurmd.pid
+SlurmctldLogFile={base}/slurmctld.log
+SlurmdLogFile={base}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 RealMemory=4096 State=UNKNOWN
+PartitionName=llmkit Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+"""
+
+# Slurm's name lookups (getaddrinfo) fail in a namespace whose only address is loopback's
+# 127.0.0.1/8: a second address on lo (reachable from nowhere else) lets "localhost" resolve.
+SLURM_SCRIPT = """\
+ip link set lo up
+ip addr add 10.254.0.1/32 dev lo
+cd {base}
+export SLURM_CONF={base}/slurm.conf
+mungekey --create --keyfile={base}/munge.key
+munged --foreground --force --key-file={base}/munge.key --socket={base}/munge.sock \\
+  --pid-file={base}/munged.pid --seed-file={base}/munged.seed --log-file={base}/munged.log &
+MUNGED=$!
+for i in $(seq 50); do [ -S {base}/munge.sock ] && break; sleep 0.2; done
+slurmctld -D -i -f {base}/slurm.conf > {base}/slurmctld.out 2>&1 &
+SLURMCTLD=$!
+slurmd -D -f {base}/slurm.conf -N localhost > {base}/slurmd.out 2>&1 &
+SLURMD=$!
+stop() {{ kill $SLURMD $SLURMCTLD $MUNGED 2>/dev/null; wait $SLURMD $SLURMCTLD $MUNGED; }}
+trap stop EXIT
+for i in $(seq 60); do [ "$(sinfo -h -o %t)" = idle ] && break; sleep 1; done
+[ "$(sinfo -h -o %t)" = idle ] || {{ echo "the node did not come up"; exit 3; }}
+{prepare} > first.out 2>&1
+for i in $(seq {wait_s}); do [ -z "$(squeue -h)" ] && break; sleep 1; done
+squeue -h > left-in-queue.txt
+{prepare} > second.out 2>&1
+{prepare_again} > third.out 2>&1
+"""
+
+
+def _slurm_missing() -> str | None:
+    need = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "srun")
+    missing = [x for x in need if not shutil.which(x)]
+    if missing:
+        return (
+            f"{', '.join(missing)} not installed (Debian: apt-get install slurm-wlm; "
+            "make install does it when it can)"
+        )
+    return None
+
+
+@pytest.mark.slow
+def test_one_node_slurm_cluster(corpus, reference):
+    """munged, slurmctld and slurmd (2 CPUs) started in ``unshare --net --pid`` with their
+    configuration, key, state and sockets in a temporary directory; ``llmkit prepare
+    --executor slurm --tasks 2`` submits the seven job arrays and returns (exit 0, "submitted");
+    once the queue is empty the same command writes the output, equal to ``--num-proc 1``;
+    a third run with another ``--output`` submits nothing. Every job exited 0. The daemons
+    are stopped by their process ids, and everything left by the namespace's end. About
+    three minutes."""
+    why = _can_unshare() or _slurm_missing()
+    if why:
+        pytest.skip(why)
+    base = Path(tempfile.mkdtemp(prefix="lkslurm-", dir="/tmp"))
+    (base / "state").mkdir()
+    (base / "spool").mkdir()
+    (base / "slurm.conf").write_text(SLURM_CONF.format(base=base))
+    out, work = base / "out", base / "work"
+    args = ("--executor", "slurm", "--tasks", "2", "--work-dir", str(work))
+    args += ("--slurm-partition", "llmkit", "--slurm-time", "00:20:00", "--slurm-cpus", "1")
+    prepare = _llmkit(str(corpus), "--output", str(out), *args, *COMMON)
+    again = _llmkit(str(corpus), "--output", str(base / "out2"), *args, *COMMON)
+    script = SLURM_SCRIPT.format(
+        base=base, prepare=shlex.join(prepare), prepare_again=shlex.join(again), wait_s=600
+    )
+    (base / "run.sh").write_text(script)
+    marker = uuid.uuid4().hex
+    # the job's scripts find datatrove's merge_stats as an activated virtual environment would
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = _env(LLMKIT_TEST_CLUSTER=marker, PATH=path)
+    log = base / "run.log"
+    cmd = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"]
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [*cmd, "sh", "-eu", str(base / "run.sh")],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            rc = proc.wait(timeout=900)
+        finally:
+            _stop_group(proc)
+            _assert_none_left(marker)
+    try:
+        text = {n: (base / n).read_text(errors="replace") for n in ("run.log", "slurmctld.log")}
+        assert rc == 0, text["run.log"][-3000:] + text["slurmctld.log"][-3000:]
+        first = (base / "first.out").read_text()
+        assert "submitted to slurm" in first, first[-2000:]
+        assert (base / "left-in-queue.txt").read_text() == ""
+        second, third = ((base / n).read_text() for n in ("second.out", "third.out"))
+        assert f"wrote {out}" in second, second[-2000:]
+        assert f"wrote {base / 'out2'}" in third, third[-2000:]
+        manifest = assert_same_output(out, reference)
+        assert manifest["settings"]["executor"] == "slurm"
+        assert_same_output(base / "out2", reference)
+        ctld = text["slurmctld.log"]
+        submitted = ctld.count("_slurm_rpc_submit_batch_job: JobId=")
+        # seven job arrays and datatrove's seven merge_stats jobs, all from the first run
+        assert submitted == 14, ctld[-3000:]
+        ends = [x for x in ctld.splitlines() if "_job_complete" in x and "WEXITSTATUS" in x]
+        assert ends and all(x.endswith("WEXITSTATUS 0") for x in ends), ends
+        ids = [re.search(r"JobId=(\d+)_(\d+)\(", x).groups() for x in ends]
+        assert len(ids) == len(set(ids)), ids  # each array task ran once
+        sizes = {j: sum(1 for x, _ in ids if x == j) for j, _ in ids}
+        # submitted in order: each stage's array (2, 2, 1, 2, 1, 2, 2 tasks), then its
+        # merge_stats job (an array of one)
+        want = [n for t in (2, 2, 1, 2, 1, 2, 2) for n in (t, 1)]
+        assert [sizes[str(j)] for j in range(1, 15)] == want, ids
+        scripts = sorted(work.glob("logs/*/launch_script.slurm"))
+        assert len(scripts) == 7
+        for s in scripts:
+            body = s.read_text()
+            assert "-m llmkit.data.distributed.launch" in body
+            assert "launch_pickled_pipeline" not in body
     finally:
         shutil.rmtree(base, ignore_errors=True)
