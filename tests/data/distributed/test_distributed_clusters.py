@@ -272,6 +272,118 @@ def test_two_node_ray_cluster_on_loopback(corpus, reference):
 
 
 # ---------------------------------------------------------------------------------------------
+# Slurm: what is submitted (a stand-in sbatch; runs in the default suite).
+
+FAKE_SBATCH = """\
+#!{python}
+import json, os, pathlib, sys
+d = pathlib.Path(os.environ["FAKE_SBATCH_DIR"])
+n = len(list(d.glob("*.json"))) + 1
+script = pathlib.Path(sys.argv[-1]).read_text()
+(d / f"{{n:03d}}.json").write_text(json.dumps({{"args": sys.argv[1:-1], "script": script}}))
+print(f"Submitted batch job {{1000 + n}}")
+"""
+
+STAGE_TASKS = {  # llmkit's stages in order, and their tasks with --tasks 3
+    "signatures": 3,
+    "groups": 3,
+    "resolve": 1,
+    "admit": 3,
+    "tokenizer": 1,
+    "encode": 3,
+    "pack": 3,
+}
+
+
+def _sbatch_lines(script: str) -> dict:
+    out = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --") :].partition("=")
+            out[key] = value
+    return out
+
+
+def test_slurm_submission_from_the_cli(tmp_path, corpus, monkeypatch):
+    """``llmkit prepare --executor slurm`` with a stand-in ``sbatch`` on PATH (datatrove runs
+    it as a program): each stage's array and datatrove's merge_stats job after it, in order,
+    with every value checked: array size, the dependency on the stage before (``afterok``),
+    partition, time, CPUs, job name, logs under the work directory, and the command, which is
+    llmkit's launcher (never ``launch_pickled_pipeline``); that command, run as Slurm would
+    run array task 0 of the first stage, runs that rank and only it. Then the CLI said it
+    submitted, wrote no output, and exited 0."""
+    from typer.testing import CliRunner
+
+    from llmkit.cli import app
+
+    bin_dir, record = tmp_path / "bin", tmp_path / "submitted"
+    bin_dir.mkdir()
+    record.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(FAKE_SBATCH.format(python=sys.executable))
+    sbatch.chmod(0o755)
+    scontrol = bin_dir / "scontrol"  # `scontrol show hostnames NODELIST` of one node
+    scontrol.write_text('#!/bin/sh\necho "$3"\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SBATCH_DIR", str(record))
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["--executor", "slurm", "--tasks", "3", "--work-dir", str(work)]
+    args += ["--slurm-partition", "cpu", "--slurm-time", "01:30:00", "--slurm-cpus", "2"]
+    result = CliRunner().invoke(app, ["prepare", str(corpus), "--output", str(out), *args, *COMMON])
+    assert result.exit_code == 0, result.output
+    assert "submitted to slurm" in result.output and not out.exists()
+
+    jobs = [json.loads(p.read_text()) for p in sorted(record.glob("*.json"))]
+    assert len(jobs) == 2 * len(STAGE_TASKS)  # each stage's array, then its merge_stats
+    for i, (stage, n) in enumerate(STAGE_TASKS.items()):
+        array, merge = jobs[2 * i], jobs[2 * i + 1]
+        array_id, merge_id = 1000 + 2 * i + 1, 1000 + 2 * i + 2
+        sb = _sbatch_lines(array["script"])
+        assert sb["array"] == f"0-{n - 1}"
+        assert (sb["partition"], sb["time"], sb["cpus-per-task"]) == ("cpu", "01:30:00", "2")
+        assert sb["job-name"] == f"llmkit-{stage}"
+        assert sb["output"] == sb["error"] == f"{work}/logs/slurm/%A_%a.out"
+        wanted = ["--export=ALL,RUN_OFFSET=0"]
+        if i:  # afterok: a stage starts only when every task of the one before succeeded
+            wanted.append(f"--dependency=afterok:{array_id - 2}")
+        assert array["args"] == wanted
+        command = array["script"].strip().splitlines()[-1]
+        assert shlex.split(command) == [
+            "srun",
+            "-l",
+            "-n",
+            "1",
+            sys.executable,
+            "-m",
+            "llmkit.data.distributed.launch",
+            stage,
+            str(work),
+            "--tasks",
+            str(n),
+            "--tasks-per-job",
+            "1",
+            "--max-array-size",
+            "1001",
+        ]
+        assert "launch_pickled_pipeline" not in array["script"]
+        merge_sb = _sbatch_lines(merge["script"])
+        assert merge_sb["dependency"] == f"afterok:{array_id}" and merge_id == array_id + 1
+        assert "merge_stats" in merge["script"]
+        assert json.loads((work / "logs" / stage / "ranks_to_run.json").read_text()) == list(
+            range(n)
+        )
+
+    # the first stage's command, as Slurm runs array task 1: that rank, and only it
+    first = shlex.split(jobs[0]["script"].strip().splitlines()[-1])[4:]
+    env = _env(SLURM_ARRAY_TASK_ID="1", SLURM_JOB_ID="1001", SLURM_NODELIST="node1")
+    done = subprocess.run(first, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (work / "logs/signatures/completions").iterdir()) == ["00001"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Slurm: one node, Debian's slurm-wlm, everything under a temporary directory.
 
 SLURM_CONF = """\
