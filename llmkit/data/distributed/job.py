@@ -715,16 +715,17 @@ def build_executors(
             :mod:`llmkit.data.distributed.launch` rather than a pickle: ``partition``, ``time``,
             ``cpus_per_task``, ``mem_per_cpu_gb``, ``sbatch_args``, ``venv_path``...; each
             stage's job array depends on the one before, ``afterok``) or ``"ray"``
-            (:class:`datatrove.executor.RayPipelineExecutor`, each stage depending on the one
-            before).
+            (:class:`datatrove.executor.RayPipelineExecutor`, not chained: see below).
         machine, machines: local engine only: this machine's number and how many share the
             work directory.
         options: passed to every executor (``workers`` is capped at each stage's tasks).
 
-    Local executors are not chained with ``depends`` (datatrove's local ``depends`` polls the
-    dependency's completion markers every 2 minutes): :func:`run_job` runs them in order and
-    waits for the other machines' tasks itself. Completion markers and logs of stage ``s``
-    are under ``<work_dir>/logs/<s>``.
+    Local and Ray executors are not chained with ``depends``: :func:`run_job` runs them in
+    order and checks each stage itself. datatrove's local ``depends`` polls the dependency's
+    completion markers every 2 minutes; its Ray executor does not raise when a task fails, and
+    a stage that ``depends`` on it then waits for the missing task forever (it logs
+    "Dependency job still has 1/2 tasks. Waiting..." every 2 minutes). Completion markers
+    and logs of stage ``s`` are under ``<work_dir>/logs/<s>``.
     """
     from datatrove.executor import LocalPipelineExecutor
 
@@ -755,9 +756,7 @@ def build_executors(
         elif engine == "ray":
             from datatrove.executor import RayPipelineExecutor
 
-            ex = RayPipelineExecutor(
-                pipeline, tasks=n, depends=out[-1] if out else None, **common, **options
-            )
+            ex = RayPipelineExecutor(pipeline, tasks=n, **common, **options)
         else:
             raise UserError(f"unknown executor {engine!r}", "use local, slurm or ray")
         out.append(ex)
@@ -777,8 +776,10 @@ def run_job(
 
     With the local engine the stages run one after the other; before a stage starts, every
     task of the stage before must be complete (on this or another machine sharing the work
-    directory: its completion markers are polled every ``poll_seconds``). With Slurm or Ray,
-    the last stage's executor is run and datatrove submits the chain.
+    directory: its completion markers are polled every ``poll_seconds``). With Ray too, one
+    stage after the other; a stage whose tasks did not all complete (datatrove's Ray executor
+    returns when a task failed, without raising) stops the job. With Slurm, the last stage's
+    executor is run and datatrove submits the chain.
 
     With ``workers`` > 1 the local engine starts its processes with ``forkserver``
     (datatrove's default), which imports the calling script again: a script that calls this
@@ -794,14 +795,16 @@ def run_job(
         work.fs.rm(work.path(f"errors/{name}"))
     executors = build_executors(spec, engine, machine=machine, machines=machines, **options)
     try:
-        if engine != "local":
+        if engine == "slurm":
             executors[-1].run()
             return
-        for ex in executors:
+        for name, ex in zip(stage_tasks(spec), executors, strict=True):
             ex.run()
-            while ex.get_incomplete_ranks(skip_completed=True):
+            while missing := ex.get_incomplete_ranks(skip_completed=True):
                 if work.listdir("errors"):
                     raise RuntimeError("a task failed on another machine")
+                if engine == "ray":  # every task has ended: the missing ones failed
+                    raise RuntimeError(f"{name} tasks {missing} did not complete on Ray")
                 time.sleep(poll_seconds)
     except Exception as err:
         lines = [work.read_bytes(f"errors/{n}").decode() for n in work.listdir("errors")]
