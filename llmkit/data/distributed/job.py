@@ -784,14 +784,26 @@ def run_job(
     With ``workers`` > 1 the local engine starts its processes with ``forkserver``
     (datatrove's default), which imports the calling script again: a script that calls this
     must do so under ``if __name__ == "__main__":``. With Slurm, this returns once the job
-    arrays are submitted: call :func:`assemble` when they have finished.
+    arrays are submitted: call :func:`assemble` when they have finished. A task of an
+    earlier submission that failed (its line is in ``errors/``) is reported here, and nothing
+    is submitted: it would fail again, and the arrays after it are still queued, never to
+    start (Slurm's ``DependencyNeverSatisfied``).
 
     Raises:
-        UserError: a task failed: its one line (stage, task, shard, what happened).
+        UserError: a task failed: its one line (stage, task, shard, what happened); with
+            Slurm, also a task of an earlier submission.
     """
     plan_job(spec)
     work = Work(spec.work_dir)
-    for name in work.listdir("errors"):
+    failed = sorted(work.listdir("errors"))
+    if engine == "slurm" and failed:
+        raise UserError(
+            work.read_bytes(f"errors/{failed[0]}").decode(errors="replace"),
+            "the job arrays after it will never start: scancel them (squeue -u $USER), fix "
+            f"the cause, delete {work.url.rstrip('/')}/errors and run the same command: finished "
+            "tasks are skipped",
+        )
+    for name in failed:
         work.fs.rm(work.path(f"errors/{name}"))
     executors = build_executors(spec, engine, machine=machine, machines=machines, **options)
     try:

@@ -351,6 +351,31 @@ def _sbatch_lines(script: str) -> dict:
     return out
 
 
+def _fake_slurm(tmp_path: Path, monkeypatch) -> Path:
+    """A stand-in ``sbatch`` and ``scontrol`` first on PATH; returns where ``sbatch`` records
+    each submission (``NNN.json``: its arguments and script)."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "submitted"
+    bin_dir.mkdir()
+    record.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(FAKE_SBATCH.format(python=sys.executable))
+    scontrol = bin_dir / "scontrol"  # `scontrol show hostnames NODELIST` of one node
+    scontrol.write_text('#!/bin/sh\necho "$3"\n')
+    for exe in (sbatch, scontrol):
+        exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SBATCH_DIR", str(record))
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    return record
+
+
+def _array_task(job: dict, task: int) -> subprocess.CompletedProcess:
+    """Run a submitted array's command (without ``srun``) as Slurm runs array task ``task``."""
+    command = shlex.split(job["script"].strip().splitlines()[-1])[4:]
+    env = _env(SLURM_ARRAY_TASK_ID=str(task), SLURM_JOB_ID="1001", SLURM_NODELIST="node1")
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_slurm_submission_from_the_cli(tmp_path, corpus, monkeypatch):
     """``llmkit prepare --executor slurm`` with a stand-in ``sbatch`` on PATH (datatrove runs
     it as a program): each stage's array and datatrove's merge_stats job after it, in order,
@@ -363,18 +388,7 @@ def test_slurm_submission_from_the_cli(tmp_path, corpus, monkeypatch):
 
     from llmkit.cli import app
 
-    bin_dir, record = tmp_path / "bin", tmp_path / "submitted"
-    bin_dir.mkdir()
-    record.mkdir()
-    sbatch = bin_dir / "sbatch"
-    sbatch.write_text(FAKE_SBATCH.format(python=sys.executable))
-    sbatch.chmod(0o755)
-    scontrol = bin_dir / "scontrol"  # `scontrol show hostnames NODELIST` of one node
-    scontrol.write_text('#!/bin/sh\necho "$3"\n')
-    scontrol.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_SBATCH_DIR", str(record))
-    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    record = _fake_slurm(tmp_path, monkeypatch)
     work, out = tmp_path / "work", tmp_path / "out"
     args = ["--executor", "slurm", "--tasks", "3", "--work-dir", str(work)]
     args += ["--slurm-partition", "cpu", "--slurm-time", "01:30:00", "--slurm-cpus", "2"]
@@ -423,11 +437,47 @@ def test_slurm_submission_from_the_cli(tmp_path, corpus, monkeypatch):
         )
 
     # the first stage's command, as Slurm runs array task 1: that rank, and only it
-    first = shlex.split(jobs[0]["script"].strip().splitlines()[-1])[4:]
-    env = _env(SLURM_ARRAY_TASK_ID="1", SLURM_JOB_ID="1001", SLURM_NODELIST="node1")
-    done = subprocess.run(first, env=env, capture_output=True, text=True, timeout=300)
+    done = _array_task(jobs[0], 1)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (work / "logs/signatures/completions").iterdir()) == ["00001"]
+
+
+def test_slurm_failed_task_is_reported_by_the_next_run(tmp_path, shakespeare_slice, monkeypatch):
+    """On Slurm the command returns once the arrays are submitted, so a task that fails later
+    (invalid UTF-8 in its shard) is reported by the next run of the same command: its one
+    line (stage, task, shard, line), exit 2, nothing submitted again (the failed task would
+    only fail again, and the arrays after it still wait in the queue, never to start:
+    DependencyNeverSatisfied, as seen on a real Slurm). It was resubmitted silently."""
+    from typer.testing import CliRunner
+
+    from llmkit.cli import app
+
+    record = _fake_slurm(tmp_path, monkeypatch)
+    bad = tmp_path / "in"
+    bad.mkdir()
+    text = shakespeare_slice.read_bytes()
+    cut = text.index(b"\n\n", 40_000)
+    (bad / "x.txt").write_bytes(text[:cut] + b"\n\nbad \xff byte\n\n" + text[cut:])
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = [str(bad), "--output", str(out), "--executor", "slurm", "--tasks", "2"]
+    args += ["--work-dir", str(work), "--slurm-partition", "cpu", "--slurm-time", "1:00:00"]
+    first = CliRunner().invoke(app, ["prepare", *args, *COMMON])
+    assert first.exit_code == 0 and "submitted to slurm" in first.output, first.output
+    jobs = [json.loads(p.read_text()) for p in sorted(record.glob("*.json"))]
+    assert len(jobs) == 14
+    ran = [_array_task(jobs[0], task) for task in (0, 1)]  # the signatures array
+    assert sorted(r.returncode != 0 for r in ran) == [False, True]  # one shard holds the byte
+    again = CliRunner().invoke(app, ["prepare", *args, *COMMON])
+    assert again.exit_code == 2, again.output
+    line = again.output.strip().splitlines()[-1]
+    assert re.match(
+        rf"error: signatures task [01] of 2, shard \d+ \({re.escape(str(bad))}/x.txt, bytes ", line
+    )
+    bad_line = text[:cut].count(b"\n") + 3
+    assert f"x.txt:{bad_line}: invalid UTF-8 (byte 0xff" in line
+    assert "scancel" in line and f"{work}/errors" in line
+    assert len(list(record.glob("*.json"))) == 14  # nothing submitted again
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------
