@@ -264,6 +264,7 @@ def test_two_node_ray_cluster_on_loopback(corpus, reference):
             for node in ("tmp-head", "tmp-worker")
         }
         assert ran["tmp-head"] and ran["tmp-worker"], f"tasks ran on one node only: {ran}"
+        print(f"task logs per Ray node: {ran}")  # pytest -s shows it
         manifest = assert_same_output(out, reference)
         assert manifest["settings"]["executor"] == "ray" and manifest["settings"]["tasks"] == 2
         assert not (work / "errors").exists() or not list((work / "errors").iterdir())
