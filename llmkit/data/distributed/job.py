@@ -743,15 +743,17 @@ def build_executors(
                 pipeline, tasks=n, local_tasks=local, local_rank_offset=offset, **common, **opts
             )
         elif engine == "slurm":
-            from llmkit.data.distributed.launch import SafeSlurmExecutor
+            from llmkit.data.distributed.launch import SafeSlurmExecutor, slurm_tag
 
+            opts = dict(options)
+            opts["sbatch_args"] = {"comment": slurm_tag(work.url), **opts.get("sbatch_args", {})}
             ex = SafeSlurmExecutor(
                 pipeline,
                 tasks=n,
                 depends=out[-1] if out else None,
                 job_name=f"llmkit-{name}",
                 **common,
-                **options,
+                **opts,
             )
         elif engine == "ray":
             from datatrove.executor import RayPipelineExecutor
@@ -787,11 +789,13 @@ def run_job(
     arrays are submitted: call :func:`assemble` when they have finished. A task of an
     earlier submission that failed (its line is in ``errors/``) is reported here, and nothing
     is submitted: it would fail again, and the arrays after it are still queued, never to
-    start (Slurm's ``DependencyNeverSatisfied``).
+    start (Slurm's ``DependencyNeverSatisfied``). Nor is anything submitted while jobs of
+    this work directory are queued or running (their ``--comment``, :func:`~llmkit.data.
+    distributed.launch.slurm_tag`, in ``squeue``): their unfinished tasks would run twice.
 
     Raises:
         UserError: a task failed: its one line (stage, task, shard, what happened); with
-            Slurm, also a task of an earlier submission.
+            Slurm, also a task of an earlier submission, or jobs still queued.
     """
     plan_job(spec)
     work = Work(spec.work_dir)
@@ -803,6 +807,16 @@ def run_job(
             f"the cause, delete {work.url.rstrip('/')}/errors and run the same command: finished "
             "tasks are skipped",
         )
+    if engine == "slurm":
+        from llmkit.data.distributed.launch import queued_jobs, slurm_tag
+
+        if queued := queued_jobs(slurm_tag(work.url)):
+            raise UserError(
+                f"{len(queued)} Slurm jobs of the work directory {work.url} are still queued "
+                f"or running ({', '.join(queued[:4])}{', ...' if len(queued) > 4 else ''})",
+                "run the same command again once squeue -u $USER shows none of them (or "
+                "scancel them): submitting now would run their tasks twice",
+            )
     for name in failed:
         work.fs.rm(work.path(f"errors/{name}"))
     executors = build_executors(spec, engine, machine=machine, machines=machines, **options)

@@ -16,7 +16,10 @@ settings come from the work directory's ``spec.json`` (JSON), and the rank from
 from __future__ import annotations
 
 import argparse
+import getpass
+import hashlib
 import shlex
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -41,6 +44,30 @@ class SafeSlurmExecutor(SlurmPipelineExecutor):
             command = " ".join(shlex.quote(x) for x in argv)
             run_script = run_script[: run_script.index(PICKLED_LAUNCH)] + command
         return super().get_launch_file_contents(sbatch_args, run_script)
+
+
+def slurm_tag(work_url: str) -> str:
+    """The ``--comment`` of every job a work directory's job submits (``llmkit-`` and 12 hex
+    digits of the SHA-256 of its URL): :func:`queued_jobs` finds them by it."""
+    return "llmkit-" + hashlib.sha256(work_url.rstrip("/").encode()).hexdigest()[:12]
+
+
+def queued_jobs(tag: str) -> list[str]:
+    """Ids of this user's Slurm jobs (pending or running) whose comment is ``tag``, from
+    ``squeue``; empty when ``squeue`` is missing or fails (nothing can be told)."""
+    try:
+        done = subprocess.run(
+            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %k"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if done.returncode != 0:
+        return []
+    rows = [line.split(None, 1) for line in done.stdout.splitlines()]
+    return [r[0] for r in rows if len(r) == 2 and r[1].strip() == tag]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ daemons are not available (``make install`` installs ``slurm-wlm`` when it can).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -362,10 +363,13 @@ def _fake_slurm(tmp_path: Path, monkeypatch) -> Path:
     sbatch.write_text(FAKE_SBATCH.format(python=sys.executable))
     scontrol = bin_dir / "scontrol"  # `scontrol show hostnames NODELIST` of one node
     scontrol.write_text('#!/bin/sh\necho "$3"\n')
-    for exe in (sbatch, scontrol):
+    squeue = bin_dir / "squeue"  # the queue: $FAKE_SQUEUE's lines ("%i %k"), none if absent
+    squeue.write_text('#!/bin/sh\ncat "$FAKE_SQUEUE" 2>/dev/null\nexit 0\n')
+    for exe in (sbatch, scontrol, squeue):
         exe.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SBATCH_DIR", str(record))
+    monkeypatch.setenv("FAKE_SQUEUE", str(tmp_path / "squeue.txt"))
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
     return record
 
@@ -399,6 +403,7 @@ def test_slurm_submission_from_the_cli(tmp_path, corpus, monkeypatch):
 
     jobs = [json.loads(p.read_text()) for p in sorted(record.glob("*.json"))]
     assert len(jobs) == 2 * len(STAGE_TASKS)  # each stage's array, then its merge_stats
+    tag = "llmkit-" + hashlib.sha256(str(work).encode()).hexdigest()[:12]
     for i, (stage, n) in enumerate(STAGE_TASKS.items()):
         array, merge = jobs[2 * i], jobs[2 * i + 1]
         array_id, merge_id = 1000 + 2 * i + 1, 1000 + 2 * i + 2
@@ -407,6 +412,7 @@ def test_slurm_submission_from_the_cli(tmp_path, corpus, monkeypatch):
         assert (sb["partition"], sb["time"], sb["cpus-per-task"]) == ("cpu", "01:30:00", "2")
         assert sb["job-name"] == f"llmkit-{stage}"
         assert sb["output"] == sb["error"] == f"{work}/logs/slurm/%A_%a.out"
+        assert sb["comment"] == tag  # how a rerun finds this job's arrays in the queue
         wanted = ["--export=ALL,RUN_OFFSET=0"]
         if i:  # afterok: a stage starts only when every task of the one before succeeded
             wanted.append(f"--dependency=afterok:{array_id - 2}")
@@ -432,6 +438,7 @@ def test_slurm_submission_from_the_cli(tmp_path, corpus, monkeypatch):
         assert "launch_pickled_pipeline" not in array["script"]
         merge_sb = _sbatch_lines(merge["script"])
         assert merge_sb["dependency"] == f"afterok:{array_id}" and merge_id == array_id + 1
+        assert merge_sb["comment"] == tag
         assert "merge_stats" in merge["script"]
         assert json.loads((work / "logs" / stage / "ranks_to_run.json").read_text()) == list(
             range(n)
@@ -441,6 +448,38 @@ def test_slurm_submission_from_the_cli(tmp_path, corpus, monkeypatch):
     done = _array_task(jobs[0], 1)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (work / "logs/signatures/completions").iterdir()) == ["00001"]
+
+
+def test_slurm_rerun_while_queued_submits_nothing(tmp_path, corpus, monkeypatch):
+    """Run again while the job's arrays are still queued or running (``squeue`` lists jobs
+    with its ``--comment``): refused in one line naming them, exit 2, nothing submitted (it
+    submitted every unfinished task a second time). Another job's entries, or an empty
+    queue, do not stop it."""
+    from typer.testing import CliRunner
+
+    from llmkit.cli import app
+
+    record = _fake_slurm(tmp_path, monkeypatch)
+    work = tmp_path / "work"
+    args = ["--executor", "slurm", "--tasks", "2", "--work-dir", str(work)]
+    args += ["--slurm-partition", "cpu", "--slurm-time", "1:00:00", *COMMON]
+
+    def run(out: str):
+        return CliRunner().invoke(app, ["prepare", str(corpus), "--output", out, *args])
+
+    assert run(str(tmp_path / "out")).exit_code == 0
+    assert len(list(record.glob("*.json"))) == 14
+    tag = _sbatch_lines(json.loads((record / "001.json").read_text())["script"])["comment"]
+    (tmp_path / "squeue.txt").write_text(f"1003_[0-1] {tag}\n1004 {tag}\n77 llmkit-0123abcd\n")
+    again = run(str(tmp_path / "out"))
+    assert again.exit_code == 2, again.output
+    line = again.output.strip().splitlines()[-1]
+    assert line.startswith(f"error: 2 Slurm jobs of the work directory {work} are still queued")
+    assert "(1003_[0-1], 1004)" in line and "scancel" in line
+    assert len(list(record.glob("*.json"))) == 14
+    (tmp_path / "squeue.txt").write_text("77 llmkit-0123abcd\n")  # another job's only
+    assert run(str(tmp_path / "out")).exit_code == 0
+    assert len(list(record.glob("*.json"))) == 28  # every task unfinished: submitted again
 
 
 def test_slurm_failed_task_is_reported_by_the_next_run(tmp_path, shakespeare_slice, monkeypatch):
@@ -532,6 +571,7 @@ trap stop EXIT
 for i in $(seq 60); do [ "$(sinfo -h -o %t)" = idle ] && break; sleep 1; done
 [ "$(sinfo -h -o %t)" = idle ] || {{ echo "the node did not come up"; exit 3; }}
 {prepare} > first.out 2>&1
+rc=0; {prepare} > early.out 2>&1 || rc=$?; echo $rc > early.rc
 for i in $(seq {wait_s}); do [ -z "$(squeue -h)" ] && break; sleep 1; done
 squeue -h > left-in-queue.txt
 {prepare} > second.out 2>&1
@@ -555,6 +595,7 @@ def test_one_node_slurm_cluster(corpus, reference):
     """munged, slurmctld and slurmd (2 CPUs) started in ``unshare --net --pid`` with their
     configuration, key, state and sockets in a temporary directory; ``llmkit prepare
     --executor slurm --tasks 2`` submits the seven job arrays and returns (exit 0, "submitted");
+    run again at once, while they are queued, it is refused (exit 2) and submits nothing;
     once the queue is empty the same command writes the output, equal to ``--num-proc 1``;
     a third run with another ``--output`` submits nothing. Every job exited 0. The daemons
     are stopped by their process ids, and everything left by the namespace's end. About
@@ -599,6 +640,9 @@ def test_one_node_slurm_cluster(corpus, reference):
         assert rc == 0, text["run.log"][-3000:] + text["slurmctld.log"][-3000:]
         first = (base / "first.out").read_text()
         assert "submitted to slurm" in first, first[-2000:]
+        early = (base / "early.out").read_text()  # run again at once: the arrays are queued
+        assert (base / "early.rc").read_text().strip() == "2", early[-2000:]
+        assert f"Slurm jobs of the work directory {work} are still queued" in early
         assert (base / "left-in-queue.txt").read_text() == ""
         second, third = ((base / n).read_text() for n in ("second.out", "third.out"))
         assert f"wrote {out}" in second, second[-2000:]
