@@ -32,7 +32,17 @@ PICKLED_LAUNCH = "launch_pickled_pipeline "
 class SafeSlurmExecutor(SlurmPipelineExecutor):
     """datatrove's Slurm executor whose array tasks run this module (``python -m
     llmkit.data.distributed.launch``) instead of unpickling ``executor.pik``. Its pipeline
-    is one :class:`~llmkit.data.distributed.job.Stage`."""
+    is one :class:`~llmkit.data.distributed.job.Stage`.
+
+    It submits no ``merge_stats`` job after each array (datatrove does): llmkit adds up its
+    own counts when it writes the output (:func:`~llmkit.data.distributed.job.assemble`) and
+    never reads datatrove's ``stats.json``, and that job runs the ``merge_stats`` script
+    found on the submitting shell's ``PATH`` (none when the virtual environment is not
+    activated: the job then fails, command not found), doubling the jobs in the queue for
+    nothing."""
+
+    def launch_merge_stats(self) -> None:
+        """Submit nothing (see the class)."""
 
     def get_launch_file_contents(self, sbatch_args: dict, run_script: str) -> str:
         if PICKLED_LAUNCH in run_script:

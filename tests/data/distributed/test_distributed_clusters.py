@@ -383,11 +383,12 @@ def _array_task(job: dict, task: int) -> subprocess.CompletedProcess:
 
 def test_slurm_submission_from_the_cli(tmp_path, corpus, monkeypatch):
     """``llmkit prepare --executor slurm`` with a stand-in ``sbatch`` on PATH (datatrove runs
-    it as a program): each stage's array and datatrove's merge_stats job after it, in order,
-    with every value checked: array size, the dependency on the stage before (``afterok``),
-    partition, time, CPUs, job name, logs under the work directory, and the command, which is
-    llmkit's launcher (never ``launch_pickled_pipeline``); that command, run as Slurm would
-    run array task 0 of the first stage, runs that rank and only it. Then the CLI said it
+    it as a program): each stage's array, in order, and nothing else (no datatrove
+    ``merge_stats`` job), with every value checked: array size, the dependency on the stage
+    before (``afterok``), partition, time, CPUs, job name, logs under the work directory, the
+    ``--comment`` a rerun finds them by, and the command, which is llmkit's launcher (never
+    ``launch_pickled_pipeline``); that command, run as Slurm would
+    run array task 1 of the first stage, runs that rank and only it. Then the CLI said it
     submitted, wrote no output, and exited 0."""
     from typer.testing import CliRunner
 
@@ -402,11 +403,10 @@ def test_slurm_submission_from_the_cli(tmp_path, corpus, monkeypatch):
     assert "submitted to slurm" in result.output and not out.exists()
 
     jobs = [json.loads(p.read_text()) for p in sorted(record.glob("*.json"))]
-    assert len(jobs) == 2 * len(STAGE_TASKS)  # each stage's array, then its merge_stats
+    assert len(jobs) == len(STAGE_TASKS)  # each stage's array; no merge_stats job
     tag = "llmkit-" + hashlib.sha256(str(work).encode()).hexdigest()[:12]
     for i, (stage, n) in enumerate(STAGE_TASKS.items()):
-        array, merge = jobs[2 * i], jobs[2 * i + 1]
-        array_id, merge_id = 1000 + 2 * i + 1, 1000 + 2 * i + 2
+        array, array_id = jobs[i], 1000 + i + 1
         sb = _sbatch_lines(array["script"])
         assert sb["array"] == f"0-{n - 1}"
         assert (sb["partition"], sb["time"], sb["cpus-per-task"]) == ("cpu", "01:30:00", "2")
@@ -415,7 +415,7 @@ def test_slurm_submission_from_the_cli(tmp_path, corpus, monkeypatch):
         assert sb["comment"] == tag  # how a rerun finds this job's arrays in the queue
         wanted = ["--export=ALL,RUN_OFFSET=0"]
         if i:  # afterok: a stage starts only when every task of the one before succeeded
-            wanted.append(f"--dependency=afterok:{array_id - 2}")
+            wanted.append(f"--dependency=afterok:{array_id - 1}")
         assert array["args"] == wanted
         command = array["script"].strip().splitlines()[-1]
         assert shlex.split(command) == [
@@ -436,10 +436,7 @@ def test_slurm_submission_from_the_cli(tmp_path, corpus, monkeypatch):
             "1001",
         ]
         assert "launch_pickled_pipeline" not in array["script"]
-        merge_sb = _sbatch_lines(merge["script"])
-        assert merge_sb["dependency"] == f"afterok:{array_id}" and merge_id == array_id + 1
-        assert merge_sb["comment"] == tag
-        assert "merge_stats" in merge["script"]
+        assert "merge_stats" not in array["script"]
         assert json.loads((work / "logs" / stage / "ranks_to_run.json").read_text()) == list(
             range(n)
         )
@@ -468,7 +465,7 @@ def test_slurm_rerun_while_queued_submits_nothing(tmp_path, corpus, monkeypatch)
         return CliRunner().invoke(app, ["prepare", str(corpus), "--output", out, *args])
 
     assert run(str(tmp_path / "out")).exit_code == 0
-    assert len(list(record.glob("*.json"))) == 14
+    assert len(list(record.glob("*.json"))) == 7
     tag = _sbatch_lines(json.loads((record / "001.json").read_text())["script"])["comment"]
     (tmp_path / "squeue.txt").write_text(f"1003_[0-1] {tag}\n1004 {tag}\n77 llmkit-0123abcd\n")
     again = run(str(tmp_path / "out"))
@@ -476,10 +473,10 @@ def test_slurm_rerun_while_queued_submits_nothing(tmp_path, corpus, monkeypatch)
     line = again.output.strip().splitlines()[-1]
     assert line.startswith(f"error: 2 Slurm jobs of the work directory {work} are still queued")
     assert "(1003_[0-1], 1004)" in line and "scancel" in line
-    assert len(list(record.glob("*.json"))) == 14
+    assert len(list(record.glob("*.json"))) == 7
     (tmp_path / "squeue.txt").write_text("77 llmkit-0123abcd\n")  # another job's only
     assert run(str(tmp_path / "out")).exit_code == 0
-    assert len(list(record.glob("*.json"))) == 28  # every task unfinished: submitted again
+    assert len(list(record.glob("*.json"))) == 14  # every task unfinished: submitted again
 
 
 def test_slurm_failed_task_is_reported_by_the_next_run(tmp_path, shakespeare_slice, monkeypatch):
@@ -504,7 +501,7 @@ def test_slurm_failed_task_is_reported_by_the_next_run(tmp_path, shakespeare_sli
     first = CliRunner().invoke(app, ["prepare", *args, *COMMON])
     assert first.exit_code == 0 and "submitted to slurm" in first.output, first.output
     jobs = [json.loads(p.read_text()) for p in sorted(record.glob("*.json"))]
-    assert len(jobs) == 14
+    assert len(jobs) == 7
     ran = [_array_task(jobs[0], task) for task in (0, 1)]  # the signatures array
     assert sorted(r.returncode != 0 for r in ran) == [False, True]  # one shard holds the byte
     again = CliRunner().invoke(app, ["prepare", *args, *COMMON])
@@ -516,7 +513,7 @@ def test_slurm_failed_task_is_reported_by_the_next_run(tmp_path, shakespeare_sli
     bad_line = text[:cut].count(b"\n") + 3
     assert f"x.txt:{bad_line}: invalid UTF-8 (byte 0xff" in line
     assert "scancel" in line and f"{work}/errors" in line
-    assert len(list(record.glob("*.json"))) == 14  # nothing submitted again
+    assert len(list(record.glob("*.json"))) == 7  # nothing submitted again
     assert not out.exists()
 
 
@@ -617,9 +614,8 @@ def test_one_node_slurm_cluster(corpus, reference):
     )
     (base / "run.sh").write_text(script)
     marker = uuid.uuid4().hex
-    # the job's scripts find datatrove's merge_stats as an activated virtual environment would
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = _env(LLMKIT_TEST_CLUSTER=marker, PATH=path)
+    # PATH as it is: the jobs need nothing from an activated virtual environment
+    env = _env(LLMKIT_TEST_CLUSTER=marker)
     log = base / "run.log"
     cmd = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"]
     with log.open("wb") as sink:
@@ -652,17 +648,14 @@ def test_one_node_slurm_cluster(corpus, reference):
         assert_same_output(base / "out2", reference)
         ctld = text["slurmctld.log"]
         submitted = ctld.count("_slurm_rpc_submit_batch_job: JobId=")
-        # seven job arrays and datatrove's seven merge_stats jobs, all from the first run
-        assert submitted == 14, ctld[-3000:]
+        assert submitted == 7, ctld[-3000:]  # the seven job arrays, all from the first run
         ends = [x for x in ctld.splitlines() if "_job_complete" in x and "WEXITSTATUS" in x]
         assert ends and all(x.endswith("WEXITSTATUS 0") for x in ends), ends
         ids = [re.search(r"JobId=(\d+)_(\d+)\(", x).groups() for x in ends]
         assert len(ids) == len(set(ids)), ids  # each array task ran once
         sizes = {j: sum(1 for x, _ in ids if x == j) for j, _ in ids}
-        # submitted in order: each stage's array (2, 2, 1, 2, 1, 2, 2 tasks), then its
-        # merge_stats job (an array of one)
-        want = [n for t in (2, 2, 1, 2, 1, 2, 2) for n in (t, 1)]
-        assert [sizes[str(j)] for j in range(1, 15)] == want, ids
+        # submitted in order: signatures, groups, resolve, admit, tokenizer, encode, pack
+        assert [sizes[str(j)] for j in range(1, 8)] == [2, 2, 1, 2, 1, 2, 2], ids
         scripts = sorted(work.glob("logs/*/launch_script.slurm"))
         assert len(scripts) == 7
         for s in scripts:
