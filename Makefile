@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 SHAKESPEARE_URL := https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
 DATA ?= $(firstword $(wildcard ../shared/data/tinyshakespeare/input.txt) data/tinyshakespeare/input.txt)
 
-.PHONY: install test test-slow test-all lint format demo bench clean
+.PHONY: install test test-slow test-clusters test-all lint format demo bench clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ $(VENV)/.installed: pyproject.toml
 	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	    DEBIAN_FRONTEND=noninteractive sh -c 'apt-get update -q && apt-get install -y -q chromium chromium-driver' >/dev/null 2>&1 \
 	    || echo "note: chromium not installed; the chat page's browser test will be skipped"; }
+	@# prepare --executor slurm's real one-node Slurm test (make test-slow) needs Debian's
+	@# slurm-wlm (munged, slurmctld, slurmd, sbatch): installed when apt-get can, best effort
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    DEBIAN_FRONTEND=noninteractive sh -c 'apt-get update -q && apt-get install -y -q slurm-wlm' >/dev/null 2>&1 \
+	    || echo "note: slurm-wlm not installed; the real Slurm test will be skipped"; }
 	@touch $@
 
 test: install
@@ -35,6 +41,12 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# prepare --executor ray|slurm on real clusters started (and stopped) by the tests on this
+# machine, loopback only: a 2-node Ray and a one-node Slurm (skipped, saying why, without
+# unshare, Ray or slurm-wlm). About three minutes; also part of test-slow.
+test-clusters: install
+	$(PY) -m pytest -q -m slow tests/data/distributed/test_distributed_clusters.py
 
 test-all: install
 	$(PY) -m pytest -q -m ""

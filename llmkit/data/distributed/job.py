@@ -799,16 +799,17 @@ def build_executors(
             :mod:`llmkit.data.distributed.launch` rather than a pickle: ``partition``, ``time``,
             ``cpus_per_task``, ``mem_per_cpu_gb``, ``sbatch_args``, ``venv_path``...; each
             stage's job array depends on the one before, ``afterok``) or ``"ray"``
-            (:class:`datatrove.executor.RayPipelineExecutor`, each stage depending on the one
-            before).
+            (:class:`datatrove.executor.RayPipelineExecutor`, not chained: see below).
         machine, machines: local engine only: this machine's number and how many share the
             work directory.
         options: passed to every executor (``workers`` is capped at each stage's tasks).
 
-    Local executors are not chained with ``depends`` (datatrove's local ``depends`` polls the
-    dependency's completion markers every 2 minutes): :func:`run_job` runs them in order and
-    waits for the other machines' tasks itself. Completion markers and logs of stage ``s``
-    are under ``<work_dir>/logs/<s>``.
+    Local and Ray executors are not chained with ``depends``: :func:`run_job` runs them in
+    order and checks each stage itself. datatrove's local ``depends`` polls the dependency's
+    completion markers every 2 minutes; its Ray executor does not raise when a task fails, and
+    a stage that ``depends`` on it then waits for the missing task forever (it logs
+    "Dependency job still has 1/2 tasks. Waiting..." every 2 minutes). Completion markers
+    and logs of stage ``s`` are under ``<work_dir>/logs/<s>``.
     """
     from datatrove.executor import LocalPipelineExecutor
 
@@ -826,22 +827,22 @@ def build_executors(
                 pipeline, tasks=n, local_tasks=local, local_rank_offset=offset, **common, **opts
             )
         elif engine == "slurm":
-            from llmkit.data.distributed.launch import SafeSlurmExecutor
+            from llmkit.data.distributed.launch import SafeSlurmExecutor, slurm_tag
 
+            opts = dict(options)
+            opts["sbatch_args"] = {"comment": slurm_tag(work.url), **opts.get("sbatch_args", {})}
             ex = SafeSlurmExecutor(
                 pipeline,
                 tasks=n,
                 depends=out[-1] if out else None,
                 job_name=f"llmkit-{name}",
                 **common,
-                **options,
+                **opts,
             )
         elif engine == "ray":
             from datatrove.executor import RayPipelineExecutor
 
-            ex = RayPipelineExecutor(
-                pipeline, tasks=n, depends=out[-1] if out else None, **common, **options
-            )
+            ex = RayPipelineExecutor(pipeline, tasks=n, **common, **options)
         else:
             raise UserError(f"unknown executor {engine!r}", "use local, slurm or ray")
         out.append(ex)
@@ -861,31 +862,59 @@ def run_job(
 
     With the local engine the stages run one after the other; before a stage starts, every
     task of the stage before must be complete (on this or another machine sharing the work
-    directory: its completion markers are polled every ``poll_seconds``). With Slurm or Ray,
-    the last stage's executor is run and datatrove submits the chain.
+    directory: its completion markers are polled every ``poll_seconds``). With Ray too, one
+    stage after the other; a stage whose tasks did not all complete (datatrove's Ray executor
+    returns when a task failed, without raising) stops the job. With Slurm, the last stage's
+    executor is run and datatrove submits the chain.
 
     With ``workers`` > 1 the local engine starts its processes with ``forkserver``
     (datatrove's default), which imports the calling script again: a script that calls this
     must do so under ``if __name__ == "__main__":``. With Slurm, this returns once the job
-    arrays are submitted: call :func:`assemble` when they have finished.
+    arrays are submitted: call :func:`assemble` when they have finished. A task of an
+    earlier submission that failed (its line is in ``errors/``) is reported here, and nothing
+    is submitted: it would fail again, and the arrays after it are still queued, never to
+    start (Slurm's ``DependencyNeverSatisfied``). Nor is anything submitted while jobs of
+    this work directory are queued or running (their ``--comment``, :func:`~llmkit.data.
+    distributed.launch.slurm_tag`, in ``squeue``): their unfinished tasks would run twice.
 
     Raises:
-        UserError: a task failed: its one line (stage, task, shard, what happened).
+        UserError: a task failed: its one line (stage, task, shard, what happened); with
+            Slurm, also a task of an earlier submission, or jobs still queued.
     """
     plan_job(spec)
     work = Work(spec.work_dir)
-    for name in work.listdir("errors"):
+    failed = sorted(work.listdir("errors"))
+    if engine == "slurm" and failed:
+        raise UserError(
+            work.read_bytes(f"errors/{failed[0]}").decode(errors="replace"),
+            "the job arrays after it will never start: scancel them (squeue -u $USER), fix "
+            f"the cause, delete {work.url.rstrip('/')}/errors and run the same command: finished "
+            "tasks are skipped",
+        )
+    if engine == "slurm":
+        from llmkit.data.distributed.launch import queued_jobs, slurm_tag
+
+        if queued := queued_jobs(slurm_tag(work.url)):
+            raise UserError(
+                f"{len(queued)} Slurm jobs of the work directory {work.url} are still queued "
+                f"or running ({', '.join(queued[:4])}{', ...' if len(queued) > 4 else ''})",
+                "run the same command again once squeue -u $USER shows none of them (or "
+                "scancel them): submitting now would run their tasks twice",
+            )
+    for name in failed:
         work.fs.rm(work.path(f"errors/{name}"))
     executors = build_executors(spec, engine, machine=machine, machines=machines, **options)
     try:
-        if engine != "local":
+        if engine == "slurm":
             executors[-1].run()
             return
-        for ex in executors:
+        for name, ex in zip(stage_tasks(spec), executors, strict=True):
             ex.run()
-            while ex.get_incomplete_ranks(skip_completed=True):
+            while missing := ex.get_incomplete_ranks(skip_completed=True):
                 if work.listdir("errors"):
                     raise RuntimeError("a task failed on another machine")
+                if engine == "ray":  # every task has ended: the missing ones failed
+                    raise RuntimeError(f"{name} tasks {missing} did not complete on Ray")
                 time.sleep(poll_seconds)
     except Exception as err:
         lines = [work.read_bytes(f"errors/{n}").decode() for n in work.listdir("errors")]

@@ -16,7 +16,10 @@ settings come from the work directory's ``spec.json`` (JSON), and the rank from
 from __future__ import annotations
 
 import argparse
+import getpass
+import hashlib
 import shlex
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -29,7 +32,17 @@ PICKLED_LAUNCH = "launch_pickled_pipeline "
 class SafeSlurmExecutor(SlurmPipelineExecutor):
     """datatrove's Slurm executor whose array tasks run this module (``python -m
     llmkit.data.distributed.launch``) instead of unpickling ``executor.pik``. Its pipeline
-    is one :class:`~llmkit.data.distributed.job.Stage`."""
+    is one :class:`~llmkit.data.distributed.job.Stage`.
+
+    It submits no ``merge_stats`` job after each array (datatrove does): llmkit adds up its
+    own counts when it writes the output (:func:`~llmkit.data.distributed.job.assemble`) and
+    never reads datatrove's ``stats.json``, and that job runs the ``merge_stats`` script
+    found on the submitting shell's ``PATH`` (none when the virtual environment is not
+    activated: the job then fails, command not found), doubling the jobs in the queue for
+    nothing."""
+
+    def launch_merge_stats(self) -> None:
+        """Submit nothing (see the class)."""
 
     def get_launch_file_contents(self, sbatch_args: dict, run_script: str) -> str:
         if PICKLED_LAUNCH in run_script:
@@ -41,6 +54,30 @@ class SafeSlurmExecutor(SlurmPipelineExecutor):
             command = " ".join(shlex.quote(x) for x in argv)
             run_script = run_script[: run_script.index(PICKLED_LAUNCH)] + command
         return super().get_launch_file_contents(sbatch_args, run_script)
+
+
+def slurm_tag(work_url: str) -> str:
+    """The ``--comment`` of every job a work directory's job submits (``llmkit-`` and 12 hex
+    digits of the SHA-256 of its URL): :func:`queued_jobs` finds them by it."""
+    return "llmkit-" + hashlib.sha256(work_url.rstrip("/").encode()).hexdigest()[:12]
+
+
+def queued_jobs(tag: str) -> list[str]:
+    """Ids of this user's Slurm jobs (pending or running) whose comment is ``tag``, from
+    ``squeue``; empty when ``squeue`` is missing or fails (nothing can be told)."""
+    try:
+        done = subprocess.run(
+            ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %k"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if done.returncode != 0:
+        return []
+    rows = [line.split(None, 1) for line in done.stdout.splitlines()]
+    return [r[0] for r in rows if len(r) == 2 and r[1].strip() == tag]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
