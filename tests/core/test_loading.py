@@ -133,7 +133,10 @@ def test_gpt2_gguf_loads_with_its_positions_and_is_cached(tmp_path, monkeypatch,
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref)
     cache = gguf_cache_dir(path)
-    assert json.loads((cache / "llmkit_gguf_cache.json").read_text()) == {"version": 2}
+    assert json.loads((cache / "llmkit_gguf_cache.json").read_text()) == {
+        "version": 2,
+        "dtype": "float32",
+    }
 
     def no_gguf(*args, **kwargs):
         raise AssertionError("a cached load read the GGUF")
@@ -165,6 +168,42 @@ def test_gpt2_gguf_loads_with_its_positions_and_is_cached(tmp_path, monkeypatch,
     (cache / "llmkit_gguf_cache.json").unlink()
     with pytest.raises(Exception, match="a cached load read the GGUF"):
         load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
+
+
+def test_gguf_cache_is_kept_per_dtype(tmp_path, monkeypatch, tiny_model_dir):
+    """The cached conversion of a .gguf holds its weights in the dtype of the load that wrote
+    it: a float32 load after a bfloat16 one read the rounded copy (logits off by ~1e-2). Each
+    dtype now has its own copy: the float32 load gives the source's exact logits, the
+    bfloat16 load its bfloat16 ones, and both copies are reused."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.core.loading import gguf_cache_dir, load_model_and_tokenizer
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    src = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = _export(src, tok, tmp_path / "tiny-gpt2.gguf")
+    ids = torch.tensor([tok("ROMEO: what, ho!")["input_ids"]])
+    with torch.no_grad():
+        ref = src(ids).logits
+        ref_bf16 = src.to(torch.bfloat16)(ids).logits
+    bf16, _, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16
+    fp32, _, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
+    assert fp32.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(fp32(ids).logits, ref)  # not the bfloat16 copy's rounded weights
+    copies = {d: gguf_cache_dir(path, d) for d in ("float32", "bfloat16")}
+    assert copies["float32"] != copies["bfloat16"]
+    for d, cache in copies.items():
+        assert json.loads((cache / "llmkit_gguf_cache.json").read_text())["dtype"] == d
+    # both are reused: a second load of each reads its copy (same values as the first)
+    again32, _, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
+    again16, _, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="bfloat16")
+    with torch.no_grad():
+        assert torch.equal(again32(ids).logits, ref)
+        assert torch.equal(again16(ids).logits, ref_bf16)
 
 
 def test_a_damaged_cached_gguf_conversion_is_converted_again(
@@ -227,8 +266,9 @@ def test_training_reads_a_gpt2_gguf_with_its_positions(tmp_path, monkeypatch, ti
     with torch.no_grad():
         assert torch.equal(model(ids).logits, src(ids).logits)
     load_model_and_tokenizer(str(path), device="cpu", dtype="bfloat16")  # a bfloat16 copy
-    assert resolve_source(str(path)).cached
-    assert not resolve_source(str(path), use_cache=False).cached
+    assert resolve_source(str(path), dtype=torch.bfloat16).cached
+    assert not resolve_source(str(path)).cached  # none in float32
+    assert not resolve_source(str(path), use_cache=False, dtype=torch.bfloat16).cached
     again = load_pretrained(str(path), load_pretrained_config(str(path))).eval()
     with torch.no_grad():
         assert torch.equal(again(ids).logits, src(ids).logits)
