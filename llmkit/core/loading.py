@@ -143,6 +143,32 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         ) from None
 
 
+#: The variable DeepSpeed reads to choose its accelerator instead of detecting one.
+DS_ACCELERATOR = "DS_ACCELERATOR"
+
+
+def quiet_deepspeed() -> None:
+    """Keep DeepSpeed from printing ``[WARNING] [real_accelerator.py:...] Setting accelerator
+    to CPU`` when something imports it on a machine with neither CUDA nor MPS.
+
+    llmkit's generate, chat, serve, eval and export never use DeepSpeed, but where it is
+    installed transformers imports it anyway: ``save_pretrained`` (the first load of a
+    ``.gguf`` caches its conversion with it) calls accelerate's ``extract_model_from_parallel``,
+    which imports ``deepspeed`` to check for a ``DeepSpeedEngine``; at import DeepSpeed looks
+    for an accelerator and, finding none, logs that line on **stdout** (its logger's handler),
+    so it even landed in ``llmkit generate --json``'s output. Setting ``DS_ACCELERATOR=cpu``
+    (DeepSpeed's documented override of the detection) gives DeepSpeed the answer its detection
+    would reach on such a machine, without the line. Nothing is set when the variable is
+    already set, when DeepSpeed is already imported (too late), or when CUDA or MPS is
+    available (DeepSpeed detects those silently and ``train`` may use them). Children of this
+    process inherit the variable, with the same meaning.
+    """
+    if DS_ACCELERATOR in os.environ or "deepspeed" in sys.modules:
+        return
+    if resolve_device("auto").type == "cpu":
+        os.environ[DS_ACCELERATOR] = "cpu"
+
+
 def model_max_positions(model: Any) -> int | None:
     """The number of positions (tokens of context) the model was built for, or None when its
     config does not say (``max_position_embeddings``, or GPT-2's ``n_positions``)."""
@@ -712,6 +738,7 @@ def load_model_and_tokenizer(
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    quiet_deepspeed()
     candidates = _candidates(model)
     failures: list[str] = []
     for cand in candidates:

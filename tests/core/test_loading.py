@@ -3,6 +3,7 @@ GGUF misreadings that llmkit corrects (GPT-2's positions, SmolLM's digit split).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -204,6 +205,42 @@ def test_gguf_cache_is_kept_per_dtype(tmp_path, monkeypatch, tiny_model_dir):
     with torch.no_grad():
         assert torch.equal(again32(ids).logits, ref)
         assert torch.equal(again16(ids).logits, ref_bf16)
+
+
+def test_deepspeed_prints_nothing_when_generate_converts_a_gguf(tmp_path, tiny_model_dir):
+    """With deepspeed installed, the first load of a .gguf (its conversion cached with
+    save_pretrained, which makes accelerate import deepspeed) printed "[WARNING]
+    [real_accelerator.py...] Setting accelerator to CPU" on stdout, in the middle of
+    ``--json``'s output. llmkit sets DS_ACCELERATOR=cpu on a machine without CUDA/MPS."""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.core.loading import resolve_device
+
+    if resolve_device("auto").type != "cpu":
+        pytest.skip("deepspeed detects this machine's accelerator without a warning")
+    src = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = _export(src, tok, tmp_path / "tiny-gpt2.gguf")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env.update(PYTHONPATH=str(ROOT), LLMKIT_CACHE=str(tmp_path / "cache"))
+    plain = subprocess.run(
+        [sys.executable, "-c", "import deepspeed"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "Setting accelerator to CPU" in plain.stdout + plain.stderr  # what it prints alone
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmkit", "generate", "ROMEO:", "--model", str(path),
+         "--max-new-tokens", "2", "--temperature", "0", "--json", "--device", "cpu"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "cache" / "gguf").is_dir()  # converted and cached: deepspeed imported
+    for stream in (proc.stdout, proc.stderr):
+        assert "real_accelerator" not in stream and "Setting accelerator" not in stream
+    assert json.loads(proc.stdout)["new_tokens"] >= 1  # stdout is the JSON record alone
 
 
 def test_a_damaged_cached_gguf_conversion_is_converted_again(
