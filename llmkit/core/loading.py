@@ -122,11 +122,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The torch dtype for ``dtype``: ``auto`` is bfloat16 on a CUDA device that supports it,
     else float32. Names: float32/fp32, bfloat16/bf16, float16/fp16.
 
-    On a CPU ``auto`` stays float32 on purpose, measured (issue 16, SmolLM2-135M, greedy, 32 new
-    tokens, 8 prompts): bfloat16 changed the greedy text of 3 of the 8 prompts (first
-    difference at token 4, 9 and 20), so it fails "greedy output equal to float32" whatever its
-    speed; on a CPU without native bfloat16 (no AMX, no AVX512-BF16, as here) it was also 1.26×
-    slower. ``--dtype bfloat16`` still selects it.
+    On a CPU ``auto`` loads float32. ``generate``, ``chat`` and ``serve`` then let
+    :func:`llmkit.generation.cpu_path.auto_cpu_path` switch to bfloat16 only where a
+    calibration of the model on this machine finds it greedy-equal to float32 and faster
+    (measured on SmolLM2-135M here: bfloat16 changed the greedy text of 3 of 8 prompts, so it
+    stays float32). ``--dtype bfloat16`` still selects it.
 
     Raises:
         UserError: an unknown dtype name.
