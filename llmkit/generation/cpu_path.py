@@ -298,6 +298,20 @@ def measure_paths(
     return list(result.values())
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (``MemAvailable`` of ``/proc/meminfo``),
+    or None where it cannot be read: the calibration holds a bfloat16 copy of the model
+    beside the float32 one, and is skipped (float32) when that copy would take more than half
+    of it."""
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _cache_file(key: str) -> Path | None:
     from llmkit.core.cache import cache_root
 
@@ -358,12 +372,17 @@ def auto_cpu_path(
     Returns:
         ``(model, choice)``: the model to generate with (converted to the chosen dtype) and the
         decision; ``choice`` is None when nothing was decided (another ``--dtype``, not a CPU,
-        not float32, or a model under :data:`MIN_PARAMETERS` parameters).
+        not float32, a model under :data:`MIN_PARAMETERS` parameters, a context too short for
+        the calibration, no memory for a bfloat16 copy, or a calibration that failed).
     """
     if dtype.lower() != "auto" or model.device.type != "cpu" or model.dtype != torch.float32:
         return model, None
     if sum(p.numel() for p in model.parameters()) < MIN_PARAMETERS:
         return model, None
+    copy_bytes = sum(p.numel() * 2 for p in model.parameters())  # the bfloat16 copy
+    free = available_memory()
+    if free is not None and copy_bytes > free // 2:
+        return model, None  # no room for a second copy beside the float32 model: float32
     from llmkit.core.loading import model_max_positions
 
     positions = model_max_positions(model)

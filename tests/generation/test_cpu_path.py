@@ -131,6 +131,24 @@ def test_a_small_model_is_not_calibrated(tiny_model_dir, tmp_path, monkeypatch):
     assert chosen is model and chosen.dtype == torch.float32 and choice is None
 
 
+def test_no_calibration_without_memory_for_the_bfloat16_copy(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    model, tok = tiny
+    copy_bytes = sum(p.numel() * 2 for p in model.parameters())
+
+    def never(*args, **kwargs):
+        raise AssertionError("calibrated without memory for the copy")
+
+    monkeypatch.setattr(cpu_path, "available_memory", lambda: 2 * copy_bytes - 2)
+    chosen, choice = auto_cpu_path(model, tok, "auto", measure=never)
+    assert chosen is model and choice is None
+    calls: list = []
+    monkeypatch.setattr(cpu_path, "available_memory", lambda: 2 * copy_bytes)
+    fast = [m("float32", 30.0), m("bfloat16", 45.0)]
+    _, choice = auto_cpu_path(model, tok, "auto", measure=_fake(fast, calls))
+    assert calls and choice.dtype == "bfloat16"
+
+
 def test_a_failed_calibration_falls_back_to_float32(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
     model, tok = tiny
