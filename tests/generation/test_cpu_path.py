@@ -213,3 +213,16 @@ def test_auto_generation_equals_float32_on_the_benchmark_prompts(tiny_model_dir)
     prompts = list(cpu_path.CALIBRATION_PROMPTS)
     kw = dict(model=str(tiny_model_dir), max_new_tokens=12, temperature=0, device="cpu")
     assert generate(prompts, dtype="auto", **kw) == generate(prompts, dtype="float32", **kw)
+
+
+def test_the_cached_decision_is_per_model(tiny):
+    """Another checkpoint of the same architecture (one tensor moved) gets another key; the
+    same weights the same key."""
+    model, _ = tiny
+    key = cpu_path.cache_key(model)
+    assert cpu_path.cache_key(copy.deepcopy(model)) == key
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.transformer.h[1].mlp.c_fc.weight.mul_(1.01)
+    assert cpu_path.cache_key(other) != key
+    assert cpu_path.cache_key(copy.deepcopy(model).to(torch.bfloat16)) != key
