@@ -448,6 +448,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--no-startup", action="store_true", help="skip the first-token timing")
     parser.add_argument(
+        "--no-compare", action="store_true", help="skip llmkit vs bare at the same dtype (SPEC §7)"
+    )
+    parser.add_argument(
         "--no-load", action="store_true", help="skip the cached .gguf vs safetensors load timing"
     )
     parser.add_argument(
@@ -496,7 +499,8 @@ def main() -> None:
         f"model {name} ({str(model.dtype)[6:]}, {torch.get_num_threads()} threads), "
         f"load {load_s:.1f} s"
     )
-    compare(model, tok, eos, args.max_new_tokens, args.rounds)
+    if not args.no_compare:
+        compare(model, tok, eos, args.max_new_tokens, args.rounds)
     auto_vs_bare(
         model,
         fp32_model,
