@@ -191,6 +191,10 @@ def test_gguf_cache_is_kept_per_dtype(tmp_path, monkeypatch, tiny_model_dir):
         ref_bf16 = src.to(torch.bfloat16)(ids).logits
     bf16, _, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="bfloat16")
     assert bf16.dtype == torch.bfloat16
+    # training's check of the data's tokenizer finds the tokenizer in whichever copy exists
+    from llmkit.training.model import _model_tokenizer_file
+
+    assert _model_tokenizer_file(str(path)) == gguf_cache_dir(path, "bfloat16") / "tokenizer.json"
     fp32, _, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
     assert fp32.dtype == torch.float32
     with torch.no_grad():
