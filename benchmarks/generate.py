@@ -23,9 +23,12 @@ move by tens of percent from run to run: compare ratios, not absolute speeds.
 
 ``--threads N`` sets torch's intra-op threads for every path. Without it the paths run with the
 thread count llmkit's commands choose for the machine's load (:func:`llmkit.runtime.
-apply_threads`), and a separate table compares that automatic path with bare
-``model.generate`` at torch's default (a thread per core): on a machine busier than its cores
-the default can be several times slower.
+apply_threads`). ``--dtype auto`` (default) loads the model as ``llmkit generate`` does on a
+CPU, its calibration included (:mod:`llmkit.generation.cpu_path`: float32 unless bfloat16 is
+greedy-equal and faster here). A separate table compares that automatic path (its dtype, its
+threads) with bare float32 ``model.generate`` at torch's default threads (a thread per core),
+batch 1 and 8, and gives the batch-1 bound of memory bandwidth / bytes of weights for float32
+and for the automatic path's dtype (issue 16's target: ≥ 1.5× bare float32 at batch 1).
 """
 
 from __future__ import annotations
@@ -215,28 +218,37 @@ def variants(name: str, max_new_tokens: int, rounds: int) -> None:
         print(f"{label:<28} {max(values):10.1f} {statistics.median(values):8.1f} {ratio:29.2f}")
 
 
-def auto_vs_bare(model, tok, eos, default_threads: int, auto_threads: int, max_new_tokens: int,
-                 rounds: int) -> None:  # fmt: skip
-    """llmkit's automatic CPU path (the thread count llmkit chose for this machine's load, the
-    float32 ``--dtype auto`` keeps) against bare ``model.generate`` in float32 with torch's
-    default threads, batch 1 and 8, alternating rounds. Target (issue 16): ≥ 1.5× at batch 1."""
+def auto_vs_bare(
+    auto_model,
+    fp32_model,
+    tok,
+    eos,
+    choice: str,
+    default_threads: int,
+    auto_threads: int,
+    max_new_tokens: int,
+    rounds: int,
+) -> None:
+    """One table: llmkit's automatic CPU path (``--dtype auto``: the dtype its calibration
+    chose, :mod:`llmkit.generation.cpu_path`, and the thread count llmkit chose for the
+    machine's load) against bare ``model.generate`` in float32 with torch's default threads,
+    batch 1 and 8, alternating rounds; then the batch-1 bound that memory bandwidth puts on
+    float32 weights and on the automatic path's. Target (issue 16): ≥ 1.5× at batch 1."""
     import torch
 
-    print(
-        f"\nautomatic CPU path ({auto_threads} threads, float32) vs bare float32 generate "
-        f"({default_threads} threads, torch's default); load average "
-        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
-    )
+    bandwidth = measure_bandwidth()
+    rows = []
+    base1 = None
     for batch in (1, 8):
         prompts = PROMPTS[:batch]
 
         def run_bare(p=prompts):
             torch.set_num_threads(default_threads)
-            return bare(model, tok, p, max_new_tokens, eos)
+            return bare(fp32_model, tok, p, max_new_tokens, eos)
 
         def run_auto(p=prompts, b=batch):
             torch.set_num_threads(auto_threads)
-            return ours(model, tok, p, max_new_tokens, b)
+            return ours(auto_model, tok, p, max_new_tokens, b)
 
         paths = {"bare": run_bare, "auto": run_auto}
         for fn in paths.values():
@@ -245,11 +257,29 @@ def auto_vs_bare(model, tok, eos, default_threads: int, auto_threads: int, max_n
         ratio = statistics.median(
             a / b for a, b in zip(speeds["auto"], speeds["bare"], strict=True)
         )
-        print(
-            f"  batch {batch}: bare {statistics.median(speeds['bare']):.1f} tok/s, "
-            f"auto {statistics.median(speeds['auto']):.1f} tok/s: {ratio:.2f}× "
-            f"(median of {rounds} rounds)"
-        )
+        bare_med = statistics.median(speeds["bare"])
+        if batch == 1:
+            base1 = bare_med
+        rows.append(("bare float32 model.generate", default_threads, "float32", batch,
+                     f"{bare_med:.1f}", "1.00"))  # fmt: skip
+        rows.append(("llmkit automatic path", auto_threads, str(auto_model.dtype)[6:], batch,
+                     f"{statistics.median(speeds['auto']):.1f}", f"{ratio:.2f}"))  # fmt: skip
+    for label, model in (("bound: bandwidth / fp32 weights", fp32_model),
+                         ("bound: bandwidth / auto weights", auto_model)):  # fmt: skip
+        if label.endswith("auto weights") and model is fp32_model:
+            continue
+        bound = bandwidth / weight_bytes(model)
+        rows.append((label, "-", str(model.dtype)[6:], 1, f"{bound:.1f}", f"{bound / base1:.2f}"))
+    print(
+        f"\nautomatic CPU path (--dtype auto: {choice}) vs bare float32 generate; "
+        f"{max_new_tokens} new tokens, median of {rounds} alternating rounds; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; memory bandwidth (numpy copy) "
+        f"{bandwidth / 1e9:.1f} GB/s"
+    )
+    print(f"{'path':<33} {'threads':>7} {'dtype':>9} {'batch':>5} {'tok/s':>7} {'× bare':>7}")
+    for label, threads, dtype, batch, speed, ratio in rows:
+        print(f"{label:<33} {threads!s:>7} {dtype:>9} {batch:>5} {speed:>7} {ratio:>7}")
+    print("ratios of batch 8 are to bare batch 8; bounds are batch 1, to bare batch 1")
     torch.set_num_threads(auto_threads)
 
 
@@ -347,10 +377,8 @@ def load_compare(name: str, rounds: int) -> None:
     )
 
 
-def bandwidth_bound(model) -> None:
-    """The physical bound of batch-1 decoding on a CPU: every weight is read once per new token,
-    so tokens/s ≤ memory bandwidth / bytes of weights. Bandwidth measured here as a numpy copy
-    of 256 MiB (read + write counted), best of 3."""
+def measure_bandwidth() -> float:
+    """Memory bandwidth in bytes/s: a numpy copy of 256 MiB (read + write counted), best of 3."""
     import numpy as np
 
     a = np.ones(64 * 1024 * 1024, dtype=np.float32)  # 256 MiB
@@ -360,17 +388,18 @@ def bandwidth_bound(model) -> None:
         start = time.perf_counter()
         np.copyto(b, a)
         best = min(best, time.perf_counter() - start)
-    bandwidth = 2 * a.nbytes / best
+    return 2 * a.nbytes / best
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's weights, tied weights counted once: what batch-1 decoding reads
+    per new token."""
     seen, weights = set(), 0
-    for p in model.parameters():  # tied weights counted once
+    for p in model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             weights += p.numel() * p.element_size()
-    print(
-        f"\nmemory bandwidth (numpy copy) {bandwidth / 1e9:.1f} GB/s; "
-        f"weights {weights / 1e6:.0f} MB read per token → batch-1 bound "
-        f"{bandwidth / weights:.0f} tokens/s in this dtype"
-    )
+    return weights
 
 
 def wall(cmd: list[str], env: dict) -> float:
@@ -413,9 +442,14 @@ def main() -> None:
     parser.add_argument("--model", help="any model llmkit loads (overrides --gguf)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rounds", "--repeats", type=int, default=3, dest="rounds")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--dtype", default="auto", help="llmkit's path (auto: as generate chooses on a CPU)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--no-startup", action="store_true", help="skip the first-token timing")
+    parser.add_argument(
+        "--no-compare", action="store_true", help="skip llmkit vs bare at the same dtype (SPEC §7)"
+    )
     parser.add_argument(
         "--no-load", action="store_true", help="skip the cached .gguf vs safetensors load timing"
     )
@@ -431,6 +465,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from llmkit.core.loading import quiet_deepspeed
+
+    quiet_deepspeed()  # as llmkit's commands: no DeepSpeed line when saving the tiny model
     tmp = tempfile.TemporaryDirectory()
     if args.model:
         name = args.model
@@ -448,15 +485,33 @@ def main() -> None:
     start = time.perf_counter()
     model, tok, _ = load_model_and_tokenizer(name, device="cpu", dtype=args.dtype)
     load_s = time.perf_counter() - start
+    fp32_model, choice = model, f"--dtype {args.dtype}"
+    if args.dtype == "auto":  # what generate/chat/serve do after loading on a CPU
+        from llmkit.generation.cpu_path import auto_cpu_path
+
+        model, decided = auto_cpu_path(model, tok, "auto")
+        choice = decided.reason if decided is not None else "float32 (not calibrated)"
+    if model.dtype != torch.float32:  # bare float32 needs its own copy
+        fp32_model, _, _ = load_model_and_tokenizer(name, device="cpu", dtype="float32")
     auto_threads = torch.get_num_threads()  # llmkit's choice for the load (--threads: that)
     eos = set(eos_ids(model, tok))
-    print(f"model {name} ({args.dtype}, {torch.get_num_threads()} threads), load {load_s:.1f} s")
-    compare(model, tok, eos, args.max_new_tokens, args.rounds)
-    if args.dtype == "float32" and not args.threads:
-        auto_vs_bare(
-            model, tok, eos, default_threads, auto_threads, args.max_new_tokens, args.rounds
-        )
-    bandwidth_bound(model)
+    print(
+        f"model {name} ({str(model.dtype)[6:]}, {torch.get_num_threads()} threads), "
+        f"load {load_s:.1f} s"
+    )
+    if not args.no_compare:
+        compare(model, tok, eos, args.max_new_tokens, args.rounds)
+    auto_vs_bare(
+        model,
+        fp32_model,
+        tok,
+        eos,
+        choice,
+        default_threads,
+        auto_threads,
+        args.max_new_tokens,
+        args.rounds,
+    )
     if name.endswith(".gguf"):
         llama_cpp_compare(model, tok, name, args.max_new_tokens, args.rounds)
     if not args.no_load:

@@ -77,12 +77,14 @@ def chat_command(
     )
     from llmkit.core.loading import load_model_and_tokenizer
     from llmkit.generation.chat import ChatSession, chat_loop
+    from llmkit.generation.cpu_path import auto_cpu_path
     from llmkit.runtime import announce_threads, apply_threads
 
     apply_threads(threads)
     lm, tokenizer, _source = load_model_and_tokenizer(
         model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
     )
+    lm, _choice = auto_cpu_path(lm, tokenizer, dtype)  # --dtype auto on a CPU: calibrated
     session = ChatSession(lm, tokenizer, settings, system=system)  # checks the template
     announce_threads()
     chat_loop(session)

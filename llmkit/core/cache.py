@@ -230,16 +230,20 @@ def tokenizer_identity(tokenizer: str | None) -> dict | None:
     return {"id": tokenizer}
 
 
-def gguf_cache_dir(path: Path) -> Path | None:
-    """Where :mod:`llmkit.core.loading` caches the conversion of a ``.gguf`` model (a
-    ``save_pretrained`` directory with its tokenizer): ``<root>/gguf/<stem>-<size>-<mtime>``,
-    named by size and modification time so that a changed file is converted again. None when
-    the cache is off."""
+def gguf_cache_dir(path: Path, dtype: str = "float32") -> Path | None:
+    """Where :mod:`llmkit.core.loading` caches the conversion of a ``.gguf`` model loaded in
+    ``dtype`` (a ``save_pretrained`` directory with its tokenizer):
+    ``<root>/gguf/<stem>-<size>-<mtime>-<dtype>``, named by size and modification time so that
+    a changed file is converted again, and by the dtype the weights were de-quantized to (the
+    copy holds them in that dtype: a float32 load must never read the rounded copy a bfloat16
+    load wrote). ``dtype`` is a torch dtype's name (``float32``, ``bfloat16``, ``float16``;
+    ``torch.float32`` is accepted). None when the cache is off."""
     root = cache_root()
     if root is None:
         return None
     st = path.stat()
-    return root / "gguf" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    name = str(dtype).removeprefix("torch.")
+    return root / "gguf" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}-{name}"
 
 
 class CleanCache:

@@ -5,9 +5,10 @@ A model is named by one string, tried in this order of kinds:
 - a local directory holding ``config.json`` (``save_pretrained`` output, a run of ``llmkit train``);
 - a ``.gguf`` file (loaded and de-quantized by transformers; needs the ``gguf`` package). The
   first load converts it and saves the result as safetensors under
-  ``$LLMKIT_CACHE/gguf/`` (default ``~/.cache/llmkit``; ``LLMKIT_CACHE=off`` disables it); later
-  loads read that copy, about 20× faster on a CPU (transformers' GGUF reader parses the file,
-  its 49k-entry vocabulary included, twice per load);
+  ``$LLMKIT_CACHE/gguf/`` (default ``~/.cache/llmkit``; ``LLMKIT_CACHE=off`` disables it), one
+  copy per dtype the weights were de-quantized to; later loads in that dtype read that copy,
+  about 20× faster on a CPU (transformers' GGUF reader parses the file, its 49k-entry
+  vocabulary included, twice per load);
 - otherwise a Hugging Face Hub id (works when online or already in the local cache). Before
   asking the Hub, :func:`hub_status` checks within about 2 s whether it can be reached
   (``HF_HUB_OFFLINE`` set, or a TCP connection to ``HF_ENDPOINT`` or its proxy); when it
@@ -121,11 +122,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The torch dtype for ``dtype``: ``auto`` is bfloat16 on a CUDA device that supports it,
     else float32. Names: float32/fp32, bfloat16/bf16, float16/fp16.
 
-    On a CPU ``auto`` stays float32 on purpose, measured (issue 16, SmolLM2-135M, greedy, 32 new
-    tokens, 8 prompts): bfloat16 changed the greedy text of 3 of the 8 prompts (first
-    difference at token 4, 9 and 20), so it fails "greedy output equal to float32" whatever its
-    speed; on a CPU without native bfloat16 (no AMX, no AVX512-BF16, as here) it was also 1.26×
-    slower. ``--dtype bfloat16`` still selects it.
+    On a CPU ``auto`` loads float32. ``generate``, ``chat`` and ``serve`` then let
+    :func:`llmkit.generation.cpu_path.auto_cpu_path` switch to bfloat16 only where a
+    calibration of the model on this machine finds it greedy-equal to float32 and faster
+    (measured on SmolLM2-135M here: bfloat16 changed the greedy text of 3 of 8 prompts, so it
+    stays float32). ``--dtype bfloat16`` still selects it.
 
     Raises:
         UserError: an unknown dtype name.
@@ -140,6 +141,32 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise UserError(
             f"unknown dtype {dtype!r}", "use auto, float32, bfloat16 or float16"
         ) from None
+
+
+#: The variable DeepSpeed reads to choose its accelerator instead of detecting one.
+DS_ACCELERATOR = "DS_ACCELERATOR"
+
+
+def quiet_deepspeed() -> None:
+    """Keep DeepSpeed from printing ``[WARNING] [real_accelerator.py:...] Setting accelerator
+    to CPU`` when something imports it on a machine with neither CUDA nor MPS.
+
+    llmkit's generate, chat, serve, eval and export never use DeepSpeed, but where it is
+    installed transformers imports it anyway: ``save_pretrained`` (the first load of a
+    ``.gguf`` caches its conversion with it) calls accelerate's ``extract_model_from_parallel``,
+    which imports ``deepspeed`` to check for a ``DeepSpeedEngine``; at import DeepSpeed looks
+    for an accelerator and, finding none, logs that line on **stdout** (its logger's handler),
+    so it even landed in ``llmkit generate --json``'s output. Setting ``DS_ACCELERATOR=cpu``
+    (DeepSpeed's documented override of the detection) gives DeepSpeed the answer its detection
+    would reach on such a machine, without the line. Nothing is set when the variable is
+    already set, when DeepSpeed is already imported (too late), or when CUDA or MPS is
+    available (DeepSpeed detects those silently and ``train`` may use them). Children of this
+    process inherit the variable, with the same meaning.
+    """
+    if DS_ACCELERATOR in os.environ or "deepspeed" in sys.modules:
+        return
+    if resolve_device("auto").type == "cpu":
+        os.environ[DS_ACCELERATOR] = "cpu"
 
 
 def model_max_positions(model: Any) -> int | None:
@@ -226,7 +253,12 @@ class ModelSource:
 
 
 def resolve_source(
-    name: str, *, label: str = "", hint_flag: str = "--model", use_cache: bool = True
+    name: str,
+    *,
+    label: str = "",
+    hint_flag: str = "--model",
+    use_cache: bool = True,
+    dtype: torch.dtype | str = torch.float32,
 ) -> ModelSource:
     """Classify ``name`` as a model directory, a ``.gguf`` file or a Hub id (no loading).
 
@@ -237,6 +269,9 @@ def resolve_source(
         use_cache: read a ``.gguf`` from its cached conversion when there is a current one.
             Training passes False: the copy holds the weights in the dtype of the load that
             wrote it (bfloat16 after an ``auto`` load on a GPU), not the file's exact values.
+        dtype: the dtype of the load: a ``.gguf``'s cached conversion is kept per dtype
+            (:func:`~llmkit.core.cache.gguf_cache_dir`), so a float32 load never reads the
+            rounded weights of a bfloat16 one.
 
     Raises:
         UserError: a directory without ``config.json``; a file that is not ``.gguf``; a
@@ -265,8 +300,8 @@ def resolve_source(
             f"{name} is a GGUF file and reading it needs the gguf package",
             "pip install 'llmkit[gguf]' (or pip install gguf)",
         )
-        cache = gguf_cache_dir(path)
-        if use_cache and cache is not None and _is_current_gguf_cache(cache):
+        cache = gguf_cache_dir(path, _dtype_name(dtype))
+        if use_cache and cache is not None and _is_current_gguf_cache(cache, _dtype_name(dtype)):
             planted = auto_map_files(cache)
             if planted:  # llmkit writes no auto_map: someone altered the cached conversion
                 raise UserError(
@@ -302,8 +337,14 @@ def _is_saved_model(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def _is_current_gguf_cache(path: Path) -> bool:
-    """A converted copy written by this version of the conversion (see ``_GGUF_CACHE_VERSION``)."""
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    """``float32`` for ``torch.float32`` (or ``"float32"``): how cache names spell a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _is_current_gguf_cache(path: Path, dtype: str = "float32") -> bool:
+    """A converted copy written by this version of the conversion (see ``_GGUF_CACHE_VERSION``)
+    with its weights in ``dtype`` (the marker says which)."""
     import json
 
     if not _is_saved_model(path):
@@ -312,7 +353,11 @@ def _is_current_gguf_cache(path: Path) -> bool:
         marker = json.loads((path / _GGUF_CACHE_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(marker, dict) and marker.get("version") == _GGUF_CACHE_VERSION
+    return (
+        isinstance(marker, dict)
+        and marker.get("version") == _GGUF_CACHE_VERSION
+        and marker.get("dtype") == dtype
+    )
 
 
 def _gguf_fixes(path: Path) -> tuple[dict[str, Any], str | None]:
@@ -440,6 +485,8 @@ def save_gguf_cache(model: Any, tokenizer: Any, cache: Path) -> bool:
     Returns:
         True when saved; False (a warning on stderr) when it could not be, e.g. a read-only disk.
     """
+    import json
+
     from llmkit.core.atomic import atomic_output
 
     try:
@@ -450,9 +497,8 @@ def save_gguf_cache(model: Any, tokenizer: Any, cache: Path) -> bool:
         with atomic_output(cache, directory=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            (tmp / _GGUF_CACHE_MARKER).write_text(
-                f'{{"version": {_GGUF_CACHE_VERSION}}}\n', encoding="utf-8"
-            )
+            marker = {"version": _GGUF_CACHE_VERSION, "dtype": _dtype_name(model.dtype)}
+            (tmp / _GGUF_CACHE_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
         return True
     except Exception as err:  # a cache is an optimisation: never fail the load over it
         sys.stderr.write(f"warning: could not cache the converted GGUF in {cache}: {_short(err)}\n")
@@ -500,14 +546,14 @@ def _load_one(name: str, device: torch.device, dtype: torch.dtype, trust_remote_
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: noise on stderr for a CLI
-    source = resolve_source(name)
+    source = resolve_source(name, dtype=dtype)
     if not source.cached:
         return _load_resolved(name, source, device, dtype, trust_remote_code)
     try:
         return _load_resolved(name, source, device, dtype, trust_remote_code)
     except UserError as err:  # a damaged cached conversion: convert the .gguf again
         discard_gguf_cache(name, source.gguf_cache, err)
-    source = resolve_source(name, use_cache=False)
+    source = resolve_source(name, use_cache=False, dtype=dtype)
     return _load_resolved(name, source, device, dtype, trust_remote_code)
 
 
@@ -692,6 +738,7 @@ def load_model_and_tokenizer(
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    quiet_deepspeed()
     candidates = _candidates(model)
     failures: list[str] = []
     for cand in candidates:

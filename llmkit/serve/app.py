@@ -99,6 +99,7 @@ class ServerState:
             import torch
 
             from llmkit.core.loading import load_model_and_tokenizer, model_max_positions
+            from llmkit.generation.cpu_path import auto_cpu_path
             from llmkit.runtime import announce_threads, apply_threads
             from llmkit.serve.worker import BatchWorker
 
@@ -109,6 +110,7 @@ class ServerState:
                 dtype=self.dtype,
                 trust_remote_code=self.trust_remote_code,
             )
+            model, _choice = auto_cpu_path(model, tokenizer, self.dtype, err=self.log)
             self.model, self.tokenizer = model, tokenizer
             self.served_name = self.served_name or _name_of(source)
             self.positions = model_max_positions(model)

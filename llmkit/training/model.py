@@ -234,7 +234,11 @@ def _model_tokenizer_file(name_or_path: str) -> Path | None:
     if path.is_file() and path.suffix.lower() == ".gguf":
         from llmkit.core.cache import gguf_cache_dir
 
-        path = gguf_cache_dir(path) or path
+        for dtype in ("float32", "bfloat16", "float16"):  # any load's copy has the tokenizer
+            cached = gguf_cache_dir(path, dtype)
+            if cached is not None and (cached / "tokenizer.json").is_file():
+                return cached / "tokenizer.json"
+        return None
     candidate = path / "tokenizer.json"
     return candidate if candidate.is_file() else None
 

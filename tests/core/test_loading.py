@@ -3,6 +3,7 @@ GGUF misreadings that llmkit corrects (GPT-2's positions, SmolLM's digit split).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -133,7 +134,10 @@ def test_gpt2_gguf_loads_with_its_positions_and_is_cached(tmp_path, monkeypatch,
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref)
     cache = gguf_cache_dir(path)
-    assert json.loads((cache / "llmkit_gguf_cache.json").read_text()) == {"version": 2}
+    assert json.loads((cache / "llmkit_gguf_cache.json").read_text()) == {
+        "version": 2,
+        "dtype": "float32",
+    }
 
     def no_gguf(*args, **kwargs):
         raise AssertionError("a cached load read the GGUF")
@@ -165,6 +169,82 @@ def test_gpt2_gguf_loads_with_its_positions_and_is_cached(tmp_path, monkeypatch,
     (cache / "llmkit_gguf_cache.json").unlink()
     with pytest.raises(Exception, match="a cached load read the GGUF"):
         load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
+
+
+def test_gguf_cache_is_kept_per_dtype(tmp_path, monkeypatch, tiny_model_dir):
+    """The cached conversion of a .gguf holds its weights in the dtype of the load that wrote
+    it: a float32 load after a bfloat16 one read the rounded copy (logits off by ~1e-2). Each
+    dtype now has its own copy: the float32 load gives the source's exact logits, the
+    bfloat16 load its bfloat16 ones, and both copies are reused."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.core.loading import gguf_cache_dir, load_model_and_tokenizer
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    src = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = _export(src, tok, tmp_path / "tiny-gpt2.gguf")
+    ids = torch.tensor([tok("ROMEO: what, ho!")["input_ids"]])
+    with torch.no_grad():
+        ref = src(ids).logits
+        ref_bf16 = src.to(torch.bfloat16)(ids).logits
+    bf16, _, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16
+    # training's check of the data's tokenizer finds the tokenizer in whichever copy exists
+    from llmkit.training.model import _model_tokenizer_file
+
+    assert _model_tokenizer_file(str(path)) == gguf_cache_dir(path, "bfloat16") / "tokenizer.json"
+    fp32, _, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
+    assert fp32.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(fp32(ids).logits, ref)  # not the bfloat16 copy's rounded weights
+    copies = {d: gguf_cache_dir(path, d) for d in ("float32", "bfloat16")}
+    assert copies["float32"] != copies["bfloat16"]
+    for d, cache in copies.items():
+        assert json.loads((cache / "llmkit_gguf_cache.json").read_text())["dtype"] == d
+    # both are reused: a second load of each reads its copy (same values as the first)
+    again32, _, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="float32")
+    again16, _, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="bfloat16")
+    with torch.no_grad():
+        assert torch.equal(again32(ids).logits, ref)
+        assert torch.equal(again16(ids).logits, ref_bf16)
+
+
+def test_deepspeed_prints_nothing_when_generate_converts_a_gguf(tmp_path, tiny_model_dir):
+    """With deepspeed installed, the first load of a .gguf (its conversion cached with
+    save_pretrained, which makes accelerate import deepspeed) printed "[WARNING]
+    [real_accelerator.py...] Setting accelerator to CPU" on stdout, in the middle of
+    ``--json``'s output. llmkit sets DS_ACCELERATOR=cpu on a machine without CUDA/MPS."""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.core.loading import resolve_device
+
+    if resolve_device("auto").type != "cpu":
+        pytest.skip("deepspeed detects this machine's accelerator without a warning")
+    src = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = _export(src, tok, tmp_path / "tiny-gpt2.gguf")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env.update(PYTHONPATH=str(ROOT), LLMKIT_CACHE=str(tmp_path / "cache"))
+    plain = subprocess.run(
+        [sys.executable, "-c", "import deepspeed"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "Setting accelerator to CPU" in plain.stdout + plain.stderr  # what it prints alone
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmkit", "generate", "ROMEO:", "--model", str(path),
+         "--max-new-tokens", "2", "--temperature", "0", "--json", "--device", "cpu"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "cache" / "gguf").is_dir()  # converted and cached: deepspeed imported
+    for stream in (proc.stdout, proc.stderr):
+        assert "real_accelerator" not in stream and "Setting accelerator" not in stream
+    assert json.loads(proc.stdout)["new_tokens"] >= 1  # stdout is the JSON record alone
 
 
 def test_a_damaged_cached_gguf_conversion_is_converted_again(
@@ -227,8 +307,9 @@ def test_training_reads_a_gpt2_gguf_with_its_positions(tmp_path, monkeypatch, ti
     with torch.no_grad():
         assert torch.equal(model(ids).logits, src(ids).logits)
     load_model_and_tokenizer(str(path), device="cpu", dtype="bfloat16")  # a bfloat16 copy
-    assert resolve_source(str(path)).cached
-    assert not resolve_source(str(path), use_cache=False).cached
+    assert resolve_source(str(path), dtype=torch.bfloat16).cached
+    assert not resolve_source(str(path)).cached  # none in float32
+    assert not resolve_source(str(path), use_cache=False, dtype=torch.bfloat16).cached
     again = load_pretrained(str(path), load_pretrained_config(str(path))).eval()
     with torch.no_grad():
         assert torch.equal(again(ids).logits, src(ids).logits)
