@@ -1,0 +1,82 @@
+"""Performance rules of the distributed job's stages that keep the bytes: the encode stage
+encodes a shard in bounded batches (memory per task does not grow with the shard's tokens as
+Python lists), and every finished task records its seconds and peak RSS."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import shared_file
+
+pytest.importorskip("datatrove")
+
+import llmkit.data.encode as encode_mod  # noqa: E402
+from llmkit.data.distributed import job  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def stories() -> list[str]:
+    text = shared_file("tinystories/tinystories.txt").read_text(encoding="utf-8")
+    return [d for d in text.split("\n\n") if d.strip()][:200]
+
+
+def test_encode_flat_batches_and_equals_one_batch(monkeypatch, tiny_tokenizer, stories):
+    """Batches of at most BATCH_DOCUMENTS documents and about BATCH_BYTES of text; the ids
+    are those of encoding every document at once, one EOS each, int32."""
+    tok = tiny_tokenizer
+    whole = encode_mod.encode_batch(stories, tok, eos_token_id=tok.eos_token_id)
+    expected = np.array([i for ids in whole for i in ids], dtype=np.int32)
+    sizes: list[int] = []
+    real = encode_mod.encode_batch
+
+    def spy(texts, *a, **k):
+        sizes.append(len(texts))
+        return real(texts, *a, **k)
+
+    monkeypatch.setattr(encode_mod, "encode_batch", spy)
+    monkeypatch.setattr(encode_mod, "BATCH_DOCUMENTS", 7)
+    flat = job._encode_flat(stories, tok, True)
+    assert flat.dtype == np.int32 and flat.ndim == 1
+    assert np.array_equal(flat, expected)
+    assert sizes == [7] * (len(stories) // 7) + [len(stories) % 7]
+    assert int((flat == tok.eos_token_id).sum()) == len(stories)
+
+    sizes.clear()
+    monkeypatch.setattr(encode_mod, "BATCH_DOCUMENTS", 1000)
+    monkeypatch.setattr(encode_mod, "BATCH_BYTES", 2000)  # a batch closes once past 2000 bytes
+    flat = job._encode_flat(stories, tok, True)
+    assert np.array_equal(flat, expected)
+    assert sum(sizes) == len(stories) and len(sizes) > 10
+    start = 0
+    for n in sizes[:-1]:
+        batch = [s.encode() for s in stories[start : start + n]]
+        assert sum(map(len, batch)) >= 2000 > sum(map(len, batch[:-1]))
+        start += n
+    assert job._encode_flat([], tok, True).shape == (0,)
+
+
+def test_every_task_records_seconds_and_peak_rss(tmp_path, tiny_tokenizer, stories):
+    """``taskstats/<stage>-<rank>.json`` for each task of each stage, once it has finished."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("\n\n".join(stories[:100]), encoding="utf-8")
+    (tmp_path / "in" / "b.txt").write_text("\n\n".join(stories[100:]), encoding="utf-8")
+    tiny_tokenizer.save_pretrained(str(tmp_path / "tok"))
+    spec = job.JobSpec(
+        work_dir=str(tmp_path / "work"),
+        inputs=[str(tmp_path / "in")],
+        tokenizer=str(tmp_path / "tok"),
+        block_size=32,
+        tasks=2,
+        partitions=2,
+        cleaning={"gutenberg": False},
+    )
+    job.run_job(spec, "local", workers=1)
+    recs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "work/taskstats").iterdir()}
+    expected = {f"{s}-{r:05d}" for s, n in job.stage_tasks(spec).items() for r in range(n)}
+    assert set(recs) == expected
+    for name, rec in recs.items():
+        assert rec["stage"] == name.split("-")[0]
+        assert 0 <= rec["end"] - rec["start"] < 600
+        assert 20 << 20 < rec["max_rss"] < 64 << 30  # bytes: a Python process with numpy
