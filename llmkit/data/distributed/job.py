@@ -483,16 +483,44 @@ class Signatures(Stage):
         self._per_shard(work, files, shards, rank, world_size, one)
 
 
+def _repeated_records(work: Work, partition: int) -> list[tuple[int, bytes, int, int]]:
+    """The records ``(rule, key, shard, index)`` of a partition whose ``(rule, key)`` is held
+    by two records or more: every record that can be in a collision group
+    (:func:`~llmkit.data.distributed.dedup.collision_groups` keeps the groups of two
+    documents or more, which only such keys can form).
+
+    Counted in arrow (``group_by``), so that only those records become Python objects:
+    every record of a partition as Python tuples took about 1 KB each (with the groups'
+    sets), a few hundred MB per million records.
+
+    Raises:
+        UserError: a records file is not parquet of the job's columns.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    prefix = f"records/p{partition:05d}"
+    tables = [
+        work.get_table(f"{prefix}/{name}").select(["rule", "key", "shard", "index"])
+        for name in work.listdir(prefix)
+        if name.endswith(".parquet")
+    ]
+    if not tables:
+        return []
+    table = pa.concat_tables(tables)
+    counts = table.group_by(["rule", "key"], use_threads=False).aggregate([("shard", "count")])
+    repeated = counts.filter(pc.greater(counts["shard_count"], 1))["key"]
+    # a key repeated under one rule selects its records under every rule; a (rule, key)
+    # held once among them forms no group in collision_groups
+    table = table.filter(pc.is_in(table["key"], value_set=repeated)).to_pydict()
+    return list(zip(table["rule"], table["key"], table["shard"], table["index"], strict=True))
+
+
 class Groups(Stage):
     name = "groups"
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:
-        records = []
-        for name in work.listdir(f"records/p{rank:05d}"):
-            if name.endswith(".parquet"):
-                t = work.get_table(f"records/p{rank:05d}/{name}").to_pydict()
-                records.extend(zip(t["rule"], t["key"], t["shard"], t["index"], strict=True))
-        groups = ddedup.collision_groups(records)
+        groups = ddedup.collision_groups(_repeated_records(work, rank))
         work.put_json(f"groups/p{rank:05d}.json", [[r, members] for r, members in groups])
 
 

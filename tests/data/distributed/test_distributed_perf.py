@@ -80,3 +80,44 @@ def test_every_task_records_seconds_and_peak_rss(tmp_path, tiny_tokenizer, stori
         assert rec["stage"] == name.split("-")[0]
         assert 0 <= rec["end"] - rec["start"] < 600
         assert 20 << 20 < rec["max_rss"] < 64 << 30  # bytes: a Python process with numpy
+
+
+def test_groups_read_only_repeated_keys_and_equal_all_records(tmp_path):
+    """The groups stage turns into Python only the records whose (rule, key) repeats; the
+    collision groups are those of every record."""
+    import pyarrow as pa
+
+    from llmkit.data.distributed.dedup import collision_groups
+
+    rng = np.random.default_rng(0)
+    work = job.Work(str(tmp_path))
+    every = []
+    for shard in range(3):
+        keys = [int(k).to_bytes(8, "little") for k in rng.integers(0, 2**62, 300)]
+        keys[:5] = [b"shared%02d" % i for i in range(5)]  # in every shard: groups of 3
+        keys[5] = keys[6] = b"same-d%02d" % shard  # twice in one document: one member
+        index = [0, 0, 0, 0, 0, 7, 7] + list(range(8, 301))
+        rule = [shard % 2] * 300  # shards 0 and 2 under rule 0, shard 1 under rule 1
+        recs = list(zip(rule, keys, [shard] * 300, index[:300], strict=True))
+        every += recs
+        cols = list(zip(*recs, strict=True))
+        work.put_table(
+            f"records/p00003/s{shard:06d}.parquet",
+            pa.table(
+                {
+                    "rule": pa.array(cols[0], pa.int32()),
+                    "key": pa.array(cols[1], pa.binary()),
+                    "shard": pa.array(cols[2], pa.int64()),
+                    "index": pa.array(cols[3], pa.int64()),
+                }
+            ),
+        )
+    got = job._repeated_records(work, 3)
+    assert collision_groups(got) == collision_groups(every)
+    assert collision_groups(got) == [
+        (0, [(0, 0), (2, 0)]) for _ in range(5)
+    ]  # shard 1 holds the shared keys under rule 1 alone
+    # 5 shared keys x 3 shards, plus "same-d.." twice in each shard (repeated, then dropped
+    # by collision_groups as one member), and nothing of the 3 x 293 unique keys
+    assert len(got) == 15 + 6
+    assert job._repeated_records(work, 0) == []
