@@ -121,3 +121,21 @@ def test_groups_read_only_repeated_keys_and_equal_all_records(tmp_path):
     # by collision_groups as one member), and nothing of the 3 x 293 unique keys
     assert len(got) == 15 + 6
     assert job._repeated_records(work, 0) == []
+
+
+def test_local_workers_preload_the_job_in_the_forkserver(tmp_path, monkeypatch):
+    """With more than one local worker, the forkserver imports the job, its steps and the
+    tokenizer classes once (each stage's workers are forked from it); one worker (the
+    tasks run in this process) leaves the forkserver as it is."""
+    from multiprocess import forkserver
+
+    monkeypatch.setattr(forkserver._forkserver, "_preload_modules", ["__main__"])
+    spec = job.JobSpec(work_dir=str(tmp_path / "w"), inputs=[str(tmp_path)], tasks=2)
+    job.build_executors(spec, "local", workers=1)
+    assert forkserver._forkserver._preload_modules == ["__main__"]
+    job.build_executors(spec, "local", workers=2)
+    preload = forkserver._forkserver._preload_modules
+    assert preload[0] == "__main__"
+    assert {"llmkit.data.distributed.job", "transformers.tokenization_utils_fast"} <= set(preload)
+    for name in preload[1:]:  # each importable here (a typo would silently cost the time)
+        __import__(name)
