@@ -16,11 +16,12 @@ groups      partitions    the collision groups of one partition (JSON)
 resolve     1             the greedy resolve over the colliding documents (``dropped.json``)
 admit       ``tasks``     for its shards: the resolve steps with those decisions, then the steps
                           after the barrier (PII); the kept texts (parquet), statistics, count
-tokenizer   1             without a given tokenizer: a byte-level BPE trained on the train
-                          documents in global order
+tokenizer   1             the split by global kept rank
+                          (:func:`llmkit.data.pipeline.split_indices`): each shard's
+                          validation documents (``.npy``); without a given tokenizer, a
+                          byte-level BPE trained on the train documents in global order
                           (:func:`llmkit.core.tokenizer.train_bpe_tokenizer`)
-encode      ``tasks``     for its shards: split by global kept rank
-                          (:func:`llmkit.data.pipeline.split_indices`), encode
+encode      ``tasks``     for its shards: split as the tokenizer task wrote it, encode
                           (:func:`llmkit.data.encode.encode_batch`), write tokens (``.npy``)
 pack        ``tasks``     for its shards: the blocks that start in its tokens (running totals)
 ==========  ============  ==========================================================================
@@ -617,27 +618,67 @@ def _val_indices(work, spec, shards) -> tuple[list[int], np.ndarray, list[int]]:
     return running_offsets(kept_counts), val_idx, kept_counts
 
 
+def _shard_validation(val_idx: np.ndarray, first: int, n: int) -> np.ndarray:
+    """The positions within a shard (its documents ``first .. first + n - 1`` in global kept
+    order) of its validation documents; ``val_idx`` is sorted."""
+    lo, hi = np.searchsorted(val_idx, [first, first + n])
+    return (val_idx[lo:hi] - first).astype(np.int64)
+
+
+def _write_split(work, spec, shards) -> tuple[list[int], np.ndarray, list[int]]:
+    """Draw the split once (:func:`_val_indices`: a permutation of every kept document, 8
+    bytes each) and write each shard's validation positions (``split/s<index>.npy``), so
+    that each encode task reads its own shards' only (it drew the whole permutation before:
+    50 M documents took 11 s and 0.9 GB per task)."""
+    offsets, val_idx, kept_counts = _val_indices(work, spec, shards)
+    for shard in shards:
+        local = _shard_validation(val_idx, offsets[shard.index], kept_counts[shard.index])
+        work.put_array(f"split/s{shard.index:06d}.npy", local)
+    return offsets, val_idx, kept_counts
+
+
+def _in_validation(work, shard, n: int) -> np.ndarray:
+    """Booleans: which of the shard's ``n`` kept documents are in the validation split.
+
+    Raises:
+        UserError: the shard's split file holds positions outside ``0 .. n - 1`` (not what
+            the job wrote).
+    """
+    rel = f"split/s{shard.index:06d}.npy"
+    local = work.get_array(rel)
+    if (
+        local.ndim != 1
+        or local.dtype.kind not in "iu"
+        or (local.size and (local.min() < 0 or local.max() >= n))
+    ):
+        raise _foreign(work.path(rel), f"not positions among the shard's {n} documents")
+    mask = np.zeros(n, dtype=bool)
+    mask[local] = True
+    return mask
+
+
 class TrainTokenizer(Stage):
-    """One task: the byte-level BPE trained on the train documents in global order (nothing
-    to do when the job names a tokenizer)."""
+    """One task: the split (each shard's validation documents, :func:`_write_split`), then
+    the byte-level BPE trained on the train documents in global order (none when the job
+    names a tokenizer)."""
 
     name = "tokenizer"
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:
+        offsets, val_idx, kept_counts = _write_split(work, spec, shards)
         if spec.tokenizer is not None:
             return
         import tempfile
 
         from llmkit.core.tokenizer import train_bpe_tokenizer
 
-        offsets, val_idx, kept_counts = _val_indices(work, spec, shards)
         n_train = sum(kept_counts) - len(val_idx)
 
         def texts() -> Iterator[list[str]]:
             for shard in shards:
                 kept = _kept_texts(work, shard)
-                first = offsets[shard.index]
-                in_val = np.isin(np.arange(first, first + len(kept)), val_idx)
+                in_val = np.zeros(len(kept), dtype=bool)
+                in_val[_shard_validation(val_idx, offsets[shard.index], len(kept))] = True
                 yield [t for t, v in zip(kept, in_val, strict=True) if not v]
 
         tok = train_bpe_tokenizer(texts(), spec.vocab_size, length=n_train)
@@ -672,7 +713,8 @@ def _encode_flat(texts: Sequence[str], tok, append_eos: bool) -> np.ndarray:
     Encoded in batches of at most :data:`~llmkit.data.encode.BATCH_DOCUMENTS` documents and
     :data:`~llmkit.data.encode.BATCH_BYTES` of text, as ``prepare`` encodes, each batch's ids
     turned into an int32 array at once: the ids of a whole shard as Python lists took about
-    45 bytes per token (a 64 MiB shard, about 1.2 GB), the arrays take 4.
+    100 bytes per token (a 25 MB shard of 10.5 M tokens peaked 1083 MiB over its texts; now
+    160 MiB), the array takes 4.
     """
     from itertools import chain
 
@@ -704,14 +746,12 @@ class Encode(Stage):
     def run(self, work, spec, files, shards, rank, world_size) -> None:
         from llmkit.data.encode import tokenizer_appends_eos
 
-        offsets, val_idx, _ = _val_indices(work, spec, shards)
         tok = _load_tokenizer(work, spec)
         append_eos = not tokenizer_appends_eos(tok)
 
         def one(shard: Shard) -> None:
             texts = _kept_texts(work, shard)
-            first = offsets[shard.index]
-            in_val = np.isin(np.arange(first, first + len(texts)), val_idx)
+            in_val = _in_validation(work, shard, len(texts))
             counts = {}
             for name, mask in (("train", ~in_val), ("validation", in_val)):
                 sel = [t for t, m in zip(texts, mask, strict=True) if m]

@@ -57,29 +57,69 @@ def test_encode_flat_batches_and_equals_one_batch(monkeypatch, tiny_tokenizer, s
     assert job._encode_flat([], tok, True).shape == (0,)
 
 
-def test_every_task_records_seconds_and_peak_rss(tmp_path, tiny_tokenizer, stories):
-    """``taskstats/<stage>-<rank>.json`` for each task of each stage, once it has finished."""
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "a.txt").write_text("\n\n".join(stories[:100]), encoding="utf-8")
-    (tmp_path / "in" / "b.txt").write_text("\n\n".join(stories[100:]), encoding="utf-8")
-    tiny_tokenizer.save_pretrained(str(tmp_path / "tok"))
+@pytest.fixture(scope="module")
+def small_job(tmp_path_factory, tiny_tokenizer, stories):
+    """A 2-task job run in this process (one worker), counting the calls of split_indices."""
+    import llmkit.data.pipeline as pipeline
+
+    tmp = tmp_path_factory.mktemp("job")
+    (tmp / "in").mkdir()
+    (tmp / "in" / "a.txt").write_text("\n\n".join(stories[:100]), encoding="utf-8")
+    (tmp / "in" / "b.txt").write_text("\n\n".join(stories[100:]), encoding="utf-8")
+    tiny_tokenizer.save_pretrained(str(tmp / "tok"))
     spec = job.JobSpec(
-        work_dir=str(tmp_path / "work"),
-        inputs=[str(tmp_path / "in")],
-        tokenizer=str(tmp_path / "tok"),
+        work_dir=str(tmp / "work"),
+        inputs=[str(tmp / "in")],
+        tokenizer=str(tmp / "tok"),
         block_size=32,
         tasks=2,
         partitions=2,
         cleaning={"gutenberg": False},
+        target_shard_bytes=20_000,
     )
-    job.run_job(spec, "local", workers=1)
-    recs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "work/taskstats").iterdir()}
+    calls = []
+    real = pipeline.split_indices
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "split_indices", lambda *a: calls.append(a) or real(*a))
+        job.run_job(spec, "local", workers=1)
+    return spec, tmp / "work", calls
+
+
+def test_every_task_records_seconds_and_peak_rss(small_job):
+    """``taskstats/<stage>-<rank>.json`` for each task of each stage, once it has finished."""
+    spec, work, _ = small_job
+    recs = {p.stem: json.loads(p.read_text()) for p in (work / "taskstats").iterdir()}
     expected = {f"{s}-{r:05d}" for s, n in job.stage_tasks(spec).items() for r in range(n)}
     assert set(recs) == expected
     for name, rec in recs.items():
         assert rec["stage"] == name.split("-")[0]
         assert 0 <= rec["end"] - rec["start"] < 600
         assert 20 << 20 < rec["max_rss"] < 64 << 30  # bytes: a Python process with numpy
+
+
+def test_split_drawn_once_and_written_per_shard(small_job):
+    """One task draws the split (one permutation of every kept document); each shard's
+    validation positions are written for the encode tasks, which no longer draw it."""
+    from llmkit.data.pipeline import split_indices
+
+    spec, work, calls = small_job
+    plan = json.loads((work / "plan.json").read_text())
+    kept = [
+        json.loads((work / f"admitted/s{s['index']:06d}.json").read_text())["kept"]
+        for s in plan["shards"]
+    ]
+    assert len(kept) >= 3 and len(calls) == 1  # encode (2 tasks) drew it too before
+    assert calls[0] == (sum(kept), spec.val_fraction, spec.seed)
+    _, val = split_indices(sum(kept), spec.val_fraction, spec.seed)
+    got, first = [], 0
+    for i, n in enumerate(kept):
+        local = np.load(work / f"split/s{i:06d}.npy")
+        assert ((local >= 0) & (local < n)).all()
+        got += (local + first).tolist()
+        first += n
+    assert got == val.tolist() and len(got) > 5
+    counts = [json.loads((work / f"counts/s{i:06d}.json").read_text()) for i in range(len(kept))]
+    assert sum(c["validation"]["documents"] for c in counts) == len(val)
 
 
 def test_groups_read_only_repeated_keys_and_equal_all_records(tmp_path):
