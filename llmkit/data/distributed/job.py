@@ -819,13 +819,15 @@ def _machine_share(n: int, machine: int, machines: int) -> tuple[int, int]:
 #: Modules the forkserver of the local executor imports once, before it forks the worker
 #: processes of every stage (each worker would import them again otherwise: about 0.7 s per
 #: stage for the job and its cleaning steps, 3 s per encode task for ``transformers``'
-#: tokenizer classes, which import torch). ``"__main__"`` is datatrove's default.
+#: tokenizer classes, which import torch). ``"__main__"`` is datatrove's default. The
+#: forkserver starts with the first stage, which takes those seconds once.
 FORKSERVER_PRELOAD = (
     "__main__",
     "llmkit.data.distributed.job",
     "datatrove.executor.local",
     "llmkit.data.config",
     "pyarrow.parquet",
+    "pyarrow.acero",  # the groups stage's group_by (0.75 s the first time in a process)
     "transformers.models.auto.tokenization_auto",
     "transformers.tokenization_utils_fast",
 )
