@@ -495,7 +495,9 @@ def _repeated_records(work: Work, partition: int) -> list[tuple[int, bytes, int,
     sets), a few hundred MB per million records.
 
     Raises:
-        UserError: a records file is not parquet of the job's columns.
+        UserError: a records file is not parquet (one without these columns raises
+            KeyError, which :func:`~llmkit.data.distributed.prepare.prepare_distributed`
+            reports as a file llmkit did not write).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
