@@ -16,11 +16,12 @@ groups      partitions    the collision groups of one partition (JSON)
 resolve     1             the greedy resolve over the colliding documents (``dropped.json``)
 admit       ``tasks``     for its shards: the resolve steps with those decisions, then the steps
                           after the barrier (PII); the kept texts (parquet), statistics, count
-tokenizer   1             without a given tokenizer: a byte-level BPE trained on the train
-                          documents in global order
+tokenizer   1             the split by global kept rank
+                          (:func:`llmkit.data.pipeline.split_indices`): each shard's
+                          validation documents (``.npy``); without a given tokenizer, a
+                          byte-level BPE trained on the train documents in global order
                           (:func:`llmkit.core.tokenizer.train_bpe_tokenizer`)
-encode      ``tasks``     for its shards: split by global kept rank
-                          (:func:`llmkit.data.pipeline.split_indices`), encode
+encode      ``tasks``     for its shards: split as the tokenizer task wrote it, encode
                           (:func:`llmkit.data.encode.encode_batch`), write tokens (``.npy``)
 pack        ``tasks``     for its shards: the blocks that start in its tokens (running totals)
 ==========  ============  ==========================================================================
@@ -283,6 +284,23 @@ class _Recorded(RuntimeError):
     """A task's failure, already written to ``errors/`` as one line."""
 
 
+def _task_record(stage: str, start: float) -> dict:
+    """What a finished task records in ``taskstats/<stage>-<rank>.json`` (for benchmarks and
+    for users sizing tasks): ``start`` and ``end`` (epoch seconds) and ``max_rss``, the peak
+    resident set of the task's process so far in bytes (``getrusage``; the process may have
+    run other tasks before: with one local worker every task runs in the CLI's process)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "stage": stage,
+        "start": start,
+        "end": time.time(),
+        "max_rss": rss if sys.platform == "darwin" else rss * 1024,
+    }
+
+
 class Stage:
     """A plain ``fn(data, rank, world_size)`` callable for datatrove's executors."""
 
@@ -298,6 +316,7 @@ class Stage:
         files = _files_from(plan)
         shards = [Shard.from_dict(d) for d in plan["shards"]]
         work.write_bytes(f"runs/{self.name}-{rank:05d}-{secrets.token_hex(4)}", b"")
+        start = time.time()
         try:
             self.run(work, spec, files, shards, rank, world_size)
         except _Recorded:
@@ -306,6 +325,7 @@ class Stage:
             msg = f"{self.name} task {rank} of {world_size}: {_one_line(err)}"
             work.write_bytes(f"errors/{self.name}-{rank:05d}", msg.encode())
             raise _Recorded(msg) from None
+        work.put_json(f"taskstats/{self.name}-{rank:05d}.json", _task_record(self.name, start))
         return data
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:  # pragma: no cover
@@ -517,16 +537,46 @@ class Signatures(Stage):
         self._per_shard(work, files, shards, rank, world_size, one)
 
 
+def _repeated_records(work: Work, partition: int) -> list[tuple[int, bytes, int, int]]:
+    """The records ``(rule, key, shard, index)`` of a partition whose ``(rule, key)`` is held
+    by two records or more: every record that can be in a collision group
+    (:func:`~llmkit.data.distributed.dedup.collision_groups` keeps the groups of two
+    documents or more, which only such keys can form).
+
+    Counted in arrow (``group_by``), so that only those records become Python objects:
+    every record of a partition as Python tuples took about 1 KB each (with the groups'
+    sets), a few hundred MB per million records.
+
+    Raises:
+        UserError: a records file is not parquet (one without these columns raises
+            KeyError, which :func:`~llmkit.data.distributed.prepare.prepare_distributed`
+            reports as a file llmkit did not write).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    prefix = f"records/p{partition:05d}"
+    tables = [
+        work.get_table(f"{prefix}/{name}").select(["rule", "key", "shard", "index"])
+        for name in work.listdir(prefix)
+        if name.endswith(".parquet")
+    ]
+    if not tables:
+        return []
+    table = pa.concat_tables(tables)
+    counts = table.group_by(["rule", "key"], use_threads=False).aggregate([("shard", "count")])
+    repeated = counts.filter(pc.greater(counts["shard_count"], 1))["key"]
+    # a key repeated under one rule selects its records under every rule; a (rule, key)
+    # held once among them forms no group in collision_groups
+    table = table.filter(pc.is_in(table["key"], value_set=repeated)).to_pydict()
+    return list(zip(table["rule"], table["key"], table["shard"], table["index"], strict=True))
+
+
 class Groups(Stage):
     name = "groups"
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:
-        records = []
-        for name in work.listdir(f"records/p{rank:05d}"):
-            if name.endswith(".parquet"):
-                t = work.get_table(f"records/p{rank:05d}/{name}").to_pydict()
-                records.extend(zip(t["rule"], t["key"], t["shard"], t["index"], strict=True))
-        groups = ddedup.collision_groups(records)
+        groups = ddedup.collision_groups(_repeated_records(work, rank))
         work.put_json(f"groups/p{rank:05d}.json", [[r, members] for r, members in groups])
 
 
@@ -631,14 +681,55 @@ def _val_indices(work, spec, shards) -> tuple[list[int], np.ndarray, list[int]]:
     return running_offsets(kept_counts), val_idx, kept_counts
 
 
+def _shard_validation(val_idx: np.ndarray, first: int, n: int) -> np.ndarray:
+    """The positions within a shard (its documents ``first .. first + n - 1`` in global kept
+    order) of its validation documents; ``val_idx`` is sorted."""
+    lo, hi = np.searchsorted(val_idx, [first, first + n])
+    return (val_idx[lo:hi] - first).astype(np.int64)
+
+
+def _write_split(work, spec, shards) -> tuple[list[int], np.ndarray, list[int]]:
+    """Draw the split once (:func:`_val_indices`: a permutation of every kept document, 8
+    bytes each) and write each shard's validation positions (``split/s<index>.npy``), so
+    that each encode task reads its own shards' only (it drew the whole permutation before:
+    50 M documents took 11 s and 0.9 GB per task)."""
+    offsets, val_idx, kept_counts = _val_indices(work, spec, shards)
+    for shard in shards:
+        local = _shard_validation(val_idx, offsets[shard.index], kept_counts[shard.index])
+        work.put_array(f"split/s{shard.index:06d}.npy", local)
+    return offsets, val_idx, kept_counts
+
+
+def _in_validation(work, shard, n: int) -> np.ndarray:
+    """Booleans: which of the shard's ``n`` kept documents are in the validation split.
+
+    Raises:
+        UserError: the shard's split file holds positions outside ``0 .. n - 1`` (not what
+            the job wrote).
+    """
+    rel = f"split/s{shard.index:06d}.npy"
+    local = work.get_array(rel)
+    if (
+        local.ndim != 1
+        or local.dtype.kind not in "iu"
+        or (local.size and (local.min() < 0 or local.max() >= n))
+    ):
+        raise _foreign(work.path(rel), f"not positions among the shard's {n} documents")
+    mask = np.zeros(n, dtype=bool)
+    mask[local] = True
+    return mask
+
+
 class TrainTokenizer(Stage):
-    """One task: the byte-level BPE trained on the train documents in global order; with a
-    given tokenizer, its files in ``tokenizer/`` (:func:`put_tokenizer`) when the driver
-    has not put them there."""
+    """One task: the split (each shard's validation documents, :func:`_write_split`), then
+    the byte-level BPE trained on the train documents in global order; with a given
+    tokenizer, its files in ``tokenizer/`` (:func:`put_tokenizer`) when the driver has not
+    put them there."""
 
     name = "tokenizer"
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:
+        offsets, val_idx, kept_counts = _write_split(work, spec, shards)
         if spec.tokenizer is not None:  # given: put there by the driver (put_tokenizer)
             if not work.listdir("tokenizer"):  # run_job called without it: load it here
                 from llmkit.data.encode import load_pretrained_tokenizer
@@ -649,14 +740,13 @@ class TrainTokenizer(Stage):
 
         from llmkit.core.tokenizer import train_bpe_tokenizer
 
-        offsets, val_idx, kept_counts = _val_indices(work, spec, shards)
         n_train = sum(kept_counts) - len(val_idx)
 
         def texts() -> Iterator[list[str]]:
             for shard in shards:
                 kept = _kept_texts(work, shard)
-                first = offsets[shard.index]
-                in_val = np.isin(np.arange(first, first + len(kept)), val_idx)
+                in_val = np.zeros(len(kept), dtype=bool)
+                in_val[_shard_validation(val_idx, offsets[shard.index], len(kept))] = True
                 yield [t for t, v in zip(kept, in_val, strict=True) if not v]
 
         tok = train_bpe_tokenizer(texts(), spec.vocab_size, length=n_train)
@@ -683,7 +773,11 @@ def _load_tokenizer(work, spec):
     """The job's tokenizer from the work directory's ``tokenizer/``: the one given
     (:func:`put_tokenizer`; loaded as ``prepare`` loads a tokenizer directory) or the one the
     tokenizer stage trained; never running code (``trust_remote_code=False``: a
-    ``tokenizer_config.json`` planted in the work directory that names code is refused)."""
+    ``tokenizer_config.json`` planted in the work directory that names code is refused).
+
+    Raises:
+        UserError: ``tokenizer/`` holds files that are not a tokenizer (not llmkit's).
+    """
     import tempfile
 
     from transformers import AutoTokenizer
@@ -693,34 +787,66 @@ def _load_tokenizer(work, spec):
     with tempfile.TemporaryDirectory() as d:
         for name in work.listdir("tokenizer"):
             Path(d, name).write_bytes(work.read_bytes(f"tokenizer/{name}"))
-        if spec.tokenizer is not None:
-            return load_pretrained_tokenizer(d, trust_remote_code=False)
-        return AutoTokenizer.from_pretrained(d, trust_remote_code=False)
+        try:
+            if spec.tokenizer is not None:
+                return load_pretrained_tokenizer(d, trust_remote_code=False)
+            return AutoTokenizer.from_pretrained(d, trust_remote_code=False)
+        except (UserError, ValueError, OSError, TypeError, KeyError) as err:
+            # a file of another kind (a pickle, a link to a system file...) in tokenizer/
+            what = f"not a tokenizer ({type(err).__name__})"
+            raise _foreign(work.path("tokenizer"), what) from None
+
+
+def _encode_flat(texts: Sequence[str], tok, append_eos: bool) -> np.ndarray:
+    """The token ids of ``texts``, each ending with one EOS (:func:`llmkit.data.encode.
+    encode_batch`), concatenated: int32, 1-D.
+
+    Encoded in batches of at most :data:`~llmkit.data.encode.BATCH_DOCUMENTS` documents and
+    :data:`~llmkit.data.encode.BATCH_BYTES` of text, as ``prepare`` encodes, each batch's ids
+    turned into an int32 array at once: the ids of a whole shard as Python lists took about
+    100 bytes per token (a 25 MB shard of 10.5 M tokens peaked 1083 MiB over its texts; now
+    160 MiB), the array takes 4.
+    """
+    from itertools import chain
+
+    from llmkit.data.encode import BATCH_BYTES, BATCH_DOCUMENTS, encode_batch
+
+    parts: list[np.ndarray] = []
+
+    def flush(batch: list[str]) -> None:
+        ids = encode_batch(batch, tok, eos_token_id=tok.eos_token_id, append_eos=append_eos)
+        n = sum(len(x) for x in ids)
+        parts.append(np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=n))
+
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        batch.append(text)
+        size += len(text.encode("utf-8"))
+        if len(batch) >= BATCH_DOCUMENTS or size >= BATCH_BYTES:
+            flush(batch)
+            batch, size = [], 0
+    if batch:
+        flush(batch)
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
 
 
 class Encode(Stage):
     name = "encode"
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:
-        from llmkit.data.encode import encode_batch, tokenizer_appends_eos
+        from llmkit.data.encode import tokenizer_appends_eos
 
-        offsets, val_idx, _ = _val_indices(work, spec, shards)
         tok = _load_tokenizer(work, spec)
         append_eos = not tokenizer_appends_eos(tok)
 
         def one(shard: Shard) -> None:
             texts = _kept_texts(work, shard)
-            first = offsets[shard.index]
-            in_val = np.isin(np.arange(first, first + len(texts)), val_idx)
+            in_val = _in_validation(work, shard, len(texts))
             counts = {}
             for name, mask in (("train", ~in_val), ("validation", in_val)):
                 sel = [t for t, m in zip(texts, mask, strict=True) if m]
-                ids = encode_batch(sel, tok, eos_token_id=tok.eos_token_id, append_eos=append_eos)
-                flat = (
-                    np.concatenate([np.asarray(x, dtype=np.int32) for x in ids])
-                    if ids
-                    else np.empty(0, dtype=np.int32)
-                )
+                flat = _encode_flat(sel, tok, append_eos)
                 work.put_array(f"tokens/{name}/s{shard.index:06d}.npy", flat)
                 counts[name] = {
                     "documents": len(sel),
@@ -785,6 +911,32 @@ def _machine_share(n: int, machine: int, machines: int) -> tuple[int, int]:
     return offset, max(0, min(per, n - offset))
 
 
+#: Modules the forkserver of the local executor imports once, before it forks the worker
+#: processes of every stage (each worker would import them again otherwise: about 0.7 s per
+#: stage for the job and its cleaning steps, 3 s per encode task for ``transformers``'
+#: tokenizer classes, which import torch). ``"__main__"`` is datatrove's default. The
+#: forkserver starts with the first stage, which takes those seconds once.
+FORKSERVER_PRELOAD = (
+    "__main__",
+    "llmkit.data.distributed.job",
+    "datatrove.executor.local",
+    "llmkit.data.config",
+    "pyarrow.parquet",
+    "pyarrow.acero",  # the groups stage's group_by (0.75 s the first time in a process)
+    "transformers.models.auto.tokenization_auto",
+    "transformers.tokenization_utils_fast",
+)
+
+
+def _preload_forkserver() -> None:
+    """Have the forkserver (of ``multiprocess``, which datatrove's local executor uses)
+    import :data:`FORKSERVER_PRELOAD` once; a module that fails to import is skipped there
+    (and imported by the task that needs it). No effect once the forkserver runs."""
+    import multiprocess
+
+    multiprocess.get_context("forkserver").set_forkserver_preload(list(FORKSERVER_PRELOAD))
+
+
 def build_executors(
     spec: JobSpec, engine: str = "local", *, machine: int = 0, machines: int = 1, **options
 ) -> list:
@@ -815,6 +967,8 @@ def build_executors(
 
     work = Work(spec.work_dir)
     out: list = []
+    if engine == "local" and options.get("workers", 2) != 1:
+        _preload_forkserver()
     for name, n in stage_tasks(spec).items():
         pipeline = [STAGE_CLASSES[name](spec.work_dir)]
         common = {"logging_dir": work.url.rstrip("/") + f"/logs/{name}"}
