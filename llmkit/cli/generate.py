@@ -14,7 +14,7 @@ from llmkit.cli._common import (
     trust_remote_code_option,
     user_errors,
 )
-from llmkit.errors import UserError
+from llmkit.errors import UserError, json_error_text
 from llmkit.generation.settings import GenerationSettings  # no torch: the flags' defaults
 
 DEFAULTS = GenerationSettings()
@@ -83,7 +83,7 @@ def _parse_prompts(text: str, name: str) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(
-                f"{name}, line {number}: not valid JSON ({err.msg})",
+                f"{name}, line {number}: not valid JSON ({json_error_text(err)})",
                 'write one object per line, e.g. {"prompt": "Once upon a time"}',
             ) from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):

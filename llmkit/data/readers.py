@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmkit.data.choices import FORMATS, ON_ERROR, SPLIT_MODES
-from llmkit.errors import UserError
+from llmkit.errors import UserError, json_error_text
 
 #: File kind by extension.
 TEXT_SUFFIXES = (".txt", ".md")
@@ -931,7 +931,7 @@ def parse_jsonl_line(line: str, *, path: Path, lineno: int, text_field: str) -> 
         record = json.loads(line.rstrip("\n"))
     except ValueError as err:
         raise UserError(
-            f"{where}: malformed JSON ({err.msg} at column {err.colno})",
+            f"{where}: malformed JSON ({json_error_text(err)})",
             "expected JSON lines (one object per line) or one JSON array of objects; "
             "--on-error skip skips such lines",
             reason="malformed json",
@@ -1000,7 +1000,7 @@ def json_line_records(
         except ValueError as err:
             source.problem(
                 UserError(
-                    f"{where}: malformed JSON ({err.msg} at column {err.colno})",
+                    f"{where}: malformed JSON ({json_error_text(err)})",
                     "expected JSON lines (one object per line) or one JSON array of objects; "
                     "--on-error skip skips such lines",
                 ),
@@ -1029,7 +1029,7 @@ def _json_array_records(
         records = json.loads(text)
     except ValueError as err:
         raise UserError(
-            f"{source.path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})",
+            f"{source.path}:{err.lineno}: malformed JSON ({json_error_text(err)})",
             "expected JSON lines (one object per line) or one JSON array of objects",
         ) from None
     if not isinstance(records, list):  # pragma: no cover - starts with "[" so it is a list

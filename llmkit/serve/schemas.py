@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmkit.errors import json_error_text
 from llmkit.generation.settings import GREEDY_BELOW
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -135,7 +136,8 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
-        raise bad(f"the request body is not valid JSON: {err}") from None
+        detail = json_error_text(err, line=True)
+        raise bad(f"the request body is not valid JSON: {detail}") from None
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object, not {type(body).__name__}")
     return body

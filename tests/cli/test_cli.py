@@ -164,3 +164,19 @@ def test_train_without_a_recipe_or_data_says_the_defaults_were_used(tmp_path):
     # with an explicit data.path the plain message stays
     got = run_probe(["train", "data.path=nowhere"], tmp_path)
     assert "no --config given" not in got["stderr"]
+
+
+def test_a_prompts_file_with_malformed_json_names_line_and_column(tmp_path):
+    """Was 'not valid JSON (Unterminated string starting at)': json's msg without its
+    position."""
+    from llmkit.cli.generate import read_prompts
+    from llmkit.errors import UserError
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "abc}\n')
+    with pytest.raises(UserError) as err:
+        read_prompts(None, prompts)
+    assert str(err.value) == (
+        f"{prompts}, line 2: not valid JSON (Unterminated string starting at column 12) — "
+        'write one object per line, e.g. {"prompt": "Once upon a time"}'
+    )

@@ -278,3 +278,33 @@ def test_glob_of_real_files_and_metadata_field_counts_in_the_manifest(tmp_path):
         assert entry["fields"]["text"] == 10 and entry["fields"]["metadata"] == 10
         assert set(entry["fields"]) >= {"id", "metadata", "source", "text"}
     assert m["stages"]["read"]["documents_out"] == 20
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        (
+            "bad.jsonl",
+            '{"text": "abc}\n',
+            ":1: malformed JSON (Unterminated string starting at column 10)",
+        ),
+        (
+            "chat.jsonl",
+            '{"messages": "abc}\n',
+            ":1: malformed JSON (Unterminated string starting at column 14)",
+        ),
+        (
+            "bad.json",
+            '[{"text": "a\x01"}]\n',
+            ":1: malformed JSON (Invalid control character at column 13)",
+        ),
+    ],
+)
+def test_malformed_json_names_its_position_with_one_at(tmp_path, name, content, expected):
+    from llmkit.data.pipeline import prepare
+
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    kwargs = {"format": "chat"} if name.startswith("chat") else {}
+    with pytest.raises(UserError) as info:
+        prepare([tmp_path / name], tmp_path / "out", cache=False, **kwargs)
+    assert str(info.value).split(" — ")[0].endswith(name + expected)
