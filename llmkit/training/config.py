@@ -585,7 +585,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             ill-typed or out-of-range value.
     """
     data: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
-    source = "the defaults" if path is None else str(Path(path))
+    in_file = _dotted_keys(data)
+    overridden: set[str] = set()
     for text in overrides or []:
         keys, value = parse_override(text)
         node = data
@@ -596,8 +597,38 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
                 node[k] = child
             node = child
         node[keys[-1]] = value
-        source = "the command-line overrides" if path is None else f"{path} or its overrides"
+        overridden.add(".".join(keys))
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise _format_error(err, source) from None
+        loc = ".".join(str(p) for p in err.errors()[0]["loc"] if not isinstance(p, int))
+        raise _format_error(err, _source(loc, path, in_file, overridden)) from None
+
+
+def _dotted_keys(data: Any, prefix: str = "") -> set[str]:
+    """Every dotted key a recipe mapping sets, sections included (``train``,
+    ``train.max_steps``)."""
+    if not isinstance(data, dict):
+        return set()
+    keys = set()
+    for key, value in data.items():
+        keys.add(f"{prefix}{key}")
+        keys |= _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _source(loc: str, path: str | Path | None, in_file: set[str], overridden: set[str]) -> str:
+    """Where the value at ``loc`` (a dotted key, or a section for a check across its keys)
+    was written, for an error's wording: the recipe file, the command-line overrides, or
+    both when a section's keys come from each (an override wins over the file)."""
+
+    def touches(keys: set[str]) -> bool:
+        return any(k == loc or loc.startswith(k + ".") or k.startswith(loc + ".") for k in keys)
+
+    by_override = touches(overridden)
+    exact = any(k == loc or loc.startswith(k + ".") for k in overridden)
+    if path is None or (by_override and (exact or not touches(in_file))):
+        return "the command-line overrides"
+    if by_override:
+        return f"{path} or its overrides"
+    return str(Path(path))

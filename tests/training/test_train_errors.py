@@ -342,3 +342,49 @@ def test_overwrite_never_touches_a_directory_llmkit_did_not_write(
     base = ["train", f"data.path={data}", f"out_dir={run}", *TINY, "--no-progress"]
     assert CliRunner().invoke(app, base).exit_code == 0
     assert CliRunner().invoke(app, [*base, "--overwrite"]).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "overrides", "source"),
+    [
+        (0, [], "{cfg}"),  # the file's own value: the file, without "or its overrides"
+        (5, ["train.max_steps=0"], "the command-line overrides"),  # the override wins
+        (0, ["train.learning_rate=1"], "{cfg}"),  # another key overridden: the file's value
+    ],
+)
+def test_a_bad_value_names_where_it_was_written(tmp_path, max_steps, overrides, source):
+    """Was "`train.max_steps` in r.yaml or its overrides" whenever any override was given."""
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"train: {{max_steps: {max_steps}}}\n")
+    with pytest.raises(UserError) as err:
+        load_recipe(cfg, overrides)
+    assert err.value.message.startswith(
+        f"`train.max_steps` in {source.format(cfg=cfg)}: Input should be greater than or equal"
+    )
+
+
+def test_a_check_across_a_section_names_file_and_overrides_only_when_both_wrote_it(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("model: {n_embd: 30, n_head: 4}\n")
+    for overrides, source in (
+        ([], f"{cfg}"),
+        (["train.max_steps=3"], f"{cfg}"),
+        (["model.n_layer=2"], f"{cfg} or its overrides"),
+    ):
+        with pytest.raises(UserError) as err:
+            load_recipe(cfg, overrides)
+        assert err.value.message == (
+            f"`model` in {source}: n_embd (30) must be divisible by n_head (4)"
+        )
+
+
+def test_a_recipe_without_data_path_says_the_default_was_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("model: {n_layer: 1}\n")
+    result = CliRunner().invoke(app, ["train", "--config", str(cfg)])
+    assert _one_error_line(result) == (
+        f"error: data/shakespeare does not exist ({cfg} sets no data.path: the built-in defaults "
+        f"read data.path=data/shakespeare) — add data.path to {cfg}, or pass data.path=DIR of a "
+        "`llmkit prepare` output"
+    )
