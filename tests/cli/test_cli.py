@@ -94,6 +94,7 @@ def run_probe(args: list[str], cwd) -> dict:
         (["chat", "--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
         (["eval", "-m", "x", "-d", "missing.txt"], "missing.txt does not exist"),
         (["eval", "-m", "x", "-d", ".", "--max-length", "8", "--stride", "9"], "--stride 9"),
+        (["eval", "-m", "x", "-d", ".", "--stride", "0"], "--stride 0 must be at least 1 — "),
         (["eval", "-m", "x", "-d", ".", "--split", "test"], "unknown split 'test'"),
         (["eval", "-m", "x", "--tasks", "hellaswag", "--limit", "0"], "--limit 0"),
         (["serve", "--max-batch-size", "0"], "--max-batch-size 0 must be at least 1"),
