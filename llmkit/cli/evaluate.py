@@ -201,7 +201,7 @@ def eval_command(
     include_path: list[str] = typer.Option(
         None,
         "--include-path",
-        help="With --tasks: a directory of task YAMLs to add (repeatable).",
+        help="With --tasks: a directory of task YAMLs (searched recursively) to add (repeatable).",
         show_default=False,
     ),
     limit: int = typer.Option(
