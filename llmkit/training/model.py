@@ -163,7 +163,12 @@ def load_pretrained(name: str, config, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmkit.security import is_remote_code_error, remote_code_error
+    from llmkit.security import (
+        is_remote_code_error,
+        quiet_torch_pickle_warnings,
+        refused_weights_error,
+        remote_code_error,
+    )
 
     source = _source(name)
     where, kwargs = source.where, {}
@@ -173,17 +178,21 @@ def load_pretrained(name: str, config, trust_remote_code: bool = False):
         kwargs["gguf_file"] = source.kwargs["gguf_file"]
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            where,
-            config=config,
-            dtype=torch.float32,
-            attn_implementation="sdpa",
-            trust_remote_code=trust_remote_code,
-            **kwargs,
-        )
+        with quiet_torch_pickle_warnings():
+            model = AutoModelForCausalLM.from_pretrained(
+                where,
+                config=config,
+                dtype=torch.float32,
+                attn_implementation="sdpa",
+                trust_remote_code=trust_remote_code,
+                **kwargs,
+            )
     except Exception as err:
         if is_remote_code_error(err):
             raise remote_code_error(name, where) from None
+        refused = refused_weights_error(name, err)
+        if refused is not None:
+            raise refused from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load {name}: {first[:160]}") from err
     quantizer = getattr(model, "hf_quantizer", None)
