@@ -21,15 +21,16 @@ def _progress_bar(enabled: bool, label: str = "scoring") -> Iterator:
     if not enabled:
         yield None
         return
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from llmkit.core.console import make_console
 
     bar = Progress(
         label,
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=make_console(stderr=True),
         transient=True,
     )
     task = bar.add_task(label, total=None)
@@ -389,9 +390,9 @@ def _show_tokens(
     if json_out:
         typer.echo(json.dumps(view, ensure_ascii=False))
         return
-    from rich.console import Console
+    from llmkit.core.console import make_console
 
-    console = Console()
+    console = make_console()
     for part in render_tokens(view):
         console.print(part)
 
@@ -432,9 +433,9 @@ def _score_data(
         if json_out:
             typer.echo(json.dumps(result))
     if not json_out:
-        from rich.console import Console
+        from llmkit.core.console import make_console
 
-        Console().print(results_table(results))
+        make_console().print(results_table(results))
 
 
 def _run_tasks(
@@ -474,9 +475,9 @@ def _run_tasks(
         if json_out:
             typer.echo(json.dumps(result))
     if not json_out:
-        from rich.console import Console
+        from llmkit.core.console import make_console
 
-        Console().print(tasks_table(results))
+        make_console().print(tasks_table(results))
 
 
 def register(app: typer.Typer) -> None:

@@ -903,10 +903,10 @@ def prepare(
             with documents; ``chat_template="tokenizer"`` for a tokenizer without one; no
             conversation left to write.
     """
-    from rich.console import Console
+    from llmkit.core.console import make_console
 
     started = time.perf_counter()
-    console = console if console is not None else Console(stderr=True)
+    console = console if console is not None else make_console(stderr=True)
     if isinstance(config, PrepareSettings):
         settings = config
     else:

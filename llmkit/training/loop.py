@@ -125,8 +125,9 @@ def _train(
     _state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The body of :func:`train`: recipe, then plan, setup, fit, finish."""
-    from rich.console import Console
     from transformers.utils import logging as hf_logging
+
+    from llmkit.core.console import make_console
 
     recipe = config if isinstance(config, Recipe) else load_recipe(config, list(overrides))
     if trust_remote_code and not recipe.model.trust_remote_code:
@@ -136,7 +137,7 @@ def _train(
     # "pass an attention_mask" warning does not apply; shard-writing bars add nothing here.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    logger = MetricLogger(Console(stderr=True), main=is_main_rank(), progress=progress)
+    logger = MetricLogger(make_console(stderr=True), main=is_main_rank(), progress=progress)
 
     plan = make_plan(recipe, logger, resume=resume, dry_run=dry_run)
     if dry_run:
