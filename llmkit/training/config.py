@@ -139,7 +139,12 @@ class TrainConfig(_Section):
         description="Autocast dtype; weights, gradients and optimizer state stay float32. "
         "fp16 adds a dynamic loss scaler (torch.amp.GradScaler) that skips overflowing steps.",
     )
-    seed: int = Field(1337, description="Seed for weights, dropout and data order.")
+    seed: int = Field(
+        1337,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed for weights, dropout and data order (NumPy's seeds: 0 to 2**32 - 1).",
+    )
     log_interval: int = Field(10, ge=1, description="Steps between metric lines.")
     save_interval: int = Field(
         500,

@@ -91,6 +91,12 @@ def run_probe(args: list[str], cwd) -> dict:
         (["generate", "--device", "gpu", "hi"], "unknown device 'gpu'"),
         (["generate", "--dtype", "float8", "hi"], "unknown dtype 'float8'"),
         (["generate", "--batch-size", "0", "hi"], "--batch-size 0 must be at least 1"),
+        # were an OverflowError traceback, and 9.8 GB over 4 minutes
+        (["generate", "--seed", str(2**64), "hi"], f"--seed {2**64} is outside torch's range"),
+        (["chat", "--seed", str(-(2**63) - 1)], "is outside torch's range"),
+        (["generate", "-n", "1000000", "hi"], "--num-return-sequences 1000000 is more than 1024"),
+        (["train", "train.seed=4294967296"], "`train.seed` in the command-line overrides: "),
+        (["train", "train.seed=-1"], "`train.seed` in the command-line overrides: "),
         (["chat", "--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
         (["eval", "-m", "x", "-d", "missing.txt"], "missing.txt does not exist"),
         (["eval", "-m", "x", "-d", ".", "--max-length", "8", "--stride", "9"], "--stride 9"),
