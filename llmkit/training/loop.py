@@ -29,7 +29,12 @@ from llmkit.training.fit import fit
 from llmkit.training.logger import MetricLogger
 from llmkit.training.plan import dry_run as print_plan
 from llmkit.training.plan import is_main_rank, make_plan
-from llmkit.training.rundir import TrainingInterrupted, interrupted_message, prepare_run_dir
+from llmkit.training.rundir import (
+    TrainingInterrupted,
+    interrupted_message,
+    prepare_run_dir,
+    restore_previous_run,
+)
 from llmkit.training.setup import make_accelerator, setup
 
 __all__ = ["TrainingInterrupted", "train"]
@@ -103,6 +108,7 @@ def train(
             raise  # nothing written yet
         raise TrainingInterrupted(interrupted_message(state["run_dir"], None)) from None
     except OSError as err:
+        _put_back_previous_run(state)
         if err.filename is None and err.errno not in _DISK_ERRNOS:
             raise
         where = f"{err.filename}: " if err.filename else ""
@@ -110,6 +116,16 @@ def train(
             f"cannot write {where}{err.strerror or err}",
             "check the disk space and permissions of the run directory",
         ) from None
+    except Exception:
+        _put_back_previous_run(state)
+        raise
+
+
+def _put_back_previous_run(state: dict[str, Any]) -> None:
+    """A run that failed before its first checkpoint (main process): the finished run that
+    ``--overwrite`` set aside goes back in place (:func:`restore_previous_run`)."""
+    if "run_dir" in state and is_main_rank():
+        restore_previous_run(state["run_dir"])
 
 
 def _train(
