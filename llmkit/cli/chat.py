@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from llmkit.cli._common import (
+    Utf8Lines,
     check_device_dtype,
     threads_option,
     trust_remote_code_option,
@@ -85,7 +86,7 @@ def chat_command(
     )
     session = ChatSession(lm, tokenizer, settings, system=system)  # checks the template
     announce_threads()
-    chat_loop(session)
+    chat_loop(session, Utf8Lines())
 
 
 def register(app: typer.Typer) -> None:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import typer
 
-from llmkit.cli._common import check_device_dtype, threads_option, user_errors
+from llmkit.cli._common import check_device_dtype, threads_option, user_errors, utf8_text
 from llmkit.errors import UserError
 
 
@@ -341,7 +341,12 @@ def _check_mode(
     Raises:
         UserError: none or several modes; a harness flag without ``--tasks``.
     """
-    modes = [m for m, on in (("--data", data), ("--tokens", tokens), ("--tasks", tasks)) if on]
+    if tokens is not None:
+        if not tokens.strip():
+            raise UserError("--tokens is empty", "give the text to score, e.g. --tokens 'To be'")
+        utf8_text(tokens, "--tokens")
+    given = (("--data", data), ("--tokens", tokens is not None), ("--tasks", tasks))
+    modes = [m for m, on in given if on]
     if not modes:
         raise UserError(
             "nothing to score",
