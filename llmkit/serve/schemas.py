@@ -131,7 +131,9 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object.
 
     Raises:
-        ApiError: 400 when the body is not JSON or not an object.
+        ApiError: 400 when the body is not JSON or not an object, or when a string of it
+            holds a lone surrogate escape (``"\\udcff"``: valid JSON, but no UTF-8 text; the
+            tokenizer failed on it with a 500).
     """
     try:
         body = json.loads(raw)
@@ -140,6 +142,13 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise bad(f"the request body is not valid JSON: {detail}") from None
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object, not {type(body).__name__}")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad_char = err.object[err.start : err.end].encode("unicode_escape").decode("ascii")
+        raise bad(
+            f"the request body holds a lone surrogate escape ({bad_char}), which is not text"
+        ) from None
     return body
 
 
