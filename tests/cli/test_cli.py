@@ -106,6 +106,9 @@ def run_probe(args: list[str], cwd) -> dict:
         (["serve", "--max-batch-size", "0"], "--max-batch-size 0 must be at least 1"),
         (["serve", "--threads", "0"], "--threads 0 must be at least 1"),
         (["serve", "--port", "70000"], "--port 70000 is not a port number"),
+        (["serve", "--batch-wait-ms", "nan"], "--batch-wait-ms nan is not a number from 0 to"),
+        (["serve", "--batch-wait-ms", "inf"], "--batch-wait-ms inf is not a number from 0 to"),
+        (["serve", "--batch-wait-ms", "-1"], "--batch-wait-ms -1.0 is negative"),
     ],
 )
 def test_bad_flags_fail_before_torch_is_imported(tmp_path, args, needle):
