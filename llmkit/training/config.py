@@ -22,12 +22,16 @@ from pydantic import (
     model_validator,
 )
 
-from llmkit.core.yamlfile import read_yaml
+from llmkit.core.yamlfile import read_yaml, safe_load
 from llmkit.errors import UserError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: NaN and infinity are refused for every number (train.epochs=.inf
+    # was an OverflowError traceback, train.learning_rate=.inf passed the dry run)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False
+    )
 
 
 class DataConfig(_Section):
@@ -529,6 +533,7 @@ def _type_hint(loc: str, info: Any, error: dict) -> str | None:
 _TYPE_WORDS = {
     "int_": "an integer",
     "float_": "a number",
+    "finite_number": "a finite number",
     "bool_": "true or false",
     "string_": "a string",
     "list_": "a list",
@@ -549,7 +554,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             "write e.g. train.learning_rate=3e-4",
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value

@@ -122,9 +122,11 @@ def train(
 
 
 def _put_back_previous_run(state: dict[str, Any]) -> None:
-    """A run that failed before its first checkpoint (main process): the finished run that
-    ``--overwrite`` set aside goes back in place (:func:`restore_previous_run`)."""
-    if "run_dir" in state and is_main_rank():
+    """A run that failed before training started (main process; e.g. the model did not load):
+    the finished run that ``--overwrite`` set aside goes back in place
+    (:func:`restore_previous_run`). A run that failed while training (a non-finite loss)
+    keeps its metrics for reading, and the finished run stays aside (``.NAME.previous``)."""
+    if "run_dir" in state and "training" not in state and is_main_rank():
         restore_previous_run(state["run_dir"])
 
 
@@ -168,5 +170,7 @@ def _train(
     if _state is not None:
         _state["run_dir"] = plan.run_dir
     run = setup(plan, accelerator, logger)
+    if _state is not None:
+        _state["training"] = True  # from here a failed run keeps what it wrote, to be read
     state = fit(plan, run, on_step)
     return finish(plan, run, state)

@@ -102,7 +102,7 @@ def previous_run_dir(run_dir: Path) -> Path:
 
 def restore_previous_run(run_dir: Path) -> bool:
     """Put back the finished run ``--overwrite`` set aside (:func:`previous_run_dir`) when the
-    new run stopped on an error before its first checkpoint: a mistake found while the model
+    new run stopped on an error before training started: a mistake found while the model
     loads (a bad ``model.name_or_path``, refused weights...) must not leave ``run_dir`` empty
     and the finished model hidden. What the new run wrote (its run files only) is removed
     first; the finished marker is moved back last. Returns True when restored (False: nothing
