@@ -52,7 +52,7 @@ def auto_map_files(where: str | Path) -> list[str]:
     for name in ("config.json", "tokenizer_config.json"):
         try:
             data = json.loads((path / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
         auto_map = data.get("auto_map") if isinstance(data, dict) else None
         if not isinstance(auto_map, dict):

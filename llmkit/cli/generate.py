@@ -83,7 +83,7 @@ def _parse_prompts(text: str, name: str) -> list[str]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
+        except (ValueError, RecursionError) as err:
             raise UserError(
                 f"{name}, line {number}: not valid JSON ({json_error_text(err)})",
                 'write one object per line, e.g. {"prompt": "Once upon a time"}',

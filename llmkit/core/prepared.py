@@ -246,7 +246,7 @@ def _bad_file(split: Path) -> Path:
     for name in ("state.json", "dataset_info.json"):
         try:
             json.loads((split / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return split / name
     return split
 

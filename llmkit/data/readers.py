@@ -932,7 +932,7 @@ def parse_jsonl_line(line: str, *, path: Path, lineno: int, text_field: str) -> 
     where = f"{path}:{lineno}"
     try:
         record = json.loads(line.rstrip("\n"))
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise UserError(
             f"{where}: malformed JSON ({json_error_text(err)})",
             "expected JSON lines (one object per line) or one JSON array of objects; "
@@ -1000,7 +1000,7 @@ def json_line_records(
         where = f"{source.path}:{lineno}"
         try:
             record = json.loads(line.rstrip("\n"))
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             source.problem(
                 UserError(
                     f"{where}: malformed JSON ({json_error_text(err)})",
@@ -1018,6 +1018,12 @@ def json_line_records(
             source.problem(err, reason(err), on_error)
 
 
+def _json_line(err: BaseException) -> str:
+    """``:LINE`` of a JSON parse error, ``""`` when it has none (a ``RecursionError``)."""
+    lineno = getattr(err, "lineno", None)
+    return f":{lineno}" if lineno is not None else ""
+
+
 def _json_array_records(
     source: InputFile,
     first: str,
@@ -1030,9 +1036,9 @@ def _json_array_records(
     text = first + "".join(line for _, line in rest)
     try:
         records = json.loads(text)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise UserError(
-            f"{source.path}:{err.lineno}: malformed JSON ({json_error_text(err)})",
+            f"{source.path}{_json_line(err)}: malformed JSON ({json_error_text(err)})",
             "expected JSON lines (one object per line) or one JSON array of objects",
         ) from None
     if not isinstance(records, list):  # pragma: no cover - starts with "[" so it is a list
@@ -1705,13 +1711,13 @@ def peek_record(source: InputFile) -> object | None:
                 text = line + b"".join(stream).decode("utf-8", errors="replace")
                 try:
                     records = json.loads(text)
-                except ValueError:
+                except (ValueError, RecursionError):
                     return None
                 return next((r for r in records if isinstance(r, dict)), None)
             seen += 1
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 record = None
             if isinstance(record, dict):
                 return record

@@ -137,7 +137,7 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     """
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         detail = json_error_text(err, line=True)
         raise bad(f"the request body is not valid JSON: {detail}") from None
     if not isinstance(body, dict):

@@ -104,7 +104,7 @@ def read_state(checkpoint: str | Path) -> dict[str, Any]:
         if not isinstance(state, dict):
             raise ValueError("not a JSON object")
         return state
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         if path.is_file():  # there, but truncated or edited: a damaged checkpoint
             raise _damaged(Path(checkpoint), path, f"cannot be read ({_why(err)})") from None
         raise UserError(
@@ -701,7 +701,7 @@ def load_checkpoint(accelerator, checkpoint: str | Path, scheduler=None) -> dict
     rng_file = ckpt / RNG_FILE.format(rank=accelerator.process_index)
     try:
         set_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:  # RecursionError
         raise _damaged(ckpt, rng_file, _why(err)) from None
     return state
 

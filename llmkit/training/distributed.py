@@ -144,7 +144,7 @@ def _read_deepspeed_config(path: str) -> dict[str, Any]:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
         raise UserError(f"cannot read distributed.deepspeed_config {path}: {err.strerror}") from err
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise UserError(
             f"distributed.deepspeed_config {path} is not valid JSON "
             f"({json_error_text(err, line=True)})",

@@ -308,3 +308,38 @@ def test_malformed_json_names_its_position_with_one_at(tmp_path, name, content, 
     with pytest.raises(UserError) as info:
         prepare([tmp_path / name], tmp_path / "out", cache=False, **kwargs)
     assert str(info.value).split(" — ")[0].endswith(name + expected)
+
+
+DEEP = "[" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("deep.jsonl", '{"text": ' + DEEP + "}\n", "deep.jsonl:1: malformed JSON"),
+        ("deep.json", "[" + DEEP + "]\n", "deep.json: malformed JSON"),
+    ],
+)
+def test_json_nested_past_the_recursion_limit_is_malformed(tmp_path, name, content, expected):
+    """json.loads raises RecursionError, not a JSONDecodeError, for such nesting: it was a
+    traceback."""
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        prepare([tmp_path / name], tmp_path / "out", cache=False)
+    assert info.value.message == (
+        f"{tmp_path / expected} (nested more deeply than the JSON reader allows)"
+    )
+    if name.endswith(".jsonl"):  # skipped and counted like any malformed line
+        (tmp_path / "ok.jsonl").write_text('{"text": "one document of text"}\n')
+        m = prepare(
+            [tmp_path / name, tmp_path / "ok.jsonl"],
+            tmp_path / "out2",
+            cache=False,
+            on_error="skip",
+            block_size=2,
+            vocab_size=257,
+            val_fraction=0,
+            plot=False,
+        )
+        skipped = [f.get("skipped") for f in m["inputs"] if f["path"].endswith(name)]
+        assert skipped == [{"malformed json": 1}], m["inputs"]

@@ -294,3 +294,15 @@ def test_a_request_body_of_text_in_any_script_passes():
     from llmkit.serve.schemas import parse_json
 
     assert parse_json('{"prompt": "naïve 日本 😀"}'.encode())["prompt"] == "naïve 日本 😀"
+
+
+def test_a_body_nested_past_the_recursion_limit_is_a_400():
+    """json.loads raised RecursionError, which no handler caught: a 500."""
+    from llmkit.serve.schemas import parse_json
+
+    with pytest.raises(ApiError) as info:
+        parse_json(b'{"prompt": ' + b"[" * 100_000 + b"}")
+    assert info.value.status == 400
+    assert info.value.message == (
+        "the request body is not valid JSON: nested more deeply than the JSON reader allows"
+    )
