@@ -111,6 +111,10 @@ def clean_overrides(
     regions = None
     if pii_region is not None:
         regions = [r.strip() for r in pii_region.split(",") if r.strip()]
+        if not regions:
+            from llmkit.errors import UserError
+
+            raise UserError("--pii-region is empty", "give ISO 3166 codes such as US,GB,DE")
     return _set(
         {},
         filters=_filter_overrides(filters, no_filters, languages),

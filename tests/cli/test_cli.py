@@ -105,6 +105,10 @@ def run_probe(args: list[str], cwd) -> dict:
         (["eval", "-m", "x", "--tasks", "hellaswag", "--limit", "0"], "--limit 0"),
         (["serve", "--max-batch-size", "0"], "--max-batch-size 0 must be at least 1"),
         (["serve", "--threads", "0"], "--threads 0 must be at least 1"),
+        # a segmentation fault while libraries loaded
+        (["train", "--threads", "100000"], "--threads 100000 is more than "),
+        (["generate", "--threads", "100000", "hi"], "--threads 100000 is more than "),
+        (["prepare", "x.txt", "-o", "o", "--pii-region", ","], "--pii-region is empty"),
         (["serve", "--port", "70000"], "--port 70000 is not a port number"),
         (["serve", "--batch-wait-ms", "nan"], "--batch-wait-ms nan is not a number from 0 to"),
         (["serve", "--batch-wait-ms", "inf"], "--batch-wait-ms inf is not a number from 0 to"),
