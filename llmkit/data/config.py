@@ -471,14 +471,8 @@ class PrepareSettings(_Section):
         if self.text_field is not None and not self.text_field:
             name = setting_name("text_field", _source(info, "text_field"))
             raise UserError(f"{name} is empty", "name the JSON field holding the text")
-        if self.num_proc is not None and self.num_proc < 1:
-            from llmkit.data.pipeline import default_num_proc
-
-            raise UserError(
-                f"{subject('num_proc')} must be at least 1",
-                f"give 1 to {default_num_proc()} worker processes, or leave it out to use every "
-                f"usable core ({default_num_proc()} here)",
-            )
+        if self.num_proc is not None:
+            _check_num_proc(subject("num_proc"), self.num_proc)
         if self.seed < 0:
             raise UserError(f"{subject('seed')} is negative", "give a seed of 0 or more")
         return self
@@ -609,6 +603,29 @@ assert tuple(FiltersSettings.model_fields) == FILTER_NAMES
 def _section_of(model: type[BaseModel], key: str) -> type[BaseModel] | None:
     ann = model.model_fields[key].annotation
     return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _check_num_proc(subject: str, num_proc: int) -> None:
+    """Refuse fewer than 1 worker process, or more than :data:`llmkit.runtime.
+    MAX_THREADS_PER_CORE` per usable core (processes beyond the cores only wait, and a large
+    corpus starts one per 2 MiB up to ``num_proc``: ``--num-proc 100000`` asked for
+    hundreds)."""
+    from llmkit.data.pipeline import default_num_proc
+    from llmkit.runtime import MAX_THREADS_PER_CORE, usable_cores
+
+    hint = (
+        f"give 1 to {default_num_proc()} worker processes, or leave it out to use every "
+        f"usable core ({default_num_proc()} here)"
+    )
+    if num_proc < 1:
+        raise UserError(f"{subject} must be at least 1", hint)
+    most = MAX_THREADS_PER_CORE * usable_cores()
+    if num_proc > most:
+        raise UserError(
+            f"{subject} is more than {most} ({MAX_THREADS_PER_CORE} per core of the "
+            f"{usable_cores()} this process may run on)",
+            hint,
+        )
 
 
 def _in(source: str | None) -> str:

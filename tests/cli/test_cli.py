@@ -109,6 +109,7 @@ def run_probe(args: list[str], cwd) -> dict:
         (["train", "--threads", "100000"], "--threads 100000 is more than "),
         (["generate", "--threads", "100000", "hi"], "--threads 100000 is more than "),
         (["prepare", "x.txt", "-o", "o", "--pii-region", ","], "--pii-region is empty"),
+        (["prepare", "x.txt", "-o", "o", "--num-proc", "100000"], "--num-proc 100000 is more"),
         (["serve", "--port", "70000"], "--port 70000 is not a port number"),
         (["serve", "--batch-wait-ms", "nan"], "--batch-wait-ms nan is not a number from 0 to"),
         (["serve", "--batch-wait-ms", "inf"], "--batch-wait-ms inf is not a number from 0 to"),
