@@ -49,7 +49,11 @@ def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[s
                     "give a text file with one prompt per line",
                 ) from None
             except OSError as err:
-                raise UserError(f"cannot read {prompts_file}: {err.strerror}") from None
+                raise UserError(
+                    f"cannot read {prompts_file}: {err.strerror}",
+                    "give --prompts-file a text file (one prompt per line), or - for standard "
+                    "input",
+                ) from None
         from_file = _parse_prompts(text, name)
         if not from_file:
             raise UserError(

@@ -95,6 +95,7 @@ def run_probe(args: list[str], cwd) -> dict:
         (["generate", "--seed", str(2**64), "hi"], f"--seed {2**64} is outside torch's range"),
         (["chat", "--seed", str(-(2**63) - 1)], "is outside torch's range"),
         (["generate", "-n", "1000000", "hi"], "--num-return-sequences 1000000 is more than 1024"),
+        (["generate", "-f", "."], "cannot read .: Is a directory — give --prompts-file a text"),
         (["train", "train.seed=4294967296"], "`train.seed` in the command-line overrides: "),
         (["train", "train.seed=-1"], "`train.seed` in the command-line overrides: "),
         (["chat", "--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
