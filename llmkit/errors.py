@@ -55,3 +55,30 @@ def require(module: str, message: str, hint: str) -> None:
         missing = isinstance(err, ModuleNotFoundError) and err.name == module.split(".")[0]
         detail = "which is not installed" if missing else f"which cannot be imported ({err})"
         raise UserError(f"{message}, {detail}", hint) from None
+
+
+def json_error_text(err: ValueError | RecursionError, *, line: bool = False) -> str:
+    """What a JSON parse error says, for a one-line message: ``"Unterminated string starting
+    at column 10"``, ``"Expecting value at line 3, column 1"`` (with ``line``).
+
+    :class:`json.JSONDecodeError`'s ``msg`` sometimes ends with "at" already ("Unterminated
+    string starting at", "Invalid control character at"), its position following in ``str``;
+    every message llmkit composes from one goes through here, so the position is written once.
+    Any other ``ValueError`` (e.g. a ``UnicodeDecodeError``) gives its first line; a
+    ``RecursionError`` (``[[[[...`` nested past Python's recursion limit, which ``json.loads``
+    raises instead of a ``JSONDecodeError``) says so.
+
+    Args:
+        err: the error ``json.loads`` raised.
+        line: name the line too (a whole file parsed at once); off for one line of JSON lines,
+            whose line number the caller gives.
+    """
+    if isinstance(err, RecursionError):  # json's C scanner recurses once per nesting level
+        return "nested more deeply than the JSON reader allows"
+    msg = getattr(err, "msg", None)
+    if msg is None or not hasattr(err, "colno"):
+        text = str(err).strip()
+        return text.splitlines()[0] if text else type(err).__name__
+    msg = msg.removesuffix(" at")
+    where = f"line {err.lineno}, column {err.colno}" if line else f"column {err.colno}"
+    return f"{msg} at {where}"

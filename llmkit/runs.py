@@ -26,7 +26,7 @@ def read_run_info(path: str | Path) -> dict | None:
     marker = Path(path) / RUN_MARKER
     try:
         return json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

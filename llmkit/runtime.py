@@ -49,16 +49,31 @@ def load_average() -> float | None:
         return None
 
 
+#: ``--threads`` above this many times the usable cores is refused: each thread is an OS
+#: thread with its own stack (``--threads 100000`` ended in a segmentation fault while
+#: libraries loaded); more threads than cores only wait on each other.
+MAX_THREADS_PER_CORE = 4
+
+
 def check_threads(threads: int | None) -> None:
-    """Refuse a ``--threads`` value below 1 (no torch needed).
+    """Refuse a ``--threads`` value below 1 or above :data:`MAX_THREADS_PER_CORE` times the
+    usable cores (no torch needed); between the cores and that bound a warning says why it
+    is slow (:func:`choose_threads`).
 
     Raises:
-        UserError: ``threads`` < 1.
+        UserError: ``threads`` < 1, or far more than the cores.
     """
     if threads is not None and threads < 1:
         raise UserError(
             f"--threads {threads} must be at least 1",
             f"e.g. --threads 1 on a busy machine, up to {usable_cores()} here",
+        )
+    most = MAX_THREADS_PER_CORE * usable_cores()
+    if threads is not None and threads > most:
+        raise UserError(
+            f"--threads {threads} is more than {most} ({MAX_THREADS_PER_CORE} per core of the "
+            f"{usable_cores()} this process may run on)",
+            f"use at most {usable_cores()} here: more threads than cores wait on each other",
         )
 
 

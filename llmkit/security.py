@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from llmkit.errors import UserError
@@ -50,7 +52,7 @@ def auto_map_files(where: str | Path) -> list[str]:
     for name in ("config.json", "tokenizer_config.json"):
         try:
             data = json.loads((path / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
         auto_map = data.get("auto_map") if isinstance(data, dict) else None
         if not isinstance(auto_map, dict):
@@ -129,3 +131,42 @@ def check_pickle_globals(data: bytes, allowed: set[str] | frozenset[str]) -> Non
         raise
     except Exception as err:  # truncated, garbage: UnpicklingError, EOFError, ValueError...
         raise UnsafePickle(f"not a readable pickle ({type(err).__name__})") from None
+
+
+def torch_pickle_refusal(err: BaseException) -> str | None:
+    """What torch's restricted unpickler (``torch.load(weights_only=True)``, the default of
+    torch >= 2.6, which transformers also uses for ``pytorch_model.bin``) refused in a file,
+    e.g. ``"Unsupported global: GLOBAL argparse.Namespace"``; None when ``err`` is not that
+    refusal. Nothing of a refused file ran."""
+    text = str(err)
+    if "Weights only load failed" not in text:
+        return None
+    detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+    return detail[0].split(" was not an allowed global")[0][:100] if detail else ""
+
+
+@contextmanager
+def quiet_torch_pickle_warnings() -> Iterator[None]:
+    """Within the block, torch's two-line ``UserWarning`` "Detected pickle protocol N in the
+    checkpoint ..." (``torch/_weights_only_unpickler.py``, printed before it refuses a plain
+    pickle) is not shown: llmkit's own one-line refusal follows (SPEC §6). Only that warning,
+    only in the block (``warnings.catch_warnings`` restores the filters after)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield
+
+
+def refused_weights_error(name: str, err: BaseException) -> UserError | None:
+    """The one-line error for a model whose pickled weights (``pytorch_model.bin``) torch's
+    restricted unpickler refused (:func:`torch_pickle_refusal`), else None."""
+    detail = torch_pickle_refusal(err)
+    if detail is None:
+        return None
+    return UserError(
+        f"cannot load {name}: its pickled weights (.bin) are refused: they hold more than "
+        f"tensors and numbers ({detail}); nothing of them was run",
+        "use a model saved as safetensors (save_pretrained's default), or convert this one "
+        "yourself only if you trust where it came from",
+    )

@@ -275,7 +275,7 @@ def _file_holds(path: Path, template: str) -> bool:
         return text == template or text.strip() == template.strip()
     try:
         value = json.loads(text).get("chat_template")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return False
     if isinstance(value, list):  # named templates: [{"name": ..., "template": ...}]
         return any(isinstance(v, dict) and v.get("template") == template for v in value)

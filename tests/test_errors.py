@@ -322,3 +322,33 @@ def test_a_broken_yaml_file_is_one_line_with_its_place_and_a_hint(tmp_path, comm
     (line,) = result.output.strip().splitlines()
     assert line.startswith(f"error: cannot parse {bad} line 2, column 1: expected ','")
     assert " — fix the file at that place" in line
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "expected"),
+    [
+        ('{"text": "abc}', False, "Unterminated string starting at column 10"),
+        ('{"text": "a\x01"}', False, "Invalid control character at column 12"),
+        ('{"text": 1,}', False, "Expecting property name enclosed in double quotes at column 12"),
+        ('{"a": 1}\n{"b"', True, "Extra data at line 2, column 1"),
+        ("", True, "Expecting value at line 1, column 1"),
+    ],
+)
+def test_json_error_text_names_the_position_once(text, line, expected):
+    """json's own msg ends with "at" for some errors ("Unterminated string starting at"): the
+    position follows one "at" (was "starting at at column 10")."""
+    import json
+
+    from llmkit.errors import json_error_text
+
+    with pytest.raises(ValueError) as info:
+        json.loads(text)
+    assert json_error_text(info.value, line=line) == expected
+    assert " at at " not in json_error_text(info.value, line=line)
+
+
+def test_json_error_text_of_another_value_error_is_its_first_line():
+    from llmkit.errors import json_error_text
+
+    err = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+    assert json_error_text(err) == str(err)

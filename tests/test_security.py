@@ -514,3 +514,22 @@ def test_unsafe_tasks_are_found_by_name_through_groups_and_tags(tmp_path):
     }
     with pytest.raises(UserError, match="^task llmkit_unsafe executes the code the model"):
         load_tasks(tm, ["llmkit_group"], ["llmkit_group"])
+
+
+def test_a_raw_pickle_in_a_checkpoint_is_refused_without_torchs_warning(tmp_path):
+    """The checkpoint vetting (torch.load(weights_only=True)) of a bare pickle: torch's two-line
+    "Detected pickle protocol 4" UserWarning came before llmkit's one line."""
+    import pickle
+    import warnings
+
+    from llmkit.training.checkpoint import _vet_torch_file
+
+    f = tmp_path / "optimizer.bin"
+    f.write_bytes(pickle.dumps({"state": 1}, protocol=4))
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(Exception) as err:
+        warnings.simplefilter("always")
+        _vet_torch_file(f)
+    assert "Weights only load failed" in str(err.value)
+    assert [str(w.message) for w in seen if "pickle" in str(w.message)] == []
+    # the filter is restored after the block: llmkit hides that warning only around its loads
+    assert not any("pickle protocol" in str(f[1]) for f in warnings.filters if f[1] is not None)

@@ -160,3 +160,65 @@ class OneLineErrors(TyperGroup):
             sys.exit(130)
         # Without standalone mode Click returns an Exit's status, or the command's value.
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def utf8_text(text: str, what: str) -> str:
+    """``text`` when it is UTF-8 text; a :class:`UserError` naming ``what`` otherwise.
+
+    Python reads command-line arguments (and standard input, in its UTF-8 mode) with
+    ``surrogateescape``: a byte that is not UTF-8 becomes a lone surrogate, which the
+    tokenizers refuse with a ``TypeError`` traceback deep inside generation or scoring.
+
+    Raises:
+        UserError: ``text`` holds such a byte (its position named).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UserError(
+            f"{what} is not UTF-8 text (character {err.start + 1} is an undecodable byte)",
+            "give the text in UTF-8 (iconv -f YOUR_ENCODING -t UTF-8 converts a file)",
+        ) from None
+    return text
+
+
+def stdin_text() -> str:
+    """All of standard input, decoded as UTF-8 (strictly).
+
+    Raises:
+        UserError: it is not UTF-8 (the byte's offset named).
+    """
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(data, str):
+        return utf8_text(data, "standard input")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"standard input is not UTF-8 text (byte {err.start})",
+            "give the text in UTF-8 (iconv -f YOUR_ENCODING -t UTF-8 converts it)",
+        ) from None
+
+
+class Utf8Lines:
+    """Standard input read line by line (``readline``, ``isatty``), each line decoded as UTF-8
+    strictly: a line that is not UTF-8 is one :class:`UserError`, not a traceback later."""
+
+    def __init__(self, stream: Any = None):
+        self.stream = stream if stream is not None else sys.stdin
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def readline(self) -> str:
+        buffer = getattr(self.stream, "buffer", None)
+        if buffer is None:
+            return utf8_text(self.stream.readline(), "a line of standard input")
+        line = buffer.readline()
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(
+                f"a line of standard input is not UTF-8 text (byte {err.start} of the line)",
+                "type or pipe UTF-8 text",
+            ) from None

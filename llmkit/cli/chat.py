@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from llmkit.cli._common import (
+    Utf8Lines,
     check_device_dtype,
     threads_option,
     trust_remote_code_option,
@@ -87,7 +88,7 @@ def chat_command(
     lm, _choice = auto_cpu_path(lm, tokenizer, dtype)  # --dtype auto on a CPU: calibrated
     session = ChatSession(lm, tokenizer, settings, system=system)  # checks the template
     announce_threads()
-    chat_loop(session)
+    chat_loop(session, Utf8Lines())
 
 
 def register(app: typer.Typer) -> None:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import typer
 
-from llmkit.cli._common import check_device_dtype, threads_option, user_errors
+from llmkit.cli._common import check_device_dtype, threads_option, user_errors, utf8_text
 from llmkit.errors import UserError
 
 
@@ -21,15 +21,16 @@ def _progress_bar(enabled: bool, label: str = "scoring") -> Iterator:
     if not enabled:
         yield None
         return
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from llmkit.core.console import make_console
 
     bar = Progress(
         label,
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=make_console(stderr=True),
         transient=True,
     )
     task = bar.add_task(label, total=None)
@@ -201,7 +202,7 @@ def eval_command(
     include_path: list[str] = typer.Option(
         None,
         "--include-path",
-        help="With --tasks: a directory of task YAMLs to add (repeatable).",
+        help="With --tasks: a directory of task YAMLs (searched recursively) to add (repeatable).",
         show_default=False,
     ),
     limit: int = typer.Option(
@@ -340,7 +341,12 @@ def _check_mode(
     Raises:
         UserError: none or several modes; a harness flag without ``--tasks``.
     """
-    modes = [m for m, on in (("--data", data), ("--tokens", tokens), ("--tasks", tasks)) if on]
+    if tokens is not None:
+        if not tokens.strip():
+            raise UserError("--tokens is empty", "give the text to score, e.g. --tokens 'To be'")
+        utf8_text(tokens, "--tokens")
+    given = (("--data", data), ("--tokens", tokens is not None), ("--tasks", tasks))
+    modes = [m for m, on in given if on]
     if not modes:
         raise UserError(
             "nothing to score",
@@ -389,9 +395,9 @@ def _show_tokens(
     if json_out:
         typer.echo(json.dumps(view, ensure_ascii=False))
         return
-    from rich.console import Console
+    from llmkit.core.console import make_console
 
-    console = Console()
+    console = make_console()
     for part in render_tokens(view):
         console.print(part)
 
@@ -432,9 +438,9 @@ def _score_data(
         if json_out:
             typer.echo(json.dumps(result))
     if not json_out:
-        from rich.console import Console
+        from llmkit.core.console import make_console
 
-        Console().print(results_table(results))
+        make_console().print(results_table(results))
 
 
 def _run_tasks(
@@ -474,9 +480,9 @@ def _run_tasks(
         if json_out:
             typer.echo(json.dumps(result))
     if not json_out:
-        from rich.console import Console
+        from llmkit.core.console import make_console
 
-        Console().print(tasks_table(results))
+        make_console().print(tasks_table(results))
 
 
 def register(app: typer.Typer) -> None:

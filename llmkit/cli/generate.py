@@ -10,11 +10,13 @@ import typer
 
 from llmkit.cli._common import (
     check_device_dtype,
+    stdin_text,
     threads_option,
     trust_remote_code_option,
     user_errors,
+    utf8_text,
 )
-from llmkit.errors import UserError
+from llmkit.errors import UserError, json_error_text
 from llmkit.generation.settings import GenerationSettings  # no torch: the flags' defaults
 
 DEFAULTS = GenerationSettings()
@@ -31,11 +33,11 @@ def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[s
         UserError: the prompts file is unreadable, not UTF-8, malformed JSON Lines (file and
             line named) or holds no prompt; there is no prompt at all.
     """
-    found = list(prompts or [])
+    found = [utf8_text(p, f"prompt {i}") for i, p in enumerate(prompts or [], start=1)]
     if prompts_file is not None:
         name = "standard input" if str(prompts_file) == "-" else str(prompts_file)
         if str(prompts_file) == "-":
-            text = sys.stdin.read()
+            text = stdin_text()
         else:
             try:
                 text = prompts_file.read_text(encoding="utf-8")
@@ -47,7 +49,11 @@ def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[s
                     "give a text file with one prompt per line",
                 ) from None
             except OSError as err:
-                raise UserError(f"cannot read {prompts_file}: {err.strerror}") from None
+                raise UserError(
+                    f"cannot read {prompts_file}: {err.strerror}",
+                    "give --prompts-file a text file (one prompt per line), or - for standard "
+                    "input",
+                ) from None
         from_file = _parse_prompts(text, name)
         if not from_file:
             raise UserError(
@@ -56,7 +62,7 @@ def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[s
             )
         found += from_file
     elif not found and not sys.stdin.isatty():
-        found += _lines(sys.stdin.read())
+        found += _lines(stdin_text())
     if not found:
         raise UserError(
             "no prompt given",
@@ -81,9 +87,9 @@ def _parse_prompts(text: str, name: str) -> list[str]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
+        except (ValueError, RecursionError) as err:
             raise UserError(
-                f"{name}, line {number}: not valid JSON ({err.msg})",
+                f"{name}, line {number}: not valid JSON ({json_error_text(err)})",
                 'write one object per line, e.g. {"prompt": "Once upon a time"}',
             ) from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):

@@ -62,13 +62,22 @@ def _filter_overrides(filters: list[str], no_filters: list[str], languages: str 
     """The ``filters`` section the flags set: ``--filter``/``--no-filter`` names (repeated or
     comma-separated; ``web`` is the four web rule sets), ``--languages`` (turns on
     ``language``)."""
-    from llmkit.data.choices import WEB_FILTERS
+    import difflib
+
+    from llmkit.data.choices import FILTER_NAMES, WEB_FILTERS
     from llmkit.errors import UserError
 
     flt: dict = {}
-    for names, enabled in ((filters, True), (no_filters, False)):
+    for names, enabled, flag in ((filters, True, "--filter"), (no_filters, False, "--no-filter")):
         given = [n.strip() for item in names for n in item.split(",") if n.strip()]
         for name in given:
+            if name not in (*FILTER_NAMES, "web"):
+                close = difflib.get_close_matches(name, [*FILTER_NAMES, "web"], n=1)
+                guess = f"did you mean {close[0]}? " if close else ""
+                raise UserError(
+                    f"{flag} {name}: no such filter",
+                    f"{guess}filters: {', '.join(FILTER_NAMES)}, or web (the four web rule sets)",
+                )
             for one in WEB_FILTERS if name == "web" else (name,):
                 flt.setdefault(one, {})["enabled"] = enabled
     if languages is not None:
@@ -102,6 +111,10 @@ def clean_overrides(
     regions = None
     if pii_region is not None:
         regions = [r.strip() for r in pii_region.split(",") if r.strip()]
+        if not regions:
+            from llmkit.errors import UserError
+
+            raise UserError("--pii-region is empty", "give ISO 3166 codes such as US,GB,DE")
     return _set(
         {},
         filters=_filter_overrides(filters, no_filters, languages),

@@ -7,6 +7,10 @@ import typer
 from llmkit.cli._common import trust_remote_code_option, user_errors
 from llmkit.errors import UserError, require
 
+#: The longest --batch-wait-ms: a batch may gather for 10x this, holding every request in it
+#: (NaN or inf was accepted, and then waited on).
+MAX_BATCH_WAIT_MS = 10_000.0
+
 
 @user_errors
 def serve_command(
@@ -58,8 +62,9 @@ def serve_command(
     require("uvicorn", "llmkit serve needs uvicorn", "pip install 'llmkit[serve]'")
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port} is not a port number", "use 1-65535, e.g. 8000")
-    if batch_wait_ms < 0:
-        raise UserError(f"--batch-wait-ms {batch_wait_ms} is negative", "e.g. 10")
+    if not 0 <= batch_wait_ms <= MAX_BATCH_WAIT_MS:  # NaN too
+        what = "negative" if batch_wait_ms < 0 else f"not a number from 0 to {MAX_BATCH_WAIT_MS:,}"
+        raise UserError(f"--batch-wait-ms {batch_wait_ms} is {what}", "e.g. 10")
     from llmkit.serve.app import serve
 
     serve(

@@ -153,11 +153,14 @@ def check_before_torch(
     try:
         read_manifest(recipe.data.path)
     except UserError as err:
-        if config is None and not any(o.startswith("data.path=") for o in overrides or []):
+        if "path" not in recipe.data.model_fields_set:  # neither the recipe nor an override
+            if config is None:
+                why, fix = "no --config given", "pass --config recipes/NAME.yaml, or"
+            else:
+                why, fix = f"{config} sets no data.path", f"add data.path to {config}, or pass"
             raise UserError(
-                f"{err.message} (no --config given: the built-in defaults read "
-                f"data.path={recipe.data.path})",
-                "pass --config recipes/NAME.yaml, or data.path=DIR of a `llmkit prepare` output",
+                f"{err.message} ({why}: the built-in defaults read data.path={recipe.data.path})",
+                f"{fix} data.path=DIR of a `llmkit prepare` output",
             ) from None
         raise
     if resume:

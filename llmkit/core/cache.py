@@ -264,7 +264,7 @@ class CleanCache:
         info_file = self.path / INFO
         try:
             info = json.loads(info_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
         if info.get("format") != CACHE_FORMAT or info.get("key") != self.key:
             return None

@@ -660,17 +660,24 @@ def _from_pretrained(name: str, where: str, kwargs: dict[str, Any]) -> Any:
     """
     from transformers import AutoModelForCausalLM
 
-    from llmkit.security import is_remote_code_error, remote_code_error
+    from llmkit.security import (
+        is_remote_code_error,
+        quiet_torch_pickle_warnings,
+        refused_weights_error,
+        remote_code_error,
+    )
 
     try:
-        with quiet_gguf_conversion():
+        with quiet_gguf_conversion(), quiet_torch_pickle_warnings():
             return AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except UserError:
         raise
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, ImportError...
         if is_remote_code_error(err):
             raise remote_code_error(name, where) from None
-        raise UserError(f"cannot load {name}: {_short(err)}") from err
+        raise refused_weights_error(name, err) or UserError(
+            f"cannot load {name}: {_short(err)}"
+        ) from err
 
 
 def load_source_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:

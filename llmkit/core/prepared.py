@@ -118,6 +118,11 @@ def read_manifest(path: str | Path) -> Manifest:
         return Manifest.model_validate_json(text)
     except ValidationError as err:
         first = err.errors()[0]
+        if first["type"] == "json_invalid":  # "Invalid JSON: EOF while parsing ... column 19"
+            detail = first["msg"].split(": ", 1)[-1].replace(" column ", ", column ")
+            raise UserError(
+                f"cannot read {p / MANIFEST}: not valid JSON ({detail})", "rerun llmkit prepare"
+            ) from None
         where = ".".join(str(x) for x in first["loc"]) or "the top level"
         raise UserError(
             f"cannot read {p / MANIFEST}: {where}: {first['msg'].lower()}", "rerun llmkit prepare"
@@ -241,7 +246,7 @@ def _bad_file(split: Path) -> Path:
     for name in ("state.json", "dataset_info.json"):
         try:
             json.loads((split / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return split / name
     return split
 

@@ -98,6 +98,8 @@ def load_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False,
 
     from llmkit.security import is_remote_code_error, remote_code_error
 
+    if "gguf_file" not in kwargs:
+        _check_tokenizer_source(str(name_or_path))
     try:
         tok = AutoTokenizer.from_pretrained(
             str(name_or_path), trust_remote_code=trust_remote_code, **kwargs
@@ -117,6 +119,67 @@ def load_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False,
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+#: Files one of which a tokenizer directory holds (transformers' fast and slow tokenizers:
+#: tokenizers' JSON, the config, GPT-2's vocab/merges, BERT's vocab, SentencePiece models).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+_TOKENIZER_HINT = (
+    "give a directory holding tokenizer.json or tokenizer_config.json (a model's, or a "
+    "`llmkit prepare` output), a .gguf model file, or a Hub id when online"
+)
+
+
+def _check_tokenizer_source(name: str) -> None:
+    """Refuse what cannot hold a tokenizer before transformers tries, with a message that says
+    why (transformers' own named a file as "not a valid JSON file", a directory without one
+    as "Couldn't instantiate the backend tokenizer from one of: ", and spent five retries,
+    about 40 s, on a Hub id while offline).
+
+    Raises:
+        UserError: a file (not a ``.gguf``, which :func:`llmkit.core.loading.
+            load_source_tokenizer` reads); a directory with none of :data:`TOKENIZER_FILES`;
+            a path that does not exist; a Hub id while the Hub is unreachable and the id is
+            not in the local Hugging Face cache.
+    """
+    from llmkit.core.loading import _hub_offline, _looks_like_path, hub_status
+
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise UserError(f"tokenizer {name} is a file, not a tokenizer directory", _TOKENIZER_HINT)
+    if path.is_dir():
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise UserError(
+                f"{name} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:2])}, ...)",
+                _TOKENIZER_HINT,
+            )
+        return
+    if _looks_like_path(name) or name.count("/") > 1 or not name.strip():
+        raise UserError(f"tokenizer {name} does not exist", _TOKENIZER_HINT)
+    reachable, why = hub_status()
+    if reachable:
+        return
+    _hub_offline()  # no retries: the answer comes at once
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = any(
+        isinstance(try_to_load_from_cache(name, f), str)
+        for f in ("tokenizer.json", "tokenizer_config.json")
+    )
+    if not cached:
+        raise UserError(
+            f"cannot load a tokenizer from {name}: there is no such directory, the Hub is not "
+            f"reachable ({why}) and {name} is not in the local Hugging Face cache",
+            _TOKENIZER_HINT,
+        )
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -29,6 +29,9 @@ a run: the flags of ``llmkit prepare``, whose top-level keys such as ``block_siz
 (:mod:`llmkit.data.choices`, the filter classes' fields), validated once on construction; an
 unknown key is an error naming the closest valid one; a value of the wrong type is an error
 naming the key and the type. Precedence: defaults < YAML < flags (:meth:`PrepareSettings.load`).
+An error names a value as the user gave it: a YAML file's key and the file
+(``block_size in prepare.yaml: 1 is too small``), or the flag (``--block-size 1 is too
+small``); each setting's source reaches the validators in pydantic's validation context.
 
 Chat data (``llmkit prepare --format chat``) goes through the same steps (:func:`build_steps`;
 a :class:`llmkit.data.document.Document` carries a conversation's messages): the steps that
@@ -56,6 +59,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -104,9 +108,87 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
 
-def _one_of(flag: str, value: Any, choices: tuple[str, ...]) -> None:
+# ---------------------------------------------------------------------------------------------
+# Where a value came from, so that an error names what the user wrote: the flag for a value
+# given on the command line (``--block-size 1``), the key and the file for one read from a
+# YAML file (``block_size in prepare.yaml: 1``), the key for one given in Python as a dict.
+# :meth:`PrepareSettings.load` passes each setting's source to the validators in pydantic's
+# validation context, ``{dotted key: source}``.
+
+#: The source of a setting given on the command line (or as a keyword of
+#: :func:`llmkit.data.pipeline.prepare`, which mirrors the flags one to one).
+COMMAND_LINE = "command line"
+
+#: Flags whose name is not ``--`` and the setting's name with dashes.
+_FLAG_OF = {
+    "hub_split": "--split",
+    "normalize.form": "--normalization",
+    "normalize.html": "--html",
+    "gutenberg": "--strip-gutenberg",
+    "pii": "--pii",
+    "pii_region": "--pii-region",
+    "filters.language.languages": "--languages",
+    "dedup.near": "--near-dedup",
+    "dedup.ngram_size": "--minhash-ngram",
+    "dedup.num_perm": "--minhash-perm",
+    "dedup.bands": "--minhash-bands",
+    "dedup.rows": "--minhash-rows",
+    "dedup.threshold": "--minhash-threshold",
+    "dedup.normalize": "--minhash-normalize",
+}
+
+
+def _source(info: ValidationInfo | dict | None, key: str) -> str | None:
+    """Where ``key`` (dotted) was set: :data:`COMMAND_LINE`, a YAML file's path, or None (in
+    Python, or the default). ``info``: the validation info whose context holds the sources,
+    or those sources (``{dotted key: source}``). A key inside a value that was set whole (a
+    threshold table) has the source of that value."""
+    if isinstance(info, dict):
+        sources = info
+    else:
+        sources = (info.context if info is not None else None) or {}
+    if key in sources:
+        return sources[key]
+    for given, source in sources.items():
+        if key.startswith(given + "."):
+            return source
+    return None
+
+
+def setting_name(key: str, source: str | None) -> str:
+    """How an error names setting ``key`` from ``source``: its flag (``--block-size``), the
+    key in its file (``block_size in prepare.yaml``), or the key."""
+    if source == COMMAND_LINE:
+        return _FLAG_OF.get(key) or "--" + key.replace("_", "-")
+    return f"{key} in {source}" if source else key
+
+
+def _name(info: ValidationInfo | None, key: str, *like: str) -> str:
+    """The flag of ``key`` when it came from the command line, else the key (no file: for a
+    message naming several settings, followed by :func:`_in_file`). A ``key`` left at its
+    default is named as the settings ``like`` that were given: as a flag when one came from
+    the command line (``--tasks applies to --executor only``)."""
+    sources = [_source(info, key)] if _source(info, key) else [_source(info, k) for k in like]
+    return setting_name(key, COMMAND_LINE if COMMAND_LINE in sources else None)
+
+
+def _in_file(info: ValidationInfo | None, *keys: str) -> str:
+    """`` (in FILE)`` when one of ``keys`` was read from a YAML file, else ``""``."""
+    files = [s for s in (_source(info, k) for k in keys) if s and s != COMMAND_LINE]
+    return f" (in {files[0]})" if files else ""
+
+
+def _subject(info: ValidationInfo | dict | None, key: str, value: Any) -> str:
+    """The subject of a one-line error about one value: ``--block-size 1`` (command line),
+    ``block_size in prepare.yaml: 1`` (YAML file), ``block_size 1`` (Python)."""
+    source = _source(info, key)
+    name = setting_name(key, source)
+    return f"{name}: {value}" if source and source != COMMAND_LINE else f"{name} {value}"
+
+
+def _one_of(subject: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise UserError(f"{flag} {value!r} is not one of: {', '.join(choices)}")
+        raise UserError(f"{subject} is not one of: {', '.join(choices)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,9 +205,9 @@ class NormalizeSettings(_Section):
 
     @field_validator("form")
     @classmethod
-    def _known_form(cls, form: str) -> str:
+    def _known_form(cls, form: str, info: ValidationInfo) -> str:
         if form not in NORMALIZATION_FORMS:
-            raise UserError(f"normalize.form {form!r} is not NFC or NFKC")
+            raise UserError(f"{_subject(info, 'normalize.form', repr(form))} is not NFC or NFKC")
         return form
 
 
@@ -174,33 +256,41 @@ class DedupSettings(_Section):
     normalize: bool = Field(False, description="Numbers as 0, no accents before shingling.")
 
     @model_validator(mode="after")
-    def _in_range(self) -> DedupSettings:
+    def _in_range(self, info: ValidationInfo) -> DedupSettings:
         if not self.near:
             return self
         if not 1 <= self.ngram_size <= MAX_NGRAM_SIZE:
             raise UserError(
-                f"dedup.ngram_size {self.ngram_size} is outside [1, {MAX_NGRAM_SIZE}]",
+                f"{_subject(info, 'dedup.ngram_size', self.ngram_size)} is outside "
+                f"[1, {MAX_NGRAM_SIZE}]",
                 "give the words per n-gram, e.g. 5",
             )
         if not 1 <= self.num_perm <= MAX_NUM_PERM:
             raise UserError(
-                f"dedup.num_perm {self.num_perm} is outside [1, {MAX_NUM_PERM}]",
+                f"{_subject(info, 'dedup.num_perm', self.num_perm)} is outside [1, {MAX_NUM_PERM}]",
                 "give the MinHash permutations, e.g. 112",
             )
         for key in ("bands", "rows"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise UserError(f"dedup.{key} {getattr(self, key)} must be at least 1")
+                subject = _subject(info, f"dedup.{key}", getattr(self, key))
+                raise UserError(f"{subject} must be at least 1")
+        keys = ("dedup.bands", "dedup.rows", "dedup.num_perm", "dedup.threshold")
+        bands, rows, perm, threshold = (_name(info, k, *keys) for k in keys)
+        where = _in_file(info, *keys)
         if (self.bands is None) != (self.rows is None):
-            raise UserError("dedup.bands and dedup.rows go together", "give both, or neither")
+            raise UserError(f"{bands} and {rows} go together{where}", "give both, or neither")
         if self.bands is not None and self.bands * self.rows > self.num_perm:
             raise UserError(
-                f"dedup.bands x rows = {self.bands * self.rows} exceeds num_perm {self.num_perm}",
-                "raise --minhash-perm or lower bands/rows",
+                f"{bands} x {rows} = {self.bands * self.rows} exceeds {perm} "
+                f"{self.num_perm}{where}",
+                f"raise {perm} or lower {bands} or {rows}",
             )
         if self.bands is None and self.threshold is None:
-            raise UserError("without dedup.bands and rows, give dedup.threshold")
+            raise UserError(f"without {bands} and {rows}, give {threshold}{where}")
         if self.threshold is not None and not 0 < self.threshold <= 1:
-            raise UserError(f"dedup.threshold {self.threshold} is outside (0, 1]")
+            raise UserError(
+                f"{_subject(info, 'dedup.threshold', self.threshold)} is outside (0, 1]"
+            )
         return self
 
 
@@ -225,13 +315,13 @@ class CleaningSettings(_Section):
 
     @field_validator("pii")
     @classmethod
-    def _known_pii(cls, pii: str) -> str:
+    def _known_pii(cls, pii: str, info: ValidationInfo) -> str:
         if pii not in PII_MODES:
-            raise UserError(f"pii {pii!r} is not redact or keep")
+            raise UserError(f"{_subject(info, 'pii', repr(pii))} is not redact or keep")
         return pii
 
     @model_validator(mode="after")
-    def _consistent(self) -> CleaningSettings:
+    def _consistent(self, info: ValidationInfo) -> CleaningSettings:
         if self.pii == "redact":
             from llmkit.data.pii import check_regions
 
@@ -239,23 +329,36 @@ class CleaningSettings(_Section):
                 check_regions([str(r) for r in self.pii_region])
             except ValueError as err:
                 raise UserError(
-                    f"pii_region: {err}", "give ISO 3166 region codes such as US,GB,DE"
+                    f"{setting_name('pii_region', _source(info, 'pii_region'))}: {err}",
+                    "give ISO 3166 region codes such as US,GB,DE",
                 ) from None
         lang = self.filters.language
         if lang.enabled and not lang.languages:
-            raise UserError("filters.language.languages is empty", "list the languages to keep")
+            key = "filters.language.languages"
+            raise UserError(
+                f"{setting_name(key, _source(info, key))} is empty", "list the languages to keep"
+            )
         return self
 
     @classmethod
-    def build(cls, layers: list[dict], kind: str = "text") -> CleaningSettings:
+    def build(
+        cls, layers: list[dict], kind: str = "text", sources: list[str | None] | None = None
+    ) -> CleaningSettings:
         """The defaults of ``kind`` (:data:`CHAT_DEFAULTS` for chat), updated by each of
-        ``layers`` in turn (YAML, then flags); validated once, at the end."""
+        ``layers`` in turn (YAML, then flags); validated once, at the end. ``sources``: where
+        each layer came from (a YAML file's path, :data:`COMMAND_LINE`, None: Python), for
+        the errors' wording; default None for every layer."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}: {kind!r}")
+        sources = list(sources) if sources is not None else [None] * len(layers)
         merged: dict = cls().model_dump()
-        for layer in [CHAT_DEFAULTS] * (kind == "chat") + list(layers):
-            merged = _merge(cls, merged, layer)
-        return _validated(cls, merged)
+        origins: dict[str, str | None] = {}
+        for layer, source in [(CHAT_DEFAULTS, None)] * (kind == "chat") + list(
+            zip(layers, sources, strict=True)
+        ):
+            merged = _merge(cls, merged, layer, source=source)
+            origins.update(dict.fromkeys(_leaf_keys(layer), source))
+        return _validated(cls, merged, origins)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,116 +406,121 @@ class PrepareSettings(_Section):
     cleaning: CleaningSettings = Field(default_factory=CleaningSettings)
 
     _cleaning_layers: list = PrivateAttr(default_factory=list)
+    _cleaning_sources: list = PrivateAttr(default_factory=list)
+    _origins: dict = PrivateAttr(default_factory=dict)
 
     @field_validator("max_document_bytes")
     @classmethod
-    def _max_document_bytes(cls, value: int | None) -> int | None:
+    def _max_document_bytes(cls, value: int | None, info: ValidationInfo) -> int | None:
         from llmkit.data.readers import check_max_document_bytes
 
-        check_max_document_bytes(value)
+        check_max_document_bytes(value, _subject(info, "max_document_bytes", "").rstrip())
         return value
 
     @field_validator("encoding")
     @classmethod
-    def _known_encoding(cls, value: str) -> str:
+    def _known_encoding(cls, value: str, info: ValidationInfo) -> str:
         if value != "auto":
             from llmkit.data.readers import _codec_name
 
-            _codec_name(value)  # an unknown encoding fails before anything is read
+            # an unknown encoding fails before anything is read
+            _codec_name(value, _subject(info, "encoding", "").rstrip())
         return value
 
     @field_validator(
         "format", "chat_template", "train_on", "overlong", "on_error", "split_on", "executor"
     )
     @classmethod
-    def _a_choice(cls, value: str | None, info) -> str | None:
+    def _a_choice(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
-            flag = "--" + info.field_name.replace("_", "-")
-            _one_of(flag, value, _CHOICES[info.field_name])
+            subject = _subject(info, info.field_name, repr(value))
+            _one_of(subject, value, _CHOICES[info.field_name])
         return value
 
     @model_validator(mode="after")
-    def _in_range(self) -> PrepareSettings:
+    def _in_range(self, info: ValidationInfo) -> PrepareSettings:
+        def subject(key: str) -> str:
+            return _subject(info, key, getattr(self, key))
+
         if self.tokenizer is None and self.vocab_size < MIN_VOCAB_SIZE:
             raise UserError(
-                f"--vocab-size {self.vocab_size} is too small",
+                f"{subject('vocab_size')} is too small",
                 f"a byte-level BPE needs 256 byte symbols plus <|endoftext|>: use at least "
                 f"{MIN_VOCAB_SIZE}",
             )
         if self.tokenizer is None and self.vocab_size > MAX_VOCAB_SIZE:
             raise UserError(
-                f"--vocab-size {self.vocab_size} is too large",
+                f"{subject('vocab_size')} is too large",
                 f"use at most {MAX_VOCAB_SIZE:,} (2**24); 1024-65536 is usual",
             )
         if self.block_size < 2:
             raise UserError(
-                f"--block-size {self.block_size} is too small",
+                f"{subject('block_size')} is too small",
                 "a block needs at least 2 tokens (one input and its next-token target)",
             )
         if self.block_size > MAX_BLOCK_SIZE:
             raise UserError(
-                f"--block-size {self.block_size} is too large",
+                f"{subject('block_size')} is too large",
                 f"use at most {MAX_BLOCK_SIZE:,} (2**20) tokens per block",
             )
         if not 0 <= self.val_fraction < 1:
             raise UserError(
-                f"--val-fraction {self.val_fraction} is outside [0, 1)",
+                f"{subject('val_fraction')} is outside [0, 1)",
                 "give the share of documents held out for validation, e.g. 0.1",
             )
         if self.text_field is not None and not self.text_field:
-            raise UserError("--text-field is empty", "name the JSON field holding the text")
-        if self.num_proc is not None and self.num_proc < 1:
-            from llmkit.data.pipeline import default_num_proc
-
-            raise UserError(
-                f"--num-proc {self.num_proc} must be at least 1",
-                f"give 1 to {default_num_proc()} worker processes, or leave it out to use every "
-                f"usable core ({default_num_proc()} here)",
-            )
+            name = setting_name("text_field", _source(info, "text_field"))
+            raise UserError(f"{name} is empty", "name the JSON field holding the text")
+        if self.num_proc is not None:
+            _check_num_proc(subject("num_proc"), self.num_proc)
         if self.seed < 0:
-            raise UserError(f"--seed {self.seed} is negative", "give a seed of 0 or more")
+            raise UserError(f"{subject('seed')} is negative", "give a seed of 0 or more")
         return self
 
     @model_validator(mode="after")
-    def _distributed(self) -> PrepareSettings:
+    def _distributed(self, info: ValidationInfo) -> PrepareSettings:
         if self.tasks < 1 or self.slurm_cpus < 1:
-            flag = "--tasks" if self.tasks < 1 else "--slurm-cpus"
-            raise UserError(f"{flag} must be at least 1", f"give {flag} 1 or more")
+            key = "tasks" if self.tasks < 1 else "slurm_cpus"
+            raise UserError(
+                f"{setting_name(key, _source(info, key))} must be at least 1",
+                f"give {_name(info, key)} 1 or more",
+            )
         if self.tasks > MAX_TASKS:
             raise UserError(
-                f"--tasks {self.tasks:,} is more than {MAX_TASKS:,}",
+                f"{_subject(info, 'tasks', f'{self.tasks:,}')} is more than {MAX_TASKS:,}",
                 "one task per shard or partition: a few per core of the cluster is enough",
             )
         given = [
-            (flag, engine)
-            for flag, engine, value in (
-                ("--tasks", None, self.tasks != 1),
-                ("--work-dir", None, self.work_dir),
-                ("--slurm-partition", "slurm", self.slurm_partition),
-                ("--slurm-time", "slurm", self.slurm_time),
-                ("--slurm-cpus", "slurm", self.slurm_cpus != 1),
-                ("--ray-address", "ray", self.ray_address),
+            (key, engine)
+            for key, engine, value in (
+                ("tasks", None, self.tasks != 1),
+                ("work_dir", None, self.work_dir),
+                ("slurm_partition", "slurm", self.slurm_partition),
+                ("slurm_time", "slurm", self.slurm_time),
+                ("slurm_cpus", "slurm", self.slurm_cpus != 1),
+                ("ray_address", "ray", self.ray_address),
             )
             if value
         ]
-        for flag, engine in given:  # an engine's option set for another was silently ignored
+        for key, engine in given:  # an engine's option set for another was silently ignored
             if self.executor is None or (engine is not None and engine != self.executor):
-                key = flag[2:].replace("-", "_")
                 where = f"--executor {engine}" if engine else "--executor"
                 now = f", not --executor {self.executor}" if self.executor else ""
                 raise UserError(
-                    f"{flag} ({key} in --config) applies to {where} only{now}",
+                    f"{setting_name(key, _source(info, key))} applies to {where} only{now}",
                     f"leave it out, or add --executor {engine or 'local|slurm|ray'}",
                 )
         if self.executor is not None and not self.work_dir:
             raise UserError(
-                f"--executor {self.executor} needs --work-dir",
+                f"{_subject(info, 'executor', self.executor)} needs "
+                f"{_name(info, 'work_dir', 'executor')}",
                 "give a directory every task can read and write (any fsspec path)",
             )
         if self.executor == "slurm" and not (self.slurm_partition and self.slurm_time):
-            missing = "--slurm-partition" if not self.slurm_partition else "--slurm-time"
+            missing = "slurm_partition" if not self.slurm_partition else "slurm_time"
             raise UserError(
-                f"--executor slurm needs {missing}",
+                f"{_subject(info, 'executor', self.executor)} needs "
+                f"{_name(info, missing, 'executor')}",
                 "e.g. --slurm-partition cpu --slurm-time 04:00:00",
             )
         return self
@@ -429,34 +537,52 @@ class PrepareSettings(_Section):
             UserError: an unreadable or invalid YAML file; an unknown key (naming the closest
                 valid one); a value of the wrong type or out of range.
         """
-        data = _read_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
+        file = str(config) if isinstance(config, (str, Path)) else None
+        data = _read_yaml(config) if file is not None else dict(config or {})
         if not isinstance(data, dict):
-            raise UserError(f"prepare config: expected a mapping, got {data!r}")
+            where = file or "prepare config"
+            raise UserError(f"{where}: expected a mapping of settings, got {data!r}")
         flags = dict(flags or {})
+        sources = [file, COMMAND_LINE]  # errors name a file's key, or a flag (module docstring)
         run_layers = []
         clean_layers = []
-        for layer in (data, flags):
+        origins: dict[str, str | None] = {}
+        for layer, source in zip((data, flags), sources, strict=True):
             clean = layer.pop("cleaning", None) or {}
+            if not isinstance(clean, dict):
+                raise UserError(f"cleaning{_in(source)}: expected a mapping, got {clean!r}")
             clean.update({k: layer.pop(k) for k in list(layer) if k in _CLEANING_KEYS})
             for key in layer:
                 if key not in cls.model_fields or key == "cleaning":
                     valid = [*_CLEANING_KEYS, *(k for k in cls.model_fields if k != "cleaning")]
                     close = difflib.get_close_matches(str(key), valid, n=1)
                     hint = f"did you mean {close[0]}?" if close else f"valid: {', '.join(valid)}"
-                    raise UserError(f"unknown prepare setting {key}", hint)
+                    raise UserError(f"unknown prepare setting {key}{_in(source)}", hint)
             run_layers.append(layer)
             clean_layers.append(clean)
-        cleaning = CleaningSettings.build(clean_layers)
+            origins.update(dict.fromkeys(layer, source))
+        cleaning = CleaningSettings.build(clean_layers, sources=sources)
         merged = {k: v for layer in run_layers for k, v in layer.items()}
-        settings = _validated(cls, {**merged, "cleaning": cleaning})
+        settings = _validated(cls, {**merged, "cleaning": cleaning}, origins)
         settings._cleaning_layers = clean_layers
+        settings._cleaning_sources = sources
+        settings._origins = origins
         return settings
+
+    def name_of(self, key: str, value: Any = None) -> str:
+        """How a message names the run setting ``key`` (and ``value``, if given), as the user
+        wrote it: ``--text-field body`` (command line), ``text_field in prepare.yaml: body``
+        (a YAML file), ``text_field body`` (Python)."""
+        if value is None:
+            return setting_name(key, _source(self._origins, key))
+        return _subject(self._origins, key, value)
 
     def cleaning_for(self, kind: str) -> CleaningSettings:
         """The cleaning settings for ``kind`` of data (chat: :data:`CHAT_DEFAULTS` first)."""
         if kind == "text":
             return self.cleaning
-        return CleaningSettings.build(self._cleaning_layers, kind)
+        sources = self._cleaning_sources or None
+        return CleaningSettings.build(self._cleaning_layers, kind, sources)
 
 
 _CHOICES = {
@@ -481,13 +607,45 @@ def _section_of(model: type[BaseModel], key: str) -> type[BaseModel] | None:
     return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
 
 
-def _merge(model: type[BaseModel], base: dict, override: Any, where: str = "") -> dict:
+def _check_num_proc(subject: str, num_proc: int) -> None:
+    """Refuse fewer than 1 worker process, or more than :data:`llmkit.runtime.
+    MAX_THREADS_PER_CORE` per usable core (processes beyond the cores only wait, and a large
+    corpus starts one per 2 MiB up to ``num_proc``: ``--num-proc 100000`` asked for
+    hundreds)."""
+    from llmkit.data.pipeline import default_num_proc
+    from llmkit.runtime import MAX_THREADS_PER_CORE, usable_cores
+
+    hint = (
+        f"give 1 to {default_num_proc()} worker processes, or leave it out to use every "
+        f"usable core ({default_num_proc()} here)"
+    )
+    if num_proc < 1:
+        raise UserError(f"{subject} must be at least 1", hint)
+    most = MAX_THREADS_PER_CORE * usable_cores()
+    if num_proc > most:
+        raise UserError(
+            f"{subject} is more than {most} ({MAX_THREADS_PER_CORE} per core of the "
+            f"{usable_cores()} this process may run on)",
+            hint,
+        )
+
+
+def _in(source: str | None) -> str:
+    """`` in FILE`` for a setting read from a YAML file, else ``""``."""
+    return f" in {source}" if source and source != COMMAND_LINE else ""
+
+
+def _merge(
+    model: type[BaseModel], base: dict, override: Any, where: str = "", source: str | None = None
+) -> dict:
     """``base`` (a dump of ``model``) updated by ``override``, section by section; a value that
     is not a section replaces the base's (a threshold table such as
-    ``max_top_ngram_chars_ratio`` is replaced whole). Unknown keys are errors."""
+    ``max_top_ngram_chars_ratio`` is replaced whole). Unknown keys are errors (naming the
+    YAML file ``source``, if any)."""
     if not isinstance(override, dict):
         raise UserError(
-            f"{where.rstrip('.') or 'prepare config'}: expected a mapping, got {override!r}"
+            f"{where.rstrip('.') or 'prepare config'}{_in(source)}: expected a mapping, "
+            f"got {override!r}"
         )
     out = dict(base)
     for key, value in override.items():
@@ -495,13 +653,28 @@ def _merge(model: type[BaseModel], base: dict, override: Any, where: str = "") -
             valid = list(model.model_fields)
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f"did you mean {where}{close[0]}?" if close else f"valid: {', '.join(valid)}"
-            raise UserError(f"unknown prepare setting {where}{key}", hint)
+            raise UserError(f"unknown prepare setting {where}{key}{_in(source)}", hint)
         section = _section_of(model, key)
         if section is not None:
-            out[key] = _merge(section, base[key], value, f"{where}{key}.")
+            out[key] = _merge(section, base[key], value, f"{where}{key}.", source)
         else:
             out[key] = value
     return out
+
+
+def _leaf_keys(layer: Any, prefix: str = "") -> list[str]:
+    """The dotted keys a settings layer sets (``{"dedup": {"bands": 20}}`` -> ``dedup.bands``);
+    a mapping value counts as its keys (a threshold table: each entry)."""
+    if not isinstance(layer, dict):
+        return [prefix.rstrip(".")] if prefix else []
+    keys = []
+    for key, value in layer.items():
+        keys += (
+            _leaf_keys(value, f"{prefix}{key}.")
+            if isinstance(value, dict) and value
+            else [f"{prefix}{key}"]
+        )
+    return keys
 
 
 _TYPE_NAMES = {
@@ -515,22 +688,24 @@ _TYPE_NAMES = {
 }
 
 
-def _validated(model: type[BaseModel], data: dict):
-    """``model`` built from ``data``; a type error as one :class:`UserError` naming the key."""
+def _validated(model: type[BaseModel], data: dict, origins: dict[str, str | None] | None = None):
+    """``model`` built from ``data``; a type error as one :class:`UserError` naming the key
+    (and the YAML file it was read from, by ``origins``: dotted key -> source, which the
+    validators also read, :func:`_subject`)."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=origins or {})
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
+        source = _source(origins or {}, loc)
+        name = setting_name(loc, source) if source != COMMAND_LINE else loc
+        fix = "fix the value in that file" if _in(source) else "fix the value in the prepare config"
         got = first.get("input")
         expected = _TYPE_NAMES.get(first["type"])
         if expected is None:
-            raise UserError(
-                f"{loc}: {first['msg']}", "fix the value in the prepare config"
-            ) from None
+            raise UserError(f"{name}: {first['msg']}", fix) from None
         raise UserError(
-            f"{loc}: expected {expected}, got {type(got).__name__} {got!r}",
-            "fix the value in the prepare config",
+            f"{name}: expected {expected}, got {type(got).__name__} {got!r}", fix
         ) from None
 
 
@@ -562,7 +737,11 @@ def load_config(path: str | Path | None, overrides: dict | None = None, kind: st
     """The cleaning settings as a dict: defaults (of ``kind``, :func:`default_config`), then
     the YAML file at ``path`` (if any; its cleaning sections), then ``overrides`` (from flags)."""
     layers = [_read_yaml(path)] if path is not None else []
-    return CleaningSettings.build([*layers, *([overrides] if overrides else [])], kind).model_dump()
+    sources = [str(path)] * len(layers)
+    if overrides:
+        layers.append(overrides)
+        sources.append(COMMAND_LINE)
+    return CleaningSettings.build(layers, kind, sources).model_dump()
 
 
 def validate(cfg: dict) -> None:

@@ -608,25 +608,31 @@ def _ignored_options(
     text_field: str | None,
     chat_flags: Sequence[str],
     encoding: str,
-    kinds: Sequence[str] = (),
+    kinds: Sequence[str],
+    name_of: Callable[[str, object], str],
 ) -> list[str]:
     """One warning line for each option given that does not apply to the data as read
-    (``kind``, ``"text"`` or ``"chat"``; ``requested``: the ``--format`` given)."""
+    (``kind``, ``"text"`` or ``"chat"``; ``requested``: the ``--format`` given; ``name_of``:
+    how a setting and its value are named, as the user gave them,
+    :meth:`llmkit.data.config.PrepareSettings.name_of`)."""
     how = "--format chat" if requested == "chat" else "detected: their first records are"
     out = []
     if kind == "chat":
         if text_field is not None:
             out.append(
-                f"--text-field {text_field} is ignored: the inputs are read as conversations "
-                f"({how} chat records), whose text is in their messages (pass --format text "
-                "to read that field as documents)"
+                f"{name_of('text_field', text_field)} is ignored: the inputs are read as "
+                f"conversations ({how} chat records), whose text is in their messages (pass "
+                "--format text to read that field as documents)"
             )
         if encoding != DEFAULT_ENCODING:
-            out.append(f"--encoding {encoding} is ignored: chat records are read as JSON in UTF-8")
+            out.append(
+                f"{name_of('encoding', encoding)} is ignored: chat records are read as JSON in "
+                "UTF-8"
+            )
     elif encoding != DEFAULT_ENCODING and not {"text", "jsonl", "csv"} & set(kinds):
         out.append(
-            f"--encoding {encoding} is ignored: it applies to text, JSON-lines and CSV files, "
-            "and parquet files, Hub datasets and web archives declare their own"
+            f"{name_of('encoding', encoding)} is ignored: it applies to text, JSON-lines and "
+            "CSV files, and parquet files, Hub datasets and web archives declare their own"
         )
     if kind != "chat" and chat_flags:
         what = "documents (--format text)" if requested == "text" else "documents"
@@ -933,10 +939,10 @@ def prepare(
             with documents; ``chat_template="tokenizer"`` for a tokenizer without one; no
             conversation left to write.
     """
-    from rich.console import Console
+    from llmkit.core.console import make_console
 
     started = time.perf_counter()
-    console = console if console is not None else Console(stderr=True)
+    console = console if console is not None else make_console(stderr=True)
     if isinstance(config, PrepareSettings):
         settings = config
     else:
@@ -989,15 +995,16 @@ def _plan(inputs, output, settings: PrepareSettings, report: _Report, cache: boo
     files = discover_inputs(inputs, exclude=[output], hub_split=s.hub_split)
     text_field = "text" if s.text_field is None else s.text_field
     kind = resolve_format(files, s.format, text_field)
-    chat_flags = {"--chat-template": s.chat_template, "--train-on": s.train_on}
-    chat_flags["--overlong"] = s.overlong
+    chat_flags = {"chat_template": s.chat_template, "train_on": s.train_on}
+    chat_flags["overlong"] = s.overlong
     warnings = _ignored_options(
         kind,
         s.format,
         text_field=s.text_field,
-        chat_flags=[name for name, value in chat_flags.items() if value is not None],
+        chat_flags=[s.name_of(key) for key, value in chat_flags.items() if value is not None],
         encoding=s.encoding,
         kinds=[f.kind for f in files],
+        name_of=s.name_of,
     )
     chat = None
     if kind == "chat":
@@ -1008,7 +1015,8 @@ def _plan(inputs, output, settings: PrepareSettings, report: _Report, cache: boo
         }
         if s.tokenizer is None and chat["template"] == "tokenizer":
             raise UserError(
-                "--chat-template tokenizer needs a pretrained tokenizer with its own template",
+                f"{s.name_of('chat_template', 'tokenizer')} needs a pretrained tokenizer with "
+                "its own template",
                 "pass --tokenizer PATH (an instruct model's), or use --chat-template chatml",
             )
     for warning in warnings:

@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmkit.data.choices import FORMATS, ON_ERROR, SPLIT_MODES
-from llmkit.errors import UserError
+from llmkit.errors import UserError, json_error_text
 
 #: File kind by extension.
 TEXT_SUFFIXES = (".txt", ".md")
@@ -458,8 +458,11 @@ class _Partial(str):
     __slots__ = ()
 
 
-def _codec_name(encoding: str) -> str:
+def _codec_name(encoding: str, setting: str = "--encoding") -> str:
     """The Python codec name of ``encoding`` (``"Shift-JIS"`` -> ``"shift_jis"``).
+
+    ``setting`` is how an error names where the encoding came from: the flag (default), the
+    setting in a YAML file (``"encoding in prepare.yaml:"``) or the file it was detected in.
 
     Raises:
         UserError: an unknown encoding, or one that is not ASCII-compatible (UTF-16/32: their
@@ -469,7 +472,7 @@ def _codec_name(encoding: str) -> str:
         name = codecs.lookup(encoding).name
     except LookupError:
         raise UserError(
-            f"--encoding {encoding!r} is not an encoding Python knows",
+            f"{setting} {encoding!r} is not an encoding Python knows",
             "give a name such as utf-8, cp1252, cp1251, shift_jis, gb18030, big5, euc_kr, or "
             "auto to detect it",
         ) from None
@@ -479,7 +482,7 @@ def _codec_name(encoding: str) -> str:
         ascii_ok = False
     if not ascii_ok:
         raise UserError(
-            f"--encoding {encoding}: llmkit reads text line by line and needs an encoding that "
+            f"{setting} {encoding}: llmkit reads text line by line and needs an encoding that "
             "keeps ASCII as it is (UTF-16 and UTF-32 do not)",
             f"convert the file first: iconv -f {name.upper()} -t UTF-8",
         )
@@ -562,7 +565,7 @@ def detect_encoding(source: InputFile) -> str:
         )
     if guess in ("ascii", "utf_8"):
         return "utf_8"
-    return _codec_name(guess)
+    return _codec_name(guess, f"{source.path}: its detected encoding")
 
 
 def _encoding_hint(source: InputFile, line: bytes, more: Iterator[bytes]) -> str:
@@ -929,9 +932,9 @@ def parse_jsonl_line(line: str, *, path: Path, lineno: int, text_field: str) -> 
     where = f"{path}:{lineno}"
     try:
         record = json.loads(line.rstrip("\n"))
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise UserError(
-            f"{where}: malformed JSON ({err.msg} at column {err.colno})",
+            f"{where}: malformed JSON ({json_error_text(err)})",
             "expected JSON lines (one object per line) or one JSON array of objects; "
             "--on-error skip skips such lines",
             reason="malformed json",
@@ -997,10 +1000,10 @@ def json_line_records(
         where = f"{source.path}:{lineno}"
         try:
             record = json.loads(line.rstrip("\n"))
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             source.problem(
                 UserError(
-                    f"{where}: malformed JSON ({err.msg} at column {err.colno})",
+                    f"{where}: malformed JSON ({json_error_text(err)})",
                     "expected JSON lines (one object per line) or one JSON array of objects; "
                     "--on-error skip skips such lines",
                 ),
@@ -1015,6 +1018,12 @@ def json_line_records(
             source.problem(err, reason(err), on_error)
 
 
+def _json_line(err: BaseException) -> str:
+    """``:LINE`` of a JSON parse error, ``""`` when it has none (a ``RecursionError``)."""
+    lineno = getattr(err, "lineno", None)
+    return f":{lineno}" if lineno is not None else ""
+
+
 def _json_array_records(
     source: InputFile,
     first: str,
@@ -1027,9 +1036,9 @@ def _json_array_records(
     text = first + "".join(line for _, line in rest)
     try:
         records = json.loads(text)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise UserError(
-            f"{source.path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})",
+            f"{source.path}{_json_line(err)}: malformed JSON ({json_error_text(err)})",
             "expected JSON lines (one object per line) or one JSON array of objects",
         ) from None
     if not isinstance(records, list):  # pragma: no cover - starts with "[" so it is a list
@@ -1605,11 +1614,14 @@ def read_documents(
     source.documents = count
 
 
-def check_max_document_bytes(max_document_bytes: int | None) -> None:
-    """Raises UserError for a ``--max-document-bytes`` below :data:`MIN_MAX_DOCUMENT_BYTES`."""
+def check_max_document_bytes(
+    max_document_bytes: int | None, name: str = "--max-document-bytes"
+) -> None:
+    """Raises UserError for a ``--max-document-bytes`` below :data:`MIN_MAX_DOCUMENT_BYTES`
+    (``name``: how the message names the setting, the flag by default)."""
     if max_document_bytes is not None and max_document_bytes < MIN_MAX_DOCUMENT_BYTES:
         raise UserError(
-            f"--max-document-bytes {max_document_bytes} is too small",
+            f"{name} {max_document_bytes} is too small",
             f"use at least {MIN_MAX_DOCUMENT_BYTES} (default {DEFAULT_MAX_DOCUMENT_BYTES:,}, "
             "1 MiB); longer documents are cut into pieces of at most this size",
         )
@@ -1699,13 +1711,13 @@ def peek_record(source: InputFile) -> object | None:
                 text = line + b"".join(stream).decode("utf-8", errors="replace")
                 try:
                     records = json.loads(text)
-                except ValueError:
+                except (ValueError, RecursionError):
                     return None
                 return next((r for r in records if isinstance(r, dict)), None)
             seen += 1
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 record = None
             if isinstance(record, dict):
                 return record

@@ -307,6 +307,7 @@ def _eval_text(
     from llmkit.core.tokenizer import token_byte_lengths
 
     positions = model_max_positions(lm)
+    window = None
     if max_length is None:
         if positions is None:
             raise UserError(
@@ -314,13 +315,14 @@ def _eval_text(
                 "pass --max-length N",
             )
         max_length = positions
+        window = f"the model's {positions} positions (no --max-length given)"
     elif positions is not None and max_length > positions:
         raise UserError(
             f"--max-length {max_length} is more than the model's {positions} positions",
             f"use --max-length {positions} or less",
         )
     stride = max_length if stride is None else stride
-    plan_windows(2, max_length, stride)  # validate the settings before tokenizing
+    check_windows(max_length, stride, window)  # before tokenizing
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     docs = []
     for _, text in texts:

@@ -345,6 +345,15 @@ def _quiet_harness_logs() -> None:
 
 
 def _include_paths(include_path: str | Path | list | None) -> list[Path]:
+    """The include paths as absolute directories.
+
+    The harness's ``TaskManager`` indexes the ``*.yaml`` files under each include path
+    (``TaskIndex._iter_yaml_files``, lm-eval 0.4.13: ``root.glob("**/*.yaml")``), so a file
+    given there adds nothing and its task was then reported as unknown.
+
+    Raises:
+        UserError: a path that does not exist, or that is not a directory.
+    """
     if include_path is None:
         return []
     items = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
@@ -354,7 +363,13 @@ def _include_paths(include_path: str | Path | list | None) -> list[Path]:
         if not p.exists():
             raise UserError(
                 f"--include-path {item} does not exist",
-                "give a directory (or file) of lm-evaluation-harness task YAMLs",
+                "give a directory of lm-evaluation-harness task YAMLs",
+            )
+        if not p.is_dir():
+            raise UserError(
+                f"--include-path {item} is a file: it takes a directory, whose task YAMLs "
+                "(in it and below) are added",
+                f"give the directory that holds it: --include-path {p.parent}",
             )
         paths.append(p.resolve())
     return paths
@@ -546,7 +561,7 @@ def run_tasks(
         lm: a ``transformers`` causal LM (in eval mode), wrapped as the harness's ``HFLM``.
         tokenizer: its tokenizer.
         tasks: task, group or tag names (``"hellaswag,arc_easy"`` or a list).
-        include_path: directories (or files) of task YAMLs to add to the harness's.
+        include_path: directories of task YAMLs to add to the harness's.
         limit: score only the first ``limit`` documents of each task (None: all). The
             harness warns that such figures are for testing, not for reporting.
         num_fewshot: examples in each prompt (None: the task's default, else 0).

@@ -135,7 +135,7 @@ def _load_adapter_run(path: Path, trust_remote_code: bool):
         base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))[
             "base_model_name_or_path"
         ]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         raise UserError(
             f"{path}/adapter_config.json names no base model ({err})",
             "export a run trained with lora.merge: true, or fix base_model_name_or_path",

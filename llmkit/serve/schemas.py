@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmkit.errors import json_error_text
 from llmkit.generation.settings import GREEDY_BELOW
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -130,14 +131,24 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object.
 
     Raises:
-        ApiError: 400 when the body is not JSON or not an object.
+        ApiError: 400 when the body is not JSON or not an object, or when a string of it
+            holds a lone surrogate escape (``"\\udcff"``: valid JSON, but no UTF-8 text; the
+            tokenizer failed on it with a 500).
     """
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise bad(f"the request body is not valid JSON: {err}") from None
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        detail = json_error_text(err, line=True)
+        raise bad(f"the request body is not valid JSON: {detail}") from None
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object, not {type(body).__name__}")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad_char = err.object[err.start : err.end].encode("unicode_escape").decode("ascii")
+        raise bad(
+            f"the request body holds a lone surrogate escape ({bad_char}), which is not text"
+        ) from None
     return body
 
 

@@ -104,7 +104,7 @@ def read_state(checkpoint: str | Path) -> dict[str, Any]:
         if not isinstance(state, dict):
             raise ValueError("not a JSON object")
         return state
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         if path.is_file():  # there, but truncated or edited: a damaged checkpoint
             raise _damaged(Path(checkpoint), path, f"cannot be read ({_why(err)})") from None
         raise UserError(
@@ -531,6 +531,8 @@ def _vet_dcp_bytes(ckpt: Path, metadata_file: Path, metadata: Any) -> set[Path]:
     import torch
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
+    from llmkit.security import quiet_torch_pickle_warnings
+
     root = metadata_file.parent
     kinds = getattr(metadata, "state_dict_metadata", None) or {}
     storage = getattr(metadata, "storage_data", None) or {}
@@ -566,7 +568,8 @@ def _vet_dcp_bytes(ckpt: Path, metadata_file: Path, metadata: Any) -> set[Path]:
         if len(data) != length:
             raise _damaged(ckpt, where, f"is truncated (item {fqn!r} ends past its end)")
         try:
-            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            with quiet_torch_pickle_warnings():
+                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as err:  # the restricted unpickler's refusal, or garbage
             raise _damaged(ckpt, where, f"(item {fqn!r}) {_why(err)}") from None
     return shards
@@ -618,7 +621,9 @@ def _vet_torch_file(f: Path) -> None:
         safe = list(TORCH_SAFE_GLOBALS)
     elif _DEEPSPEED_STATE.match(f.name):
         safe = _deepspeed_globals()
-    with torch.serialization.safe_globals(safe):
+    from llmkit.security import quiet_torch_pickle_warnings
+
+    with torch.serialization.safe_globals(safe), quiet_torch_pickle_warnings():
         try:
             torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as err:
@@ -643,13 +648,13 @@ def _deepspeed_globals() -> list[Any]:
 
 
 def _why(err: BaseException) -> str:
+    from llmkit.security import torch_pickle_refusal
+
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if "Weights only load failed" in str(err):  # torch's restricted unpickler said no
-        detail = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-        first = detail[0].split(" was not an allowed global")[0] if detail else ""
+    refused = torch_pickle_refusal(err)  # torch's restricted unpickler said no
+    if refused is not None:
         return (
-            f"is refused: it holds more than tensors and numbers ({first[:100]}); nothing of "
-            "it was run"
+            f"is refused: it holds more than tensors and numbers ({refused}); nothing of it was run"
         )
     if "central directory" in text or "incomplete metadata" in text or "header" in text:
         return f"is truncated or corrupt ({text[:120]})"
@@ -696,7 +701,7 @@ def load_checkpoint(accelerator, checkpoint: str | Path, scheduler=None) -> dict
     rng_file = ckpt / RNG_FILE.format(rank=accelerator.process_index)
     try:
         set_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:  # RecursionError
         raise _damaged(ckpt, rng_file, _why(err)) from None
     return state
 

@@ -22,12 +22,16 @@ from pydantic import (
     model_validator,
 )
 
-from llmkit.core.yamlfile import read_yaml
+from llmkit.core.yamlfile import read_yaml, safe_load
 from llmkit.errors import UserError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: NaN and infinity are refused for every number (train.epochs=.inf
+    # was an OverflowError traceback, train.learning_rate=.inf passed the dry run)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False
+    )
 
 
 class DataConfig(_Section):
@@ -139,7 +143,12 @@ class TrainConfig(_Section):
         description="Autocast dtype; weights, gradients and optimizer state stay float32. "
         "fp16 adds a dynamic loss scaler (torch.amp.GradScaler) that skips overflowing steps.",
     )
-    seed: int = Field(1337, description="Seed for weights, dropout and data order.")
+    seed: int = Field(
+        1337,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed for weights, dropout and data order (NumPy's seeds: 0 to 2**32 - 1).",
+    )
     log_interval: int = Field(10, ge=1, description="Steps between metric lines.")
     save_interval: int = Field(
         500,
@@ -524,6 +533,7 @@ def _type_hint(loc: str, info: Any, error: dict) -> str | None:
 _TYPE_WORDS = {
     "int_": "an integer",
     "float_": "a number",
+    "finite_number": "a finite number",
     "bool_": "true or false",
     "string_": "a string",
     "list_": "a list",
@@ -544,7 +554,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             "write e.g. train.learning_rate=3e-4",
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -585,7 +595,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             ill-typed or out-of-range value.
     """
     data: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
-    source = "the defaults" if path is None else str(Path(path))
+    in_file = _dotted_keys(data)
+    overridden: set[str] = set()
     for text in overrides or []:
         keys, value = parse_override(text)
         node = data
@@ -596,8 +607,38 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
                 node[k] = child
             node = child
         node[keys[-1]] = value
-        source = "the command-line overrides" if path is None else f"{path} or its overrides"
+        overridden.add(".".join(keys))
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise _format_error(err, source) from None
+        loc = ".".join(str(p) for p in err.errors()[0]["loc"] if not isinstance(p, int))
+        raise _format_error(err, _source(loc, path, in_file, overridden)) from None
+
+
+def _dotted_keys(data: Any, prefix: str = "") -> set[str]:
+    """Every dotted key a recipe mapping sets, sections included (``train``,
+    ``train.max_steps``)."""
+    if not isinstance(data, dict):
+        return set()
+    keys = set()
+    for key, value in data.items():
+        keys.add(f"{prefix}{key}")
+        keys |= _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _source(loc: str, path: str | Path | None, in_file: set[str], overridden: set[str]) -> str:
+    """Where the value at ``loc`` (a dotted key, or a section for a check across its keys)
+    was written, for an error's wording: the recipe file, the command-line overrides, or
+    both when a section's keys come from each (an override wins over the file)."""
+
+    def touches(keys: set[str]) -> bool:
+        return any(k == loc or loc.startswith(k + ".") or k.startswith(loc + ".") for k in keys)
+
+    by_override = touches(overridden)
+    exact = any(k == loc or loc.startswith(k + ".") for k in overridden)
+    if path is None or (by_override and (exact or not touches(in_file))):
+        return "the command-line overrides"
+    if by_override:
+        return f"{path} or its overrides"
+    return str(Path(path))

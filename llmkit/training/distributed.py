@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llmkit.errors import UserError, require
+from llmkit.errors import UserError, json_error_text, require
 
 #: Environment variables that say "a launcher started this process" (torchrun and accelerate
 #: launch set the first three; MPI launchers, which accelerate also joins, the others).
@@ -144,8 +144,12 @@ def _read_deepspeed_config(path: str) -> dict[str, Any]:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
         raise UserError(f"cannot read distributed.deepspeed_config {path}: {err.strerror}") from err
-    except ValueError as err:
-        raise UserError(f"distributed.deepspeed_config {path} is not valid JSON: {err}") from err
+    except (ValueError, RecursionError) as err:
+        raise UserError(
+            f"distributed.deepspeed_config {path} is not valid JSON "
+            f"({json_error_text(err, line=True)})",
+            "fix the file at that place, or leave distributed.deepspeed_config out",
+        ) from None
     if not isinstance(config, dict) or "zero_optimization" not in config:
         raise UserError(
             f"distributed.deepspeed_config {path} has no zero_optimization section",

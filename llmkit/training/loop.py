@@ -29,7 +29,12 @@ from llmkit.training.fit import fit
 from llmkit.training.logger import MetricLogger
 from llmkit.training.plan import dry_run as print_plan
 from llmkit.training.plan import is_main_rank, make_plan
-from llmkit.training.rundir import TrainingInterrupted, interrupted_message, prepare_run_dir
+from llmkit.training.rundir import (
+    TrainingInterrupted,
+    interrupted_message,
+    prepare_run_dir,
+    restore_previous_run,
+)
 from llmkit.training.setup import make_accelerator, setup
 
 __all__ = ["TrainingInterrupted", "train"]
@@ -103,6 +108,7 @@ def train(
             raise  # nothing written yet
         raise TrainingInterrupted(interrupted_message(state["run_dir"], None)) from None
     except OSError as err:
+        _put_back_previous_run(state)
         if err.filename is None and err.errno not in _DISK_ERRNOS:
             raise
         where = f"{err.filename}: " if err.filename else ""
@@ -110,6 +116,18 @@ def train(
             f"cannot write {where}{err.strerror or err}",
             "check the disk space and permissions of the run directory",
         ) from None
+    except Exception:
+        _put_back_previous_run(state)
+        raise
+
+
+def _put_back_previous_run(state: dict[str, Any]) -> None:
+    """A run that failed before training started (main process; e.g. the model did not load):
+    the finished run that ``--overwrite`` set aside goes back in place
+    (:func:`restore_previous_run`). A run that failed while training (a non-finite loss)
+    keeps its metrics for reading, and the finished run stays aside (``.NAME.previous``)."""
+    if "run_dir" in state and "training" not in state and is_main_rank():
+        restore_previous_run(state["run_dir"])
 
 
 def _train(
@@ -125,8 +143,9 @@ def _train(
     _state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The body of :func:`train`: recipe, then plan, setup, fit, finish."""
-    from rich.console import Console
     from transformers.utils import logging as hf_logging
+
+    from llmkit.core.console import make_console
 
     recipe = config if isinstance(config, Recipe) else load_recipe(config, list(overrides))
     if trust_remote_code and not recipe.model.trust_remote_code:
@@ -136,7 +155,7 @@ def _train(
     # "pass an attention_mask" warning does not apply; shard-writing bars add nothing here.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    logger = MetricLogger(Console(stderr=True), main=is_main_rank(), progress=progress)
+    logger = MetricLogger(make_console(stderr=True), main=is_main_rank(), progress=progress)
 
     plan = make_plan(recipe, logger, resume=resume, dry_run=dry_run)
     if dry_run:
@@ -151,5 +170,7 @@ def _train(
     if _state is not None:
         _state["run_dir"] = plan.run_dir
     run = setup(plan, accelerator, logger)
+    if _state is not None:
+        _state["training"] = True  # from here a failed run keeps what it wrote, to be read
     state = fit(plan, run, on_step)
     return finish(plan, run, state)

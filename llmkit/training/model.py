@@ -39,6 +39,8 @@ def build_config(
     Raises:
         UserError: an unknown model type.
     """
+    import copy
+
     from transformers import AutoConfig
 
     kwargs = {
@@ -58,6 +60,17 @@ def build_config(
             f"model.type `{cfg.type}` is not a transformers model type",
             "use e.g. gpt2 or llama",
         ) from err
+    if cfg.extra:
+        # Given to the config's constructor, which reads some keys into others (transformers 5:
+        # rope_theta goes into rope_parameters; set afterwards it was read by no model).
+        _check_extra_keys(cfg, kwargs, config)
+        try:
+            config = AutoConfig.for_model(cfg.type, **{**kwargs, **copy.deepcopy(cfg.extra)})
+        except (ValueError, TypeError, KeyError) as err:
+            raise UserError(
+                f"model.extra is refused by {type(config).__name__}: {str(err).splitlines()[0]}",
+                "fix model.extra in the recipe",
+            ) from None
     if hasattr(config, "intermediate_size") and "intermediate_size" not in cfg.extra:
         config.intermediate_size = 4 * cfg.n_embd
     if hasattr(config, "num_key_value_heads") and "num_key_value_heads" not in cfg.extra:
@@ -69,9 +82,78 @@ def build_config(
         # fused PyTorch kernel instead of six element-wise ops: 1.5x faster steps on CPU.
         config.activation_function = "gelu_pytorch_tanh"
     set_dropout(config, cfg.dropout)
-    for key, value in cfg.extra.items():
-        setattr(config, key, value)
+    for key, value in cfg.extra.items():  # over the defaults above (dropout included)
+        if key in config.to_dict() or key in getattr(config, "attribute_map", {}):
+            setattr(config, key, value)
+    _check_buildable(cfg, config)
     return config
+
+
+def _check_extra_keys(cfg: ModelConfig, kwargs: dict, config) -> None:
+    """Refuse a ``model.extra`` key that ``cfg.type``'s config neither has nor reads:
+    transformers keeps any keyword as an attribute that no model reads, so a misspelt one
+    (``intermediate_sise``) was ignored without a word. A key is read when it is a field of
+    the config (or an alias of one), or when the config's constructor consumes it (kept as no
+    attribute: ``rope_theta`` goes into ``rope_parameters``).
+
+    Raises:
+        UserError: the first unknown key, with the closest known one.
+    """
+    import copy
+    import difflib
+
+    from transformers import AutoConfig
+
+    before = config.to_dict()
+    known = set(before) | set(getattr(config, "attribute_map", {}))
+    for key, value in cfg.extra.items():
+        if key in known:
+            continue
+        try:
+            after = AutoConfig.for_model(cfg.type, **{**kwargs, key: copy.deepcopy(value)})
+            after = after.to_dict()
+        except (ValueError, TypeError, KeyError):
+            continue  # read, and refused: said when the whole extra is given
+        if key not in after:
+            continue  # consumed: read into another field (rope_theta -> rope_parameters)
+        close = difflib.get_close_matches(str(key), sorted(known), n=1)
+        raise UserError(
+            f"model.extra.{key} is not a setting of {cfg.type}'s config "
+            f"({type(config).__name__}), so no model would read it",
+            f"did you mean model.extra.{close[0]}?"
+            if close
+            else f"see transformers' {type(config).__name__} for its settings",
+        )
+
+
+def _check_buildable(cfg: ModelConfig, config) -> None:
+    """Build one block of ``config``'s model on the meta device (no memory, a fraction of a
+    second), so that values no model can be built with (``model.extra`` ``n_inner: -5``, a
+    head size the architecture refuses) are one line here, not a traceback from torch when
+    the model is built (or counted by ``--dry-run``).
+
+    Raises:
+        UserError: transformers or torch refused to build it.
+    """
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = 1
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(small, trust_remote_code=False)
+    except Exception as err:  # torch's RuntimeError, transformers' ValueError...
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        extra = ", ".join(f"{k}={v!r}" for k, v in cfg.extra.items())  # as the recipe says
+        raise UserError(
+            f"a {cfg.type} model cannot be built from these settings (n_layer={cfg.n_layer}, "
+            f"n_head={cfg.n_head}, n_embd={cfg.n_embd}{', ' + extra if extra else ''}): "
+            f"{text[:160]}",
+            "fix the model section of the recipe (model.extra and the sizes)",
+        ) from None
 
 
 def build_model(config):
@@ -163,7 +245,12 @@ def load_pretrained(name: str, config, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmkit.security import is_remote_code_error, remote_code_error
+    from llmkit.security import (
+        is_remote_code_error,
+        quiet_torch_pickle_warnings,
+        refused_weights_error,
+        remote_code_error,
+    )
 
     source = _source(name)
     where, kwargs = source.where, {}
@@ -173,17 +260,21 @@ def load_pretrained(name: str, config, trust_remote_code: bool = False):
         kwargs["gguf_file"] = source.kwargs["gguf_file"]
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            where,
-            config=config,
-            dtype=torch.float32,
-            attn_implementation="sdpa",
-            trust_remote_code=trust_remote_code,
-            **kwargs,
-        )
+        with quiet_torch_pickle_warnings():
+            model = AutoModelForCausalLM.from_pretrained(
+                where,
+                config=config,
+                dtype=torch.float32,
+                attn_implementation="sdpa",
+                trust_remote_code=trust_remote_code,
+                **kwargs,
+            )
     except Exception as err:
         if is_remote_code_error(err):
             raise remote_code_error(name, where) from None
+        refused = refused_weights_error(name, err)
+        if refused is not None:
+            raise refused from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load {name}: {first[:160]}") from err
     quantizer = getattr(model, "hf_quantizer", None)

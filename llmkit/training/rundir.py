@@ -100,6 +100,30 @@ def previous_run_dir(run_dir: Path) -> Path:
     return run_dir.with_name(f".{run_dir.name}.previous")
 
 
+def restore_previous_run(run_dir: Path) -> bool:
+    """Put back the finished run ``--overwrite`` set aside (:func:`previous_run_dir`) when the
+    new run stopped on an error before training started: a mistake found while the model
+    loads (a bad ``model.name_or_path``, refused weights...) must not leave ``run_dir`` empty
+    and the finished model hidden. What the new run wrote (its run files only) is removed
+    first; the finished marker is moved back last. Returns True when restored (False: nothing
+    set aside, or the new run has a checkpoint to resume from or has finished)."""
+    kept = previous_run_dir(run_dir)
+    if not kept.is_dir() or not run_dir.is_dir() or ckpt.list_checkpoints(run_dir):
+        return False
+    if is_finished_run(run_dir):  # the new run got as far as finishing: it stays
+        return False
+    doomed = [run_dir / name for name in _RUN_FILES]
+    for pattern in _RUN_FILE_PATTERNS:
+        doomed += sorted(run_dir.glob(pattern))
+    for child in doomed:
+        _remove(child)
+    children = sorted(kept.iterdir(), key=lambda p: p.name == RUN_MARKER)  # the marker last
+    for child in children:
+        os.replace(child, run_dir / child.name)
+    kept.rmdir()
+    return True
+
+
 def drop_previous_run(run_dir: Path) -> None:
     """The new run has finished: delete the run ``--overwrite`` set aside, if any."""
     _remove(previous_run_dir(run_dir))

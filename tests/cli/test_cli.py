@@ -91,14 +91,30 @@ def run_probe(args: list[str], cwd) -> dict:
         (["generate", "--device", "gpu", "hi"], "unknown device 'gpu'"),
         (["generate", "--dtype", "float8", "hi"], "unknown dtype 'float8'"),
         (["generate", "--batch-size", "0", "hi"], "--batch-size 0 must be at least 1"),
+        # were an OverflowError traceback, and 9.8 GB over 4 minutes
+        (["generate", "--seed", str(2**64), "hi"], f"--seed {2**64} is outside torch's range"),
+        (["chat", "--seed", str(-(2**63) - 1)], "is outside torch's range"),
+        (["generate", "-n", "1000000", "hi"], "--num-return-sequences 1000000 is more than 1024"),
+        (["generate", "-f", "."], "cannot read .: Is a directory — give --prompts-file a text"),
+        (["train", "train.seed=4294967296"], "`train.seed` in the command-line overrides: "),
+        (["train", "train.seed=-1"], "`train.seed` in the command-line overrides: "),
         (["chat", "--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
         (["eval", "-m", "x", "-d", "missing.txt"], "missing.txt does not exist"),
         (["eval", "-m", "x", "-d", ".", "--max-length", "8", "--stride", "9"], "--stride 9"),
+        (["eval", "-m", "x", "-d", ".", "--stride", "0"], "--stride 0 must be at least 1 — "),
         (["eval", "-m", "x", "-d", ".", "--split", "test"], "unknown split 'test'"),
         (["eval", "-m", "x", "--tasks", "hellaswag", "--limit", "0"], "--limit 0"),
         (["serve", "--max-batch-size", "0"], "--max-batch-size 0 must be at least 1"),
         (["serve", "--threads", "0"], "--threads 0 must be at least 1"),
+        # a segmentation fault while libraries loaded
+        (["train", "--threads", "100000"], "--threads 100000 is more than "),
+        (["generate", "--threads", "100000", "hi"], "--threads 100000 is more than "),
+        (["prepare", "x.txt", "-o", "o", "--pii-region", ","], "--pii-region is empty"),
+        (["prepare", "x.txt", "-o", "o", "--num-proc", "100000"], "--num-proc 100000 is more"),
         (["serve", "--port", "70000"], "--port 70000 is not a port number"),
+        (["serve", "--batch-wait-ms", "nan"], "--batch-wait-ms nan is not a number from 0 to"),
+        (["serve", "--batch-wait-ms", "inf"], "--batch-wait-ms inf is not a number from 0 to"),
+        (["serve", "--batch-wait-ms", "-1"], "--batch-wait-ms -1.0 is negative"),
     ],
 )
 def test_bad_flags_fail_before_torch_is_imported(tmp_path, args, needle):
@@ -164,3 +180,19 @@ def test_train_without_a_recipe_or_data_says_the_defaults_were_used(tmp_path):
     # with an explicit data.path the plain message stays
     got = run_probe(["train", "data.path=nowhere"], tmp_path)
     assert "no --config given" not in got["stderr"]
+
+
+def test_a_prompts_file_with_malformed_json_names_line_and_column(tmp_path):
+    """Was 'not valid JSON (Unterminated string starting at)': json's msg without its
+    position."""
+    from llmkit.cli.generate import read_prompts
+    from llmkit.errors import UserError
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "abc}\n')
+    with pytest.raises(UserError) as err:
+        read_prompts(None, prompts)
+    assert str(err.value) == (
+        f"{prompts}, line 2: not valid JSON (Unterminated string starting at column 12) — "
+        'write one object per line, e.g. {"prompt": "Once upon a time"}'
+    )

@@ -80,3 +80,19 @@ def test_a_damaged_manifest_is_one_line_naming_the_field(written, tmp_path, edit
     with pytest.raises(UserError, match="rerun llmkit prepare") as err:
         read_manifest(copy)
     assert field in str(err.value) and str(copy / "manifest.json") in str(err.value)
+
+
+def test_a_manifest_that_is_not_json_says_so_with_its_position(written, tmp_path):
+    """A truncated manifest.json was 'the top level: invalid json: eof while parsing ...'
+    (pydantic's message lowered, the position glued on)."""
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(written["text"], copy)
+    (copy / "manifest.json").write_text('{\n  "settings": {"block_size": 8, "x": "abc')
+    with pytest.raises(UserError) as err:
+        read_manifest(copy)
+    assert str(err.value) == (
+        f"cannot read {copy / 'manifest.json'}: not valid JSON (EOF while parsing a string at "
+        "line 2, column 41) — rerun llmkit prepare"
+    )

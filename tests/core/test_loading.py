@@ -368,3 +368,44 @@ def restore_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+class _Crafted:
+    """Unpickling it would call ``print`` (never reached: the unpickler refuses it first)."""
+
+    def __reduce__(self):
+        return (print, ("the crafted pickle ran",))
+
+
+@pytest.mark.parametrize(
+    ("how", "detail"),
+    [("raw", "Unsupported operand 149"), ("torch", "Unsupported global: GLOBAL print")],
+)
+def test_pickled_weights_are_refused_in_one_line_without_torchs_warning(
+    tmp_path, tiny_model_dir, how, detail
+):
+    """A plain pickle as pytorch_model.bin: torch printed a two-line UserWarning ("Detected
+    pickle protocol 4 ...") before the refusal, and the refusal was torch's paragraph cut at
+    160 characters ("Weights only load failed. In PyTorch 2.6, we changed ...")."""
+    import pickle
+    import shutil
+    import warnings
+
+    from llmkit.core.loading import load_model_and_tokenizer
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").unlink()
+    if how == "raw":
+        (model / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _Crafted()}, protocol=4))
+    else:
+        torch.save({"w": _Crafted()}, model / "pytorch_model.bin")
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(UserError) as err:
+        warnings.simplefilter("always")
+        load_model_and_tokenizer(str(model), device="cpu")
+    assert [str(w.message) for w in seen if "pickle" in str(w.message)] == []
+    assert err.value.message == (
+        f"cannot load {model}: its pickled weights (.bin) are refused: they hold more than "
+        f"tensors and numbers ({detail}); nothing of them was run"
+    )
+    assert "safetensors" in err.value.hint

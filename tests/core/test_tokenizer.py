@@ -104,3 +104,41 @@ def test_extra_special_tokens_for_chat_markers(tmp_path):
     assert int(token_byte_lengths(again)[ids].sum()) == len("user\nhello")
     with pytest.raises(UserError, match="at least 259"):
         train_bpe_tokenizer(iter(docs), vocab_size=258, extra_special_tokens=markers)
+
+
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("file", "tokenizer {x} is a file, not a tokenizer directory"),
+        ("empty", "{x} holds no tokenizer (none of tokenizer.json, tokenizer_config.json, ...)"),
+        ("missing", "tokenizer {x} does not exist"),
+        (
+            "hub",
+            "cannot load a tokenizer from {x}: there is no such directory, the Hub is not "
+            "reachable (HF_HUB_OFFLINE is set) and {x} is not in the local Hugging Face cache",
+        ),
+    ],
+)
+def test_what_cannot_be_a_tokenizer_is_named_as_such(tmp_path, monkeypatch, what, message):
+    """transformers said "the config file at 'x.txt' is not a valid JSON file" for a file,
+    "Couldn't instantiate the backend tokenizer from one of: " for an empty directory, and
+    retried the Hub five times (about 40 s) for an unknown name while offline."""
+    from huggingface_hub import constants
+
+    from llmkit.core.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    x = {"file": "notes.txt", "empty": "emptydir", "missing": "./nowhere", "hub": "nope-llmkit"}[
+        what
+    ]
+    if what == "file":
+        (tmp_path / x).write_text("not a tokenizer\n")
+    elif what == "empty":
+        (tmp_path / x).mkdir()
+    with pytest.raises(UserError) as err:
+        load_tokenizer(x)
+    assert err.value.message == message.format(x=x)
+    assert "tokenizer.json" in err.value.hint

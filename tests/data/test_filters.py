@@ -289,11 +289,21 @@ def test_config_file_and_flags(tmp_path):
     with pytest.raises(UserError, match="did you mean filters.gopher_quality"):
         load_config(cfg_file)
     cfg_file.write_text("dedup: {bands: 20, rows: 8}\n")
-    with pytest.raises(UserError, match="exceeds num_perm 112"):
+    with pytest.raises(UserError) as err:
         load_config(cfg_file)
+    assert err.value.message == (
+        f"dedup.bands x dedup.rows = 160 exceeds dedup.num_perm 112 (in {cfg_file})"
+    )
+    with pytest.raises(UserError) as err:  # the same from flags: named as the flags
+        load_config(None, {"dedup": {"bands": 20, "rows": 8}})
+    assert err.value.message == "--minhash-bands x --minhash-rows = 160 exceeds --minhash-perm 112"
     cfg_file.write_text("filters: {length: {min_chars: ten}}\n")
-    with pytest.raises(UserError, match="min_chars: expected int"):
+    with pytest.raises(UserError) as err:
         load_config(cfg_file)
+    assert str(err.value) == (
+        f"filters.length.min_chars in {cfg_file}: expected int, got str 'ten' — fix the value "
+        "in that file"
+    )
 
 
 def test_cli_config_error_is_one_line(tmp_path):
@@ -305,10 +315,15 @@ def test_cli_config_error_is_one_line(tmp_path):
         app, ["prepare", str(f), "-o", str(tmp_path / "o"), "--config", str(cfg)]
     )
     assert r.exit_code == 2 and r.stderr.splitlines() == [
-        "error: pii 'maybe' is not redact or keep"
+        f"error: pii in {cfg}: 'maybe' is not redact or keep"
     ]
     r = CliRunner().invoke(app, ["prepare", str(f), "-o", str(tmp_path / "o"), "--filter", "gophr"])
-    assert r.exit_code == 2 and "unknown prepare setting filters.gophr" in r.stderr
+    # was "unknown prepare setting filters.gophr — did you mean filters.gopher_quality?"
+    assert r.exit_code == 2 and r.stderr.startswith("error: --filter gophr: no such filter — ")
+    r = CliRunner().invoke(
+        app, ["prepare", str(f), "-o", str(tmp_path / "o"), "--no-filter", "c44"]
+    )
+    assert r.stderr.startswith("error: --no-filter c44: no such filter — did you mean c4? ")
 
 
 @pytest.mark.parametrize("procs, workers", [(1, 1), (2, 2), (2, 1)])

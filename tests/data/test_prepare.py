@@ -348,7 +348,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
         (["--val-fraction", "-0.1"], "outside [0, 1)"),
         (["--vocab-size", "100"], "--vocab-size 100 is too small"),
         (["--block-size", "100000"], "fewer than one block of 100000"),
-        (["--tokenizer", "/nonexistent/tok"], "cannot load a tokenizer"),
+        (["--tokenizer", "/nonexistent/tok"], "tokenizer /nonexistent/tok does not exist"),
     ],
 )
 def test_bad_settings(tmp_path, args, message):

@@ -278,3 +278,68 @@ def test_glob_of_real_files_and_metadata_field_counts_in_the_manifest(tmp_path):
         assert entry["fields"]["text"] == 10 and entry["fields"]["metadata"] == 10
         assert set(entry["fields"]) >= {"id", "metadata", "source", "text"}
     assert m["stages"]["read"]["documents_out"] == 20
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        (
+            "bad.jsonl",
+            '{"text": "abc}\n',
+            ":1: malformed JSON (Unterminated string starting at column 10)",
+        ),
+        (
+            "chat.jsonl",
+            '{"messages": "abc}\n',
+            ":1: malformed JSON (Unterminated string starting at column 14)",
+        ),
+        (
+            "bad.json",
+            '[{"text": "a\x01"}]\n',
+            ":1: malformed JSON (Invalid control character at column 13)",
+        ),
+    ],
+)
+def test_malformed_json_names_its_position_with_one_at(tmp_path, name, content, expected):
+    from llmkit.data.pipeline import prepare
+
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    kwargs = {"format": "chat"} if name.startswith("chat") else {}
+    with pytest.raises(UserError) as info:
+        prepare([tmp_path / name], tmp_path / "out", cache=False, **kwargs)
+    assert str(info.value).split(" — ")[0].endswith(name + expected)
+
+
+DEEP = "[" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("deep.jsonl", '{"text": ' + DEEP + "}\n", "deep.jsonl:1: malformed JSON"),
+        ("deep.json", "[" + DEEP + "]\n", "deep.json: malformed JSON"),
+    ],
+)
+def test_json_nested_past_the_recursion_limit_is_malformed(tmp_path, name, content, expected):
+    """json.loads raises RecursionError, not a JSONDecodeError, for such nesting: it was a
+    traceback."""
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        prepare([tmp_path / name], tmp_path / "out", cache=False)
+    assert info.value.message == (
+        f"{tmp_path / expected} (nested more deeply than the JSON reader allows)"
+    )
+    if name.endswith(".jsonl"):  # skipped and counted like any malformed line
+        (tmp_path / "ok.jsonl").write_text('{"text": "one document of text"}\n')
+        m = prepare(
+            [tmp_path / name, tmp_path / "ok.jsonl"],
+            tmp_path / "out2",
+            cache=False,
+            on_error="skip",
+            block_size=2,
+            vocab_size=257,
+            val_fraction=0,
+            plot=False,
+        )
+        skipped = [f.get("skipped") for f in m["inputs"] if f["path"].endswith(name)]
+        assert skipped == [{"malformed json": 1}], m["inputs"]

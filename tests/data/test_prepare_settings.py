@@ -89,5 +89,143 @@ def test_cli_unknown_yaml_key_is_one_line_exit_2(tmp_path):
     )
     assert r.exit_code == 2
     assert r.stderr.splitlines() == [
-        "error: unknown prepare setting vocab_sise — did you mean vocab_size?"
+        f"error: unknown prepare setting vocab_sise in {cfg} — did you mean vocab_size?"
     ]
+
+
+# Each setting validated in llmkit.data.config, set once in a YAML file and once by its flag:
+# the error names what the user wrote (the key in the file, or the flag). Before, every one was
+# named by its flag, and the YAML's user looked for a flag never typed.
+SAME_MISTAKE = [
+    (
+        "block_size: 1",
+        ["--block-size", "1"],
+        "block_size in {cfg}: 1 is too small",
+        "--block-size 1 is too small",
+    ),
+    (
+        "vocab_size: 100",
+        ["--vocab-size", "100"],
+        "vocab_size in {cfg}: 100 is too small",
+        "--vocab-size 100 is too small",
+    ),
+    (
+        "val_fraction: 1.5",
+        ["--val-fraction", "1.5"],
+        "val_fraction in {cfg}: 1.5 is outside [0, 1)",
+        "--val-fraction 1.5 is outside [0, 1)",
+    ),
+    ("seed: -1", ["--seed", "-1"], "seed in {cfg}: -1 is negative", "--seed -1 is negative"),
+    (
+        "num_proc: 0",
+        ["--num-proc", "0"],
+        "num_proc in {cfg}: 0 must be at least 1",
+        "--num-proc 0 must be at least 1",
+    ),
+    (
+        "encoding: nope",
+        ["--encoding", "nope"],
+        "encoding in {cfg}: 'nope' is not an encoding Python knows",
+        "--encoding 'nope' is not an encoding Python knows",
+    ),
+    (
+        "max_document_bytes: 5",
+        ["--max-document-bytes", "5"],
+        "max_document_bytes in {cfg}: 5 is too small",
+        "--max-document-bytes 5 is too small",
+    ),
+    (
+        "dedup: {ngram_size: 0}",
+        ["--minhash-ngram", "0"],
+        "dedup.ngram_size in {cfg}: 0 is outside [1, 4096]",
+        "--minhash-ngram 0 is outside [1, 4096]",
+    ),
+    (
+        "dedup: {num_perm: 9000}",
+        ["--minhash-perm", "9000"],
+        "dedup.num_perm in {cfg}: 9000 is outside [1, 4096]",
+        "--minhash-perm 9000 is outside [1, 4096]",
+    ),
+    (
+        "dedup: {bands: 0, rows: 8}",
+        ["--minhash-bands", "0", "--minhash-rows", "8"],
+        "dedup.bands in {cfg}: 0 must be at least 1",
+        "--minhash-bands 0 must be at least 1",
+    ),
+    (
+        "dedup: {bands: 30}",
+        ["--minhash-bands", "30"],
+        "dedup.bands x dedup.rows = 240 exceeds dedup.num_perm 112 (in {cfg})",
+        "--minhash-bands x --minhash-rows = 240 exceeds --minhash-perm 112",
+    ),
+    (
+        "dedup: {threshold: 2.0}",
+        ["--minhash-threshold", "2"],
+        "dedup.threshold in {cfg}: 2.0 is outside (0, 1]",
+        "--minhash-threshold 2.0 is outside (0, 1]",
+    ),
+    (
+        "pii_region: [XX]",
+        ["--pii-region", "XX"],
+        "pii_region in {cfg}: unknown phone region",
+        "--pii-region: unknown phone region",
+    ),
+    (
+        "tasks: 0",
+        ["--tasks", "0"],
+        "tasks in {cfg} must be at least 1",
+        "--tasks must be at least 1",
+    ),
+    (
+        "tasks: 3",
+        ["--tasks", "3"],
+        "tasks in {cfg} applies to --executor only",
+        "--tasks applies to --executor only",
+    ),
+    (
+        "executor: local",
+        ["--executor", "local"],
+        "executor in {cfg}: local needs work_dir",
+        "--executor local needs --work-dir",
+    ),
+]
+
+
+@pytest.mark.parametrize(("yaml_text", "flags", "from_file", "from_flag"), SAME_MISTAKE)
+def test_an_error_names_the_yaml_key_or_the_flag_that_set_the_value(
+    tmp_path, yaml_text, flags, from_file, from_flag
+):
+    text = tmp_path / "a.txt"
+    text.write_text("some text\n")
+    cfg = tmp_path / "prepare.yaml"
+    cfg.write_text(yaml_text + "\n")
+    base = ["prepare", str(text), "-o", str(tmp_path / "o")]
+    for args, expected in (
+        ([*base, "--config", str(cfg)], from_file),
+        ([*base, *flags], from_flag),
+    ):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2, r.output
+        [line] = r.stderr.splitlines()
+        assert line.startswith("error: " + expected.format(cfg=cfg)), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_flag_given_over_the_yaml_is_named_as_the_flag(tmp_path):
+    cfg = tmp_path / "prepare.yaml"
+    cfg.write_text("block_size: 64\nseed: -2\n")
+    with pytest.raises(UserError, match=r"^--block-size 1 is too small"):
+        PrepareSettings.load(cfg, {"block_size": 1})
+    with pytest.raises(UserError, match=rf"^seed in {cfg}: -2 is negative"):
+        PrepareSettings.load(cfg, {"block_size": 32})
+
+
+def test_a_yaml_value_that_does_not_apply_is_named_in_the_warning(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("\n\n".join(f"Paragraph {i} of some text, with words." for i in range(300)))
+    cfg = tmp_path / "prepare.yaml"
+    cfg.write_text("train_on: all\nblock_size: 16\nvocab_size: 300\nplot: false\n")
+    args = ["prepare", str(text), "-o", str(tmp_path / "o"), "--config", str(cfg), "--no-cache"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert f"warning: train_on in {cfg} ignored: the inputs are read as documents" in r.stderr

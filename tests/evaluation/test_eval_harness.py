@@ -190,6 +190,22 @@ def test_task_data_that_cannot_be_loaded(tiny_model_dir, tmp_path):
 
 
 @needs_harness
+def test_include_path_given_a_file_asks_for_its_directory(tiny_model_dir):
+    """The harness indexes the YAMLs under a directory; a file there added nothing and the
+    task was reported as unknown."""
+    task_file = TASKS / "opposites.yaml"
+    res = runner.invoke(
+        app, ["eval", "-m", str(tiny_model_dir), "--tasks", TASK, "--include-path", str(task_file)]
+    )
+    one_line_error(
+        res,
+        f"error: --include-path {task_file} is a file: it takes a directory",
+        f"— give the directory that holds it: --include-path {TASKS}",
+    )
+    assert "unknown" not in res.output
+
+
+@needs_harness
 def test_missing_include_path(tiny_model_dir, tmp_path):
     res = runner.invoke(
         app,

@@ -281,6 +281,28 @@ def test_cli_stride_over_max_length(tiny_model_dir, text_file):
     assert_one_line_error(res, "--stride 17")
 
 
+def test_cli_stride_over_the_models_positions_names_them(tiny_model_dir, text_file):
+    """Without --max-length the window is the model's positions: the line says so (it named
+    a --max-length the user never gave)."""
+    res = run_cli("eval", "-m", str(tiny_model_dir), "-d", str(text_file), "--stride", "100")
+    assert_one_line_error(
+        res,
+        "--stride 100 is more than the window length, the model's 64 positions (no --max-length "
+        "given) — a stride above the window length would skip tokens: use at most 64",
+    )
+
+
+@pytest.mark.parametrize("max_length", [None, 8])
+def test_stride_zero_hint_is_about_the_stride(max_length):
+    """Was "--stride 0 must be between 1 and --max-length 2" without --max-length."""
+    from llmkit.evaluation.checks import check_eval_args
+
+    with pytest.raises(UserError) as err:
+        check_eval_args(None, max_length=max_length, stride=0)
+    assert err.value.message == "--stride 0 must be at least 1"
+    assert "--max-length" not in str(err.value)
+
+
 def test_cli_max_length_over_positions(tiny_model_dir, text_file):
     res = run_cli("eval", "-m", str(tiny_model_dir), "-d", str(text_file), "--max-length", "65")
     assert_one_line_error(res, "64 positions")

@@ -267,3 +267,42 @@ def test_odd_completion_requests_are_never_a_500(faulty_app):
     ):
         res = faulty_app.post("/v1/completions", json=body)
         assert res.status_code in (200, 400), (body, res.text)
+
+
+@pytest.mark.parametrize(
+    ("raw", "escape"),
+    [
+        (b'{"prompt": "a\\udcff", "max_tokens": 3}', "\\udcff"),
+        (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "\\ud800"),
+        (b'{"prompt": "a", "stop": ["\\udcff"]}', "\\udcff"),
+    ],
+)
+def test_a_lone_surrogate_escape_is_a_400_not_a_500(raw, escape):
+    """Valid JSON, no text: the tokenizer (or the context check's .encode) failed on it and the
+    client got a 500 'internal error: surrogates not allowed' with a traceback in the log."""
+    from llmkit.serve.schemas import parse_json
+
+    with pytest.raises(ApiError) as info:
+        parse_json(raw)
+    assert info.value.status == 400
+    assert info.value.message == (
+        f"the request body holds a lone surrogate escape ({escape}), which is not text"
+    )
+
+
+def test_a_request_body_of_text_in_any_script_passes():
+    from llmkit.serve.schemas import parse_json
+
+    assert parse_json('{"prompt": "naïve 日本 😀"}'.encode())["prompt"] == "naïve 日本 😀"
+
+
+def test_a_body_nested_past_the_recursion_limit_is_a_400():
+    """json.loads raised RecursionError, which no handler caught: a 500."""
+    from llmkit.serve.schemas import parse_json
+
+    with pytest.raises(ApiError) as info:
+        parse_json(b'{"prompt": ' + b"[" * 100_000 + b"}")
+    assert info.value.status == 400
+    assert info.value.message == (
+        "the request body is not valid JSON: nested more deeply than the JSON reader allows"
+    )

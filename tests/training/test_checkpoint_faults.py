@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from llmkit.cli import app
 from llmkit.errors import UserError
+from llmkit.runs import is_finished_run
 from llmkit.training import checkpoint as ckpt
 from llmkit.training.loop import train
 
@@ -419,3 +420,23 @@ def test_two_processes_resume_the_same_curve(write_prepared, tmp_path, tiny_toke
     assert losses(resumed) == losses(straight) and sorted(losses(straight)) == [1, 2, 3, 4, 5, 6]
     a = (straight / "model.safetensors").read_bytes()
     assert a == (resumed / "model.safetensors").read_bytes()
+
+
+def test_overwrite_that_fails_before_a_checkpoint_puts_the_finished_run_back(finished, tmp_path):
+    """`train --overwrite model.name_or_path=M` whose weights are refused when they load set
+    the finished run aside, failed, and left the run directory empty (the model hidden in
+    .run.previous, which the error line did not name)."""
+    data, out = _copy_run(finished, tmp_path)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    refused = tmp_path / "refused_model"  # the run's own model, its weights a bare pickle
+    shutil.copytree(out, refused, ignore=shutil.ignore_patterns("checkpoints"))
+    (refused / "model.safetensors").unlink()
+    (refused / "pytorch_model.bin").write_bytes(pickle.dumps({"w": 1}, protocol=4))
+    args = ["train", *_overrides(data, out), f"model.name_or_path={refused}", "--overwrite"]
+    result = CliRunner().invoke(app, [*args, "--no-progress"])
+    line = _one_line(result)
+    assert "its pickled weights (.bin) are refused" in line, line
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert not (tmp_path / ".run.previous").exists()
+    assert is_finished_run(out)

@@ -342,3 +342,107 @@ def test_overwrite_never_touches_a_directory_llmkit_did_not_write(
     base = ["train", f"data.path={data}", f"out_dir={run}", *TINY, "--no-progress"]
     assert CliRunner().invoke(app, base).exit_code == 0
     assert CliRunner().invoke(app, [*base, "--overwrite"]).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "overrides", "source"),
+    [
+        (0, [], "{cfg}"),  # the file's own value: the file, without "or its overrides"
+        (5, ["train.max_steps=0"], "the command-line overrides"),  # the override wins
+        (0, ["train.learning_rate=1"], "{cfg}"),  # another key overridden: the file's value
+    ],
+)
+def test_a_bad_value_names_where_it_was_written(tmp_path, max_steps, overrides, source):
+    """Was "`train.max_steps` in r.yaml or its overrides" whenever any override was given."""
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"train: {{max_steps: {max_steps}}}\n")
+    with pytest.raises(UserError) as err:
+        load_recipe(cfg, overrides)
+    assert err.value.message.startswith(
+        f"`train.max_steps` in {source.format(cfg=cfg)}: Input should be greater than or equal"
+    )
+
+
+def test_a_check_across_a_section_names_file_and_overrides_only_when_both_wrote_it(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("model: {n_embd: 30, n_head: 4}\n")
+    for overrides, source in (
+        ([], f"{cfg}"),
+        (["train.max_steps=3"], f"{cfg}"),
+        (["model.n_layer=2"], f"{cfg} or its overrides"),
+    ):
+        with pytest.raises(UserError) as err:
+            load_recipe(cfg, overrides)
+        assert err.value.message == (
+            f"`model` in {source}: n_embd (30) must be divisible by n_head (4)"
+        )
+
+
+def test_a_recipe_without_data_path_says_the_default_was_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("model: {n_layer: 1}\n")
+    result = CliRunner().invoke(app, ["train", "--config", str(cfg)])
+    assert _one_error_line(result) == (
+        f"error: data/shakespeare does not exist ({cfg} sets no data.path: the built-in defaults "
+        f"read data.path=data/shakespeare) — add data.path to {cfg}, or pass data.path=DIR of a "
+        "`llmkit prepare` output"
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.epochs=.inf", "train.epochs"),  # was an OverflowError traceback
+        ("train.learning_rate=.inf", "train.learning_rate"),  # passed the dry run
+        ("train.grad_clip=.nan", "train.grad_clip"),
+        ("eval.min_delta=.inf", "eval.min_delta"),
+    ],
+)
+def test_nan_and_infinity_are_refused_for_every_number(override, key):
+    with pytest.raises(UserError) as err:
+        load_recipe(None, [override])
+    assert err.value.message.startswith(
+        f"`{key}` in the command-line overrides: Input should be a finite number"
+    )
+    assert err.value.hint.startswith(f"{key} takes a finite number")
+
+
+def _config(**extra):
+    from llmkit.training.config import ModelConfig
+    from llmkit.training.model import build_config
+
+    mcfg = ModelConfig(type=extra.pop("type", "gpt2"), n_layer=1, n_head=2, n_embd=32, extra=extra)
+    return build_config(mcfg, vocab_size=50, block_size=16, eos_token_id=0)
+
+
+def test_model_extra_reaches_the_config_as_transformers_reads_it():
+    """transformers 5 reads rope_theta into rope_parameters when the config is made: set on
+    the config afterwards (as llmkit did) it changed no model."""
+    config = _config(type="llama", rope_theta=1000.0, intermediate_size=48)
+    assert config.rope_parameters["rope_theta"] == 1000.0
+    assert config.intermediate_size == 48
+    assert _config(n_inner=48, activation_function="relu").n_inner == 48
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"n_innner": 48},
+            "model.extra.n_innner is not a setting of gpt2's config (GPT2Config), so no model "
+            "would read it",
+        ),
+        (
+            {"n_inner": -5},
+            "a gpt2 model cannot be built from these settings (n_layer=1, n_head=2, n_embd=32, "
+            "n_inner=-5): Trying to create tensor with negative dimension -5: [32, -5]",
+        ),
+    ],
+)
+def test_model_extra_that_no_model_reads_or_builds_with_is_one_line(extra, message):
+    """A misspelt key was kept and ignored; a bad value was a RuntimeError traceback from torch
+    when the model (or --dry-run's count) was built."""
+    with pytest.raises(UserError) as err:
+        _config(**extra)
+    assert err.value.message == message

@@ -201,7 +201,7 @@ def test_web_archive_and_chat_inputs_are_refused(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--tasks", "2"], "--tasks (tasks in --config) applies to --executor only"),
+        (["--tasks", "2"], "--tasks applies to --executor only"),
         (["--executor", "local"], "--executor local needs --work-dir"),
         (["--executor", "slurm", "--work-dir", "w"], "--executor slurm needs --slurm-partition"),
         (["--executor", "spark", "--work-dir", "w"], "--executor"),
@@ -285,39 +285,37 @@ def test_a_rerun_is_up_to_date_whichever_path_wrote_the_output(tmp_path, corpus,
         (
             ["--executor", "local", "--slurm-partition", "cpu"],
             "",
-            "--slurm-partition (slurm_partition in --config) applies to --executor slurm only, "
-            "not --executor local",
+            "--slurm-partition applies to --executor slurm only, not --executor local",
         ),
         (
             ["--executor", "local"],
             "slurm_time: '01:00:00'\n",
-            "--slurm-time (slurm_time in --config) applies to --executor slurm only, "
-            "not --executor local",
+            "slurm_time in {cfg} applies to --executor slurm only, not --executor local",
         ),
         (
             ["--executor", "ray", "--slurm-cpus", "4"],
             "",
-            "--slurm-cpus (slurm_cpus in --config) applies to --executor slurm only, "
-            "not --executor ray",
+            "--slurm-cpus applies to --executor slurm only, not --executor ray",
         ),
         (
             ["--executor", "slurm", "--slurm-partition", "cpu", "--slurm-time", "1:00:00"],
             "ray_address: 'ray://head:10001'\n",
-            "--ray-address (ray_address in --config) applies to --executor ray only, "
-            "not --executor slurm",
+            "ray_address in {cfg} applies to --executor ray only, not --executor slurm",
         ),
         (
             [],
             "slurm_partition: cpu\n",
-            "--slurm-partition (slurm_partition in --config) applies to --executor slurm only",
+            "slurm_partition in {cfg} applies to --executor slurm only",
         ),
-        (["--ray-address", "auto"], "", "--ray-address (ray_address in --config) applies to "),
+        (["--ray-address", "auto"], "", "--ray-address applies to "),
     ],
 )
 def test_an_engine_option_of_another_executor_is_refused(tmp_path, corpus, args, config, message):
-    """An engine's option given with another executor, or with none, was silently ignored."""
+    """An engine's option given with another executor, or with none, was silently ignored;
+    the error names it as the user gave it (the flag, or the key in the YAML file)."""
     cfg = tmp_path / "prepare.yaml"
     cfg.write_text(config)
+    message = message.format(cfg=cfg)
     out, work = tmp_path / "o", tmp_path / "w"
     wd = ["--work-dir", str(work)] if "--executor" in args else []
     result = cli(str(corpus), "--output", str(out), "--config", str(cfg), *wd, *args)
