@@ -1509,16 +1509,7 @@ class _ChatData:
                 "on and were not written"
             )
         if name == "train" and stats["rows"] == 0:
-            raise UserError(
-                f"no training conversation left to write ({stats['conversations']:,} packed: "
-                f"{stats['dropped']:,} longer than --block-size {block_size}, "
-                f"{stats['no_answer']:,} without an answer token"
-                + (f"; skipped {_fmt_counts(skipped)}" if skipped else "")
-                + ")",
-                "raise --block-size"
-                + (", use --overlong truncate" if overlong == "drop" else "")
-                + ", or check the conversations",
-            )
+            raise no_training_conversation(stats, skipped, block_size, overlong)
         return packed, entry
 
     def describe(self, name: str, entry: dict) -> str:
@@ -1538,27 +1529,59 @@ class _ChatData:
         }
 
     def extra(self, info: dict) -> dict:
-        formats: dict[str, int] = {}
-        for entry in info["inputs"]:
-            for fmt, n in (entry.get("chat_formats") or {}).items():
-                formats[fmt] = formats.get(fmt, 0) + n
-        chat = self.run.chat
         return {
-            "chat": {
-                "template": self.resolved,
-                "end_of_turn": self.end_of_turn,
-                "train_on": chat["train_on"],
-                "answers_located": dict(sorted(self.answers_located.items())),
-                "overlong": chat["overlong"],
-                "columns": ["input_ids", "labels", "position_ids"],
-                "cleaning": (
-                    "normalize and pii on each message's content; filters and de-duplication "
-                    "on the conversation as text ('role: content' per message); near-duplicate "
-                    "removal off unless asked (dedup.near)"
-                ),
-                "record_formats": dict(sorted(formats.items())),
-            }
+            "chat": chat_section(
+                self.run.chat,
+                self.resolved,
+                self.end_of_turn,
+                self.answers_located,
+                info["inputs"],
+            )
         }
+
+
+def no_training_conversation(
+    stats: dict, skipped: dict, block_size: int, overlong: str
+) -> UserError:
+    """The error of a chat run whose training split packs into no row (``stats``:
+    :meth:`llmkit.data.pack.SFTPacker.stats` of the split; ``skipped``: conversations skipped
+    by reason)."""
+    return UserError(
+        f"no training conversation left to write ({stats['conversations']:,} packed: "
+        f"{stats['dropped']:,} longer than --block-size {block_size}, "
+        f"{stats['no_answer']:,} without an answer token"
+        + (f"; skipped {_fmt_counts(skipped)}" if skipped else "")
+        + ")",
+        "raise --block-size"
+        + (", use --overlong truncate" if overlong == "drop" else "")
+        + ", or check the conversations",
+    )
+
+
+def chat_section(
+    chat: dict, resolved: str, end_of_turn: str | None, answers_located: dict, inputs: list
+) -> dict:
+    """The manifest's ``chat`` section: the template as resolved, its end-of-turn token, the
+    ``train_on`` and ``overlong`` rules (``chat``), how the answers were located (all splits)
+    and the record formats read (summed over the ``inputs`` entries)."""
+    formats: dict[str, int] = {}
+    for entry in inputs:
+        for fmt, n in (entry.get("chat_formats") or {}).items():
+            formats[fmt] = formats.get(fmt, 0) + n
+    return {
+        "template": resolved,
+        "end_of_turn": end_of_turn,
+        "train_on": chat["train_on"],
+        "answers_located": dict(sorted(answers_located.items())),
+        "overlong": chat["overlong"],
+        "columns": ["input_ids", "labels", "position_ids"],
+        "cleaning": (
+            "normalize and pii on each message's content; filters and de-duplication "
+            "on the conversation as text ('role: content' per message); near-duplicate "
+            "removal off unless asked (dedup.near)"
+        ),
+        "record_formats": dict(sorted(formats.items())),
+    }
 
 
 def _fmt_counts(counts: dict) -> str:

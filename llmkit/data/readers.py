@@ -1633,6 +1633,21 @@ def conversation_json(messages: Sequence[dict[str, str]]) -> str:
     return json.dumps(list(messages), ensure_ascii=False)
 
 
+def conversation_convert(source: InputFile) -> Convert:
+    """The :data:`Convert` of chat records: a record to its :func:`conversation_json`
+    (:func:`llmkit.data.sft.conversation_from_record`), counted by format in
+    ``source.chat_formats``. Used for whole files and for line ranges of one
+    (:mod:`llmkit.data.distributed.chat`)."""
+    from llmkit.data.sft import conversation_from_record, detect_chat_format
+
+    def convert(record, where: str) -> str:
+        messages = conversation_from_record(record, where=where)
+        source.chat_formats[detect_chat_format(record)] += 1
+        return conversation_json(messages)
+
+    return convert
+
+
 def read_conversations(source: InputFile, *, on_error: str = "fail") -> Iterator[tuple[str, str]]:
     """Yield ``(where, conversation)`` for each chat record of a JSON-lines / JSON file or Hub
     dataset: ``where`` is ``file:line`` (``file: item i`` in a JSON array, ``name: row i``
@@ -1651,8 +1666,6 @@ def read_conversations(source: InputFile, *, on_error: str = "fail") -> Iterator
             no assistant message, an empty turn... — named with file and line; under
             ``"skip"`` it is counted in ``source.skipped`` by reason.
     """
-    from llmkit.data.sft import conversation_from_record, detect_chat_format
-
     if on_error not in ON_ERROR:
         raise UserError(f"--on-error {on_error!r} is not one of {', '.join(ON_ERROR)}")
     if source.kind not in CHAT_KINDS:
@@ -1660,12 +1673,7 @@ def read_conversations(source: InputFile, *, on_error: str = "fail") -> Iterator
             f"{source.path}: chat data must be JSON lines or a JSON array (.jsonl, .json)",
             "give the conversations as JSON records, or use --format text for plain documents",
         )
-
-    def convert(record, where: str) -> str:
-        messages = conversation_from_record(record, where=where)
-        source.chat_formats[detect_chat_format(record)] += 1
-        return conversation_json(messages)
-
+    convert = conversation_convert(source)
     if source.kind == "hub":
         records = _hub_records(source, on_error, convert, _chat_reason)
     else:
