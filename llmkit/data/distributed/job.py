@@ -98,6 +98,11 @@ class JobSpec:
     tasks: int = 1
     partitions: int = 1
     target_shard_bytes: int = TARGET_SHARD_BYTES
+    #: ``"text"`` (documents) or ``"chat"`` (conversations: the stages of
+    #: :mod:`llmkit.data.distributed.chat`), with ``chat``: ``template``, ``train_on``,
+    #: ``overlong`` as ``prepare`` resolves them.
+    format: str = "text"
+    chat: dict | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +397,25 @@ def _row_schema(rules):
     ).arrow_schema
 
 
+def put_records(work: Work, shard: int, rows: list[dict], rules, partitions: int) -> None:
+    """Write a shard's de-duplication records, one parquet file per partition
+    (:func:`~llmkit.data.distributed.dedup.shard_records` of its rows)."""
+    import pyarrow as pa
+
+    by_part = ddedup.shard_records(rows, shard, rules, partitions)
+    for p, recs in enumerate(by_part):
+        cols = list(zip(*recs, strict=True)) if recs else [[], [], [], []]
+        table = pa.table(
+            {
+                "rule": pa.array(cols[0], pa.int32()),
+                "key": pa.array(cols[1], pa.binary()),
+                "shard": pa.array(cols[2], pa.int64()),
+                "index": pa.array(cols[3], pa.int64()),
+            }
+        )
+        work.put_table(f"records/p{p:05d}/s{shard:06d}.parquet", table)
+
+
 class Signatures(Stage):
     """Per shard: read, run the steps before the barrier (normalize, filters, signatures:
     their ``run()``), write the rows that reach the barrier (parquet), each partition's
@@ -441,18 +465,7 @@ class Signatures(Stage):
                 {"text": d.text, "n_bytes": d.n_bytes, **{k: d.metadata.get(k) for k in names}}
                 for d in run_chain(before, documents(), rank, world_size)
             ]
-            by_part = ddedup.shard_records(rows, shard.index, rules, spec.partitions)
-            for p, recs in enumerate(by_part):
-                cols = list(zip(*recs, strict=True)) if recs else [[], [], [], []]
-                table = pa.table(
-                    {
-                        "rule": pa.array(cols[0], pa.int32()),
-                        "key": pa.array(cols[1], pa.binary()),
-                        "shard": pa.array(cols[2], pa.int64()),
-                        "index": pa.array(cols[3], pa.int64()),
-                    }
-                )
-                work.put_table(f"records/p{p:05d}/s{shard.index:06d}.parquet", table)
+            put_records(work, shard.index, rows, rules, spec.partitions)
             work.put_table(
                 f"rows/s{shard.index:06d}.parquet", pa.Table.from_pylist(rows, schema=schema)
             )
@@ -678,7 +691,12 @@ STAGE_CLASSES = {
 
 
 def stage_tasks(spec: JobSpec) -> dict[str, int]:
-    """Tasks of each stage: ``tasks``, ``partitions``, 1, ``tasks``, 1, ``tasks``, ``tasks``."""
+    """Tasks of each stage, in order: ``tasks``, ``partitions``, 1, ``tasks``, 1, ``tasks``,
+    ``tasks`` (chat data: :func:`llmkit.data.distributed.chat.chat_stage_tasks`)."""
+    if spec.format == "chat":
+        from llmkit.data.distributed.chat import chat_stage_tasks
+
+        return chat_stage_tasks(spec)
     return {
         "signatures": spec.tasks,
         "groups": spec.partitions,
@@ -814,7 +832,7 @@ def run_job(
 def completed_tasks(spec: JobSpec) -> dict[str, int]:
     """Completion markers per stage (datatrove's ``logs/<stage>/completions``)."""
     work = Work(spec.work_dir)
-    return {name: len(work.listdir(f"logs/{name}/completions")) for name in STAGES}
+    return {name: len(work.listdir(f"logs/{name}/completions")) for name in stage_tasks(spec)}
 
 
 def _merged_stats(work: Work, plan: dict, shards: Sequence[Shard]) -> tuple[list, dict]:
@@ -979,3 +997,7 @@ def assemble(spec: JobSpec, output: str | Path, settings: dict | None = None) ->
 def shard_order(shards: Sequence[Shard]) -> list[int]:
     """Shard indexes in global order (for checks)."""
     return [s.index for s in sorted(shards, key=lambda s: s.index)]
+
+
+# The chat stages subclass Stage and add themselves to STAGE_CLASSES (for the Slurm launcher).
+import llmkit.data.distributed.chat  # noqa: E402, F401

@@ -17,18 +17,36 @@ from llmkit.errors import UserError
 
 def _input_problem(inputs: Sequence[str], settings: PrepareSettings) -> str | None:
     """What in the inputs the distributed path cannot read yet (None: nothing)."""
+    from llmkit.data.readers import discover_inputs
+
+    for f in discover_inputs(list(inputs)):
+        if f.kind == "hub":
+            return f"the Hub dataset input {f.path}"
+    return None
+
+
+def data_kind(inputs: Sequence[str], settings: PrepareSettings) -> str:
+    """``"text"`` or ``"chat"``, as ``prepare`` decides it
+    (:func:`llmkit.data.readers.resolve_format`).
+
+    Raises:
+        UserError: as :func:`~llmkit.data.readers.resolve_format` (chat records mixed with
+            documents, ``--format chat`` for a file that cannot hold them).
+    """
     from llmkit.data.readers import discover_inputs, resolve_format
 
     files = discover_inputs(list(inputs))
-    for f in files:
-        if f.kind == "hub":
-            return f"the Hub dataset input {f.path}"
-        if f.kind == "warc":
-            return f"the web archive input {f.path}"
-    if settings.format == "auto":
-        if resolve_format(files, "auto", settings.text_field or "text") == "chat":
-            return "chat data (--format auto found conversations in the inputs)"
-    return None
+    return resolve_format(files, settings.format, settings.text_field or "text")
+
+
+def chat_options(settings: PrepareSettings) -> dict:
+    """The chat rules as ``prepare`` resolves them: ``template`` (default ``auto``),
+    ``train_on`` (``assistant``), ``overlong`` (``truncate``)."""
+    return {
+        "template": settings.chat_template or "auto",
+        "train_on": settings.train_on or "assistant",
+        "overlong": settings.overlong or "truncate",
+    }
 
 
 def unsupported(inputs: Sequence[str], settings: PrepareSettings) -> str | None:
@@ -36,10 +54,6 @@ def unsupported(inputs: Sequence[str], settings: PrepareSettings) -> str | None:
     yet, as the words of the error; None when the run can be distributed."""
     tok = settings.tokenizer
     for what, given in (
-        ("--format chat", settings.format == "chat"),
-        ("--chat-template", settings.chat_template is not None),
-        ("--train-on", settings.train_on is not None),
-        ("--overlong", settings.overlong is not None),
         ("--keep-dropped", settings.keep_dropped),
         ("--trust-remote-code", settings.trust_remote_code),
         (f"--tokenizer {tok} (a .gguf file)", tok is not None and tok.endswith(".gguf")),
@@ -72,11 +86,15 @@ def shard_bytes(inputs: Sequence[str], tasks: int) -> int:
     return max(MIN_SHARD_BYTES, min(TARGET_SHARD_BYTES, total // (SHARDS_PER_TASK * tasks)))
 
 
-def job_spec(inputs: Sequence[str], settings: PrepareSettings):
+def job_spec(inputs: Sequence[str], settings: PrepareSettings, kind: str = "text"):
     """The :class:`~llmkit.data.distributed.job.JobSpec` of a run's settings (``tasks``
-    tasks per stage, as many dedup partitions, shards of :func:`shard_bytes`)."""
+    tasks per stage, as many dedup partitions, shards of :func:`shard_bytes`); ``kind``
+    ``"chat"``: conversations, read as UTF-8 JSON and cleaned with the chat defaults
+    (:meth:`~llmkit.data.config.PrepareSettings.cleaning_for`), as ``prepare`` does."""
     from llmkit.data.distributed.job import JobSpec
+    from llmkit.data.readers import DEFAULT_ENCODING
 
+    chat = kind == "chat"
     return JobSpec(
         target_shard_bytes=shard_bytes(inputs, settings.tasks),
         work_dir=str(settings.work_dir),
@@ -89,11 +107,13 @@ def job_spec(inputs: Sequence[str], settings: PrepareSettings):
         split_on=settings.split_on,
         text_field=settings.text_field or "text",
         on_error=settings.on_error,
-        encoding=settings.encoding,
+        encoding=DEFAULT_ENCODING if chat else settings.encoding,
         max_document_bytes=settings.max_document_bytes,
-        cleaning=settings.cleaning.model_dump(),
+        cleaning=settings.cleaning_for(kind).model_dump(),
         tasks=settings.tasks,
         partitions=settings.tasks,
+        format=kind,
+        chat=chat_options(settings) if chat else None,
     )
 
 
@@ -174,16 +194,21 @@ def prepare_distributed(
             f"--executor needs datatrove ({err.name} is not installed)",
             "pip install 'llmkit[distributed]'",
         ) from None
+    from llmkit.data.distributed.chat import assemble_chat
     from llmkit.data.distributed.job import assemble, completed_tasks, run_job, stage_tasks
 
-    spec = job_spec(inputs, settings)
+    kind = data_kind(inputs, settings)
+    if kind == "chat":
+        _check_chat(settings)
+    spec = job_spec(inputs, settings, kind)
     if settings.executor == "ray":
         _connect_ray(settings.ray_address)
     try:
         run_job(spec, settings.executor, **engine_options(settings))
         if completed_tasks(spec) != stage_tasks(spec):
             return None
-        return assemble(spec, output, settings=manifest_settings(settings))
+        write = assemble_chat if kind == "chat" else assemble
+        return write(spec, output, settings=manifest_settings(settings, kind))
     except (TypeError, KeyError, AttributeError) as err:  # a JSON file of another shape
         raise UserError(
             f"the work directory {settings.work_dir} holds files llmkit did not write "
@@ -192,9 +217,53 @@ def prepare_distributed(
         ) from None
 
 
-def manifest_settings(settings: PrepareSettings) -> dict:
+def _check_chat(settings: PrepareSettings) -> None:
+    """What ``prepare`` refuses about chat settings before reading: ``--chat-template
+    tokenizer`` without a tokenizer; a given tokenizer that cannot carry the template (a slow
+    one; :func:`llmkit.data.encode._chat_tokenizer`), so no task fails on it later.
+
+    Raises:
+        UserError: as ``prepare``.
+    """
+    chat = chat_options(settings)
+    if settings.tokenizer is None:
+        if chat["template"] == "tokenizer":
+            raise UserError(
+                "--chat-template tokenizer needs a pretrained tokenizer with its own template",
+                "pass --tokenizer PATH (an instruct model's), or use --chat-template chatml",
+            )
+        return
+    if Path(settings.tokenizer).is_dir():
+        from llmkit.data.encode import _chat_tokenizer, load_pretrained_tokenizer
+
+        tok = load_pretrained_tokenizer(settings.tokenizer, trust_remote_code=False)
+        _chat_tokenizer(tok, chat["template"], settings.tokenizer)
+
+
+def manifest_settings(settings: PrepareSettings, kind: str = "text") -> dict:
     """The manifest's ``settings`` of a distributed run (as ``prepare`` writes them, with the
     executor's)."""
+    if kind == "chat":
+        chat = chat_options(settings)
+        return {
+            "format": "chat",
+            "vocab_size": settings.vocab_size if settings.tokenizer is None else None,
+            "tokenizer": settings.tokenizer,
+            "block_size": settings.block_size,
+            "val_fraction": settings.val_fraction,
+            "seed": settings.seed,
+            "chat_template": chat["template"],
+            "train_on": chat["train_on"],
+            "overlong": chat["overlong"],
+            "on_error": settings.on_error,
+            "keep_dropped": False,
+            "plot": False,
+            "normalization": settings.cleaning_for(kind).normalize.form,
+            "cleaning": settings.cleaning_for(kind).model_dump(),
+            "executor": settings.executor,
+            "tasks": settings.tasks,
+            "work_dir": settings.work_dir,
+        }
     return {
         "format": "text",
         "vocab_size": settings.vocab_size if settings.tokenizer is None else None,

@@ -1,0 +1,180 @@
+"""``llmkit prepare --executor local`` on chat data (conversations): the rows (``input_ids``,
+``labels``, ``position_ids``), the split entries (packing counters, answers located, skipped
+conversations), the stages, the inputs, the chat section and the tokenizer equal
+``llmkit prepare --num-proc 1`` for 1 and 2 tasks; the packing layout equals SFTPacker's own
+rule; a failed conversation under ``--on-error fail`` is one line, as in one process."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from llmkit.cli import app
+
+pytest.importorskip("datatrove")
+
+SUPPORT = Path(__file__).resolve().parents[3] / "examples" / "support"
+COMMON = ("--vocab-size", "400", "--no-plot", "--on-error", "skip")
+GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, ["prepare", *args])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The support conversations (cut into two shards), Alpaca records, and a file of exact
+    copies of support conversations (other shards than their first occurrence), a record the
+    reader skips (a bad role) and one the template step skips (a special token in text)."""
+    d = tmp_path_factory.mktemp("chat")
+    lines = (SUPPORT / "conversations.jsonl").read_text(encoding="utf-8").splitlines()
+    (d / "a_support.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (d / "b_alpaca.jsonl").write_bytes((SUPPORT / "alpaca.jsonl").read_bytes())
+    rng = random.Random(5)
+    extra = [*rng.sample(lines, 6)]
+    extra.append(json.dumps({"messages": [{"role": "bot", "content": "Hi"}]}))
+    special = {"role": "user", "content": "a <|im_end|> b"}
+    extra.append(json.dumps({"messages": [special, GOOD["messages"][1]]}))
+    extra.append(json.dumps(GOOD))
+    (d / "c_copies.jsonl").write_text("\n".join(extra) + "\n", encoding="utf-8")
+    return d
+
+
+def _prepare(corpus: Path, out: Path, *args: str) -> None:
+    result = cli(str(corpus), "--output", str(out), *args)
+    assert result.exit_code == 0, result.output
+
+
+def _loaded(out: Path) -> dict:
+    from llmkit.core.prepared import load_prepared
+
+    data = load_prepared(out)  # what `llmkit train` reads
+    return {
+        "train": data.train.to_dict(),
+        "validation": data.validation.to_dict(),
+        "manifest": data.manifest.as_dict(),
+    }
+
+
+def _same(got: dict, ref: dict, work: Path) -> None:
+    for name in ("train", "validation"):
+        assert list(got[name]) == ["input_ids", "labels", "position_ids"]
+        assert got[name] == ref[name]
+    g, r = got["manifest"], ref["manifest"]
+    for key in ("inputs", "stages", "splits", "chat"):
+        assert g[key] == r[key], key
+    tok_g, tok_r = dict(g["tokenizer"]), dict(r["tokenizer"])
+    tok_g.pop("path"), tok_r.pop("path")  # the job records the directory resolved
+    assert tok_g == tok_r
+    assert g["settings"]["format"] == "chat"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    _prepare(corpus, out, "--num-proc", "1", "--no-cache", "--block-size", "128", *COMMON)
+    return out
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_chat_rows_and_manifest_equal_num_proc_1(tmp_path, corpus, reference, tasks):
+    out = tmp_path / "out"
+    work = tmp_path / "work"
+    args = ("--executor", "local", "--tasks", str(tasks), "--work-dir", str(work))
+    _prepare(corpus, out, *args, "--num-proc", "1", "--block-size", "128", *COMMON)
+    got, ref = _loaded(out), _loaded(reference)
+    _same(got, ref, work)
+    m = ref["manifest"]
+    # what the corpus is there for: each case happened
+    assert m["stages"]["deduplicate"]["dropped"] == {"duplicate": 6}
+    assert m["inputs"][2]["skipped"] == {"bad role": 1}
+    skipped = sum(s["skipped"].get("special token in text", 0) for s in m["splits"].values())
+    assert skipped == 1
+    assert m["splits"]["train"]["packing"]["truncated"] > 0
+    assert m["chat"]["record_formats"] == {"alpaca": 10, "messages": 81 + 6 + 2}
+    assert sum(m["chat"]["answers_located"].values()) > 0
+    assert got["manifest"]["executor"]["shards"] >= 3 + (tasks > 1)  # the large file was cut
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_pretrained_tokenizer_train_on_all_overlong_drop(tmp_path, corpus, tiny_tokenizer):
+    """A given tokenizer given ChatML (its marker tokens added), loss on every token,
+    overlong conversations dropped: the same as one process, for 2 tasks (about 30 s)."""
+    tok = tmp_path / "tok"
+    tiny_tokenizer.save_pretrained(tok)
+    rules = ("--tokenizer", str(tok), "--chat-template", "chatml", "--train-on", "all")
+    rules += ("--overlong", "drop", "--block-size", "96", *COMMON)
+    _prepare(corpus, tmp_path / "ref", "--num-proc", "1", "--no-cache", *rules)
+    args = ("--executor", "local", "--tasks", "2", "--work-dir", str(tmp_path / "work"))
+    _prepare(corpus, tmp_path / "out", *args, *rules)
+    got, ref = _loaded(tmp_path / "out"), _loaded(tmp_path / "ref")
+    _same(got, ref, tmp_path / "work")
+    m = ref["manifest"]
+    assert m["splits"]["train"]["packing"]["dropped"] > 0
+    assert m["tokenizer"]["added_tokens"] == ["<|im_end|>", "<|im_start|>"]
+
+
+def test_failed_conversation_is_one_line_as_in_one_process(tmp_path):
+    """Under --on-error fail the first conversation in order that the template refuses stops
+    the run with prepare's own message (file:line), exit 2, and nothing is written."""
+    path = tmp_path / "chat.jsonl"
+    bad = {"messages": [{"role": "user", "content": "a <|im_end|> b"}, GOOD["messages"][1]]}
+    records = [GOOD, {"prompt": "Ping", "response": "Pong"}, bad, GOOD]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    args = ("--vocab-size", "300", "--no-plot", "--block-size", "32", "--val-fraction", "0")
+    one = cli(str(path), "--output", str(tmp_path / "one"), "--no-cache", *args)
+    dist = cli(
+        str(path), "--output", str(tmp_path / "out"), "--executor", "local",
+        "--work-dir", str(tmp_path / "w"), *args,
+    )  # fmt: skip
+    assert one.exit_code == dist.exit_code == 2, dist.output
+    line = [x for x in dist.output.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and f"{path}:3" in line[0] and "'<|im_end|>'" in line[0]
+    message = line[0].split("chat_layout task 0 of 1: ")[-1].split(" — ")[0]
+    assert f"error: {message} — " in one.output.replace("\n", " ")  # prepare's own words
+    assert not (tmp_path / "out").exists()
+
+
+def test_chat_template_tokenizer_without_tokenizer_is_refused(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n", encoding="utf-8")
+    result = cli(
+        str(path), "--output", str(tmp_path / "o"), "--executor", "local", "--work-dir",
+        str(tmp_path / "w"), "--chat-template", "tokenizer",
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "--chat-template tokenizer needs a pretrained tokenizer" in result.output
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("block_size", [4, 7, 16])
+def test_row_layout_is_sftpackers_rule(block_size):
+    """assign_rows over lengths, shard after shard, gives each conversation the row
+    SFTPacker puts it in, and the rows it writes."""
+    from llmkit.data.distributed.chat import _opened, assign_rows
+    from llmkit.data.pack import SFTPacker
+
+    rng = np.random.default_rng(block_size)
+    lengths = rng.integers(2, block_size + 1, size=300)  # 2+: one label left to train on
+    lengths[rng.integers(0, 300, size=30)] = block_size  # rows filled by one conversation
+    packer = SFTPacker(block_size, pad_token_id=0)
+    expected = []
+    for m in lengths:
+        packer.add([(np.arange(1, m + 1), np.arange(1, m + 1))])
+        # the open row holds it, or it filled its row, which closed
+        expected.append(packer.rows if packer._fill else packer.rows - 1)
+    packer.flush()
+    state, got = (0, 0), []
+    for part in np.array_split(lengths, 7):
+        rows, state = assign_rows(part, block_size, state)
+        got += rows.tolist()
+    assert got == expected
+    assert _opened(state) == packer.rows
