@@ -103,6 +103,9 @@ class JobSpec:
     #: ``overlong`` as ``prepare`` resolves them.
     format: str = "text"
     chat: dict | None = None
+    #: The split read from Hub dataset inputs (each Hub dataset is one shard, read by
+    #: prepare's own streaming reader).
+    hub_split: str = "train"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +207,15 @@ class Work:
 
 def _files_from(plan: dict) -> list[InputFile]:
     return [
-        InputFile(Path(f["path"]), f["kind"], f["compression"], f["size_bytes"], f["sha256"])
+        InputFile(
+            Path(f["path"]),
+            f["kind"],
+            f["compression"],
+            f["size_bytes"],
+            f["sha256"],
+            hub_config=f.get("hub_config"),
+            hub_split=f.get("hub_split"),
+        )
         for f in plan["files"]
     ]
 
@@ -229,7 +240,7 @@ def plan_job(spec: JobSpec) -> dict:
                 "use another work directory, or remove this one to start over",
             )
         return work.get_json("plan.json")
-    files = discover_inputs(spec.inputs)
+    files = discover_inputs(spec.inputs, hub_split=spec.hub_split)
     from llmkit.data.boilerplate import strip_gutenberg
 
     cfg = _cleaning(spec)
@@ -248,6 +259,11 @@ def plan_job(spec: JobSpec) -> dict:
                 "compression": f.compression,
                 "size_bytes": f.size_bytes,
                 "sha256": f.sha256,
+                **(
+                    {"hub_config": f.hub_config, "hub_split": f.hub_split}
+                    if f.kind == "hub"
+                    else {}
+                ),
             }
             for f in files
         ],

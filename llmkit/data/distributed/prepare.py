@@ -15,16 +15,6 @@ from llmkit.data.config import PrepareSettings
 from llmkit.errors import UserError
 
 
-def _input_problem(inputs: Sequence[str], settings: PrepareSettings) -> str | None:
-    """What in the inputs the distributed path cannot read yet (None: nothing)."""
-    from llmkit.data.readers import discover_inputs
-
-    for f in discover_inputs(list(inputs)):
-        if f.kind == "hub":
-            return f"the Hub dataset input {f.path}"
-    return None
-
-
 def data_kind(inputs: Sequence[str], settings: PrepareSettings) -> str:
     """``"text"`` or ``"chat"``, as ``prepare`` decides it
     (:func:`llmkit.data.readers.resolve_format`).
@@ -35,7 +25,7 @@ def data_kind(inputs: Sequence[str], settings: PrepareSettings) -> str:
     """
     from llmkit.data.readers import discover_inputs, resolve_format
 
-    files = discover_inputs(list(inputs))
+    files = discover_inputs(list(inputs), hub_split=settings.hub_split)
     return resolve_format(files, settings.format, settings.text_field or "text")
 
 
@@ -64,7 +54,7 @@ def unsupported(inputs: Sequence[str], settings: PrepareSettings) -> str | None:
     ):
         if given:
             return what
-    return _input_problem(inputs, settings)
+    return None
 
 
 #: Input shards per task that :func:`shard_bytes` aims at (the tasks of a stage finish
@@ -114,6 +104,7 @@ def job_spec(inputs: Sequence[str], settings: PrepareSettings, kind: str = "text
         partitions=settings.tasks,
         format=kind,
         chat=chat_options(settings) if chat else None,
+        hub_split=settings.hub_split,
     )
 
 

@@ -31,7 +31,8 @@ def cli(*args: str):
 def corpus(tmp_path_factory) -> Path:
     """The support conversations (cut into two shards), Alpaca records, and a file of exact
     copies of support conversations (other shards than their first occurrence), a record the
-    reader skips (a bad role) and one the template step skips (a special token in text)."""
+    reader skips (a bad role), one the template step skips (a special token in text) and one
+    longer than a row."""
     d = tmp_path_factory.mktemp("chat")
     lines = (SUPPORT / "conversations.jsonl").read_text(encoding="utf-8").splitlines()
     (d / "a_support.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -42,6 +43,12 @@ def corpus(tmp_path_factory) -> Path:
     special = {"role": "user", "content": "a <|im_end|> b"}
     extra.append(json.dumps({"messages": [special, GOOD["messages"][1]]}))
     extra.append(json.dumps(GOOD))
+    answer = " ".join(json.loads(x)["messages"][-1]["content"] for x in lines[:12])
+    long = [
+        {"role": "user", "content": "Tell me everything."},
+        {"role": "assistant", "content": answer},
+    ]
+    extra.append(json.dumps({"messages": long}))  # longer than a row: truncated
     (d / "c_copies.jsonl").write_text("\n".join(extra) + "\n", encoding="utf-8")
     return d
 
@@ -78,7 +85,7 @@ def _same(got: dict, ref: dict, work: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("ref") / "out"
-    _prepare(corpus, out, "--num-proc", "1", "--no-cache", "--block-size", "128", *COMMON)
+    _prepare(corpus, out, "--num-proc", "1", "--no-cache", "--block-size", "384", *COMMON)
     return out
 
 
@@ -87,7 +94,7 @@ def test_chat_rows_and_manifest_equal_num_proc_1(tmp_path, corpus, reference, ta
     out = tmp_path / "out"
     work = tmp_path / "work"
     args = ("--executor", "local", "--tasks", str(tasks), "--work-dir", str(work))
-    _prepare(corpus, out, *args, "--num-proc", "1", "--block-size", "128", *COMMON)
+    _prepare(corpus, out, *args, "--num-proc", "1", "--block-size", "384", *COMMON)
     got, ref = _loaded(out), _loaded(reference)
     _same(got, ref, work)
     m = ref["manifest"]
@@ -97,9 +104,12 @@ def test_chat_rows_and_manifest_equal_num_proc_1(tmp_path, corpus, reference, ta
     skipped = sum(s["skipped"].get("special token in text", 0) for s in m["splits"].values())
     assert skipped == 1
     assert m["splits"]["train"]["packing"]["truncated"] > 0
-    assert m["chat"]["record_formats"] == {"alpaca": 10, "messages": 81 + 6 + 2}
+    assert m["chat"]["record_formats"] == {"alpaca": 10, "messages": 81 + 6 + 3}
     assert sum(m["chat"]["answers_located"].values()) > 0
-    assert got["manifest"]["executor"]["shards"] >= 3 + (tasks > 1)  # the large file was cut
+    assert got["manifest"]["executor"]["shards"] >= 4  # the large file was cut
+    rows = [np.load(p) for p in sorted((work / "chat_rows" / "train").iterdir())]
+    rows = [r for r in rows if r.size]
+    assert any(a[-1] == b[0] for a, b in zip(rows, rows[1:], strict=False))  # a row spans shards
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
