@@ -7,7 +7,10 @@ A :class:`Shard` is one of
 - a line-aligned byte range ``[start, end)`` of a large uncompressed JSON-lines file, or a
   byte range of a large uncompressed text file that starts and ends at a document boundary
   (the first non-blank line after a run of blank lines), read as UTF-8;
-- one row group of an uncompressed parquet file.
+- one row group of an uncompressed parquet file;
+- one data file of a Hub dataset whose split streams as one part per parquet file (the rows
+  before it counted from the files' footers, so that ``where`` numbers the rows of the whole
+  split as the one-process reader does); any other Hub dataset is one shard.
 
 Shards are numbered in the order :func:`llmkit.data.readers.read_documents` walks the files
 (files in :func:`~llmkit.data.readers.discover_inputs` order, ranges and row groups in file
@@ -66,7 +69,9 @@ class Shard:
         start, end: byte range ``[start, end)`` (None: the whole file).
         row_group: parquet row group (None: not a row group shard).
         first_line: 1-based line number of the range's first line (ranges only).
-        first_row: 0-based row number of the row group's first row (row groups only).
+        first_row: 0-based row number of the row group's (or Hub part's) first row.
+        hub_part, hub_parts: a Hub dataset's part (data file) ``hub_part`` of ``hub_parts``
+            (:func:`llmkit.data.readers.hub_stream`); None: not a Hub part.
     """
 
     index: int
@@ -77,6 +82,8 @@ class Shard:
     row_group: int | None = None
     first_line: int = 1
     first_row: int = 0
+    hub_part: int | None = None
+    hub_parts: int | None = None
 
     @property
     def id(self) -> str:
@@ -90,6 +97,8 @@ class Shard:
             where = f"{path}, bytes {self.start}-{self.end}"
         elif self.row_group is not None:
             where = f"{path}, row group {self.row_group}"
+        elif self.hub_part is not None:
+            where = f"{path}, data file {self.hub_part + 1} of {self.hub_parts}"
         else:
             where = str(path)
         return f"shard {self.index} ({where})"
@@ -179,6 +188,34 @@ def _plan_plain(f: InputFile, target: int) -> tuple[list[tuple[int, int, int]], 
     return ranges, digest.hexdigest()
 
 
+def hub_file_rows(f: InputFile) -> list[int] | None:
+    """Rows of each data file of a Hub dataset's split, in the order it streams, when it
+    streams as one part per parquet file (``datasets``' parquet builder: the counts are read
+    from the files' footers, a small read each); None otherwise (JSON lines, one file, or a
+    layout this does not know: the dataset is then one shard).
+
+    Raises:
+        UserError: the dataset cannot be loaded (:func:`llmkit.data.readers.hub_stream`).
+    """
+    import fsspec
+    import pyarrow.parquet as pq
+
+    from llmkit.data.readers import hub_stream
+
+    stream = hub_stream(f)
+    kwargs = getattr(getattr(stream, "_ex_iterable", None), "kwargs", None) or {}
+    files = kwargs.get("files")
+    if not isinstance(files, list) or len(files) < 2 or stream.num_shards != len(files):
+        return None
+    if not all(isinstance(x, str) and x.endswith(".parquet") for x in files):
+        return None
+    rows = []
+    for url in files:
+        with fsspec.open(url, "rb") as fh:
+            rows.append(pq.ParquetFile(fh).metadata.num_rows)
+    return rows
+
+
 def plan_shards(
     files: Sequence[InputFile],
     *,
@@ -228,6 +265,12 @@ def plan_shards(
                     out.append(Shard(len(out), fi, g, row_group=g, first_row=row))
                     row += meta.row_group(g).num_rows
                 continue
+        elif f.kind == "hub" and (rows := hub_file_rows(f)) is not None:
+            first = 0
+            for k, n in enumerate(rows):
+                out.append(Shard(len(out), fi, k, first_row=first, hub_part=k, hub_parts=len(rows)))
+                first += n
+            continue
         out.append(Shard(len(out), fi, 0))
     return out
 
@@ -328,6 +371,9 @@ def shard_source(files: Sequence[InputFile], shard: Shard) -> InputFile:
         documents_split=0,
         pieces=0,
         records_skipped=Counter(),
+        hub_part=shard.hub_part,
+        hub_parts=shard.hub_parts,
+        hub_first_row=shard.first_row if shard.hub_part is not None else 0,
     )
 
 

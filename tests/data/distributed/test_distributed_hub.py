@@ -31,7 +31,8 @@ def cli(*args: str):
 @pytest.fixture(scope="module")
 def hub_files(tmp_path_factory) -> dict:
     """Data files of two made-up Hub datasets: tiny stories in three parquet files (a
-    ``text`` column), the support conversations as JSON lines (``messages``)."""
+    ``text`` column; one row of the last without text), the support conversations as JSON
+    lines (``messages``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -42,7 +43,10 @@ def hub_files(tmp_path_factory) -> dict:
     files = []
     for k, idx in enumerate(parts):
         path = d / f"train-{k:05d}-of-00003.parquet"
-        pq.write_table(pa.table({"text": [docs[i] for i in idx], "id": idx.tolist()}), path)
+        texts = [docs[i] for i in idx]
+        if k == 2:
+            texts[5] = None  # a row without text: skipped, the first error names its row
+        pq.write_table(pa.table({"text": texts, "id": idx.tolist()}), path)
         files.append(str(path))
     return {
         STORIES: ("parquet", files),
@@ -83,13 +87,17 @@ def _loaded(out: Path) -> dict:
     ("inputs", "args"),
     [
         ((STORIES,), ("--vocab-size", "300", "--block-size", "32")),
-        ((SUPPORT_ID,), ("--format", "chat", "--vocab-size", "400", "--block-size", "256")),
+        pytest.param(
+            (SUPPORT_ID,),
+            ("--format", "chat", "--vocab-size", "400", "--block-size", "256"),
+            marks=pytest.mark.slow,  # about 15 s
+        ),
     ],
     ids=["documents", "conversations"],
 )
 def test_hub_dataset_equals_num_proc_1(tmp_path, fake_hub, inputs, args, shakespeare_slice):
     extra = (str(shakespeare_slice),) if inputs == (STORIES,) else ()
-    common = (*inputs, *extra, *args, "--no-plot", "--num-proc", "1")
+    common = (*inputs, *extra, *args, "--no-plot", "--num-proc", "1", "--on-error", "skip")
     one = cli(*common, "--output", str(tmp_path / "ref"), "--no-cache")
     assert one.exit_code == 0, one.output
     ref = _loaded(tmp_path / "ref")
@@ -113,8 +121,13 @@ def test_hub_dataset_equals_num_proc_1(tmp_path, fake_hub, inputs, args, shakesp
         for name in ("train", "validation"):
             for key in ("documents", "tokens", "blocks"):
                 assert got["manifest"]["splits"][name][key] == ref["manifest"]["splits"][name][key]
+        if inputs == (STORIES,):  # one shard per data file, and the text file's
+            assert got["manifest"]["executor"]["shards"] == 3 + 1
     hub = ref["manifest"]["inputs"][0]
     assert hub["hub"] is True and hub["split"] == "train" and hub["documents"] > 50
+    if inputs == (STORIES,):  # numbered across the files, as one process numbers it
+        n = len(np.array_split(np.arange(hub["documents"] + 1), 3)[0])
+        assert hub["first_error"].startswith(f"acme/stories: row {2 * n + 6}:"), hub
 
 
 def test_unreachable_hub_is_one_line_in_seconds(tmp_path, monkeypatch):
