@@ -321,6 +321,56 @@ def _encoded_table(cols: dict):
     )
 
 
+def _fates(cols: dict, packer) -> dict:
+    """What becomes of each encoded conversation of a split (``cols``: the columns of
+    :func:`llmkit.data.encode.encode_chat_batch`), in order, as ``prepare``'s packing step
+    counts it: a failed one is skipped by reason (the first kept as ``failed``); the others
+    go through ``packer`` (a fresh :class:`~llmkit.data.pack.SFTPacker`: what it writes of a
+    conversation does not depend on the rows before it), and the ones it writes are kept
+    with their packed lengths. Returns ``written`` (``input_ids``, ``labels`` as encoded),
+    ``lengths``, ``skipped``, ``answers_located``, ``failed``."""
+    out = {
+        "written": {"input_ids": [], "labels": []},
+        "lengths": [],
+        "skipped": {},
+        "answers_located": {},
+        "failed": None,
+    }
+    skipped, located = out["skipped"], out["answers_located"]
+    for i, error in enumerate(cols["error"]):
+        if error is not None:
+            reason = cols["reason"][i] or "render failed"
+            skipped[reason] = skipped.get(reason, 0) + 1
+            if out["failed"] is None:
+                out["failed"] = {k: cols[k][i] for k in ("error", "hint", "reason")}
+            continue
+        for rule, n in json.loads(cols["located"][i] or "{}").items():
+            located[rule] = located.get(rule, 0) + n
+        before = packer.tokens
+        packer.add([(cols["input_ids"][i], cols["labels"][i])])
+        if packer.tokens > before:  # written: its packed length
+            out["lengths"].append(packer.tokens - before)
+            out["written"]["input_ids"].append(cols["input_ids"][i])
+            out["written"]["labels"].append(cols["labels"][i])
+    return out
+
+
+def _encode_conversations(tok, texts: list[str], wheres: list[str], train_on: str) -> dict:
+    """:func:`llmkit.data.encode.encode_chat_batch` over batches of
+    :data:`BATCH_CONVERSATIONS`, the columns joined."""
+    from llmkit.data.encode import encode_chat_batch
+
+    cols: dict[str, list] = {
+        k: [] for k in ("input_ids", "labels", "error", "hint", "reason", "located")
+    }
+    for b in range(0, len(texts), BATCH_CONVERSATIONS):
+        end = b + BATCH_CONVERSATIONS
+        out = encode_chat_batch(texts[b:end], wheres[b:end], tok, train_on=train_on)
+        for k in cols:
+            cols[k].extend(out[k])
+    return cols
+
+
 class ChatEncode(Stage):
     """Per shard and split: render and label each conversation; keep the ones
     :class:`~llmkit.data.pack.SFTPacker` writes (``chat_encoded``, their ids and labels as
@@ -331,21 +381,11 @@ class ChatEncode(Stage):
     name = "chat_encode"
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:
-        from llmkit.data.encode import encode_chat_batch
         from llmkit.data.pack import SFTPacker
 
         offsets, val_idx, _ = _val_indices(work, spec, shards)
         tok, _ = load_chat_tokenizer(work, spec)
         train_on, overlong = spec.chat["train_on"], spec.chat["overlong"]
-
-        def encode(texts: list[str], wheres: list[str]) -> dict:
-            cols: dict[str, list] = {}
-            for b in range(0, len(texts), BATCH_CONVERSATIONS):
-                end = b + BATCH_CONVERSATIONS
-                out = encode_chat_batch(texts[b:end], wheres[b:end], tok, train_on=train_on)
-                for k, v in out.items():
-                    cols.setdefault(k, []).extend(v)
-            return cols
 
         def one(shard: Shard) -> None:
             kept = work.get_table(f"kept/s{shard.index:06d}.parquet").to_pydict()
@@ -353,42 +393,22 @@ class ChatEncode(Stage):
             counts = {}
             for name, mask in masks.items():
                 idx = np.flatnonzero(mask)
-                cols = encode([kept["text"][i] for i in idx], [kept["where"][i] for i in idx])
+                texts = [kept["text"][i] for i in idx]
+                cols = _encode_conversations(tok, texts, [kept["where"][i] for i in idx], train_on)
                 packer = SFTPacker(
                     spec.block_size, pad_token_id=tok.pad_token_id, overlong=overlong
                 )
-                written: dict[str, list] = {"input_ids": [], "labels": []}
-                lengths, skipped, located, failed = [], {}, {}, None
-                for i in range(len(idx)):
-                    if cols["error"][i] is not None:
-                        reason = cols["reason"][i] or "render failed"
-                        skipped[reason] = skipped.get(reason, 0) + 1
-                        if failed is None:
-                            failed = {k: cols[k][i] for k in ("error", "hint", "reason")}
-                        continue
-                    for rule, n in json.loads(cols["located"][i] or "{}").items():
-                        located[rule] = located.get(rule, 0) + n
-                    before = packer.tokens
-                    packer.add([(cols["input_ids"][i], cols["labels"][i])])
-                    if packer.tokens > before:  # written: its packed length
-                        lengths.append(packer.tokens - before)
-                        written["input_ids"].append(cols["input_ids"][i])
-                        written["labels"].append(cols["labels"][i])
-                work.put_table(
-                    f"chat_encoded/{name}/s{shard.index:06d}.parquet", _encoded_table(written)
-                )
-                work.put_array(
-                    f"chat_lengths/{name}/s{shard.index:06d}.npy", np.asarray(lengths, np.int64)
-                )
+                fate = _fates(cols, packer)
+                rel = f"{name}/s{shard.index:06d}"
+                work.put_table(f"chat_encoded/{rel}.parquet", _encoded_table(fate["written"]))
+                work.put_array(f"chat_lengths/{rel}.npy", np.asarray(fate["lengths"], np.int64))
                 stats = packer.stats()
                 stats["rows"] = stats["pad_tokens"] = 0  # the layout's, not per shard
                 counts[name] = {
                     "conversations": len(idx),
                     "bytes": int(sum(kept["n_bytes"][i] for i in idx)),
                     "stats": stats,
-                    "skipped": skipped,
-                    "answers_located": located,
-                    "failed": failed,
+                    **{k: fate[k] for k in ("skipped", "answers_located", "failed")},
                 }
             work.put_json(f"chat_counts/s{shard.index:06d}.json", counts)
 
@@ -486,6 +506,24 @@ def _empty_rows(block_size: int) -> dict[str, np.ndarray]:
     return {c: np.empty((0, block_size), dtype=np.int32) for c in COLUMNS}
 
 
+def _row_conversations(work: Work, name: str, shards: Sequence[Shard], first: int, end: int):
+    """``(input_ids, labels)`` of the written conversations of rows ``[first, end)`` of a
+    split, in order: from the first of ``shards`` (the one that owns the rows) and on into
+    the next ones as long as the last row runs on."""
+    for s in shards:
+        rows = work.get_array(f"chat_rows/{name}/s{s.index:06d}.npy")
+        take = (rows >= first) & (rows < end)
+        if take.any():
+            t = work.get_table(f"chat_encoded/{name}/s{s.index:06d}.parquet")
+            ids, labels = t.column("input_ids").to_pylist(), t.column("labels").to_pylist()
+            if len(ids) != len(rows):
+                raise _foreign(work.path(f"chat_encoded/{name}"), "not the encoded shard")
+            for k in np.flatnonzero(take):
+                yield ids[k], labels[k]
+        if rows.size and rows[-1] >= end:
+            return
+
+
 class ChatPack(Stage):
     """Per shard and split: the rows it owns (``[first, first + n)``), packed by a fresh
     :class:`~llmkit.data.pack.SFTPacker` from its conversations of those rows and, when its
@@ -498,37 +536,19 @@ class ChatPack(Stage):
 
         layout = work.get_json("chat_layout.json")
         tok, _ = load_chat_tokenizer(work, spec)
-        T = spec.block_size
-
-        def conversations(name: str, shard: Shard, first: int, end: int):
-            for s in shards[shard.index :]:
-                rows = work.get_array(f"chat_rows/{name}/s{s.index:06d}.npy")
-                take = (rows >= first) & (rows < end)
-                if take.any():
-                    t = work.get_table(f"chat_encoded/{name}/s{s.index:06d}.parquet")
-                    ids, labels = t.column("input_ids").to_pylist(), t.column("labels").to_pylist()
-                    for k in np.flatnonzero(take):
-                        yield ids[k], labels[k]
-                if rows.size and rows[-1] >= end:
-                    return
+        T, pad = spec.block_size, tok.pad_token_id
 
         def one(shard: Shard) -> None:
             for name in SPLITS:
                 first, n = layout["owned"][name][shard.index]
                 out = _empty_rows(T)
                 if n:
-                    packer = SFTPacker(
-                        T, pad_token_id=tok.pad_token_id, overlong=spec.chat["overlong"]
-                    )
-                    parts = [
-                        packer.add(conversations(name, shard, first, first + n)),
-                        packer.flush(),
-                    ]
+                    packer = SFTPacker(T, pad_token_id=pad, overlong=spec.chat["overlong"])
+                    convs = _row_conversations(work, name, shards[shard.index :], first, first + n)
+                    parts = [packer.add(convs), packer.flush()]
                     out = {c: np.concatenate([p[c] for p in parts]) for c in COLUMNS}
-                    if len(out["input_ids"]) != n:
-                        raise ValueError(
-                            f"packed {len(out['input_ids'])} rows, the layout says {n}"
-                        )
+                if len(out["input_ids"]) != n:
+                    raise ValueError(f"packed {len(out['input_ids'])} rows, the layout says {n}")
                 for c in COLUMNS:
                     work.put_array(f"chat_blocks/{name}/{c}/s{shard.index:06d}.npy", out[c])
 

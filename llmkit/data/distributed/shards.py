@@ -34,6 +34,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
+
 from llmkit.data.readers import (
     _BOM,
     DEFAULT_ENCODING,
@@ -134,55 +136,63 @@ def _is_blank_raw(raw: bytes) -> bool:
     return raw.strip(b" \t\n") == b""
 
 
+def _rest_of_long_line(fh, digest) -> tuple[int, bool, bool]:
+    """Read on to the end of a line longer than ``READ_CHUNK`` (hashing it): ``(bytes read,
+    a NUL byte seen, the line ended with a newline)``."""
+    n, nul = 0, False
+    while more := fh.readline(READ_CHUNK):
+        digest.update(more)
+        nul = nul or b"\x00" in more
+        n += len(more)
+        if more.endswith(b"\n"):
+            return n, nul, True
+    return n, nul, False
+
+
+def _scan_cuts(fh, first: bytes, kind: str, target: int, digest) -> tuple[list, bool]:
+    """The rest of a plain file after its ``first`` line, hashed: ``([(offset, line number)]
+    of the cut points, a NUL byte seen)``. At each multiple of ``target`` the next boundary
+    is taken: a line start for JSON lines; for text, the first non-blank line after a blank
+    line; never inside a long line."""
+    cuts = [(0, 1)]
+    pos, line, want = len(first), 2, target
+    seen_blank = kind == "text" and _is_blank_raw(first)
+    nul = b"\x00" in first
+    while raw := fh.readline(READ_CHUNK):
+        digest.update(raw)
+        nul = nul or b"\x00" in raw
+        boundary = kind == "jsonl" or (seen_blank and not _is_blank_raw(raw))
+        if pos >= want and boundary:
+            cuts.append((pos, line))
+            want = pos + target
+        seen_blank = kind == "text" and _is_blank_raw(raw)
+        pos += len(raw)
+        if raw.endswith(b"\n"):
+            line += 1
+        elif len(raw) == READ_CHUNK:  # a long line continues: never cut inside it
+            n, more_nul, ended = _rest_of_long_line(fh, digest)
+            pos, nul, line, seen_blank = pos + n, nul or more_nul, line + ended, False
+    return cuts, nul
+
+
 def _plan_plain(f: InputFile, target: int) -> tuple[list[tuple[int, int, int]], str]:
     """Cut points of a plain file: ``[(start, end, first_line)]`` and the file's SHA-256.
 
-    One pass: hashes the file and counts lines; at each multiple of ``target`` the next
-    boundary is looked for (a line start for JSON lines; for text, the first non-blank line
-    after a blank line). A file holding a NUL byte, or a JSON-array file, is not cut.
+    One pass (:func:`_scan_cuts`): hashes the file and counts lines; at each multiple of
+    ``target`` the next boundary is looked for (a line start for JSON lines; for text, the
+    first non-blank line after a blank line). A file holding a NUL byte, or a JSON-array
+    file, is not cut.
     """
     digest = hashlib.sha256()
-    cuts = [(0, 1)]  # (offset, line number)
-    size = f.size_bytes
     with open(f.path, "rb") as fh:
         first = fh.readline()
         digest.update(first)
-        if f.kind == "jsonl" and first.removeprefix(_BOM).lstrip().startswith(b"["):
-            cuts = None
-        pos, line = len(first), 2
-        want = target
-        seen_blank = f.kind == "text" and _is_blank_raw(first)
-        nul = b"\x00" in first
-        while raw := fh.readline(READ_CHUNK):
-            digest.update(raw)
-            nul = nul or b"\x00" in raw
-            if cuts is not None and pos >= want:
-                if f.kind == "jsonl":
-                    cuts.append((pos, line))
-                    want = pos + target
-                elif not _is_blank_raw(raw) and seen_blank:
-                    cuts.append((pos, line))
-                    want = pos + target
-            if f.kind == "text":
-                seen_blank = _is_blank_raw(raw)
-            if raw.endswith(b"\n"):
-                line += 1
-            elif len(raw) == READ_CHUNK:  # a long line continues: never cut inside it
-                while (more := fh.readline(READ_CHUNK)) and not more.endswith(b"\n"):
-                    digest.update(more)
-                    nul = nul or b"\x00" in more
-                    pos += len(more)
-                if more:
-                    digest.update(more)
-                    nul = nul or b"\x00" in more
-                    pos += len(more)
-                    line += 1
-                seen_blank = False
-            pos += len(raw)
-    if cuts is None or nul:
+        array = f.kind == "jsonl" and first.removeprefix(_BOM).lstrip().startswith(b"[")
+        cuts, nul = _scan_cuts(fh, first, f.kind, target, digest)
+    if array or nul:
         cuts = [(0, 1)]
     ranges = [
-        (start, cuts[i + 1][0] if i + 1 < len(cuts) else size, first_line)
+        (start, cuts[i + 1][0] if i + 1 < len(cuts) else f.size_bytes, first_line)
         for i, (start, first_line) in enumerate(cuts)
     ]
     return ranges, digest.hexdigest()
@@ -244,45 +254,88 @@ def plan_shards(
     out: list[Shard] = []
     for fi, f in enumerate(files):
         if _cuttable_plain(f, split_on, line_filter, encoding) and f.size_bytes > target_bytes:
-            ranges, sha = _plan_plain(f, target_bytes)
-            f.sha256 = sha
-            if len(ranges) > 1:
-                for part, (start, end, first_line) in enumerate(ranges):
-                    out.append(Shard(len(out), fi, part, start, end, first_line=first_line))
-                continue
+            parts = _range_shards(f, fi, len(out), target_bytes)
         elif f.kind == "parquet" and not f.compression:
-            import pyarrow.parquet as pq
-
-            try:
-                meta = pq.ParquetFile(f.path).metadata
-            except Exception:  # noqa: BLE001 - the reader reports a damaged file itself
-                meta = None
-            if meta is not None and meta.num_row_groups > 1:
-                with open(f.path, "rb") as fh:
-                    f.sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
-                row = 0
-                for g in range(meta.num_row_groups):
-                    out.append(Shard(len(out), fi, g, row_group=g, first_row=row))
-                    row += meta.row_group(g).num_rows
-                continue
-        elif f.kind == "hub" and (rows := hub_file_rows(f)) is not None:
-            first = 0
-            for k, n in enumerate(rows):
-                out.append(Shard(len(out), fi, k, first_row=first, hub_part=k, hub_parts=len(rows)))
-                first += n
-            continue
-        out.append(Shard(len(out), fi, 0))
+            parts = _row_group_shards(f, fi, len(out))
+        elif f.kind == "hub":
+            parts = _hub_shards(f, fi, len(out))
+        else:
+            parts = []
+        out.extend(parts or [Shard(len(out), fi, 0)])
     return out
+
+
+def _range_shards(f: InputFile, fi: int, index: int, target: int) -> list[Shard]:
+    """A large plain file's byte ranges (none when it is not cut); sets its ``sha256``."""
+    ranges, f.sha256 = _plan_plain(f, target)
+    if len(ranges) < 2:
+        return []
+    return [
+        Shard(index + part, fi, part, start, end, first_line=first_line)
+        for part, (start, end, first_line) in enumerate(ranges)
+    ]
+
+
+def _row_group_shards(f: InputFile, fi: int, index: int) -> list[Shard]:
+    """A parquet file's row groups (none for one row group, or a file the reader will report
+    damaged); sets its ``sha256`` when it is cut."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(f.path).metadata
+    except Exception:  # noqa: BLE001 - the reader reports a damaged file itself
+        return []
+    if meta.num_row_groups < 2:
+        return []
+    with open(f.path, "rb") as fh:
+        f.sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
+    out, row = [], 0
+    for g in range(meta.num_row_groups):
+        out.append(Shard(index + g, fi, g, row_group=g, first_row=row))
+        row += meta.row_group(g).num_rows
+    return out
+
+
+def _hub_shards(f: InputFile, fi: int, index: int) -> list[Shard]:
+    """A Hub dataset's parts, one per parquet data file (:func:`hub_file_rows`; none when it
+    is read as one stream)."""
+    rows = hub_file_rows(f)
+    if rows is None:
+        return []
+    first = np.cumsum([0, *rows[:-1]]).tolist()
+    return [
+        Shard(index + k, fi, k, first_row=first[k], hub_part=k, hub_parts=len(rows))
+        for k in range(len(rows))
+    ]
+
+
+def _skip_line_rest(fh, left: int, chunk_bytes: int) -> int:
+    """Read past the rest of a long line (within the range's ``left`` bytes); returns the
+    bytes left after it."""
+    while left > 0 and (raw := fh.readline(min(chunk_bytes, left))):
+        left -= len(raw)
+        if raw.endswith(b"\n") or len(raw) < chunk_bytes:
+            break
+    return left
+
+
+def _invalid_utf8(source: InputFile, lineno: int, column: int, raw: bytes, err) -> UserError:
+    """The reader's error for invalid UTF-8 at ``column`` (0-based, of the line) + the error's
+    place in the piece ``raw``."""
+    bad = raw[err.start] if err.start < len(raw) else 0
+    return UserError(
+        f"{source.path}:{lineno}: invalid UTF-8 (byte 0x{bad:02x} at column "
+        f"{column + err.start + 1})",
+        "pass --encoding auto to detect the file's encoding, or --on-error skip",
+    )
 
 
 def _range_lines(source: InputFile, shard: Shard, on_error: str, chunk_bytes: int) -> Iterator[str]:
     """The lines of a byte range of a UTF-8 file, as :func:`~llmkit.data.readers.iter_lines`
     yields them for those lines (pieces of long lines as ``_Partial``)."""
-    path = source.path
     decoder = codecs.getincrementaldecoder("utf_8")("strict")
-    lineno = shard.first_line - 1
-    column = 0
-    with open(path, "rb") as fh:
+    lineno, column = shard.first_line - 1, 0
+    with open(source.path, "rb") as fh:
         fh.seek(shard.start)
         left = shard.end - shard.start
         while left > 0 and (raw := fh.readline(min(chunk_bytes, left))):
@@ -290,38 +343,21 @@ def _range_lines(source: InputFile, shard: Shard, on_error: str, chunk_bytes: in
             ends = raw.endswith(b"\n") or len(raw) < chunk_bytes or left == 0
             if column == 0:
                 lineno += 1
-            if lineno == 1 and column == 0 and raw.startswith(_BOM):
-                raw = raw[len(_BOM) :]
+                raw = raw[len(_BOM) :] if lineno == 1 and raw.startswith(_BOM) else raw
             if raw.endswith(b"\r\n"):
                 raw = raw[:-2] + b"\n"
             try:
                 line = raw.decode() if ends and column == 0 else decoder.decode(raw, final=ends)
             except UnicodeDecodeError as err:
                 decoder.reset()
-                bad = raw[err.start] if err.start < len(raw) else 0
-                source.problem(
-                    UserError(
-                        f"{path}:{lineno}: invalid UTF-8 (byte 0x{bad:02x} at column "
-                        f"{column + err.start + 1})",
-                        "pass --encoding auto to detect the file's encoding, or --on-error skip",
-                    ),
-                    "invalid utf-8",
-                    on_error,
-                )
-                if not ends:
-                    while left > 0 and (raw := fh.readline(min(chunk_bytes, left))):
-                        left -= len(raw)
-                        if raw.endswith(b"\n") or len(raw) < chunk_bytes:
-                            break
+                error = _invalid_utf8(source, lineno, column, raw, err)
+                source.problem(error, "invalid utf-8", on_error)
+                left = left if ends else _skip_line_rest(fh, left, chunk_bytes)
                 column = 0
                 continue
-            if ends:
-                column = 0
-                yield line
-            else:
-                column += len(raw)
-                if line:
-                    yield _Partial(line)
+            column = 0 if ends else column + len(raw)
+            if ends or line:
+                yield line if ends else _Partial(line)
 
 
 def _range_documents(
