@@ -52,11 +52,14 @@ Nothing read from the work directory runs code
     SafeSlurmExecutor` makes them run ``python -m llmkit.data.distributed.launch`` instead
     (``tests/data/distributed/test_distributed_security.py``).
 
+Chat data, web archives, Hub datasets
+    Conversations run the stages of :mod:`~llmkit.data.distributed.chat` (the packing rule of
+    :class:`~llmkit.data.pack.SFTPacker` laid out over the conversations' packed lengths in
+    one task, each shard then packing the rows that start in it); a web archive is one shard;
+    a Hub dataset is one shard per parquet data file when it streams that way
+    (:func:`~llmkit.data.distributed.shards.hub_file_rows`), else one shard.
+
 Not distributed yet
-    The chat path (conversations packed
-    whole with :class:`~llmkit.data.pack.SFTPacker`, which is sequential: per-shard packing
-    needs a carried row state, so it runs as one task, or as running totals of rows once
-    each conversation's length is known); the rest of the manifest (settings, fingerprint,
-    cache, tokenizer, length histograms; ``inputs`` and ``stages`` are already prepare's),
-    ``--keep-dropped``, web archives and Hub datasets as inputs.
+    The rest of the manifest (settings, fingerprint, cache, tokenizer, length histograms;
+    ``inputs`` and ``stages`` are already prepare's), ``--keep-dropped``.
 """
