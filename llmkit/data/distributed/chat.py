@@ -72,6 +72,7 @@ from llmkit.data.distributed.job import (
     _val_indices,
     put_records,
 )
+from llmkit.data.distributed.pack import rows_dataset
 from llmkit.data.distributed.shards import Shard, _range_lines, shard_source
 from llmkit.data.readers import (
     InputFile,
@@ -609,10 +610,7 @@ def assemble_chat(spec: JobSpec, output: str | Path, settings: dict | None = Non
         UserError: a file of the work directory is not what the job wrote; ``output`` is
             unchanged.
     """
-    import shutil
     from datetime import datetime, timezone
-
-    from datasets import Dataset, Features, List, Value
 
     from llmkit import __version__
     from llmkit.core.atomic import atomic_output
@@ -637,17 +635,10 @@ def assemble_chat(spec: JobSpec, output: str | Path, settings: dict | None = Non
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(output, directory=True) as tmp:
-        features = Features({c: List(Value("int32")) for c in COLUMNS})
-        for name in SPLITS:
-
-            def rows(b=blocks[name]):
-                for i in range(len(b["input_ids"])):
-                    yield {c: b[c][i] for c in COLUMNS}
-
-            ds = Dataset.from_generator(rows, features=features, cache_dir=str(tmp / ".cache"))
+        for name in SPLITS:  # an empty split still gets one (empty) shard
+            ds = rows_dataset(blocks[name])
             ds.save_to_disk(str(tmp / name), num_shards=1 if len(ds) == 0 else None)
             del ds
-        shutil.rmtree(tmp / ".cache", ignore_errors=True)
         if spec.tokenizer is None:  # the trained files as written (byte for byte prepare's)
             for name in work.listdir("tokenizer"):
                 (tmp / name).write_bytes(work.read_bytes(f"tokenizer/{name}"))

@@ -41,7 +41,6 @@ import io
 import json
 import os
 import secrets
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,7 +50,7 @@ import numpy as np
 
 from llmkit.core.prepared import DATASET_DICT, MANIFEST, SPLITS
 from llmkit.data.distributed import dedup as ddedup
-from llmkit.data.distributed.pack import running_offsets, shard_blocks, split_stats
+from llmkit.data.distributed.pack import rows_dataset, running_offsets, shard_blocks, split_stats
 from llmkit.data.distributed.shards import (
     TARGET_SHARD_BYTES,
     Shard,
@@ -959,8 +958,6 @@ def assemble(spec: JobSpec, output: str | Path, settings: dict | None = None) ->
     """
     from datetime import datetime, timezone
 
-    from datasets import Dataset, Features, List, Value
-
     from llmkit import __version__
     from llmkit.core.atomic import atomic_output
 
@@ -977,15 +974,9 @@ def assemble(spec: JobSpec, output: str | Path, settings: dict | None = None) ->
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(output, directory=True) as tmp:
-        features = Features({"input_ids": List(Value("int32"))})
         splits = {}
         for name in SPLIT_NAMES:
-
-            def rows(b=blocks[name]):
-                for r in b:
-                    yield {"input_ids": r}
-
-            ds = Dataset.from_generator(rows, features=features, cache_dir=str(tmp / ".cache"))
+            ds = rows_dataset({"input_ids": blocks[name]})  # zero rows too (val_fraction 0)
             ds.save_to_disk(str(tmp / name), num_shards=1 if len(ds) == 0 else None)
             total = sum(c[name]["tokens"] for c in counts)
             splits[name] = {
@@ -993,7 +984,6 @@ def assemble(spec: JobSpec, output: str | Path, settings: dict | None = None) ->
                 **split_stats(total, spec.block_size),
             }
             del ds
-        shutil.rmtree(tmp / ".cache", ignore_errors=True)
         tok.save_pretrained(str(tmp))
         manifest = {
             "llmkit_version": __version__,
