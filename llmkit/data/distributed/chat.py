@@ -598,6 +598,24 @@ def _split_entry(counts: list[dict], name: str, rows: int, block_size: int) -> d
     }
 
 
+def _default_settings(spec: JobSpec) -> dict:
+    """The manifest's ``settings`` from the job alone (``prepare --executor`` gives its own)."""
+    return {
+        "format": "chat",
+        "vocab_size": spec.vocab_size if spec.tokenizer is None else None,
+        "tokenizer": spec.tokenizer,
+        "block_size": spec.block_size,
+        "val_fraction": spec.val_fraction,
+        "seed": spec.seed,
+        "chat_template": spec.chat["template"],
+        "train_on": spec.chat["train_on"],
+        "overlong": spec.chat["overlong"],
+        "on_error": spec.on_error,
+        "cleaning": spec.cleaning,
+        "tasks": spec.tasks,
+    }
+
+
 def assemble_chat(spec: JobSpec, output: str | Path, settings: dict | None = None) -> dict:
     """Write the prepared directory of a finished chat job at ``output``: ``train/`` and
     ``validation/`` (``input_ids``, ``labels``, ``position_ids``: int32 rows of
@@ -650,7 +668,7 @@ def assemble_chat(spec: JobSpec, output: str | Path, settings: dict | None = Non
             "llmkit_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "inputs": inputs,
-            "settings": settings if settings is not None else {"format": "chat"},
+            "settings": settings if settings is not None else _default_settings(spec),
             "stages": stages,
             "splits": splits,
             "tokenizer": {

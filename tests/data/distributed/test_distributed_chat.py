@@ -2,7 +2,9 @@
 ``labels``, ``position_ids``), the split entries (packing counters, answers located, skipped
 conversations), the stages, the inputs, the chat section and the tokenizer equal
 ``llmkit prepare --num-proc 1`` for 1 and 2 tasks; the packing layout equals SFTPacker's own
-rule; a failed conversation under ``--on-error fail`` is one line, as in one process."""
+rule; a failed conversation under ``--on-error fail`` is one line, as in one process; a task
+killed mid-way and the job run again gives the same rows; the Slurm submission of the eight
+chat stages."""
 
 from __future__ import annotations
 
@@ -188,3 +190,91 @@ def test_row_layout_is_sftpackers_rule(block_size):
         got += rows.tolist()
     assert got == expected
     assert _opened(state) == packer.rows
+
+
+def _chat_spec(work: Path, corpus: Path, tasks: int):
+    """The job ``--executor local --tasks N`` makes of the reference's settings."""
+    from llmkit.data.config import PrepareSettings
+    from llmkit.data.distributed.prepare import job_spec
+
+    flags = {"executor": "local", "tasks": tasks, "work_dir": str(work), "vocab_size": 400}
+    flags |= {"block_size": 384, "on_error": "skip", "plot": False}
+    return job_spec([str(corpus)], PrepareSettings.load(None, flags), "chat")
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_gives_the_same_rows(tmp_path, corpus, reference):
+    """A chat_encode task killed mid-way (SIGKILL), the job run again: the finished tasks are
+    not run again, and the rows equal one process's (about 20 s)."""
+    import dataclasses
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from llmkit.data.distributed.chat import assemble_chat
+    from llmkit.data.distributed.job import ENV_HANG, Work, completed_tasks, run_job
+
+    spec = _chat_spec(tmp_path / "work", corpus, 2)
+    script = (
+        "import sys, json; from llmkit.data.distributed.job import JobSpec, run_job; "
+        "run_job(JobSpec(**json.loads(sys.argv[1])), 'local', workers=1)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), ENV_HANG: "chat_encode:1"}
+    p = subprocess.Popen(
+        [sys.executable, "-c", script, json.dumps(dataclasses.asdict(spec))],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    work = Work(spec.work_dir)
+    deadline = time.time() + 120
+    while not work.exists("hang/chat_encode-00001") and time.time() < deadline:
+        assert p.poll() is None
+        time.sleep(0.3)
+    os.kill(int(work.read_bytes("hang/chat_encode-00001")), signal.SIGKILL)
+    p.wait(timeout=30)
+    before = completed_tasks(spec)
+    assert before["chat_admit"] == 2 and before["chat_encode"] == 1
+    assert before["chat_layout"] == before["chat_pack"] == 0
+    runs = len(work.listdir("runs"))
+    run_job(spec, "local", workers=1)
+    assert len(work.listdir("runs")) - runs == 1 + 1 + 2  # encode 1, layout, pack 0-1
+    assemble_chat(spec, tmp_path / "out")
+    got, ref = _loaded(tmp_path / "out"), _loaded(reference)
+    for name in ("train", "validation"):
+        assert got[name] == ref[name]
+
+
+def test_slurm_submission_of_a_chat_job(tmp_path, corpus, monkeypatch):
+    """Eight job arrays, in order, each depending on the one before; each array task runs
+    ``python -m llmkit.data.distributed.launch STAGE``, which knows the chat stages."""
+    import datatrove.executor.slurm as slurm
+
+    from llmkit.data.distributed import launch
+    from llmkit.data.distributed.job import build_executors, plan_job
+
+    submitted = []
+    monkeypatch.setattr(
+        slurm, "launch_slurm_job", lambda c, r, *a: submitted.append((c, a)) or str(len(submitted))
+    )
+    spec = _chat_spec(tmp_path / "work", corpus, 3)
+    plan_job(spec)
+    executors = build_executors(
+        spec, "slurm", partition="cpu", time="01:00:00", slurm_logs_folder=str(tmp_path / "sl")
+    )
+    executors[-1].run()
+    jobs = [(c, a) for c, a in submitted if "llmkit.data.distributed.launch" in c]
+    stages = [c.split("llmkit.data.distributed.launch ", 1)[1].split()[0] for c, _ in jobs]
+    assert stages == [
+        "chat_signatures", "groups", "resolve", "chat_admit", "chat_tokenizer", "chat_encode",
+        "chat_layout", "chat_pack",
+    ]  # fmt: skip
+    arrays = [next(x for x in c.splitlines() if "--array" in x) for c, _ in jobs]
+    assert arrays == [f"#SBATCH --array=0-{n - 1}" for n in (3, 3, 1, 3, 1, 3, 1, 3)]
+    for k, (_, args) in enumerate(jobs[1:]):
+        assert f"--dependency=afterok:{submitted.index(jobs[k]) + 1}" in args
+    with pytest.raises(SystemExit) as info:  # argparse: the stage is known, --tasks missing
+        launch.main(["chat_pack", str(tmp_path / "work")])
+    assert info.value.code == 2
