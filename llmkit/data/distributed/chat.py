@@ -238,7 +238,9 @@ class ChatAdmit(Stage):
         self._per_shard(work, files, shards, rank, world_size, one)
 
 
-def _split_masks(work, spec, shard, n: int, offsets, val_idx) -> dict[str, np.ndarray]:
+def _split_masks(shard: Shard, n: int, offsets, val_idx) -> dict[str, np.ndarray]:
+    """Which of a shard's ``n`` kept conversations go to each split (by global kept rank:
+    ``offsets``, ``val_idx`` of :func:`~llmkit.data.distributed.job._val_indices`)."""
     first = offsets[shard.index]
     in_val = np.isin(np.arange(first, first + n), val_idx)
     return {"train": ~in_val, "validation": in_val}
@@ -268,7 +270,7 @@ class ChatTokenizer(Stage):
         def texts() -> Iterator[list[str]]:
             for shard in shards:
                 kept = work.get_table(f"kept/s{shard.index:06d}.parquet").column("text")
-                masks = _split_masks(work, spec, shard, len(kept), offsets, val_idx)
+                masks = _split_masks(shard, len(kept), offsets, val_idx)
                 yield [
                     chat_training_text(json.loads(c))
                     for c, train in zip(kept.to_pylist(), masks["train"], strict=True)
@@ -390,7 +392,7 @@ class ChatEncode(Stage):
 
         def one(shard: Shard) -> None:
             kept = work.get_table(f"kept/s{shard.index:06d}.parquet").to_pydict()
-            masks = _split_masks(work, spec, shard, len(kept["text"]), offsets, val_idx)
+            masks = _split_masks(shard, len(kept["text"]), offsets, val_idx)
             counts = {}
             for name, mask in masks.items():
                 idx = np.flatnonzero(mask)
