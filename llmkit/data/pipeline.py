@@ -470,11 +470,7 @@ def _read_and_clean(
             "read": read_lengths.as_list(),
             "kept": kept_lengths.as_list(),
         },
-        "warnings": [
-            f"{f.path}: skipped {_fmt_counts(f.skipped)} (first: {f.first_error})"
-            for f in files
-            if f.skipped
-        ],
+        "warnings": input_warnings(files),
         "summary": summary,
         "documents": n_kept,
     }
@@ -1114,8 +1110,7 @@ def _split(run: _Run, docs, work: Path, warnings: list[str]) -> tuple[dict, dict
     run.report.log(
         f"split by {unit} (seed {s.seed}): {len(train_idx):,} train, {len(val_idx):,} validation"
     )
-    if s.val_fraction > 0 and len(val_idx) == 0:
-        warnings.append(f"only one {unit}: the validation split is empty")
+    warnings += split_warnings(unit, s.val_fraction, len(val_idx))
     return split_docs, split_bytes, rows
 
 
@@ -1383,7 +1378,6 @@ class _ChatData:
 
     def tokenizer(self, train_docs, rows: int, tmp: Path, warnings: list[str]):
         """Step 4: the tokenizer with its chat template, saved in ``tmp``."""
-        from llmkit.data.config import WEB_FILTERS
         from llmkit.data.sft import CHATML, end_of_turn_token, ensure_chat_template
 
         run = self.run
@@ -1415,12 +1409,6 @@ class _ChatData:
             )
         else:
             run.report.log(f"tokenizer {run.settings.tokenizer}: {len(tok):,} tokens")
-            if self.added_tokens:
-                warnings.append(
-                    f"the {self.resolved} template's tokens {', '.join(self.added_tokens)} were "
-                    f"added to the vocabulary ({len(tok):,} tokens now): the model's embeddings "
-                    f"grow by {len(self.added_tokens)} untrained rows (llmkit train resizes them)"
-                )
         tok.save_pretrained(str(tmp))  # with its chat_template: train and chat use the same one
         self.end_of_turn = end_of_turn_token(tok)
         train_on = run.chat["train_on"]
@@ -1430,12 +1418,7 @@ class _ChatData:
             + f", end of turn {self.end_of_turn!r}, loss on "
             + ("the assistant's answers" if train_on == "assistant" else "every token")
         )
-        web = [name for name in WEB_FILTERS if run.cfg["filters"][name]["enabled"]]
-        if web:
-            warnings.append(
-                f"{', '.join(web)} (written for web pages) judged whole conversations and may "
-                "drop short chats; C4's line removal is not applied to conversations"
-            )
+        warnings += chat_tokenizer_warnings(self.resolved, self.added_tokens, len(tok), run.cfg)
         return tok
 
     def encode_and_pack(self, tok, name, docs, n_bytes, rows, work, warnings):
@@ -1493,21 +1476,9 @@ class _ChatData:
         }
         for rule, n in located.items():  # all splits together, for the manifest's chat section
             self.answers_located[rule] = self.answers_located.get(rule, 0) + n
-        if skipped:
-            warnings.append(
-                f"{name}: skipped {_fmt_counts(skipped)} conversation(s) (first: {first[0]})"
-            )
-        if stats["truncated"] or stats["dropped"]:
-            what = "truncated" if overlong == "truncate" else "dropped"
-            warnings.append(
-                f"{name}: {stats['truncated'] + stats['dropped']:,} conversation(s) longer than "
-                f"--block-size {block_size} were {what}"
-            )
-        if stats["no_answer"]:
-            warnings.append(
-                f"{name}: {stats['no_answer']:,} conversation(s) left no answer token to train "
-                "on and were not written"
-            )
+        warnings += chat_split_warnings(
+            name, stats, skipped, first[0] if first else None, block_size, overlong
+        )
         if name == "train" and stats["rows"] == 0:
             raise no_training_conversation(stats, skipped, block_size, overlong)
         return packed, entry
@@ -1538,6 +1509,70 @@ class _ChatData:
                 info["inputs"],
             )
         }
+
+
+def split_warnings(unit: str, val_fraction: float, n_validation: int) -> list[str]:
+    """The manifest's warning of a split that left validation empty though asked for
+    (``unit``: ``"document"`` or ``"conversation"``)."""
+    if val_fraction > 0 and n_validation == 0:
+        return [f"only one {unit}: the validation split is empty"]
+    return []
+
+
+def input_warnings(files: Sequence[InputFile]) -> list[str]:
+    """The manifest's warning for each input with skipped lines or records (the first one)."""
+    return [
+        f"{f.path}: skipped {_fmt_counts(f.skipped)} (first: {f.first_error})"
+        for f in files
+        if f.skipped
+    ]
+
+
+def chat_tokenizer_warnings(
+    resolved: str, added_tokens: Sequence[str], n_tokens: int, cfg: dict
+) -> list[str]:
+    """The manifest's warnings of a chat run's tokenizer step: a template's tokens added to a
+    pretrained vocabulary (now ``n_tokens``); web filters turned on (``cfg``: the cleaning
+    settings) that judge whole conversations."""
+    from llmkit.data.config import WEB_FILTERS
+
+    out = []
+    if added_tokens:
+        out.append(
+            f"the {resolved} template's tokens {', '.join(added_tokens)} were "
+            f"added to the vocabulary ({n_tokens:,} tokens now): the model's embeddings "
+            f"grow by {len(added_tokens)} untrained rows (llmkit train resizes them)"
+        )
+    web = [name for name in WEB_FILTERS if cfg["filters"][name]["enabled"]]
+    if web:
+        out.append(
+            f"{', '.join(web)} (written for web pages) judged whole conversations and may "
+            "drop short chats; C4's line removal is not applied to conversations"
+        )
+    return out
+
+
+def chat_split_warnings(
+    name: str, stats: dict, skipped: dict, first: str | None, block_size: int, overlong: str
+) -> list[str]:
+    """The manifest's warnings of a packed chat split (``stats``: :meth:`llmkit.data.pack.
+    SFTPacker.stats`): conversations skipped (by reason, ``first``: the first one's error),
+    longer than ``block_size`` (truncated or dropped), left without an answer token."""
+    out = []
+    if skipped:
+        out.append(f"{name}: skipped {_fmt_counts(skipped)} conversation(s) (first: {first})")
+    if stats["truncated"] or stats["dropped"]:
+        what = "truncated" if overlong == "truncate" else "dropped"
+        out.append(
+            f"{name}: {stats['truncated'] + stats['dropped']:,} conversation(s) longer than "
+            f"--block-size {block_size} were {what}"
+        )
+    if stats["no_answer"]:
+        out.append(
+            f"{name}: {stats['no_answer']:,} conversation(s) left no answer token to train "
+            "on and were not written"
+        )
+    return out
 
 
 def no_training_conversation(

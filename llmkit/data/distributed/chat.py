@@ -61,6 +61,7 @@ from llmkit.data.distributed.job import (
     JobSpec,
     Stage,
     Work,
+    _cleaning,
     _dropped,
     _foreign,
     _load_tokenizer,
@@ -618,6 +619,35 @@ def _default_settings(spec: JobSpec) -> dict:
     }
 
 
+def _warnings(spec: JobSpec, files, counts: list[dict], splits: dict, meta: dict, n: int):
+    """The manifest's warnings, as ``prepare`` writes them for conversations, in its order:
+    inputs with skipped records, an empty validation split, the tokenizer's, each split's."""
+    from llmkit.data.pipeline import (
+        chat_split_warnings,
+        chat_tokenizer_warnings,
+        input_warnings,
+        split_warnings,
+    )
+
+    out = input_warnings(files)
+    out += split_warnings("conversation", spec.val_fraction, splits["validation"]["documents"])
+    out += chat_tokenizer_warnings(
+        meta["resolved"], meta.get("added_tokens", []), n, _cleaning(spec)
+    )
+    for name in SPLITS:
+        entry = splits[name]
+        first = next((c[name]["failed"]["error"] for c in counts if c[name]["failed"]), None)
+        out += chat_split_warnings(
+            name,
+            entry["packing"],
+            entry["skipped"],
+            first,
+            spec.block_size,
+            spec.chat["overlong"],
+        )
+    return out
+
+
 def assemble_chat(spec: JobSpec, output: str | Path, settings: dict | None = None) -> dict:
     """Write the prepared directory of a finished chat job at ``output``: ``train/`` and
     ``validation/`` (``input_ids``, ``labels``, ``position_ids``: int32 rows of
@@ -681,6 +711,7 @@ def assemble_chat(spec: JobSpec, output: str | Path, settings: dict | None = Non
                 "added_tokens": list(meta.get("added_tokens", [])),
             },
             "chat": chat_section(spec.chat, meta["resolved"], end_of_turn, located, inputs),
+            "warnings": _warnings(spec, files, counts, splits, meta, len(tok)),
             "executor": {"shards": len(shards), "tasks": spec.tasks},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

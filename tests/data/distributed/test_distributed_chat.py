@@ -76,7 +76,7 @@ def _same(got: dict, ref: dict, work: Path) -> None:
         assert list(got[name]) == ["input_ids", "labels", "position_ids"]
         assert got[name] == ref[name]
     g, r = got["manifest"], ref["manifest"]
-    for key in ("inputs", "stages", "splits", "chat"):
+    for key in ("inputs", "stages", "splits", "chat", "warnings"):
         assert g[key] == r[key], key
     tok_g, tok_r = dict(g["tokenizer"]), dict(r["tokenizer"])
     tok_g.pop("path"), tok_r.pop("path")  # the job records the directory resolved
@@ -106,6 +106,11 @@ def test_chat_rows_and_manifest_equal_num_proc_1(tmp_path, corpus, reference, ta
     skipped = sum(s["skipped"].get("special token in text", 0) for s in m["splits"].values())
     assert skipped == 1
     assert m["splits"]["train"]["packing"]["truncated"] > 0
+    assert [w.split(":")[0] for w in m["warnings"]] == [
+        f"{corpus}/c_copies.jsonl",
+        "train",
+        "train",
+    ]
     assert m["chat"]["record_formats"] == {"alpaca": 10, "messages": 81 + 6 + 3}
     assert sum(m["chat"]["answers_located"].values()) > 0
     assert got["manifest"]["executor"]["shards"] >= 4  # the large file was cut
@@ -132,6 +137,7 @@ def test_pretrained_tokenizer_train_on_all_overlong_drop(tmp_path, corpus, tiny_
     m = ref["manifest"]
     assert m["splits"]["train"]["packing"]["dropped"] > 0
     assert m["tokenizer"]["added_tokens"] == ["<|im_end|>", "<|im_start|>"]
+    assert any("added to the vocabulary" in w for w in m["warnings"])
 
 
 def test_failed_conversation_is_one_line_as_in_one_process(tmp_path):
