@@ -201,8 +201,9 @@ def _plan_plain(f: InputFile, target: int) -> tuple[list[tuple[int, int, int]], 
 def hub_file_rows(f: InputFile) -> list[int] | None:
     """Rows of each data file of a Hub dataset's split, in the order it streams, when it
     streams as one part per parquet file (``datasets``' parquet builder: the counts are read
-    from the files' footers, a small read each); None otherwise (JSON lines, one file, or a
-    layout this does not know: the dataset is then one shard).
+    from the files' footers, a small read each); None otherwise (JSON lines, one file, a
+    layout this does not know, a footer that cannot be read: the dataset is then one shard,
+    which is always right).
 
     Raises:
         UserError: the dataset cannot be loaded (:func:`llmkit.data.readers.hub_stream`).
@@ -220,9 +221,12 @@ def hub_file_rows(f: InputFile) -> list[int] | None:
     if not all(isinstance(x, str) and x.endswith(".parquet") for x in files):
         return None
     rows = []
-    for url in files:
-        with fsspec.open(url, "rb") as fh:
-            rows.append(pq.ParquetFile(fh).metadata.num_rows)
+    try:
+        for url in files:
+            with fsspec.open(url, "rb") as fh:
+                rows.append(pq.ParquetFile(fh).metadata.num_rows)
+    except Exception:  # noqa: BLE001 - a footer out of reach: read the dataset as one stream
+        return None
     return rows
 
 

@@ -143,3 +143,25 @@ def test_unreachable_hub_is_one_line_in_seconds(tmp_path, monkeypatch):
     assert "\n" not in line and line.startswith("error: ")
     assert "the Hub dataset acme/stories cannot be loaded: offline mode (HF_HUB_OFFLINE=1)" in line
     assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+
+
+def test_hub_parts_come_from_the_parquet_footers(fake_hub, hub_files, monkeypatch):
+    """One part per parquet data file, with its rows; a JSON-lines dataset, or footers out of
+    reach, make the dataset one shard (always right)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    from llmkit.data.distributed.shards import hub_file_rows
+    from llmkit.data.readers import discover_inputs
+
+    [stories] = discover_inputs([STORIES])
+    want = [pq.ParquetFile(f).metadata.num_rows for f in hub_files[STORIES][1]]
+    assert hub_file_rows(stories) == want and len(want) == 3
+    [support] = discover_inputs([SUPPORT_ID])
+    assert hub_file_rows(support) is None
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(fsspec, "open", unreachable)
+    assert hub_file_rows(stories) is None
