@@ -147,6 +147,7 @@ class ChatSignatures(Stage):
         import pyarrow as pa
 
         from llmkit.data.document import Document
+        from llmkit.data.pipeline import LengthHistogram
         from llmkit.data.steps.base import run_chain
         from llmkit.data.steps.dedup import key_name
 
@@ -158,12 +159,15 @@ class ChatSignatures(Stage):
         def one(shard: Shard) -> None:
             source = shard_source(files, shard)
             read = {"documents_out": 0, "bytes_out": 0}
+            lengths = LengthHistogram()
 
             def documents():
                 records = read_chat_shard(files, shard, source, spec.on_error)
                 for j, (where, text) in enumerate(records):
+                    size = len(text.encode("utf-8"))
                     read["documents_out"] += 1
-                    read["bytes_out"] += len(text.encode("utf-8"))
+                    read["bytes_out"] += size
+                    lengths.add(size)
                     yield Document.conversation(json.loads(text), j, {"where": where})
 
             for step in before:
@@ -183,7 +187,12 @@ class ChatSignatures(Stage):
             )
             work.put_json(
                 f"sources/s{shard.index:06d}.json",
-                {"source": _source_json(source), "read": read, "stats": _stats_json(before)},
+                {
+                    "source": _source_json(source),
+                    "read": read,
+                    "stats": _stats_json(before),
+                    "read_lengths": lengths.as_list(),
+                },
             )
 
         self._per_shard(work, files, shards, rank, world_size, one)
@@ -200,6 +209,7 @@ class ChatAdmit(Stage):
         import pyarrow as pa
 
         from llmkit.data.document import Document
+        from llmkit.data.pipeline import LengthHistogram
         from llmkit.data.steps.base import run_chain
         from llmkit.data.steps.dedup import key_name
 
@@ -231,9 +241,11 @@ class ChatAdmit(Stage):
                 }
             )
             work.put_table(f"kept/s{shard.index:06d}.parquet", table)
+            lengths = LengthHistogram()
+            lengths.add_all(np.asarray([d.n_bytes for d in kept], dtype=np.int64))
             work.put_json(
                 f"admitted/s{shard.index:06d}.json",
-                {"kept": len(kept), "stats": _stats_json(steps)},
+                {"kept": len(kept), "stats": _stats_json(steps), "kept_lengths": lengths.as_list()},
             )
 
         self._per_shard(work, files, shards, rank, world_size, one)
@@ -619,6 +631,24 @@ def _default_settings(spec: JobSpec) -> dict:
     }
 
 
+def _length_histogram(work: Work, shards: Sequence[Shard]) -> dict:
+    """The manifest's ``length_histogram``: the conversations' lengths (UTF-8 bytes of their
+    JSON) as read and as kept, counted per shard and added up (:class:`llmkit.data.pipeline.
+    LengthHistogram`)."""
+    from llmkit.data.pipeline import LENGTH_BINS
+
+    read = np.zeros(len(LENGTH_BINS), dtype=np.int64)
+    kept = np.zeros(len(LENGTH_BINS), dtype=np.int64)
+    for s in shards:
+        read += np.asarray(work.get_json(f"sources/s{s.index:06d}.json")["read_lengths"])
+        kept += np.asarray(work.get_json(f"admitted/s{s.index:06d}.json")["kept_lengths"])
+    return {
+        "bin_edges_bytes": LENGTH_BINS.tolist(),
+        "read": read.tolist(),
+        "kept": kept.tolist(),
+    }
+
+
 def _warnings(spec: JobSpec, files, counts: list[dict], splits: dict, meta: dict, n: int):
     """The manifest's warnings, as ``prepare`` writes them for conversations, in its order:
     inputs with skipped records, an empty validation split, the tokenizer's, each split's."""
@@ -710,6 +740,7 @@ def assemble_chat(spec: JobSpec, output: str | Path, settings: dict | None = Non
                 "end_of_turn": end_of_turn,
                 "added_tokens": list(meta.get("added_tokens", [])),
             },
+            "length_histogram": _length_histogram(work, shards),
             "chat": chat_section(spec.chat, meta["resolved"], end_of_turn, located, inputs),
             "warnings": _warnings(spec, files, counts, splits, meta, len(tok)),
             "executor": {"shards": len(shards), "tasks": spec.tasks},

@@ -76,7 +76,7 @@ def _same(got: dict, ref: dict, work: Path) -> None:
         assert list(got[name]) == ["input_ids", "labels", "position_ids"]
         assert got[name] == ref[name]
     g, r = got["manifest"], ref["manifest"]
-    for key in ("inputs", "stages", "splits", "chat", "warnings"):
+    for key in ("inputs", "stages", "splits", "chat", "warnings", "length_histogram"):
         assert g[key] == r[key], key
     tok_g, tok_r = dict(g["tokenizer"]), dict(r["tokenizer"])
     tok_g.pop("path"), tok_r.pop("path")  # the job records the directory resolved
