@@ -187,6 +187,7 @@ def prepare_distributed(
         ) from None
     from llmkit.data.distributed.chat import assemble_chat
     from llmkit.data.distributed.job import assemble, completed_tasks, run_job, stage_tasks
+    from llmkit.data.readers import looks_like_hub_id
 
     kind = data_kind(inputs, settings)
     if kind == "chat":
@@ -199,7 +200,8 @@ def prepare_distributed(
         if completed_tasks(spec) != stage_tasks(spec):
             return None
         write = assemble_chat if kind == "chat" else assemble
-        return write(spec, output, settings=manifest_settings(settings, kind))
+        hub = any(not Path(i).exists() and looks_like_hub_id(str(i)) for i in inputs)
+        return write(spec, output, settings=manifest_settings(settings, kind, hub))
     except (TypeError, KeyError, AttributeError) as err:  # a JSON file of another shape
         raise UserError(
             f"the work directory {settings.work_dir} holds files llmkit did not write "
@@ -231,9 +233,9 @@ def _check_chat(settings: PrepareSettings) -> None:
         _chat_tokenizer(tok, chat["template"], settings.tokenizer)
 
 
-def manifest_settings(settings: PrepareSettings, kind: str = "text") -> dict:
+def manifest_settings(settings: PrepareSettings, kind: str = "text", hub: bool = False) -> dict:
     """The manifest's ``settings`` of a distributed run (as ``prepare`` writes them, with the
-    executor's)."""
+    executor's; ``hub``: an input is a Hub dataset)."""
     if kind == "chat":
         chat = chat_options(settings)
         return {
@@ -243,12 +245,18 @@ def manifest_settings(settings: PrepareSettings, kind: str = "text") -> dict:
             "block_size": settings.block_size,
             "val_fraction": settings.val_fraction,
             "seed": settings.seed,
+            "split_on": None,  # text-only settings, as prepare records them for chat data
+            "text_field": None,
+            "encoding": None,
+            "max_document_bytes": None,
             "chat_template": chat["template"],
             "train_on": chat["train_on"],
             "overlong": chat["overlong"],
+            "num_proc": settings.num_proc,
             "on_error": settings.on_error,
             "keep_dropped": False,
             "plot": False,
+            "hub_split": settings.hub_split if hub else None,
             "normalization": settings.cleaning_for(kind).normalize.form,
             "cleaning": settings.cleaning_for(kind).model_dump(),
             "executor": settings.executor,
