@@ -289,3 +289,21 @@ def test_slurm_submission_of_a_chat_job(tmp_path, corpus, monkeypatch):
     with pytest.raises(SystemExit) as info:  # argparse: the stage is known, --tasks missing
         launch.main(["chat_pack", str(tmp_path / "work")])
     assert info.value.code == 2
+
+
+@pytest.mark.slow
+def test_ray_executor_on_chat_data(tmp_path, corpus, reference, monkeypatch):
+    """``--executor ray`` on a one-node Ray instance this test starts: the chat stages run as
+    Ray tasks and give the rows of one process (about a minute)."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        args = ("--executor", "ray", "--tasks", "2", "--work-dir", str(tmp_path / "work"))
+        _prepare(corpus, tmp_path / "out", *args, "--block-size", "384", *COMMON)
+    finally:
+        ray.shutdown()
+    got, ref = _loaded(tmp_path / "out"), _loaded(reference)
+    for name in ("train", "validation"):
+        assert got[name] == ref[name]
+    assert got["manifest"]["splits"] == ref["manifest"]["splits"]
