@@ -189,3 +189,25 @@ def test_web_archives_keep_dropped_is_one_process_byte_for_byte(tmp_path, shakes
     assert_same_output(out, ref)
     urls = [d["url"] for d in _dropped(out) if "url" in d]
     assert "http://www.iana.org/" in urls and all(u.startswith("http") for u in urls)
+
+
+def test_the_slurm_launcher_knows_every_stage_of_both_paths(tmp_path):
+    """A Slurm array task is a fresh ``python -m llmkit.data.distributed.launch STAGE``: every
+    stage name of a text job and of a chat job is one it accepts (argparse's choices)."""
+    import os
+    import subprocess
+    import sys
+
+    from llmkit.data.distributed.chat import chat_stage_tasks
+    from llmkit.data.distributed.job import STAGES, JobSpec
+
+    spec = JobSpec(work_dir=str(tmp_path), inputs=[], tasks=2, partitions=2)
+    names = [*STAGES, *chat_stage_tasks(spec)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[3])}
+    done = subprocess.run(
+        [sys.executable, "-m", "llmkit.data.distributed.launch", "--help"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    choices = done.stdout.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert set(names) <= set(choices) and len(set(names)) == 7 + 6
