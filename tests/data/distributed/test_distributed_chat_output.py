@@ -110,16 +110,18 @@ def test_chat_output_is_one_process_byte_for_byte_and_a_rerun_is_up_to_date(tmp_
 
 @pytest.fixture
 def spy_tokenizer_loads(monkeypatch) -> list[str]:
-    """What the job's stages pass to ``load_pretrained_tokenizer`` (they import it when they
-    run; the command's own load goes through ``llmkit.data.pipeline``'s name, not recorded).
-    One worker: the local executor runs the tasks in this process."""
+    """What the job's tasks pass to ``load_pretrained_tokenizer`` (the calls made under
+    datatrove's executor; one worker: the local executor runs the tasks in this process)."""
+    import traceback
+
     import llmkit.data.encode as encode
 
     calls: list[str] = []
     real = encode.load_pretrained_tokenizer
 
     def spy(name, **kw):
-        calls.append(str(name))
+        if any("datatrove" in f.filename for f in traceback.extract_stack()):
+            calls.append(str(name))
         return real(name, **kw)
 
     monkeypatch.setattr(encode, "load_pretrained_tokenizer", spy)
