@@ -507,11 +507,7 @@ def cleaned_info(
             "read": read_lengths.as_list(),
             "kept": kept_lengths.as_list(),
         },
-        "warnings": [
-            f"{f.path}: skipped {_fmt_counts(f.skipped)} (first: {f.first_error})"
-            for f in files
-            if f.skipped
-        ],
+        "warnings": input_warnings(files),
         "summary": summary,
         "documents": n_kept,
     }
@@ -1164,8 +1160,7 @@ def note_split(run: _Run, n_train: int, n_val: int, warnings: list[str]) -> None
     s = run.settings
     unit = "conversation" if run.chat is not None else "document"
     run.report.log(f"split by {unit} (seed {s.seed}): {n_train:,} train, {n_val:,} validation")
-    if s.val_fraction > 0 and n_val == 0:
-        warnings.append(f"only one {unit}: the validation split is empty")
+    warnings += split_warnings(unit, s.val_fraction, n_val)
 
 
 def _finish(run: _Run, tmp: Path, manifest: dict) -> dict:
@@ -1453,7 +1448,6 @@ class _ChatData:
 
     def tokenizer(self, train_docs, rows: int, tmp: Path, warnings: list[str]):
         """Step 4: the tokenizer with its chat template, saved in ``tmp``."""
-        from llmkit.data.config import WEB_FILTERS
         from llmkit.data.sft import CHATML, end_of_turn_token, ensure_chat_template
 
         run = self.run
@@ -1485,12 +1479,6 @@ class _ChatData:
             )
         else:
             run.report.log(f"tokenizer {run.settings.tokenizer}: {len(tok):,} tokens")
-            if self.added_tokens:
-                warnings.append(
-                    f"the {self.resolved} template's tokens {', '.join(self.added_tokens)} were "
-                    f"added to the vocabulary ({len(tok):,} tokens now): the model's embeddings "
-                    f"grow by {len(self.added_tokens)} untrained rows (llmkit train resizes them)"
-                )
         tok.save_pretrained(str(tmp))  # with its chat_template: train and chat use the same one
         self.end_of_turn = end_of_turn_token(tok)
         train_on = run.chat["train_on"]
@@ -1500,12 +1488,7 @@ class _ChatData:
             + f", end of turn {self.end_of_turn!r}, loss on "
             + ("the assistant's answers" if train_on == "assistant" else "every token")
         )
-        web = [name for name in WEB_FILTERS if run.cfg["filters"][name]["enabled"]]
-        if web:
-            warnings.append(
-                f"{', '.join(web)} (written for web pages) judged whole conversations and may "
-                "drop short chats; C4's line removal is not applied to conversations"
-            )
+        warnings += chat_tokenizer_warnings(self.resolved, self.added_tokens, len(tok), run.cfg)
         return tok
 
     def encode_and_pack(self, tok, name, docs, n_bytes, rows, work, warnings):
@@ -1563,32 +1546,11 @@ class _ChatData:
         }
         for rule, n in located.items():  # all splits together, for the manifest's chat section
             self.answers_located[rule] = self.answers_located.get(rule, 0) + n
-        if skipped:
-            warnings.append(
-                f"{name}: skipped {_fmt_counts(skipped)} conversation(s) (first: {first[0]})"
-            )
-        if stats["truncated"] or stats["dropped"]:
-            what = "truncated" if overlong == "truncate" else "dropped"
-            warnings.append(
-                f"{name}: {stats['truncated'] + stats['dropped']:,} conversation(s) longer than "
-                f"--block-size {block_size} were {what}"
-            )
-        if stats["no_answer"]:
-            warnings.append(
-                f"{name}: {stats['no_answer']:,} conversation(s) left no answer token to train "
-                "on and were not written"
-            )
+        warnings += chat_split_warnings(
+            name, stats, skipped, first[0] if first else None, block_size, overlong
+        )
         if name == "train" and stats["rows"] == 0:
-            raise UserError(
-                f"no training conversation left to write ({stats['conversations']:,} packed: "
-                f"{stats['dropped']:,} longer than --block-size {block_size}, "
-                f"{stats['no_answer']:,} without an answer token"
-                + (f"; skipped {_fmt_counts(skipped)}" if skipped else "")
-                + ")",
-                "raise --block-size"
-                + (", use --overlong truncate" if overlong == "drop" else "")
-                + ", or check the conversations",
-            )
+            raise no_training_conversation(stats, skipped, block_size, overlong)
         return packed, entry
 
     def describe(self, name: str, entry: dict) -> str:
@@ -1608,27 +1570,123 @@ class _ChatData:
         }
 
     def extra(self, info: dict) -> dict:
-        formats: dict[str, int] = {}
-        for entry in info["inputs"]:
-            for fmt, n in (entry.get("chat_formats") or {}).items():
-                formats[fmt] = formats.get(fmt, 0) + n
-        chat = self.run.chat
         return {
-            "chat": {
-                "template": self.resolved,
-                "end_of_turn": self.end_of_turn,
-                "train_on": chat["train_on"],
-                "answers_located": dict(sorted(self.answers_located.items())),
-                "overlong": chat["overlong"],
-                "columns": ["input_ids", "labels", "position_ids"],
-                "cleaning": (
-                    "normalize and pii on each message's content; filters and de-duplication "
-                    "on the conversation as text ('role: content' per message); near-duplicate "
-                    "removal off unless asked (dedup.near)"
-                ),
-                "record_formats": dict(sorted(formats.items())),
-            }
+            "chat": chat_section(
+                self.run.chat,
+                self.resolved,
+                self.end_of_turn,
+                self.answers_located,
+                info["inputs"],
+            )
         }
+
+
+def split_warnings(unit: str, val_fraction: float, n_validation: int) -> list[str]:
+    """The manifest's warning of a split that left validation empty though asked for
+    (``unit``: ``"document"`` or ``"conversation"``)."""
+    if val_fraction > 0 and n_validation == 0:
+        return [f"only one {unit}: the validation split is empty"]
+    return []
+
+
+def input_warnings(files: Sequence[InputFile]) -> list[str]:
+    """The manifest's warning for each input with skipped lines or records (the first one)."""
+    return [
+        f"{f.path}: skipped {_fmt_counts(f.skipped)} (first: {f.first_error})"
+        for f in files
+        if f.skipped
+    ]
+
+
+def chat_tokenizer_warnings(
+    resolved: str, added_tokens: Sequence[str], n_tokens: int, cfg: dict
+) -> list[str]:
+    """The manifest's warnings of a chat run's tokenizer step: a template's tokens added to a
+    pretrained vocabulary (now ``n_tokens``); web filters turned on (``cfg``: the cleaning
+    settings) that judge whole conversations."""
+    from llmkit.data.config import WEB_FILTERS
+
+    out = []
+    if added_tokens:
+        out.append(
+            f"the {resolved} template's tokens {', '.join(added_tokens)} were "
+            f"added to the vocabulary ({n_tokens:,} tokens now): the model's embeddings "
+            f"grow by {len(added_tokens)} untrained rows (llmkit train resizes them)"
+        )
+    web = [name for name in WEB_FILTERS if cfg["filters"][name]["enabled"]]
+    if web:
+        out.append(
+            f"{', '.join(web)} (written for web pages) judged whole conversations and may "
+            "drop short chats; C4's line removal is not applied to conversations"
+        )
+    return out
+
+
+def chat_split_warnings(
+    name: str, stats: dict, skipped: dict, first: str | None, block_size: int, overlong: str
+) -> list[str]:
+    """The manifest's warnings of a packed chat split (``stats``: :meth:`llmkit.data.pack.
+    SFTPacker.stats`): conversations skipped (by reason, ``first``: the first one's error),
+    longer than ``block_size`` (truncated or dropped), left without an answer token."""
+    out = []
+    if skipped:
+        out.append(f"{name}: skipped {_fmt_counts(skipped)} conversation(s) (first: {first})")
+    if stats["truncated"] or stats["dropped"]:
+        what = "truncated" if overlong == "truncate" else "dropped"
+        out.append(
+            f"{name}: {stats['truncated'] + stats['dropped']:,} conversation(s) longer than "
+            f"--block-size {block_size} were {what}"
+        )
+    if stats["no_answer"]:
+        out.append(
+            f"{name}: {stats['no_answer']:,} conversation(s) left no answer token to train "
+            "on and were not written"
+        )
+    return out
+
+
+def no_training_conversation(
+    stats: dict, skipped: dict, block_size: int, overlong: str
+) -> UserError:
+    """The error of a chat run whose training split packs into no row (``stats``:
+    :meth:`llmkit.data.pack.SFTPacker.stats` of the split; ``skipped``: conversations skipped
+    by reason)."""
+    return UserError(
+        f"no training conversation left to write ({stats['conversations']:,} packed: "
+        f"{stats['dropped']:,} longer than --block-size {block_size}, "
+        f"{stats['no_answer']:,} without an answer token"
+        + (f"; skipped {_fmt_counts(skipped)}" if skipped else "")
+        + ")",
+        "raise --block-size"
+        + (", use --overlong truncate" if overlong == "drop" else "")
+        + ", or check the conversations",
+    )
+
+
+def chat_section(
+    chat: dict, resolved: str, end_of_turn: str | None, answers_located: dict, inputs: list
+) -> dict:
+    """The manifest's ``chat`` section: the template as resolved, its end-of-turn token, the
+    ``train_on`` and ``overlong`` rules (``chat``), how the answers were located (all splits)
+    and the record formats read (summed over the ``inputs`` entries)."""
+    formats: dict[str, int] = {}
+    for entry in inputs:
+        for fmt, n in (entry.get("chat_formats") or {}).items():
+            formats[fmt] = formats.get(fmt, 0) + n
+    return {
+        "template": resolved,
+        "end_of_turn": end_of_turn,
+        "train_on": chat["train_on"],
+        "answers_located": dict(sorted(answers_located.items())),
+        "overlong": chat["overlong"],
+        "columns": ["input_ids", "labels", "position_ids"],
+        "cleaning": (
+            "normalize and pii on each message's content; filters and de-duplication "
+            "on the conversation as text ('role: content' per message); near-duplicate "
+            "removal off unless asked (dedup.near)"
+        ),
+        "record_formats": dict(sorted(formats.items())),
+    }
 
 
 def _fmt_counts(counts: dict) -> str:

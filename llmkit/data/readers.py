@@ -134,6 +134,12 @@ class InputFile:
     documents_split: int = 0  # documents longer than the maximum, cut into pieces
     pieces: int = 0  # the pieces they were cut into (counted in ``documents``)
     records_skipped: Counter = field(default_factory=Counter)  # web-archive records not read
+    # A part of a Hub dataset's stream (``prepare --executor``: one shard per data file): part
+    # ``hub_part`` of ``hub_parts`` (:meth:`datasets.IterableDataset.shard`, contiguous), whose
+    # first row is row ``hub_first_row + 1`` of the whole split. None: the whole stream.
+    hub_part: int | None = None
+    hub_parts: int | None = None
+    hub_first_row: int = 0
 
     def as_dict(self) -> dict:
         """The manifest entry: path, size, sha256, documents, skips and fields seen."""
@@ -1260,24 +1266,29 @@ def _short(err: BaseException) -> str:
     return text if len(text) <= 200 else text[:199] + "…"
 
 
-def _hub_records(
-    source: InputFile, on_error: str, convert: Convert, reason: Callable[[UserError], str]
-) -> Iterator[tuple[str, str]]:
-    """The records of a Hub dataset's split, streamed (``datasets.load_dataset``)."""
+def hub_stream(source: InputFile):
+    """The split of a Hub dataset, streamed (``datasets.load_dataset(..., streaming=True)``, a
+    ``datasets.IterableDataset``); only part ``source.hub_part`` of ``source.hub_parts`` when
+    set (contiguous: the parts in order are the whole stream in order).
+
+    Raises:
+        UserError: the dataset, its configuration or split cannot be loaded (one line).
+    """
     import datasets
 
     name = str(source.path)
     try:
         # no dataset script ever runs: datasets 4+ has none, 3.x would ask on stdin if unset
-        records = iter(
-            datasets.load_dataset(
-                name,
-                source.hub_config,
-                split=source.hub_split,
-                streaming=True,
-                trust_remote_code=False,
-            )
+        stream = datasets.load_dataset(
+            name,
+            source.hub_config,
+            split=source.hub_split,
+            streaming=True,
+            trust_remote_code=False,
         )
+        if source.hub_parts is not None:
+            stream = stream.shard(source.hub_parts, source.hub_part, contiguous=True)
+        return stream
     except Exception as err:  # not found, gated, no such split or config, network
         raise UserError(
             f"cannot load the Hub dataset {name}"
@@ -1285,7 +1296,16 @@ def _hub_records(
             + f", split {source.hub_split!r}: {_short(err)}",
             "check the dataset id, its configuration (owner/name:config) and --split",
         ) from err
-    row = 0
+
+
+def _hub_records(
+    source: InputFile, on_error: str, convert: Convert, reason: Callable[[UserError], str]
+) -> Iterator[tuple[str, str]]:
+    """The records of a Hub dataset's split (or of a part of it), streamed
+    (:func:`hub_stream`); ``where`` numbers the rows of the whole split."""
+    name = str(source.path)
+    records = iter(hub_stream(source))
+    row = source.hub_first_row
     while True:
         try:
             record = next(records)
@@ -1645,6 +1665,21 @@ def conversation_json(messages: Sequence[dict[str, str]]) -> str:
     return json.dumps(list(messages), ensure_ascii=False)
 
 
+def conversation_convert(source: InputFile) -> Convert:
+    """The :data:`Convert` of chat records: a record to its :func:`conversation_json`
+    (:func:`llmkit.data.sft.conversation_from_record`), counted by format in
+    ``source.chat_formats``. Used for whole files and for line ranges of one
+    (:mod:`llmkit.data.distributed.chat`)."""
+    from llmkit.data.sft import conversation_from_record, detect_chat_format
+
+    def convert(record, where: str) -> str:
+        messages = conversation_from_record(record, where=where)
+        source.chat_formats[detect_chat_format(record)] += 1
+        return conversation_json(messages)
+
+    return convert
+
+
 def read_conversations(source: InputFile, *, on_error: str = "fail") -> Iterator[tuple[str, str]]:
     """Yield ``(where, conversation)`` for each chat record of a JSON-lines / JSON file or Hub
     dataset: ``where`` is ``file:line`` (``file: item i`` in a JSON array, ``name: row i``
@@ -1663,8 +1698,6 @@ def read_conversations(source: InputFile, *, on_error: str = "fail") -> Iterator
             no assistant message, an empty turn... — named with file and line; under
             ``"skip"`` it is counted in ``source.skipped`` by reason.
     """
-    from llmkit.data.sft import conversation_from_record, detect_chat_format
-
     if on_error not in ON_ERROR:
         raise UserError(f"--on-error {on_error!r} is not one of {', '.join(ON_ERROR)}")
     if source.kind not in CHAT_KINDS:
@@ -1672,12 +1705,7 @@ def read_conversations(source: InputFile, *, on_error: str = "fail") -> Iterator
             f"{source.path}: chat data must be JSON lines or a JSON array (.jsonl, .json)",
             "give the conversations as JSON records, or use --format text for plain documents",
         )
-
-    def convert(record, where: str) -> str:
-        messages = conversation_from_record(record, where=where)
-        source.chat_formats[detect_chat_format(record)] += 1
-        return conversation_json(messages)
-
+    convert = conversation_convert(source)
     if source.kind == "hub":
         records = _hub_records(source, on_error, convert, _chat_reason)
     else:

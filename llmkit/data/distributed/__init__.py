@@ -53,16 +53,20 @@ Nothing read from the work directory runs code
     (``tests/data/distributed/test_distributed_security.py``).
 
 The output and its manifest
-    :func:`~llmkit.data.distributed.job.assemble` writes what ``prepare --num-proc 1`` writes,
-    every file byte for byte but ``manifest.json`` (rows, tokenizer, ``dropped.jsonl`` in
-    the order one process drops, ``lengths.png``), and the manifest from prepare's own
-    functions, equal on every key but ``created`` and the executor's (``executor``,
-    ``settings.executor/tasks/work_dir``); the fingerprint is prepare's, so either path's
-    output is up to date for the other (``tests/data/distributed/test_distributed_cli.py``).
+    :func:`~llmkit.data.distributed.job.assemble` (documents) and :func:`~llmkit.data.
+    distributed.chat.assemble_chat` (conversations) write what ``prepare --num-proc 1``
+    writes, every file byte for byte but ``manifest.json`` (rows, tokenizer,
+    ``dropped.jsonl`` in the order one process drops, ``lengths.png``), and the manifest from
+    prepare's own functions, equal on every key but ``created`` and the executor's
+    (``executor``, ``settings.executor/tasks/work_dir``); the fingerprint is prepare's, so
+    either path's output is up to date for the other
+    (``tests/data/distributed/test_distributed_cli.py``, ``test_distributed_chat.py``).
 
-Not distributed yet
-    The chat path (conversations packed
-    whole with :class:`~llmkit.data.pack.SFTPacker`, which is sequential: per-shard packing
-    needs a carried row state, so it runs as one task, or as running totals of rows once
-    each conversation's length is known); web archives and Hub datasets as inputs.
+Chat data, web archives, Hub datasets
+    Conversations run the stages of :mod:`~llmkit.data.distributed.chat` (the packing rule of
+    :class:`~llmkit.data.pack.SFTPacker` laid out over the conversations' packed lengths in
+    one task, each shard then packing the rows that start in it); a web archive is one shard
+    (its pages' URLs carried with the documents, for ``--keep-dropped``); a Hub dataset is
+    one shard per parquet data file when it streams that way
+    (:func:`~llmkit.data.distributed.shards.hub_file_rows`), else one shard.
 """

@@ -109,6 +109,14 @@ class JobSpec:
     tasks: int = 1
     partitions: int = 1
     target_shard_bytes: int = TARGET_SHARD_BYTES
+    #: ``"text"`` (documents) or ``"chat"`` (conversations: the stages of
+    #: :mod:`llmkit.data.distributed.chat`), with ``chat``: ``template``, ``train_on``,
+    #: ``overlong`` as ``prepare`` resolves them.
+    format: str = "text"
+    chat: dict | None = None
+    #: The split read from Hub dataset inputs (each Hub dataset is one shard, read by
+    #: prepare's own streaming reader).
+    hub_split: str = "train"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +218,15 @@ class Work:
 
 def _files_from(plan: dict) -> list[InputFile]:
     return [
-        InputFile(Path(f["path"]), f["kind"], f["compression"], f["size_bytes"], f["sha256"])
+        InputFile(
+            Path(f["path"]),
+            f["kind"],
+            f["compression"],
+            f["size_bytes"],
+            f["sha256"],
+            hub_config=f.get("hub_config"),
+            hub_split=f.get("hub_split"),
+        )
         for f in plan["files"]
     ]
 
@@ -235,7 +251,7 @@ def plan_job(spec: JobSpec) -> dict:
                 "use another work directory, or remove this one to start over",
             )
         return work.get_json("plan.json")
-    files = discover_inputs(spec.inputs)
+    files = discover_inputs(spec.inputs, hub_split=spec.hub_split)
     from llmkit.data.boilerplate import strip_gutenberg
 
     cfg = _cleaning(spec)
@@ -254,6 +270,11 @@ def plan_job(spec: JobSpec) -> dict:
                 "compression": f.compression,
                 "size_bytes": f.size_bytes,
                 "sha256": f.sha256,
+                **(
+                    {"hub_config": f.hub_config, "hub_split": f.hub_split}
+                    if f.kind == "hub"
+                    else {}
+                ),
             }
             for f in files
         ],
@@ -435,7 +456,8 @@ def _source_from(entry: dict) -> InputFile:
 
 def _row_schema(rules):
     """The arrow schema of a shard's rows: the document's index in the shard as read (``id``),
-    the text, its UTF-8 bytes and each rule's key."""
+    the text, its UTF-8 bytes, ``where`` (a web page's URL, a conversation's ``file:line``;
+    what ``--keep-dropped`` writes of it) and each rule's key."""
     from datasets import Features, Value
 
     from llmkit.data.steps.dedup import key_name
@@ -445,9 +467,29 @@ def _row_schema(rules):
             "id": Value("int64"),
             "text": Value("string"),
             "n_bytes": Value("int64"),
+            "where": Value("string"),
             **{key_name(rule): rule.key_feature() for rule in rules},
         }
     ).arrow_schema
+
+
+def put_records(work: Work, shard: int, rows: list[dict], rules, partitions: int) -> None:
+    """Write a shard's de-duplication records, one parquet file per partition
+    (:func:`~llmkit.data.distributed.dedup.shard_records` of its rows)."""
+    import pyarrow as pa
+
+    by_part = ddedup.shard_records(rows, shard, rules, partitions)
+    for p, recs in enumerate(by_part):
+        cols = list(zip(*recs, strict=True)) if recs else [[], [], [], []]
+        table = pa.table(
+            {
+                "rule": pa.array(cols[0], pa.int32()),
+                "key": pa.array(cols[1], pa.binary()),
+                "shard": pa.array(cols[2], pa.int64()),
+                "index": pa.array(cols[3], pa.int64()),
+            }
+        )
+        work.put_table(f"records/p{p:05d}/s{shard:06d}.parquet", table)
 
 
 class Signatures(Stage):
@@ -485,13 +527,14 @@ class Signatures(Stage):
                 line_filter=strip_gutenberg if cfg["gutenberg"] else None,
                 encoding=spec.encoding,
                 max_document_bytes=spec.max_document_bytes,
+                with_url=True,
             )
             read = {"documents_out": 0, "bytes_out": 0}
             lengths = LengthHistogram()
 
             def documents():
-                for j, text in enumerate(texts):
-                    doc = Document(text, j)
+                for j, (url, text) in enumerate(texts):
+                    doc = Document(text, j, {"where": url})  # a web page's URL, as prepare's
                     read["documents_out"] += 1
                     read["bytes_out"] += doc.n_bytes
                     lengths.add(doc.n_bytes)
@@ -504,23 +547,13 @@ class Signatures(Stage):
                     "id": d.id,
                     "text": d.text,
                     "n_bytes": d.n_bytes,
+                    "where": d.metadata.get("where"),
                     **{k: d.metadata.get(k) for k in names},
                 }
                 for d in run_chain(before, documents(), rank, world_size)
             ]
             _put_dropped(work, writer, shard)
-            by_part = ddedup.shard_records(rows, shard.index, rules, spec.partitions)
-            for p, recs in enumerate(by_part):
-                cols = list(zip(*recs, strict=True)) if recs else [[], [], [], []]
-                table = pa.table(
-                    {
-                        "rule": pa.array(cols[0], pa.int32()),
-                        "key": pa.array(cols[1], pa.binary()),
-                        "shard": pa.array(cols[2], pa.int64()),
-                        "index": pa.array(cols[3], pa.int64()),
-                    }
-                )
-                work.put_table(f"records/p{p:05d}/s{shard.index:06d}.parquet", table)
+            put_records(work, shard.index, rows, rules, spec.partitions)
             work.put_table(
                 f"rows/s{shard.index:06d}.parquet", pa.Table.from_pylist(rows, schema=schema)
             )
@@ -646,6 +679,7 @@ class Admit(Stage):
             def documents():
                 for j, row in enumerate(rows):
                     metadata = {key_name(r): row[key_name(r)] for r in rules}
+                    metadata["where"] = row["where"]
                     doc = Document(row["text"], row["id"], metadata)  # id: as read, for dropped
                     doc._n_bytes = row["n_bytes"]
                     ddedup.tag_keys(doc.metadata, rules, (shard.index, j))
@@ -888,7 +922,12 @@ STAGE_CLASSES = {
 
 
 def stage_tasks(spec: JobSpec) -> dict[str, int]:
-    """Tasks of each stage: ``tasks``, ``partitions``, 1, ``tasks``, 1, ``tasks``, ``tasks``."""
+    """Tasks of each stage, in order: ``tasks``, ``partitions``, 1, ``tasks``, 1, ``tasks``,
+    ``tasks`` (chat data: :func:`llmkit.data.distributed.chat.chat_stage_tasks`)."""
+    if spec.format == "chat":
+        from llmkit.data.distributed.chat import chat_stage_tasks
+
+        return chat_stage_tasks(spec)
     return {
         "signatures": spec.tasks,
         "groups": spec.partitions,
@@ -1081,7 +1120,7 @@ def run_job(
 def completed_tasks(spec: JobSpec) -> dict[str, int]:
     """Completion markers per stage (datatrove's ``logs/<stage>/completions``)."""
     work = Work(spec.work_dir)
-    return {name: len(work.listdir(f"logs/{name}/completions")) for name in STAGES}
+    return {name: len(work.listdir(f"logs/{name}/completions")) for name in stage_tasks(spec)}
 
 
 def _merged_stats(work: Work, plan: dict, shards: Sequence[Shard]) -> tuple[list, dict, list]:
@@ -1181,6 +1220,17 @@ def settings_of(spec: JobSpec, **more):
             "max_document_bytes": spec.max_document_bytes,
             "keep_dropped": spec.keep_dropped,
             "cleaning": dict(spec.cleaning or {}),
+            "hub_split": spec.hub_split,
+            **(
+                {
+                    "format": "chat",
+                    "chat_template": spec.chat["template"],
+                    "train_on": spec.chat["train_on"],
+                    "overlong": spec.chat["overlong"],
+                }
+                if spec.format == "chat"
+                else {}
+            ),
             **more,
         },
     )
@@ -1198,6 +1248,10 @@ def _run_of(spec: JobSpec, output: str | Path):
     run = _plan(spec.inputs, output, settings, _Report(Console(quiet=True)), cache=False)
     if spec.tokenizer is not None:
         run.tok = load_pretrained_tokenizer(spec.tokenizer, trust_remote_code=False)
+        if run.chat is not None:
+            from llmkit.data.encode import _chat_tokenizer
+
+            run.chat_tokenizer = _chat_tokenizer(run.tok, run.chat["template"], spec.tokenizer)
     return run
 
 
@@ -1311,3 +1365,7 @@ def _cache_entry(run) -> dict:
 def shard_order(shards: Sequence[Shard]) -> list[int]:
     """Shard indexes in global order (for checks)."""
     return [s.index for s in sorted(shards, key=lambda s: s.index)]
+
+
+# The chat stages subclass Stage and add themselves to STAGE_CLASSES (for the Slurm launcher).
+import llmkit.data.distributed.chat  # noqa: E402, F401

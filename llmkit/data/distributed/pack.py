@@ -92,3 +92,26 @@ def split_stats(total: int, block_size: int) -> dict[str, int]:
         "blocks": int(total // block_size),
         "tail_tokens": int(total % block_size),
     }
+
+
+def rows_dataset(columns: dict[str, np.ndarray]):
+    """A ``datasets.Dataset`` of the rows of ``columns`` (each an integer array ``(rows,
+    width)``, the same ``rows``): one ``List(Value("int32"))`` column each, as ``prepare``
+    writes its splits. Zero rows give an empty dataset (``Dataset.from_generator`` refuses
+    a generator that yields nothing: "corresponds to no data"). Built from arrow list arrays
+    over the flat values, in chunks of at most 2**30 values (arrow's 32-bit list offsets)."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    chunked = {}
+    for name, arr in columns.items():
+        arr = np.ascontiguousarray(arr, dtype=TOKEN_DTYPE)
+        n, width = arr.shape
+        step = max(1, (1 << 30) // max(1, width))
+        chunks = []
+        for start in range(0, n, step):
+            part = arr[start : start + step]
+            offsets = np.arange(0, (len(part) + 1) * width, width, dtype=np.int32)
+            chunks.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(part.ravel())))
+        chunked[name] = pa.chunked_array(chunks, type=pa.list_(pa.int32()))
+    return Dataset(pa.table(chunked))  # features: List(Value("int32")) per column

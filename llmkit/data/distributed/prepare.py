@@ -23,35 +23,22 @@ from llmkit.data.config import PrepareSettings
 from llmkit.errors import UserError
 
 
-def _input_problem(inputs: Sequence[str], settings: PrepareSettings) -> str | None:
-    """What in the inputs the distributed path cannot read yet (None: nothing)."""
-    from llmkit.data.readers import discover_inputs, resolve_format
-
-    files = discover_inputs(list(inputs))
-    for f in files:
-        if f.kind == "hub":
-            return f"the Hub dataset input {f.path}"
-        if f.kind == "warc":
-            return f"the web archive input {f.path}"
-    if settings.format == "auto":
-        if resolve_format(files, "auto", settings.text_field or "text") == "chat":
-            return "chat data (--format auto found conversations in the inputs)"
-    return None
+def chat_options(settings: PrepareSettings) -> dict:
+    """The chat rules as ``prepare`` resolves them: ``template`` (default ``auto``),
+    ``train_on`` (``assistant``), ``overlong`` (``truncate``)."""
+    return {
+        "template": settings.chat_template or "auto",
+        "train_on": settings.train_on or "assistant",
+        "overlong": settings.overlong or "truncate",
+    }
 
 
 def unsupported(inputs: Sequence[str], settings: PrepareSettings) -> str | None:
     """The first option (or kind of input) of this run that ``--executor`` does not support
     yet, as the words of the error; None when the run can be distributed."""
-    for what, given in (
-        ("--format chat", settings.format == "chat"),
-        ("--chat-template", settings.chat_template is not None),
-        ("--train-on", settings.train_on is not None),
-        ("--overlong", settings.overlong is not None),
-        ("--trust-remote-code", settings.trust_remote_code),
-    ):
-        if given:
-            return what
-    return _input_problem(inputs, settings)
+    if settings.trust_remote_code:
+        return "--trust-remote-code"
+    return None
 
 
 #: Input shards per task that :func:`shard_bytes` aims at (the tasks of a stage finish
@@ -73,16 +60,20 @@ def shard_bytes(inputs: Sequence[str], tasks: int) -> int:
     return max(MIN_SHARD_BYTES, min(TARGET_SHARD_BYTES, total // (SHARDS_PER_TASK * tasks)))
 
 
-def job_spec(inputs: Sequence[str], settings: PrepareSettings):
+def job_spec(inputs: Sequence[str], settings: PrepareSettings, kind: str = "text"):
     """The :class:`~llmkit.data.distributed.job.JobSpec` of a run's settings (``tasks``
     tasks per stage, as many dedup partitions, shards of :func:`shard_bytes`; a given
-    tokenizer by its absolute path when it is a local one, and the hashes of its files)."""
+    tokenizer by its absolute path when it is a local one, and the hashes of its files);
+    ``kind`` ``"chat"``: conversations, read as UTF-8 JSON and cleaned with the chat defaults
+    (:meth:`~llmkit.data.config.PrepareSettings.cleaning_for`), as ``prepare`` does."""
     from llmkit.core.cache import tokenizer_identity
     from llmkit.data.distributed.job import JobSpec
+    from llmkit.data.readers import DEFAULT_ENCODING
 
     tok = settings.tokenizer
     if tok is not None and Path(tok).exists():
         tok = str(Path(tok).resolve())
+    chat = kind == "chat"
     return JobSpec(
         target_shard_bytes=shard_bytes(inputs, settings.tasks),
         work_dir=str(settings.work_dir),
@@ -96,12 +87,15 @@ def job_spec(inputs: Sequence[str], settings: PrepareSettings):
         split_on=settings.split_on,
         text_field=settings.text_field or "text",
         on_error=settings.on_error,
-        encoding=settings.encoding,
+        encoding=DEFAULT_ENCODING if chat else settings.encoding,
         max_document_bytes=settings.max_document_bytes,
-        cleaning=settings.cleaning.model_dump(),
+        cleaning=settings.cleaning_for(kind).model_dump(),
         keep_dropped=settings.keep_dropped,
         tasks=settings.tasks,
         partitions=settings.tasks,
+        format=kind,
+        chat=chat_options(settings) if chat else None,
+        hub_split=settings.hub_split,
     )
 
 
@@ -256,6 +250,7 @@ def prepare_distributed(
             f"--executor needs datatrove ({err.name} is not installed)",
             "pip install 'llmkit[distributed]'",
         ) from None
+    from llmkit.data.distributed.chat import assemble_chat, put_chat_tokenizer
     from llmkit.data.distributed.job import (
         Work,
         assemble,
@@ -266,11 +261,13 @@ def prepare_distributed(
         stage_tasks,
     )
 
-    spec = job_spec(inputs, settings)
+    spec = job_spec(inputs, settings, run.kind)
     try:
         plan_job(spec)
-        if run.tok is not None:
+        if run.tok is not None:  # with its chat template, for chat data
             put_tokenizer(Work(spec.work_dir), run.tok)
+            if run.kind == "chat":
+                put_chat_tokenizer(Work(spec.work_dir), run.chat_tokenizer)
         with engine_logs(str(settings.work_dir)) as log:
             try:
                 if settings.executor == "ray":
@@ -280,8 +277,9 @@ def prepare_distributed(
                 raise UserError(err.message, f"{err.hint} (datatrove's log: {log})") from None
         if completed_tasks(spec) != stage_tasks(spec):
             return None
+        write = assemble_chat if run.kind == "chat" else assemble
         with pl._quiet_datasets():
-            manifest = assemble(spec, output, settings=executor_settings(settings), run=run)
+            manifest = write(spec, output, settings=executor_settings(settings), run=run)
     except (TypeError, KeyError, AttributeError) as err:  # a JSON file of another shape
         raise UserError(
             f"the work directory {settings.work_dir} holds files llmkit did not write "

@@ -7,7 +7,10 @@ A :class:`Shard` is one of
 - a line-aligned byte range ``[start, end)`` of a large uncompressed JSON-lines file, or a
   byte range of a large uncompressed text file that starts and ends at a document boundary
   (the first non-blank line after a run of blank lines), read as UTF-8;
-- one row group of an uncompressed parquet file.
+- one row group of an uncompressed parquet file;
+- one data file of a Hub dataset whose split streams as one part per parquet file (the rows
+  before it counted from the files' footers, so that ``where`` numbers the rows of the whole
+  split as the one-process reader does); any other Hub dataset is one shard.
 
 Shards are numbered in the order :func:`llmkit.data.readers.read_documents` walks the files
 (files in :func:`~llmkit.data.readers.discover_inputs` order, ranges and row groups in file
@@ -30,6 +33,8 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
+
+import numpy as np
 
 from llmkit.data.readers import (
     _BOM,
@@ -66,7 +71,9 @@ class Shard:
         start, end: byte range ``[start, end)`` (None: the whole file).
         row_group: parquet row group (None: not a row group shard).
         first_line: 1-based line number of the range's first line (ranges only).
-        first_row: 0-based row number of the row group's first row (row groups only).
+        first_row: 0-based row number of the row group's (or Hub part's) first row.
+        hub_part, hub_parts: a Hub dataset's part (data file) ``hub_part`` of ``hub_parts``
+            (:func:`llmkit.data.readers.hub_stream`); None: not a Hub part.
     """
 
     index: int
@@ -77,6 +84,8 @@ class Shard:
     row_group: int | None = None
     first_line: int = 1
     first_row: int = 0
+    hub_part: int | None = None
+    hub_parts: int | None = None
 
     @property
     def id(self) -> str:
@@ -90,6 +99,8 @@ class Shard:
             where = f"{path}, bytes {self.start}-{self.end}"
         elif self.row_group is not None:
             where = f"{path}, row group {self.row_group}"
+        elif self.hub_part is not None:
+            where = f"{path}, data file {self.hub_part + 1} of {self.hub_parts}"
         else:
             where = str(path)
         return f"shard {self.index} ({where})"
@@ -125,58 +136,98 @@ def _is_blank_raw(raw: bytes) -> bool:
     return raw.strip(b" \t\n") == b""
 
 
+def _rest_of_long_line(fh, digest) -> tuple[int, bool, bool]:
+    """Read on to the end of a line longer than ``READ_CHUNK`` (hashing it): ``(bytes read,
+    a NUL byte seen, the line ended with a newline)``."""
+    n, nul = 0, False
+    while more := fh.readline(READ_CHUNK):
+        digest.update(more)
+        nul = nul or b"\x00" in more
+        n += len(more)
+        if more.endswith(b"\n"):
+            return n, nul, True
+    return n, nul, False
+
+
+def _scan_cuts(fh, first: bytes, kind: str, target: int, digest) -> tuple[list, bool]:
+    """The rest of a plain file after its ``first`` line, hashed: ``([(offset, line number)]
+    of the cut points, a NUL byte seen)``. At each multiple of ``target`` the next boundary
+    is taken: a line start for JSON lines; for text, the first non-blank line after a blank
+    line; never inside a long line."""
+    cuts = [(0, 1)]
+    pos, line, want = len(first), 2, target
+    seen_blank = kind == "text" and _is_blank_raw(first)
+    nul = b"\x00" in first
+    while raw := fh.readline(READ_CHUNK):
+        digest.update(raw)
+        nul = nul or b"\x00" in raw
+        boundary = kind == "jsonl" or (seen_blank and not _is_blank_raw(raw))
+        if pos >= want and boundary:
+            cuts.append((pos, line))
+            want = pos + target
+        seen_blank = kind == "text" and _is_blank_raw(raw)
+        pos += len(raw)
+        if raw.endswith(b"\n"):
+            line += 1
+        elif len(raw) == READ_CHUNK:  # a long line continues: never cut inside it
+            n, more_nul, ended = _rest_of_long_line(fh, digest)
+            pos, nul, line, seen_blank = pos + n, nul or more_nul, line + ended, False
+    return cuts, nul
+
+
 def _plan_plain(f: InputFile, target: int) -> tuple[list[tuple[int, int, int]], str]:
     """Cut points of a plain file: ``[(start, end, first_line)]`` and the file's SHA-256.
 
-    One pass: hashes the file and counts lines; at each multiple of ``target`` the next
-    boundary is looked for (a line start for JSON lines; for text, the first non-blank line
-    after a blank line). A file holding a NUL byte, or a JSON-array file, is not cut.
+    One pass (:func:`_scan_cuts`): hashes the file and counts lines; at each multiple of
+    ``target`` the next boundary is looked for (a line start for JSON lines; for text, the
+    first non-blank line after a blank line). A file holding a NUL byte, or a JSON-array
+    file, is not cut.
     """
     digest = hashlib.sha256()
-    cuts = [(0, 1)]  # (offset, line number)
-    size = f.size_bytes
     with open(f.path, "rb") as fh:
         first = fh.readline()
         digest.update(first)
-        if f.kind == "jsonl" and first.removeprefix(_BOM).lstrip().startswith(b"["):
-            cuts = None
-        pos, line = len(first), 2
-        want = target
-        seen_blank = f.kind == "text" and _is_blank_raw(first)
-        nul = b"\x00" in first
-        while raw := fh.readline(READ_CHUNK):
-            digest.update(raw)
-            nul = nul or b"\x00" in raw
-            if cuts is not None and pos >= want:
-                if f.kind == "jsonl":
-                    cuts.append((pos, line))
-                    want = pos + target
-                elif not _is_blank_raw(raw) and seen_blank:
-                    cuts.append((pos, line))
-                    want = pos + target
-            if f.kind == "text":
-                seen_blank = _is_blank_raw(raw)
-            if raw.endswith(b"\n"):
-                line += 1
-            elif len(raw) == READ_CHUNK:  # a long line continues: never cut inside it
-                while (more := fh.readline(READ_CHUNK)) and not more.endswith(b"\n"):
-                    digest.update(more)
-                    nul = nul or b"\x00" in more
-                    pos += len(more)
-                if more:
-                    digest.update(more)
-                    nul = nul or b"\x00" in more
-                    pos += len(more)
-                    line += 1
-                seen_blank = False
-            pos += len(raw)
-    if cuts is None or nul:
+        array = f.kind == "jsonl" and first.removeprefix(_BOM).lstrip().startswith(b"[")
+        cuts, nul = _scan_cuts(fh, first, f.kind, target, digest)
+    if array or nul:
         cuts = [(0, 1)]
     ranges = [
-        (start, cuts[i + 1][0] if i + 1 < len(cuts) else size, first_line)
+        (start, cuts[i + 1][0] if i + 1 < len(cuts) else f.size_bytes, first_line)
         for i, (start, first_line) in enumerate(cuts)
     ]
     return ranges, digest.hexdigest()
+
+
+def hub_file_rows(f: InputFile) -> list[int] | None:
+    """Rows of each data file of a Hub dataset's split, in the order it streams, when it
+    streams as one part per parquet file (``datasets``' parquet builder: the counts are read
+    from the files' footers, a small read each); None otherwise (JSON lines, one file, a
+    layout this does not know, a footer that cannot be read: the dataset is then one shard,
+    which is always right).
+
+    Raises:
+        UserError: the dataset cannot be loaded (:func:`llmkit.data.readers.hub_stream`).
+    """
+    import fsspec
+    import pyarrow.parquet as pq
+
+    from llmkit.data.readers import hub_stream
+
+    stream = hub_stream(f)
+    kwargs = getattr(getattr(stream, "_ex_iterable", None), "kwargs", None) or {}
+    files = kwargs.get("files")
+    if not isinstance(files, list) or len(files) < 2 or stream.num_shards != len(files):
+        return None
+    if not all(isinstance(x, str) and x.endswith(".parquet") for x in files):
+        return None
+    rows = []
+    try:
+        for url in files:
+            with fsspec.open(url, "rb") as fh:
+                rows.append(pq.ParquetFile(fh).metadata.num_rows)
+    except Exception:  # noqa: BLE001 - a footer out of reach: read the dataset as one stream
+        return None
+    return rows
 
 
 def plan_shards(
@@ -207,39 +258,88 @@ def plan_shards(
     out: list[Shard] = []
     for fi, f in enumerate(files):
         if _cuttable_plain(f, split_on, line_filter, encoding) and f.size_bytes > target_bytes:
-            ranges, sha = _plan_plain(f, target_bytes)
-            f.sha256 = sha
-            if len(ranges) > 1:
-                for part, (start, end, first_line) in enumerate(ranges):
-                    out.append(Shard(len(out), fi, part, start, end, first_line=first_line))
-                continue
+            parts = _range_shards(f, fi, len(out), target_bytes)
         elif f.kind == "parquet" and not f.compression:
-            import pyarrow.parquet as pq
-
-            try:
-                meta = pq.ParquetFile(f.path).metadata
-            except Exception:  # noqa: BLE001 - the reader reports a damaged file itself
-                meta = None
-            if meta is not None and meta.num_row_groups > 1:
-                with open(f.path, "rb") as fh:
-                    f.sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
-                row = 0
-                for g in range(meta.num_row_groups):
-                    out.append(Shard(len(out), fi, g, row_group=g, first_row=row))
-                    row += meta.row_group(g).num_rows
-                continue
-        out.append(Shard(len(out), fi, 0))
+            parts = _row_group_shards(f, fi, len(out))
+        elif f.kind == "hub":
+            parts = _hub_shards(f, fi, len(out))
+        else:
+            parts = []
+        out.extend(parts or [Shard(len(out), fi, 0)])
     return out
+
+
+def _range_shards(f: InputFile, fi: int, index: int, target: int) -> list[Shard]:
+    """A large plain file's byte ranges (none when it is not cut); sets its ``sha256``."""
+    ranges, f.sha256 = _plan_plain(f, target)
+    if len(ranges) < 2:
+        return []
+    return [
+        Shard(index + part, fi, part, start, end, first_line=first_line)
+        for part, (start, end, first_line) in enumerate(ranges)
+    ]
+
+
+def _row_group_shards(f: InputFile, fi: int, index: int) -> list[Shard]:
+    """A parquet file's row groups (none for one row group, or a file the reader will report
+    damaged); sets its ``sha256`` when it is cut."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(f.path).metadata
+    except Exception:  # noqa: BLE001 - the reader reports a damaged file itself
+        return []
+    if meta.num_row_groups < 2:
+        return []
+    with open(f.path, "rb") as fh:
+        f.sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
+    out, row = [], 0
+    for g in range(meta.num_row_groups):
+        out.append(Shard(index + g, fi, g, row_group=g, first_row=row))
+        row += meta.row_group(g).num_rows
+    return out
+
+
+def _hub_shards(f: InputFile, fi: int, index: int) -> list[Shard]:
+    """A Hub dataset's parts, one per parquet data file (:func:`hub_file_rows`; none when it
+    is read as one stream)."""
+    rows = hub_file_rows(f)
+    if rows is None:
+        return []
+    first = np.cumsum([0, *rows[:-1]]).tolist()
+    return [
+        Shard(index + k, fi, k, first_row=first[k], hub_part=k, hub_parts=len(rows))
+        for k in range(len(rows))
+    ]
+
+
+def _skip_line_rest(fh, left: int, chunk_bytes: int) -> int:
+    """Read past the rest of a long line (within the range's ``left`` bytes); returns the
+    bytes left after it."""
+    while left > 0 and (raw := fh.readline(min(chunk_bytes, left))):
+        left -= len(raw)
+        if raw.endswith(b"\n") or len(raw) < chunk_bytes:
+            break
+    return left
+
+
+def _invalid_utf8(source: InputFile, lineno: int, column: int, raw: bytes, err) -> UserError:
+    """The reader's error for invalid UTF-8 at ``column`` (0-based, of the line) + the error's
+    place in the piece ``raw``."""
+    bad = raw[err.start] if err.start < len(raw) else 0
+    return UserError(
+        f"{source.path}:{lineno}: invalid UTF-8 (byte 0x{bad:02x} at column "
+        f"{column + err.start + 1})",
+        "pass --encoding auto to detect the file's encoding, or --on-error skip",
+    )
 
 
 def _range_lines(source: InputFile, shard: Shard, on_error: str, chunk_bytes: int) -> Iterator[str]:
     """The lines of a byte range of a UTF-8 file, as :func:`~llmkit.data.readers.iter_lines`
     yields them for those lines (pieces of long lines as ``_Partial``)."""
-    path = source.path
     decoder = codecs.getincrementaldecoder("utf_8")("strict")
-    lineno = shard.first_line - 1
-    column = 0
-    with open(path, "rb") as fh:
+    lineno, column = shard.first_line - 1, 0
+    with open(source.path, "rb") as fh:
         fh.seek(shard.start)
         left = shard.end - shard.start
         while left > 0 and (raw := fh.readline(min(chunk_bytes, left))):
@@ -247,38 +347,21 @@ def _range_lines(source: InputFile, shard: Shard, on_error: str, chunk_bytes: in
             ends = raw.endswith(b"\n") or len(raw) < chunk_bytes or left == 0
             if column == 0:
                 lineno += 1
-            if lineno == 1 and column == 0 and raw.startswith(_BOM):
-                raw = raw[len(_BOM) :]
+                raw = raw[len(_BOM) :] if lineno == 1 and raw.startswith(_BOM) else raw
             if raw.endswith(b"\r\n"):
                 raw = raw[:-2] + b"\n"
             try:
                 line = raw.decode() if ends and column == 0 else decoder.decode(raw, final=ends)
             except UnicodeDecodeError as err:
                 decoder.reset()
-                bad = raw[err.start] if err.start < len(raw) else 0
-                source.problem(
-                    UserError(
-                        f"{path}:{lineno}: invalid UTF-8 (byte 0x{bad:02x} at column "
-                        f"{column + err.start + 1})",
-                        "pass --encoding auto to detect the file's encoding, or --on-error skip",
-                    ),
-                    "invalid utf-8",
-                    on_error,
-                )
-                if not ends:
-                    while left > 0 and (raw := fh.readline(min(chunk_bytes, left))):
-                        left -= len(raw)
-                        if raw.endswith(b"\n") or len(raw) < chunk_bytes:
-                            break
+                error = _invalid_utf8(source, lineno, column, raw, err)
+                source.problem(error, "invalid utf-8", on_error)
+                left = left if ends else _skip_line_rest(fh, left, chunk_bytes)
                 column = 0
                 continue
-            if ends:
-                column = 0
-                yield line
-            else:
-                column += len(raw)
-                if line:
-                    yield _Partial(line)
+            column = 0 if ends else column + len(raw)
+            if ends or line:
+                yield line if ends else _Partial(line)
 
 
 def _range_documents(
@@ -328,6 +411,9 @@ def shard_source(files: Sequence[InputFile], shard: Shard) -> InputFile:
         documents_split=0,
         pieces=0,
         records_skipped=Counter(),
+        hub_part=shard.hub_part,
+        hub_parts=shard.hub_parts,
+        hub_first_row=shard.first_row if shard.hub_part is not None else 0,
     )
 
 
@@ -342,9 +428,12 @@ def read_shard(
     line_filter: Callable | None = None,
     encoding: str = DEFAULT_ENCODING,
     max_document_bytes: int | None = DEFAULT_MAX_DOCUMENT_BYTES,
-) -> Iterator[str]:
+    with_url: bool = False,
+) -> Iterator:
     """The documents of one shard, in order, as :func:`~llmkit.data.readers.read_documents`
-    yields them for that part of the file.
+    yields them for that part of the file (``with_url``: ``(url, document)`` pairs, the
+    ``WARC-Target-URI`` of a web page, None for other documents; a web archive is always a
+    whole-file shard).
 
     Args:
         files: the list given to :func:`plan_shards`.
@@ -369,6 +458,7 @@ def read_shard(
             line_filter=line_filter,
             encoding=encoding,
             max_document_bytes=max_document_bytes,
+            with_url=with_url,
         )
         return
     check_max_document_bytes(max_document_bytes)
@@ -381,7 +471,7 @@ def read_shard(
     for doc in docs:
         for piece in document_pieces(source, doc, max_document_bytes):
             count += 1
-            yield piece
+            yield (None, piece) if with_url else piece
     source.documents = count
     source.sha256 = files[shard.file].sha256
 

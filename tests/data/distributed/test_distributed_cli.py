@@ -166,8 +166,6 @@ def test_settings_from_config_and_rerun(tmp_path, corpus, reference):
 @pytest.mark.parametrize(
     ("args", "named"),
     [
-        (["--format", "chat"], "--format chat"),
-        (["--train-on", "all"], "--train-on"),
         (["--trust-remote-code"], "--trust-remote-code"),
     ],
 )
@@ -182,20 +180,6 @@ def test_unsupported_options_are_refused_in_one_line(tmp_path, corpus, args, nam
     assert "\n" not in line and line.startswith("error: ")
     assert f"--executor local does not support {named} yet" in line
     assert not out.exists() and not (tmp_path / "w").exists()  # nothing ran
-
-
-def test_web_archive_and_chat_inputs_are_refused(tmp_path):
-    warc = tmp_path / "pages.warc"
-    warc.write_bytes(b"WARC/1.0\r\n")
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    for path, named in ((warc, "the web archive input"), (chat, "chat data")):
-        result = cli(
-            str(path), "--output", str(tmp_path / "o"), "--executor", "local", "--work-dir",
-            str(tmp_path / "w"),
-        )  # fmt: skip
-        assert result.exit_code == 2, result.output
-        assert named in result.output and "\n" not in result.output.strip()
 
 
 @pytest.mark.parametrize(
