@@ -231,16 +231,106 @@ def _files_from(plan: dict) -> list[InputFile]:
     ]
 
 
-def plan_job(spec: JobSpec) -> dict:
+def _mtime_ns(f: InputFile) -> int | None:
+    """An input file's modification time (ns); None for a Hub dataset or a file gone."""
+    if f.kind == "hub":
+        return None
+    try:
+        return os.stat(f.path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _changed_input(plan: dict, files: Sequence[InputFile], hashes: dict | None) -> str | None:
+    """How the inputs found now differ from the ones ``plan`` was cut from, in words naming
+    the input (``None``: the same). A file is the same when its size is, and its SHA-256
+    (``hashes``: path → hash as ``prepare`` hashes them for its fingerprint, against the one
+    planned)
+    when both are known, else its modification time (``mtime_ns``)."""
+    planned = {f["path"]: f for f in plan["files"]}
+    now = {str(f.path): (f, (hashes or {}).get(str(f.path))) for f in files}
+    for path in sorted(now.keys() - planned.keys()):
+        return f"input {path} was added"
+    for path in sorted(planned.keys() - now.keys()):
+        return f"input {path} is gone"
+    for path, (f, sha) in now.items():
+        was = planned[path]
+        if f.kind == "hub":
+            continue
+        if f.size_bytes != was["size_bytes"]:
+            return f"input {path} changed ({was['size_bytes']:,} bytes then, {f.size_bytes:,} now)"
+        if sha is not None and was.get("sha256") is not None:
+            if sha != was["sha256"]:
+                return f"input {path} changed (other bytes, same size)"
+        elif was.get("mtime_ns") != _mtime_ns(f):
+            return f"input {path} changed (modified since)"
+    return None
+
+
+def plan_job(spec: JobSpec, hashes: dict[str, str] | None = None) -> dict:
     """Discover the inputs, cut them into shards and write ``spec.json`` and ``plan.json``
     (once: a rerun over the same work directory keeps the first plan, so shard ids stay).
 
+    ``plan.json`` records each input's path, size, SHA-256 (of the bytes planned from) and
+    modification time (``mtime_ns``): a rerun whose inputs differ is refused, as the tasks
+    already finished read the old bytes. ``hashes``: the inputs' SHA-256 as ``prepare``
+    computed them for its fingerprint (input path → hash; None: not computed),
+    compared with the planned ones where both are known, else the modification times are.
+
     Raises:
-        UserError: the work directory holds a job with other settings (its completion
-            markers would be taken for this job's).
+        UserError: an input was added, removed or changed since the work directory was
+            planned (naming it); the work directory holds a job with other settings (its
+            completion markers would be taken for this job's); it cannot be created or
+            written (an OS error, a path fsspec does not know).
     """
+    try:
+        return _plan_job(spec, hashes)
+    except (OSError, ValueError, ImportError) as err:
+        raise work_dir_error(spec.work_dir, err) from None
+
+
+def work_dir_error(url: str, err: BaseException) -> UserError:
+    """The one line of an error about the work directory itself (an ``OSError``, or the
+    ``ValueError``/``ImportError`` fsspec raises for a protocol it does not know or lacks
+    the package of)."""
+    if isinstance(err, OSError) and err.strerror:
+        why = err.strerror + (f": {err.filename}" if err.filename else "")
+    else:
+        why = f"{type(err).__name__}: {err}".splitlines()[0]
+    return UserError(
+        f"cannot use --work-dir {url} ({why})",
+        "give a directory you can write (local, or a URL fsspec knows: s3://, gs://...)",
+    )
+
+
+def open_work_dir(url: str) -> Work:
+    """The work directory, created if missing: checked before anything is written.
+
+    Raises:
+        UserError: it cannot be created (:func:`work_dir_error`).
+    """
+    try:
+        work = Work(url)
+        work.fs.makedirs(work.root, exist_ok=True)
+        if not work.fs.isdir(work.root):
+            raise NotADirectoryError(20, "Not a directory", url)
+    except (OSError, ValueError, ImportError) as err:
+        raise work_dir_error(url, err) from None
+    return work
+
+
+def _plan_job(spec: JobSpec, hashes) -> dict:
     work = Work(spec.work_dir)
     if work.exists("plan.json"):
+        plan = work.get_json("plan.json")
+        files = discover_inputs(spec.inputs, hub_split=spec.hub_split)
+        changed = _changed_input(plan, files, hashes)
+        if changed is not None:
+            raise UserError(
+                f"{changed} since the work directory {spec.work_dir} was planned (its "
+                "finished tasks read the old bytes)",
+                "use a new --work-dir, or delete this one to start over",
+            )
         earlier = work.get_json("spec.json")
         now = json.loads(json.dumps(asdict(spec)))
         if earlier != now:
@@ -250,7 +340,7 @@ def plan_job(spec: JobSpec) -> dict:
                 f"({', '.join(diff)})",
                 "use another work directory, or remove this one to start over",
             )
-        return work.get_json("plan.json")
+        return plan
     files = discover_inputs(spec.inputs, hub_split=spec.hub_split)
     from llmkit.data.boilerplate import strip_gutenberg
 
@@ -270,6 +360,7 @@ def plan_job(spec: JobSpec) -> dict:
                 "compression": f.compression,
                 "size_bytes": f.size_bytes,
                 "sha256": f.sha256,
+                "mtime_ns": _mtime_ns(f),
                 **(
                     {"hub_config": f.hub_config, "hub_split": f.hub_split}
                     if f.kind == "hub"
@@ -1049,9 +1140,13 @@ def run_job(
     machine: int = 0,
     machines: int = 1,
     poll_seconds: float = 1.0,
+    hashes: dict[str, str] | None = None,
     **options,
 ) -> None:
     """Plan (once) and run every stage; a rerun skips the tasks already finished.
+
+    ``hashes``: the inputs' SHA-256 if known, for :func:`plan_job`'s check that the inputs
+    are the ones planned.
 
     With the local engine the stages run one after the other; before a stage starts, every
     task of the stage before must be complete (on this or another machine sharing the work
@@ -1072,9 +1167,10 @@ def run_job(
 
     Raises:
         UserError: a task failed: its one line (stage, task, shard, what happened); with
-            Slurm, also a task of an earlier submission, or jobs still queued.
+            Slurm, also a task of an earlier submission, or jobs still queued; the errors of
+            :func:`plan_job`.
     """
-    plan_job(spec)
+    plan_job(spec, hashes)
     work = Work(spec.work_dir)
     failed = sorted(work.listdir("errors"))
     if engine == "slurm" and failed:

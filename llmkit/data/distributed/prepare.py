@@ -120,13 +120,24 @@ def engine_options(settings: PrepareSettings) -> dict:
 def check_work_dir(work_dir: str | None, output: str | Path) -> None:
     """Refuse a local work directory that is a file, or that is ``output``, inside it or holds
     it: ``output`` is replaced whole when the job ends, and the job's state (the tasks already
-    finished) lives in the work directory. Paths with a scheme (``s3://``...) are not checked.
+    finished) lives in the work directory. Paths with a scheme (``s3://``...) are not checked
+    for that. Then the work directory is created (:func:`~llmkit.data.distributed.job.
+    open_work_dir`), so that one that cannot be fails before the output is touched.
 
     Raises:
-        UserError: naming the two paths.
+        UserError: naming the two paths; the work directory cannot be created (an OS error,
+            a scheme fsspec does not know).
     """
-    if not work_dir or "://" in work_dir:
+    if not work_dir:
         return
+    if "://" not in work_dir:
+        _check_local_work_dir(work_dir, output)
+    from llmkit.data.distributed.job import open_work_dir
+
+    open_work_dir(work_dir)
+
+
+def _check_local_work_dir(work_dir: str, output: str | Path) -> None:
     work, out = Path(work_dir).resolve(), Path(output).resolve()
     if work.exists() and not work.is_dir():
         raise UserError(
@@ -263,7 +274,7 @@ def prepare_distributed(
 
     spec = job_spec(inputs, settings, run.kind)
     try:
-        plan_job(spec)
+        plan_job(spec, _input_hashes(run))
         if run.tok is not None:  # with its chat template, for chat data
             put_tokenizer(Work(spec.work_dir), run.tok)
             if run.kind == "chat":
@@ -272,7 +283,9 @@ def prepare_distributed(
             try:
                 if settings.executor == "ray":
                     _connect_ray(settings.ray_address)
-                run_job(spec, settings.executor, **engine_options(settings))
+                run_job(
+                    spec, settings.executor, hashes=_input_hashes(run), **engine_options(settings)
+                )
             except UserError as err:  # a task's one line; its traceback is in the log
                 raise UserError(err.message, f"{err.hint} (datatrove's log: {log})") from None
         if completed_tasks(spec) != stage_tasks(spec):
@@ -288,6 +301,14 @@ def prepare_distributed(
         ) from None
     pl._print_summary(console, manifest, run.output, time.perf_counter() - started)
     return manifest
+
+
+def _input_hashes(run) -> dict[str, str] | None:
+    """The inputs' SHA-256 as prepare computed them for its fingerprint (path → hash), or
+    None when it did not (``--no-cache``, Hub inputs)."""
+    if run.hashes is None:
+        return None
+    return {str(f.path): h for f, h in zip(run.files, run.hashes, strict=True)}
 
 
 def executor_settings(settings: PrepareSettings) -> dict:

@@ -468,3 +468,84 @@ def test_ray_executor_equals_num_proc_1(tmp_path, corpus, reference, monkeypatch
     for name in ("train", "validation"):
         assert (got[name] == ref[name]).all()
     assert got["manifest"]["stages"] == ref["manifest"]["stages"]
+
+
+@pytest.mark.parametrize("edit", ["same size", "other size", "same size, no cache", "added"])
+def test_an_input_changed_since_the_work_dir_was_planned_is_refused(
+    tmp_path, shakespeare_slice, edit
+):
+    """An input edited in place (same size) and a reused --work-dir gave the old text's rows,
+    exit 0, the old SHA-256 in the manifest and ``"fingerprint": null``; a size change was
+    refused as "other settings (target_shard_bytes)". Now one line naming the input, exit 2,
+    whether prepare hashed the inputs (cache on) or not (the modification time then)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    text = shakespeare_slice.read_text(encoding="utf-8")
+    (inputs / "a.txt").write_text(text, encoding="utf-8")
+    work = tmp_path / "w"
+    cache = ("--no-cache",) if "no cache" in edit else ()
+    args = ("--executor", "local", "--tasks", "2", "--work-dir", str(work), *cache, *COMMON)
+    first = cli(str(inputs), "--output", str(tmp_path / "o1"), *args)
+    assert first.exit_code == 0, first.output
+    target = inputs / "a.txt"
+    if edit == "added":
+        target = inputs / "b.txt"
+        target.write_text("A new file.\n", encoding="utf-8")
+    elif edit == "other size":
+        target.write_text(text + "\n\nOne more line.\n", encoding="utf-8")
+    else:
+        assert "the" in text
+        target.write_text(text.replace("the", "THE"), encoding="utf-8")
+        assert target.stat().st_size == len(text.encode())
+    again = cli(str(inputs), "--output", str(tmp_path / "o2"), *args)
+    assert again.exit_code == 2, again.output
+    line = " ".join(again.output.split())
+    assert f"input {target}" in line and "--work-dir" in line, line
+    assert "other settings" not in line
+    assert not (tmp_path / "o2").exists()
+
+
+def test_an_input_touched_but_not_changed_reuses_the_work_dir(tmp_path, shakespeare_slice):
+    """With the cache on prepare hashes the inputs: a newer modification time over the same
+    bytes is the same input, and the output's fingerprint is the first run's (not null)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a.txt").write_bytes(shakespeare_slice.read_bytes())
+    args = ("--executor", "local", "--tasks", "2", "--work-dir", str(tmp_path / "w"), *COMMON)
+    first = cli(str(inputs), "--output", str(tmp_path / "o1"), *args)
+    assert first.exit_code == 0, first.output
+    st = (inputs / "a.txt").stat()
+    os.utime(inputs / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = cli(str(inputs), "--output", str(tmp_path / "o2"), *args)
+    assert again.exit_code == 0, again.output
+    fps = [
+        json.loads((tmp_path / o / "manifest.json").read_text())["fingerprint"]
+        for o in ("o1", "o2")
+    ]
+    assert fps[0] is not None and fps[0] == fps[1]
+
+
+@pytest.mark.parametrize(
+    "work",
+    ["/proc/nope", "/dev/null/x", "bogus://x", "{tmp}/ro/w"],
+    ids=["proc", "devnull", "scheme", "readonly"],
+)
+def test_a_work_dir_that_cannot_be_made_is_one_line(tmp_path, shakespeare_slice, work):
+    """--work-dir /proc/nope, /dev/null/x, bogus://x were tracebacks (FileNotFoundError,
+    NotADirectoryError, ValueError: Protocol not known). Now one line, exit 2, and an
+    existing output is kept as it was (with --overwrite too)."""
+    if work.startswith("{tmp}"):
+        if os.geteuid() == 0:
+            pytest.skip("root writes a read-only directory")
+        (tmp_path / "ro").mkdir(mode=0o500)
+        work = work.format(tmp=tmp_path)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ("--executor", "local", "--work-dir", work, "--overwrite", *COMMON)
+    result = cli(str(shakespeare_slice), "--output", str(out), *args)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    line = " ".join(result.output.split())
+    assert line.startswith(f"error: cannot use --work-dir {work}"), line
+    assert (out / "keep.txt").read_text() == "mine"
