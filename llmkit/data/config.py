@@ -49,6 +49,7 @@ sets stay off as for text; named explicitly they judge the whole conversation an
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -99,6 +100,16 @@ MAX_BLOCK_SIZE = 2**20
 #: The most tasks per ``--executor`` stage: one job array of 10,000 tasks already outgrows
 #: Slurm's default ``MaxArraySize`` (1001) tenfold; a planning mistake, not a corpus, asks for more.
 MAX_TASKS = 10_000
+#: ``--slurm-partition``: one partition name or a comma-separated list (sbatch ``--partition``
+#: takes a list). slurm.conf does not restrict the characters of ``PartitionName``; llmkit
+#: takes letters, digits, ``.``, ``_`` and ``-`` only, on purpose: the value is written into
+#: the ``#SBATCH`` header of the launch script, where a newline or a space would add a shell
+#: command or another sbatch option.
+SLURM_PARTITION = re.compile(r"[A-Za-z0-9._-]+(?:,[A-Za-z0-9._-]+)*")
+#: ``--slurm-time``: the formats of sbatch ``--time`` (https://slurm.schedmd.com/sbatch.html):
+#: ``minutes``, ``minutes:seconds``, ``hours:minutes:seconds``, ``days-hours``,
+#: ``days-hours:minutes``, ``days-hours:minutes:seconds`` (0: no limit).
+SLURM_TIME = re.compile(r"[0-9]+-[0-9]+(?::[0-9]+){0,2}|[0-9]+(?::[0-9]+){0,2}")
 
 
 class _Section(BaseModel):
@@ -435,6 +446,29 @@ class PrepareSettings(_Section):
         if value is not None:
             subject = _subject(info, info.field_name, repr(value))
             _one_of(subject, value, _CHOICES[info.field_name])
+        return value
+
+    @field_validator("slurm_partition", "slurm_time")
+    @classmethod
+    def _slurm_value(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A Slurm option's value, written into the launch script's ``#SBATCH`` lines: a
+        partition name (list) or a time limit in one of sbatch's formats
+        (:data:`SLURM_PARTITION`, :data:`SLURM_TIME`)."""
+        if value is None:
+            return value
+        subject = _subject(info, info.field_name, repr(value))
+        if info.field_name == "slurm_partition" and not SLURM_PARTITION.fullmatch(value):
+            raise UserError(
+                f"{subject} is not a Slurm partition name",
+                "letters, digits, '.', '_' and '-'; several separated by commas (cpu,gpu); "
+                "sinfo lists them",
+            )
+        if info.field_name == "slurm_time" and not SLURM_TIME.fullmatch(value):
+            raise UserError(
+                f"{subject} is not a Slurm time limit",
+                "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (sbatch --time), "
+                "e.g. 04:00:00",
+            )
         return value
 
     @model_validator(mode="after")

@@ -229,3 +229,54 @@ def test_a_yaml_value_that_does_not_apply_is_named_in_the_warning(tmp_path):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert f"warning: train_on in {cfg} ignored: the inputs are read as documents" in r.stderr
+
+
+@pytest.mark.parametrize("partition", ["cpu", "gpu-a100", "debug_2", "cpu,gpu", "long.q"], ids=str)
+@pytest.mark.parametrize(
+    "time", ["30", "30:00", "04:00:00", "2-0", "2-12", "1-04:30", "1-04:30:15", "0"], ids=str
+)
+def test_slurm_partition_names_and_time_limits_of_sbatch_are_taken(partition, time):
+    s = PrepareSettings.load(
+        None,
+        {
+            "executor": "slurm",
+            "work_dir": "w",
+            "slurm_partition": partition,
+            "slurm_time": time,
+        },
+    )
+    assert (s.slurm_partition, s.slurm_time) == (partition, time)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("slurm_partition", "cpu\ntouch /tmp/x", "--slurm-partition 'cpu\\ntouch /tmp/x' is not"),
+        ("slurm_partition", "cpu --wrap=evil", "--slurm-partition 'cpu --wrap=evil' is not a"),
+        ("slurm_partition", "cpu;id", "--slurm-partition 'cpu;id' is not a Slurm partition"),
+        ("slurm_partition", "", "--slurm-partition '' is not a Slurm partition name"),
+        ("slurm_partition", "cpu,", "--slurm-partition 'cpu,' is not a Slurm partition name"),
+        ("slurm_time", "banana", "--slurm-time 'banana' is not a Slurm time limit"),
+        ("slurm_time", "04:00:00\n#SBATCH", "--slurm-time '04:00:00\\n#SBATCH' is not a Slurm"),
+        ("slurm_time", "1:2:3:4", "--slurm-time '1:2:3:4' is not a Slurm time limit"),
+        ("slurm_time", "1-2-3", "--slurm-time '1-2-3' is not a Slurm time limit"),
+        ("slurm_time", "-5", "--slurm-time '-5' is not a Slurm time limit"),
+        ("slurm_time", "٤", "--slurm-time '٤' is not a Slurm time limit"),  # not an ASCII digit
+    ],
+)
+def test_a_slurm_value_that_is_not_slurms_is_refused(key, value, message):
+    """--slurm-partition $'cpu\\ntouch /tmp/x' wrote a shell command into the launch script's
+    header (sbatch ignores #SBATCH lines after it); 'cpu --wrap=evil' and --slurm-time banana
+    were accepted."""
+    other = {"slurm_partition": "cpu", "slurm_time": "01:00:00"}
+    with pytest.raises(UserError) as err:
+        PrepareSettings.load(None, {"executor": "slurm", "work_dir": "w", **other, key: value})
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_bad_slurm_value_in_the_yaml_names_the_key(tmp_path):
+    cfg = tmp_path / "prepare.yaml"
+    cfg.write_text("executor: slurm\nwork_dir: w\nslurm_partition: cpu\nslurm_time: banana\n")
+    with pytest.raises(UserError, match=rf"^slurm_time in {cfg}: 'banana' is not a Slurm time"):
+        PrepareSettings.load(cfg, {})
