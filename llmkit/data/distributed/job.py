@@ -1167,7 +1167,8 @@ def run_job(
 
     Raises:
         UserError: a task failed: its one line (stage, task, shard, what happened); with
-            Slurm, also a task of an earlier submission, or jobs still queued; the errors of
+            Slurm, also a task of an earlier submission, jobs still queued, or sbatch failed
+            (:class:`~llmkit.data.distributed.launch.SbatchFailed`: its reason); the errors of
             :func:`plan_job`.
     """
     plan_job(spec, hashes)
@@ -1195,7 +1196,10 @@ def run_job(
     executors = build_executors(spec, engine, machine=machine, machines=machines, **options)
     try:
         if engine == "slurm":
-            executors[-1].run()
+            from llmkit.data.distributed.launch import submitting_with_sbatch
+
+            with submitting_with_sbatch():
+                executors[-1].run()
             return
         for name, ex in zip(stage_tasks(spec), executors, strict=True):
             ex.run()
@@ -1206,6 +1210,10 @@ def run_job(
                     raise RuntimeError(f"{name} tasks {missing} did not complete on Ray")
                 time.sleep(poll_seconds)
     except Exception as err:
+        from llmkit.data.distributed.launch import SbatchFailed
+
+        if isinstance(err, SbatchFailed):  # its own line: sbatch's reason
+            raise
         lines = [work.read_bytes(f"errors/{n}").decode() for n in work.listdir("errors")]
         raise UserError(
             lines[0] if lines else f"a task failed: {_one_line(err)}",

@@ -21,9 +21,13 @@ import hashlib
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from datatrove.executor import SlurmPipelineExecutor
+
+from llmkit.errors import UserError
 
 #: The command datatrove's sbatch script runs, replaced by :class:`SafeSlurmExecutor`.
 PICKLED_LAUNCH = "launch_pickled_pipeline "
@@ -54,6 +58,55 @@ class SafeSlurmExecutor(SlurmPipelineExecutor):
             command = " ".join(shlex.quote(x) for x in argv)
             run_script = run_script[: run_script.index(PICKLED_LAUNCH)] + command
         return super().get_launch_file_contents(sbatch_args, run_script)
+
+
+class SbatchFailed(UserError):
+    """``sbatch`` could not be run, or refused the submission (its own reason, one line)."""
+
+
+def sbatch(launch_file_contents: str, job_id_retriever: Callable[[str], str], *args: str) -> str:
+    """Submit a launch script with ``sbatch ARGS SCRIPT``, as datatrove's
+    :func:`~datatrove.executor.slurm.launch_slurm_job` does, but with ``sbatch``'s stderr
+    captured (and written on to ``sys.stderr``, the job's console log): a failure is one
+    line with sbatch's own reason, not a ``CalledProcessError``. Returns the job id
+    (``job_id_retriever`` of sbatch's stdout).
+
+    Raises:
+        SbatchFailed: sbatch is not found or cannot run, or exits non-zero (the last line of
+            its stderr).
+    """
+    with tempfile.NamedTemporaryFile("w", suffix=".slurm") as f:
+        f.write(launch_file_contents)
+        f.flush()
+        try:
+            done = subprocess.run(["sbatch", *args, f.name], capture_output=True, text=True)
+        except OSError as err:
+            raise SbatchFailed(
+                f"sbatch failed: cannot run it ({err.strerror})",
+                "submit from a Slurm login node, where sbatch and sinfo are on PATH",
+            ) from None
+    if done.stderr:
+        sys.stderr.write(done.stderr)
+    if done.returncode != 0:
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        why = lines[-1] if lines else f"exit status {done.returncode}, nothing on stderr"
+        raise SbatchFailed(f"sbatch failed: {why}", "check that Slurm is reachable (sinfo)")
+    return job_id_retriever(done.stdout)
+
+
+@contextmanager
+def submitting_with_sbatch() -> Iterator[None]:
+    """Within the block, datatrove's Slurm executors submit with :func:`sbatch` (its module's
+    ``launch_slurm_job``, which :meth:`SlurmPipelineExecutor.launch_job` calls by name, is
+    swapped for the block only)."""
+    from datatrove.executor import slurm
+
+    saved = slurm.launch_slurm_job
+    slurm.launch_slurm_job = sbatch
+    try:
+        yield
+    finally:
+        slurm.launch_slurm_job = saved
 
 
 def slurm_tag(work_url: str) -> str:

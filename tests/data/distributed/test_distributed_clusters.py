@@ -664,3 +664,45 @@ def test_one_node_slurm_cluster(corpus, reference):
             assert "launch_pickled_pipeline" not in body
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("sbatch", ["fails", "missing"])
+def test_a_failed_sbatch_is_one_line_with_its_reason(tmp_path, corpus, monkeypatch, sbatch):
+    """sbatch installed but no controller: the line was "a task failed: CalledProcessError:
+    Command '['sbatch', ...]' returned non-zero exit status 1", sbatch's reason only in the
+    log. Now sbatch's last stderr line, and a hint; exit 2, no output. Without sbatch on
+    PATH: one line saying it cannot be run."""
+    from typer.testing import CliRunner
+
+    from llmkit.cli import app
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if sbatch == "fails":
+        fake = bin_dir / "sbatch"
+        fake.write_text(
+            "#!/bin/sh\necho 'sbatch: error: something first' >&2\n"
+            "echo 'sbatch: error: Batch job submission failed: Unable to contact slurm "
+            "controller (connect failure)' >&2\nexit 1\n"
+        )
+        fake.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    else:
+        monkeypatch.setenv("PATH", str(bin_dir))  # nothing: no sbatch, no squeue
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["--executor", "slurm", "--tasks", "2", "--work-dir", str(work)]
+    args += ["--slurm-partition", "cpu", "--slurm-time", "10"]
+    result = CliRunner().invoke(app, ["prepare", str(corpus), "--output", str(out), *args, *COMMON])
+    assert result.exit_code == 2, result.output
+    line = " ".join(result.output.split())
+    if sbatch == "fails":
+        assert line.startswith(
+            "error: sbatch failed: sbatch: error: Batch job submission failed: Unable to "
+            "contact slurm controller (connect failure) — check that Slurm is reachable (sinfo)"
+        ), line
+        [log] = (work / "logs").glob("console-*.log")  # sbatch's whole stderr is kept there
+        assert "something first" in log.read_text() and "Unable to contact" in log.read_text()
+    else:
+        assert line.startswith("error: sbatch failed: cannot run it (No such file"), line
+    assert "CalledProcessError" not in line and not out.exists()
