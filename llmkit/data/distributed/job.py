@@ -47,6 +47,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -262,7 +263,7 @@ def _changed_input(plan: dict, files: Sequence[InputFile], hashes: dict | None) 
         if sha is not None and was.get("sha256") is not None:
             if sha != was["sha256"]:
                 return f"input {path} changed (other bytes, same size)"
-        elif was.get("mtime_ns") != _mtime_ns(f):
+        elif "mtime_ns" in was and was["mtime_ns"] != _mtime_ns(f):  # (older plans: none)
             return f"input {path} changed (modified since)"
     return None
 
@@ -283,10 +284,45 @@ def plan_job(spec: JobSpec, hashes: dict[str, str] | None = None) -> dict:
             completion markers would be taken for this job's); it cannot be created or
             written (an OS error, a path fsspec does not know).
     """
+    with on_work_dir(spec.work_dir):
+        work = Work(spec.work_dir)
+        planned = work.exists("plan.json")
+        if planned:
+            plan, earlier = work.get_json("plan.json"), work.get_json("spec.json")
+    if planned:
+        files = discover_inputs(spec.inputs, hub_split=spec.hub_split)
+        changed = _changed_input(plan, files, hashes)
+        if changed is not None:
+            raise UserError(
+                f"{changed} since the work directory {spec.work_dir} was planned (its "
+                "finished tasks read the old bytes)",
+                "use a new --work-dir, or delete this one to start over",
+            )
+        now = json.loads(json.dumps(asdict(spec)))
+        if earlier != now:
+            diff = sorted(k for k in now if earlier.get(k) != now[k])
+            raise UserError(
+                f"the work directory {spec.work_dir} holds a job with other settings "
+                f"({', '.join(diff)})",
+                "use another work directory, or remove this one to start over",
+            )
+        return plan
+    plan = _new_plan(spec)
+    with on_work_dir(spec.work_dir):
+        work.write_bytes("spec.json", json.dumps(asdict(spec), indent=1).encode())
+        work.write_bytes("plan.json", json.dumps(plan, indent=1).encode())
+    return plan
+
+
+@contextmanager
+def on_work_dir(url: str) -> Iterator[None]:
+    """Within the block, an error of the work directory itself (an ``OSError``, or the
+    ``ValueError``/``ImportError`` fsspec raises for a protocol it does not know or lacks
+    the package of) is one :func:`work_dir_error`."""
     try:
-        return _plan_job(spec, hashes)
+        yield
     except (OSError, ValueError, ImportError) as err:
-        raise work_dir_error(spec.work_dir, err) from None
+        raise work_dir_error(url, err) from None
 
 
 def work_dir_error(url: str, err: BaseException) -> UserError:
@@ -309,39 +345,18 @@ def open_work_dir(url: str) -> Work:
     Raises:
         UserError: it cannot be created (:func:`work_dir_error`).
     """
-    try:
+    with on_work_dir(url):
         work = Work(url)
         work.fs.makedirs(work.root, exist_ok=True)
         if not work.fs.isdir(work.root):
             raise NotADirectoryError(20, "Not a directory", url)
-    except (OSError, ValueError, ImportError) as err:
-        raise work_dir_error(url, err) from None
     return work
 
 
-def _plan_job(spec: JobSpec, hashes) -> dict:
-    work = Work(spec.work_dir)
-    if work.exists("plan.json"):
-        plan = work.get_json("plan.json")
-        files = discover_inputs(spec.inputs, hub_split=spec.hub_split)
-        changed = _changed_input(plan, files, hashes)
-        if changed is not None:
-            raise UserError(
-                f"{changed} since the work directory {spec.work_dir} was planned (its "
-                "finished tasks read the old bytes)",
-                "use a new --work-dir, or delete this one to start over",
-            )
-        earlier = work.get_json("spec.json")
-        now = json.loads(json.dumps(asdict(spec)))
-        if earlier != now:
-            diff = sorted(k for k in now if earlier.get(k) != now[k])
-            raise UserError(
-                f"the work directory {spec.work_dir} holds a job with other settings "
-                f"({', '.join(diff)})",
-                "use another work directory, or remove this one to start over",
-            )
-        return plan
+def _new_plan(spec: JobSpec) -> dict:
+    """The inputs found and their shards (``plan.json``)."""
     files = discover_inputs(spec.inputs, hub_split=spec.hub_split)
+    mtimes = [_mtime_ns(f) for f in files]  # before reading: an edit while planning shows
     from llmkit.data.boilerplate import strip_gutenberg
 
     cfg = _cleaning(spec)
@@ -352,7 +367,7 @@ def _plan_job(spec: JobSpec, hashes) -> dict:
         line_filter=strip_gutenberg if cfg["gutenberg"] else None,
         encoding=spec.encoding,
     )
-    plan = {
+    return {
         "files": [
             {
                 "path": str(f.path),
@@ -360,20 +375,17 @@ def _plan_job(spec: JobSpec, hashes) -> dict:
                 "compression": f.compression,
                 "size_bytes": f.size_bytes,
                 "sha256": f.sha256,
-                "mtime_ns": _mtime_ns(f),
+                "mtime_ns": mtime,
                 **(
                     {"hub_config": f.hub_config, "hub_split": f.hub_split}
                     if f.kind == "hub"
                     else {}
                 ),
             }
-            for f in files
+            for f, mtime in zip(files, mtimes, strict=True)
         ],
         "shards": [s.as_dict() for s in shards],
     }
-    work.write_bytes("spec.json", json.dumps(asdict(spec), indent=1).encode())
-    work.write_bytes("plan.json", json.dumps(plan, indent=1).encode())
-    return plan
 
 
 def _cleaning(spec: JobSpec) -> dict:
