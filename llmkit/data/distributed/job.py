@@ -251,7 +251,7 @@ def _changed_input(plan: dict, files: Sequence[InputFile], hashes: dict | None) 
     planned = {f["path"]: f for f in plan["files"]}
     now = {str(f.path): (f, (hashes or {}).get(str(f.path))) for f in files}
     for path in sorted(now.keys() - planned.keys()):
-        return f"input {path} was added"
+        return f"input {path} is new"
     for path in sorted(planned.keys() - now.keys()):
         return f"input {path} is gone"
     for path, (f, sha) in now.items():
@@ -264,7 +264,7 @@ def _changed_input(plan: dict, files: Sequence[InputFile], hashes: dict | None) 
             if sha != was["sha256"]:
                 return f"input {path} changed (other bytes, same size)"
         elif "mtime_ns" in was and was["mtime_ns"] != _mtime_ns(f):  # (older plans: none)
-            return f"input {path} changed (modified since)"
+            return f"input {path} changed (modified)"
     return None
 
 
@@ -295,7 +295,7 @@ def plan_job(spec: JobSpec, hashes: dict[str, str] | None = None) -> dict:
         if changed is not None:
             raise UserError(
                 f"{changed} since the work directory {spec.work_dir} was planned (its "
-                "finished tasks read the old bytes)",
+                "finished tasks read the old inputs)",
                 "use a new --work-dir, or delete this one to start over",
             )
         now = json.loads(json.dumps(asdict(spec)))
