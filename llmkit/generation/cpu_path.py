@@ -158,14 +158,37 @@ def cpu_description() -> dict[str, Any]:
     return {"name": name, "flags": sorted(f for f in wanted if f in flags), "torch": capability}
 
 
+#: Config fields left out of :func:`model_fingerprint`: where and how the model was loaded,
+#: not what it computes. Every field whose name starts with ``_`` (``_name_or_path`` — the
+#: ``.gguf``'s folder on its first load, the converted copy's folder afterwards —,
+#: ``_commit_hash``, ``_model_name_or_path``...), the transformers version that wrote it
+#: (part of :func:`cache_key` on its own), and the load dtype (``model.dtype`` is hashed).
+FINGERPRINT_SKIPPED_FIELDS = frozenset({"transformers_version", "dtype", "torch_dtype"})
+
+
+def _computation_config(config: Any) -> dict[str, Any]:
+    """``config`` as a dict without the fields of :data:`FINGERPRINT_SKIPPED_FIELDS` and those
+    starting with ``_``: what determines the computation (architecture, sizes, token ids...)."""
+    data = json.loads(config.to_json_string(use_diff=False))
+    return {
+        k: v
+        for k, v in data.items()
+        if not k.startswith("_") and k not in FINGERPRINT_SKIPPED_FIELDS
+    }
+
+
 def model_fingerprint(model: Any) -> str:
-    """A short hash of what identifies the loaded model: its config, parameter count and
-    dtype, and for every parameter tensor the float64 sum of an evenly strided sample of at
-    most 4,096 of its values — a few milliseconds, no copy of the weights, and different for
-    another checkpoint of the same architecture (a fine-tune that moved any tensor)."""
+    """A short hash of what the loaded model computes: its class, its config without the
+    fields that name where or how it was loaded (:func:`_computation_config`: the same weights
+    in another folder, after ``LLMKIT_CACHE`` moved, or a ``.gguf`` read directly and then from
+    its converted copy get one fingerprint), its parameter count and dtype, and for every
+    parameter tensor the float64 sum of an evenly strided sample of at most 4,096 of its
+    values — a few milliseconds, no copy of the weights, and different for another checkpoint
+    of the same architecture (a fine-tune that moved any tensor)."""
     params = list(model.parameters())
     h = hashlib.sha256()
-    h.update(model.config.to_json_string(use_diff=False).encode("utf-8"))
+    h.update(type(model).__name__.encode())
+    h.update(json.dumps(_computation_config(model.config), sort_keys=True).encode("utf-8"))
     h.update(f"{sum(p.numel() for p in params)} {model.dtype}".encode())
     with torch.no_grad():
         for p in params:

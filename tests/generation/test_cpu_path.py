@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +227,50 @@ def test_the_cached_decision_is_per_model(tiny):
         other.transformer.h[1].mlp.c_fc.weight.mul_(1.01)
     assert cpu_path.cache_key(other) != key
     assert cpu_path.cache_key(copy.deepcopy(model).to(torch.bfloat16)) != key
+
+
+def test_the_same_weights_in_another_folder_get_the_same_key(tiny_model_dir, tmp_path):
+    """The key ignores where the model was loaded from (the config's ``_name_or_path``): a
+    copied or moved model directory reuses the decision; a changed config value does not."""
+    import shutil
+
+    from llmkit.core.loading import load_model_and_tokenizer
+
+    copied = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere" / "copy")
+    a, _, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu", dtype="float32")
+    b, _, _ = load_model_and_tokenizer(str(copied), device="cpu", dtype="float32")
+    assert a.config._name_or_path != b.config._name_or_path
+    assert cpu_path.cache_key(a) == cpu_path.cache_key(b)
+    b.config.layer_norm_epsilon = 1e-3  # what the model computes: another key
+    assert cpu_path.cache_key(a) != cpu_path.cache_key(b)
+
+
+def test_a_gguf_is_calibrated_once_read_directly_then_from_its_converted_copy(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """``generate --model x.gguf`` calibrated on its first run (the .gguf read directly) and
+    again on its second (read from the converted copy in ``$LLMKIT_CACHE/gguf``): the key held
+    the config's ``_name_or_path``, the .gguf's folder then the copy's. One calibration, one
+    decision file."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.core.loading import load_model_and_tokenizer
+    from llmkit.export.gguf import export_gguf
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_path, "MIN_PARAMETERS", 0)
+    src = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    gguf = export_gguf("x", tmp_path / "t.gguf", outtype="f32", loaded=(src, tok, "x")).path
+    calls: list = []
+    fast = [m("float32", 30.0), m("bfloat16", 45.0)]
+    first, tok1, _ = load_model_and_tokenizer(str(gguf), device="cpu", dtype="float32")
+    assert (tmp_path / "cache" / "gguf").is_dir()  # converted and cached
+    _, choice1 = auto_cpu_path(first, tok1, "auto", measure=_fake(fast, calls))
+    second, tok2, _ = load_model_and_tokenizer(str(gguf), device="cpu", dtype="float32")
+    assert "cache" in Path(second.config._name_or_path).parts  # read from the copy
+    _, choice2 = auto_cpu_path(second, tok2, "auto", measure=_fake(fast, calls))
+    assert calls == [["bfloat16"]]  # measured once
+    assert not choice1.cached and choice2.cached and choice2.dtype == "bfloat16"
+    assert len(list((tmp_path / "cache" / "cpu-path").glob("*.json"))) == 1
