@@ -162,6 +162,65 @@ def test_a_failed_calibration_falls_back_to_float32(tiny, tmp_path, monkeypatch,
     assert "calibration failed (no bfloat16 kernel); using float32" in capsys.readouterr().err
 
 
+def test_the_estimate_scales_the_measured_time_per_token():
+    """The exactness check costs CHECK_STEPS_PER_TOKEN decode steps per calibration token; the
+    timing a 2-token warm-up and 2 × 32 steps per path, bfloat16's counted 1.25×."""
+    check, at_most = cpu_path.estimate_seconds(0.5)
+    assert check == pytest.approx(0.5 * 32 * 2.0)  # 32 s
+    assert at_most == pytest.approx(32 + 0.5 * (2 + 2 * 32) * (1 + 1.25))  # 106.25 s
+    assert cpu_path.estimate_seconds(0.05) == pytest.approx((check / 10, at_most / 10))
+    assert cpu_path._duration(106.25) == "2 min" and cpu_path._duration(0.2) == "1 s"
+
+
+def test_the_calibration_says_how_long_it_will_take(tiny, tmp_path, monkeypatch, capsys):
+    """The first line gives the estimate from a quick timing of this model on this machine,
+    the last the time it took: two lines on stderr, nothing on stdout."""
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    model, tok = tiny
+    timed: list = []
+
+    def per_token(m, t):
+        timed.append(m.dtype)
+        return 0.5
+
+    monkeypatch.setattr(cpu_path, "seconds_per_token", per_token)
+    calls: list = []
+    auto_cpu_path(
+        model, tok, "auto", measure=_fake([m("float32", 30.0), m("bfloat16", 45.0)], calls)
+    )
+    assert timed == [torch.float32] and calls == [["bfloat16"]]
+    out, err = capsys.readouterr()
+    assert out == ""
+    first, last = err.splitlines()
+    assert first.startswith("calibrating --dtype auto")
+    assert first.endswith("; about 32 s here, up to 2 min if bfloat16 is exact enough to be timed")
+    assert last.startswith("--dtype auto: bfloat16: 1.50×") and last.endswith("(calibrated in 1 s)")
+
+
+def test_seconds_per_token_times_real_decoding(tiny):
+    model, tok = tiny
+    per_token = cpu_path.seconds_per_token(model, tok)
+    assert 0 < per_token < 5
+
+
+def test_generate_json_stays_clean_while_calibrating(tiny_model_dir, tmp_path, monkeypatch):
+    """``generate --json`` on a first run that calibrates (the real measurement, on the tiny
+    model): stdout is the JSON record alone; the calibration's lines are on stderr."""
+    from typer.testing import CliRunner
+
+    from llmkit.cli import app
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_path, "MIN_PARAMETERS", 0)
+    args = ["generate", "ROMEO:", "-m", str(tiny_model_dir), "--max-new-tokens", "2"]
+    result = CliRunner().invoke(app, [*args, "--temperature", "0", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["new_tokens"] == 2
+    assert "calibrating --dtype auto" in result.stderr and "about " in result.stderr
+    assert "--dtype auto: " in result.stderr and "calibrated in" in result.stderr
+    assert len(list((tmp_path / "cache" / "cpu-path").glob("*.json"))) == 1
+
+
 # --- the exactness check against real decoding -----------------------------------------------
 
 
