@@ -333,3 +333,53 @@ def test_a_gguf_is_calibrated_once_read_directly_then_from_its_converted_copy(
     assert calls == [["bfloat16"]]  # measured once
     assert not choice1.cached and choice2.cached and choice2.dtype == "bfloat16"
     assert len(list((tmp_path / "cache" / "cpu-path").glob("*.json"))) == 1
+
+
+def test_eval_with_dtype_auto_never_calibrates_and_scores_in_float32(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """``llmkit eval --dtype auto`` on a CPU loads float32 and never calibrates (even a model
+    that generate would calibrate): its loss is float32's exactly, not bfloat16's."""
+    from llmkit.evaluation.evaluate import evaluate
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_path, "MIN_PARAMETERS", 0)
+
+    def never(*args, **kwargs):
+        raise AssertionError("eval calibrated")
+
+    monkeypatch.setattr(cpu_path, "auto_cpu_path", never)
+    monkeypatch.setattr(cpu_path, "measure_paths", never)
+    text = tmp_path / "text.txt"
+    text.write_text("ROMEO: But soft, what light through yonder window breaks?\n" * 3)
+    kw = dict(model=str(tiny_model_dir), data=str(text), device="cpu")
+    auto = evaluate(dtype="auto", **kw)
+    assert auto["loss"] == evaluate(dtype="float32", **kw)["loss"]
+    assert auto["loss"] != evaluate(dtype="bfloat16", **kw)["loss"]
+    assert not (tmp_path / "cache" / "cpu-path").exists()
+
+
+def test_serve_calibrates_while_loading_and_says_so(tiny_model_dir, tmp_path, monkeypatch):
+    """``serve --dtype auto`` on a CPU calibrates in its loading thread (``/health`` is 503
+    until ready), saying so with the estimate in its log; the model then serves."""
+    import io
+
+    pytest.importorskip("starlette")
+    from llmkit.serve.app import ServerState
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_path, "MIN_PARAMETERS", 0)
+    log = io.StringIO()
+    threads = torch.get_num_threads()  # load() sets torch's threads: restored after
+    state = ServerState(str(tiny_model_dir), device="cpu", dtype="auto", threads=1, log=log)
+    assert not state.ready.is_set()
+    state.load()
+    try:
+        assert state.error is None and state.ready.is_set()
+        lines = log.getvalue().splitlines()
+        assert lines[0].startswith("calibrating --dtype auto") and "about " in lines[0]
+        assert lines[1].startswith("--dtype auto: ") and "calibrated in" in lines[1]
+        assert len(list((tmp_path / "cache" / "cpu-path").glob("*.json"))) == 1
+    finally:
+        state.worker.shutdown()
+        torch.set_num_threads(threads)
