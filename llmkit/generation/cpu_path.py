@@ -74,10 +74,11 @@ CANDIDATES = ("bfloat16",)
 #: calibration's announced duration (:func:`estimate_seconds`).
 PROBE_TOKENS = 4
 #: The exactness check (float32's greedy continuations of the 8 prompts, batched, and one
-#: teacher-forced forward per path) in batch-1 decode steps per calibration token: measured
-#: 1.8 with SmolLM2-135M on this project's 2-core Xeon (42.7 steps for the batched decode of
-#: 32 tokens, 2.6 for float32's forward, 12.3 for bfloat16's; 2 threads, load average 4.8).
-CHECK_STEPS_PER_TOKEN = 2.0
+#: teacher-forced forward per path) in batch-1 decode steps per calibration token, as timed by
+#: :func:`seconds_per_token` just before: measured 4.0 and 6.0 with SmolLM2-135M on this
+#: project's 2-core Xeon (whole :func:`measure_paths` runs of 49.5 s and 132 s, bfloat16 not
+#: greedy-equal so not timed; 2 threads, load average 5-7 from other work, so noisy).
+CHECK_STEPS_PER_TOKEN = 4.0
 #: A candidate's decode step against float32's, for the estimate of the timing phase: bfloat16
 #: ran 0.82-1.02× float32's speed on this project's CPUs, so its step is counted 1.25×.
 CANDIDATE_STEP_COST = 1.25

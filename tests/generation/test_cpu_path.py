@@ -166,10 +166,11 @@ def test_the_estimate_scales_the_measured_time_per_token():
     """The exactness check costs CHECK_STEPS_PER_TOKEN decode steps per calibration token; the
     timing a 2-token warm-up and 2 × 32 steps per path, bfloat16's counted 1.25×."""
     check, at_most = cpu_path.estimate_seconds(0.5)
-    assert check == pytest.approx(0.5 * 32 * 2.0)  # 32 s
-    assert at_most == pytest.approx(32 + 0.5 * (2 + 2 * 32) * (1 + 1.25))  # 106.25 s
+    assert check == pytest.approx(0.5 * 32 * 4.0)  # 64 s
+    assert at_most == pytest.approx(64 + 0.5 * (2 + 2 * 32) * (1 + 1.25))  # 138.25 s
     assert cpu_path.estimate_seconds(0.05) == pytest.approx((check / 10, at_most / 10))
-    assert cpu_path._duration(106.25) == "2 min" and cpu_path._duration(0.2) == "1 s"
+    assert cpu_path._duration(138.25) == "2 min" and cpu_path._duration(0.2) == "1 s"
+    assert cpu_path._duration(64.4) == "64 s"
 
 
 def test_the_calibration_says_how_long_it_will_take(tiny, tmp_path, monkeypatch, capsys):
@@ -193,7 +194,7 @@ def test_the_calibration_says_how_long_it_will_take(tiny, tmp_path, monkeypatch,
     assert out == ""
     first, last = err.splitlines()
     assert first.startswith("calibrating --dtype auto")
-    assert first.endswith("; about 32 s here, up to 2 min if bfloat16 is exact enough to be timed")
+    assert first.endswith("; about 64 s here, up to 2 min if bfloat16 is exact enough to be timed")
     assert last.startswith("--dtype auto: bfloat16: 1.50×") and last.endswith("(calibrated in 1 s)")
 
 
