@@ -36,9 +36,12 @@ could answer it); without it such a model is refused with one line
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -651,6 +654,37 @@ def _prepare_hub(name: str) -> bool:
     return True
 
 
+#: The start of transformers' notice on a ``.gguf`` loaded in another dtype than float32
+#: (transformers 5.x, ``quantizers/quantizer_gguf.py``, ``GgufHfQuantizer.update_dtype``).
+_GGUF_DTYPE_NOTICE = "Loading a GGUF checkpoint with its weights packed is fastest in float32"
+_GGUF_QUANTIZER_LOGGER = "transformers.quantizers.quantizer_gguf"
+
+
+class _DropGgufDtypeNotice(logging.Filter):
+    """Drops transformers' :data:`_GGUF_DTYPE_NOTICE`, and nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_GGUF_DTYPE_NOTICE)
+
+
+@contextlib.contextmanager
+def quiet_gguf_dtype_notice() -> Iterator[None]:
+    """Within the block, transformers' "[transformers] Loading a GGUF checkpoint with its
+    weights packed is fastest in float32 ... Pass `dtype=torch.float32` to avoid it" is not
+    shown. transformers logs it when a ``.gguf`` is loaded in another dtype (``--dtype
+    bfloat16``), and its advice is a Python keyword a CLI user cannot pass (the CLI's own
+    way is ``--dtype float32``, which the user has just chosen not to give). A filter on that
+    one logger, for that one message, removed when the block ends: every other transformers
+    warning still shows."""
+    logger = logging.getLogger(_GGUF_QUANTIZER_LOGGER)
+    drop = _DropGgufDtypeNotice()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def _from_pretrained(name: str, where: str, kwargs: dict[str, Any]) -> Any:
     """``AutoModelForCausalLM.from_pretrained(where, **kwargs)``, its errors as one line.
 
@@ -668,7 +702,7 @@ def _from_pretrained(name: str, where: str, kwargs: dict[str, Any]) -> Any:
     )
 
     try:
-        with quiet_gguf_conversion(), quiet_torch_pickle_warnings():
+        with quiet_gguf_conversion(), quiet_gguf_dtype_notice(), quiet_torch_pickle_warnings():
             return AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except UserError:
         raise

@@ -70,6 +70,18 @@ MIN_PARAMETERS = 20_000_000
 CALIBRATION_VERSION = 1
 #: The candidates besides float32 (the reference every other is compared with).
 CANDIDATES = ("bfloat16",)
+#: Tokens of the quick float32 decode (after a one-token warm-up) whose time per token sizes the
+#: calibration's announced duration (:func:`estimate_seconds`).
+PROBE_TOKENS = 4
+#: The exactness check (float32's greedy continuations of the 8 prompts, batched, and one
+#: teacher-forced forward per path) in batch-1 decode steps per calibration token, as timed by
+#: :func:`seconds_per_token` just before: measured 4.0 and 6.0 with SmolLM2-135M on this
+#: project's 2-core Xeon (whole :func:`measure_paths` runs of 49.5 s and 132 s, bfloat16 not
+#: greedy-equal so not timed; 2 threads, load average 5-7 from other work, so noisy).
+CHECK_STEPS_PER_TOKEN = 4.0
+#: A candidate's decode step against float32's, for the estimate of the timing phase: bfloat16
+#: ran 0.82-1.02× float32's speed on this project's CPUs, so its step is counted 1.25×.
+CANDIDATE_STEP_COST = 1.25
 
 
 @dataclass
@@ -158,14 +170,37 @@ def cpu_description() -> dict[str, Any]:
     return {"name": name, "flags": sorted(f for f in wanted if f in flags), "torch": capability}
 
 
+#: Config fields left out of :func:`model_fingerprint`: where and how the model was loaded,
+#: not what it computes. Every field whose name starts with ``_`` (``_name_or_path`` — the
+#: ``.gguf``'s folder on its first load, the converted copy's folder afterwards —,
+#: ``_commit_hash``, ``_model_name_or_path``...), the transformers version that wrote it
+#: (part of :func:`cache_key` on its own), and the load dtype (``model.dtype`` is hashed).
+FINGERPRINT_SKIPPED_FIELDS = frozenset({"transformers_version", "dtype", "torch_dtype"})
+
+
+def _computation_config(config: Any) -> dict[str, Any]:
+    """``config`` as a dict without the fields of :data:`FINGERPRINT_SKIPPED_FIELDS` and those
+    starting with ``_``: what determines the computation (architecture, sizes, token ids...)."""
+    data = json.loads(config.to_json_string(use_diff=False))
+    return {
+        k: v
+        for k, v in data.items()
+        if not k.startswith("_") and k not in FINGERPRINT_SKIPPED_FIELDS
+    }
+
+
 def model_fingerprint(model: Any) -> str:
-    """A short hash of what identifies the loaded model: its config, parameter count and
-    dtype, and for every parameter tensor the float64 sum of an evenly strided sample of at
-    most 4,096 of its values — a few milliseconds, no copy of the weights, and different for
-    another checkpoint of the same architecture (a fine-tune that moved any tensor)."""
+    """A short hash of what the loaded model computes: its class, its config without the
+    fields that name where or how it was loaded (:func:`_computation_config`: the same weights
+    in another folder, after ``LLMKIT_CACHE`` moved, or a ``.gguf`` read directly and then from
+    its converted copy get one fingerprint), its parameter count and dtype, and for every
+    parameter tensor the float64 sum of an evenly strided sample of at most 4,096 of its
+    values — a few milliseconds, no copy of the weights, and different for another checkpoint
+    of the same architecture (a fine-tune that moved any tensor)."""
     params = list(model.parameters())
     h = hashlib.sha256()
-    h.update(model.config.to_json_string(use_diff=False).encode("utf-8"))
+    h.update(type(model).__name__.encode())
+    h.update(json.dumps(_computation_config(model.config), sort_keys=True).encode("utf-8"))
     h.update(f"{sum(p.numel() for p in params)} {model.dtype}".encode())
     with torch.no_grad():
         for p in params:
@@ -302,6 +337,40 @@ def measure_paths(
     return list(result.values())
 
 
+def seconds_per_token(model: Any, tokenizer: Any) -> float:
+    """Seconds per new token of float32 greedy decoding at batch 1 right now: one warm-up
+    token, then :data:`PROBE_TOKENS` timed (prefill included, so a little over a decode step)."""
+    _greedy(model, tokenizer, CALIBRATION_PROMPTS[0], 1)  # warm-up
+    return _greedy(model, tokenizer, CALIBRATION_PROMPTS[0], PROBE_TOKENS) / PROBE_TOKENS
+
+
+def estimate_seconds(
+    per_token: float,
+    *,
+    candidates: int = len(CANDIDATES),
+    tokens: int = CALIBRATION_TOKENS,
+    rounds: int = 2,
+) -> tuple[float, float]:
+    """How long :func:`measure_paths` will take: ``(check, at_most)`` seconds.
+
+    ``check`` is the exactness check, which always runs: ``tokens`` ×
+    :data:`CHECK_STEPS_PER_TOKEN` decode steps. ``at_most`` adds the timing, which runs only
+    when a candidate is greedy-equal: per path a 2-token warm-up and ``rounds`` × ``tokens``
+    steps, a candidate's step counted :data:`CANDIDATE_STEP_COST` × float32's. Both scale
+    ``per_token`` (:func:`seconds_per_token`), so they are as good as the machine's load is
+    steady: an estimate, not a bound."""
+    check = per_token * tokens * CHECK_STEPS_PER_TOKEN
+    timing = per_token * (2 + rounds * tokens) * (1 + CANDIDATE_STEP_COST * candidates)
+    return check, check + timing
+
+
+def _duration(seconds: float) -> str:
+    """``12 s``, ``3 min``: a rounded duration for a message."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    return f"{round(seconds / 60)} min"
+
+
 def available_memory() -> int | None:
     """Bytes of memory available to new allocations (``MemAvailable`` of ``/proc/meminfo``),
     or None where it cannot be read: the calibration holds a bfloat16 copy of the model
@@ -370,7 +439,9 @@ def auto_cpu_path(
         tokenizer: its tokenizer (the calibration encodes its prompts).
         dtype: the ``--dtype`` the user gave: anything but ``auto`` returns ``model`` as it is.
         err: where the calibration says what it does (default stderr): one line before it
-            runs, one with the choice; nothing when the decision is cached or not needed.
+            runs, with its estimated duration (:func:`estimate_seconds` from a quick timing,
+            :func:`seconds_per_token`), one with the choice and the time it took; nothing
+            when the decision is cached or not needed. Never stdout.
         measure: :func:`measure_paths` (replaceable in tests).
 
     Returns:
@@ -397,9 +468,18 @@ def auto_cpu_path(
     choice = _read_cached(path)
     if choice is None:
         out = err or sys.stderr
+        start = time.perf_counter()
+        try:
+            check, at_most = estimate_seconds(seconds_per_token(model, tokenizer))
+            estimate = (
+                f"; about {_duration(check)} here, up to {_duration(at_most)} if "
+                f"{' or '.join(CANDIDATES)} is exact enough to be timed"
+            )
+        except Exception:  # the calibration below says what fails
+            estimate = ""
         out.write(
             "calibrating --dtype auto for this model on this CPU (once; cached): float32 "
-            f"against {', '.join(CANDIDATES)}, {len(CALIBRATION_PROMPTS)} prompts\n"
+            f"against {', '.join(CANDIDATES)}, {len(CALIBRATION_PROMPTS)} prompts{estimate}\n"
         )
         out.flush()
         candidates = {name: copy.deepcopy(model).to(getattr(torch, name)) for name in CANDIDATES}
@@ -411,7 +491,8 @@ def auto_cpu_path(
         name, reason = choose_path(measurements)
         choice = CpuChoice(name, reason, measurements)
         _write_cached(path, choice)
-        out.write(f"--dtype auto: {reason}\n")
+        took = _duration(time.perf_counter() - start)
+        out.write(f"--dtype auto: {reason} (calibrated in {took})\n")
         out.flush()
         chosen = model if name == "float32" else candidates[name]
         del candidates

@@ -409,3 +409,52 @@ def test_pickled_weights_are_refused_in_one_line_without_torchs_warning(
         f"tensors and numbers ({detail}); nothing of them was run"
     )
     assert "safetensors" in err.value.hint
+
+
+def test_a_gguf_loaded_in_bfloat16_prints_no_transformers_dtype_notice(
+    tmp_path, monkeypatch, tiny_model_dir
+):
+    """``--dtype bfloat16`` on a .gguf printed transformers' "[transformers] Loading a GGUF
+    checkpoint with its weights packed is fastest in float32 ... Pass `dtype=torch.float32`"
+    (a Python keyword a CLI user cannot pass). llmkit's load filters that one message out,
+    only during its load: transformers alone still logs it, other warnings still show. (A
+    handler on transformers' logger sees what would reach stderr: transformers' own handler
+    holds the stderr of the moment it was made, which pytest's capture does not see.)"""
+    pytest.importorskip("gguf")
+    import io
+    import logging
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.core.loading import load_model_and_tokenizer, resolve_source
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    src = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = _export(src, tok, tmp_path / "tiny-gpt2.gguf")
+    logger = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    seen = io.StringIO()
+    handler = logging.StreamHandler(seen)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # whatever verbosity an earlier test left
+    logger.addHandler(handler)
+    try:
+        source = resolve_source(str(path), use_cache=False, dtype=torch.bfloat16)
+        plain = AutoModelForCausalLM.from_pretrained(
+            source.where, dtype=torch.bfloat16, **source.kwargs
+        )  # transformers alone (with llmkit's GPT-2 corrections): the notice it logs
+        assert plain.dtype == torch.bfloat16
+        assert "weights packed is fastest in float32" in seen.getvalue()
+        seen.truncate(0)
+        seen.seek(0)
+        model, _, _ = load_model_and_tokenizer(str(path), device="cpu", dtype="bfloat16")
+        assert model.dtype == torch.bfloat16
+        assert "packed is fastest" not in seen.getvalue()
+        assert "dtype=torch.float32" not in seen.getvalue()
+        # the filter was scoped to the load: the logger's other warnings, and later ones, show
+        assert logger.filters == []
+        logger.warning("another GGUF warning")
+        assert "another GGUF warning" in seen.getvalue()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,6 +162,66 @@ def test_a_failed_calibration_falls_back_to_float32(tiny, tmp_path, monkeypatch,
     assert "calibration failed (no bfloat16 kernel); using float32" in capsys.readouterr().err
 
 
+def test_the_estimate_scales_the_measured_time_per_token():
+    """The exactness check costs CHECK_STEPS_PER_TOKEN decode steps per calibration token; the
+    timing a 2-token warm-up and 2 × 32 steps per path, bfloat16's counted 1.25×."""
+    check, at_most = cpu_path.estimate_seconds(0.5)
+    assert check == pytest.approx(0.5 * 32 * 4.0)  # 64 s
+    assert at_most == pytest.approx(64 + 0.5 * (2 + 2 * 32) * (1 + 1.25))  # 138.25 s
+    assert cpu_path.estimate_seconds(0.05) == pytest.approx((check / 10, at_most / 10))
+    assert cpu_path._duration(138.25) == "2 min" and cpu_path._duration(0.2) == "1 s"
+    assert cpu_path._duration(64.4) == "64 s"
+
+
+def test_the_calibration_says_how_long_it_will_take(tiny, tmp_path, monkeypatch, capsys):
+    """The first line gives the estimate from a quick timing of this model on this machine,
+    the last the time it took: two lines on stderr, nothing on stdout."""
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    model, tok = tiny
+    timed: list = []
+
+    def per_token(m, t):
+        timed.append(m.dtype)
+        return 0.5
+
+    monkeypatch.setattr(cpu_path, "seconds_per_token", per_token)
+    calls: list = []
+    auto_cpu_path(
+        model, tok, "auto", measure=_fake([m("float32", 30.0), m("bfloat16", 45.0)], calls)
+    )
+    assert timed == [torch.float32] and calls == [["bfloat16"]]
+    out, err = capsys.readouterr()
+    assert out == ""
+    first, last = err.splitlines()
+    assert first.startswith("calibrating --dtype auto")
+    assert first.endswith("; about 64 s here, up to 2 min if bfloat16 is exact enough to be timed")
+    assert last.startswith("--dtype auto: bfloat16: 1.50×") and last.endswith("(calibrated in 1 s)")
+
+
+def test_seconds_per_token_times_real_decoding(tiny):
+    model, tok = tiny
+    per_token = cpu_path.seconds_per_token(model, tok)
+    assert 0 < per_token < 5
+
+
+def test_generate_json_stays_clean_while_calibrating(tiny_model_dir, tmp_path, monkeypatch):
+    """``generate --json`` on a first run that calibrates (the real measurement, on the tiny
+    model): stdout is the JSON record alone; the calibration's lines are on stderr."""
+    from typer.testing import CliRunner
+
+    from llmkit.cli import app
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_path, "MIN_PARAMETERS", 0)
+    args = ["generate", "ROMEO:", "-m", str(tiny_model_dir), "--max-new-tokens", "2"]
+    result = CliRunner().invoke(app, [*args, "--temperature", "0", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["new_tokens"] == 2
+    assert "calibrating --dtype auto" in result.stderr and "about " in result.stderr
+    assert "--dtype auto: " in result.stderr and "calibrated in" in result.stderr
+    assert len(list((tmp_path / "cache" / "cpu-path").glob("*.json"))) == 1
+
+
 # --- the exactness check against real decoding -----------------------------------------------
 
 
@@ -226,3 +287,100 @@ def test_the_cached_decision_is_per_model(tiny):
         other.transformer.h[1].mlp.c_fc.weight.mul_(1.01)
     assert cpu_path.cache_key(other) != key
     assert cpu_path.cache_key(copy.deepcopy(model).to(torch.bfloat16)) != key
+
+
+def test_the_same_weights_in_another_folder_get_the_same_key(tiny_model_dir, tmp_path):
+    """The key ignores where the model was loaded from (the config's ``_name_or_path``): a
+    copied or moved model directory reuses the decision; a changed config value does not."""
+    import shutil
+
+    from llmkit.core.loading import load_model_and_tokenizer
+
+    copied = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere" / "copy")
+    a, _, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu", dtype="float32")
+    b, _, _ = load_model_and_tokenizer(str(copied), device="cpu", dtype="float32")
+    assert a.config._name_or_path != b.config._name_or_path
+    assert cpu_path.cache_key(a) == cpu_path.cache_key(b)
+    b.config.layer_norm_epsilon = 1e-3  # what the model computes: another key
+    assert cpu_path.cache_key(a) != cpu_path.cache_key(b)
+
+
+def test_a_gguf_is_calibrated_once_read_directly_then_from_its_converted_copy(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """``generate --model x.gguf`` calibrated on its first run (the .gguf read directly) and
+    again on its second (read from the converted copy in ``$LLMKIT_CACHE/gguf``): the key held
+    the config's ``_name_or_path``, the .gguf's folder then the copy's. One calibration, one
+    decision file."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkit.core.loading import load_model_and_tokenizer
+    from llmkit.export.gguf import export_gguf
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_path, "MIN_PARAMETERS", 0)
+    src = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    gguf = export_gguf("x", tmp_path / "t.gguf", outtype="f32", loaded=(src, tok, "x")).path
+    calls: list = []
+    fast = [m("float32", 30.0), m("bfloat16", 45.0)]
+    first, tok1, _ = load_model_and_tokenizer(str(gguf), device="cpu", dtype="float32")
+    assert (tmp_path / "cache" / "gguf").is_dir()  # converted and cached
+    _, choice1 = auto_cpu_path(first, tok1, "auto", measure=_fake(fast, calls))
+    second, tok2, _ = load_model_and_tokenizer(str(gguf), device="cpu", dtype="float32")
+    assert "cache" in Path(second.config._name_or_path).parts  # read from the copy
+    _, choice2 = auto_cpu_path(second, tok2, "auto", measure=_fake(fast, calls))
+    assert calls == [["bfloat16"]]  # measured once
+    assert not choice1.cached and choice2.cached and choice2.dtype == "bfloat16"
+    assert len(list((tmp_path / "cache" / "cpu-path").glob("*.json"))) == 1
+
+
+def test_eval_with_dtype_auto_never_calibrates_and_scores_in_float32(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """``llmkit eval --dtype auto`` on a CPU loads float32 and never calibrates (even a model
+    that generate would calibrate): its loss is float32's exactly, not bfloat16's."""
+    from llmkit.evaluation.evaluate import evaluate
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_path, "MIN_PARAMETERS", 0)
+
+    def never(*args, **kwargs):
+        raise AssertionError("eval calibrated")
+
+    monkeypatch.setattr(cpu_path, "auto_cpu_path", never)
+    monkeypatch.setattr(cpu_path, "measure_paths", never)
+    text = tmp_path / "text.txt"
+    text.write_text("ROMEO: But soft, what light through yonder window breaks?\n" * 3)
+    kw = dict(model=str(tiny_model_dir), data=str(text), device="cpu")
+    auto = evaluate(dtype="auto", **kw)
+    assert auto["loss"] == evaluate(dtype="float32", **kw)["loss"]
+    assert auto["loss"] != evaluate(dtype="bfloat16", **kw)["loss"]
+    assert not (tmp_path / "cache" / "cpu-path").exists()
+
+
+def test_serve_calibrates_while_loading_and_says_so(tiny_model_dir, tmp_path, monkeypatch):
+    """``serve --dtype auto`` on a CPU calibrates in its loading thread (``/health`` is 503
+    until ready), saying so with the estimate in its log; the model then serves."""
+    import io
+
+    pytest.importorskip("starlette")
+    from llmkit.serve.app import ServerState
+
+    monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_path, "MIN_PARAMETERS", 0)
+    log = io.StringIO()
+    threads = torch.get_num_threads()  # load() sets torch's threads: restored after
+    state = ServerState(str(tiny_model_dir), device="cpu", dtype="auto", threads=1, log=log)
+    assert not state.ready.is_set()
+    state.load()
+    try:
+        assert state.error is None and state.ready.is_set()
+        lines = log.getvalue().splitlines()
+        assert lines[0].startswith("calibrating --dtype auto") and "about " in lines[0]
+        assert lines[1].startswith("--dtype auto: ") and "calibrated in" in lines[1]
+        assert len(list((tmp_path / "cache" / "cpu-path").glob("*.json"))) == 1
+    finally:
+        state.worker.shutdown()
+        torch.set_num_threads(threads)
