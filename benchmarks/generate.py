@@ -43,19 +43,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmkit.generation.cpu_path import CALIBRATION_PROMPTS
+
 ROOT = Path(__file__).resolve().parents[1]
 GGUF = ROOT.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-PROMPTS = [
-    "Once upon a time",
-    "The capital of France is",
-    "ROMEO: But soft, what light",
-    "def fibonacci(n):",
-    "In 1492, Columbus",
-    "The best way to learn is",
-    "Water boils at",
-    "My favourite colour is",
-]
+PROMPTS = list(CALIBRATION_PROMPTS)  # the prompts --dtype auto calibrates on
 
 
 def tiny_model(out: Path) -> Path:

@@ -48,7 +48,7 @@ from typing import Any, TextIO
 import torch
 
 #: Prompts of the calibration (story, fact, code, dialogue, history, advice, science, taste):
-#: those of ``benchmarks/generate.py``.
+#: ``benchmarks/generate.py`` times generation on the same prompts.
 CALIBRATION_PROMPTS = (
     "Once upon a time",
     "The capital of France is",

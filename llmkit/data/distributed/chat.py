@@ -62,7 +62,6 @@ from llmkit.data.distributed.job import (
     JobSpec,
     Stage,
     Work,
-    _dropped,
     _dropped_writer,
     _foreign,
     _load_tokenizer,
@@ -73,6 +72,7 @@ from llmkit.data.distributed.job import (
     _stats_json,
     _steps,
     _val_indices,
+    admit_shards,
     put_records,
     put_tokenizer,
 )
@@ -203,7 +203,8 @@ class ChatSignatures(Stage):
 class ChatAdmit(Stage):
     """Per shard: the resolve steps with the global decisions, then the steps after the
     barrier (PII, per message); the kept conversations (``text``: JSON of the messages,
-    ``n_bytes``, ``where``), the statistics and the kept count."""
+    ``n_bytes``, ``where``), the statistics and the kept count (:func:`~llmkit.data.
+    distributed.job.admit_shards`)."""
 
     name = "chat_admit"
 
@@ -211,48 +212,18 @@ class ChatAdmit(Stage):
         import pyarrow as pa
 
         from llmkit.data.document import Document
-        from llmkit.data.pipeline import LengthHistogram
-        from llmkit.data.steps.base import run_chain
-        from llmkit.data.steps.dedup import key_name
 
-        writer = _dropped_writer(spec)
-        _, resolves, after = _steps(spec, writer)
-        rules = ddedup.rules_of(resolves)
-        dropped = _dropped(work)
+        def make_document(row, metadata):
+            return Document.conversation(json.loads(row["text"]), row["id"], metadata)
 
-        def one(shard: Shard) -> None:
-            rows = work.get_table(f"rows/s{shard.index:06d}.parquet").to_pylist()
-            steps = ddedup.decided_steps(resolves, dropped) + after
-            for step in after:
-                step.reset_stats()
+        def columns(kept):
+            return {
+                "text": pa.array([d.stored() for d in kept], pa.string()),
+                "n_bytes": pa.array([d.n_bytes for d in kept], pa.int64()),
+                "where": pa.array([d.metadata.get("where") for d in kept], pa.string()),
+            }
 
-            def documents():
-                for j, row in enumerate(rows):
-                    meta = {key_name(r): row[key_name(r)] for r in rules}
-                    meta["where"] = row["where"]
-                    doc = Document.conversation(json.loads(row["text"]), row["id"], meta)
-                    doc._n_bytes = row["n_bytes"]
-                    ddedup.tag_keys(doc.metadata, rules, (shard.index, j))
-                    yield doc
-
-            kept = list(run_chain(steps, documents()))
-            _put_dropped(work, writer, shard)
-            table = pa.table(
-                {
-                    "text": pa.array([d.stored() for d in kept], pa.string()),
-                    "n_bytes": pa.array([d.n_bytes for d in kept], pa.int64()),
-                    "where": pa.array([d.metadata.get("where") for d in kept], pa.string()),
-                }
-            )
-            work.put_table(f"kept/s{shard.index:06d}.parquet", table)
-            lengths = LengthHistogram()
-            lengths.add_all(np.asarray([d.n_bytes for d in kept], dtype=np.int64))
-            work.put_json(
-                f"admitted/s{shard.index:06d}.json",
-                {"kept": len(kept), "stats": _stats_json(steps), "lengths": lengths.as_list()},
-            )
-
-        self._per_shard(work, files, shards, rank, world_size, one)
+        admit_shards(self, work, spec, files, shards, rank, world_size, make_document, columns)
 
 
 def _split_masks(shard: Shard, n: int, offsets, val_idx) -> dict[str, np.ndarray]:

@@ -753,10 +753,66 @@ def _dropped(work) -> dict:
     return {(s, j): (r, why) for s, j, r, why in work.get_json("dropped.json")}
 
 
+def admit_shards(stage, work, spec, files, shards, rank, world_size, make_document, columns):
+    """The admit stage of both paths, per shard of this task: the resolve steps with the
+    global decisions, then the steps after the barrier (PII), over the shard's rows; writes
+    the kept documents (``kept/s<index>.parquet``: ``columns(kept)``, a dict of pyarrow
+    arrays), the dropped ones (``--keep-dropped``), and the kept count, the steps' statistics
+    and the length histogram (``admitted/s<index>.json``).
+
+    Args:
+        make_document: ``(row, metadata) -> Document`` of one stored row (its ``id`` is the
+            read position, for ``dropped.jsonl``).
+    """
+    from llmkit.data.pipeline import LengthHistogram
+    from llmkit.data.steps.base import run_chain
+    from llmkit.data.steps.dedup import key_name
+
+    writer = _dropped_writer(spec)
+    _, resolves, after = _steps(spec, writer)
+    rules = ddedup.rules_of(resolves)
+    dropped = _dropped(work)
+
+    def one(shard: Shard) -> None:
+        rows = work.get_table(f"rows/s{shard.index:06d}.parquet").to_pylist()
+        # world_size 1: the decided resolve steps need no global order any more
+        steps = ddedup.decided_steps(resolves, dropped) + after
+        for step in after:
+            step.reset_stats()
+
+        def documents():
+            for j, row in enumerate(rows):
+                metadata = {key_name(r): row[key_name(r)] for r in rules}
+                metadata["where"] = row["where"]
+                doc = make_document(row, metadata)
+                doc._n_bytes = row["n_bytes"]
+                ddedup.tag_keys(doc.metadata, rules, (shard.index, j))
+                yield doc
+
+        kept = list(run_chain(steps, documents()))
+        lengths = LengthHistogram()
+        for d in kept:
+            lengths.add(d.n_bytes)
+        _put_dropped(work, writer, shard)
+        work.put_table(f"kept/s{shard.index:06d}.parquet", _table(columns(kept)))
+        work.put_json(
+            f"admitted/s{shard.index:06d}.json",
+            {"kept": len(kept), "lengths": lengths.as_list(), "stats": _stats_json(steps)},
+        )
+
+    stage._per_shard(work, files, shards, rank, world_size, one)
+
+
+def _table(columns: dict):
+    import pyarrow as pa
+
+    return pa.table(columns)
+
+
 class Admit(Stage):
     """Per shard: the resolve steps with the global decisions, then the steps after the
     barrier (PII), their ``run()`` over the shard's rows; the kept texts (parquet), the
-    steps' statistics and the kept count (JSON)."""
+    steps' statistics and the kept count (JSON) (:func:`admit_shards`)."""
 
     name = "admit"
 
@@ -764,46 +820,14 @@ class Admit(Stage):
         import pyarrow as pa
 
         from llmkit.data.document import Document
-        from llmkit.data.pipeline import LengthHistogram
-        from llmkit.data.steps.base import run_chain
-        from llmkit.data.steps.dedup import key_name
 
-        writer = _dropped_writer(spec)
-        _, resolves, after = _steps(spec, writer)
-        rules = ddedup.rules_of(resolves)
-        dropped = _dropped(work)
+        def make_document(row, metadata):
+            return Document(row["text"], row["id"], metadata)  # id: as read, for dropped
 
-        def one(shard: Shard) -> None:
-            rows = work.get_table(f"rows/s{shard.index:06d}.parquet").to_pylist()
-            steps = ddedup.decided_steps(resolves, dropped) + after
-            for step in after:
-                step.reset_stats()
+        def columns(kept):
+            return {"text": pa.array([d.text for d in kept], pa.string())}
 
-            def documents():
-                for j, row in enumerate(rows):
-                    metadata = {key_name(r): row[key_name(r)] for r in rules}
-                    metadata["where"] = row["where"]
-                    doc = Document(row["text"], row["id"], metadata)  # id: as read, for dropped
-                    doc._n_bytes = row["n_bytes"]
-                    ddedup.tag_keys(doc.metadata, rules, (shard.index, j))
-                    yield doc
-
-            # world_size 1: the decided resolve steps need no global order any more
-            lengths = LengthHistogram()
-            kept = []
-            for d in run_chain(steps, documents()):
-                kept.append(d.text)
-                lengths.add(d.n_bytes)
-            _put_dropped(work, writer, shard)
-            work.put_table(
-                f"kept/s{shard.index:06d}.parquet", pa.table({"text": pa.array(kept, pa.string())})
-            )
-            work.put_json(
-                f"admitted/s{shard.index:06d}.json",
-                {"kept": len(kept), "lengths": lengths.as_list(), "stats": _stats_json(steps)},
-            )
-
-        self._per_shard(work, files, shards, rank, world_size, one)
+        admit_shards(self, work, spec, files, shards, rank, world_size, make_document, columns)
 
 
 def _kept_texts(work, shard) -> list[str]:
