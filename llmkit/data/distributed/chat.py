@@ -66,14 +66,13 @@ from llmkit.data.distributed.job import (
     _foreign,
     _load_tokenizer,
     _merged_stats,
-    _put_dropped,
     _row_schema,
     _source_json,
     _stats_json,
     _steps,
     _val_indices,
     admit_shards,
-    put_records,
+    put_signed_shard,
     put_tokenizer,
 )
 from llmkit.data.distributed.shards import Shard, _range_lines, shard_source
@@ -143,17 +142,14 @@ class ChatSignatures(Stage):
     name = "chat_signatures"
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:
-        import pyarrow as pa
 
         from llmkit.data.document import Document
         from llmkit.data.pipeline import LengthHistogram
         from llmkit.data.steps.base import run_chain
-        from llmkit.data.steps.dedup import key_name
 
         writer = _dropped_writer(spec)
         before, resolves, _ = _steps(spec, writer)
         rules = ddedup.rules_of(resolves)
-        names = [key_name(rule) for rule in rules]
         schema = _chat_row_schema(rules)
 
         def one(shard: Shard) -> None:
@@ -172,21 +168,8 @@ class ChatSignatures(Stage):
 
             for step in before:
                 step.reset_stats()
-            rows = [
-                {
-                    "id": d.id,
-                    "text": d.stored(),
-                    "n_bytes": d.n_bytes,
-                    "where": d.metadata.get("where"),
-                    **{k: d.metadata.get(k) for k in names},
-                }
-                for d in run_chain(before, documents(), rank, world_size)
-            ]
-            _put_dropped(work, writer, shard)
-            put_records(work, shard.index, rows, rules, spec.partitions)
-            work.put_table(
-                f"rows/s{shard.index:06d}.parquet", pa.Table.from_pylist(rows, schema=schema)
-            )
+            docs = run_chain(before, documents(), rank, world_size)
+            put_signed_shard(work, spec, shard, docs, writer, rules, schema)
             work.put_json(
                 f"sources/s{shard.index:06d}.json",
                 {

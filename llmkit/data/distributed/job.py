@@ -595,6 +595,32 @@ def put_records(work: Work, shard: int, rows: list[dict], rules, partitions: int
         work.put_table(f"records/p{p:05d}/s{shard:06d}.parquet", table)
 
 
+def put_signed_shard(work, spec, shard, docs, writer, rules, schema) -> None:
+    """The signatures stage's output for one shard, for documents and conversations alike:
+    ``docs`` (what passed the steps before the barrier, consumed here) as rows
+    (``rows/s<index>.parquet``: ``id`` as read, the text stored, its bytes, ``where``, each
+    rule's key), each partition's de-duplication records (:func:`put_records`) and the
+    dropped documents (``--keep-dropped``)."""
+    import pyarrow as pa
+
+    from llmkit.data.steps.dedup import key_name
+
+    names = [key_name(rule) for rule in rules]
+    rows = [
+        {
+            "id": d.id,
+            "text": d.stored(),
+            "n_bytes": d.n_bytes,
+            "where": d.metadata.get("where"),
+            **{k: d.metadata.get(k) for k in names},
+        }
+        for d in docs
+    ]
+    _put_dropped(work, writer, shard)
+    put_records(work, shard.index, rows, rules, spec.partitions)
+    work.put_table(f"rows/s{shard.index:06d}.parquet", pa.Table.from_pylist(rows, schema=schema))
+
+
 class Signatures(Stage):
     """Per shard: read, run the steps before the barrier (normalize, filters, signatures:
     their ``run()``), write the rows that reach the barrier (parquet), each partition's
@@ -603,19 +629,16 @@ class Signatures(Stage):
     name = "signatures"
 
     def run(self, work, spec, files, shards, rank, world_size) -> None:
-        import pyarrow as pa
 
         from llmkit.data.boilerplate import strip_gutenberg
         from llmkit.data.document import Document
         from llmkit.data.pipeline import LengthHistogram
         from llmkit.data.steps.base import run_chain
-        from llmkit.data.steps.dedup import key_name
 
         cfg = _cleaning(spec)
         writer = _dropped_writer(spec)
         before, resolves, _ = _steps(spec, writer)
         rules = ddedup.rules_of(resolves)
-        names = [key_name(rule) for rule in rules]
         schema = _row_schema(rules)
 
         def one(shard: Shard) -> None:
@@ -645,21 +668,8 @@ class Signatures(Stage):
 
             for step in before:
                 step.reset_stats()
-            rows = [
-                {
-                    "id": d.id,
-                    "text": d.text,
-                    "n_bytes": d.n_bytes,
-                    "where": d.metadata.get("where"),
-                    **{k: d.metadata.get(k) for k in names},
-                }
-                for d in run_chain(before, documents(), rank, world_size)
-            ]
-            _put_dropped(work, writer, shard)
-            put_records(work, shard.index, rows, rules, spec.partitions)
-            work.put_table(
-                f"rows/s{shard.index:06d}.parquet", pa.Table.from_pylist(rows, schema=schema)
-            )
+            docs = run_chain(before, documents(), rank, world_size)
+            put_signed_shard(work, spec, shard, docs, writer, rules, schema)
             work.put_json(
                 f"sources/s{shard.index:06d}.json",
                 {
