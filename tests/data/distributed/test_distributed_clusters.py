@@ -641,8 +641,8 @@ def test_one_node_slurm_cluster(corpus, reference):
         assert f"Slurm jobs of the work directory {work} are still queued" in early
         assert (base / "left-in-queue.txt").read_text() == ""
         second, third = ((base / n).read_text() for n in ("second.out", "third.out"))
-        assert f"wrote {out}" in second, second[-2000:]
-        assert f"wrote {base / 'out2'}" in third, third[-2000:]
+        assert f"llmkit prepare -> {out} " in second, second[-2000:]
+        assert f"llmkit prepare -> {base / 'out2'} " in third, third[-2000:]
         manifest = assert_same_output(out, reference)
         assert manifest["settings"]["executor"] == "slurm"
         assert_same_output(base / "out2", reference)
