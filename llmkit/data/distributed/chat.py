@@ -664,9 +664,8 @@ def assemble_chat(
         UserError: a file of the work directory is not what the job wrote; no conversation
             left after cleaning (as ``prepare``); ``output`` is unchanged.
     """
-    from llmkit.core.cache import DROPPED
     from llmkit.data import pipeline as pl
-    from llmkit.data.distributed.job import _cache_entry, _lengths, _run_of, _write_dropped
+    from llmkit.data.distributed.job import _lengths, _run_of, finish_output
 
     run = run if run is not None else _run_of(spec, output)
     work = Work(spec.work_dir)
@@ -703,23 +702,9 @@ def assemble_chat(
                 (tmp / name).write_bytes(work.read_bytes(f"tokenizer/{name}"))
         else:
             tok.save_pretrained(str(tmp))
-        if spec.keep_dropped:
-            _write_dropped(work, shards, tmp / DROPPED)
-        for warning in warnings:
-            run.report.log(f"[yellow]warning:[/yellow] {warning}")
-        manifest = {
-            "inputs": info["inputs"],
-            "settings": {**run.manifest_settings(), **(settings or {})},
-            "cache": _cache_entry(run),
-            "stages": info["stages"],
-            "length_histogram": info["length_histogram"],
-            "splits": splits,
-            "tokenizer": data.tokenizer_entry(tok),
-            **data.extra(info),
-            "warnings": warnings,
-            "executor": {"shards": len(shards), "tasks": spec.tasks},
-        }
-        return pl._finish(run, tmp, manifest)
+        return finish_output(
+            work, spec, shards, run, tmp, data, tok, info, splits, warnings, settings
+        )
 
 
 STAGE_CLASSES.update(

@@ -1405,6 +1405,32 @@ def _run_of(spec: JobSpec, output: str | Path):
     return run
 
 
+def finish_output(work, spec, shards, run, tmp, data, tok, info, splits, warnings, settings):
+    """The end of both paths' assembly: ``dropped.jsonl`` (``--keep-dropped``), the warnings,
+    and the manifest in prepare's key order (``data.extra``: the chat section, nothing for
+    documents), written and ``tmp`` moved into place by prepare's own ``_finish``."""
+    from llmkit.core.cache import DROPPED
+    from llmkit.data import pipeline as pl
+
+    if spec.keep_dropped:
+        _write_dropped(work, shards, tmp / DROPPED)
+    for warning in warnings:
+        run.report.log(f"[yellow]warning:[/yellow] {warning}")
+    manifest = {
+        "inputs": info["inputs"],
+        "settings": {**run.manifest_settings(), **(settings or {})},
+        "cache": _cache_entry(run),
+        "stages": info["stages"],
+        "length_histogram": info["length_histogram"],
+        "splits": splits,
+        "tokenizer": data.tokenizer_entry(tok),
+        **data.extra(info),
+        "warnings": warnings,
+        "executor": {"shards": len(shards), "tasks": spec.tasks},
+    }
+    return pl._finish(run, tmp, manifest)
+
+
 def assemble(spec: JobSpec, output: str | Path, settings: dict | None = None, run=None) -> dict:
     """Write the prepared directory at ``output`` from the finished job, as ``llmkit
     prepare`` writes it in one process.
@@ -1428,7 +1454,6 @@ def assemble(spec: JobSpec, output: str | Path, settings: dict | None = None, ru
     """
     from datasets import Features, List, Value
 
-    from llmkit.core.cache import DROPPED
     from llmkit.data import pipeline as pl
 
     if run is None:
@@ -1481,22 +1506,9 @@ def assemble(spec: JobSpec, output: str | Path, settings: dict | None = None, ru
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
         for name in work.listdir("tokenizer"):
             (tmp / name).write_bytes(work.read_bytes(f"tokenizer/{name}"))
-        if spec.keep_dropped:
-            _write_dropped(work, shards, tmp / DROPPED)
-        for warning in warnings:
-            run.report.log(f"[yellow]warning:[/yellow] {warning}")
-        manifest = {
-            "inputs": info["inputs"],
-            "settings": {**run.manifest_settings(), **(settings or {})},
-            "cache": _cache_entry(run),
-            "stages": info["stages"],
-            "length_histogram": info["length_histogram"],
-            "splits": splits,
-            "tokenizer": data.tokenizer_entry(tok),
-            "warnings": warnings,
-            "executor": {"shards": len(shards), "tasks": spec.tasks},
-        }
-        manifest = pl._finish(run, tmp, manifest)
+        manifest = finish_output(
+            work, spec, shards, run, tmp, data, tok, info, splits, warnings, settings
+        )
     return manifest
 
 
